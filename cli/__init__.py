@@ -1,0 +1,1 @@
+"""The ``robust-rlhf`` command line: one module per subcommand, assembled by ``main``."""

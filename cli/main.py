@@ -1,0 +1,73 @@
+"""``robust-rlhf``: one console command with a subcommand per job.
+
+Each subcommand lives in its own module of this package and exposes ``NAME``, ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int``. User errors (``InputError``, a missing file,
+a malformed spec) are printed as one line on stderr with exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Subcommand modules, in the order ``--help`` lists them. Imported lazily so that ``--help`` and
+# light subcommands never pay for torch/transformers imports they do not need.
+SUBCOMMANDS: tuple[str, ...] = (
+    "simulate",
+)
+
+DESCRIPTION = """\
+robust-rlhf: preference learning when the Bradley-Terry model is wrong.
+
+Simulate preference data under named misspecifications, fit the MLE and VRPO estimators,
+compare them with their exact asymptotic theory, and fine-tune LLMs with the same losses.
+Run `robust-rlhf COMMAND --help` for the options of one command."""
+
+
+def _load(name: str):
+    return importlib.import_module(f"robust_rlhf.cli.{name.replace('-', '_')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every subcommand's arguments."""
+    parser = argparse.ArgumentParser(
+        prog="robust-rlhf", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = _load(name)
+        p = sub.add_parser(
+            module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``robust-rlhf`` console script."""
+    from robust_rlhf.theory.errors import InputError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._module.run(args) or 0)
+    except InputError as exc:
+        print(f"robust-rlhf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"robust-rlhf {args.command}: error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"robust-rlhf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""simulate: linear-reward preference data under named misspecifications."""

@@ -1,0 +1,218 @@
+r"""What the estimators consume: labelled pairs, reference pairs, and a finite-response population.
+
+``theory`` never imports ``simulate``: simulators, file loaders and users build these containers.
+Every array has a leading replication axis ``R`` (``R = 1`` for one data set).
+
+Reference pairs carry a prompt id ``ref_row`` (DESIGN.md 3.4): a value ``i`` in ``[0, n)`` means the
+pair was drawn on the prompt of labelled row ``i``; a value ``>= n`` names an unlabelled prompt
+(pairs with the same value share it); ``-1`` means an independent prompt of its own. The sandwich
+covariance treats each prompt as one independent cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["PairData", "PairPopulation", "check_probability"]
+
+
+def check_probability(name: str, values: np.ndarray) -> None:
+    """Raise ``InputError`` naming the first entry of ``values`` that is NaN or outside [0, 1]."""
+    bad = ~((values >= 0.0) & (values <= 1.0))
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"{name}: entry {idx} is {values[idx]!r}, but probabilities must lie in [0, 1]")
+
+
+def _finite(name: str, values: np.ndarray) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"{name}: entry {idx} is {values[idx]!r}; all values must be finite")
+
+
+def _as_float(name: str, values: object, ndim: int) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name}: cannot be read as numbers ({exc})") from None
+    if arr.ndim != ndim:
+        raise InputError(f"{name}: expected {ndim} axes, got shape {arr.shape}")
+    return arr
+
+
+@dataclass(frozen=True)
+class PairData:
+    r"""Labelled and reference pairs for R replications.
+
+    Attributes
+    ----------
+    dphi : (R, n, d) feature differences ``phi(x, y1) - phi(x, y2)`` of the labelled pairs.
+    z : (R, n) labels, 1 if the first response won.
+    g : (R, n) or None, auxiliary probability ``g_hat(x, y1, y2)`` that the first response wins.
+    dphi_ref : (R, N, d) or None, feature differences of the reference pairs.
+    g_ref : (R, N) or None, ``g_hat`` on the reference pairs.
+    ref_weight : (N,) weights of the reference pairs, summing to 1 (default uniform).
+    ref_row : (N,) prompt id of each reference pair (see the module docstring).
+    features, features_ref : optional (R, n, q) / (R, N, q) pair features for learning ``g_hat``
+        (cross-fitted VRPO); default ``dphi``.
+    """
+
+    dphi: np.ndarray
+    z: np.ndarray
+    g: np.ndarray | None = None
+    dphi_ref: np.ndarray | None = None
+    g_ref: np.ndarray | None = None
+    ref_weight: np.ndarray | None = None
+    ref_row: np.ndarray | None = None
+    features: np.ndarray | None = field(default=None, repr=False)
+    features_ref: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        dphi = _as_float("dphi", self.dphi, 3)
+        R, n, d = dphi.shape
+        if n < 1 or d < 1:
+            raise InputError(f"dphi: need at least one pair and one feature, got shape {dphi.shape}")
+        _finite("dphi", dphi)
+        z = _as_float("z", self.z, 2)
+        if z.shape != (R, n):
+            raise InputError(f"z: expected shape {(R, n)} to match dphi, got {z.shape}")
+        if not np.isin(z, (0.0, 1.0)).all():
+            idx = tuple(int(i) for i in np.argwhere(~np.isin(z, (0.0, 1.0)))[0])
+            raise InputError(f"z: entry {idx} is {z[idx]!r}; labels must be 0 or 1")
+        object.__setattr__(self, "dphi", dphi)
+        object.__setattr__(self, "z", z)
+        if self.g is not None:
+            g = _as_float("g", self.g, 2)
+            if g.shape != (R, n):
+                raise InputError(f"g: expected shape {(R, n)} to match dphi, got {g.shape}")
+            check_probability("g", g)
+            object.__setattr__(self, "g", g)
+        if self.dphi_ref is None:
+            if self.g_ref is not None:
+                raise InputError("g_ref is given without dphi_ref")
+        else:
+            dref = _as_float("dphi_ref", self.dphi_ref, 3)
+            if dref.shape[0] != R or dref.shape[2] != d:
+                raise InputError(f"dphi_ref: expected shape (R={R}, N, d={d}), got {dref.shape}")
+            _finite("dphi_ref", dref)
+            N = dref.shape[1]
+            object.__setattr__(self, "dphi_ref", dref)
+            if self.g_ref is None:
+                raise InputError("dphi_ref is given without g_ref")
+            gref = _as_float("g_ref", self.g_ref, 2)
+            if gref.shape != (R, N):
+                raise InputError(f"g_ref: expected shape {(R, N)} to match dphi_ref, got {gref.shape}")
+            check_probability("g_ref", gref)
+            object.__setattr__(self, "g_ref", gref)
+            w = np.full(N, 1.0 / max(N, 1)) if self.ref_weight is None else _as_float("ref_weight", self.ref_weight, 1)
+            if w.shape != (N,) or (w < 0).any() or not np.isfinite(w).all() or abs(w.sum() - 1.0) > 1e-8:
+                raise InputError(f"ref_weight: need {N} non-negative finite weights summing to 1")
+            object.__setattr__(self, "ref_weight", w)
+            rows = np.full(N, -1, dtype=np.int64) if self.ref_row is None else np.asarray(self.ref_row)
+            if rows.shape != (N,) or not np.issubdtype(rows.dtype, np.integer):
+                raise InputError(f"ref_row: need {N} integers, got shape {rows.shape} dtype {rows.dtype}")
+            if (rows < -1).any():
+                raise InputError(f"ref_row: entry {int(np.argmax(rows < -1))} is below -1")
+            object.__setattr__(self, "ref_row", rows.astype(np.int64))
+        for name in ("features", "features_ref"):
+            val = getattr(self, name)
+            if val is not None:
+                arr = _as_float(name, val, 3)
+                _finite(name, arr)
+                object.__setattr__(self, name, arr)
+
+    @property
+    def reps(self) -> int:
+        """Number of replications R."""
+        return self.dphi.shape[0]
+
+    @property
+    def n(self) -> int:
+        """Labelled pairs per replication."""
+        return self.dphi.shape[1]
+
+    @property
+    def d(self) -> int:
+        """Feature dimension."""
+        return self.dphi.shape[2]
+
+    @property
+    def n_ref(self) -> int:
+        """Reference pairs per replication (0 when there are none)."""
+        return 0 if self.dphi_ref is None else self.dphi_ref.shape[1]
+
+    def replication(self, r: int) -> "PairData":
+        """The ``r``-th replication as a one-replication data set."""
+        sl = slice(r, r + 1)
+        take = lambda a: None if a is None else a[sl]  # noqa: E731
+        return replace(
+            self, dphi=self.dphi[sl], z=self.z[sl], g=take(self.g), dphi_ref=take(self.dphi_ref),
+            g_ref=take(self.g_ref), features=take(self.features), features_ref=take(self.features_ref),
+        )
+
+    def with_g(self, g: np.ndarray, g_ref: np.ndarray) -> "PairData":
+        """The same pairs with another auxiliary model's probabilities."""
+        return replace(self, g=g, g_ref=g_ref)
+
+
+@dataclass(frozen=True)
+class PairPopulation:
+    r"""A finite-response population: ``P`` prompt draws with ``K`` responses each.
+
+    The exact asymptotics sum over the ``K x K`` response pairs of a prompt and average over the
+    ``P`` prompts (a large-sample average whose Monte Carlo error is reported).
+
+    Attributes
+    ----------
+    phi : (P, K, d) features ``phi(x_p, a)``.
+    pi : (P, K) reference policy ``pi_ref(a | x_p)``.
+    g_star : (P, K, K) ``g*(x_p, a, b)``, probability that ``a`` (shown first) beats ``b``.
+    utility : (P, K) true utility ``r*(x_p, a)``, or None when the preferences have none.
+    """
+
+    phi: np.ndarray
+    pi: np.ndarray
+    g_star: np.ndarray
+    utility: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        phi = _as_float("phi", self.phi, 3)
+        P, K, _ = phi.shape
+        pi = _as_float("pi", self.pi, 2)
+        gs = _as_float("g_star", self.g_star, 3)
+        if pi.shape != (P, K):
+            raise InputError(f"pi: expected shape {(P, K)}, got {pi.shape}")
+        if gs.shape != (P, K, K):
+            raise InputError(f"g_star: expected shape {(P, K, K)}, got {gs.shape}")
+        check_probability("pi", pi)
+        if not np.allclose(pi.sum(axis=1), 1.0, atol=1e-8):
+            raise InputError("pi: each prompt's reference probabilities must sum to 1")
+        check_probability("g_star", gs)
+        object.__setattr__(self, "phi", phi)
+        object.__setattr__(self, "pi", pi)
+        object.__setattr__(self, "g_star", gs)
+        if self.utility is not None:
+            u = _as_float("utility", self.utility, 2)
+            if u.shape != (P, K):
+                raise InputError(f"utility: expected shape {(P, K)}, got {u.shape}")
+            object.__setattr__(self, "utility", u)
+
+    @property
+    def size(self) -> int:
+        """Number of prompt draws P."""
+        return self.phi.shape[0]
+
+    @property
+    def K(self) -> int:
+        """Responses per prompt."""
+        return self.phi.shape[1]
+
+    @property
+    def d(self) -> int:
+        """Feature dimension."""
+        return self.phi.shape[2]

@@ -1,0 +1,258 @@
+r"""Pairwise margin losses, the soft-labelled pair loss and the variance-reduced (VR) objective.
+
+Written once, in torch, on plain tensors of margins and probabilities. The linear estimators of
+``theory`` (margin ``theta . dphi``) and the LLM trainers of ``llm`` (margin ``beta`` times a
+log-ratio difference, or a reward-model difference) call these same functions.
+
+Notation (DESIGN.md 3.3-3.4): a margin loss ``l(z)``; for a pair with probability ``g`` that its
+first response wins, ``m_g(z) = g l(z) + (1 - g) l(-z)``; the VR objective
+
+.. math::
+    L_{VR} = \sum_i w_i [m_{Z_i}(z_i) - \lambda m_{\hat g_i}(z_i)] + \lambda \sum_j v_j m_{\hat g_j}(z_j)
+
+with labelled weights ``w`` (default ``1/n``) and reference weights ``v`` (default ``1/N``).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import InputError
+
+__all__ = [
+    "MarginLoss",
+    "Logistic",
+    "Hinge",
+    "TruncatedHinge",
+    "SmoothedTruncatedHinge",
+    "Squared",
+    "get_loss",
+    "LOSSES",
+    "pair_loss",
+    "robust_pair_loss",
+    "vr_objective",
+    "vr_terms",
+]
+
+
+class MarginLoss(ABC):
+    """A loss ``l(z)`` of a pairwise margin ``z`` (large positive margin: first response preferred)."""
+
+    name: str = "abstract"
+    #: whether ``l`` is twice continuously differentiable (Newton and sandwich bread apply)
+    smooth: bool = True
+    #: whether ``l`` is convex (a linear-reward fit has a unique minimiser)
+    convex: bool = True
+
+    @abstractmethod
+    def __call__(self, z: Tensor) -> Tensor:
+        """Elementwise ``l(z)``."""
+
+    def derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(l(z), l'(z), l''(z))`` elementwise, by automatic differentiation of ``__call__``.
+
+        The derivatives are never written by hand, so they cannot drift from the loss.
+        """
+        with torch.enable_grad():
+            zz = z.detach().clone().requires_grad_(True)
+            value = self(zz)
+            (d1,) = torch.autograd.grad(value.sum(), zz, create_graph=True)
+            if d1.requires_grad:
+                (d2,) = torch.autograd.grad(d1.sum(), zz)
+            else:  # piecewise-linear loss: the second derivative is zero almost everywhere
+                d2 = torch.zeros_like(zz)
+        return value.detach(), d1.detach(), d2.detach()
+
+    def curvature_surrogate(self, bandwidth: float) -> "MarginLoss":
+        """A smooth loss whose curvature estimates this loss's bread (itself if already smooth)."""
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Logistic(MarginLoss):
+    r"""Bradley-Terry log-loss ``l(z) = log(1 + e^{-z}) = softplus(-z)``; convex, stable at any ``|z|``."""
+
+    name = "logistic"
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return F.softplus(-z)
+
+
+class Hinge(MarginLoss):
+    """Hinge (SLiC) loss ``l(z) = [1 - z]_+``; convex, not differentiable at ``z = 1``."""
+
+    name = "hinge"
+    smooth = False
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return torch.relu(1.0 - z)
+
+    def curvature_surrogate(self, bandwidth: float) -> MarginLoss:
+        return SmoothedTruncatedHinge(s=-math.inf, bandwidth=bandwidth)
+
+
+@dataclass(repr=False)
+class TruncatedHinge(MarginLoss):
+    """Truncated hinge ``l(z) = [1 - z]_+ - [s - z]_+`` (VRPO authors' loss): bounded, non-convex.
+
+    Its derivative is ``-1`` on ``(s, 1)`` and ``0`` elsewhere; ``s < 1`` (default ``-1/2``).
+    """
+
+    s: float = -0.5
+    name = "truncated_hinge"
+    smooth = False
+    convex = False
+
+    def __post_init__(self) -> None:
+        if not self.s < 1.0:
+            raise InputError(f"truncated hinge: s must be < 1, got s={self.s}")
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return torch.relu(1.0 - z) - torch.relu(self.s - z)
+
+    def curvature_surrogate(self, bandwidth: float) -> MarginLoss:
+        return SmoothedTruncatedHinge(s=self.s, bandwidth=bandwidth)
+
+    def __repr__(self) -> str:
+        return f"TruncatedHinge(s={self.s})"
+
+
+@dataclass(repr=False)
+class SmoothedTruncatedHinge(MarginLoss):
+    r"""Gaussian smoothing ``E[l(z + h e)]``, ``e ~ N(0,1)``, of the truncated hinge (``s = -inf``: hinge).
+
+    With ``q_h(t) = t Phi(t/h) + h phi(t/h) = E[t + h e]_+``: ``l_h(z) = q_h(1 - z) - q_h(s - z)``.
+    Its second derivative is a kernel density estimate at the kinks, used as the sandwich bread of
+    the non-smooth losses.
+    """
+
+    s: float = -0.5
+    bandwidth: float = 0.1
+    name = "smoothed_truncated_hinge"
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth > 0:
+            raise InputError(f"smoothing bandwidth must be > 0, got {self.bandwidth}")
+
+    def _q(self, t: Tensor) -> Tensor:
+        h = self.bandwidth
+        u = t / h
+        return t * torch.special.ndtr(u) + h * torch.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        out = self._q(1.0 - z)
+        if math.isfinite(self.s):
+            out = out - self._q(self.s - z)
+        return out
+
+
+class Squared(MarginLoss):
+    """IPO loss in margin units: ``l(z) = (z - 1/2)^2`` (with ``z = beta h`` this is ``beta^2 (h - 1/(2 beta))^2``)."""
+
+    name = "ipo"
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return (z - 0.5) ** 2
+
+
+LOSSES: dict[str, type[MarginLoss]] = {
+    "logistic": Logistic,
+    "hinge": Hinge,
+    "truncated_hinge": TruncatedHinge,
+    "ipo": Squared,
+}
+
+
+def get_loss(loss: str | MarginLoss, **params: float) -> MarginLoss:
+    """Resolve a loss name (``logistic``, ``hinge``, ``truncated_hinge``, ``ipo``) or pass a loss through."""
+    if isinstance(loss, MarginLoss):
+        return loss
+    try:
+        cls = LOSSES[loss]
+    except KeyError:
+        raise InputError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}") from None
+    return cls(**params)
+
+
+def pair_loss(loss: MarginLoss, margin: Tensor, g: Tensor | float) -> Tensor:
+    """Soft-labelled pair loss ``m_g(z) = g l(z) + (1 - g) l(-z)``, elementwise.
+
+    With a hard label ``g = Z`` in {0, 1} this is the log-likelihood term of the MLE.
+    """
+    return g * loss(margin) + (1.0 - g) * loss(-margin)
+
+
+def robust_pair_loss(loss: MarginLoss, margin: Tensor, eps: float) -> Tensor:
+    """rDPO's unbiased loss under symmetric label flips at a known rate ``eps < 1/2``.
+
+    ``[(1 - eps) l(z) - eps l(-z)] / (1 - 2 eps)``; its expectation over a flipped label equals
+    ``l`` of the clean label (Chowdhury et al. 2024).
+    """
+    if not 0.0 <= eps < 0.5:
+        raise InputError(f"rDPO flip rate eps must be in [0, 1/2), got {eps}")
+    return ((1.0 - eps) * loss(margin) - eps * loss(-margin)) / (1.0 - 2.0 * eps)
+
+
+def _weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    if weight is None:
+        return values.mean(dim=-1)
+    return (values * weight).sum(dim=-1)
+
+
+def vr_terms(
+    loss: MarginLoss,
+    margin: Tensor,
+    z: Tensor,
+    g: Tensor | None,
+    ref_margin: Tensor | None,
+    ref_g: Tensor | None,
+    weight: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The three terms of the VR objective, each reduced over the last axis.
+
+    Returns ``(labelled, control, reference)`` with
+    ``labelled = sum_i w_i m_{Z_i}(z_i)``, ``control = sum_i w_i m_{g_i}(z_i)`` and
+    ``reference = sum_j v_j m_{g_j}(z_j)``; ``L_VR = labelled - lam * (control - reference)``.
+    Weights default to uniform means; missing ``g``/reference give zero terms.
+    """
+    labelled = _weighted_mean(pair_loss(loss, margin, z), weight)
+    if g is None:
+        zero = torch.zeros_like(labelled)
+        return labelled, zero, zero
+    control = _weighted_mean(pair_loss(loss, margin, g), weight)
+    if ref_margin is None or ref_g is None or ref_margin.shape[-1] == 0:
+        raise InputError("VR objective: g is given but there are no reference pairs (ref_margin, ref_g)")
+    reference = _weighted_mean(pair_loss(loss, ref_margin, ref_g), ref_weight)
+    return labelled, control, reference
+
+
+def vr_objective(
+    loss: MarginLoss,
+    margin: Tensor,
+    z: Tensor,
+    g: Tensor | None = None,
+    ref_margin: Tensor | None = None,
+    ref_g: Tensor | None = None,
+    lam: Tensor | float = 1.0,
+    weight: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+) -> Tensor:
+    r"""VR objective ``sum_i w_i [m_Z(z_i) - lam m_g(z_i)] + lam sum_j v_j m_g(z_j)``.
+
+    Reduced over the last axis, so leading axes (replications) are kept. ``lam = 0`` (or ``g`` None)
+    is the MLE/ERM objective exactly; ``lam = 1`` is VRPO as published. ``lam`` may be a tensor
+    broadcasting against the leading axes (one weight per replication).
+    """
+    labelled, control, reference = vr_terms(loss, margin, z, g, ref_margin, ref_g, weight, ref_weight)
+    if g is None:
+        return labelled
+    return labelled - lam * (control - reference)
