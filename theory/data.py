@@ -56,7 +56,8 @@ class PairData:
     g : (R, n) or None, auxiliary probability ``g_hat(x, y1, y2)`` that the first response wins.
     dphi_ref : (R, N, d) or None, feature differences of the reference pairs.
     g_ref : (R, N) or None, ``g_hat`` on the reference pairs.
-    ref_weight : (N,) weights of the reference pairs, summing to 1 (default uniform).
+    ref_weight : (N,) or (R, N) weights of the reference pairs, summing to 1 (default uniform);
+        stored as (R, N).
     ref_row : (N,) prompt id of each reference pair (see the module docstring).
     features, features_ref : optional (R, n, q) / (R, N, q) pair features for learning ``g_hat``
         (cross-fitted VRPO); default ``dphi``.
@@ -109,9 +110,14 @@ class PairData:
                 raise InputError(f"g_ref: expected shape {(R, N)} to match dphi_ref, got {gref.shape}")
             check_probability("g_ref", gref)
             object.__setattr__(self, "g_ref", gref)
-            w = np.full(N, 1.0 / max(N, 1)) if self.ref_weight is None else _as_float("ref_weight", self.ref_weight, 1)
-            if w.shape != (N,) or (w < 0).any() or not np.isfinite(w).all() or abs(w.sum() - 1.0) > 1e-8:
-                raise InputError(f"ref_weight: need {N} non-negative finite weights summing to 1")
+            if self.ref_weight is None:
+                w = np.full((R, N), 1.0 / max(N, 1))
+            else:
+                w = np.asarray(self.ref_weight, dtype=np.float64)
+                w = np.broadcast_to(w, (R, N)).copy() if w.shape in ((N,), (R, N)) else w
+            if w.shape != (R, N) or (w < 0).any() or not np.isfinite(w).all() \
+                    or (np.abs(w.sum(axis=1) - 1.0) > 1e-8).any():
+                raise InputError(f"ref_weight: need {N} non-negative finite weights per replication summing to 1")
             object.__setattr__(self, "ref_weight", w)
             rows = np.full(N, -1, dtype=np.int64) if self.ref_row is None else np.asarray(self.ref_row)
             if rows.shape != (N,) or not np.issubdtype(rows.dtype, np.integer):
@@ -152,7 +158,8 @@ class PairData:
         take = lambda a: None if a is None else a[sl]  # noqa: E731
         return replace(
             self, dphi=self.dphi[sl], z=self.z[sl], g=take(self.g), dphi_ref=take(self.dphi_ref),
-            g_ref=take(self.g_ref), features=take(self.features), features_ref=take(self.features_ref),
+            g_ref=take(self.g_ref), ref_weight=take(self.ref_weight), features=take(self.features),
+            features_ref=take(self.features_ref),
         )
 
     def with_g(self, g: np.ndarray, g_ref: np.ndarray) -> "PairData":

@@ -1,0 +1,164 @@
+r"""Auxiliary preference models ``g_hat(x, a, b)`` for the control variate of VRPO (DESIGN.md 3.6).
+
+Fixed models (a function of the prompt and the two responses, independent of the labelled data):
+
+- ``oracle``: ``g_hat = g*``;
+- ``noisy_oracle``: ``g_hat = sigmoid(logit g* + noise * (eta(x,a) - eta(x,b)) / sqrt 2)``, where
+  ``eta(x, a) = v_a . x / ||v_a||`` is a fixed random function, standard normal over prompts, so the
+  logit error has standard deviation ``noise`` for distinct responses and ``g_hat`` stays antisymmetric
+  whenever ``g*`` is;
+- ``constant``: ``g_hat = value`` (1/2 by default);
+- ``reversed``: ``g_hat = 1 - g*``;
+- ``random``: ``g_hat = sigmoid(scale * (eta'(x,a) - eta'(x,b)) / sqrt 2)``, unrelated to ``g*``;
+- ``bt_plugin``: ``g_hat = sigmoid(theta_aux . dphi)`` with ``theta_aux`` the BT MLE on a separate
+  sample of ``n_fit`` labelled pairs (seeded by ``seed``).
+
+Data-dependent model: ``learned``, a flexible classifier on pair features, cross-fitted with
+``folds`` folds on the labelled rows themselves (``theory.crossfit``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy.special import expit, logit
+
+from .scenario import SpecError, structure_rng
+
+if TYPE_CHECKING:
+    from .scenario import Scenario
+
+__all__ = ["AuxSpec", "AUX_MODELS", "FixedAux", "build_aux"]
+
+AUX_MODELS: dict[str, str] = {
+    "oracle": "the true preference probability g*",
+    "noisy_oracle": "g* with logit noise of standard deviation `noise`",
+    "constant": "the constant `value` (1/2 by default)",
+    "reversed": "1 - g*",
+    "random": "a random model unrelated to g* (logit scale `scale`)",
+    "bt_plugin": "a BT fit on a separate sample of `n_fit` pairs",
+    "learned": "gradient boosting on pair features, cross-fitted with `folds` folds",
+}
+
+
+@dataclass(frozen=True)
+class AuxSpec:
+    """Which auxiliary model to use, and its parameters (see the module docstring)."""
+
+    kind: str = "oracle"
+    noise: float = 1.0
+    value: float = 0.5
+    scale: float = 2.0
+    n_fit: int = 500
+    folds: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in AUX_MODELS:
+            raise SpecError(f"auxiliary model {self.kind!r} is unknown; allowed: {', '.join(AUX_MODELS)}")
+        checks = {
+            "noise": (self.noise >= 0, ">= 0"), "value": (0 <= self.value <= 1, "in [0, 1]"),
+            "scale": (self.scale >= 0, ">= 0"), "n_fit": (self.n_fit >= 10, "an integer >= 10"),
+            "folds": (self.folds >= 2, "an integer >= 2"), "seed": (self.seed >= 0, "an integer >= 0"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok or not np.isfinite(getattr(self, name)):
+                raise SpecError(f"auxiliary model field '{name}' = {getattr(self, name)!r} must be {allowed}")
+
+    @classmethod
+    def parse(cls, value: "AuxSpec | str | dict[str, Any]") -> "AuxSpec":
+        """From an ``AuxSpec``, a name (``"oracle"``) or a mapping ``{kind: ..., noise: ...}``."""
+        if isinstance(value, AuxSpec):
+            return value
+        if isinstance(value, str):
+            return cls(kind=value)
+        allowed = {f.name for f in fields(cls)}
+        unknown = set(value) - allowed
+        if unknown:
+            raise SpecError(f"unknown auxiliary model field {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The kind and the parameters it uses."""
+        used = {"noisy_oracle": ("noise", "seed"), "constant": ("value",), "random": ("scale", "seed"),
+                "bt_plugin": ("n_fit", "seed"), "learned": ("folds", "seed")}
+        out: dict[str, Any] = {"kind": self.kind}
+        for name in used.get(self.kind, ()):
+            out[name] = getattr(self, name)
+        return out
+
+
+@dataclass(frozen=True)
+class FixedAux:
+    """A fixed auxiliary model of a scenario: ``g_hat`` as a function of prompt and responses."""
+
+    scenario: "Scenario"
+    spec: AuxSpec
+    directions: np.ndarray | None = None  # (K, p) unit vectors of the random functions eta
+    theta: np.ndarray | None = None  # bt_plugin's fitted reward
+
+    def _eta(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.directions.T  # (..., K)
+
+    def matrix(self, x: np.ndarray, phi: np.ndarray) -> np.ndarray:
+        """``g_hat(x, a, b)`` for every ordered pair, ``(..., K, K)``."""
+        kind = self.spec.kind
+        if kind in ("oracle", "noisy_oracle", "reversed"):
+            g = self.scenario.g_star_matrix(x, phi)
+            if kind == "reversed":
+                return 1.0 - g
+            if kind == "oracle":
+                return g
+            eta = self._eta(x)
+            with np.errstate(divide="ignore"):
+                return expit(logit(g) + self.spec.noise * (eta[..., :, None] - eta[..., None, :]) / np.sqrt(2.0))
+        if kind == "constant":
+            return np.full((*phi.shape[:-2], self.scenario.K, self.scenario.K), self.spec.value)
+        if kind == "random":
+            eta = self._eta(x)
+            return expit(self.spec.scale * (eta[..., :, None] - eta[..., None, :]) / np.sqrt(2.0))
+        # bt_plugin
+        s = phi @ self.theta
+        return expit(s[..., :, None] - s[..., None, :])
+
+    def pairs(self, x: np.ndarray, y: np.ndarray, phi: np.ndarray) -> np.ndarray:
+        """``g_hat`` on given pairs: prompts ``(..., p)``, responses ``y`` ``(..., 2)``, features of all
+        responses ``phi`` ``(..., K, d)``; returns ``(...)``."""
+        phi_a = np.take_along_axis(phi, y[..., 0, None, None], axis=-2)[..., 0, :]
+        phi_b = np.take_along_axis(phi, y[..., 1, None, None], axis=-2)[..., 0, :]
+        kind = self.spec.kind
+        if kind == "constant":
+            return np.full(y.shape[:-1], self.spec.value)
+        if kind == "bt_plugin":
+            return expit((phi_a - phi_b) @ self.theta)
+        if kind in ("noisy_oracle", "random"):
+            eta = self._eta(x)
+            diff = (np.take_along_axis(eta, y[..., :1], -1) - np.take_along_axis(eta, y[..., 1:], -1))[..., 0]
+            diff = diff / np.sqrt(2.0)
+            if kind == "random":
+                return expit(self.spec.scale * diff)
+            with np.errstate(divide="ignore"):
+                return expit(logit(self.scenario.preference.prob(x, phi_a, phi_b)) + self.spec.noise * diff)
+        g = self.scenario.preference.prob(x, phi_a, phi_b)
+        return 1.0 - g if kind == "reversed" else g
+
+
+def build_aux(scenario: "Scenario", spec: AuxSpec) -> FixedAux | None:
+    """The fixed model for ``spec`` (None for ``learned``, which is fitted per data set)."""
+    if spec.kind == "learned":
+        return None
+    directions = theta = None
+    if spec.kind in ("noisy_oracle", "random"):
+        v = structure_rng(scenario.spec["structure_seed"], "auxiliary", spec.seed, int(spec.kind == "random"))
+        v = v.standard_normal((scenario.K, scenario.prompt_dim))
+        directions = v / np.linalg.norm(v, axis=1, keepdims=True)
+    if spec.kind == "bt_plugin":
+        from robust_rlhf.theory.fitting import fit
+
+        from .dataset import sample
+
+        aux_data = sample(scenario, n=spec.n_fit, seed=spec.seed, aux=None, M=0, namespace="auxiliary")
+        theta = fit(aux_data.to_pair_data(), method="mle").theta[0]
+    return FixedAux(scenario=scenario, spec=spec, directions=directions, theta=theta)

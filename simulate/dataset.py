@@ -1,0 +1,311 @@
+r"""Sampling preference data sets from a scenario, with a leading replication axis.
+
+``sample(scenario, n, seed, reps)`` draws, for each replication ``r``:
+
+- ``n`` labelled prompts ``x_i``, a pair ``y_i1, y_i2 ~ pi_ref(. | x_i)`` independently and a label
+  ``Z_i ~ Bernoulli(g*(x_i, y_i1, y_i2))``;
+- reference pairs (DESIGN.md 3.4): ``M`` fresh pairs ``a1, a2 ~ pi_ref x pi_ref`` on every labelled
+  prompt, plus ``M`` pairs on each of ``unlabelled`` extra prompts; or, with ``M="exact"``, all ``K^2``
+  ordered pairs of every such prompt with weights ``pi_ref(a1) pi_ref(a2)``. All reference pairs are
+  pooled: their weights sum to one;
+- the auxiliary probabilities ``g_hat`` on labelled and reference pairs, and the true ``g*`` on both.
+
+Seeding: replication ``r`` and each random stream (prompts, pairs, labels, reference pairs, ...) get
+their own ``numpy.random.SeedSequence([seed, namespace], spawn_key=(r, stream))``. The same seed gives
+bit-identical data; replication ``r`` is the same whether drawn alone (``first_rep=r``) or in a batch;
+and changing ``M``, the auxiliary model or ``unlabelled`` leaves the labelled data unchanged (common
+random numbers across the settings of a study).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robust_rlhf.theory.data import PairData
+
+from .auxiliary import AuxSpec, build_aux
+from .reference import sample_responses
+from .scenario import Scenario, SpecError
+
+__all__ = ["PreferenceData", "sample", "save", "STREAMS"]
+
+STREAMS = {"prompts": 0, "pairs": 1, "labels": 2, "reference": 3, "unlabelled_prompts": 4,
+           "unlabelled_pairs": 5, "crossfit": 6}
+_NAMESPACES = {"data": 0, "auxiliary": 1}
+
+
+def _rng(seed: int, namespace: str, rep: int, stream: str) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, _NAMESPACES[namespace]],
+                                                        spawn_key=(rep, STREAMS[stream])))
+
+
+def _gather(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``values`` (..., K, d) at response indices ``idx`` (..., m) -> (..., m, d)."""
+    return np.take_along_axis(values, idx[..., None], axis=-2)
+
+
+@dataclass(frozen=True)
+class PreferenceData:
+    r"""A simulated data set with ``R`` replications (arrays have a leading axis ``R``).
+
+    Labelled pairs: ``x`` (R, n, p), ``y`` (R, n, 2), ``phi_pair`` (R, n, 2, d), ``z``, ``g_star``,
+    ``g_hat`` (R, n). Reference pairs (``N_ref`` per replication): ``ref_row`` (N_ref,) prompt id (a
+    labelled row ``i < n`` or unlabelled prompt ``n + k``), ``ref_y`` (R, N_ref, 2), ``ref_phi_pair``
+    (R, N_ref, 2, d), ``ref_g_star``, ``ref_g_hat``, ``ref_weight`` (R, N_ref). Unlabelled prompts:
+    ``x_unlabelled`` (R, N, p). ``g_hat`` arrays are None when no auxiliary model was attached.
+    """
+
+    scenario: Scenario = field(repr=False)
+    seed: int
+    first_rep: int
+    M: int | str
+    x: np.ndarray = field(repr=False)
+    y: np.ndarray = field(repr=False)
+    phi_pair: np.ndarray = field(repr=False)
+    z: np.ndarray = field(repr=False)
+    g_star: np.ndarray = field(repr=False)
+    ref_row: np.ndarray = field(repr=False)
+    ref_y: np.ndarray = field(repr=False)
+    ref_phi_pair: np.ndarray = field(repr=False)
+    ref_g_star: np.ndarray = field(repr=False)
+    ref_weight: np.ndarray = field(repr=False)
+    x_unlabelled: np.ndarray = field(repr=False)
+    aux: AuxSpec | None = None
+    g_hat: np.ndarray | None = field(default=None, repr=False)
+    ref_g_hat: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def reps(self) -> int:
+        return self.z.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.z.shape[1]
+
+    @property
+    def n_ref(self) -> int:
+        return self.ref_row.shape[0]
+
+    @property
+    def n_unlabelled(self) -> int:
+        return self.x_unlabelled.shape[1]
+
+    @property
+    def dphi(self) -> np.ndarray:
+        """Feature differences of the labelled pairs, (R, n, d)."""
+        return self.phi_pair[..., 0, :] - self.phi_pair[..., 1, :]
+
+    @property
+    def dphi_ref(self) -> np.ndarray:
+        """Feature differences of the reference pairs, (R, N_ref, d)."""
+        return self.ref_phi_pair[..., 0, :] - self.ref_phi_pair[..., 1, :]
+
+    def _ref_prompts(self) -> np.ndarray:
+        """Prompt of every reference pair, (R, N_ref, p)."""
+        return np.concatenate([self.x, self.x_unlabelled], axis=1)[:, self.ref_row]
+
+    def pair_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """Features for learning ``g_hat``: ``(phi_a, phi_b, x)`` concatenated, labelled and reference."""
+        lab = np.concatenate([self.phi_pair[..., 0, :], self.phi_pair[..., 1, :], self.x], axis=-1)
+        ref = np.concatenate([self.ref_phi_pair[..., 0, :], self.ref_phi_pair[..., 1, :], self._ref_prompts()],
+                             axis=-1)
+        return lab, ref
+
+    def with_aux(self, aux: AuxSpec | str | dict | None) -> "PreferenceData":
+        """The same draws with the auxiliary model ``aux`` attached (None detaches it)."""
+        if aux is None:
+            return replace(self, aux=None, g_hat=None, ref_g_hat=None)
+        spec = AuxSpec.parse(aux)
+        model = build_aux(self.scenario, spec)
+        if model is None:  # learned: cross-fitted on these labelled rows
+            return self._with_learned_aux(spec)
+        phi = self.scenario.phi(self.x)
+        g_hat = model.pairs(self.x, self.y, phi)
+        if self.n_ref:
+            ref_x = self._ref_prompts()
+            ref_phi = self.scenario.phi(ref_x)
+            ref_g_hat = model.pairs(ref_x, self.ref_y, ref_phi)
+        else:
+            ref_g_hat = np.zeros((self.reps, 0))
+        return replace(self, aux=spec, g_hat=g_hat, ref_g_hat=ref_g_hat)
+
+    def _with_learned_aux(self, spec: AuxSpec) -> "PreferenceData":
+        from robust_rlhf.theory.crossfit import crossfit_predict
+
+        if self.n_ref == 0:
+            raise SpecError("auxiliary model 'learned' needs reference pairs (M >= 1 or 'exact')")
+        lab, ref = self.pair_features()
+        g_hat = np.empty(self.z.shape)
+        ref_g_hat = np.empty((self.reps, self.n_ref))
+        for r in range(self.reps):
+            rng = _rng(self.seed, "data", self.first_rep + r, "crossfit")
+            g_hat[r], ref_g_hat[r] = crossfit_predict(
+                lab[r], self.z[r], ref[r], self.ref_row, folds=spec.folds, seed=int(rng.integers(2**31)))
+        return replace(self, aux=spec, g_hat=g_hat, ref_g_hat=ref_g_hat)
+
+    def to_pair_data(self, features: bool = False) -> PairData:
+        """The arrays the estimators of ``theory`` consume (reference pairs only with ``g_hat``)."""
+        feats = self.pair_features() if features else (None, None)
+        has_ref = self.g_hat is not None and self.n_ref > 0
+        return PairData(
+            dphi=self.dphi, z=self.z.astype(np.float64),
+            g=self.g_hat if has_ref else None,
+            dphi_ref=self.dphi_ref if has_ref else None,
+            g_ref=self.ref_g_hat if has_ref else None,
+            ref_weight=self.ref_weight if has_ref else None,
+            ref_row=self.ref_row if has_ref else None,
+            features=feats[0], features_ref=feats[1] if has_ref else None,
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """Provenance: scenario spec, seed, replications, reference design and auxiliary model."""
+        return {
+            "scenario": self.scenario.spec, "seed": self.seed, "first_rep": self.first_rep,
+            "reps": self.reps, "n": self.n, "M": self.M, "unlabelled": self.n_unlabelled,
+            "aux": None if self.aux is None else self.aux.to_dict(),
+        }
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise SpecError(f"'{name}' = {value!r} must be an integer >= {low}")
+    return int(value)
+
+
+def sample(
+    scenario: Scenario,
+    n: int,
+    seed: int = 0,
+    reps: int = 1,
+    *,
+    M: int | str = 1,
+    unlabelled: int = 0,
+    aux: AuxSpec | str | dict | None = "oracle",
+    first_rep: int = 0,
+    namespace: str = "data",
+) -> PreferenceData:
+    """Draw ``reps`` replications of ``n`` labelled pairs with reference pairs (see module docstring).
+
+    ``M``: reference pairs per prompt (``0`` for none) or ``"exact"``; ``unlabelled``: extra prompts
+    carrying reference pairs; ``aux``: auxiliary model (``AuxSpec``, a name, or None); ``namespace``:
+    ``"data"``, or ``"auxiliary"`` for samples that fit auxiliary models (independent of the data).
+    """
+    n = _check_int("n", n, 1)
+    reps = _check_int("reps", reps, 1)
+    seed = _check_int("seed", seed, 0)
+    first_rep = _check_int("first_rep", first_rep, 0)
+    N = _check_int("unlabelled", unlabelled, 0)
+    exact = M == "exact"
+    if not exact:
+        M = _check_int("M", M, 0)
+        if M == 0 and N > 0:
+            raise SpecError("'unlabelled' prompts need reference pairs: set M >= 1 or M='exact'")
+    R, p, K = reps, scenario.prompt_dim, scenario.K
+    rep_ids = range(first_rep, first_rep + R)
+
+    def draw(stream_name: str, fn) -> np.ndarray:
+        return np.stack([fn(_rng(seed, namespace, r, stream_name)) for r in rep_ids])
+
+    x = draw("prompts", lambda g: g.standard_normal((n, p)))
+    phi = scenario.phi(x)
+    pi = scenario.reference.probs(phi)
+    y = sample_responses(pi, draw("pairs", lambda g: g.random((n, 2))))
+    phi_pair = _gather(phi, y)
+    g_star = scenario.preference.prob(x, phi_pair[..., 0, :], phi_pair[..., 1, :])
+    z = (draw("labels", lambda g: g.random(n)) < g_star).astype(np.uint8)
+
+    xu = draw("unlabelled_prompts", lambda g: g.standard_normal((N, p))) if N else np.zeros((R, 0, p))
+    prompts = np.concatenate([x, xu], axis=1)  # (R, n + N, p)
+    all_phi = np.concatenate([phi, scenario.phi(xu)], axis=1) if N else phi
+    all_pi = np.concatenate([pi, scenario.reference.probs(all_phi[:, n:])], axis=1) if N else pi
+    n_prompts = n + N
+    if exact:
+        a, b = np.meshgrid(np.arange(K), np.arange(K), indexing="ij")
+        ref_y = np.broadcast_to(np.stack([a.ravel(), b.ravel()], -1), (R, n_prompts, K * K, 2)).copy()
+        weight = (all_pi[..., :, None] * all_pi[..., None, :]).reshape(R, n_prompts, K * K) / n_prompts
+        per_prompt = K * K
+    elif M > 0:
+        u = draw("reference", lambda g: g.random((n, M, 2)))
+        if N:
+            u = np.concatenate([u, draw("unlabelled_pairs", lambda g: g.random((N, M, 2)))], axis=1)
+        ref_y = sample_responses(all_pi, u.reshape(R, n_prompts, 2 * M)).reshape(R, n_prompts, M, 2)
+        weight = np.full((R, n_prompts, M), 1.0 / (n_prompts * M))
+        per_prompt = M
+    else:
+        ref_y = np.zeros((R, n, 0, 2), dtype=np.int64)
+        weight = np.zeros((R, n, 0))
+        per_prompt = 0
+    ref_phi = np.stack([_gather(all_phi, ref_y[..., 0]), _gather(all_phi, ref_y[..., 1])], axis=-2)
+    ref_g_star = scenario.preference.prob(prompts[:, :, None, :], ref_phi[..., 0, :], ref_phi[..., 1, :])
+    n_ref = n_prompts * per_prompt if per_prompt else 0
+    data = PreferenceData(
+        scenario=scenario, seed=seed, first_rep=first_rep, M="exact" if exact else M,
+        x=x, y=y, phi_pair=phi_pair, z=z, g_star=g_star,
+        ref_row=np.repeat(np.arange(n_prompts if per_prompt else 0), per_prompt),
+        ref_y=ref_y.reshape(R, n_ref, 2), ref_phi_pair=ref_phi.reshape(R, n_ref, 2, scenario.d),
+        ref_g_star=ref_g_star.reshape(R, n_ref), ref_weight=weight.reshape(R, n_ref), x_unlabelled=xu,
+    )
+    return data.with_aux(aux) if aux is not None else data
+
+
+def save(data: PreferenceData, path: str | Path) -> Path:
+    """Write a data set as ``.npz`` (the arrays of ``robust-rlhf fit``) or ``.parquet`` (tidy rows).
+
+    ``.npz`` keys: ``dphi`` (n, d), ``z`` (n), ``g`` (n), ``dphi_ref`` (N, d), ``g_ref`` (N),
+    ``ref_row`` (N), ``ref_weight`` (N), plus ``x``, ``y``, ``g_star``, ``ref_y``, ``ref_g_star`` and
+    ``metadata`` (JSON). With several replications every array keeps its leading axis R.
+    ``.parquet``: one row per pair, ``kind`` labelled/reference, ``row`` (prompt id), ``y1``, ``y2``,
+    ``z`` (empty for reference pairs), ``g_hat``, ``g_star``, ``weight``, ``rep``, ``dphi_0..``; the
+    metadata JSON is stored in the file's key-value metadata. The write is atomic.
+    """
+    from robust_rlhf.theory.io import atomic_path
+
+    path = Path(path)
+    squeeze = (lambda a: a[0]) if data.reps == 1 else (lambda a: a)
+    meta = json.dumps(data.metadata())
+    if path.suffix == ".npz":
+        arrays = {
+            "dphi": squeeze(data.dphi), "z": squeeze(data.z), "x": squeeze(data.x), "y": squeeze(data.y),
+            "g_star": squeeze(data.g_star), "metadata": np.array(meta),
+        }
+        if data.g_hat is not None:
+            arrays.update(g=squeeze(data.g_hat))
+            if data.n_ref:
+                arrays.update(dphi_ref=squeeze(data.dphi_ref), g_ref=squeeze(data.ref_g_hat),
+                              ref_row=data.ref_row, ref_weight=squeeze(data.ref_weight),
+                              ref_y=squeeze(data.ref_y), ref_g_star=squeeze(data.ref_g_star))
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+        return path
+    if path.suffix == ".parquet":
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        frames = []
+        for kind, rows, y, dphi, z, gh, gs, w in (
+            ("labelled", np.arange(data.n), data.y, data.dphi, data.z.astype(float), data.g_hat, data.g_star,
+             np.full(data.z.shape, 1.0 / data.n)),
+            ("reference", data.ref_row, data.ref_y, data.dphi_ref, np.full(data.ref_g_star.shape, np.nan),
+             data.ref_g_hat, data.ref_g_star, data.ref_weight),
+        ):
+            R, m = z.shape
+            if m == 0:
+                continue
+            cols = {"rep": np.repeat(np.arange(data.first_rep, data.first_rep + R), m), "kind": kind,
+                    "row": np.tile(rows, R), "y1": y[..., 0].ravel(), "y2": y[..., 1].ravel(), "z": z.ravel(),
+                    "g_hat": np.nan if gh is None else gh.ravel(), "g_star": gs.ravel(), "weight": w.ravel()}
+            cols.update({f"dphi_{j}": dphi[..., j].ravel() for j in range(dphi.shape[-1])})
+            frames.append(pd.DataFrame(cols))
+        table = pa.Table.from_pandas(pd.concat(frames, ignore_index=True), preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"robust_rlhf": meta.encode()})
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        return path
+    raise SpecError(f"output file {str(path)!r} must end in .npz or .parquet")

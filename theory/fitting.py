@@ -1,0 +1,580 @@
+r"""Linear-reward estimators fitted on a leading replication axis (DESIGN.md 3.4, 4).
+
+For replication ``r`` with margins ``u_i = theta . dphi_i`` (labelled) and ``u_j = theta . dphi_j``
+(reference), every method minimises the VR objective of ``theory.losses``
+
+.. math::
+    L(\theta) = \frac1n \sum_i [m_{Z_i}(u_i) - \lambda m_{\hat g_i}(u_i)] + \lambda \sum_j v_j m_{\hat g_j}(u_j)
+
+- ``mle``: ``lambda = 0``; ``vrpo``: ``lambda = 1`` (or the given ``lam``);
+- ``vrpo_tuned``: ``lambda`` minimising the estimated ``tr(W Cov)`` (``W = I`` or ``e_j e_j^T``),
+  closed form from the cluster influence terms at the MLE, clipped to ``[0, 1]``;
+- ``vrpo_crossfit``: ``g_hat`` learned from the labelled rows with K-fold cross-fitting, then ``vrpo``.
+
+Smooth losses are minimised by a batched damped Newton method (all R replications at once) to a
+gradient norm below ``tol``; the derivatives of ``L`` in the margins come from ``vr_derivatives``
+beside ``vr_objective`` (checked against automatic differentiation of it). Non-smooth losses (hinge, truncated
+hinge) are minimised by Gaussian-smoothing continuation (``SmoothedTruncatedHinge`` with bandwidths
+``CONTINUATION``), each stage by the same Newton method, started from the logistic fit. With
+``bound`` the norm-constrained problem ``||theta|| <= B`` is solved with cvxpy where the constraint
+binds.
+
+The covariance is the cluster sandwich ``H^{-1} V H^{-1}``: ``H`` the Hessian of ``L`` (for
+non-smooth losses, of a smoothed loss with a rule-of-thumb bandwidth), ``V`` the empirical covariance
+of the per-prompt gradient sums (a labelled row and the reference pairs on its prompt form one
+cluster; unlabelled and independent prompts their own), centred within each kind of cluster. It is
+the covariance of ``theta_hat`` itself (already of order ``1/n``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import PairData
+from .errors import InputError, SeparableDataError
+from .losses import Logistic, MarginLoss, VRDerivatives, get_loss, vr_derivatives, vr_objective
+
+__all__ = ["METHODS", "FitResult", "fit", "tune_lambda", "CONTINUATION"]
+
+METHODS = ("mle", "vrpo", "vrpo_tuned", "vrpo_crossfit")
+CONTINUATION = (0.3, 0.1, 0.03, 0.01)
+_DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Estimates for R replications.
+
+    ``theta`` (R, d); ``cov`` (R, d, d) sandwich covariance of ``theta_hat``; ``lam`` (R,);
+    ``converged``, ``separable``, ``at_bound`` (R,) flags; ``n_iter`` (R,); ``grad_norm`` (R,);
+    ``cov_mle`` (R, d, d) the MLE's sandwich on the same data (VR methods), for variance ratios.
+    """
+
+    theta: np.ndarray
+    cov: np.ndarray
+    lam: np.ndarray
+    converged: np.ndarray
+    n_iter: np.ndarray
+    grad_norm: np.ndarray
+    separable: np.ndarray
+    method: str
+    loss: str
+    bound: float | None = None
+    at_bound: np.ndarray | None = field(default=None, repr=False)
+    cov_mle: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def se(self) -> np.ndarray:
+        """Standard errors ``sqrt(diag(cov))``, (R, d)."""
+        return np.sqrt(np.clip(np.diagonal(self.cov, axis1=-2, axis2=-1), 0.0, None))
+
+    def variance_ratio(self, weight: int | None = None) -> np.ndarray:
+        """Estimated ``tr(W cov) / tr(W cov_mle)`` (``W = I``, or coordinate ``weight``), (R,)."""
+        if self.cov_mle is None:
+            return np.ones(self.theta.shape[0])
+        return _weighted_trace(self.cov, weight) / _weighted_trace(self.cov_mle, weight)
+
+
+def _weighted_trace(cov: np.ndarray | Tensor, weight: int | None):
+    if weight is None:
+        return cov.diagonal(0, -2, -1).sum(-1)
+    return cov[..., weight, weight]
+
+
+# --- tensors and clusters ---------------------------------------------------------------------
+
+@dataclass
+class _Batch:
+    """Torch views of a PairData, plus the prompt clusters of the sandwich."""
+
+    dphi: Tensor
+    z: Tensor
+    g: Tensor | None
+    dphi_ref: Tensor | None
+    g_ref: Tensor | None
+    w_ref: Tensor | None
+    lab_cluster: Tensor  # (n,) cluster of each labelled row = its index
+    ref_cluster: Tensor | None  # (N,) cluster of each reference pair
+    n_clusters: int
+
+    @classmethod
+    def from_data(cls, data: PairData, g: np.ndarray | None = None, g_ref: np.ndarray | None = None) -> "_Batch":
+        t = lambda a: None if a is None else torch.as_tensor(a, dtype=_DTYPE)  # noqa: E731
+        g = data.g if g is None else g
+        g_ref = data.g_ref if g_ref is None else g_ref
+        n = data.n
+        ref_cluster, n_clusters = None, n
+        if data.dphi_ref is not None:
+            rows = data.ref_row
+            other = rows >= n
+            ids = np.empty_like(rows)
+            ids[(rows >= 0) & ~other] = rows[(rows >= 0) & ~other]
+            _, compact = np.unique(rows[other], return_inverse=True)
+            ids[other] = n + compact
+            n_other = int(compact.max()) + 1 if other.any() else 0
+            lone = rows < 0
+            ids[lone] = n + n_other + np.arange(lone.sum())
+            ref_cluster = torch.as_tensor(ids)
+            n_clusters = n + n_other + int(lone.sum())
+        return cls(dphi=t(data.dphi), z=t(data.z), g=t(g), dphi_ref=t(data.dphi_ref), g_ref=t(g_ref),
+                   w_ref=t(data.ref_weight), lab_cluster=torch.arange(n), ref_cluster=ref_cluster,
+                   n_clusters=n_clusters)
+
+    def subset(self, idx: Tensor) -> "_Batch":
+        if idx.numel() == self.dphi.shape[0]:
+            return self
+        s = lambda a: None if a is None else a[idx]  # noqa: E731
+        return _Batch(self.dphi[idx], self.z[idx], s(self.g), s(self.dphi_ref), s(self.g_ref), s(self.w_ref),
+                      self.lab_cluster, self.ref_cluster, self.n_clusters)
+
+    @property
+    def has_ref(self) -> bool:
+        return self.g is not None and self.dphi_ref is not None
+
+    def margins(self, theta: Tensor) -> tuple[Tensor, Tensor | None]:
+        u = torch.einsum("rnd,rd->rn", self.dphi, theta)
+        u_ref = torch.einsum("rnd,rd->rn", self.dphi_ref, theta) if self.has_ref else None
+        return u, u_ref
+
+
+def _value(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor) -> Tensor:
+    u, u_ref = b.margins(theta)
+    if not b.has_ref:
+        return vr_objective(loss, u, b.z)
+    return vr_objective(loss, u, b.z, b.g, u_ref, b.g_ref, lam, ref_weight=b.w_ref)
+
+
+def _margin_derivatives(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor) -> VRDerivatives:
+    u, u_ref = b.margins(theta)
+    if u_ref is None:
+        return vr_derivatives(loss, u, b.z)
+    return vr_derivatives(loss, u, b.z, b.g, u_ref, b.g_ref, lam, ref_weight=b.w_ref)
+
+
+def _derivatives(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor,
+                 hessian: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Objective (R,), gradient (R, d) and Hessian (R, d, d) by the chain rule through the margins."""
+    der = _margin_derivatives(loss, lam, b, theta)
+    c, c_ref = der.first(lam)
+    grad = torch.einsum("rn,rnd->rd", c, b.dphi)
+    hess = (b.dphi * der.h[..., None]).transpose(1, 2) @ b.dphi if hessian else None
+    if c_ref is not None:
+        grad = grad + torch.einsum("rn,rnd->rd", c_ref, b.dphi_ref)
+        if hessian:
+            hess = hess + (b.dphi_ref * der.h_ref[..., None]).transpose(1, 2) @ b.dphi_ref
+    return der.value, grad, hess
+
+
+def _damped_direction(hess: Tensor, grad: Tensor) -> Tensor:
+    """Newton direction ``-(H + mu I)^{-1} g`` with the smallest ``mu`` (from 0) that makes it PD."""
+    d = hess.shape[-1]
+    eye = torch.eye(d, dtype=hess.dtype)
+    scale = hess.diagonal(0, -2, -1).abs().mean(-1).clamp_min(1e-12)
+    mu = torch.zeros(hess.shape[0], dtype=hess.dtype)
+    step = torch.zeros_like(grad)
+    todo = torch.ones(hess.shape[0], dtype=torch.bool)
+    for k in range(30):
+        idx = todo.nonzero().squeeze(1)
+        chol, info = torch.linalg.cholesky_ex(hess[idx] + mu[idx, None, None] * eye)
+        ok = info == 0
+        if ok.any():
+            step[idx[ok]] = -torch.cholesky_solve(grad[idx[ok], :, None], chol[ok]).squeeze(-1)
+            todo[idx[ok]] = False
+        if not todo.any():
+            break
+        mu[todo] = scale[todo] * 10.0 ** (k - 10)
+    if todo.any():  # pathological curvature: fall back to steepest descent
+        step[todo] = -grad[todo]
+    return step
+
+
+@dataclass
+class _NewtonState:
+    theta: Tensor
+    converged: Tensor
+    separable: Tensor
+    n_iter: Tensor
+    grad_norm: Tensor
+    hess: Tensor
+
+
+def _newton(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float, max_iter: int,
+            certificate: bool, theta_max: float) -> _NewtonState:
+    """Batched damped Newton with Armijo backtracking, replication by replication until converged."""
+    R, d = theta0.shape
+    theta = theta0.clone()
+    converged = torch.zeros(R, dtype=torch.bool)
+    separable = torch.zeros(R, dtype=torch.bool)
+    n_iter = torch.zeros(R, dtype=torch.long)
+    grad_norm = torch.full((R,), math.inf, dtype=_DTYPE)
+    hess_out = torch.zeros(R, d, d, dtype=_DTYPE)
+    active = torch.arange(R)
+    for _ in range(max_iter + 1):
+        if active.numel() == 0:
+            break
+        sub = b.subset(active)
+        lam_a = lam[active]
+        value, grad, hess = _derivatives(loss, lam_a, sub, theta[active])
+        gnorm = grad.norm(dim=1)
+        grad_norm[active] = gnorm
+        hess_out[active] = hess
+        done = gnorm < tol
+        if certificate:  # theta separates every labelled pair: the MLE does not exist
+            u, _ = sub.margins(theta[active])
+            sep = ((2.0 * sub.z - 1.0) * u > 0).all(dim=1) & ~done
+            separable[active[sep]] = True
+            done = done | sep
+        blown = theta[active].norm(dim=1) > theta_max
+        separable[active[blown & ~done]] = True
+        converged[active[done & ~separable[active]]] = True
+        keep = ~(done | blown)
+        if n_iter[active].max() >= max_iter:
+            break
+        active, value, grad, hess = active[keep], value[keep], grad[keep], hess[keep]
+        if active.numel() == 0:
+            break
+        sub = b.subset(active)
+        lam_a = lam[active]
+        step = _damped_direction(hess, grad)
+        slope = (grad * step).sum(1)
+        t = torch.ones(active.numel(), dtype=_DTYPE)
+        pending = torch.ones(active.numel(), dtype=torch.bool)
+        new_theta = theta[active].clone()
+        for _ in range(50):
+            trial = theta[active] + t[:, None] * step
+            trial_value = _value(loss, lam_a, sub, trial)
+            slack = 1e-12 * value.abs().clamp_min(1.0)
+            ok = pending & (trial_value <= value + 1e-4 * t * slope + slack)
+            new_theta[ok] = trial[ok]
+            pending &= ~ok
+            if not pending.any():
+                break
+            t = torch.where(pending, t * 0.5, t)
+        theta[active] = new_theta
+        n_iter[active] += 1
+        stalled = pending  # no decrease possible at float precision: stop this replication here
+        active = active[~stalled]
+    return _NewtonState(theta, converged, separable, n_iter, grad_norm, hess_out)
+
+
+def _project(theta: Tensor, bound: float) -> Tensor:
+    norm = theta.norm(dim=1, keepdim=True)
+    return theta * torch.clamp(bound / norm.clamp_min(1e-300), max=1.0)
+
+
+def _ball_model_minimiser(hess: Tensor, grad: Tensor, theta: Tensor, bound: float) -> Tensor:
+    """``argmin_{||t|| <= bound} g.(t - theta) + (t - theta)^T H+ (t - theta) / 2`` with ``H+`` the
+    Hessian shifted to be positive definite; by the secular equation ``||(H+ + mu I)^-1 c|| = bound``,
+    ``c = H+ theta - g``, solved for ``mu >= 0`` by bisection."""
+    evals, Q = torch.linalg.eigh(hess)
+    scale = evals.abs().max(dim=1).values.clamp_min(1e-12)
+    shift = torch.clamp(-evals.min(dim=1).values + 1e-8 * scale, min=0.0)
+    lam_ = evals + shift[:, None]
+    c = torch.einsum("rde,re->rd", Q.transpose(1, 2), torch.einsum("rde,re->rd", hess, theta)
+                     + shift[:, None] * theta - grad)
+
+    def radius(mu: Tensor) -> Tensor:
+        return (c / (lam_ + mu[:, None])).norm(dim=1)
+
+    lo = torch.zeros_like(shift)
+    hi = torch.where(radius(lo) > bound, c.norm(dim=1) / bound + 1e-300, lo)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        outside = radius(mid) > bound
+        lo = torch.where(outside, mid, lo)
+        hi = torch.where(outside, hi, mid)
+    return torch.einsum("rde,re->rd", Q, c / (lam_ + hi[:, None]))
+
+
+def _ball_newton(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, bound: float, tol: float,
+                 max_iter: int) -> _NewtonState:
+    """Batched Newton on ``||theta|| <= bound``: step to the ball-constrained minimiser of the
+    convexified quadratic model, then Armijo backtracking. Converged when the KKT residual (the
+    gradient, or on the boundary its tangential part with an outward-pointing descent) is below ``tol``."""
+    R, d = theta0.shape
+    theta = _project(theta0, bound)
+    converged = torch.zeros(R, dtype=torch.bool)
+    n_iter = torch.zeros(R, dtype=torch.long)
+    resid = torch.full((R,), math.inf, dtype=_DTYPE)
+    hess_out = torch.zeros(R, d, d, dtype=_DTYPE)
+    active = torch.arange(R)
+    for it in range(max_iter + 1):
+        sub = b.subset(active)
+        lam_a = lam[active]
+        th = theta[active]
+        value, grad, hess = _derivatives(loss, lam_a, sub, th)
+        hess_out[active] = hess
+        norm = th.norm(dim=1).clamp_min(1e-300)
+        radial = (grad * th).sum(1) / norm
+        tangential = grad - radial[:, None] * th / norm[:, None]
+        boundary = (norm >= bound * (1 - 1e-9)) & (radial < 0)
+        r = torch.where(boundary, tangential.norm(dim=1), grad.norm(dim=1))
+        resid[active] = r
+        done = r < tol
+        converged[active[done]] = True
+        keep = ~done
+        if it == max_iter or not keep.any():
+            break
+        active, value, grad, hess, th = active[keep], value[keep], grad[keep], hess[keep], th[keep]
+        sub = b.subset(active)
+        lam_a = lam[active]
+        direction = _ball_model_minimiser(hess, grad, th, bound) - th
+        slope = (grad * direction).sum(1)
+        t = torch.ones(active.numel(), dtype=_DTYPE)
+        pending = torch.ones(active.numel(), dtype=torch.bool)
+        new = th.clone()
+        for _ in range(50):
+            trial = th + t[:, None] * direction
+            ok = pending & (_value(loss, lam_a, sub, trial) <= value + 1e-4 * t * slope
+                            + 1e-12 * value.abs().clamp_min(1.0))
+            new[ok] = trial[ok]
+            pending &= ~ok
+            if not pending.any():
+                break
+            t = torch.where(pending, 0.5 * t, t)
+        theta[active] = _project(new, bound)
+        n_iter[active] += 1
+        active = active[~pending]
+        if active.numel() == 0:
+            break
+    return _NewtonState(theta, converged, torch.zeros(R, dtype=torch.bool), n_iter, resid, hess_out)
+
+
+# --- sandwich ---------------------------------------------------------------------------------
+
+def _influence_parts(loss: MarginLoss, b: _Batch, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-cluster gradient sums ``A_c`` (labelled term) and ``B_c`` (control-variate terms), so that
+    the cluster's gradient of ``L`` at weight ``lam`` is ``A_c + lam B_c``; shapes (R, C, d)."""
+    R, n, d = b.dphi.shape
+    der = _margin_derivatives(loss, torch.zeros(R, dtype=_DTYPE), b, theta)
+    A = torch.zeros(R, b.n_clusters, d, dtype=_DTYPE)
+    A[:, :n] = der.d_lab[..., None] * b.dphi
+    B = torch.zeros_like(A)
+    if der.d_ctrl is not None:
+        B[:, :n] = -der.d_ctrl[..., None] * b.dphi
+        B.index_add_(1, b.ref_cluster, der.d_ref[..., None] * b.dphi_ref)
+    return A, B
+
+
+def _cluster_cov(X: Tensor, Y: Tensor, n: int) -> Tensor:
+    """``sum_c (X_c - Xbar)(Y_c - Ybar)^T`` centred within labelled / other clusters, with the
+    small-sample factor ``C/(C-1)``; (R, d, d)."""
+    out = torch.zeros(X.shape[0], X.shape[2], X.shape[2], dtype=_DTYPE)
+    for part in (slice(0, n), slice(n, X.shape[1])):
+        Xp, Yp = X[:, part], Y[:, part]
+        C = Xp.shape[1]
+        if C == 0:
+            continue
+        Xc, Yc = Xp - Xp.mean(1, keepdim=True), Yp - Yp.mean(1, keepdim=True)
+        out += Xc.transpose(1, 2) @ Yc * (C / max(C - 1, 1))
+    return out
+
+
+def _sandwich(hess: Tensor, A: Tensor, B: Tensor, lam: Tensor, n: int) -> Tensor:
+    G = A + lam[:, None, None] * B
+    V = _cluster_cov(G, G, n)
+    Hinv = torch.linalg.pinv(hess, hermitian=True)
+    cov = Hinv @ V @ Hinv
+    return 0.5 * (cov + cov.transpose(1, 2))
+
+
+def tune_lambda(hess: Tensor, A: Tensor, B: Tensor, n: int, weight: int | None = None,
+                clip: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    r"""``lambda* = argmin tr(W H^{-1} V(lambda) H^{-1})`` with ``V(lambda) = V_AA + lambda (V_AB + V_BA)
+    + lambda^2 V_BB``: ``lambda* = -tr(W H^-1 (V_AB + V_BA) H^-1) / (2 tr(W H^-1 V_BB H^-1))``, clipped."""
+    Hinv = torch.linalg.pinv(hess, hermitian=True)
+    vab = _cluster_cov(A, B, n)
+    num = _weighted_trace(Hinv @ (vab + vab.transpose(1, 2)) @ Hinv, weight)
+    den = 2.0 * _weighted_trace(Hinv @ _cluster_cov(B, B, n) @ Hinv, weight)
+    lam = torch.where(den > 0, -num / den.clamp_min(1e-300), torch.zeros_like(num))
+    return lam.clamp(*clip)
+
+
+# --- the estimators ---------------------------------------------------------------------------
+
+def _bread_loss(loss: MarginLoss, b: _Batch, theta: Tensor) -> MarginLoss:
+    """Loss whose Hessian is the sandwich bread: the loss itself, or a smoothed surrogate with the
+    rule-of-thumb bandwidth ``1.06 sd(u) n^{-1/5}``."""
+    if loss.smooth:
+        return loss
+    u, _ = b.margins(theta)
+    h = float(1.06 * u.std().clamp_min(1e-3) * b.dphi.shape[1] ** -0.2)
+    return loss.curvature_surrogate(h)
+
+
+def _minimise(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float, max_iter: int,
+              certificate: bool, theta_max: float, bound: float | None = None) -> _NewtonState:
+    """Newton for smooth losses, smoothing continuation for non-smooth ones; with ``bound``, Newton
+    within the ball (the non-convex bounded problems)."""
+    stages = [loss] if loss.smooth else [loss.curvature_surrogate(h) for h in CONTINUATION]
+    state = None
+    theta = theta0
+    for stage in stages:
+        if bound is not None:
+            state = _ball_newton(stage, lam, b, theta, bound, tol, max_iter)
+        else:
+            state = _newton(stage, lam, b, theta, tol, max_iter, certificate and loss.smooth, theta_max)
+        theta = state.theta
+    return state
+
+
+def _constrained(loss: MarginLoss, data: PairData, g, g_ref, lam: np.ndarray, bound: float,
+                 reps: np.ndarray, theta: np.ndarray) -> None:
+    """Solve ``min L(theta) s.t. ||theta|| <= bound`` with cvxpy for replications ``reps`` (in place).
+
+    Uses ``m_g(u) = softplus(u) - g u`` (logistic) or ``g [1-u]_+ + (1-g) [1+u]_+`` (hinge, lam = 0)."""
+    import cvxpy as cp
+
+    for r in reps:
+        th = cp.Variable(data.d)
+        u = data.dphi[r] @ th
+        lr = float(lam[r])
+        if loss.name == "logistic":
+            labelled = (1.0 - lr) * cp.sum(cp.logistic(u)) - (data.z[r] - (lr * g[r] if lr else 0.0)) @ u
+            objective = labelled / data.n
+            if lr:
+                ur = data.dphi_ref[r] @ th
+                objective = objective + lr * (data.ref_weight[r] @ cp.logistic(ur) - (data.ref_weight[r] * g_ref[r]) @ ur)
+        else:
+            objective = (data.z[r] @ cp.pos(1 - u) + (1 - data.z[r]) @ cp.pos(1 + u)) / data.n
+        problem = cp.Problem(cp.Minimize(objective), [cp.norm(th, 2) <= bound])
+        try:
+            problem.solve(solver=cp.CLARABEL)
+        except cp.SolverError:
+            problem.solve(solver=cp.SCS, eps=1e-9)
+        if th.value is None:
+            raise InputError(f"replication {r}: the norm-constrained fit failed ({problem.status})")
+        theta[r] = th.value
+
+
+def _convex_program(loss: MarginLoss, lam: np.ndarray) -> bool:
+    """Whether the norm-constrained problem is convex (and solved by cvxpy)."""
+    return (loss.name == "logistic" and bool((lam <= 1).all())) or (loss.name == "hinge" and bool((lam == 0).all()))
+
+
+def fit(
+    data: PairData,
+    method: str = "mle",
+    loss: str | MarginLoss = "logistic",
+    *,
+    lam: float | None = None,
+    bound: float | None = None,
+    weight: int | None = None,
+    lam_clip: tuple[float, float] = (0.0, 1.0),
+    folds: int = 5,
+    seed: int = 0,
+    tol: float = 1e-8,
+    max_iter: int = 100,
+    on_separable: str = "raise",
+) -> FitResult:
+    r"""Fit ``method`` (``mle``, ``vrpo``, ``vrpo_tuned``, ``vrpo_crossfit``) on every replication.
+
+    ``lam`` overrides the control-variate weight of ``vrpo``/``vrpo_crossfit`` (default 1);
+    ``weight`` picks the tuning target of ``vrpo_tuned`` (None: trace; ``j``: coordinate ``j``);
+    ``bound`` adds ``||theta|| <= bound`` (cvxpy for the convex cases: logistic with ``lam <= 1``,
+    hinge MLE; a ball-constrained Newton method otherwise). The truncated hinge is bounded, so its empirical risk
+    keeps decreasing as ``theta`` grows: it needs ``bound``. A replication whose MLE does not exist
+    (separable labels) or whose objective is unbounded raises ``SeparableDataError``
+    (``on_separable="raise"``) or is flagged in ``separable`` with NaN estimates and a warning naming
+    it (``"warn"``); with ``bound`` the constrained fit is returned instead. At the boundary the
+    sandwich does not apply: ``cov`` is NaN where ``at_bound``.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if on_separable not in ("raise", "warn"):
+        raise InputError(f"on_separable must be 'raise' or 'warn', got {on_separable!r}")
+    if bound is not None and not (math.isfinite(bound) and bound > 0):
+        raise InputError(f"bound must be a positive number, got {bound}")
+    if lam is not None and method in ("mle", "vrpo_tuned"):
+        raise InputError(f"lam cannot be set for method {method!r}")
+    if lam is not None and not math.isfinite(lam):
+        raise InputError(f"lam must be a finite number, got {lam}")
+    loss = get_loss(loss)
+    if not loss.convex and bound is None:
+        raise InputError(f"the {loss.name} loss is bounded, so a linear fit drifts to infinite scale: "
+                         "give a norm bound (bound=B, --bound B)")
+    R, d = data.reps, data.d
+    g, g_ref = data.g, data.g_ref
+    if method != "mle":
+        if data.dphi_ref is None:
+            raise InputError(f"method {method!r} needs reference pairs (dphi_ref, g_ref)")
+        if method == "vrpo_crossfit":
+            g, g_ref = _crossfit(data, folds, seed)
+        elif g is None:
+            raise InputError(f"method {method!r} needs the auxiliary probabilities g and g_ref")
+    b = _Batch.from_data(data, g, g_ref)
+    theta_max = 1e6 / max(float(np.sqrt(np.mean(data.dphi ** 2))), 1e-12)
+    lam0 = torch.zeros(R, dtype=_DTYPE)
+    # The MLE first: the estimate of `mle`, the warm start and the reference covariance of the others.
+    start = torch.zeros(R, d, dtype=_DTYPE)
+    if not loss.smooth:  # start the continuation at the logistic fit
+        start = _newton(Logistic(), lam0, b, start, tol, max_iter, True, theta_max).theta
+    pg_bound = None if bound is None or _convex_program(loss, np.zeros(1)) else bound
+    mle = _minimise(loss, lam0, b, start, tol, max_iter, True, theta_max, pg_bound)
+    mle_hess = _bread_hessian(loss, lam0, b, mle)
+    A0, B0 = _influence_parts(loss, b, mle.theta)
+    if method == "mle":
+        lam_t, state, hess, A, B = lam0, mle, mle_hess, A0, B0
+    else:
+        if method == "vrpo_tuned":
+            lam_t = tune_lambda(mle_hess, A0, B0, data.n, weight, lam_clip)
+        else:
+            lam_t = torch.full((R,), 1.0 if lam is None else float(lam), dtype=_DTYPE)
+        pg_bound = None if bound is None or _convex_program(loss, lam_t.numpy()) else bound
+        state = _minimise(loss, lam_t, b, mle.theta, tol, max_iter, False, theta_max, pg_bound)
+        state.separable |= mle.separable & ~state.converged
+        hess = _bread_hessian(loss, lam_t, b, state)
+        A, B = _influence_parts(loss, b, state.theta)
+    theta = state.theta.numpy().copy()
+    cov = _sandwich(hess, A, B, lam_t, data.n).numpy()
+    cov_mle = None if method == "mle" else _sandwich(mle_hess, A0, B0, lam0, data.n).numpy()
+    separable = state.separable.numpy().copy()
+    converged = state.converged.numpy().copy()
+    lam_np = lam_t.numpy().copy()
+    at_bound = None
+    if bound is not None:
+        if pg_bound is None:  # convex: cvxpy where the unconstrained fit leaves the ball or does not exist
+            outside = np.flatnonzero(separable | (np.linalg.norm(theta, axis=1) > bound))
+            _constrained(loss, data, g, g_ref, lam_np, bound, outside, theta)
+            separable[outside] = False
+            converged[outside] = True
+        at_bound = np.linalg.norm(theta, axis=1) >= bound * (1 - 1e-6)
+        cov[at_bound] = np.nan
+    if separable.any():
+        reps = np.flatnonzero(separable)
+        shown = ", ".join(map(str, reps[:10])) + (" ..." if reps.size > 10 else "")
+        msg = (f"{reps.size} of {R} replication(s) have separable labelled pairs or an unbounded objective "
+               f"(replication {shown}): the unconstrained estimate does not exist; pass bound=B for a "
+               f"norm-constrained fit")
+        if on_separable == "raise":
+            raise SeparableDataError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        theta[separable] = np.nan
+        cov[separable] = np.nan
+    return FitResult(theta=theta, cov=cov, lam=lam_np, converged=converged, n_iter=state.n_iter.numpy().copy(),
+                     grad_norm=state.grad_norm.numpy().copy(), separable=separable, method=method, loss=loss.name,
+                     bound=bound, at_bound=at_bound, cov_mle=cov_mle)
+
+
+def _bread_hessian(loss: MarginLoss, lam: Tensor, b: _Batch, state: _NewtonState) -> Tensor:
+    if loss.smooth:
+        return state.hess
+    return _derivatives(_bread_loss(loss, b, state.theta), lam, b, state.theta)[2]
+
+
+def _crossfit(data: PairData, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from .crossfit import crossfit_predict
+
+    feats = data.dphi if data.features is None else data.features
+    feats_ref = data.dphi_ref if data.features_ref is None else data.features_ref
+    g = np.empty((data.reps, data.n))
+    g_ref = np.empty((data.reps, data.n_ref))
+    for r in range(data.reps):
+        g[r], g_ref[r] = crossfit_predict(feats[r], data.z[r], feats_ref[r], data.ref_row, folds=folds, seed=seed + r)
+    return g, g_ref
