@@ -25,14 +25,14 @@ def check_probability(name: str, values: np.ndarray) -> None:
     bad = ~((values >= 0.0) & (values <= 1.0))
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InputError(f"{name}: entry {idx} is {values[idx]!r}, but probabilities must lie in [0, 1]")
+        raise InputError(f"{name}: entry {idx} is {float(values[idx])!r}, but probabilities must lie in [0, 1]")
 
 
 def _finite(name: str, values: np.ndarray) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InputError(f"{name}: entry {idx} is {values[idx]!r}; all values must be finite")
+        raise InputError(f"{name}: entry {idx} is {float(values[idx])!r}; all values must be finite")
 
 
 def _as_float(name: str, values: object, ndim: int) -> np.ndarray:
@@ -84,7 +84,7 @@ class PairData:
             raise InputError(f"z: expected shape {(R, n)} to match dphi, got {z.shape}")
         if not np.isin(z, (0.0, 1.0)).all():
             idx = tuple(int(i) for i in np.argwhere(~np.isin(z, (0.0, 1.0)))[0])
-            raise InputError(f"z: entry {idx} is {z[idx]!r}; labels must be 0 or 1")
+            raise InputError(f"z: entry {idx} is {float(z[idx])!r}; labels must be 0 or 1")
         object.__setattr__(self, "dphi", dphi)
         object.__setattr__(self, "z", z)
         if self.g is not None:
