@@ -4,9 +4,9 @@ Fixed models (a function of the prompt and the two responses, independent of the
 
 - ``oracle``: ``g_hat = g*``;
 - ``noisy_oracle``: ``g_hat = sigmoid(logit g* + noise * (eta(x,a) - eta(x,b)) / sqrt 2)``, where
-  ``eta(x, a) = v_a . x / ||v_a||`` is a fixed random function, standard normal over prompts, so the
-  logit error has standard deviation ``noise`` for distinct responses and ``g_hat`` stays antisymmetric
-  whenever ``g*`` is;
+  ``eta(x, a) = v_a . x`` with fixed random orthonormal ``v_a`` (when ``K <= p``) is standard normal
+  over prompts and independent across responses, so the logit error of distinct responses is
+  ``N(0, noise^2)`` and ``g_hat`` stays antisymmetric whenever ``g*`` is;
 - ``constant``: ``g_hat = value`` (1/2 by default);
 - ``reversed``: ``g_hat = 1 - g*``;
 - ``random``: ``g_hat = sigmoid(scale * (eta'(x,a) - eta'(x,b)) / sqrt 2)``, unrelated to ``g*``;
@@ -153,6 +153,8 @@ def build_aux(scenario: "Scenario", spec: AuxSpec) -> FixedAux | None:
     if spec.kind in ("noisy_oracle", "random"):
         v = structure_rng(scenario.spec["structure_seed"], "auxiliary", spec.seed, int(spec.kind == "random"))
         v = v.standard_normal((scenario.K, scenario.prompt_dim))
+        if scenario.K <= scenario.prompt_dim:  # orthonormal: eta(x, a), a = 0..K-1, are independent N(0, 1)
+            v = np.linalg.qr(v.T)[0].T
         directions = v / np.linalg.norm(v, axis=1, keepdims=True)
     if spec.kind == "bt_plugin":
         from robust_rlhf.theory.fitting import fit

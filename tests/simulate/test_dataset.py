@@ -1,0 +1,196 @@
+"""Sampling: shapes, seeding, reference designs, auxiliary models, saving."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.special import expit, logit
+from scipy.stats import chi2, spearmanr
+
+from robust_rlhf.simulate import AUX_MODELS, AuxSpec, Scenario, SpecError, get_scenario, sample, save, scenario_names
+from robust_rlhf.theory.io import load_pair_data
+
+scenarios = st.builds(
+    lambda name, d, K, fmap, seed: get_scenario(
+        name, d=max(d, 2), K=K, features={"map": fmap}, structure_seed=seed),
+    st.sampled_from(scenario_names()), st.integers(1, 4), st.integers(2, 5),
+    st.sampled_from(["gaussian", "linear", "tanh"]), st.integers(0, 5))
+
+
+@given(scenario=scenarios, n=st.integers(1, 20), reps=st.integers(1, 3), M=st.sampled_from([0, 1, 3, "exact"]),
+       N=st.integers(0, 3), seed=st.integers(0, 2**20))
+def test_shapes_and_ranges(scenario: Scenario, n: int, reps: int, M, N: int, seed: int) -> None:
+    if M == 0:
+        N = 0
+    data = sample(scenario, n, seed=seed, reps=reps, M=M, unlabelled=N, aux="oracle")
+    d, K, p = scenario.d, scenario.K, scenario.prompt_dim
+    per = K * K if M == "exact" else M
+    assert data.x.shape == (reps, n, p) and data.phi_pair.shape == (reps, n, 2, d)
+    assert data.y.shape == (reps, n, 2) and ((data.y >= 0) & (data.y < K)).all()
+    assert data.ref_row.shape == ((n + N) * per,)
+    assert data.ref_phi_pair.shape == (reps, (n + N) * per, 2, d)
+    for arr in (data.g_star, data.g_hat, data.ref_g_star, data.ref_g_hat):
+        assert ((arr >= 0) & (arr <= 1)).all()
+    np.testing.assert_array_equal(data.g_hat, data.g_star)  # the oracle
+    assert set(np.unique(data.z)) <= {0, 1}
+    if per:
+        np.testing.assert_allclose(data.ref_weight.sum(1), 1.0)
+        pd_ = data.to_pair_data()
+        assert pd_.n_ref == (n + N) * per
+
+
+@given(scenario=scenarios, seed=st.integers(0, 2**20))
+def test_same_seed_bit_identical_and_replications_independent_of_batch(scenario: Scenario, seed: int) -> None:
+    a = sample(scenario, 30, seed=seed, reps=3, M=2, aux="noisy_oracle")
+    b = sample(scenario, 30, seed=seed, reps=3, M=2, aux="noisy_oracle")
+    for key in ("x", "y", "z", "g_star", "g_hat", "ref_y", "ref_g_hat"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
+    alone = sample(scenario, 30, seed=seed, reps=1, first_rep=2, M=2, aux="noisy_oracle")
+    np.testing.assert_array_equal(alone.z[0], a.z[2])
+    np.testing.assert_array_equal(alone.ref_g_hat[0], a.ref_g_hat[2])
+    other = sample(scenario, 30, seed=seed + 1, reps=1, M=2)
+    assert not np.array_equal(other.x[0], a.x[0])
+
+
+def test_labelled_data_unchanged_across_settings() -> None:
+    """Common random numbers: M, unlabelled prompts and g_hat do not move the labelled draws."""
+    scenario = get_scenario("annotator_mixture")
+    base = sample(scenario, 50, seed=7, reps=2, M=1)
+    for kwargs in ({"M": 8}, {"M": "exact"}, {"M": 2, "unlabelled": 10}, {"aux": "random"}):
+        other = sample(scenario, 50, seed=7, reps=2, **kwargs)
+        for key in ("x", "y", "z"):
+            np.testing.assert_array_equal(getattr(other, key), getattr(base, key))
+
+
+@pytest.mark.parametrize("name", ["bt", "position_bias", "near_deterministic", "intransitive"])
+def test_label_frequencies_match_g_star(name: str) -> None:
+    """Sum of Z - g* over 20000 pairs is a sum of independent centred Bernoulli deviations with
+    variance sum g*(1-g*): it lies within 4 of its standard deviations."""
+    data = sample(get_scenario(name), 5000, seed=11, reps=4, M=0, aux=None)
+    dev = (data.z - data.g_star).sum()
+    sd = math.sqrt((data.g_star * (1 - data.g_star)).sum())
+    assert abs(dev) < 4 * sd
+    # and within bins of g*: calibration
+    bins = np.digitize(data.g_star.ravel(), [0.2, 0.4, 0.6, 0.8])
+    for k in range(5):
+        sel = bins == k
+        g, z = data.g_star.ravel()[sel], data.z.ravel()[sel]
+        assert abs((z - g).sum()) < 4 * math.sqrt((g * (1 - g)).sum()) + 1e-9
+
+
+def test_responses_follow_the_reference_policy() -> None:
+    """Chi-square test of the response frequencies against the summed reference probabilities."""
+    scenario = Scenario.from_spec({"reference": {"policy": "softmax", "temperature": 0.7}})
+    data = sample(scenario, 3000, seed=2, M=3, aux=None)
+    pi = scenario.reference.probs(scenario.phi(data.x))[0]
+    expected = pi.sum(0) * 2 + np.repeat(pi, 3, axis=0).sum(0) * 2
+    observed = np.bincount(np.concatenate([data.y[0].ravel(), data.ref_y[0].ravel()]), minlength=4)
+    stat = ((observed - expected) ** 2 / expected).sum()
+    assert stat < chi2.ppf(1 - 1e-4, df=3)
+
+
+def test_exact_reference_weights() -> None:
+    scenario = Scenario.from_spec({"reference": {"policy": "softmax"}, "K": 3})
+    data = sample(scenario, 4, seed=0, M="exact", unlabelled=2, aux="oracle")
+    assert data.n_ref == 6 * 9
+    phi = scenario.phi(np.concatenate([data.x, data.x_unlabelled], axis=1))
+    pi = scenario.reference.probs(phi)[0]
+    w = data.ref_weight[0].reshape(6, 9)
+    np.testing.assert_allclose(w, (pi[:, :, None] * pi[:, None, :]).reshape(6, 9) / 6)
+    np.testing.assert_array_equal(data.ref_row, np.repeat(np.arange(6), 9))
+
+
+def test_auxiliary_models() -> None:
+    scenario = get_scenario("probit")
+    base = sample(scenario, 4000, seed=1, M=1, aux=None)
+    gs = base.g_star
+    np.testing.assert_allclose(base.with_aux("reversed").g_hat, 1 - gs)
+    np.testing.assert_array_equal(base.with_aux({"kind": "constant", "value": 0.3}).g_hat, 0.3)
+    noisy = base.with_aux({"kind": "noisy_oracle", "noise": 0.8})
+    distinct = base.y[..., 0] != base.y[..., 1]
+    err = (logit(noisy.g_hat) - logit(gs))[distinct]
+    # logit error = 0.8 (eta_a - eta_b)/sqrt 2 ~ N(0, 0.64) exactly (orthonormal directions):
+    # the sample sd of ~3000 draws is within 5% (its relative se is 1/sqrt(2 * 3000) = 1.3%)
+    assert np.std(err) == pytest.approx(0.8, rel=0.05) and abs(np.mean(err)) < 4 * 0.8 / math.sqrt(err.size)
+    rnd = base.with_aux("random")
+    assert abs(np.corrcoef(logit(rnd.g_hat[distinct]), logit(gs[distinct]))[0, 1]) < 0.1
+    plug = base.with_aux({"kind": "bt_plugin", "n_fit": 2000})
+    # a BT fit of a probit link recovers the ranking (not the link shape): rank correlation near 1
+    assert spearmanr(plug.g_hat[distinct], gs[distinct]).statistic > 0.99
+    # g_hat on reference pairs uses the same function as on labelled pairs
+    same = sample(scenario, 50, seed=3, M="exact", aux="noisy_oracle")
+    ref = same.ref_g_hat[0].reshape(50, 16)
+    lab_idx = same.y[0, :, 0] * 4 + same.y[0, :, 1]
+    np.testing.assert_allclose(ref[np.arange(50), lab_idx], same.g_hat[0])
+
+
+def test_learned_auxiliary_model_is_cross_fitted() -> None:
+    data = sample(get_scenario("near_deterministic"), 600, seed=0, M=2, aux={"kind": "learned", "folds": 3})
+    assert data.aux.kind == "learned"
+    distinct = data.y[0, :, 0] != data.y[0, :, 1]
+    # informative: far better than a coin at predicting g*
+    assert np.mean((data.g_hat[0] - data.g_star[0])[distinct] ** 2) < 0.5 * np.mean((0.5 - data.g_star[0]) ** 2)
+    # cross-fitted: flipping one row's label leaves its own prediction unchanged
+    from robust_rlhf.theory.crossfit import crossfit_predict
+
+    lab, ref = data.pair_features()
+    z = data.z[0].astype(float)
+    g1, _ = crossfit_predict(lab[0], z, ref[0], data.ref_row, folds=3, seed=5)
+    z2 = z.copy()
+    z2[0] = 1 - z2[0]
+    g2, _ = crossfit_predict(lab[0], z2, ref[0], data.ref_row, folds=3, seed=5)
+    assert g1[0] == g2[0] and not np.array_equal(g1, g2)
+
+
+def test_aux_spec_validation() -> None:
+    assert set(AUX_MODELS) == {"oracle", "noisy_oracle", "constant", "reversed", "random", "bt_plugin", "learned"}
+    with pytest.raises(SpecError, match="auxiliary model 'bogus' is unknown; allowed: oracle"):
+        AuxSpec("bogus")
+    with pytest.raises(SpecError, match=r"field 'value' = 1.5 must be in \[0, 1\]"):
+        AuxSpec("constant", value=1.5)
+    with pytest.raises(SpecError, match="unknown auxiliary model field 'nois'"):
+        AuxSpec.parse({"kind": "noisy_oracle", "nois": 1})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n": 0}, r"'n' = 0 must be an integer >= 1"), ({"n": -5}, "'n' = -5"), ({"n": 2.5}, "'n' = 2.5"),
+    ({"n": 5, "reps": 0}, "'reps' = 0"), ({"n": 5, "M": -1}, "'M' = -1"), ({"n": 5, "M": "all"}, "'M' = 'all'"),
+    ({"n": 5, "M": 0, "unlabelled": 3}, "need reference pairs"), ({"n": 5, "seed": -1}, "'seed' = -1"),
+])
+def test_bad_sampling_parameters(kwargs: dict, match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        sample(get_scenario("bt"), **kwargs)
+
+
+def test_save_npz_round_trip(tmp_path) -> None:
+    data = sample(get_scenario("label_flip"), 40, seed=0, M=3, unlabelled=5, aux="noisy_oracle")
+    path = save(data, tmp_path / "d.npz")
+    loaded = load_pair_data(path)
+    ref = data.to_pair_data()
+    for key in ("dphi", "z", "g", "dphi_ref", "g_ref", "ref_weight", "ref_row"):
+        np.testing.assert_array_equal(getattr(loaded, key), getattr(ref, key))
+    meta = json.loads(str(np.load(path)["metadata"]))
+    assert meta["scenario"]["preference"]["eps"] == 0.2 and meta["M"] == 3 and meta["aux"]["kind"] == "noisy_oracle"
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_save_parquet(tmp_path) -> None:
+    data = sample(get_scenario("bt"), 10, seed=0, M=2, aux="oracle")
+    path = save(data, tmp_path / "d.parquet")
+    table = pq.read_table(path)
+    frame = table.to_pandas()
+    assert (frame.kind == "labelled").sum() == 10 and (frame.kind == "reference").sum() == 20
+    lab = frame[frame.kind == "labelled"]
+    np.testing.assert_allclose(lab[["dphi_0", "dphi_1", "dphi_2"]].to_numpy(), data.dphi[0])
+    assert frame[frame.kind == "reference"].z.isna().all()
+    assert json.loads(table.schema.metadata[b"robust_rlhf"])["n"] == 10
+    with pytest.raises(SpecError, match="must end in .npz or .parquet"):
+        save(data, tmp_path / "d.csv")
+    assert isinstance(frame, pd.DataFrame)

@@ -1,0 +1,108 @@
+"""Preference models: ranges, antisymmetry where claimed, reductions to closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.special import expit
+from scipy.stats import norm, t as student
+
+from robust_rlhf.simulate import PREFERENCE_MODELS, Scenario, get_scenario, link_function, scenario_names
+
+FEATURES = st.integers(0, 2**31 - 1).map(lambda s: np.random.default_rng(s))
+
+
+def _random_pairs(scenario: Scenario, rng: np.random.Generator, m: int = 64):
+    x = scenario.prompts(rng, (m,))
+    phi = scenario.phi(x)
+    return x, phi[:, 0], phi[:, 1]
+
+
+@pytest.mark.parametrize("name", scenario_names())
+@given(rng=FEATURES)
+def test_probabilities_in_range_and_antisymmetry_as_documented(name: str, rng: np.random.Generator) -> None:
+    scenario = get_scenario(name)
+    x, a, b = _random_pairs(scenario, rng)
+    gab = scenario.preference.prob(x, a, b)
+    gba = scenario.preference.prob(x, b, a)
+    assert gab.shape == (64,)
+    assert ((gab >= 0) & (gab <= 1)).all()
+    if scenario.antisymmetric:
+        np.testing.assert_allclose(gab + gba, 1.0, atol=1e-12)
+    else:
+        assert np.abs(gab + gba - 1.0).max() > 1e-3
+    # identical responses tie exactly, except under position bias
+    gaa = scenario.preference.prob(x, a, a)
+    if scenario.antisymmetric:
+        np.testing.assert_allclose(gaa, 0.5, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", scenario_names())
+def test_utility_documented(name: str) -> None:
+    scenario = get_scenario(name)
+    x, a, _ = _random_pairs(scenario, np.random.default_rng(0), 5)
+    u = scenario.preference.utility(x, scenario.phi(x))
+    assert (u is not None) == scenario.has_utility
+    assert scenario.has_utility == (name != "intransitive")
+
+
+def test_bt_is_the_sigmoid_of_the_reward_difference() -> None:
+    scenario = get_scenario("bt")
+    x, a, b = _random_pairs(scenario, np.random.default_rng(1))
+    np.testing.assert_allclose(scenario.preference.prob(x, a, b), expit((a - b) @ scenario.theta_star), rtol=1e-14)
+
+
+@pytest.mark.parametrize("link,cdf", [
+    ("logistic", expit), ("probit", norm.cdf), ("cauchy", lambda u: 0.5 + np.arctan(u) / np.pi),
+    ("student_t", lambda u: student.cdf(u, 3.0)),
+])
+def test_links_are_symmetric_cdfs(link: str, cdf) -> None:
+    u = np.linspace(-30, 30, 121)
+    F = link_function(link, df=3.0)
+    np.testing.assert_allclose(F(u), cdf(u), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(F(-u), 1 - F(u), atol=1e-14)
+    assert F(np.array(0.0)) == 0.5
+
+
+def test_label_flip_and_position_bias_formulas() -> None:
+    rng = np.random.default_rng(2)
+    flip = Scenario.from_spec({"preference": {"model": "label_flip", "eps": 0.1}})
+    x, a, b = _random_pairs(flip, rng)
+    np.testing.assert_allclose(flip.preference.prob(x, a, b), 0.1 + 0.8 * expit((a - b) @ flip.theta_star))
+    pos = Scenario.from_spec({"preference": {"model": "position_bias", "bias": 0.7, "base": {"model": "probit"}}})
+    np.testing.assert_allclose(pos.preference.prob(x, a, b),
+                               expit(np.log(norm.cdf((a - b) @ pos.theta_star) / norm.sf((a - b) @ pos.theta_star)) + 0.7))
+    assert not pos.antisymmetric and pos.has_utility
+
+
+def test_mixture_intransitive_and_context_dependent_formulas() -> None:
+    rng = np.random.default_rng(3)
+    mix = Scenario.from_spec({"preference": {"model": "annotator_mixture", "weights": [0.3, 0.7],
+                                             "thetas": [[1, 0, 0], [0, 0, -2]]}})
+    x, a, b = _random_pairs(mix, rng)
+    dphi = a - b
+    np.testing.assert_allclose(mix.preference.prob(x, a, b), 0.3 * expit(dphi[:, 0]) + 0.7 * expit(-2 * dphi[:, 2]))
+    np.testing.assert_allclose(mix.preference.utility(x, mix.phi(x)), mix.phi(x) @ np.array([0.3, 0, -1.4]))
+
+    intr = get_scenario("intransitive")
+    A = intr.preference.skew
+    np.testing.assert_allclose(A, -A.T)
+    np.testing.assert_allclose(intr.preference.prob(x, a, b),
+                               expit(dphi @ intr.theta_star + np.einsum("mi,ij,mj->m", a, A, b)))
+    # a preference cycle exists among the responses of some prompt (no utility can explain it)
+    big = get_scenario("intransitive", preference={"model": "intransitive", "strength": 4.0})
+    xs = big.prompts(np.random.default_rng(0), (400,))
+    G = big.g_star_matrix(xs, big.phi(xs)) > 0.5
+    cyc = G[:, 0, 1] & G[:, 1, 2] & G[:, 2, 0] | G[:, 0, 2] & G[:, 2, 1] & G[:, 1, 0]
+    assert cyc.any()
+
+    nd = get_scenario("near_deterministic")
+    kappa = nd.preference.sharpness(x)
+    np.testing.assert_allclose(nd.preference.prob(x, a, b), expit(kappa * (dphi @ nd.theta_star)))
+    assert np.std(np.log(kappa)) == pytest.approx(1.0, rel=0.25)  # log kappa ~ N(log 8, 1); 64 draws
+
+
+def test_every_model_is_registered_or_composable() -> None:
+    assert set(PREFERENCE_MODELS) == set(scenario_names())
