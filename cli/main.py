@@ -16,6 +16,9 @@ from collections.abc import Sequence
 # light subcommands never pay for torch/transformers imports they do not need.
 SUBCOMMANDS: tuple[str, ...] = (
     "simulate",
+    "finetune",
+    "data-check",
+    "generate-references",
 )
 
 DESCRIPTION = """\

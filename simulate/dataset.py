@@ -110,11 +110,12 @@ class PreferenceData:
         return np.concatenate([self.x, self.x_unlabelled], axis=1)[:, self.ref_row]
 
     def pair_features(self) -> tuple[np.ndarray, np.ndarray]:
-        """Features for learning ``g_hat``: ``(phi_a, phi_b, x)`` concatenated, labelled and reference."""
-        lab = np.concatenate([self.phi_pair[..., 0, :], self.phi_pair[..., 1, :], self.x], axis=-1)
-        ref = np.concatenate([self.ref_phi_pair[..., 0, :], self.ref_phi_pair[..., 1, :], self._ref_prompts()],
-                             axis=-1)
-        return lab, ref
+        """Features for learning ``g_hat``: ``(phi_a - phi_b, phi_a, phi_b, x)``, labelled and reference."""
+        def feats(phi_pair: np.ndarray, x: np.ndarray) -> np.ndarray:
+            a, b = phi_pair[..., 0, :], phi_pair[..., 1, :]
+            return np.concatenate([a - b, a, b, x], axis=-1)
+
+        return feats(self.phi_pair, self.x), feats(self.ref_phi_pair, self._ref_prompts())
 
     def with_aux(self, aux: AuxSpec | str | dict | None) -> "PreferenceData":
         """The same draws with the auxiliary model ``aux`` attached (None detaches it)."""

@@ -182,8 +182,8 @@ class ContextDependent(PreferenceModel):
 
     theta: np.ndarray = None
     direction: np.ndarray = None  # (p,), unit norm
-    scale: float = 8.0
-    spread: float = 1.0
+    scale: float = 4.0
+    spread: float = 1.5
     link: str = "logistic"
 
     def sharpness(self, x: np.ndarray) -> np.ndarray:

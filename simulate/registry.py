@@ -1,8 +1,9 @@
 r"""The registry of named scenarios (``robust-rlhf simulate --list``).
 
 Every named scenario uses ``d = 3`` Gaussian features, ``K = 4`` responses per prompt, a uniform
-reference policy and a random ``theta*`` of norm 1.5 unless its spec says otherwise; only the
-preference model differs, so the scenarios isolate one misspecification each.
+reference policy and a random ``theta*`` of norm 1.5 (3 for the annotator mixture, whose two
+annotators otherwise nearly cancel); only the preference model differs, so the scenarios isolate one
+misspecification each.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                    "description": "BT labels flipped with probability 0.2"},
     "position_bias": {"preference": {"model": "position_bias", "bias": 1.0},
                       "description": "BT plus a logit bonus of 1 for the response shown first"},
-    "annotator_mixture": {"preference": {"model": "annotator_mixture", "weights": [0.5, 0.5], "spread": 2.5},
+    "annotator_mixture": {"preference": {"model": "annotator_mixture", "weights": [0.5, 0.5], "spread": 2.0},
+                          "reward_scale": 3.0,
                           "description": "two annotators with very different rewards (hidden context)"},
     "intransitive": {"preference": {"model": "intransitive", "strength": 1.0},
                      "description": "BT plus a skew-symmetric bilinear term: cyclic preferences, no utility"},
-    "near_deterministic": {"preference": {"model": "near_deterministic", "scale": 8.0, "spread": 1.0},
+    "near_deterministic": {"preference": {"model": "near_deterministic", "scale": 4.0, "spread": 1.5},
                            "description": "near-deterministic comparisons with a prompt-dependent sharpness"},
 }
 

@@ -165,7 +165,7 @@ PREFERENCE_MODELS: dict[str, dict[str, Any]] = {
         "doc": "hidden context: g* = sum_k w_k F(theta_k.dphi); utility = mean annotator reward",
         "params": {
             "weights": Param([0.5, 0.5], _simplex, "annotator probabilities (positive, sum to 1)"),
-            "spread": Param(2.5, _nonneg, "theta_k = theta* + spread * xi_k (xi_k ~ N(0, I), fixed)"),
+            "spread": Param(2.0, _nonneg, "theta_k = theta* + spread * xi_k (xi_k ~ N(0, I), fixed)"),
             "thetas": Param(None, None, "explicit annotator rewards (k x d); overrides spread"),
             "link": Param("logistic", _link, "link of every annotator"),
         },
@@ -180,8 +180,8 @@ PREFERENCE_MODELS: dict[str, dict[str, Any]] = {
     "near_deterministic": {
         "doc": "context-dependent sharpness: g* = sigmoid(kappa(x) theta*.dphi), kappa = scale exp(spread v.x)",
         "params": {
-            "scale": Param(8.0, _positive, "typical sharpness kappa"),
-            "spread": Param(1.0, _nonneg, "log-sd of kappa across prompts"),
+            "scale": Param(4.0, _positive, "median sharpness kappa"),
+            "spread": Param(1.5, _nonneg, "standard deviation of log kappa across prompts"),
         },
     },
 }
