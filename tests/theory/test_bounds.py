@@ -1,0 +1,433 @@
+"""Regret predictions (delta method, Gaussian plug-in) and the finite-sample pessimism bound (theory/bounds.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from robust_rlhf.theory import bounds as bd
+from robust_rlhf.theory import policies as pl
+from robust_rlhf.theory.data import PairPopulation
+from robust_rlhf.theory.errors import InputError
+from robust_rlhf.theory.losses import Logistic
+
+_DT = torch.float64
+
+
+def _sigmoid(z: np.ndarray | float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=float)))
+
+
+def _dsigmoid(z: float) -> float:
+    s = float(_sigmoid(z))
+    return s * (1.0 - s)
+
+
+def _random_population(seed: int, P: int = 8, K: int = 4, d: int = 3, linear: bool = False) -> tuple:
+    rng = np.random.default_rng(seed)
+    phi = rng.normal(size=(P, K, d))
+    pi = rng.dirichlet(np.full(K, 2.0), size=P)
+    theta_star = rng.normal(size=d)
+    g = _sigmoid((phi[:, :, None, :] - phi[:, None, :, :]) @ theta_star)
+    util = phi @ theta_star if linear else rng.normal(size=(P, K))
+    return PairPopulation(phi, pi, g, util), theta_star
+
+
+# ------------------------------------------------------------------------------- (a) delta method
+
+
+def test_regret_derivatives_closed_form_one_prompt() -> None:
+    # one prompt, K = 2, d = 1, phi = (0, 1), uniform reference: pi_theta(1) = sigmoid(theta / beta)
+    beta, theta_star = 0.5, 1.0
+    pop = PairPopulation(np.array([[[0.0], [1.0]]]), np.array([[0.5, 0.5]]), np.full((1, 2, 2), 0.5),
+                         np.array([[0.0, theta_star]]))
+    eta = theta_star / beta
+    # kl: f = beta KL(Bern(sigmoid(theta/beta)) || Bern(sigmoid(eta))); at theta*: f = f' = 0,
+    # f'' = beta (1/beta)^2 sigmoid'(eta)
+    kl = bd.regret_derivatives(np.array([theta_star]), pop, beta, "kl")
+    assert kl.value == pytest.approx(0.0, abs=1e-15)
+    assert kl.gradient[0] == pytest.approx(0.0, abs=1e-14)
+    assert kl.hessian[0, 0] == pytest.approx(_dsigmoid(eta) / beta, rel=1e-12)
+    # value: f = 1 - sigmoid(theta/beta); f' = -sigmoid'/beta; f'' = -sigmoid'(1 - 2 sigmoid)/beta^2
+    th = 0.3
+    val = bd.regret_derivatives(np.array([th]), pop, beta, "value")
+    s = float(_sigmoid(th / beta))
+    assert val.value == pytest.approx(1 - s, rel=1e-13)
+    assert val.gradient[0] == pytest.approx(-s * (1 - s) / beta, rel=1e-12)
+    assert val.hessian[0, 0] == pytest.approx(-s * (1 - s) * (1 - 2 * s) / beta**2, rel=1e-11)
+    # delta method: bias term grad . b / n, curvature tr(H Sigma) / (2n)
+    dm = bd.kl_regret_delta_method(np.array([th]), np.array([[2.0]]), 50, pop, beta, bias=np.array([0.4]),
+                                   measure="value")
+    assert dm.bias_term == pytest.approx(-s * (1 - s) / beta * 0.4 / 50, rel=1e-12)
+    assert dm.curvature_term == pytest.approx(-s * (1 - s) * (1 - 2 * s) / beta**2 * 2.0 / 100, rel=1e-11)
+    assert dm.expected == pytest.approx(1 - s + dm.bias_term + dm.curvature_term, rel=1e-13)
+    assert dm.bias_included and not bd.kl_regret_delta_method(
+        np.array([th]), np.array([[2.0]]), 50, pop, beta, measure="value").bias_included
+
+
+@pytest.mark.parametrize("measure", ["kl", "value", "preference"])
+def test_autograd_hessian_matches_finite_differences(measure: str) -> None:
+    pop, theta_star = _random_population(1)
+    beta = 0.7
+    theta = theta_star + np.array([0.3, -0.2, 0.1])
+    der = bd.regret_derivatives(theta, pop, beta, measure)
+    f = lambda t: float(pl.theta_regret(t, pop, kind="kl", beta=beta, measure=measure).mean)  # noqa: E731
+    h = 1e-4
+    eye = np.eye(pop.d)
+    grad_fd = np.array([(f(theta + h * e) - f(theta - h * e)) / (2 * h) for e in eye])
+    hess_fd = np.array([[(f(theta + h * (ei + ej)) - f(theta + h * (ei - ej)) - f(theta - h * (ei - ej))
+                          + f(theta - h * (ei + ej))) / (4 * h * h) for ej in eye] for ei in eye])
+    assert der.value == pytest.approx(f(theta), rel=1e-12)
+    # central differences: truncation O(h^2 f''') ~ 1e-8, rounding O(eps f / h^2) ~ 1e-8
+    np.testing.assert_allclose(der.gradient, grad_fd, atol=1e-8)
+    np.testing.assert_allclose(der.hessian, hess_fd, atol=1e-6)
+    np.testing.assert_allclose(der.hessian, der.hessian.T)
+
+
+def test_delta_method_complete_when_bt_well_specified() -> None:
+    # U = theta* . phi and theta_dag = theta*: the KL regret is minimal (zero) at theta*, so grad = 0
+    pop, theta_star = _random_population(2, linear=True)
+    dm = bd.kl_regret_delta_method(theta_star, np.eye(pop.d), 200, pop, 0.5)
+    assert dm.limit == pytest.approx(0.0, abs=1e-14)
+    np.testing.assert_allclose(dm.gradient, 0.0, atol=1e-13)
+    assert np.linalg.eigvalsh(dm.hessian).min() > 0
+    assert dm.curvature_term == pytest.approx(np.trace(dm.hessian) / 400, rel=1e-12)
+    assert dm.expected == pytest.approx(dm.curvature_term, rel=1e-12)
+
+
+def test_gaussian_plugin_agrees_with_delta_method() -> None:
+    pop, theta_star = _random_population(3)  # non-linear utility: grad f != 0, f not minimised at theta_dag
+    beta = 0.5
+    theta_dag = theta_star + np.array([0.2, -0.3, 0.1])
+    A = np.array([[1.0, 0.3, 0.0], [0.0, 0.8, -0.2], [0.1, 0.0, 1.2]])
+    sigma = A @ A.T
+    n, n0 = 10_000, 100
+    dm = bd.kl_regret_delta_method(theta_dag, sigma, n, pop, beta)
+    gp = bd.gaussian_plugin_regret(theta_dag, sigma, n, pop, kind="kl", beta=beta, draws=20_000, seed=1)
+    assert gp.limit == pytest.approx(dm.limit, rel=1e-12)
+    assert abs(dm.excess) > 20 * gp.se  # the comparison is not vacuous
+    # For Gaussian theta the odd moments vanish: plug-in - delta = C / n^2 + O(n^-3). C is estimated from
+    # n0 = 100 (same draws), where the remainder is 10^4 times larger: |r(n0)| + 4 se(n0). Test at 4 se.
+    dm0 = bd.kl_regret_delta_method(theta_dag, sigma, n0, pop, beta)
+    gp0 = bd.gaussian_plugin_regret(theta_dag, sigma, n0, pop, kind="kl", beta=beta, draws=20_000, seed=1)
+    remainder = (abs(gp0.excess - dm0.excess) + 4 * gp0.se) * (n0 / n) ** 2
+    assert abs(gp.excess - dm.excess) <= 4 * gp.se + remainder
+
+
+def test_gaussian_plugin_greedy_closed_form() -> None:
+    # one prompt, K = 2, phi = (0, 1), U = (0, 1): greedy regret 1{theta < 0}, E = Phi(-theta_dag sqrt(n/Sigma))
+    pop = PairPopulation(np.array([[[0.0], [1.0]]]), np.array([[0.5, 0.5]]), np.full((1, 2, 2), 0.5),
+                         np.array([[0.0, 1.0]]))
+    theta_dag, sig2, n = 0.1, 2.0, 100
+    want = stats.norm.cdf(-theta_dag * math.sqrt(n / sig2))
+    gp = bd.gaussian_plugin_regret(np.array([theta_dag]), np.array([[sig2]]), n, pop, draws=40_000, seed=3)
+    assert gp.limit == 0.0
+    assert abs(gp.expected - want) <= 4 * gp.se  # 4 Monte Carlo standard errors
+    plain = bd.gaussian_plugin_regret(np.array([theta_dag]), np.array([[sig2]]), n, pop, draws=40_000, seed=3,
+                                      antithetic=False)
+    # without pairing: se = sqrt(p(1-p)/draws) up to the se estimate's own error
+    assert plain.se == pytest.approx(math.sqrt(want * (1 - want) / 40_000), rel=0.05)
+    assert abs(plain.expected - want) <= 4 * plain.se
+
+
+# ------------------------------------------------------------------------ (b) finite-sample bound
+
+
+def test_logistic_curvature_closed_form() -> None:
+    assert bd.logistic_curvature(1.0, 0.5) == pytest.approx(math.e / (1 + math.e) ** 2, rel=1e-14)
+    assert bd.logistic_curvature(2.0, 1.0) == pytest.approx(_dsigmoid(4.0), rel=1e-13)
+
+
+def test_estimation_radius_closed_form() -> None:
+    n, delta, B, L = 100, 0.05, 1.0, 0.5
+    t = math.log(1 / delta)
+    kappa = _dsigmoid(1.0)
+    # Sigma_D = I, mu = 0: S = I, noise = sqrt((2 + 2 sqrt(2t) + 2t) / (4n)), Gamma = 2 noise / kappa
+    rad = bd.estimation_radius(np.eye(2), n, B=B, L=L, mu=0.0, delta=delta)
+    noise = math.sqrt((2 + 2 * math.sqrt(2 * t) + 2 * t) / (4 * n))
+    assert rad.noise_term == pytest.approx(noise, rel=1e-13)
+    assert rad.design_term == 0.0 and rad.delta_noise == delta
+    assert rad.radius == pytest.approx(2 * noise / kappa, rel=1e-13)
+    # Sigma_D = diag(1, 1/4), mu = 1/4: S has eigenvalues 1/(1+1/4) = 0.8 and (1/4)/(1/2) = 0.5
+    mu = 0.25
+    rad = bd.estimation_radius(np.diag([1.0, 0.25]), n, B=B, L=L, mu=mu, delta=delta)
+    s = np.array([0.8, 0.5])
+    noise = math.sqrt((s.sum() + 2 * math.sqrt((s**2).sum() * t) + 2 * s.max() * t) / (4 * n))
+    a = 2 * noise / kappa
+    assert rad.radius == pytest.approx((a + math.sqrt(a * a + 16 * mu * B * B)) / 2, rel=1e-13)
+    np.testing.assert_allclose(rad.cov, np.diag([1 / 1.25, 1 / 0.5]), rtol=1e-14)
+
+
+def _mixture_population() -> tuple[PairPopulation, np.ndarray, np.ndarray]:
+    """Six prompts, K = 3, d = 2, ||phi|| <= 1; two annotators with different reward vectors (not BT)."""
+    rng = np.random.default_rng(1)
+    P, K, d = 6, 3, 2
+    phi = rng.normal(size=(P, K, d))
+    phi /= np.maximum(1.0, np.linalg.norm(phi, axis=-1, keepdims=True))
+    pi = rng.dirichlet(np.full(K, 3.0), size=P)
+    x = phi[:, :, None, :] - phi[:, None, :, :]
+    t1, t2 = np.array([1.5, 0.5]), np.array([0.2, -1.5])
+    g = 0.5 * _sigmoid(3 * x @ t1) + 0.5 * _sigmoid(3 * x @ t2)
+    pop = PairPopulation(phi, pi, g, phi @ (1.5 * (t1 + t2)))
+    return pop, _population_target(pop), x
+
+
+def _population_target(pop: PairPopulation) -> np.ndarray:
+    """``theta_dag``: Newton on the population logistic loss E[m_{g*}(theta . dphi)]."""
+    x = pop.phi[:, :, None, :] - pop.phi[:, None, :, :]
+    w = pop.pi[:, :, None] * pop.pi[:, None, :] / pop.size
+    theta = np.zeros(pop.d)
+    for _ in range(40):
+        s = _sigmoid(x @ theta)
+        grad = np.einsum("pab,pab,pabi->i", w, s - pop.g_star, x)
+        hess = np.einsum("pab,pab,pabi,pabj->ij", w, s * (1 - s), x, x)
+        theta = theta - np.linalg.solve(hess, grad)
+    return theta
+
+
+def test_design_constants_by_enumeration() -> None:
+    pop, theta_dag, x = _mixture_population()
+    mu, lam = 0.01, 0.6
+    g_hat = np.clip(pop.g_star + 0.05 * np.random.default_rng(0).normal(size=pop.g_star.shape), 0.01, 0.99)
+    dc = bd.design_constants(pop, theta_dag, mu=mu, lam=lam, g_hat=g_hat)
+    sigma = np.zeros((2, 2))
+    pairs = []
+    for p in range(pop.size):
+        for a in range(pop.K):
+            for b in range(pop.K):
+                xi = x[p, a, b]
+                sigma += pop.pi[p, a] * pop.pi[p, b] / pop.size * np.outer(xi, xi)
+                pairs.append((xi, pop.g_star[p, a, b], g_hat[p, a, b]))
+    inv = np.linalg.inv(sigma + mu * np.eye(2))
+    nrm = [math.sqrt(xi @ inv @ xi) for xi, _, _ in pairs]
+    s = [float(_sigmoid(xi @ theta_dag)) for xi, _, _ in pairs]
+    c = max(abs((g - si) - lam * (gh - si)) * nr for (_, g, gh), si, nr in zip(pairs, s, nrm)) \
+        + lam * max(abs(gh - si) * nr for (_, _, gh), si, nr in zip(pairs, s, nrm))
+    np.testing.assert_allclose(dc.sigma, sigma, rtol=1e-13)
+    assert dc.rho == pytest.approx(max(nr**2 for nr in nrm), rel=1e-12)
+    assert dc.c_design == pytest.approx(c, rel=1e-12)
+    assert dc.first_order_norm < 1e-12
+    # design term: c sqrt(2 log(2/(delta/3)) / n) / sqrt(1 - eps), eps from the matrix Chernoff equation
+    n, delta = 2000, 0.1
+    rad = bd.estimation_radius(sigma, n, B=2.0, L=1.0, mu=mu, delta=delta, lam=lam, sigma_ref=sigma, design=dc)
+    eps = rad.chernoff_eps
+    R = (dc.rho + mu / (dc.lam_min + mu)) / n
+    assert eps + (1 - eps) * math.log(1 - eps) == pytest.approx(R * math.log(2 / (delta / 3)), rel=1e-10)
+    assert rad.design_term == pytest.approx(c * math.sqrt(2 * math.log(6 / delta) / n) / math.sqrt(1 - eps), rel=1e-10)
+    assert rad.delta_noise == rad.delta_design == rad.delta_chernoff == pytest.approx(delta / 3)
+    # too few pairs for the matrix Chernoff step: the bound is vacuous, not wrong
+    assert bd.estimation_radius(sigma, 5, B=2.0, L=1.0, mu=mu, delta=delta, lam=lam, sigma_ref=sigma,
+                                design=dc).radius == math.inf
+
+
+def test_hkz_noise_term_holds_at_rate() -> None:
+    # fixed design, labels redrawn: P(||(1/n) sum (Z_i - g_i) x_i||_{M^-1} > noise_term(delta)) <= delta
+    rng = np.random.default_rng(4)
+    n, d, delta, reps = 40, 3, 0.2, 4000
+    x = rng.normal(size=(n, d))
+    g = rng.uniform(0.05, 0.95, size=n)
+    sd = bd.empirical_design(x)
+    rad = bd.estimation_radius(sd, n, B=1.0, L=10.0, mu=0.05, delta=delta)
+    eps = (rng.uniform(size=(reps, n)) < g).astype(float) - g
+    score = eps @ x / n
+    norms = np.sqrt(np.einsum("ri,ij,rj->r", score, rad.cov, score))
+    fails = int((norms > rad.noise_term).sum())
+    # binomial tolerance: under the claim, P(Bin(reps, delta) > crit) <= 1e-3
+    assert fails <= stats.binom.ppf(1 - 1e-3, reps, delta)
+    # and it is not absurdly loose: the empirical (1 - delta) quantile is within a factor 3 of it (0.56 here)
+    assert np.quantile(norms, 1 - delta) >= rad.noise_term / 3
+
+
+def _sample_pairs(rng: np.random.Generator, pop: PairPopulation, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent responses from ``pi_ref`` on each prompt (inverse CDF)."""
+    cdf = np.cumsum(pop.pi, axis=1)[prompts]
+    draw = lambda: np.minimum((rng.uniform(size=prompts.shape)[..., None] > cdf).sum(-1), pop.K - 1)  # noqa: E731
+    return draw(), draw()
+
+
+def _logistic_pair_derivatives(z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and second derivative in ``z`` of ``g l(z) + (1 - g) l(-z)`` from ``Logistic().derivatives``."""
+    loss = Logistic()
+    _, d1p, d2p = loss.derivatives(z)
+    _, d1n, d2n = loss.derivatives(-z)
+    return g * d1p - (1 - g) * d1n, g * d2p + (1 - g) * d2n
+
+
+def _fit_in_ball(terms: list[tuple[np.ndarray, np.ndarray, float]], B: float) -> np.ndarray:
+    """``argmin_{||theta|| <= B} sum_terms w sum_i m_{g_i}(theta . x_i)``, batched over replications.
+
+    ``terms``: ``(x (R, m, d), g (R, m), w)``. Newton on ``L + nu ||theta||^2 / 2``: ``nu = 0`` when the
+    unconstrained minimiser is in the ball, else the KKT multiplier with ``||theta(nu)|| = B`` by bisection.
+    """
+    T = [(torch.as_tensor(x, dtype=_DT), torch.as_tensor(g, dtype=_DT), w) for x, g, w in terms]
+    R, _, d = T[0][0].shape
+    eye = torch.eye(d, dtype=_DT)
+
+    def grad_hess(theta: torch.Tensor, nu: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gr, H = nu[:, None] * theta, nu[:, None, None] * eye
+        for x, g, w in T:
+            c1, c2 = _logistic_pair_derivatives(torch.einsum("rnd,rd->rn", x[idx], theta), g[idx])
+            gr = gr + w * torch.einsum("rn,rnd->rd", c1, x[idx])
+            H = H + w * torch.bmm(x[idx].transpose(1, 2) * c2[:, None, :], x[idx])
+        return gr, H
+
+    def newton(nu: torch.Tensor, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        for _ in range(60):
+            gr, H = grad_hess(theta, nu, idx)
+            if gr.norm(dim=1).max() < 1e-13:
+                break
+            theta = theta - torch.linalg.solve(H, gr.unsqueeze(-1)).squeeze(-1)
+        return theta
+
+    every = torch.arange(R)
+    theta = newton(torch.zeros(R, dtype=_DT), torch.zeros(R, d, dtype=_DT), every)
+    nu = torch.zeros(R, dtype=_DT)
+    out = torch.nonzero(theta.norm(dim=1) > B).flatten()
+    if len(out):
+        lo, hi, th = torch.zeros(len(out), dtype=_DT), torch.ones(len(out), dtype=_DT), theta[out]
+        while True:
+            th = newton(hi, th, out)
+            big = th.norm(dim=1) > B
+            if not big.any():
+                break
+            lo, hi = torch.where(big, hi, lo), torch.where(big, 2 * hi, hi)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            th = newton(mid, th, out)
+            big = th.norm(dim=1) > B
+            lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+        theta[out], nu[out] = newton(hi, th, out), hi
+    gr, _ = grad_hess(theta, nu, every)
+    assert gr.norm(dim=1).max() < 1e-10  # KKT stationarity
+    assert (theta.norm(dim=1) <= B * (1 + 1e-9)).all()
+    return theta.numpy()
+
+
+@pytest.mark.parametrize("scenario", ["bt_mle", "mixture_mle", "mixture_vrpo"])
+def test_high_probability_bound_holds_in_simulation(scenario: str) -> None:
+    """Coverage of ``theta_dag in C`` and of the regret bounds at rate >= 1 - delta.
+
+    R = 80 replications of n = 1000 labelled pairs; the failure count is compared with the binomial
+    critical value crit = Bin(80, delta).ppf(0.999): under the claim P(failures > crit) <= 1e-3.
+    """
+    pop, theta_dag, x = _mixture_population()
+    B, M, lam = 2.0, 2, 0.0
+    if scenario == "bt_mle":  # well specified: g* = sigmoid(theta* . dphi), U = theta* . phi, theta_dag = theta*
+        theta_dag = np.array([1.0, -0.6])
+        pop = PairPopulation(pop.phi, pop.pi, _sigmoid(x @ theta_dag), pop.phi @ theta_dag)
+        B = 1.5
+    g_hat = None
+    if scenario == "mixture_vrpo":
+        lam = 1.0
+        g_hat = np.clip(pop.g_star + 0.05 * np.random.default_rng(5).normal(size=pop.g_star.shape), 0.01, 0.99)
+    R, n, delta, mu = 80, 1000, 0.1, 1e-3
+    design = None if scenario == "bt_mle" else bd.design_constants(pop, theta_dag, mu=mu, lam=lam, g_hat=g_hat)
+
+    rng = np.random.default_rng(7)
+    prompts = rng.integers(pop.size, size=(R, n))
+    a, b = _sample_pairs(rng, pop, prompts)
+    X = x[prompts, a, b]
+    Z = (rng.uniform(size=(R, n)) < pop.g_star[prompts, a, b]).astype(float)
+    terms = [(X, Z, 1.0 / n)]
+    if lam > 0:
+        ref_prompts = np.repeat(prompts, M, axis=1)  # M reference pairs on each labelled prompt
+        ar, br = _sample_pairs(rng, pop, ref_prompts)
+        Xr = X_ref = x[ref_prompts, ar, br]
+        terms += [(X, g_hat[prompts, a, b], -lam / n), (Xr, g_hat[ref_prompts, ar, br], lam / (n * M))]
+    theta_hat = _fit_in_ball(terms, B)
+
+    # -grad L_n(theta_dag), the score the radius controls
+    score = sum(-w * np.einsum("rn,rnd->rd", _logistic_pair_derivatives(
+        torch.as_tensor(xx @ theta_dag), torch.as_tensor(gg))[0].numpy(), xx) for xx, gg, w in terms)
+    comparator = pl.optimal_policy(pop)  # the optimal policy under the true utility
+    radii = []
+    for r in range(R):
+        sref = X_ref[r].T @ X_ref[r] / (n * M) if lam > 0 else None
+        radii.append(bd.estimation_radius(bd.empirical_design(X[r], L=1.0), n, B=B, L=1.0, mu=mu, delta=delta,
+                                          lam=lam, sigma_ref=sref, design=design))
+    gamma = np.array([rad.radius for rad in radii])
+    pess = pl.pessimistic_policy(theta_hat, np.stack([rad.cov for rad in radii]), pop.phi, pop.pi, gamma=gamma)
+    fails = 0
+    for r, rad in enumerate(radii):
+        diff = theta_hat[r] - theta_dag
+        covered = math.sqrt(diff @ rad.matrix @ diff) <= rad.radius
+        score_ok = math.sqrt(score[r] @ rad.cov @ score[r]) <= rad.score_bound
+        bound = bd.pessimistic_regret_bound(rad, pop.phi, comparator, pi_ref=pop.pi, utility=pop.utility,
+                                            theta_dagger=theta_dag)
+        r_dag = pl.value(comparator, pop.phi @ theta_dag).mean - pl.value(pess[r], pop.phi @ theta_dag).mean
+        r_true = pl.value(comparator, pop.utility).mean - pl.value(pess[r], pop.utility).mean
+        ok = covered and score_ok and r_dag <= bound.bound_dagger + 1e-9 and r_true <= bound.bound_true + 1e-9
+        fails += not ok
+        assert math.isfinite(rad.radius)
+    assert fails <= stats.binom.ppf(1 - 1e-3, R, delta)
+
+
+def test_pessimistic_regret_bound_ingredients() -> None:
+    pop, theta_dag, _ = _mixture_population()
+    rad = bd.estimation_radius(np.diag([0.3, 0.5]), 500, B=2.0, L=1.0, mu=1e-3, delta=0.1)
+    comp = pl.optimal_policy(pop)
+    v = pl.policy_features(pop.pi, pop.phi)
+    w = pl.policy_features(comp, pop.phi) - v
+    norm = math.sqrt(w @ rad.cov @ w)
+    res = bd.pessimistic_regret_bound(rad, pop.phi, comp, pi_ref=pop.pi, utility=pop.utility, theta_dagger=theta_dag)
+    assert res.comparator_norm == pytest.approx(norm, rel=1e-13)
+    assert res.bound_dagger == pytest.approx(2 * rad.radius * norm, rel=1e-13)
+    # the LP's scale minimises c bound_dagger + bias(c) over c >= 0: compare with a fine grid
+    r_dag = pop.phi @ theta_dag
+
+    def total(c: float) -> float:
+        e = pop.utility - c * r_dag
+        return c * res.bound_dagger + float(((comp * e).sum(1) - e.min(1)).mean())
+
+    grid = np.linspace(0.0, 10.0, 20_001)
+    assert res.bound_true == pytest.approx(total(res.scale), rel=1e-9)
+    assert res.bound_true <= min(total(c) for c in grid) + 1e-9
+    fixed = bd.pessimistic_regret_bound(rad, pop.phi, comp, pi_ref=pop.pi, utility=pop.utility,
+                                        theta_dagger=theta_dag, scale=1.0)
+    assert fixed.bound_true == pytest.approx(total(1.0), rel=1e-13) and fixed.scale == 1.0
+    # per-prompt sets: 2 Gamma E_x ||phi(x, pi_comp) - phi(x, pi_ref)||_{M^-1} >= the aggregate (Jensen)
+    wx = np.einsum("pk,pkd->pd", comp - pop.pi, pop.phi)
+    per = bd.pessimistic_regret_bound(rad, pop.phi, comp, pi_ref=pop.pi, per_prompt=True)
+    per_norms = np.sqrt(np.einsum("pi,ij,pj->p", wx, rad.cov, wx))
+    assert per.bound_dagger == pytest.approx(2 * rad.radius * per_norms.mean(), rel=1e-13)
+    assert per.bound_dagger >= res.bound_dagger and per.bound_true is None
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_raises_input_error() -> None:
+    pop, theta_dag, _ = _mixture_population()
+    with pytest.raises(InputError, match="theta_dagger"):
+        bd.design_constants(pop, theta_dag + 0.1, mu=0.01)
+    with pytest.raises(InputError, match="g_hat"):
+        bd.design_constants(pop, theta_dag, mu=0.01, lam=1.0)
+    with pytest.raises(InputError, match="lam"):
+        bd.estimation_radius(np.eye(2), 10, B=1.0, L=1.0, mu=0.1, delta=0.1, lam=1.5)
+    with pytest.raises(InputError, match="sigma_ref"):
+        bd.estimation_radius(np.eye(2), 10, B=1.0, L=1.0, mu=0.1, delta=0.1, lam=0.5)
+    with pytest.raises(InputError, match="delta"):
+        bd.estimation_radius(np.eye(2), 10, B=1.0, L=1.0, mu=0.1, delta=1.0)
+    with pytest.raises(InputError, match="mu"):
+        bd.estimation_radius(np.diag([1.0, 0.0]), 10, B=1.0, L=1.0, mu=0.0, delta=0.1)
+    with pytest.raises(InputError, match="n"):
+        bd.estimation_radius(np.eye(2), 0, B=1.0, L=1.0, mu=0.1, delta=0.1)
+    with pytest.raises(InputError, match="B"):
+        dc = bd.design_constants(pop, theta_dag, mu=0.01)
+        bd.estimation_radius(np.eye(2), 10, B=1.0, L=1.0, mu=0.01, delta=0.1, design=dc)
+    with pytest.raises(InputError, match="sigma_d"):
+        bd.estimation_radius(np.array([[1.0, 2.0], [0.0, 1.0]]), 10, B=1.0, L=1.0, mu=0.1, delta=0.1)
+    with pytest.raises(InputError, match="dphi"):
+        bd.empirical_design(np.array([[3.0, 0.0]]), L=1.0)
+    with pytest.raises(InputError, match="sigma"):
+        bd.kl_regret_delta_method(theta_dag, -np.eye(2), 100, pop, 0.5)
+    with pytest.raises(InputError, match="beta"):
+        bd.regret_derivatives(theta_dag, pop, 0.0)
+    with pytest.raises(InputError, match="draws"):
+        bd.gaussian_plugin_regret(theta_dag, np.eye(2), 100, pop, draws=11)
+    with pytest.raises(InputError, match="theta"):
+        bd.regret_derivatives(np.zeros((2, 2)), pop, 0.5)
