@@ -206,7 +206,10 @@ class _NewtonState:
 
 def _newton(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float, max_iter: int,
             certificate: bool, theta_max: float) -> _NewtonState:
-    """Batched damped Newton with Armijo backtracking, replication by replication until converged."""
+    """Batched damped Newton with Armijo backtracking, replication by replication until converged.
+
+    The first trial point of a step is evaluated with its derivatives, which the next step reuses
+    when the full step is accepted (the usual case near the optimum)."""
     R, d = theta0.shape
     theta = theta0.clone()
     converged = torch.zeros(R, dtype=torch.bool)
@@ -215,12 +218,9 @@ def _newton(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float
     grad_norm = torch.full((R,), math.inf, dtype=_DTYPE)
     hess_out = torch.zeros(R, d, d, dtype=_DTYPE)
     active = torch.arange(R)
-    for _ in range(max_iter + 1):
-        if active.numel() == 0:
-            break
-        sub = b.subset(active)
-        lam_a = lam[active]
-        value, grad, hess = _derivatives(loss, lam_a, sub, theta[active])
+    sub = b
+    value, grad, hess = _derivatives(loss, lam, sub, theta)
+    while active.numel():
         gnorm = grad.norm(dim=1)
         grad_norm[active] = gnorm
         hess_out[active] = hess
@@ -233,33 +233,44 @@ def _newton(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float
         blown = theta[active].norm(dim=1) > theta_max
         separable[active[blown & ~done]] = True
         converged[active[done & ~separable[active]]] = True
-        keep = ~(done | blown)
-        if n_iter[active].max() >= max_iter:
+        keep = ~(done | blown) & (n_iter[active] < max_iter)
+        if not keep.any():
             break
-        active, value, grad, hess = active[keep], value[keep], grad[keep], hess[keep]
-        if active.numel() == 0:
-            break
-        sub = b.subset(active)
+        if not keep.all():
+            active, value, grad, hess = active[keep], value[keep], grad[keep], hess[keep]
+            sub = b.subset(active)
         lam_a = lam[active]
+        th = theta[active]
         step = _damped_direction(hess, grad)
         slope = (grad * step).sum(1)
-        t = torch.ones(active.numel(), dtype=_DTYPE)
-        pending = torch.ones(active.numel(), dtype=torch.bool)
-        new_theta = theta[active].clone()
+        slack = 1e-12 * value.abs().clamp_min(1.0)
+        full_value, full_grad, full_hess = _derivatives(loss, lam_a, sub, th + step)
+        ok = full_value <= value + 1e-4 * slope + slack
+        t = torch.where(ok, 1.0, 0.5).to(_DTYPE)
+        new = torch.where(ok[:, None], th + step, th)
+        pending = ~ok
         for _ in range(50):
-            trial = theta[active] + t[:, None] * step
-            trial_value = _value(loss, lam_a, sub, trial)
-            slack = 1e-12 * value.abs().clamp_min(1.0)
-            ok = pending & (trial_value <= value + 1e-4 * t * slope + slack)
-            new_theta[ok] = trial[ok]
-            pending &= ~ok
             if not pending.any():
                 break
+            trial = th + t[:, None] * step
+            accept = pending & (_value(loss, lam_a, sub, trial) <= value + 1e-4 * t * slope + slack)
+            new[accept] = trial[accept]
+            pending &= ~accept
             t = torch.where(pending, t * 0.5, t)
-        theta[active] = new_theta
+        theta[active] = new
         n_iter[active] += 1
-        stalled = pending  # no decrease possible at float precision: stop this replication here
-        active = active[~stalled]
+        # no decrease possible at float precision: stop those replications where they are
+        stalled = pending
+        moved = ~ok & ~stalled
+        if moved.any():  # a shortened step: derivatives at its end
+            mv, mg, mh = _derivatives(loss, lam_a[moved], sub.subset(moved.nonzero().squeeze(1)), new[moved])
+            full_value[moved], full_grad[moved], full_hess[moved] = mv, mg, mh
+        value, grad, hess = full_value, full_grad, full_hess
+        if stalled.any():
+            grad_norm[active[stalled]] = grad[stalled].norm(dim=1)
+            keep = ~stalled
+            active, value, grad, hess = active[keep], value[keep], grad[keep], hess[keep]
+            sub = b.subset(active)
     return _NewtonState(theta, converged, separable, n_iter, grad_norm, hess_out)
 
 

@@ -73,6 +73,15 @@ class MarginLoss(ABC):
                 d2 = torch.zeros_like(zz)
         return value.detach(), d1.detach(), d2.detach()
 
+    def derivatives_pm(self, z: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+        """``derivatives(z)`` and ``derivatives(-z)`` (a loss may share work between the two)."""
+        return self.derivatives(z), self.derivatives(-z)
+
+    def pair_derivatives(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """``(m_g, m_g', m_g'')`` with ``m_g' = g l'(z) - (1-g) l'(-z)`` and ``m_g'' = g l''(z) + (1-g) l''(-z)``."""
+        (lp, d1p, d2p), (lm, d1m, d2m) = self.derivatives_pm(z)
+        return g * lp + (1.0 - g) * lm, g * d1p - (1.0 - g) * d1m, g * d2p + (1.0 - g) * d2m
+
     def curvature_surrogate(self, bandwidth: float) -> "MarginLoss":
         """A smooth loss whose curvature estimates this loss's bread (itself if already smooth)."""
         return self
@@ -98,6 +107,19 @@ class Logistic(MarginLoss):
         """``l' = -sigmoid(-z)``, ``l'' = sigmoid(z) sigmoid(-z)``."""
         s = torch.sigmoid(-z)
         return self(z), -s, s * (1.0 - s)
+
+    def derivatives_pm(self, z: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+        """With ``s = sigmoid(-z)``: ``l(-z) = l(z) + z``, ``l'(-z) = s - 1``, ``l''(-z) = l''(z)``."""
+        s = torch.sigmoid(-z)
+        value = self(z)
+        curv = s * (1.0 - s)
+        return (value, -s, curv), (value + z, s - 1.0, curv)
+
+    def pair_derivatives(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """By ``l(z) - l(-z) = -z``: ``m_g = softplus(z) - g z``, ``m_g' = sigmoid(z) - g``,
+        ``m_g'' = sigmoid(z) sigmoid(-z)``."""
+        s = torch.sigmoid(z)
+        return F.softplus(z, threshold=_SOFTPLUS_THRESHOLD) - g * z, s - g, s * (1.0 - s)
 
 
 class Hinge(MarginLoss):
@@ -155,6 +177,7 @@ class SmoothedTruncatedHinge(MarginLoss):
     def __post_init__(self) -> None:
         if not self.bandwidth > 0:
             raise InputError(f"smoothing bandwidth must be > 0, got {self.bandwidth}")
+        self.convex = not math.isfinite(self.s)  # the smoothed hinge is convex, the truncated one is not
 
     def _q(self, t: Tensor) -> Tensor:
         h = self.bandwidth
@@ -289,10 +312,8 @@ def vr_objective(
 
 
 def pair_loss_derivatives(loss: MarginLoss, margin: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(m_g, m_g', m_g'')`` with ``m_g' = g l'(z) - (1-g) l'(-z)`` and ``m_g'' = g l''(z) + (1-g) l''(-z)``."""
-    lp, d1p, d2p = loss.derivatives(margin)
-    lm, d1m, d2m = loss.derivatives(-margin)
-    return g * lp + (1.0 - g) * lm, g * d1p - (1.0 - g) * d1m, g * d2p + (1.0 - g) * d2m
+    """``(m_g, m_g', m_g'')`` elementwise (``MarginLoss.pair_derivatives``)."""
+    return loss.pair_derivatives(margin, g)
 
 
 @dataclass

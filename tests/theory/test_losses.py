@@ -41,6 +41,20 @@ def test_closed_form_derivatives_match_autograd(loss: MarginLoss, z: np.ndarray)
     auto = MarginLoss.derivatives(loss, t)
     for c, a in zip(closed, auto):
         torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+    plus, minus = loss.derivatives_pm(t)
+    for c, a in zip(plus + minus, auto + MarginLoss.derivatives(loss, -t)):
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", SMOOTH, ids=repr)
+@given(z=margins, g=probs)
+def test_pair_derivatives_match_autograd(loss: MarginLoss, z: np.ndarray, g: float) -> None:
+    t = torch.as_tensor(z).requires_grad_(True)
+    value = pair_loss(loss, t, g)
+    (d1,) = torch.autograd.grad(value.sum(), t, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), t)
+    for closed, auto in zip(loss.pair_derivatives(t.detach(), g), (value.detach(), d1.detach(), d2)):
+        torch.testing.assert_close(closed, auto, rtol=1e-10, atol=1e-10)
 
 
 @given(z=margins)
