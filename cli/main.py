@@ -15,7 +15,10 @@ from collections.abc import Sequence
 # Subcommand modules, in the order ``--help`` lists them. Imported lazily so that ``--help`` and
 # light subcommands never pay for torch/transformers imports they do not need.
 SUBCOMMANDS: tuple[str, ...] = (
+    "validate",
     "simulate",
+    "fit",
+    "figures",
     "finetune",
     "data-check",
     "generate-references",

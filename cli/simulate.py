@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         table = Table(title="registered scenarios")
         for col in ("name", "utility", "antisymmetric", "description"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for name in SCENARIOS:
             sc = get_scenario(name)
             table.add_row(name, "yes" if sc.has_utility else "no", "yes" if sc.antisymmetric else "no",

@@ -30,7 +30,7 @@ from .scenario import SpecError, structure_rng
 if TYPE_CHECKING:
     from .scenario import Scenario
 
-__all__ = ["AuxSpec", "AUX_MODELS", "FixedAux", "build_aux"]
+__all__ = ["AuxSpec", "AUX_MODELS", "FixedAux", "build_aux", "aux_population"]
 
 AUX_MODELS: dict[str, str] = {
     "oracle": "the true preference probability g*",
@@ -123,26 +123,31 @@ class FixedAux:
         s = phi @ self.theta
         return expit(s[..., :, None] - s[..., None, :])
 
-    def pairs(self, x: np.ndarray, y: np.ndarray, phi: np.ndarray) -> np.ndarray:
-        """``g_hat`` on given pairs: prompts ``(..., p)``, responses ``y`` ``(..., 2)``, features of all
-        responses ``phi`` ``(..., K, d)``; returns ``(...)``."""
-        phi_a = np.take_along_axis(phi, y[..., 0, None, None], axis=-2)[..., 0, :]
-        phi_b = np.take_along_axis(phi, y[..., 1, None, None], axis=-2)[..., 0, :]
+    def pairs(self, x: np.ndarray, y: np.ndarray, phi_a: np.ndarray, phi_b: np.ndarray,
+              g_star: np.ndarray | None = None) -> np.ndarray:
+        """``g_hat`` on given pairs: prompts ``x`` (..., p) broadcasting against the pairs, responses
+        ``y`` (..., 2), their features ``phi_a``, ``phi_b`` (..., d); ``g_star`` on the pairs, when
+        already known, is reused by the models built on it. Returns (...)."""
         kind = self.spec.kind
         if kind == "constant":
             return np.full(y.shape[:-1], self.spec.value)
         if kind == "bt_plugin":
             return expit((phi_a - phi_b) @ self.theta)
-        if kind in ("noisy_oracle", "random"):
-            eta = self._eta(x)
-            diff = (np.take_along_axis(eta, y[..., :1], -1) - np.take_along_axis(eta, y[..., 1:], -1))[..., 0]
-            diff = diff / np.sqrt(2.0)
-            if kind == "random":
-                return expit(self.spec.scale * diff)
-            with np.errstate(divide="ignore"):
-                return expit(logit(self.scenario.preference.prob(x, phi_a, phi_b)) + self.spec.noise * diff)
-        g = self.scenario.preference.prob(x, phi_a, phi_b)
-        return 1.0 - g if kind == "reversed" else g
+        if kind == "random":
+            return expit(self.spec.scale * self._eta_diff(x, y))
+        g = self.scenario.preference.prob(x, phi_a, phi_b) if g_star is None else g_star
+        if kind == "reversed":
+            return 1.0 - g
+        if kind == "oracle":
+            return g
+        with np.errstate(divide="ignore"):
+            return expit(logit(g) + self.spec.noise * self._eta_diff(x, y))
+
+    def _eta_diff(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``(eta(x, y1) - eta(x, y2)) / sqrt 2``."""
+        eta = self._eta(x)
+        eta = np.broadcast_to(eta, (*y.shape[:-1], eta.shape[-1])) if eta.ndim < y.ndim else eta
+        return (np.take_along_axis(eta, y[..., :1], -1) - np.take_along_axis(eta, y[..., 1:], -1))[..., 0] / np.sqrt(2.0)
 
 
 def build_aux(scenario: "Scenario", spec: AuxSpec) -> FixedAux | None:
@@ -164,3 +169,13 @@ def build_aux(scenario: "Scenario", spec: AuxSpec) -> FixedAux | None:
         aux_data = sample(scenario, n=spec.n_fit, seed=spec.seed, aux=None, M=0, namespace="auxiliary")
         theta = fit(aux_data.to_pair_data(), method="mle").theta[0]
     return FixedAux(scenario=scenario, spec=spec, directions=directions, theta=theta)
+
+
+def aux_population(scenario: "Scenario", spec: AuxSpec | str | dict, size: int, seed: int) -> np.ndarray | None:
+    """``g_hat(x, a, b)`` for every ordered pair of the prompts of ``scenario.population(size, seed)``,
+    (size, K, K); None for the data-dependent ``learned`` model."""
+    model = build_aux(scenario, AuxSpec.parse(spec))
+    if model is None:
+        return None
+    x = scenario.prompts(np.random.default_rng(seed), (size,))
+    return model.matrix(x, scenario.phi(x))

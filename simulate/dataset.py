@@ -125,12 +125,16 @@ class PreferenceData:
         model = build_aux(self.scenario, spec)
         if model is None:  # learned: cross-fitted on these labelled rows
             return self._with_learned_aux(spec)
-        phi = self.scenario.phi(self.x)
-        g_hat = model.pairs(self.x, self.y, phi)
+        g_hat = model.pairs(self.x, self.y, self.phi_pair[..., 0, :], self.phi_pair[..., 1, :], self.g_star)
         if self.n_ref:
-            ref_x = self._ref_prompts()
-            ref_phi = self.scenario.phi(ref_x)
-            ref_g_hat = model.pairs(ref_x, self.ref_y, ref_phi)
+            # reference pairs come in blocks of equal size per prompt: broadcast each prompt over its block
+            R, P = self.reps, self.n + self.n_unlabelled
+            per = self.n_ref // P
+            block = lambda a: a.reshape(R, P, per, *a.shape[2:])  # noqa: E731
+            prompts = np.concatenate([self.x, self.x_unlabelled], axis=1)[:, :, None, :]
+            ref_phi = block(self.ref_phi_pair)
+            ref_g_hat = model.pairs(prompts, block(self.ref_y), ref_phi[..., 0, :], ref_phi[..., 1, :],
+                                    block(self.ref_g_star)).reshape(R, self.n_ref)
         else:
             ref_g_hat = np.zeros((self.reps, 0))
         return replace(self, aux=spec, g_hat=g_hat, ref_g_hat=ref_g_hat)
@@ -150,18 +154,43 @@ class PreferenceData:
         return replace(self, aux=spec, g_hat=g_hat, ref_g_hat=ref_g_hat)
 
     def to_pair_data(self, features: bool = False) -> PairData:
-        """The arrays the estimators of ``theory`` consume (reference pairs only with ``g_hat``)."""
+        """The arrays the estimators of ``theory`` consume (reference pairs only with ``g_hat``).
+
+        With ``M="exact"`` and an antisymmetric ``g_hat`` the ``K^2`` pairs of a prompt are merged
+        into an identical objective: ``(a, b)`` and ``(b, a)`` give the same term
+        ``m_{1-g}(-u) = m_g(u)``, so one of them carries both weights, and the ``K`` pairs ``(a, a)``,
+        whose term is the constant ``l(0)``, become one pair with their summed weight.
+        """
         feats = self.pair_features() if features else (None, None)
         has_ref = self.g_hat is not None and self.n_ref > 0
+        dphi_ref, g_ref, weight, rows, feats_ref = self.dphi_ref, self.ref_g_hat, self.ref_weight, self.ref_row, feats[1]
+        if has_ref and self.M == "exact" and not features:
+            dphi_ref, g_ref, weight, rows = self._merged_exact(dphi_ref, g_ref, weight, rows)
         return PairData(
             dphi=self.dphi, z=self.z.astype(np.float64),
             g=self.g_hat if has_ref else None,
-            dphi_ref=self.dphi_ref if has_ref else None,
-            g_ref=self.ref_g_hat if has_ref else None,
-            ref_weight=self.ref_weight if has_ref else None,
-            ref_row=self.ref_row if has_ref else None,
-            features=feats[0], features_ref=feats[1] if has_ref else None,
+            dphi_ref=dphi_ref if has_ref else None,
+            g_ref=g_ref if has_ref else None,
+            ref_weight=weight if has_ref else None,
+            ref_row=rows if has_ref else None,
+            features=feats[0], features_ref=feats_ref if has_ref else None,
         )
+
+    def _merged_exact(self, dphi_ref, g_ref, weight, rows):
+        K = self.scenario.K
+        R, P = self.reps, self.n + self.n_unlabelled
+        g = g_ref.reshape(R, P, K, K)
+        if np.abs(g + np.swapaxes(g, -1, -2) - 1.0).max() > 1e-12:  # e.g. a position-biased judge
+            return dphi_ref, g_ref, weight, rows
+        a, b = np.triu_indices(K, 1)
+        w = weight.reshape(R, P, K, K)
+        upper = a * K + b
+        keep = np.concatenate([upper, [0]])  # the pair (0, 0) stands for the whole diagonal
+        w_new = np.concatenate([(w[..., a, b] + w[..., b, a]), np.trace(w, axis1=-2, axis2=-1)[..., None]], axis=-1)
+        m = keep.size
+        return (dphi_ref.reshape(R, P, K * K, -1)[:, :, keep].reshape(R, P * m, -1),
+                g.reshape(R, P, K * K)[:, :, keep].reshape(R, P * m),
+                w_new.reshape(R, P * m), np.repeat(np.arange(P), m))
 
     def metadata(self) -> dict[str, Any]:
         """Provenance: scenario spec, seed, replications, reference design and auxiliary model."""

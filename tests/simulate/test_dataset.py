@@ -43,7 +43,9 @@ def test_shapes_and_ranges(scenario: Scenario, n: int, reps: int, M, N: int, see
     if per:
         np.testing.assert_allclose(data.ref_weight.sum(1), 1.0)
         pd_ = data.to_pair_data()
-        assert pd_.n_ref == (n + N) * per
+        # an exact design with antisymmetric g_hat is merged to K(K-1)/2 + 1 pairs per prompt
+        merged = (n + N) * (K * (K - 1) // 2 + 1) if M == "exact" and scenario.antisymmetric else (n + N) * per
+        assert pd_.n_ref == merged
 
 
 @given(scenario=scenarios, seed=st.integers(0, 2**20))
@@ -194,3 +196,22 @@ def test_save_parquet(tmp_path) -> None:
     with pytest.raises(SpecError, match="must end in .npz or .parquet"):
         save(data, tmp_path / "d.csv")
     assert isinstance(frame, pd.DataFrame)
+
+
+def test_exact_design_is_merged_without_changing_the_estimates() -> None:
+    """(a, b) and (b, a) give the same term under an antisymmetric g_hat, and every (a, a) the constant
+    l(0): the merged design has K(K-1)/2 + 1 pairs per prompt and identical fits and covariances."""
+    from robust_rlhf.theory.data import PairData
+    from robust_rlhf.theory.fitting import fit
+
+    data = sample(get_scenario("intransitive"), 200, seed=0, reps=2, M="exact", unlabelled=10, aux="noisy_oracle")
+    merged = data.to_pair_data()
+    full = PairData(dphi=data.dphi, z=data.z.astype(float), g=data.g_hat, dphi_ref=data.dphi_ref,
+                    g_ref=data.ref_g_hat, ref_weight=data.ref_weight, ref_row=data.ref_row)
+    assert merged.n_ref == 210 * 7 and full.n_ref == 210 * 16
+    for method in ("vrpo", "vrpo_tuned"):
+        a, b = fit(merged, method), fit(full, method)
+        np.testing.assert_allclose(a.theta, b.theta, atol=1e-12)
+        np.testing.assert_allclose(a.cov, b.cov, rtol=1e-10)
+    # a position-biased judge is not antisymmetric: nothing is merged
+    assert sample(get_scenario("position_bias"), 20, seed=0, M="exact").to_pair_data().n_ref == 20 * 16

@@ -1,0 +1,61 @@
+"""``robust-rlhf figures``: regenerate every figure and table of ``paper_figures/``."""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+NAME = "figures"
+HELP = "regenerate every figure of paper_figures/ (running the studies they need)"
+DESCRIPTION = """\
+Run every script of the paper_figures/ folder (one per figure or table). Each reads the study it
+draws (results/validate/default unless told otherwise), running it first if it is missing, and
+writes PNG, PDF and the plotted CSV to paper_figures/output/.
+
+examples:
+  robust-rlhf figures
+  robust-rlhf figures --only mse_vs_n,variance_ratio --study results/validate/default"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, default=None, help="the paper_figures folder (default: the source checkout's)")
+    p.add_argument("--only", default=None, metavar="NAMES", help="comma-separated script names (without .py)")
+    p.add_argument("--study", type=Path, default=None, metavar="DIR", help="study folder passed to every script")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder passed to every script")
+
+
+def _folder(given: Path | None) -> Path:
+    from robust_rlhf.theory.errors import InputError
+
+    import robust_rlhf.simulate as simulate
+
+    candidates = [given] if given else [Path.cwd() / "paper_figures", Path(simulate.__file__).resolve().parents[1] / "paper_figures"]
+    for c in candidates:
+        if c is not None and (c / "_common.py").exists():
+            return c
+    raise InputError(f"no paper_figures folder found (looked in {', '.join(map(str, candidates))}); pass --dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    from robust_rlhf.theory.errors import InputError
+
+    folder = _folder(args.dir)
+    scripts = sorted(p for p in folder.glob("*.py") if not p.name.startswith("_"))
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        missing = sorted(set(wanted) - {p.stem for p in scripts})
+        if missing:
+            raise InputError(f"--only: no figure script {missing[0]!r}; allowed: {', '.join(p.stem for p in scripts)}")
+        scripts = [p for p in scripts if p.stem in wanted]
+    extra = [*(["--study", str(args.study)] if args.study else []), *(["--out", str(args.out)] if args.out else [])]
+    saved = sys.argv, list(sys.path)
+    try:
+        sys.path.insert(0, str(folder))
+        for script in scripts:
+            sys.argv = [str(script), *extra]
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved
+    return 0

@@ -1,0 +1,36 @@
+"""Shared by the figure scripts: load (or run) a validation study and draw one figure of it.
+
+Every number in a figure comes from the toolkit (``robust_rlhf.simulate.study`` and ``.checks``);
+these scripts only choose the study and where the files go.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_STUDY_DIR = Path("results/validate/default")
+
+
+def figure_main(name: str, doc: str) -> Path:
+    """Command line of one figure script: ``--study DIR`` (run the default study there if it is
+    missing) and ``--out DIR`` (default ``paper_figures/output``)."""
+    from robust_rlhf.simulate import plots
+    from robust_rlhf.simulate.checks import analyse
+    from robust_rlhf.simulate.study import DEFAULT_STUDY, load_study, run_study
+
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--study", type=Path, default=DEFAULT_STUDY_DIR,
+                        help=f"a validation study folder (default: {DEFAULT_STUDY_DIR}; run if missing)")
+    parser.add_argument("--out", type=Path, default=HERE / "output", help="output folder")
+    parser.add_argument("--jobs", type=int, default=2, help="workers if the study must be run")
+    args = parser.parse_args()
+    if (args.study / "study.json").exists():
+        study = load_study(args.study)
+    else:
+        study = run_study(DEFAULT_STUDY, args.study, jobs=args.jobs)
+    report = analyse(study.results, study.predictions, seed=study.spec.seed)
+    path = plots.FIGURES[name](study, report, args.out)
+    print(path)
+    return path

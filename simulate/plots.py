@@ -1,0 +1,216 @@
+r"""Figures of a validation study (seaborn), each saved as PNG and PDF with the plotted table as CSV.
+
+The numbers come from ``simulate.checks`` (measured values, their 95% intervals and the predictions);
+nothing here computes a statistic of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .checks import Report
+from .study import Study
+
+__all__ = ["FIGURES", "study_figures", "mse_vs_n", "variance_ratio", "regret_vs_n", "coverage_vs_n"]
+
+
+def _setup():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
+    return plt, sns
+
+
+def _save(fig, table: pd.DataFrame, out: Path, name: str) -> Path:
+    from robust_rlhf.theory.io import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        with atomic_path(out / f"{name}.{ext}") as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+    with atomic_path(out / f"{name}.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return out / f"{name}.png"
+
+
+def _palette(names: list[str]) -> dict[str, tuple]:
+    import seaborn as sns
+
+    return dict(zip(names, sns.color_palette("tab10", len(names))))
+
+
+def _n_axis(ax, ns) -> None:
+    """Log axis in n with plain tick labels at the sample sizes studied."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(sorted(ns)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("labelled pairs n")
+
+
+def _legend_right(fig, ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
+def _off_scale(ax, sub: pd.DataFrame, value: str, top: float) -> None:
+    """Name the points above the axis instead of letting them squash everything else."""
+    off = sub[sub[value] > top]
+    if len(off):
+        text = "off scale: " + "; ".join(f"{r.estimator} n={r.n}: {getattr(r, value):.2g}" for r in off.itertuples())
+        ax.text(0.02, 0.98, text, transform=ax.transAxes, fontsize=7, va="top", wrap=True,
+                bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+
+
+def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
+    """``E||theta_hat - theta_dagger||^2`` against n (log-log) with 95% bootstrap bands, the predicted
+    ``tr(cov)/n`` (dashed) and a slope -1 guide, one panel per scenario."""
+    plt, _ = _setup()
+    cells = report.cells.copy()
+    for col in ("mse", "mse_low", "mse_high", "pred_var"):
+        cells[f"{col}_per_n"] = cells[col] / cells.n
+    scenarios = list(dict.fromkeys(cells.scenario))
+    ests = list(dict.fromkeys(cells.estimator))
+    colors = _palette(ests)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.8), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios):
+        sub = cells[cells.scenario == scenario]
+        for est in ests:
+            e = sub[sub.estimator == est].sort_values("n")
+            ax.plot(e.n, e.mse_per_n, "o-", color=colors[est], label=est, lw=1.4, ms=4)
+            ax.fill_between(e.n, e.mse_low_per_n, e.mse_high_per_n, color=colors[est], alpha=0.15, lw=0)
+            if np.isfinite(e.pred_var_per_n).all():
+                ax.plot(e.n, e.pred_var_per_n, "--", color=colors[est], lw=0.9, alpha=0.8)
+        ns = np.sort(sub.n.unique())
+        anchor = float(sub[sub.n == ns[0]].pred_var_per_n.median())
+        ax.plot(ns, anchor * ns[0] / ns, ":", color="black", lw=1.4, label="slope -1")
+        _n_axis(ax, ns)
+        ax.set_yscale("log")
+        finite = sub.pred_var_per_n[np.isfinite(sub.pred_var_per_n)]
+        top = 4.0 * float(finite.max()) if len(finite) else float(sub.mse_high_per_n.max())
+        bottom = 0.4 * float(min(finite.min() if len(finite) else np.inf, sub.mse_low_per_n.min()))
+        ax.set_ylim(bottom, top)
+        _off_scale(ax, sub.rename(columns={"mse_per_n": "MSE"}), "MSE", top)
+        ax.set_title(scenario)
+        ax.set_ylabel(r"MSE  $E\|\hat\theta - \theta^\dagger\|^2$")
+    _legend_right(fig, axes[0][0])
+    fig.suptitle("MSE against n: measured (solid, 95% band) and predicted tr(cov)/n (dashed)", y=1.02)
+    table = cells[["scenario", "estimator", "n", "mse_per_n", "mse_low_per_n", "mse_high_per_n", "pred_var_per_n"]]
+    return _save(fig, table.rename(columns=lambda c: c.replace("_per_n", "").replace("pred_var", "pred_mse")),
+                 out, "mse_vs_n")
+
+
+def variance_ratio(study: Study, report: Report, out: Path) -> Path:
+    """Predicted against measured variance ratio over the MLE, one point per cell with its 95% CI;
+    on the diagonal when the theory holds."""
+    plt, _ = _setup()
+    cells = report.cells[(report.cells.estimator != "mle") & np.isfinite(report.cells.pred_ratio)].copy()
+    scenarios = list(dict.fromkeys(cells.scenario))
+    colors = _palette(scenarios)
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    markers = dict(zip(sorted(cells.n.unique()), "ovs^DP*X"))
+    for (scenario, n), g in cells.groupby(["scenario", "n"]):
+        ax.errorbar(g.pred_ratio, g.ratio, yerr=[g.ratio - g.ratio_low, g.ratio_high - g.ratio], fmt=markers[n],
+                    color=colors[scenario], ms=5, lw=0.8, capsize=2, alpha=0.85)
+    lo = float(min(cells.pred_ratio.min(), cells.ratio.min())) * 0.9
+    hi = float(max(cells.pred_ratio.max(), cells.ratio.max())) * 1.15
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="measured = predicted")
+    if hi / max(lo, 1e-9) > 8:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    for scenario in scenarios:
+        ax.plot([], [], "o", color=colors[scenario], label=scenario)
+    for n, m in markers.items():
+        ax.plot([], [], m, color="gray", label=f"n = {n}")
+    ax.set_xlabel("predicted variance ratio (estimator / MLE)")
+    ax.set_ylabel("measured variance ratio (95% CI)")
+    ax.set_title("variance ratio over the MLE: theory against simulation")
+    ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    table = cells[["scenario", "estimator", "n", "pred_ratio", "ratio", "ratio_low", "ratio_high", "ratio_check"]]
+    return _save(fig, table, out, "variance_ratio")
+
+
+def regret_vs_n(study: Study, report: Report, out: Path) -> Path:
+    """Mean regret of the greedy and KL policies against n, with 95% bands and the Gaussian plug-in
+    prediction (dashed), one row per policy class and one column per scenario."""
+    plt, _ = _setup()
+    cells = report.cells
+    scenarios = list(dict.fromkeys(cells.scenario))
+    ests = list(dict.fromkeys(cells.estimator))
+    colors = _palette(ests)
+    fig, axes = plt.subplots(2, len(scenarios), figsize=(4.2 * len(scenarios), 6.6), squeeze=False)
+    for row, kind in enumerate(("greedy", "kl")):
+        for ax, scenario in zip(axes[row], scenarios):
+            sub = cells[cells.scenario == scenario]
+            for est in ests:
+                e = sub[sub.estimator == est].sort_values("n")
+                ax.plot(e.n, e[f"regret_{kind}"], "o-", color=colors[est], label=est, lw=1.4, ms=4)
+                ax.fill_between(e.n, e[f"regret_{kind}_low"], e[f"regret_{kind}_high"], color=colors[est],
+                                alpha=0.15, lw=0)
+                if np.isfinite(e[f"pred_regret_{kind}"]).all():
+                    ax.plot(e.n, e[f"pred_regret_{kind}"], "--", color=colors[est], lw=0.9)
+            limit = sub[f"limit_regret_{kind}"].dropna()
+            if len(limit) and limit.iloc[0] > 0:
+                ax.axhline(limit.iloc[0], color="gray", lw=1.2, ls="-.", label=r"limit regret($\theta^\dagger$)")
+            _n_axis(ax, sub.n.unique())
+            ax.set_yscale("log")
+            ax.set_title(f"{scenario}: {kind} policy")
+            ax.set_ylabel("regret" if study.spec.scenario(scenario).has_utility else "regret (preference gap)")
+    fig.tight_layout()
+    _legend_right(fig, axes[0][-1])
+    fig.suptitle("regret against n: measured (solid, 95% band) and Gaussian plug-in prediction (dashed)", y=1.02)
+    cols = ["scenario", "estimator", "n"] + [f"{p}regret_{k}{s}" for k in ("greedy", "kl")
+                                               for p, s in (("", ""), ("", "_low"), ("", "_high"), ("pred_", ""))]
+    return _save(fig, cells[cols], out, "regret_vs_n")
+
+
+def coverage_vs_n(study: Study, report: Report, out: Path) -> Path:
+    """Coverage of the nominal 95% sandwich intervals against n, with 95% bootstrap intervals."""
+    plt, _ = _setup()
+    cells = report.cells
+    scenarios = list(dict.fromkeys(cells.scenario))
+    ests = list(dict.fromkeys(cells.estimator))
+    colors = _palette(ests)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.6), squeeze=False, sharey=True)
+    width = 0.035
+    for ax, scenario in zip(axes[0], scenarios):
+        sub = cells[cells.scenario == scenario]
+        for k, est in enumerate(ests):
+            e = sub[sub.estimator == est].sort_values("n")
+            shift = np.exp((k - (len(ests) - 1) / 2) * width)  # dodge on the log axis
+            ax.errorbar(e.n * shift, e.coverage, yerr=[e.coverage - e.coverage_low, e.coverage_high - e.coverage],
+                        fmt="o-", color=colors[est], label=est, ms=3.5, lw=1, capsize=2)
+        ax.axhline(0.95, color="black", ls="--", lw=1)
+        _n_axis(ax, sub.n.unique())
+        ax.set_title(scenario)
+        ax.set_ylabel("coverage of nominal 95% CI")
+    _legend_right(fig, axes[0][0])
+    fig.suptitle("sandwich confidence intervals: coverage against n (nominal 0.95 dashed)", y=1.02)
+    table = cells[["scenario", "estimator", "n", "coverage", "coverage_low", "coverage_high", "coverage_check"]]
+    return _save(fig, table, out, "coverage_vs_n")
+
+
+FIGURES: dict[str, Callable[[Study, Report, Path], Path]] = {
+    "mse_vs_n": mse_vs_n, "variance_ratio": variance_ratio, "regret_vs_n": regret_vs_n,
+    "coverage_vs_n": coverage_vs_n,
+}
+
+
+def study_figures(study: Study, report: Report, out: Path) -> list[Path]:
+    """Every figure of ``FIGURES`` into folder ``out``."""
+    return [draw(study, report, Path(out)) for draw in FIGURES.values()]

@@ -1,0 +1,536 @@
+r"""Validation studies: the theory of ``theory`` checked by simulation, cell by cell.
+
+A study is a grid ``scenarios x sample sizes n x estimator settings`` with ``R`` replications per
+cell, described by a ``StudySpec`` (Python, YAML or JSON). An estimator setting names the method
+(``mle``, ``vrpo``, ``vrpo_tuned``, ``vrpo_crossfit``), the reference design (``M`` pairs per prompt
+or ``"exact"``, ``unlabelled`` extra prompts as a multiple of ``n``), the auxiliary model and ``lam``.
+
+Every cell draws its replications with the seeding of ``simulate.dataset`` (replication ``r`` of the
+study seed), so the labelled pairs are common to all estimators of a ``(scenario, n)`` and nested
+across ``n``: comparisons between estimators are paired, and a cell's table does not depend on how
+the replications were chunked or on which worker ran it. Each finished cell is written atomically
+to ``OUT/cells/``; running the same study again skips finished cells and yields the identical final
+table. Cells run in parallel with joblib (``backend`` names any joblib backend: ``loky`` locally,
+``ray`` or ``dask`` on a cluster when installed).
+
+Per replication the table holds the estimate, its error against the population target
+``theta_dagger``, the squared error, the sandwich standard errors and whether the nominal 95%
+interval covered each coordinate, ``lam``, fit diagnostics and the regret of the greedy and
+KL-regularised policies on a fixed evaluation population. Per cell, ``predictions`` holds the exact
+asymptotic covariance (``theory.asymptotics``), the predicted variance ratio against the MLE and the
+predicted regret (``theory.bounds``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import platform
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from robust_rlhf.theory.errors import InputError
+
+from .auxiliary import AuxSpec, aux_population
+from .registry import SCENARIOS, get_scenario
+from .scenario import Scenario, SpecError
+
+__all__ = ["EstimatorSetting", "StudySpec", "Cell", "run_study", "load_study", "DEFAULT_STUDY", "Study",
+           "ESTIMATORS"]
+
+_TUNABLE = ("vrpo", "vrpo_crossfit")
+_METHODS = ("mle", "vrpo", "vrpo_tuned", "vrpo_crossfit")
+
+
+def _int(where: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise SpecError(f"study field '{where}' = {value!r} must be an integer >= {low}")
+    return int(value)
+
+
+def _keys(where: str, given: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    allowed = list(allowed)
+    for key in given:
+        if key not in allowed:
+            raise SpecError(f"unknown study field '{where}{key}'; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class EstimatorSetting:
+    """One estimator of a study: method, reference design, auxiliary model, weight."""
+
+    name: str
+    method: str = "mle"
+    M: int | str = 1
+    unlabelled: float = 0.0
+    aux: dict = field(default_factory=lambda: {"kind": "oracle"})
+    lam: float | None = None
+
+    def __post_init__(self) -> None:
+        where = f"estimators.{self.name}."
+        if self.method not in _METHODS:
+            raise SpecError(f"study field '{where}method' = {self.method!r} is unknown; allowed: {', '.join(_METHODS)}")
+        if self.M != "exact":
+            _int(where + "M", self.M, 1)
+        if not (isinstance(self.unlabelled, (int, float)) and math.isfinite(self.unlabelled) and self.unlabelled >= 0):
+            raise SpecError(f"study field '{where}unlabelled' = {self.unlabelled!r} must be a number >= 0 (a multiple of n)")
+        object.__setattr__(self, "aux", AuxSpec.parse(self.aux).to_dict())
+        if self.lam is not None:
+            if self.method not in _TUNABLE:
+                raise SpecError(f"study field '{where}lam' applies to methods {', '.join(_TUNABLE)}, not {self.method}")
+            if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam)):
+                raise SpecError(f"study field '{where}lam' = {self.lam!r} must be a finite number")
+        if self.method == "vrpo_crossfit" and self.aux["kind"] != "learned":
+            object.__setattr__(self, "aux", AuxSpec("learned").to_dict())
+
+    @classmethod
+    def parse(cls, value: Mapping[str, Any] | str) -> "EstimatorSetting":
+        """From a catalogued name (``ESTIMATORS``) or a mapping with a ``name``."""
+        if isinstance(value, str):
+            if value not in ESTIMATORS:
+                raise SpecError(f"study field 'estimators': unknown estimator {value!r}; allowed: "
+                                f"{', '.join(ESTIMATORS)} or a mapping (name, method, M, unlabelled, aux, lam)")
+            return ESTIMATORS[value]
+        if not isinstance(value, Mapping) or "name" not in value:
+            raise SpecError(f"study field 'estimators': each entry needs a 'name', got {value!r}")
+        _keys(f"estimators.{value['name']}.", value, [f.name for f in cls.__dataclass_fields__.values()])
+        return cls(**dict(value))
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.method != "mle"
+
+    @property
+    def g_hat_is_fixed(self) -> bool:
+        return self.aux["kind"] != "learned"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """The grid of a validation study and its Monte Carlo settings (see the module docstring).
+
+    ``population``: prompts of the population behind ``theta_dagger`` and every prediction;
+    ``eval_prompts``: prompts on which policies are evaluated; ``kl_beta``: temperature of the
+    KL-regularised policy; ``chunk``: replications fitted together (bounds memory).
+    """
+
+    name: str = "study"
+    scenarios: tuple = ("bt",)
+    n: tuple[int, ...] = (500,)
+    estimators: tuple[EstimatorSetting, ...] = (EstimatorSetting("mle"),)
+    reps: int = 200
+    seed: int = 0
+    population: int = 20_000
+    eval_prompts: int = 1_000
+    kl_beta: float = 1.0
+    chunk: int = 250
+
+    def __post_init__(self) -> None:
+        if not self.scenarios:
+            raise SpecError("study field 'scenarios' must list at least one scenario")
+        scen = []
+        for s in self.scenarios:
+            if isinstance(s, str):
+                if s not in SCENARIOS:
+                    raise SpecError(f"study field 'scenarios': unknown scenario {s!r}; allowed: {', '.join(SCENARIOS)} "
+                                    "or an inline spec")
+                scen.append(s)
+            else:
+                scen.append(Scenario.from_spec(s).spec)
+        names = [s if isinstance(s, str) else s["name"] for s in scen]
+        if len(set(names)) != len(names):
+            raise SpecError(f"study field 'scenarios': names must be unique, got {names}")
+        object.__setattr__(self, "scenarios", tuple(scen))
+        if isinstance(self.n, (int, np.integer)):
+            object.__setattr__(self, "n", (self.n,))
+        if not self.n:
+            raise SpecError("study field 'n' must list at least one sample size")
+        object.__setattr__(self, "n", tuple(sorted({_int("n", v, 1) for v in self.n})))
+        ests = tuple(e if isinstance(e, EstimatorSetting) else EstimatorSetting.parse(e) for e in self.estimators)
+        if not ests:
+            raise SpecError("study field 'estimators' must list at least one estimator")
+        if len({e.name for e in ests}) != len(ests):
+            raise SpecError(f"study field 'estimators': names must be unique, got {[e.name for e in ests]}")
+        object.__setattr__(self, "estimators", ests)
+        for key, low in (("reps", 2), ("seed", 0), ("population", 100), ("eval_prompts", 10), ("chunk", 1)):
+            _int(key, getattr(self, key), low)
+        if not (isinstance(self.kl_beta, (int, float)) and self.kl_beta > 0):
+            raise SpecError(f"study field 'kl_beta' = {self.kl_beta!r} must be a number > 0")
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> "StudySpec":
+        """Validate a mapping (e.g. parsed YAML); unknown keys are errors."""
+        if not isinstance(spec, Mapping):
+            raise SpecError(f"a study spec must be a mapping of fields, got {type(spec).__name__}")
+        _keys("", spec, cls.__dataclass_fields__)
+        spec = dict(spec)
+        for key in ("scenarios", "n", "estimators"):
+            if key in spec and not isinstance(spec[key], (list, tuple, int)):
+                raise SpecError(f"study field '{key}' must be a list, got {spec[key]!r}")
+            if key in spec and isinstance(spec[key], list):
+                spec[key] = tuple(spec[key])
+        return cls(**spec)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "StudySpec":
+        """Read a study spec from YAML or JSON."""
+        from .scenario import load_spec
+
+        return cls.from_dict(load_spec(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Canonical JSON-ready form (what the fingerprint hashes)."""
+        out = asdict(self)
+        out["scenarios"] = list(self.scenarios)
+        out["n"] = list(self.n)
+        out["estimators"] = [asdict(e) for e in self.estimators]
+        return out
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical spec: a results folder belongs to exactly one spec."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def scenario(self, key: str) -> Scenario:
+        for s in self.scenarios:
+            if s == key:
+                return get_scenario(s)
+            if isinstance(s, dict) and s["name"] == key:
+                return Scenario.from_spec(s)
+        raise KeyError(key)
+
+    @property
+    def scenario_names(self) -> list[str]:
+        return [s if isinstance(s, str) else s["name"] for s in self.scenarios]
+
+    def cells(self) -> list["Cell"]:
+        """Every (scenario, n, estimator), in the order of the final table."""
+        return [Cell(s, n, e) for s in self.scenario_names for n in self.n for e in self.estimators]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point of a study."""
+
+    scenario: str
+    n: int
+    estimator: EstimatorSetting
+
+    @property
+    def key(self) -> str:
+        return f"{self.scenario}__n{self.n}__{self.estimator.name}"
+
+
+#: Estimator settings selectable by name (``robust-rlhf validate --estimators ...``).
+ESTIMATORS: dict[str, EstimatorSetting] = {e.name: e for e in (
+    EstimatorSetting("mle", "mle"),
+    EstimatorSetting("vrpo_M1", "vrpo", M=1),
+    EstimatorSetting("vrpo_M4", "vrpo", M=4),
+    EstimatorSetting("vrpo_M8", "vrpo", M=8),
+    EstimatorSetting("vrpo_exact", "vrpo", M="exact"),
+    EstimatorSetting("vrpo_unlabelled_M1", "vrpo", M=1, unlabelled=4.0),
+    EstimatorSetting("vrpo_tuned_M4", "vrpo_tuned", M=4),
+    EstimatorSetting("vrpo_tuned_M8", "vrpo_tuned", M=8),
+    EstimatorSetting("vrpo_noisy_M8", "vrpo", M=8, aux={"kind": "noisy_oracle", "noise": 1.0}),
+    EstimatorSetting("vrpo_tuned_noisy_M8", "vrpo_tuned", M=8, aux={"kind": "noisy_oracle", "noise": 1.0}),
+    EstimatorSetting("vrpo_plugin_M8", "vrpo", M=8, aux={"kind": "bt_plugin"}),
+    EstimatorSetting("vrpo_reversed_M4", "vrpo", M=4, aux={"kind": "reversed"}),
+    EstimatorSetting("vrpo_reversed_M8", "vrpo", M=8, aux={"kind": "reversed"}),
+    EstimatorSetting("vrpo_tuned_reversed_M8", "vrpo_tuned", M=8, aux={"kind": "reversed"}),
+    EstimatorSetting("vrpo_random_M8", "vrpo", M=8, aux={"kind": "random"}),
+    EstimatorSetting("vrpo_crossfit_M8", "vrpo_crossfit", M=8),
+)}
+
+DEFAULT_STUDY = StudySpec(
+    name="default",
+    scenarios=("bt", "near_deterministic", "intransitive"),
+    n=(200, 400, 800, 1600),
+    estimators=tuple(ESTIMATORS[k] for k in ("mle", "vrpo_M1", "vrpo_M4", "vrpo_exact", "vrpo_tuned_M4",
+                                             "vrpo_reversed_M4")),
+    reps=200,
+    seed=0,
+)
+
+
+# --- predictions --------------------------------------------------------------------------------
+
+_POP_SEED = 20_250_403
+_EVAL_SEED = 20_250_404
+
+
+@functools.lru_cache(maxsize=8)
+def _populations(scenario_json: str, size: int, eval_size: int):
+    """The prediction population, its MLE asymptotics and the evaluation population of a scenario
+    (cached per process: every estimator and n of a scenario share them)."""
+    from robust_rlhf.theory.asymptotics import mle_covariance
+
+    scenario = Scenario.from_spec(json.loads(scenario_json))
+    pop = scenario.population(size=size, seed=_POP_SEED)
+    return scenario, pop, mle_covariance(pop), scenario.population(size=eval_size, seed=_EVAL_SEED)
+
+
+def _predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict[str, Any]:
+    """Exact asymptotic predictions of one estimator in one scenario (they do not depend on n)."""
+    from robust_rlhf.theory.asymptotics import optimal_lambda, vr_covariance
+
+    scenario, pop, mle, _ = _populations(json.dumps(spec.scenario(scenario_name).spec), spec.population,
+                                         spec.eval_prompts)
+    out: dict[str, Any] = {"theta_dagger": mle.theta_dagger.tolist(), "mle_trace": mle.trace}
+    cov, lam = None, 0.0
+    if est.method == "mle":
+        cov, trace, trace_se = mle.cov, mle.trace, mle.trace_se
+    elif est.g_hat_is_fixed:
+        g_hat = aux_population(scenario, est.aux, spec.population, _POP_SEED)
+        M = None if est.M == "exact" else est.M
+        if est.method == "vrpo_tuned":
+            lam = optimal_lambda(pop, g_hat, M=M, rho=est.unlabelled).lam
+        else:
+            lam = 1.0 if est.lam is None else float(est.lam)
+        vr = vr_covariance(pop, g_hat=g_hat, lam=lam, M=M, rho=est.unlabelled)
+        cov, trace, trace_se = vr.cov, vr.trace, vr.trace_se
+    if cov is None:  # a learned g_hat has no fixed population law: no exact prediction
+        out.update(pred_trace=math.nan, pred_trace_se=math.nan, pred_ratio=math.nan, pred_lam=math.nan,
+                   pred_cov=None)
+    else:
+        out.update(pred_trace=float(trace), pred_trace_se=float(trace_se), pred_ratio=float(trace / mle.trace),
+                   pred_lam=float(lam), pred_cov=np.asarray(cov).tolist())
+    return out
+
+
+def _predict_regret(spec: StudySpec, scenario_name: str, pred: dict[str, Any], n: int) -> dict[str, float]:
+    """Gaussian plug-in regret of the greedy and KL policies at sample size ``n``."""
+    from robust_rlhf.theory.bounds import gaussian_plugin_regret
+
+    *_, evaluation = _populations(json.dumps(spec.scenario(scenario_name).spec), spec.population, spec.eval_prompts)
+    out = {}
+    for kind, beta in (("greedy", None), ("kl", spec.kl_beta)):
+        if pred["pred_cov"] is None:
+            out[f"pred_regret_{kind}"] = out[f"limit_regret_{kind}"] = math.nan
+            continue
+        pr = gaussian_plugin_regret(np.asarray(pred["theta_dagger"]), np.asarray(pred["pred_cov"]), n, evaluation,
+                                    kind=kind, beta=beta, draws=1000, seed=0)
+        out[f"pred_regret_{kind}"] = float(pr.expected)
+        out[f"pred_regret_{kind}_se"] = float(pr.se)
+        out[f"limit_regret_{kind}"] = float(pr.limit)
+    return out
+
+
+# --- one cell -----------------------------------------------------------------------------------
+
+def _run_cell(spec: StudySpec, cell: Cell, pred: dict[str, Any]) -> pd.DataFrame:
+    """Fit every replication of ``cell``: the per-replication table."""
+    from robust_rlhf.theory.fitting import fit
+    from robust_rlhf.theory.policies import theta_regret
+
+    from .dataset import sample
+
+    scenario, _, _, evaluation = _populations(json.dumps(spec.scenario(cell.scenario).spec), spec.population,
+                                              spec.eval_prompts)
+    est = cell.estimator
+    theta_dag = np.asarray(pred["theta_dagger"])
+    frames = []
+    for start in range(0, spec.reps, spec.chunk):
+        reps = min(spec.chunk, spec.reps - start)
+        data = sample(scenario, cell.n, seed=spec.seed, reps=reps, first_rep=start,
+                      M=est.M if est.uses_reference else 0,
+                      unlabelled=int(round(est.unlabelled * cell.n)) if est.uses_reference else 0,
+                      aux=est.aux if est.uses_reference else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # recorded per replication in `separable`
+            res = fit(data.to_pair_data(features=est.method == "vrpo_crossfit"), est.method, lam=est.lam,
+                      on_separable="warn", seed=spec.seed + start)
+        ok = ~res.separable
+        err = res.theta - theta_dag
+        se = res.se
+        frame = {"scenario": cell.scenario, "n": cell.n, "estimator": est.name, "method": est.method,
+                 "M": str(est.M) if est.uses_reference else "", "aux": est.aux["kind"] if est.uses_reference else "",
+                 "rep": np.arange(start, start + reps), "lam": res.lam, "converged": res.converged,
+                 "separable": res.separable, "iterations": res.n_iter, "sq_error": (err ** 2).sum(1)}
+        for j in range(err.shape[1]):
+            frame[f"theta_{j}"] = res.theta[:, j]
+            frame[f"se_{j}"] = se[:, j]
+            frame[f"covered_{j}"] = np.where(ok, np.abs(err[:, j]) <= 1.959963984540054 * se[:, j], np.nan)
+        for kind, beta in (("greedy", None), ("kl", spec.kl_beta)):
+            regret = np.full(reps, np.nan)
+            if ok.any():
+                regret[ok] = theta_regret(res.theta[ok], evaluation, kind=kind, beta=beta).mean
+            frame[f"regret_{kind}"] = regret
+        frames.append(pd.DataFrame(frame))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _in_worker() -> bool:
+    import multiprocessing
+
+    return multiprocessing.current_process().name != "MainProcess"
+
+
+# --- storage ------------------------------------------------------------------------------------
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("robust-rlhf", "numpy", "scipy", "torch", "cvxpy", "pandas"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _check_folder(spec: StudySpec, out: Path) -> None:
+    meta = out / "study.json"
+    if meta.exists():
+        try:
+            old = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise InputError(f"{meta}: unreadable study record; remove the folder or choose another --out") from None
+        if old.get("fingerprint") != spec.fingerprint():
+            raise InputError(f"output folder {str(out)!r} holds results of a different study spec "
+                             f"({old.get('spec', {}).get('name', '?')!r}, fingerprint {old.get('fingerprint')}); "
+                             "choose another --out or remove it")
+    elif out.exists() and any(out.iterdir()):
+        raise InputError(f"output folder {str(out)!r} is not empty and holds no study; choose another --out")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from robust_rlhf.theory.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=float))
+
+
+def _cell_done(out: Path, cell: Cell) -> bool:
+    return (out / "cells" / f"{cell.key}.parquet").exists() and (out / "cells" / f"{cell.key}.json").exists()
+
+
+def _compute_and_store(spec: StudySpec, cells: list[Cell], out: Path) -> list[str]:
+    """Run the unfinished ``cells`` of one (scenario, estimator), sharing its predictions."""
+    from robust_rlhf.theory.io import atomic_path
+
+    if _in_worker():
+        import torch
+
+        torch.set_num_threads(1)
+    first = cells[0]
+    pred = _predict(spec, first.scenario, first.estimator)
+    for cell in cells:
+        start = time.perf_counter()
+        table = _run_cell(spec, cell, pred)
+        seconds = time.perf_counter() - start
+        with atomic_path(out / "cells" / f"{cell.key}.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
+        record = {"cell": cell.key, "scenario": cell.scenario, "n": cell.n, "estimator": cell.estimator.name,
+                  "seconds": seconds, **pred, **_predict_regret(spec, cell.scenario, pred, cell.n)}
+        _write_json(out / "cells" / f"{cell.key}.json", record)  # written last: marks the cell finished
+    return [c.key for c in cells]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A finished study: its spec, the per-replication table and the per-cell predictions."""
+
+    spec: StudySpec
+    results: pd.DataFrame
+    predictions: pd.DataFrame
+    folder: Path
+
+
+def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str = "loky",
+              progress: Callable[[int, int], None] | None = None) -> Study:
+    """Run (or resume) ``spec`` into folder ``out``: finished cells are skipped.
+
+    ``jobs`` workers (``-1``: all cores) with joblib's ``backend``. ``progress(done, total)`` is called
+    as cells finish. Writes ``results.parquet`` and ``results.csv`` (one row per replication x cell),
+    ``predictions.csv`` (one row per cell) and ``study.json`` (spec, fingerprint, seed, versions).
+    """
+    from joblib import delayed
+
+    _check_backend(backend, jobs)
+    out = Path(out)
+    _check_folder(spec, out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    _write_json(out / "study.json", {"fingerprint": spec.fingerprint(), "spec": spec.to_dict(),
+                                     "seed": spec.seed, "versions": _versions()})
+    cells = spec.cells()
+    todo = [c for c in cells if not _cell_done(out, c)]
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for cell in todo:
+        groups.setdefault((cell.scenario, cell.estimator.name), []).append(cell)
+    done = len(cells) - len(todo)
+    if progress:
+        progress(done, len(cells))
+    if jobs == 1:
+        results: Iterable[list[str]] = (_compute_and_store(spec, g, out) for g in groups.values())
+    else:
+        results = _parallel(backend, jobs, (delayed(_compute_and_store)(spec, g, out) for g in groups.values()))
+    for keys in results:
+        done += len(keys)
+        if progress:
+            progress(done, len(cells))
+    return _assemble(spec, out)
+
+
+_BACKENDS = {"loky": None, "threading": None, "multiprocessing": None, "sequential": None,
+             "dask": "dask.distributed", "ray": "ray"}
+
+
+def _check_backend(backend: str, jobs: int) -> None:
+    if backend not in _BACKENDS:
+        raise InputError(f"unknown joblib backend {backend!r}; allowed: {', '.join(_BACKENDS)}")
+    module = _BACKENDS[backend]
+    if module is not None:
+        import importlib.util
+
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            raise InputError(f"backend {backend!r} needs {module.split('.')[0]}: pip install "
+                             + ("'robust-rlhf[cluster]'" if backend == "dask" else "'ray[default]'"))
+    if not isinstance(jobs, int) or jobs == 0 or jobs < -1:
+        raise InputError(f"jobs = {jobs!r}: use a positive number of workers or -1 for all cores")
+
+
+def _parallel(backend: str, jobs: int, tasks):
+    """Run ``tasks`` with joblib (external backends such as dask and ray register through
+    ``parallel_config``), yielding results as they finish."""
+    from joblib import Parallel, parallel_config
+
+    with parallel_config(backend=backend, n_jobs=jobs):
+        yield from Parallel(return_as="generator_unordered")(tasks)
+
+
+def _assemble(spec: StudySpec, out: Path) -> Study:
+    from robust_rlhf.theory.io import atomic_path
+
+    cells = spec.cells()
+    results = pd.concat([pd.read_parquet(out / "cells" / f"{c.key}.parquet") for c in cells], ignore_index=True)
+    preds = pd.DataFrame([json.loads((out / "cells" / f"{c.key}.json").read_text()) for c in cells])
+    with atomic_path(out / "results.parquet") as tmp:
+        results.to_parquet(tmp, index=False)
+    with atomic_path(out / "results.csv") as tmp:
+        results.to_csv(tmp, index=False)
+    flat = preds.drop(columns=["pred_cov"]).assign(theta_dagger=preds.theta_dagger.map(json.dumps))
+    with atomic_path(out / "predictions.csv") as tmp:
+        flat.to_csv(tmp, index=False)
+    return Study(spec=spec, results=results, predictions=preds, folder=out)
+
+
+def load_study(out: str | Path) -> Study:
+    """Read a finished study folder (raises if a cell is missing)."""
+    out = Path(out)
+    meta = out / "study.json"
+    if not meta.exists():
+        raise InputError(f"{out}: no study.json; not a study folder")
+    spec = StudySpec.from_dict(json.loads(meta.read_text())["spec"])
+    missing = [c.key for c in spec.cells() if not _cell_done(out, c)]
+    if missing:
+        raise InputError(f"{out}: {len(missing)} cell(s) unfinished (e.g. {missing[0]}); rerun the study to finish them")
+    return _assemble(spec, out)
