@@ -1,0 +1,283 @@
+r"""Auxiliary preference models ``g_hat(x, a, b) = P(a beats b | x)`` computed offline and stored as columns.
+
+Sources (the frozen copy of the model being trained lives in ``trainers``, since it changes while
+training):
+
+* the data's own columns (``chosen_preference``, ..., see ``data``);
+* a reward model: ``g = sigmoid(r(x, a) - r(x, b))`` (``RewardModelScorer``);
+* a pairwise preference model: a one-output sequence classifier on ``prompt, a, b`` rendered by a
+  template, ``g = sigmoid(logit)``, optionally symmetrised ``(g(a, b) + 1 - g(b, a)) / 2``
+  (``PairwiseModelScorer``);
+* a Python callable ``f(prompt, a, b) -> probability`` (oracles of synthetic tasks; ``CallableScorer``).
+
+``annotate`` writes ``g`` on every pair of every row (``chosen_preference = g(x, chosen, rejected)``,
+``rejected_preference = 1 - chosen_preference``, likewise ``a_{2j-1}_preference`` and
+``a_{2j}_preference``); ``cross_fit`` does it with ``K`` folds, the rows of fold ``k`` scored by a model
+fitted on the other folds, so ``g_hat`` never saw the labels of the rows it scores (DESIGN.md 3.4);
+``cached_annotate`` stores the result next to the data (JSONL keyed by a hash of the rows and the
+source) and reads it back on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from robust_rlhf.theory.errors import InputError
+
+from .data import (
+    CHOSEN,
+    PROMPT,
+    REJECTED,
+    PreferenceSchema,
+    check_rows,
+    preference_column,
+    read_rows,
+    write_jsonl,
+)
+from .tokenization import TokenizeOptions, tokenize_example
+
+__all__ = [
+    "PreferenceScorer",
+    "CallableScorer",
+    "RewardModelScorer",
+    "PairwiseModelScorer",
+    "load_callable",
+    "annotate",
+    "cross_fit",
+    "cached_annotate",
+]
+
+
+class PreferenceScorer(Protocol):
+    """``scorer(prompts, firsts, seconds) -> [P(first beats second | prompt)]``, one value per triple."""
+
+    def __call__(self, prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> list[float]: ...
+
+
+def _check_probs(values: Sequence[float], source: str) -> list[float]:
+    out = [float(v) for v in values]
+    for i, v in enumerate(out):
+        if math.isnan(v) or not 0.0 <= v <= 1.0:
+            raise InputError(f"{source}: value {i + 1} is {v!r}, not a probability in [0, 1]")
+    return out
+
+
+@dataclass
+class CallableScorer:
+    """Wraps ``fn(prompt, a, b) -> P(a beats b)`` (for example a synthetic task's oracle ``g*``)."""
+
+    fn: Callable[[Any, Any, Any], float]
+
+    def __call__(self, prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> list[float]:
+        return _check_probs([self.fn(p, a, b) for p, a, b in zip(prompts, firsts, seconds)], "g_hat callable")
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """Import ``module:function`` (the config's ``g_callable``)."""
+    if ":" not in spec:
+        raise InputError(f"g_callable: expected 'module:function', got {spec!r}")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"g_callable: cannot import {module_name!r} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise InputError(f"g_callable: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@dataclass
+class RewardModelScorer:
+    """``g = sigmoid(r(x, a) - r(x, b))`` from a one-output sequence classifier on ``prompt + response``.
+
+    Tokenised exactly as ``RewardTrainer`` sees its inputs (``tokenize_example``, no EOS by default).
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    batch_size: int = 16
+    options: TokenizeOptions = TokenizeOptions(add_eos=False)
+
+    @torch.no_grad()
+    def rewards(self, prompts: Sequence[Any], responses: Sequence[Any]) -> torch.Tensor:
+        """``r(x, y)`` for each (prompt, response), float32 on the CPU."""
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            for start in range(0, len(prompts), self.batch_size):
+                seqs = []
+                for p, y in zip(prompts[start : start + self.batch_size], responses[start : start + self.batch_size]):
+                    t = tokenize_example({PROMPT: p, "y": y}, self.tokenizer, ["y"], self.options)
+                    seqs.append(t["prompt_input_ids"] + t["y_input_ids"])
+                ids, mask = _pad(seqs, self.tokenizer.pad_token_id, _device_of(self.model))
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+                out.append(logits[:, 0].float().cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def __call__(self, prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> list[float]:
+        r = self.rewards(list(prompts) + list(prompts), list(firsts) + list(seconds))
+        n = len(prompts)
+        return torch.sigmoid(r[:n] - r[n:]).tolist()
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return "\n".join(f"{m['role']}: {m['content']}" for m in value)
+
+
+@dataclass
+class PairwiseModelScorer:
+    """``g = sigmoid(f(template(prompt, a, b)))`` from a one-output sequence classifier.
+
+    ``template`` is formatted with ``prompt``, ``first`` and ``second`` (chat turns are flattened to
+    ``role: content`` lines). With ``symmetrize`` the model is run on both orders and
+    ``g = (g(a, b) + 1 - g(b, a)) / 2``, which removes an additive position bias.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    template: str = "{prompt}\nResponse A: {first}\nResponse B: {second}\nWhich is better?"
+    symmetrize: bool = True
+    batch_size: int = 16
+    max_length: int | None = None
+
+    @torch.no_grad()
+    def _raw(self, prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            for start in range(0, len(prompts), self.batch_size):
+                seqs = []
+                for p, a, b in zip(*(x[start : start + self.batch_size] for x in (prompts, firsts, seconds))):
+                    text = self.template.format(prompt=_plain(p), first=_plain(a), second=_plain(b))
+                    ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+                    seqs.append(ids[-self.max_length :] if self.max_length else ids)
+                ids, mask = _pad(seqs, self.tokenizer.pad_token_id, _device_of(self.model))
+                out.append(torch.sigmoid(self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float()).cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def __call__(self, prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> list[float]:
+        prompts, firsts, seconds = list(prompts), list(firsts), list(seconds)
+        g = self._raw(prompts, firsts, seconds)
+        if self.symmetrize:
+            g = 0.5 * (g + 1.0 - self._raw(prompts, seconds, firsts))
+        return g.tolist()
+
+
+def _pairs(schema: PreferenceSchema) -> list[tuple[str, str]]:
+    return [(CHOSEN, REJECTED), *schema.reference_pairs]
+
+
+def annotate(
+    rows: Sequence[Mapping[str, Any]], schema: PreferenceSchema, scorer: PreferenceScorer
+) -> list[dict[str, Any]]:
+    """Rows with ``g_hat`` written on every pair (existing probability columns are replaced)."""
+    rows = [dict(r) for r in rows]
+    if not rows:
+        return rows
+    prompts, firsts, seconds, where = [], [], [], []
+    for i, r in enumerate(rows):
+        for first, second in _pairs(schema):
+            prompts.append(r[PROMPT])
+            firsts.append(r[first])
+            seconds.append(r[second])
+            where.append((i, first, second))
+    g = _check_probs(scorer(prompts, firsts, seconds), "g_hat")
+    if len(g) != len(where):
+        raise InputError(f"g_hat scorer returned {len(g)} values for {len(where)} pairs")
+    for (i, first, second), value in zip(where, g):
+        rows[i][preference_column(first)] = value
+        rows[i][preference_column(second)] = 1.0 - value
+    return rows
+
+
+def cross_fit(
+    rows: Sequence[Mapping[str, Any]],
+    schema: PreferenceSchema,
+    folds: int,
+    fit: Callable[[list[dict[str, Any]]], PreferenceScorer],
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """``K``-fold cross-fitted ``g_hat``: rows of fold ``k`` are scored by ``fit(rows outside fold k)``.
+
+    Folds are a seeded random partition into ``K`` near-equal parts.
+    """
+    n = len(rows)
+    if folds < 2 or folds > n:
+        raise InputError(f"cross-fitting needs 2 <= folds <= rows ({n}), got {folds}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    fold_of = [0] * n
+    for pos, i in enumerate(order):
+        fold_of[i] = pos % folds
+    out: list[dict[str, Any] | None] = [None] * n
+    for k in range(folds):
+        train = [dict(rows[i]) for i in range(n) if fold_of[i] != k]
+        held = [i for i in range(n) if fold_of[i] == k]
+        scored = annotate([rows[i] for i in held], schema, fit(train))
+        for i, r in zip(held, scored):
+            out[i] = r
+    return [r for r in out if r is not None]
+
+
+def _rows_hash(rows: Sequence[Mapping[str, Any]], key: str) -> str:
+    h = hashlib.sha256(key.encode())
+    for r in rows:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_annotate(
+    rows: Sequence[Mapping[str, Any]],
+    schema: PreferenceSchema,
+    compute: Callable[[], list[dict[str, Any]]],
+    cache_dir: str | os.PathLike[str],
+    key: str,
+) -> list[dict[str, Any]]:
+    """``compute()`` once, stored as ``cache_dir/g_hat-<hash>.jsonl``; later calls with the same rows and
+    ``key`` (a description of the source) read the file instead."""
+    path = Path(cache_dir) / f"g_hat-{_rows_hash(rows, key)}.jsonl"
+    if path.exists():
+        cached = read_rows(path)
+        if len(cached) == len(rows):
+            return cached
+    out = compute()
+    check_rows(out, PreferenceSchema(schema.n_ref_pairs, True, schema.n_ref_pairs > 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    write_jsonl(out, tmp)
+    os.replace(tmp, path)
+    return out

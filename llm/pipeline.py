@@ -1,0 +1,326 @@
+r"""One fine-tuning run from its configuration: data -> g_hat -> tokens -> trainer -> saved model.
+
+``run_finetune`` is what ``robust-rlhf finetune`` calls:
+
+1. read and validate every row (``fix_position_bias`` symmetrises first);
+2. for VRPO, annotate ``g_hat`` from a reward model, a pairwise model or a callable (optionally
+   cross-fitted, a fresh reward model per fold), cached in ``cache_dir``;
+3. tokenise; for stage one, precompute the reference log-probabilities once, cached in ``cache_dir``;
+4. build ``PreferenceTrainer`` (stage one) or ``RewardTrainer`` (stage two), train (resuming from a
+   checkpoint when asked), save the model and tokenizer to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from robust_rlhf.theory.errors import InputError
+
+from .auxiliary import (
+    CallableScorer,
+    PairwiseModelScorer,
+    RewardModelScorer,
+    annotate,
+    cached_annotate,
+    cross_fit,
+    load_callable,
+)
+from .config import DataArguments, ModelArguments, PreferenceArguments
+from .data import PreferenceSchema, infer_schema, prepare_rows, rows_to_dataset
+from .models import apply_lora, load_causal_lm, load_reward_model, load_tokenizer
+from .objectives import PreferenceObjective
+from .tokenization import REF_LOGPS, TokenizeOptions, tokenize_dataset
+from .trainers import PreferenceTrainer, RewardTrainer
+
+__all__ = ["build_objective", "prepare_g_hat", "fit_reward_scorer", "run_finetune"]
+
+
+def build_objective(pref: PreferenceArguments) -> PreferenceObjective:
+    """The ``PreferenceObjective`` named by the config."""
+    return PreferenceObjective.from_names(
+        pref.method, pref.loss, truncation=pref.truncation, lam=pref.lam, eps=pref.eps, lambda_target=pref.lambda_target
+    )
+
+
+def fit_reward_scorer(
+    rows: list[dict[str, Any]],
+    model_args: ModelArguments,
+    pref: PreferenceArguments,
+    tokenizer: Any,
+    train_args: Any,
+    output_dir: str,
+    init: str,
+) -> RewardModelScorer:
+    """A reward model initialised from ``init`` and fitted by the logistic MLE on ``rows``' labelled pairs."""
+    model = load_reward_model(
+        init, tokenizer.pad_token_id, model_args.dtype, model_args.revision, model_args.trust_remote_code
+    )
+    schema = PreferenceSchema()
+    ds = tokenize_dataset(
+        rows_to_dataset([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
+        tokenizer,
+        schema,
+        TokenizeOptions(add_eos=False),
+    )
+    args = copy.deepcopy(train_args)
+    args.output_dir = output_dir
+    args.save_strategy = "no"
+    args.report_to = []
+    trainer = RewardTrainer(
+        model,
+        args,
+        objective=PreferenceObjective.from_names("mle", "logistic"),
+        schema=schema,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        disable_model_dropout=pref.disable_dropout,
+    )
+    trainer.train()
+    return RewardModelScorer(trainer.model, tokenizer)
+
+
+def prepare_g_hat(
+    rows: list[dict[str, Any]],
+    schema: PreferenceSchema,
+    model_args: ModelArguments,
+    pref: PreferenceArguments,
+    tokenizer: Any,
+    train_args: Any,
+    cache_dir: str,
+    tag: str,
+) -> tuple[list[dict[str, Any]], PreferenceSchema]:
+    """Rows with ``g_hat`` columns from ``pref.g_source`` (unchanged for ``columns`` and ``frozen``)."""
+    if pref.g_source in ("columns", "frozen"):
+        if pref.g_cross_fit_folds:
+            raise InputError("g_cross_fit_folds applies to a fitted g_hat (g_source=reward_model)")
+        return rows, schema
+    if schema.n_ref_pairs == 0:
+        raise InputError("g_hat is only used by VRPO, which needs reference pairs (columns a_1, a_2, ...)")
+    folds = pref.g_cross_fit_folds
+    if pref.g_source == "callable":
+        if not pref.g_callable:
+            raise InputError("g_source=callable needs g_callable: 'module:function'")
+        if folds:
+            raise InputError("g_cross_fit_folds applies to a fitted g_hat (g_source=reward_model), not a callable")
+        fn_scorer = CallableScorer(load_callable(pref.g_callable))
+        compute = lambda: annotate(rows, schema, fn_scorer)  # noqa: E731
+        key = f"callable:{pref.g_callable}"
+    else:
+        path = pref.g_model_name_or_path
+        if not path:
+            raise InputError(f"g_source={pref.g_source} needs g_model_name_or_path")
+        if pref.g_source == "pairwise_model":
+            if folds:
+                raise InputError("g_cross_fit_folds applies to g_source=reward_model")
+            g_tok = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code)
+            g_model = load_reward_model(
+                path, g_tok.pad_token_id, model_args.dtype, trust_remote_code=model_args.trust_remote_code
+            )
+            scorer: Any = PairwiseModelScorer(g_model.to(train_args.device), g_tok)
+            compute = lambda: annotate(rows, schema, scorer)  # noqa: E731
+        elif folds:
+
+            def fit(train_rows: list[dict[str, Any]], _count: list[int] = [0]) -> RewardModelScorer:  # noqa: B006
+                _count[0] += 1
+                return fit_reward_scorer(
+                    train_rows,
+                    model_args,
+                    pref,
+                    tokenizer,
+                    train_args,
+                    os.path.join(train_args.output_dir, f"g_hat_fold{_count[0]}"),
+                    path,
+                )
+
+            compute = lambda: cross_fit(rows, schema, folds, fit, seed=train_args.seed)  # noqa: E731
+        else:
+            g_tok = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code)
+            g_model = load_reward_model(
+                path, g_tok.pad_token_id, model_args.dtype, trust_remote_code=model_args.trust_remote_code
+            )
+            scorer = RewardModelScorer(g_model.to(train_args.device), g_tok)
+            compute = lambda: annotate(rows, schema, scorer)  # noqa: E731
+        key = f"{pref.g_source}:{path}:folds={folds}:seed={train_args.seed}"
+    out = cached_annotate(rows, schema, compute, os.path.join(cache_dir, tag), key)
+    return out, infer_schema(out[0].keys())
+
+
+def _ref_cache_path(cache_dir: str, dataset: Any, model_args: ModelArguments, pref: PreferenceArguments) -> Path:
+    """Cache file of the reference log-probs, keyed by the token ids of every response and the reference."""
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            [
+                model_args.model_name_or_path,
+                model_args.ref_model_name_or_path,
+                model_args.revision,
+                model_args.use_peft,
+                model_args.dtype,
+                pref.length_normalize,
+            ]
+        ).encode()
+    )
+    id_columns = sorted(c for c in dataset.column_names if c.endswith("_input_ids"))
+    for batch in dataset.select_columns(id_columns).iter(batch_size=1024):
+        h.update(json.dumps([batch[c] for c in id_columns]).encode())
+    return Path(cache_dir) / f"ref_logps-{h.hexdigest()[:16]}.json"
+
+
+def run_finetune(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    pref: PreferenceArguments,
+    train_args: Any,
+    precompute_only: bool = False,
+) -> dict[str, Any]:
+    """Run one configured fine-tune; returns ``{"output_dir", "train_loss", "global_step", "metrics"}``.
+
+    ``precompute_only`` stops after ``g_hat`` and the reference log-probabilities are in the cache (run it
+    on one GPU or with DDP before a DeepSpeed ZeRO-3 run, which cannot score the reference itself).
+    """
+    objective = build_objective(pref)
+    if train_args.output_dir is None:
+        raise InputError("output_dir is required")
+    cache_dir = data_args.cache_dir or os.path.join(train_args.output_dir, "cache")
+    needs_refs = objective.uses_control_variate
+    needs_cols = needs_refs and pref.g_source == "columns"
+    tokenizer = load_tokenizer(
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+        model_args.revision,
+        model_args.trust_remote_code,
+    )
+    options = TokenizeOptions(
+        max_prompt_length=data_args.max_prompt_length,
+        max_completion_length=data_args.max_completion_length,
+        add_eos=pref.stage == "one",
+    )
+
+    def load(source: str, split: str, tag: str) -> tuple[Any, PreferenceSchema]:
+        rows, schema = prepare_rows(
+            source,
+            split,
+            data_args.fix_position_bias,
+            data_args.preference_tol,
+            require_references=needs_refs,
+            require_preferences=needs_cols,
+        )
+        if needs_refs:
+            rows, schema = prepare_g_hat(rows, schema, model_args, pref, tokenizer, train_args, cache_dir, tag)
+        return tokenize_dataset(rows_to_dataset(rows), tokenizer, schema, options), schema
+
+    train_ds, schema = load(data_args.train_data, data_args.train_split, "train")
+    eval_ds = None
+    if data_args.eval_data:
+        eval_ds, eval_schema = load(data_args.eval_data, data_args.eval_split, "eval")
+        if eval_schema.n_ref_pairs != schema.n_ref_pairs:
+            raise InputError(
+                f"eval data has {eval_schema.n_ref_pairs} reference pairs per row, train data {schema.n_ref_pairs}"
+            )
+    common = dict(
+        objective=objective,
+        schema=schema,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        g_source="frozen" if pref.g_source == "frozen" else "columns",
+        frozen_refresh_steps=pref.frozen_refresh_steps,
+        lambda_ema=pref.lambda_ema,
+        disable_model_dropout=pref.disable_dropout,
+    )
+    task = "CAUSAL_LM" if pref.stage == "one" else "SEQ_CLS"
+    if pref.stage == "one":
+        model = load_causal_lm(
+            model_args.model_name_or_path,
+            model_args.dtype,
+            model_args.revision,
+            model_args.trust_remote_code,
+            model_args.attn_implementation,
+        )
+        ref_model = None
+        ref_path = _ref_cache_path(cache_dir, train_ds, model_args, pref)
+        if pref.precompute_ref_log_probs and ref_path.exists():
+            values = json.loads(ref_path.read_text())
+            if len(values) == len(train_ds):
+                common["train_dataset"] = train_ds.add_column(REF_LOGPS, values)
+        if model_args.ref_model_name_or_path and (
+            not pref.precompute_ref_log_probs
+            or REF_LOGPS not in common["train_dataset"].column_names
+            or eval_ds is not None
+        ):
+            ref_model = load_causal_lm(
+                model_args.ref_model_name_or_path,
+                model_args.dtype,
+                model_args.revision,
+                model_args.trust_remote_code,
+                model_args.attn_implementation,
+            )
+        if model_args.use_peft:
+            model = apply_lora(
+                model,
+                model_args.lora_r,
+                model_args.lora_alpha,
+                model_args.lora_dropout,
+                model_args.lora_target_modules,
+                task,
+            )
+        trainer: Any = PreferenceTrainer(
+            model,
+            train_args,
+            beta=pref.beta,
+            ref_model=ref_model,
+            precompute_ref_log_probs=pref.precompute_ref_log_probs,
+            length_normalize=pref.length_normalize,
+            **common,
+        )
+        if pref.precompute_ref_log_probs and not ref_path.exists() and train_args.process_index == 0:
+            ref_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ref_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(list(trainer.train_dataset[REF_LOGPS])))
+            os.replace(tmp, ref_path)
+    else:
+        model = load_reward_model(
+            model_args.model_name_or_path,
+            tokenizer.pad_token_id,
+            model_args.dtype,
+            model_args.revision,
+            model_args.trust_remote_code,
+            model_args.attn_implementation,
+        )
+        if model_args.use_peft:
+            model = apply_lora(
+                model,
+                model_args.lora_r,
+                model_args.lora_alpha,
+                model_args.lora_dropout,
+                model_args.lora_target_modules,
+                task,
+            )
+        trainer = RewardTrainer(model, train_args, center_rewards_coefficient=pref.center_rewards_coefficient, **common)
+    if precompute_only:
+        return {
+            "output_dir": train_args.output_dir,
+            "train_loss": None,
+            "global_step": 0,
+            "metrics": {"cache_dir": cache_dir, "rows": len(trainer.train_dataset)},
+        }
+    resume = train_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # the newest checkpoint in output_dir
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(train_args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(train_args.output_dir)
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    return {
+        "output_dir": train_args.output_dir,
+        "train_loss": result.training_loss,
+        "global_step": result.global_step,
+        "metrics": metrics,
+    }

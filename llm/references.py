@@ -1,0 +1,210 @@
+r"""Sampling reference responses ``a_1 .. a_{2M} ~ pi_ref(.|x)`` for every prompt, resumably.
+
+Rows are processed in batches of ``batch_size`` prompts; each batch samples ``2M`` responses per
+prompt with one batched ``generate`` call (or vLLM's offline ``LLM.generate`` when installed and
+asked for), then is appended to the output JSONL and synced to disk. Batch ``b`` is sampled with the
+seed ``seed + b * batch_size`` (its first row), so a run interrupted after any batch and started again
+writes the same file as an uninterrupted run (with the same ``batch_size``). Earlier ``a_k`` and
+``a_k_preference`` columns are replaced (new responses invalidate old probabilities).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robust_rlhf.theory.errors import InputError
+
+from .data import PROMPT, _REF_PREF_RE, _REF_RE, read_rows, reference_column, write_jsonl
+from .tokenization import TokenizeOptions, prompt_token_ids, render_prompt
+
+__all__ = ["GenerationOptions", "sample_responses", "generate_references", "vllm_available"]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling settings: ``n_pairs`` reference pairs per prompt (``2 n_pairs`` responses)."""
+
+    n_pairs: int = 1
+    max_new_tokens: int = 128
+    min_new_tokens: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 8
+    seed: int = 0
+    max_prompt_length: int | None = None
+    backend: str = "transformers"
+
+    def __post_init__(self) -> None:
+        if self.n_pairs < 1:
+            raise InputError(f"n_pairs must be >= 1, got {self.n_pairs}")
+        if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise InputError("need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1")
+        if not self.temperature > 0:
+            raise InputError(f"temperature must be > 0 (sampling from pi_ref), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.backend not in ("transformers", "vllm", "auto"):
+            raise InputError(f"backend: unknown {self.backend!r}; allowed: transformers, vllm, auto")
+
+
+def vllm_available() -> bool:
+    """Whether vLLM can be imported."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+@torch.no_grad()
+def sample_responses(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], n: int, options: GenerationOptions, seed: int
+) -> list[list[str]]:
+    """``n`` sampled continuations (decoded text, special tokens dropped) of each prompt, one ``generate`` call.
+
+    Prompts are tokenised as in training (``prompt_token_ids``) and left-padded; chat prompts go through
+    the chat template with the generation prompt.
+    """
+    tok_opts = TokenizeOptions(max_prompt_length=options.max_prompt_length)
+    seqs = [prompt_token_ids(render_prompt(p, tokenizer), tokenizer, tok_opts) for p in prompts]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):  # left padding: generation continues every prompt at the same column
+        ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, L - len(s) :] = 1
+    enc = {"input_ids": ids, "attention_mask": mask}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    try:
+        out = model.generate(
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
+            do_sample=True,
+            num_return_sequences=n,
+            max_new_tokens=options.max_new_tokens,
+            min_new_tokens=options.min_new_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    finally:
+        model.train(was_training)
+    new = out[:, enc["input_ids"].shape[1] :]
+    decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [decoded[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def _vllm_sampler(
+    model_path: str, options: GenerationOptions, tokenizer: Any
+) -> Callable[[Sequence[Any], int, int], list[list[str]]]:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_path, seed=options.seed)
+
+    def sample(prompts: Sequence[Any], n: int, seed: int) -> list[list[str]]:
+        params = SamplingParams(
+            n=n,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k or -1,
+            max_tokens=options.max_new_tokens,
+            min_tokens=options.min_new_tokens,
+            seed=seed,
+        )
+        outs = llm.generate([render_prompt(p, tokenizer) for p in prompts], params)
+        return [[c.text for c in o.outputs] for o in outs]
+
+    return sample
+
+
+def _as_response(prompt: Any, text: str) -> Any:
+    """A chat row's response is an assistant message; a plain row's is the text."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+def generate_references(
+    rows: Sequence[Mapping[str, Any]],
+    output: str | os.PathLike[str],
+    options: GenerationOptions,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    model_path: str | None = None,
+    resume: bool = True,
+    max_batches: int | None = None,
+) -> int:
+    """Write ``rows`` plus ``a_1 .. a_{2M}`` to the JSONL ``output``; return the rows now in the file.
+
+    With ``resume`` an existing ``output`` is continued after its last complete batch (its rows must be
+    a prefix of ``rows``, prompt by prompt); without it the file is started afresh. ``max_batches``
+    stops after that many new batches (a partial run). vLLM needs ``model_path``.
+    """
+    if not rows:
+        raise InputError("no prompts to generate references for")
+    if any(PROMPT not in r or r[PROMPT] in (None, "", []) for r in rows):
+        bad = next(i for i, r in enumerate(rows) if PROMPT not in r or r[PROMPT] in (None, "", []))
+        raise InputError(f"row {bad + 1}, field 'prompt': missing or empty")
+    if tokenizer is None:
+        raise InputError("generate_references needs the reference policy's tokenizer")
+    out = Path(output)
+    done = 0
+    if resume and out.exists():
+        existing = read_rows(out)
+        done = len(existing)
+        if done > len(rows):
+            raise InputError(
+                f"{out} has {done} rows but the input has only {len(rows)}: not a partial run of this input"
+            )
+        for i, r in enumerate(existing):
+            if r.get(PROMPT) != rows[i].get(PROMPT):
+                raise InputError(
+                    f"{out}: row {i + 1} has another prompt than the input; not a partial run of this input"
+                )
+        if done % options.batch_size and done != len(rows):
+            raise InputError(
+                f"{out} holds {done} rows, not a whole number of batches of {options.batch_size}: resume with the "
+                "batch_size of the interrupted run"
+            )
+    elif out.exists():
+        out.unlink()
+    use_vllm = options.backend == "vllm" or (options.backend == "auto" and vllm_available() and model_path is not None)
+    if use_vllm:
+        if model_path is None:
+            raise InputError("backend vllm needs model_path (a hub name or folder)")
+        if not vllm_available():
+            raise InputError("backend vllm asked for but vLLM is not installed (pip install vllm)")
+        sampler = _vllm_sampler(model_path, options, tokenizer)
+    else:
+        if model is None:
+            raise InputError("generate_references needs the reference policy (model)")
+
+        def sampler(prompts: Sequence[Any], n: int, seed: int) -> list[list[str]]:
+            return sample_responses(model, tokenizer, prompts, n, options, seed)
+
+    n_resp = 2 * options.n_pairs
+    batches = 0
+    for start in range(done, len(rows), options.batch_size):
+        if max_batches is not None and batches >= max_batches:
+            break
+        chunk = rows[start : start + options.batch_size]
+        samples = sampler([r[PROMPT] for r in chunk], n_resp, options.seed + start)
+        new_rows = []
+        for r, texts in zip(chunk, samples):
+            row = {k: v for k, v in r.items() if not (_REF_RE.match(k) or _REF_PREF_RE.match(k))}
+            for k, text in enumerate(texts, start=1):
+                row[reference_column(k)] = _as_response(r[PROMPT], text)
+            new_rows.append(row)
+        write_jsonl(new_rows, out, append=True)
+        done += len(chunk)
+        batches += 1
+    return done

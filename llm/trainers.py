@@ -1,0 +1,535 @@
+r"""Preference trainers on ``transformers.Trainer``: one-stage (policy) and two-stage (reward model).
+
+Both turn a batch into margins with ONE forward pass of the trained model over every response
+(chosen, rejected, reference ``a_1 .. a_{2M}``; see ``tokenization``), then call
+``PreferenceObjective.evaluate``, i.e. the loss functions of ``theory.losses``. Accelerate, DDP, FSDP,
+DeepSpeed, gradient accumulation, mixed precision, checkpoints and resume come from ``Trainer``.
+
+* ``PreferenceTrainer`` (one-stage): margin ``beta * [(log pi(a) - log pi_ref(a)) - (log pi(b) - log pi_ref(b))]``.
+  The reference log-probabilities are computed in one pass before training and stored in the data set
+  (column ``ref_logps``), so no reference model is held during training; or, with
+  ``precompute_ref_log_probs=False``, computed live each step by a reference model or, for a LoRA model,
+  by the same model with its adapter disabled.
+* ``RewardTrainer`` (two-stage): an ``AutoModelForSequenceClassification`` with one output scores
+  ``prompt + response``; margin ``r(x, a) - r(x, b)``; optional reward centring
+  ``+ c * mean((r(x, chosen) + r(x, rejected))^2)`` (TRL's ``center_rewards_coefficient``).
+
+``g_hat`` comes from the batch (probability columns) or, with ``g_source="frozen"``, from a frozen copy
+of the trained model refreshed at every ``k``-th optimiser step (steps 0, k, 2k, ...):
+``g = sigmoid(frozen margin)`` on the labelled and reference pairs, the model's own Bradley-Terry
+probability (the authors' option; their one-stage code tests ``not "chosen_preference" in batch and
+"rejected_preference" in batch``, which skips the frozen forward when neither column is present and
+then fails on an undefined name). Its weights and the ``vrpo_tuned`` state are saved in every
+checkpoint, so a resumed run continues exactly.
+
+Metrics (TRL's names): ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``, ``logps/references``; with the control
+variate, ``vrpo/labelled``, ``vrpo/control``, ``vrpo/reference`` (the three loss terms),
+``vrpo/g_labelled``, ``vrpo/g_reference`` (mean ``g_hat``), ``vrpo/lambda``, and the empirical
+variances over the gathered rows ``vrpo/var_loss_mle``, ``vrpo/var_loss_vr`` (per-row objective without
+and with the control variate) and ``vrpo/var_grad_mle``, ``vrpo/var_grad_vr`` (per-row gradient
+projected on a common margin shift, see ``objectives``). Every per-row value is gathered across
+processes before a mean or variance is taken; a logged value is the mean over the micro-batches since
+the previous log.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from robust_rlhf.theory.errors import InputError
+
+from .data import PreferenceSchema
+from .logprobs import model_sequence_logps
+from .models import disable_dropout, disabled_adapter, is_peft_model
+from .objectives import LambdaEstimator, PreferenceObjective, margin_shift_scores, variance_summary
+from .tokenization import REF_LOGPS, PreferenceCollator
+
+__all__ = ["PreferenceTrainer", "RewardTrainer", "TRAINER_STATE_FILE", "FROZEN_WEIGHTS_FILE"]
+
+TRAINER_STATE_FILE = "vrpo_state.json"
+FROZEN_WEIGHTS_FILE = "frozen_g_model.safetensors"
+
+
+class _PairwiseTrainer(Trainer, ABC):
+    """Shared machinery: batch -> margins -> theory loss, g_hat, lambda tuning, gathered metrics."""
+
+    # compute_loss returns a per-micro-batch mean; Trainer divides it by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: Any,
+        *,
+        objective: PreferenceObjective,
+        schema: PreferenceSchema,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        data_collator: Any = None,
+        g_source: str = "columns",
+        frozen_refresh_steps: int = 1,
+        lambda_ema: float = 0.0,
+        disable_model_dropout: bool = True,
+        callbacks: list[Any] | None = None,
+    ) -> None:
+        if g_source not in ("columns", "frozen"):
+            raise InputError(
+                f"g_source: the trainer reads g_hat from 'columns' or a 'frozen' copy, got {g_source!r} "
+                "(annotate the data first for other sources, see robust_rlhf.llm.auxiliary)"
+            )
+        if frozen_refresh_steps < 1:
+            raise InputError(f"frozen_refresh_steps must be >= 1, got {frozen_refresh_steps}")
+        if objective.uses_control_variate:
+            if schema.n_ref_pairs < 1:
+                raise InputError(f"method {objective.method!r} needs reference pairs: columns a_1, a_2 (a_3, a_4, ...)")
+            if g_source == "columns" and not schema.has_preferences:
+                raise InputError(
+                    f"method {objective.method!r} with g_source='columns' needs chosen_preference, "
+                    "rejected_preference and a_k_preference for every reference response"
+                )
+        if not objective.uses_control_variate and schema.n_ref_pairs:
+            # the MLE baselines never look at reference responses: do not pay for their forward pass
+            schema = PreferenceSchema(0, schema.labelled_preferences, False)
+        if disable_model_dropout:
+            disable_dropout(model)
+        if data_collator is None:
+            if processing_class is None or getattr(processing_class, "pad_token_id", None) is None:
+                raise InputError("a tokenizer with a pad token (processing_class) is needed to build batches")
+            data_collator = PreferenceCollator(processing_class.pad_token_id, schema)
+        if getattr(args, "remove_unused_columns", False):
+            args.remove_unused_columns = False
+        self.objective = objective
+        self.schema = schema
+        self.g_source = g_source
+        self.frozen_refresh_steps = frozen_refresh_steps
+        self.lambda_estimator = LambdaEstimator(objective.lam, lambda_ema) if objective.method == "vrpo_tuned" else None
+        self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+        )
+        # the batch has no "labels": never pass num_items_in_batch to the model
+        self.model_accepts_loss_kwargs = False
+        self.frozen_model: nn.Module | None = None
+        self._frozen_step = -1
+        if g_source == "frozen":
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise InputError(
+                    "g_source='frozen' keeps a full copy of the model; it is not supported with FSDP/DeepSpeed sharding"
+                )
+            self.frozen_model = self._frozen_copy(self.model)
+
+    # -- hooks for the two stages ------------------------------------------------------------
+    @abstractmethod
+    def _scores(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{"margin": (B,), "ref_margin": (B, M) or None, ...}`` from one forward pass."""
+
+    @abstractmethod
+    def _frozen_margins(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Margins of the labelled and reference pairs under the frozen copy (no gradient)."""
+
+    # -- data plumbing -------------------------------------------------------------------------
+    def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
+        return dataset
+
+    def _get_collator_with_removed_columns(self, data_collator: Any, description: str | None = None) -> Any:
+        return data_collator
+
+    @property
+    def n_responses(self) -> int:
+        """Responses per row, ``K = 2 + 2M``."""
+        return 2 + 2 * self.schema.n_ref_pairs
+
+    def _split(self, values: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-sequence values ``(K B,)`` -> chosen ``(B,)``, rejected ``(B,)``, references ``(B, 2M)``."""
+        per = values.view(self.n_responses, -1)
+        refs = per[2:].transpose(0, 1) if self.schema.n_ref_pairs else None
+        return per[0], per[1], refs
+
+    @staticmethod
+    def _pair_margins(first: Tensor, second: Tensor, refs: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Labelled margin ``first - second`` and reference margins ``a_{2j-1} - a_{2j}``."""
+        ref_margin = None if refs is None else refs[:, 0::2] - refs[:, 1::2]
+        return first - second, ref_margin
+
+    # -- g_hat -----------------------------------------------------------------------------------
+    @staticmethod
+    def _frozen_copy(model: nn.Module) -> nn.Module:
+        frozen = copy.deepcopy(model)
+        frozen.eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        return frozen
+
+    def _maybe_refresh_frozen(self) -> None:
+        step = self.state.global_step
+        if step % self.frozen_refresh_steps == 0 and step != self._frozen_step:
+            source = self.accelerator.unwrap_model(self.model)
+            self.frozen_model.load_state_dict(source.state_dict())
+            self._frozen_step = step
+
+    def _g_hat(self, batch: dict[str, Tensor], training: bool) -> tuple[Tensor | None, Tensor | None]:
+        if not self.objective.uses_control_variate:
+            return None, None
+        if self.g_source == "columns":
+            return batch["g"], batch["ref_g"]
+        if training:
+            self._maybe_refresh_frozen()
+        with torch.no_grad():
+            m, mref = self._frozen_margins(batch)
+        return torch.sigmoid(m.float()), torch.sigmoid(mref.float())
+
+    # -- the loss --------------------------------------------------------------------------------
+    def _gather(self, values: Tensor) -> Tensor:
+        return self.accelerator.gather_for_metrics(values.detach().float().contiguous())
+
+    def _batch_loss(
+        self, model: nn.Module, batch: dict[str, Tensor], training: bool
+    ) -> tuple[Tensor, dict[str, float]]:
+        scores = self._scores(model, batch)
+        margin, ref_margin = scores["margin"].float(), scores["ref_margin"]
+        ref_margin = None if ref_margin is None else ref_margin.float()
+        g, ref_g = self._g_hat(batch, training)
+        obj = self.objective
+        lam = None
+        cv_rows = None
+        if obj.uses_control_variate:
+            with torch.no_grad():
+                base = obj.evaluate(margin.detach(), ref_margin.detach(), g, ref_g, lam=0.0)
+                a_loss, c_loss = base.labelled, base.control - base.reference
+                a_grad, c_grad = margin_shift_scores(obj.loss, margin, g, ref_margin, ref_g)
+            cv_rows = self._gather(torch.stack([a_loss, c_loss, a_grad, c_grad], dim=-1))
+            if self.lambda_estimator is not None:
+                if training:
+                    a, c = (
+                        (cv_rows[:, 0], cv_rows[:, 1])
+                        if obj.lambda_target == "loss"
+                        else (cv_rows[:, 2], cv_rows[:, 3])
+                    )
+                    self.lambda_estimator.update(a, c)
+                lam = self.lambda_estimator.value
+        out = obj.evaluate(margin, ref_margin, g, ref_g, lam=lam)
+        loss = out.loss
+        extra = scores.get("penalty")
+        if extra is not None:
+            loss = loss + extra
+        metrics = self._metrics(scores, out, g, ref_g, cv_rows)
+        return loss, metrics
+
+    def _metrics(
+        self, scores: dict[str, Tensor], out: Any, g: Tensor | None, ref_g: Tensor | None, cv_rows: Tensor | None
+    ) -> dict[str, float]:
+        cols = [scores["reward_chosen"], scores["reward_rejected"], out.labelled]
+        has_logps = "logp_chosen" in scores
+        if has_logps:
+            cols += [scores["logp_chosen"], scores["logp_rejected"]]
+            if scores.get("logp_refs") is not None:
+                cols.append(scores["logp_refs"].mean(-1))
+        if out.control is not None:
+            cols += [out.control, out.reference, g, ref_g.mean(-1)]
+        rows = self._gather(torch.stack([c.detach().float() for c in cols], dim=-1))
+        rc, rr = rows[:, 0], rows[:, 1]
+        m = {
+            "rewards/chosen": rc.mean().item(),
+            "rewards/rejected": rr.mean().item(),
+            "rewards/margins": (rc - rr).mean().item(),
+            "rewards/accuracies": (rc > rr).float().mean().item(),
+        }
+        k = 3
+        if has_logps:
+            m["logps/chosen"] = rows[:, k].mean().item()
+            m["logps/rejected"] = rows[:, k + 1].mean().item()
+            k += 2
+            if scores.get("logp_refs") is not None:
+                m["logps/references"] = rows[:, k].mean().item()
+                k += 1
+        if out.control is not None:
+            m["vrpo/labelled"] = rows[:, 2].mean().item()
+            m["vrpo/control"] = rows[:, k].mean().item()
+            m["vrpo/reference"] = rows[:, k + 1].mean().item()
+            m["vrpo/g_labelled"] = rows[:, k + 2].mean().item()
+            m["vrpo/g_reference"] = rows[:, k + 3].mean().item()
+            m["vrpo/lambda"] = out.lam
+            v_loss = variance_summary(cv_rows[:, 0], cv_rows[:, 1], out.lam)
+            v_grad = variance_summary(cv_rows[:, 2], cv_rows[:, 3], out.lam)
+            if v_loss:
+                m["vrpo/var_loss_mle"], m["vrpo/var_loss_vr"] = v_loss["without_cv"], v_loss["with_cv"]
+                m["vrpo/var_grad_mle"], m["vrpo/var_grad_vr"] = v_grad["without_cv"], v_grad["with_cv"]
+        return m
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Tensor | tuple[Tensor, dict[str, float]]:
+        training = model.training
+        loss, metrics = self._batch_loss(model, inputs, training)
+        self._store(metrics, "train" if training else "eval")
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, metrics = self._batch_loss(model, inputs, training=False)
+        self._store(metrics, "eval")
+        return loss.detach(), None, None
+
+    def _store(self, metrics: dict[str, float], mode: str) -> None:
+        for key, value in metrics.items():
+            self._stored[mode][key].append(float(value))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._stored[mode].items():
+            if values:
+                logs[f"{prefix}{key}"] = sum(values) / len(values)
+        self._stored[mode].clear()
+        super().log(logs, start_time)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "lambda": None if self.lambda_estimator is None else self.lambda_estimator.state_dict(),
+            "frozen_step": self._frozen_step,
+        }
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, TRAINER_STATE_FILE), "w", encoding="utf-8") as fh:
+            json.dump(self._extra_state(), fh)
+        if self.frozen_model is not None:
+            from safetensors.torch import save_model
+
+            save_model(self.frozen_model, os.path.join(folder, FROZEN_WEIGHTS_FILE))
+
+    def _load_extra_state(self, folder: str) -> None:
+        path = os.path.join(folder, TRAINER_STATE_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        if self.lambda_estimator is not None and state.get("lambda") is not None:
+            self.lambda_estimator.load_state_dict(state["lambda"])
+        self._frozen_step = int(state.get("frozen_step", -1))
+        weights = os.path.join(folder, FROZEN_WEIGHTS_FILE)
+        if self.frozen_model is not None and os.path.exists(weights):
+            from safetensors.torch import load_model
+
+            load_model(self.frozen_model, weights, device=str(next(self.frozen_model.parameters()).device))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``Trainer.train``, restoring the lambda estimate and the frozen ``g_hat`` copy on resume."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise InputError(f"no checkpoint found in {self.args.output_dir} to resume from")
+        if isinstance(resume_from_checkpoint, str):
+            if not os.path.isdir(resume_from_checkpoint):
+                raise InputError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a folder")
+            self._load_extra_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _to_device(batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    device = next(model.parameters()).device
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class PreferenceTrainer(_PairwiseTrainer):
+    """One-stage (DPO-style) training of a causal LM with any method and loss of ``PreferenceObjective``.
+
+    ``ref_model``: a separate reference policy; by default the reference is the initial policy (its
+    log-probabilities are computed before training) or, for a peft model, the disabled adapter.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: Any,
+        *,
+        objective: PreferenceObjective,
+        schema: PreferenceSchema,
+        beta: float = 0.1,
+        ref_model: nn.Module | None = None,
+        precompute_ref_log_probs: bool = True,
+        length_normalize: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if not beta > 0:
+            raise InputError(f"beta must be > 0, got {beta}")
+        self.beta = float(beta)
+        self.length_normalize = length_normalize
+        self.precompute_ref_log_probs = precompute_ref_log_probs
+        self._peft = is_peft_model(model)
+        # without a reference model or adapter the initial policy is the reference: scored in place
+        # before training when precomputing, else kept as a frozen copy for the live reference
+        self._policy_is_reference = ref_model is None and not self._peft and precompute_ref_log_probs
+        if ref_model is None and not self._peft and not precompute_ref_log_probs:
+            ref_model = _PairwiseTrainer._frozen_copy(model)
+        elif ref_model is not None:
+            ref_model = _PairwiseTrainer._frozen_copy(ref_model)
+        self.ref_model = ref_model
+        super().__init__(model, args, objective=objective, schema=schema, **kwargs)
+        if self.ref_model is not None:
+            if kwargs.get("disable_model_dropout", True):
+                disable_dropout(self.ref_model)
+            self.ref_model.to(self.args.device)
+        if precompute_ref_log_probs:
+            if self.train_dataset is not None:
+                self.train_dataset = self.with_reference_logps(self.train_dataset)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self.with_reference_logps(v) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self.with_reference_logps(self.eval_dataset)
+            self.ref_model = None  # not held during training
+            self._policy_is_reference = False
+
+    # -- reference ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, Tensor]) -> Tensor:
+        """Reference log-probabilities ``(K B,)`` of the batch's sequences (ref model or disabled adapter).
+
+        Computed on the scoring model's own device (before FSDP/DeepSpeed wrapping the policy may still
+        be on the CPU).
+        """
+        if self.ref_model is not None:
+            return model_sequence_logps(self.ref_model, _to_device(batch, self.ref_model), self.length_normalize)
+        if not (self._peft or self._policy_is_reference):
+            raise InputError("no reference: the reference log-probs were precomputed and the reference model dropped")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            with disabled_adapter(unwrapped), self.compute_loss_context_manager():
+                return model_sequence_logps(unwrapped, _to_device(batch, unwrapped), self.length_normalize)
+        finally:
+            unwrapped.train(was_training)
+
+    def with_reference_logps(self, dataset: Any) -> Any:
+        """The data set plus a ``ref_logps`` column ``[log pi_ref(y_k|x) for the K responses]``, in one pass.
+
+        Rows are split across processes and gathered back in order; a data set that already has the
+        column (for example from a cache) is returned as is.
+        """
+        if REF_LOGPS in dataset.column_names:
+            return dataset
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise InputError(
+                "reference log-probs cannot be computed under DeepSpeed ZeRO-3 before training (the weights are "
+                "partitioned): fill the cache first with `robust-rlhf finetune --precompute-only` without ZeRO-3"
+            )
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            shuffle=False,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        loader = self.accelerator.prepare(loader)
+        chunks = []
+        for batch in loader:
+            lp = self.reference_logps(batch).view(self.n_responses, -1).transpose(0, 1)
+            lp = lp.float().contiguous().to(self.accelerator.device)
+            chunks.append(self.accelerator.gather_for_metrics(lp).cpu())
+        values = torch.cat(chunks).tolist()
+        if len(values) != len(dataset):
+            raise RuntimeError(f"reference log-probs: got {len(values)} rows for {len(dataset)}")
+        return dataset.add_column(REF_LOGPS, values)
+
+    # -- scores ---------------------------------------------------------------------------------------
+    def _batch_ref_logps(self, batch: dict[str, Tensor]) -> Tensor:
+        if REF_LOGPS in batch:
+            return batch[REF_LOGPS].transpose(0, 1).reshape(-1)
+        return self.reference_logps(batch)
+
+    def _scores(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logps = model_sequence_logps(model, batch, self.length_normalize)
+        ref = self._batch_ref_logps(batch).to(logps.device, torch.float32)
+        rewards = self.beta * (logps - ref)
+        rc, rr, rrefs = self._split(rewards)
+        margin, ref_margin = self._pair_margins(rc, rr, rrefs)
+        lc, lr, lrefs = self._split(logps)
+        return {
+            "margin": margin,
+            "ref_margin": ref_margin,
+            "reward_chosen": rc,
+            "reward_rejected": rr,
+            "logp_chosen": lc,
+            "logp_rejected": lr,
+            "logp_refs": lrefs,
+        }
+
+    def _frozen_margins(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logps = model_sequence_logps(self.frozen_model, batch, self.length_normalize)
+        ref = self._batch_ref_logps(batch).to(logps.device, torch.float32)
+        rc, rr, rrefs = self._split(self.beta * (logps - ref))
+        return self._pair_margins(rc, rr, rrefs)
+
+
+class RewardTrainer(_PairwiseTrainer):
+    """Two-stage: a one-output sequence classifier trained on ``prompt + response`` with any objective."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: Any,
+        *,
+        objective: PreferenceObjective,
+        schema: PreferenceSchema,
+        center_rewards_coefficient: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if center_rewards_coefficient is not None and center_rewards_coefficient < 0:
+            raise InputError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
+        self.center_rewards_coefficient = center_rewards_coefficient
+        super().__init__(model, args, objective=objective, schema=schema, **kwargs)
+
+    @staticmethod
+    def _rewards(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if logits.shape[-1] != 1:
+            raise InputError(f"the reward model must have one output, got {logits.shape[-1]}")
+        return logits[:, 0].float()
+
+    def _scores(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        r = self._rewards(model, batch)
+        rc, rr, rrefs = self._split(r)
+        margin, ref_margin = self._pair_margins(rc, rr, rrefs)
+        scores = {"margin": margin, "ref_margin": ref_margin, "reward_chosen": rc, "reward_rejected": rr}
+        if self.center_rewards_coefficient:
+            scores["penalty"] = self.center_rewards_coefficient * ((rc + rr) ** 2).mean()
+        return scores
+
+    def _frozen_margins(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        rc, rr, rrefs = self._split(self._rewards(self.frozen_model, batch))
+        return self._pair_margins(rc, rr, rrefs)

@@ -1,0 +1,215 @@
+"""g_hat sources (llm.auxiliary), reference generation (llm.references) and the policy step (llm.policy)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from typing import Any
+
+import pytest
+import torch
+from llm_helpers import make_causal_lm, make_reward_model, make_rows, oracle_g
+
+from robust_rlhf.llm.auxiliary import (
+    CallableScorer,
+    PairwiseModelScorer,
+    RewardModelScorer,
+    annotate,
+    cached_annotate,
+    cross_fit,
+    load_callable,
+)
+from robust_rlhf.llm.data import infer_schema, read_rows, row_problems
+from robust_rlhf.llm.references import GenerationOptions, generate_references, vllm_available
+from robust_rlhf.theory.errors import InputError
+
+
+_oracle = oracle_g
+
+
+def test_callable_scorer_annotates_every_pair() -> None:
+    rows = make_rows(5, n_pairs=2, seed=40, preferences=False)
+    schema = infer_schema(rows[0].keys())
+    out = annotate(rows, schema, CallableScorer(_oracle))
+    new_schema = infer_schema(out[0].keys())
+    assert new_schema.has_preferences and new_schema.n_ref_pairs == 2
+    for r in out:
+        assert r["chosen_preference"] == _oracle(r["prompt"], r["chosen"], r["rejected"])
+        assert r["rejected_preference"] == pytest.approx(1 - r["chosen_preference"])
+        assert r["a_3_preference"] == _oracle(r["prompt"], r["a_3"], r["a_4"])
+        assert row_problems(r, 0, new_schema) == []
+    with pytest.raises(InputError, match="not a probability"):
+        annotate(rows, schema, CallableScorer(lambda p, a, b: 1.5))
+
+
+def test_reward_model_scorer_is_sigmoid_of_reward_difference(tokenizer: Any) -> None:
+    model = make_reward_model(tokenizer, seed=2)
+    scorer = RewardModelScorer(model, tokenizer, batch_size=3)
+    rows = make_rows(4, n_pairs=1, seed=41, preferences=False)
+    prompts = [r["prompt"] for r in rows]
+    g = scorer(prompts, [r["chosen"] for r in rows], [r["rejected"] for r in rows])
+    model.eval()
+    with torch.no_grad():
+
+        def r_of(p: str, y: str) -> float:
+            ids = [tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]
+            ids += tokenizer(y, add_special_tokens=False)["input_ids"]
+            return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+        want = [
+            torch.sigmoid(torch.tensor(r_of(r["prompt"], r["chosen"]) - r_of(r["prompt"], r["rejected"]))).item()
+            for r in rows
+        ]
+    assert g == pytest.approx(want, abs=1e-5)
+    # chat rows go through the chat template
+    chat = make_rows(2, n_pairs=1, seed=42, chat=True, preferences=False)
+    assert len(scorer.rewards([c["prompt"] for c in chat], [c["chosen"] for c in chat])) == 2
+
+
+def test_pairwise_scorer_symmetrised_sums_to_one(tokenizer: Any) -> None:
+    model = make_reward_model(tokenizer, seed=6)
+    rows = make_rows(3, n_pairs=1, seed=43, preferences=False)
+    p, a, b = [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]
+    sym = PairwiseModelScorer(model, tokenizer, template="{prompt} A : {first} B : {second}")
+    g_ab, g_ba = sym(p, a, b), sym(p, b, a)
+    assert [x + y for x, y in zip(g_ab, g_ba)] == pytest.approx([1.0] * 3, abs=1e-6)
+    raw = PairwiseModelScorer(model, tokenizer, template="{prompt} A : {first} B : {second}", symmetrize=False)
+    assert abs(raw(p, a, b)[0] + raw(p, b, a)[0] - 1.0) > 1e-6  # an untrained model is position-biased
+
+
+def test_cross_fit_never_scores_a_row_with_a_model_fitted_on_it() -> None:
+    rows = make_rows(10, n_pairs=1, seed=44, preferences=False)
+    schema = infer_schema(rows[0].keys())
+    seen: list[set[str]] = []
+
+    def fit(train_rows: list[dict]) -> Any:
+        keys = {r["prompt"] + "|" + r["chosen"] for r in train_rows}
+        seen.append(keys)
+        fold = len(seen) - 1
+
+        def g(prompt: str, a: str, b: str) -> float:
+            return fold / 10  # which fitted model scored the row
+
+        return CallableScorer(g)
+
+    out = cross_fit(rows, schema, 3, fit, seed=1)
+    assert len(seen) == 3 and sorted(len(s) for s in seen) == [6, 7, 7]
+    assert [r["prompt"] for r in out] == [r["prompt"] for r in rows]
+    for r in out:
+        fold = round(r["chosen_preference"] * 10)
+        assert r["prompt"] + "|" + r["chosen"] not in seen[fold]
+        assert r["a_1_preference"] == r["chosen_preference"]
+    with pytest.raises(InputError, match="folds"):
+        cross_fit(rows, schema, 1, fit)
+
+
+def test_cached_annotate_computes_once(tmp_path: Any) -> None:
+    rows = make_rows(4, n_pairs=1, seed=45, preferences=False)
+    schema = infer_schema(rows[0].keys())
+    calls = []
+
+    def compute() -> list[dict]:
+        calls.append(1)
+        return annotate(rows, schema, CallableScorer(_oracle))
+
+    a = cached_annotate(rows, schema, compute, tmp_path, key="oracle")
+    b = cached_annotate(rows, schema, compute, tmp_path, key="oracle")
+    assert len(calls) == 1 and a == b
+    cached_annotate(rows, schema, compute, tmp_path, key="another source")
+    assert len(calls) == 2
+
+
+def test_load_callable() -> None:
+    assert load_callable("math:sqrt")(4.0) == 2.0
+    with pytest.raises(InputError, match="module:function"):
+        load_callable("math.sqrt")
+    with pytest.raises(InputError, match="cannot import"):
+        load_callable("no_such_module_xyz:f")
+    with pytest.raises(InputError, match="no callable"):
+        load_callable("math:no_such_fn")
+
+
+def test_generate_references_resumes_to_the_same_file(tokenizer: Any, tmp_path: Any) -> None:
+    model = make_causal_lm(tokenizer, seed=0)
+    rows = make_rows(5, n_pairs=1, seed=46)  # old a_1/a_2 and probabilities are replaced
+    opts = GenerationOptions(n_pairs=2, max_new_tokens=4, batch_size=2, seed=3)
+    full = tmp_path / "full.jsonl"
+    assert generate_references(rows, full, opts, model=model, tokenizer=tokenizer) == 5
+    part = tmp_path / "part.jsonl"
+    assert generate_references(rows, part, opts, model=model, tokenizer=tokenizer, max_batches=1) == 2
+    assert generate_references(rows, part, opts, model=model, tokenizer=tokenizer) == 5
+    assert part.read_text() == full.read_text()
+    out = read_rows(full)
+    assert all(f"a_{k}" in r for r in out for k in range(1, 5))
+    assert all("a_1_preference" not in r and "chosen_preference" in r for r in out)
+    assert [r["prompt"] for r in out] == [r["prompt"] for r in rows]
+    assert any(out[0]["a_1"] != out[0][f"a_{k}"] for k in (2, 3, 4))  # sampled, not greedy copies
+    # a finished file is left alone; another input is refused
+    assert generate_references(rows, full, opts, model=model, tokenizer=tokenizer) == 5
+    other = make_rows(5, n_pairs=0, seed=47)
+    with pytest.raises(InputError, match="another prompt"):
+        generate_references(other, part, opts, model=model, tokenizer=tokenizer)
+    # chat prompts get assistant messages
+    chat = make_rows(2, n_pairs=0, seed=48, chat=True)
+    generate_references(
+        chat, tmp_path / "chat.jsonl", GenerationOptions(n_pairs=1, max_new_tokens=3), model=model, tokenizer=tokenizer
+    )
+    first = json.loads((tmp_path / "chat.jsonl").read_text().splitlines()[0])
+    assert first["a_1"][0]["role"] == "assistant"
+    if not vllm_available():
+        with pytest.raises(InputError, match="vLLM is not installed"):
+            generate_references(
+                rows, tmp_path / "v.jsonl", GenerationOptions(backend="vllm"), tokenizer=tokenizer, model_path="x"
+            )
+
+
+def test_best_of_n_picks_the_highest_reward(tokenizer: Any) -> None:
+    from robust_rlhf.llm.policy import best_of_n
+
+    policy = make_causal_lm(tokenizer, seed=0)
+    scorer = RewardModelScorer(make_reward_model(tokenizer, seed=2), tokenizer)
+    prompts = [r["prompt"] for r in make_rows(3, n_pairs=0, seed=49)]
+    out = best_of_n(prompts, policy, tokenizer, scorer, n=4, options=GenerationOptions(max_new_tokens=4, batch_size=2))
+    assert len(out) == 3
+    for o in out:
+        r = scorer.rewards([o["prompt"]] * 4, o["candidates"])
+        assert r.tolist() == pytest.approx(o["rewards"], abs=1e-5)
+        assert o["reward"] == pytest.approx(max(o["rewards"])) and o["response"] == o["candidates"][int(r.argmax())]
+
+
+def test_rl_step_needs_trl_and_uses_its_public_api(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from robust_rlhf.llm.policy import train_rl_policy
+
+    scorer = RewardModelScorer(make_reward_model(tokenizer, seed=2), tokenizer)
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
+    with pytest.raises(InputError, match="pip install trl"):
+        train_rl_policy("grpo", "some-model", scorer, [], "out")
+    with pytest.raises(InputError, match="algorithm"):
+        train_rl_policy("ppo", "some-model", scorer, [], "out")
+
+    calls: dict[str, Any] = {}
+
+    class FakeConfig:
+        def __init__(self, **kw: Any) -> None:
+            calls["config"] = kw
+
+    class FakeTrainer:
+        def __init__(self, model: Any, reward_funcs: Any, args: Any, train_dataset: Any, processing_class: Any) -> None:
+            calls["init"] = dict(model=model, args=args, train_dataset=train_dataset)
+            calls["reward"] = reward_funcs
+
+        def train(self) -> None:
+            calls["trained"] = True
+
+    fake = types.ModuleType("trl")
+    fake.RLOOTrainer, fake.RLOOConfig = FakeTrainer, FakeConfig
+    monkeypatch.setitem(sys.modules, "trl", fake)
+    train_rl_policy("rloo", "policy-path", scorer, ["ds"], "out", learning_rate=1e-6)
+    assert calls["trained"] and calls["config"] == {"output_dir": "out", "learning_rate": 1e-6}
+    prompts, completions = ["the cat", "a dog"], ["is blue", "runs"]
+    assert calls["reward"](prompts=prompts, completions=completions, completion_ids=None) == pytest.approx(
+        scorer.rewards(prompts, completions).tolist()
+    )
+    with pytest.raises(InputError, match="no GRPOTrainer"):
+        train_rl_policy("grpo", "policy-path", scorer, ["ds"], "out")
