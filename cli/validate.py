@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         task = bar.add_task(f"study {spec.name}: cells", total=len(spec.cells()))
         study = run_study(spec, out, jobs=args.jobs, backend=args.backend,
                           progress=lambda done, total: bar.update(task, completed=done))
-    report = analyse(study.results, study.predictions, seed=spec.seed)
+    report = analyse(study.results, study.predictions, seed=spec.seed, pessimism=study.pessimism,
+                     delta=spec.pessimism.delta if spec.pessimism else 0.1)
     _save_report(report, out)
     figures = [] if args.no_figures else _figures(study, report, out)
     if args.json:
@@ -135,8 +136,10 @@ def run(args: argparse.Namespace) -> int:
 def _save_report(report, out: Path) -> None:
     from robust_rlhf.theory.io import atomic_path
 
-    for name, frame in (("cell_checks.csv", report.cells), ("slopes.csv", report.slopes),
-                        ("claims.csv", report.claims_frame())):
+    frames = [("cell_checks.csv", report.cells), ("slopes.csv", report.slopes), ("claims.csv", report.claims_frame())]
+    if report.pessimism is not None:
+        frames.append(("pessimism_checks.csv", report.pessimism))
+    for name, frame in frames:
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
     with atomic_path(out / "claims.json") as tmp:

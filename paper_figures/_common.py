@@ -30,7 +30,9 @@ def figure_main(name: str, doc: str) -> Path:
         study = load_study(args.study)
     else:
         study = run_study(DEFAULT_STUDY, args.study, jobs=args.jobs)
-    report = analyse(study.results, study.predictions, seed=study.spec.seed)
+    pess = study.spec.pessimism
+    report = analyse(study.results, study.predictions, seed=study.spec.seed, pessimism=study.pessimism,
+                     delta=pess.delta if pess else 0.1)
     path = plots.FIGURES[name](study, report, args.out)
-    print(path)
+    print(path if path is not None else f"{name}: the study has no data for this figure")
     return path

@@ -45,11 +45,12 @@ _Z = 1.959963984540054
 
 @dataclass(frozen=True)
 class Report:
-    """Cell checks, log-MSE slopes and named claims of a study."""
+    """Cell checks, log-MSE slopes, the pessimism bound's checks and named claims of a study."""
 
     cells: pd.DataFrame
     slopes: pd.DataFrame
     claims: list[dict[str, Any]]
+    pessimism: pd.DataFrame | None = None
 
     def claims_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.claims)
@@ -88,8 +89,9 @@ def _interval(samples: np.ndarray, rel_extra: float = 0.0, point: float | None =
 
 
 def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int = BOOTSTRAP,
-            seed: int = 0) -> Report:
-    """Cell checks, slopes and claims of a study's tables (see the module docstring)."""
+            seed: int = 0, pessimism: pd.DataFrame | None = None, delta: float = 0.1) -> Report:
+    """Cell checks, slopes and claims of a study's tables (see the module docstring); with a
+    ``pessimism`` table, the bound's coverage at level ``1 - delta`` too."""
     reps = int(results["rep"].max()) + 1
     idx = np.random.default_rng(seed).integers(0, reps, size=(bootstrap, reps))
     cols = _theta_columns(results)
@@ -140,7 +142,52 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
     _add_ratios(cells, boot_var, preds)
     slopes = _slopes(results, idx, cols)
     claims = _claims(cells, by_cell, boot_var, idx, preds, cols)
-    return Report(cells=cells, slopes=slopes, claims=claims)
+    pess = None
+    if pessimism is not None and len(pessimism):
+        pess, pess_claims = _pessimism(pessimism, delta, bootstrap, seed)
+        claims = sorted(claims + pess_claims, key=lambda c: (c["name"], c["scenario"], c["estimator"]))
+    return Report(cells=cells, slopes=slopes, claims=claims, pessimism=pess)
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson 95% interval of a binomial proportion ``k / n``."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + _Z ** 2 / (2 * n)) / (1 + _Z ** 2 / n)
+    half = _Z * math.sqrt(p * (1 - p) / n + _Z ** 2 / (4 * n * n)) / (1 + _Z ** 2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _pessimism(table: pd.DataFrame, delta: float, bootstrap: int, seed: int) -> tuple[pd.DataFrame, list[dict]]:
+    """Per (n, estimator): share of replications where the bound held (Wilson CI), mean bound, largest
+    possible regret, regret of the certified and of the asymptotic pessimistic policy; claim 6 per
+    estimator, pooled over n: the bound holds with probability >= 1 - delta."""
+    rng = np.random.default_rng(seed)
+    rows, claims = [], []
+    for (scenario, n, est), g in table.groupby(["scenario", "n", "estimator"], sort=False):
+        held = int(g.held.sum())
+        lo, hi = _wilson(held, len(g))
+        asym = g.regret_pessimistic.to_numpy()
+        boot = [np.nanmean(asym[rng.integers(0, len(asym), len(asym))]) for _ in range(bootstrap)]
+        rows.append({"scenario": scenario, "n": n, "estimator": est, "reps": len(g), "held": held / len(g),
+                     "held_low": lo, "held_high": hi, "bound": float(g.bound_dagger.mean()),
+                     "max_regret": float(g.max_regret.mean()), "radius": float(g.radius.mean()),
+                     "regret_certified": float(g.regret_dagger.mean()),
+                     "regret_pessimistic": float(np.nanmean(asym)),
+                     "regret_pessimistic_low": float(np.nanpercentile(boot, 2.5)),
+                     "regret_pessimistic_high": float(np.nanpercentile(boot, 97.5))})
+    summary = pd.DataFrame(rows)
+    for (scenario, est), g in table.groupby(["scenario", "estimator"], sort=False):
+        held, total = int(g.held.sum()), len(g)
+        lo, hi = _wilson(held, total)
+        last = summary[(summary.scenario == scenario) & (summary.estimator == est)].sort_values("n").iloc[-1]
+        note = (f"bound {last.bound:.3g} against a largest possible regret of {last.max_regret:.3g} at "
+                f"n = {int(last.n)}" + (": vacuous" if last.bound >= last.max_regret else ""))
+        claims.append(_claim("6_bound_holds", scenario, est, int(last.n), 1 - delta, held / total, lo, hi,
+                             f"the explicit pessimism regret bound of {est} holds with probability >= {1 - delta:g} "
+                             f"({total} replications over n; {note})", confirmed=hi >= 1 - delta))
+    return summary, claims
 
 
 def _verdict(predicted: float, low: float, high: float) -> str:

@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from robust_rlhf.theory.data import PairData
+from robust_rlhf.theory.data import PairData, PairPopulation
 
 from .auxiliary import AuxSpec, build_aux
 from .reference import sample_responses
 from .scenario import Scenario, SpecError
 
-__all__ = ["PreferenceData", "sample", "save", "STREAMS"]
+__all__ = ["PreferenceData", "sample", "sample_population", "save", "STREAMS"]
 
 STREAMS = {"prompts": 0, "pairs": 1, "labels": 2, "reference": 3, "unlabelled_prompts": 4,
            "unlabelled_pairs": 5, "crossfit": 6}
@@ -281,6 +281,40 @@ def sample(
         ref_g_star=ref_g_star.reshape(R, n_ref), ref_weight=weight.reshape(R, n_ref), x_unlabelled=xu,
     )
     return data.with_aux(aux) if aux is not None else data
+
+
+def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1, *, M: int = 0,
+                      g_hat: np.ndarray | None = None, first_rep: int = 0) -> PairData:
+    """Pairs from a finite prompt population: prompts uniform over the ``P`` rows of ``pop``, responses
+    from ``pop.pi``, labels ``Bernoulli(g*)``, ``M`` reference pairs per prompt with ``g_hat`` (P, K, K).
+
+    Finite populations make the assumptions of the finite-sample bounds exact (bounded features,
+    design constants computed over the population); replication ``r`` is seeded as in ``sample``.
+    """
+    n = _check_int("n", n, 1)
+    reps = _check_int("reps", reps, 1)
+    M = _check_int("M", M, 0)
+    if M and g_hat is None:
+        raise SpecError("sample_population: reference pairs (M >= 1) need g_hat")
+    P, K = pop.pi.shape
+    R = reps
+    draws = [_rng(seed, "data", r, "prompts") for r in range(first_rep, first_rep + R)]
+    rows = np.stack([g.integers(0, P, n) for g in draws])  # (R, n)
+    pi = pop.pi[rows]
+    y = sample_responses(pi, np.stack([_rng(seed, "data", r, "pairs").random((n, 2))
+                                      for r in range(first_rep, first_rep + R)]))
+    phi = pop.phi[rows]  # (R, n, K, d)
+    dphi = _gather(phi, y[..., :1])[..., 0, :] - _gather(phi, y[..., 1:])[..., 0, :]
+    gs = pop.g_star[rows, y[..., 0], y[..., 1]]
+    z = (np.stack([_rng(seed, "data", r, "labels").random(n) for r in range(first_rep, first_rep + R)]) < gs)
+    if not M:
+        return PairData(dphi=dphi, z=z.astype(np.float64))
+    u = np.stack([_rng(seed, "data", r, "reference").random((n, 2 * M)) for r in range(first_rep, first_rep + R)])
+    ref_y = sample_responses(pi, u).reshape(R, n, M, 2)
+    ref_dphi = (_gather(phi, ref_y[..., 0]) - _gather(phi, ref_y[..., 1])).reshape(R, n * M, -1)
+    ref_g = g_hat[rows[..., None], ref_y[..., 0], ref_y[..., 1]].reshape(R, n * M)
+    return PairData(dphi=dphi, z=z.astype(np.float64), g=g_hat[rows, y[..., 0], y[..., 1]], dphi_ref=ref_dphi,
+                    g_ref=ref_g, ref_row=np.repeat(np.arange(n), M))
 
 
 def save(data: PreferenceData, path: str | Path) -> Path:

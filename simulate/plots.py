@@ -70,7 +70,8 @@ def _off_scale(ax, sub: pd.DataFrame, value: str, top: float) -> None:
     """Name the points above the axis instead of letting them squash everything else."""
     off = sub[sub[value] > top]
     if len(off):
-        text = "off scale: " + "; ".join(f"{r.estimator} n={r.n}: {getattr(r, value):.2g}" for r in off.itertuples())
+        text = "off scale (shown at the top): " + "; ".join(
+            f"{r.scenario} {r.estimator} n={r.n}: {getattr(r, value):.2g}" for r in off.itertuples())
         ax.text(0.02, 0.98, text, transform=ax.transAxes, fontsize=7, va="top", wrap=True,
                 bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
 
@@ -114,33 +115,50 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
 
 
 def variance_ratio(study: Study, report: Report, out: Path) -> Path:
-    """Predicted against measured variance ratio over the MLE, one point per cell with its 95% CI;
-    on the diagonal when the theory holds."""
+    """Predicted against measured variance ratio over the MLE, one point per cell with its 95% CI, on
+    the diagonal when the theory holds: left, the cells whose predicted ratio is at most 1 (linear
+    axes); right, every cell (log axes, points far above their prediction named off scale)."""
     plt, _ = _setup()
     cells = report.cells[(report.cells.estimator != "mle") & np.isfinite(report.cells.pred_ratio)].copy()
     scenarios = list(dict.fromkeys(cells.scenario))
     colors = _palette(scenarios)
-    fig, ax = plt.subplots(figsize=(5.2, 4.8))
     markers = dict(zip(sorted(cells.n.unique()), "ovs^DP*X"))
-    for (scenario, n), g in cells.groupby(["scenario", "n"]):
-        ax.errorbar(g.pred_ratio, g.ratio, yerr=[g.ratio - g.ratio_low, g.ratio_high - g.ratio], fmt=markers[n],
-                    color=colors[scenario], ms=5, lw=0.8, capsize=2, alpha=0.85)
-    lo = float(min(cells.pred_ratio.min(), cells.ratio.min())) * 0.9
-    hi = float(max(cells.pred_ratio.max(), cells.ratio.max())) * 1.15
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="measured = predicted")
-    if hi / max(lo, 1e-9) > 8:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(lo, hi)
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.8))
+    panels = ((axes[0], cells[cells.pred_ratio <= 1.0 + 1e-9], False, "cells with predicted ratio <= 1"),
+              (axes[1], cells, True, "every cell"))
+    for ax, sub, log, title in panels:
+        if sub.empty:
+            ax.set_visible(False)
+            continue
+        if log:
+            lo = 0.7 * float(sub.pred_ratio.min())
+            hi = 20.0 * float(sub.pred_ratio.max())
+        else:
+            lo = min(float(sub.pred_ratio.min()), float(sub.ratio_low.min())) - 0.03
+            hi = max(float(sub.pred_ratio.max()), float(sub.ratio_high.max())) + 0.03
+            hi = min(hi, 1.0 + 3.0 * (1.0 - lo)) if hi > 2 else hi
+        for (scenario, n), g in sub.groupby(["scenario", "n"]):
+            ax.errorbar(g.pred_ratio, g.ratio.clip(upper=hi), yerr=[(g.ratio - g.ratio_low).clip(lower=0),
+                        (g.ratio_high - g.ratio).clip(lower=0)], fmt=markers[n], color=colors[scenario], ms=5,
+                        lw=0.8, capsize=2, alpha=0.85)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        _off_scale(ax, sub.rename(columns={"ratio": "ratio_measured"}), "ratio_measured", hi)
+        ax.set_xlabel("predicted variance ratio (estimator / MLE)")
+        ax.set_ylabel("measured variance ratio (95% CI)")
+        ax.set_title(title)
+    axes[1].plot([], [], "k--", lw=1, label="measured = predicted")
     for scenario in scenarios:
-        ax.plot([], [], "o", color=colors[scenario], label=scenario)
+        axes[1].plot([], [], "o", color=colors[scenario], label=scenario)
     for n, m in markers.items():
-        ax.plot([], [], m, color="gray", label=f"n = {n}")
-    ax.set_xlabel("predicted variance ratio (estimator / MLE)")
-    ax.set_ylabel("measured variance ratio (95% CI)")
-    ax.set_title("variance ratio over the MLE: theory against simulation")
-    ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        axes[1].plot([], [], m, color="gray", label=f"n = {n}")
+    axes[1].legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("variance ratio over the MLE: theory against simulation (paired, 95% bootstrap CI)", y=1.01)
+    fig.tight_layout()
     table = cells[["scenario", "estimator", "n", "pred_ratio", "ratio", "ratio_low", "ratio_high", "ratio_check"]]
     return _save(fig, table, out, "variance_ratio")
 
@@ -205,12 +223,37 @@ def coverage_vs_n(study: Study, report: Report, out: Path) -> Path:
     return _save(fig, table, out, "coverage_vs_n")
 
 
-FIGURES: dict[str, Callable[[Study, Report, Path], Path]] = {
+def pessimism_bound(study: Study, report: Report, out: Path) -> Path | None:
+    """The explicit regret bound of the pessimistic policy against n, beside the largest possible
+    regret, the regret of the policy it certifies and of the asymptotic-ellipsoid pessimistic policy."""
+    if report.pessimism is None:
+        return None
+    plt, _ = _setup()
+    table = report.pessimism
+    ests = list(dict.fromkeys(table.estimator))
+    colors = _palette(ests)
+    fig, ax = plt.subplots(figsize=(6.2, 4.4))
+    for est in ests:
+        e = table[table.estimator == est].sort_values("n")
+        ax.plot(e.n, e.bound, "s--", color=colors[est], label=f"{est}: explicit bound", lw=1.2, ms=4)
+        ax.plot(e.n, e.regret_certified, "^:", color=colors[est], label=f"{est}: certified policy", lw=1.0, ms=4)
+        ax.plot(e.n, e.regret_pessimistic, "o-", color=colors[est], label=f"{est}: asymptotic pessimism", lw=1.4, ms=4)
+        ax.fill_between(e.n, e.regret_pessimistic_low, e.regret_pessimistic_high, color=colors[est], alpha=0.15, lw=0)
+    ax.axhline(float(table.max_regret.mean()), color="black", lw=1.2, ls="-.", label="largest possible regret")
+    _n_axis(ax, table.n.unique())
+    ax.set_yscale("log")
+    ax.set_ylabel(r"regret under $\theta^\dagger \cdot \phi$ (true utility for asymptotic)")
+    ax.set_title(f"pessimistic policy on {table.scenario.iloc[0]}: bound against regret")
+    ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, table, out, "pessimism_bound")
+
+
+FIGURES: dict[str, Callable[[Study, Report, Path], Path | None]] = {
     "mse_vs_n": mse_vs_n, "variance_ratio": variance_ratio, "regret_vs_n": regret_vs_n,
-    "coverage_vs_n": coverage_vs_n,
+    "coverage_vs_n": coverage_vs_n, "pessimism_bound": pessimism_bound,
 }
 
 
 def study_figures(study: Study, report: Report, out: Path) -> list[Path]:
-    """Every figure of ``FIGURES`` into folder ``out``."""
-    return [draw(study, report, Path(out)) for draw in FIGURES.values()]
+    """Every figure of ``FIGURES`` that the study has data for, into folder ``out``."""
+    return [p for p in (draw(study, report, Path(out)) for draw in FIGURES.values()) if p is not None]

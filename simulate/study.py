@@ -41,6 +41,7 @@ import pandas as pd
 from robust_rlhf.theory.errors import InputError
 
 from .auxiliary import AuxSpec, aux_population
+from .pessimism import PessimismSpec, run_pessimism
 from .registry import SCENARIOS, get_scenario
 from .scenario import Scenario, SpecError
 
@@ -120,7 +121,8 @@ class StudySpec:
 
     ``population``: prompts of the population behind ``theta_dagger`` and every prediction;
     ``eval_prompts``: prompts on which policies are evaluated; ``kl_beta``: temperature of the
-    KL-regularised policy; ``chunk``: replications fitted together (bounds memory).
+    KL-regularised policy; ``chunk``: replications fitted together (bounds memory); ``pessimism``:
+    where the finite-sample bound of the pessimistic policy is checked (``simulate.pessimism``).
     """
 
     name: str = "study"
@@ -133,6 +135,7 @@ class StudySpec:
     eval_prompts: int = 1_000
     kl_beta: float = 1.0
     chunk: int = 250
+    pessimism: PessimismSpec | dict | None = None
 
     def __post_init__(self) -> None:
         if not self.scenarios:
@@ -165,6 +168,7 @@ class StudySpec:
             _int(key, getattr(self, key), low)
         if not (isinstance(self.kl_beta, (int, float)) and self.kl_beta > 0):
             raise SpecError(f"study field 'kl_beta' = {self.kl_beta!r} must be a number > 0")
+        object.__setattr__(self, "pessimism", PessimismSpec.parse(self.pessimism))
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "StudySpec":
@@ -193,6 +197,7 @@ class StudySpec:
         out["scenarios"] = list(self.scenarios)
         out["n"] = list(self.n)
         out["estimators"] = [asdict(e) for e in self.estimators]
+        out["pessimism"] = None if self.pessimism is None else self.pessimism.to_dict()
         return out
 
     def fingerprint(self) -> str:
@@ -214,6 +219,7 @@ class StudySpec:
     def cells(self) -> list["Cell"]:
         """Every (scenario, n, estimator), in the order of the final table."""
         return [Cell(s, n, e) for s in self.scenario_names for n in self.n for e in self.estimators]
+
 
 
 @dataclass(frozen=True)
@@ -257,6 +263,7 @@ DEFAULT_STUDY = StudySpec(
                                              "vrpo_reversed_M4")),
     reps=200,
     seed=0,
+    pessimism=PessimismSpec(n=(1600, 6400, 25600)),
 )
 
 
@@ -413,6 +420,26 @@ def _cell_done(out: Path, cell: Cell) -> bool:
     return (out / "cells" / f"{cell.key}.parquet").exists() and (out / "cells" / f"{cell.key}.json").exists()
 
 
+def _pessimism_path(out: Path, key: str) -> Path:
+    return out / "pessimism" / f"{key}.parquet"
+
+
+def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path) -> list[str]:
+    """One pessimism cell (``simulate.pessimism``), written atomically."""
+    from robust_rlhf.theory.io import atomic_path
+
+    if _in_worker():
+        import torch
+
+        torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # separable fits and solver accuracy notes are recorded per row
+        table = run_pessimism(spec.pessimism, n, est, spec.seed)
+    with atomic_path(_pessimism_path(out, spec.pessimism.key(n, est))) as tmp:
+        table.to_parquet(tmp, index=False)
+    return [spec.pessimism.key(n, est)]
+
+
 def _compute_and_store(spec: StudySpec, cells: list[Cell], out: Path) -> list[str]:
     """Run the unfinished ``cells`` of one (scenario, estimator), sharing its predictions."""
     from robust_rlhf.theory.io import atomic_path
@@ -443,6 +470,7 @@ class Study:
     results: pd.DataFrame
     predictions: pd.DataFrame
     folder: Path
+    pessimism: pd.DataFrame | None = None
 
 
 def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str = "loky",
@@ -459,6 +487,7 @@ def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str =
     out = Path(out)
     _check_folder(spec, out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "pessimism").mkdir(exist_ok=True)
     _write_json(out / "study.json", {"fingerprint": spec.fingerprint(), "spec": spec.to_dict(),
                                      "seed": spec.seed, "versions": _versions()})
     cells = spec.cells()
@@ -466,17 +495,22 @@ def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str =
     groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in todo:
         groups.setdefault((cell.scenario, cell.estimator.name), []).append(cell)
-    done = len(cells) - len(todo)
+    pess = [] if spec.pessimism is None else spec.pessimism.cells()
+    pess_todo = [(n, e) for n, e in pess if not _pessimism_path(out, spec.pessimism.key(n, e)).exists()]
+    total = len(cells) + len(pess)
+    done = total - len(todo) - len(pess_todo)
     if progress:
-        progress(done, len(cells))
+        progress(done, total)
+    tasks = [(_compute_pessimism, (spec, n, e, out)) for n, e in pess_todo]  # slowest first
+    tasks += [(_compute_and_store, (spec, g, out)) for g in groups.values()]
     if jobs == 1:
-        results: Iterable[list[str]] = (_compute_and_store(spec, g, out) for g in groups.values())
+        results: Iterable[list[str]] = (fn(*a) for fn, a in tasks)
     else:
-        results = _parallel(backend, jobs, (delayed(_compute_and_store)(spec, g, out) for g in groups.values()))
+        results = _parallel(backend, jobs, (delayed(fn)(*a) for fn, a in tasks))
     for keys in results:
         done += len(keys)
         if progress:
-            progress(done, len(cells))
+            progress(done, total)
     return _assemble(spec, out)
 
 
@@ -520,7 +554,15 @@ def _assemble(spec: StudySpec, out: Path) -> Study:
     flat = preds.drop(columns=["pred_cov"]).assign(theta_dagger=preds.theta_dagger.map(json.dumps))
     with atomic_path(out / "predictions.csv") as tmp:
         flat.to_csv(tmp, index=False)
-    return Study(spec=spec, results=results, predictions=preds, folder=out)
+    pessimism = None
+    if spec.pessimism is not None:
+        pessimism = pd.concat([pd.read_parquet(_pessimism_path(out, spec.pessimism.key(n, e)))
+                               for n, e in spec.pessimism.cells()], ignore_index=True)
+        for ext, write in (("parquet", lambda f, t: f.to_parquet(t, index=False)),
+                           ("csv", lambda f, t: f.to_csv(t, index=False))):
+            with atomic_path(out / f"pessimism.{ext}") as tmp:
+                write(pessimism, tmp)
+    return Study(spec=spec, results=results, predictions=preds, folder=out, pessimism=pessimism)
 
 
 def load_study(out: str | Path) -> Study:
@@ -531,6 +573,9 @@ def load_study(out: str | Path) -> Study:
         raise InputError(f"{out}: no study.json; not a study folder")
     spec = StudySpec.from_dict(json.loads(meta.read_text())["spec"])
     missing = [c.key for c in spec.cells() if not _cell_done(out, c)]
+    if spec.pessimism is not None:
+        missing += [k for k in (spec.pessimism.key(n, e) for n, e in spec.pessimism.cells())
+                    if not _pessimism_path(out, k).exists()]
     if missing:
         raise InputError(f"{out}: {len(missing)} cell(s) unfinished (e.g. {missing[0]}); rerun the study to finish them")
     return _assemble(spec, out)

@@ -140,3 +140,35 @@ def test_checks_report_claims_and_can_fail(tiny) -> None:
     # and the same tables give the same report
     again = analyse(tiny.results, tiny.predictions)
     pd.testing.assert_frame_equal(again.cells, report.cells)
+
+
+def test_pessimism_bound_is_checked(tmp_path) -> None:
+    """The explicit bound holds (it must, with probability >= 1 - delta) and the report says whether
+    it is vacuous; the certified policy never does better than the bound allows."""
+    spec = StudySpec.from_dict({**TINY, "estimators": ["mle"], "n": [150],
+                                "pessimism": {"n": [200, 800], "reps": 4, "prompts": 12, "delta": 0.2}})
+    study = run_study(spec, tmp_path / "p")
+    pess = study.pessimism
+    assert len(pess) == 2 * 2 * 4 and set(pess.estimator) == {"mle", "vrpo_M4"}
+    assert (pess.regret_dagger <= pess.bound_dagger + 1e-9).all() and pess.held.all()
+    assert (pess.radius[pess.n == 800].mean() < pess.radius[pess.n == 200].mean())  # shrinks with n
+    report = analyse(study.results, study.predictions, pessimism=pess, delta=0.2)
+    claims = [c for c in report.claims if c["name"] == "6_bound_holds"]
+    assert len(claims) == 2 and all(c["verdict"] == "confirmed" for c in claims)
+    assert all("largest possible regret" in c["text"] for c in claims)
+    assert set(report.pessimism.columns) >= {"held", "held_low", "bound", "max_regret", "regret_pessimistic"}
+    assert (tmp_path / "p" / "pessimism.csv").exists()
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"pessimism": {"reps": 1}}, r"'pessimism.reps' = 1 must be an integer >= 2"),
+    ({"pessimism": {"estimators": ["vrpo_exact"]}}, "the bound covers the MLE and VRPO with M pairs"),
+    ({"pessimism": {"estimators": ["vrpo_tuned_M4"]}}, "the bound covers the MLE and VRPO with M pairs"),
+    ({"pessimism": {"scenario": "nope"}}, "unknown scenario 'nope'"),
+    ({"pessimism": {"delta": 1.5}}, r"'pessimism.delta' = 1.5 must be in \(0, 1\)"),
+    ({"pessimism": {"colour": 1}}, "unknown study field 'pessimism.colour'"),
+    ({"pessimism": {"n": [0]}}, "'pessimism.n'"),
+])
+def test_bad_pessimism_specs(change: dict, match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        StudySpec.from_dict({**TINY, **change})

@@ -1,0 +1,180 @@
+r"""The pessimism part of a validation study: the finite-sample regret bound checked by simulation.
+
+Pessimism cells are their own units of a study (``StudySpec.pessimism``), on their own scenario:
+on a finite prompt population (``P`` prompts drawn once from the scenario, then sampled uniformly;
+``theory.bounds`` needs bounded features, ``||phi|| <= L``, and computes the design constants exactly
+over the population), each replication
+
+1. fits the norm-constrained estimator ``theta_hat = argmin_{||theta|| <= B} L_n`` (MLE, or VRPO with
+   its fixed ``g_hat``), ``B = bound_scale ||theta_dagger||``;
+2. computes the explicit radius ``Gamma`` of ``theory.bounds.estimation_radius`` (with probability
+   ``>= 1 - delta``, ``||theta_hat - theta_dagger||_M <= Gamma``);
+3. builds the pessimistic policy of Zhu, Jordan and Jiao (2023) over that ellipsoid;
+4. records its regret under the utility ``theta_dagger . phi`` against the comparator
+   ``argmax theta_dagger . phi`` and the bound ``2 Gamma ||w(pi_comp)||_{M^-1}``
+   (``pessimistic_regret_bound``), and whether the bound held; and, with the asymptotic sandwich
+   ellipsoid of the unconstrained fit, the pessimistic policy's regret under the true utility.
+
+The bound must hold in at least a share ``1 - delta`` of the replications. ``max_regret`` (the mean
+over prompts of the utility range) is the regret no policy can exceed: a bound above it says nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .scenario import SpecError
+
+__all__ = ["PessimismSpec", "run_pessimism"]
+
+_PESS_SEED = 20_250_405
+
+
+_DEFAULT_SCENARIO = {"name": "label_flip_tanh", "features": {"map": "tanh", "prompt_dim": 3},
+                     "preference": {"model": "label_flip", "eps": 0.2},
+                     "description": "BT labels flipped at rate 0.2 on bounded tanh features (||phi|| <= sqrt d)"}
+
+
+@dataclass(frozen=True)
+class PessimismSpec:
+    """Where and how the bound is checked: a ``scenario`` (registered name or spec; the bound needs
+    bounded features, so tanh features by default), ``estimators`` (catalogue names or settings), sample
+    sizes ``n``, ``reps`` replications per cell, a population of ``prompts`` prompts, level ``delta``,
+    ridge ``mu`` of ``M = Sigma + mu I`` (default ``d/n``: a fixed ridge adds ``2 sqrt(mu) B`` to the
+    radius, which then stops shrinking with n) and ``B = bound_scale * ||theta_dagger||``."""
+
+    scenario: Any = field(default_factory=lambda: dict(_DEFAULT_SCENARIO))
+    estimators: tuple = ("mle", "vrpo_M4")
+    n: tuple[int, ...] = (800, 1600)
+    reps: int = 20
+    prompts: int = 60
+    delta: float = 0.1
+    mu: float | None = None
+    bound_scale: float = 1.5
+
+    def __post_init__(self) -> None:
+        from .registry import SCENARIOS
+        from .scenario import Scenario
+        from .study import EstimatorSetting
+
+        if isinstance(self.scenario, str):
+            if self.scenario not in SCENARIOS:
+                raise SpecError(f"study field 'pessimism.scenario': unknown scenario {self.scenario!r}")
+        else:
+            object.__setattr__(self, "scenario", Scenario.from_spec(self.scenario).spec)
+        ests = tuple(e if isinstance(e, EstimatorSetting) else EstimatorSetting.parse(e) for e in self.estimators)
+        for est in ests:
+            if est.method not in ("mle", "vrpo") or est.M == "exact" or not est.g_hat_is_fixed \
+                    or (est.lam is not None and not 0 <= est.lam <= 1):
+                raise SpecError(f"study field 'pessimism.estimators': the bound covers the MLE and VRPO with M pairs "
+                                f"per prompt, a fixed g_hat and lam in [0, 1]; {est.name!r} is not one")
+        object.__setattr__(self, "estimators", ests)
+        ns = (self.n,) if isinstance(self.n, int) else tuple(self.n)
+        if not ns or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ns):
+            raise SpecError(f"study field 'pessimism.n' = {self.n!r} must list integers >= 1")
+        object.__setattr__(self, "n", tuple(sorted(set(ns))))
+        for name, ok, allowed in (("reps", self.reps >= 2, "an integer >= 2"),
+                                  ("prompts", self.prompts >= 2, "an integer >= 2"),
+                                  ("delta", 0 < self.delta < 1, "in (0, 1)"),
+                                  ("mu", self.mu is None or self.mu > 0, "> 0, or null for d/n"),
+                                  ("bound_scale", self.bound_scale >= 1, ">= 1 (B must bound ||theta_dagger||)")):
+            if not ok:
+                raise SpecError(f"study field 'pessimism.{name}' = {getattr(self, name)!r} must be {allowed}")
+
+    @classmethod
+    def parse(cls, value: Any) -> "PessimismSpec | None":
+        if value is None or isinstance(value, PessimismSpec):
+            return value
+        if not isinstance(value, dict):
+            raise SpecError(f"study field 'pessimism' must be a mapping, got {value!r}")
+        for key in value:
+            if key not in cls.__dataclass_fields__:
+                raise SpecError(f"unknown study field 'pessimism.{key}'; allowed: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**value)
+
+    @property
+    def scenario_name(self) -> str:
+        return self.scenario if isinstance(self.scenario, str) else self.scenario["name"]
+
+    def build_scenario(self):
+        from .registry import get_scenario
+        from .scenario import Scenario
+
+        return get_scenario(self.scenario) if isinstance(self.scenario, str) else Scenario.from_spec(self.scenario)
+
+    def cells(self) -> list[tuple[int, Any]]:
+        """Every (n, estimator) whose bound is checked."""
+        return [(n, e) for n in self.n for e in self.estimators]
+
+    def key(self, n: int, est: Any) -> str:
+        return f"{self.scenario_name}__n{n}__{est.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"scenario": self.scenario, "estimators": [asdict(e) for e in self.estimators], "n": list(self.n),
+                "reps": self.reps, "prompts": self.prompts, "delta": self.delta, "mu": self.mu,
+                "bound_scale": self.bound_scale}
+
+
+def run_pessimism(ps: PessimismSpec, n: int, est: Any, seed: int) -> pd.DataFrame:
+    """The per-replication table of one pessimism cell (see the module docstring)."""
+    from robust_rlhf.theory.bounds import (
+        design_constants,
+        empirical_design,
+        estimation_radius,
+        pessimistic_regret_bound,
+    )
+    from robust_rlhf.theory.asymptotics import population_target
+    from robust_rlhf.theory.fitting import fit
+    from robust_rlhf.theory.policies import greedy_policy, pessimistic_policy, regret, value
+
+    from .auxiliary import aux_population
+    from .dataset import sample_population
+
+    scenario = ps.build_scenario()
+    pop = scenario.population(size=ps.prompts, seed=_PESS_SEED)
+    theta_dag = population_target(pop).theta
+    lam = 0.0 if est.method == "mle" else (1.0 if est.lam is None else float(est.lam))
+    g_hat = None if est.method == "mle" else aux_population(scenario, est.aux, ps.prompts, _PESS_SEED)
+    B = ps.bound_scale * float(np.linalg.norm(theta_dag))
+    L = float(np.linalg.norm(pop.phi, axis=-1).max())
+    mu = pop.d / n if ps.mu is None else ps.mu
+    design = design_constants(pop, theta_dag, mu=mu, lam=lam, g_hat=g_hat)
+    M = 0 if est.method == "mle" else int(est.M)
+    data = sample_population(pop, n, seed=seed, reps=ps.reps, M=M, g_hat=g_hat)
+    method = "mle" if est.method == "mle" else "vrpo"
+    constrained = fit(data, method, lam=None if method == "mle" else lam, bound=B, on_separable="warn")
+    free = fit(data, method, lam=None if method == "mle" else lam, on_separable="warn")
+    comparator = greedy_policy(theta_dag, pop.phi)
+    r_dag = pop.phi @ theta_dag
+    rows = []
+    for r in range(ps.reps):
+        sigma_d = empirical_design(data.dphi[r])
+        sigma_ref = None if M == 0 else empirical_design(data.dphi_ref[r])
+        radius = estimation_radius(sigma_d, n, B=B, L=L, mu=mu, delta=ps.delta, lam=lam,
+                                   sigma_ref=sigma_ref, design=design)
+        row: dict[str, Any] = {"scenario": ps.scenario_name, "n": n, "estimator": est.name, "rep": r,
+                               "radius": radius.radius, "B": B, "L": L, "max_regret": float(np.ptp(r_dag, axis=1).mean())}
+        if math.isfinite(radius.radius):
+            policy = pessimistic_policy(constrained.theta[r], radius.cov, pop.phi, pi_ref=pop.pi, gamma=radius.radius)
+            bound = pessimistic_regret_bound(radius, pop.phi, comparator, pi_ref=pop.pi, utility=pop.utility,
+                                             theta_dagger=theta_dag)
+            row["regret_dagger"] = float(value(comparator, r_dag).mean - value(policy, r_dag).mean)
+            row["bound_dagger"] = bound.bound_dagger
+            row["held"] = bool(row["regret_dagger"] <= bound.bound_dagger + 1e-9)
+        else:
+            row.update(regret_dagger=math.nan, bound_dagger=math.inf, held=True)
+        if not free.separable[r] and np.isfinite(free.cov[r]).all():
+            asym = pessimistic_policy(free.theta[r], free.cov[r], pop.phi, pi_ref=pop.pi, delta=ps.delta)
+            target = pop if pop.utility is not None else None
+            row["regret_pessimistic"] = (float(regret(asym, target).mean) if target is not None else math.nan)
+        else:
+            row["regret_pessimistic"] = math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
