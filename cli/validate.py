@@ -117,9 +117,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("results/validate") / default_name
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=args.json) as bar:
-        task = bar.add_task(f"study {spec.name}: cells", total=len(spec.cells()))
+        task = bar.add_task(f"study {spec.name}: cells", total=None)
         study = run_study(spec, out, jobs=args.jobs, backend=args.backend,
-                          progress=lambda done, total: bar.update(task, completed=done))
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     report = analyse(study.results, study.predictions, seed=spec.seed, pessimism=study.pessimism,
                      delta=spec.pessimism.delta if spec.pessimism else 0.1)
     _save_report(report, out)

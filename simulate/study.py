@@ -537,7 +537,9 @@ def _parallel(backend: str, jobs: int, tasks):
     ``parallel_config``), yielding results as they finish."""
     from joblib import Parallel, parallel_config
 
-    with parallel_config(backend=backend, n_jobs=jobs):
+    with parallel_config(backend=backend, n_jobs=jobs), warnings.catch_warnings():
+        # loky replaces a worker whose memory grew (large exact designs) and says so; the task is rerun
+        warnings.filterwarnings("ignore", message="A worker stopped while some jobs were given")
         yield from Parallel(return_as="generator_unordered")(tasks)
 
 
