@@ -45,6 +45,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise InputError(f"cannot write to {str(path.parent)!r}: {exc.strerror}") from None
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual default mode
     try:
         yield tmp_path
         os.replace(tmp_path, path)
