@@ -29,10 +29,16 @@ def _setup():
     return plt, sns
 
 
-def _save(fig, table: pd.DataFrame, out: Path, name: str) -> Path:
+def _save(fig, table: pd.DataFrame, out: Path, name: str, study: Study) -> Path:
+    """PNG, PDF, the plotted table as CSV, and ``NAME.meta.json`` with the spec and seed behind it."""
+    import json
+
     from robust_rlhf.theory.io import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / f"{name}.meta.json") as tmp:
+        tmp.write_text(json.dumps({"figure": name, "study": study.spec.to_dict(), "seed": study.spec.seed,
+                                   "fingerprint": study.spec.fingerprint(), "folder": str(study.folder)}, indent=1))
     for ext in ("png", "pdf"):
         with atomic_path(out / f"{name}.{ext}") as tmp:
             fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
@@ -160,7 +166,7 @@ def variance_ratio(study: Study, report: Report, out: Path) -> Path:
     fig.suptitle("variance ratio over the MLE: theory against simulation (paired, 95% bootstrap CI)", y=1.01)
     fig.tight_layout()
     table = cells[["scenario", "estimator", "n", "pred_ratio", "ratio", "ratio_low", "ratio_high", "ratio_check"]]
-    return _save(fig, table, out, "variance_ratio")
+    return _save(fig, table, out, "variance_ratio", study)
 
 
 def regret_vs_n(study: Study, report: Report, out: Path) -> Path:
@@ -195,7 +201,7 @@ def regret_vs_n(study: Study, report: Report, out: Path) -> Path:
     fig.suptitle("regret against n: measured (solid, 95% band) and Gaussian plug-in prediction (dashed)", y=1.02)
     cols = ["scenario", "estimator", "n"] + [f"{p}regret_{k}{s}" for k in ("greedy", "kl")
                                                for p, s in (("", ""), ("", "_low"), ("", "_high"), ("pred_", ""))]
-    return _save(fig, cells[cols], out, "regret_vs_n")
+    return _save(fig, cells[cols], out, "regret_vs_n", study)
 
 
 def coverage_vs_n(study: Study, report: Report, out: Path) -> Path:
@@ -221,7 +227,7 @@ def coverage_vs_n(study: Study, report: Report, out: Path) -> Path:
     _legend_right(fig, axes[0][0])
     fig.suptitle("sandwich confidence intervals: coverage against n (nominal 0.95 dashed)", y=1.02)
     table = cells[["scenario", "estimator", "n", "coverage", "coverage_low", "coverage_high", "coverage_check"]]
-    return _save(fig, table, out, "coverage_vs_n")
+    return _save(fig, table, out, "coverage_vs_n", study)
 
 
 def pessimism_bound(study: Study, report: Report, out: Path) -> Path | None:
@@ -246,7 +252,7 @@ def pessimism_bound(study: Study, report: Report, out: Path) -> Path | None:
     ax.set_ylabel(r"regret under $\theta^\dagger \cdot \phi$ (true utility for asymptotic)")
     ax.set_title(f"pessimistic policy on {table.scenario.iloc[0]}: bound against regret")
     ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _save(fig, table, out, "pessimism_bound")
+    return _save(fig, table, out, "pessimism_bound", study)
 
 
 FIGURES: dict[str, Callable[[Study, Report, Path], Path | None]] = {
