@@ -117,7 +117,7 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
     fig.suptitle("MSE against n: measured (solid, 95% band) and predicted tr(cov)/n (dashed)", y=1.02)
     table = cells[["scenario", "estimator", "n", "mse_per_n", "mse_low_per_n", "mse_high_per_n", "pred_var_per_n"]]
     return _save(fig, table.rename(columns=lambda c: c.replace("_per_n", "").replace("pred_var", "pred_mse")),
-                 out, "mse_vs_n")
+                 out, "mse_vs_n", study)
 
 
 def variance_ratio(study: Study, report: Report, out: Path) -> Path:
