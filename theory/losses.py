@@ -82,6 +82,10 @@ class MarginLoss(ABC):
         (lp, d1p, d2p), (lm, d1m, d2m) = self.derivatives_pm(z)
         return g * lp + (1.0 - g) * lm, g * d1p - (1.0 - g) * d1m, g * d2p + (1.0 - g) * d2m
 
+    def pair_derivatives_many(self, z: Tensor, gs: tuple[Tensor | float, ...]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``[pair_derivatives(z, g) for g in gs]``; a loss may share the work on ``z`` between them."""
+        return [self.pair_derivatives(z, g) for g in gs]
+
     def curvature_surrogate(self, bandwidth: float) -> "MarginLoss":
         """A smooth loss whose curvature estimates this loss's bread (itself if already smooth)."""
         return self
@@ -120,6 +124,13 @@ class Logistic(MarginLoss):
         ``m_g'' = sigmoid(z) sigmoid(-z)``."""
         s = torch.sigmoid(z)
         return F.softplus(z, threshold=_SOFTPLUS_THRESHOLD) - g * z, s - g, s * (1.0 - s)
+
+    def pair_derivatives_many(self, z: Tensor, gs: tuple[Tensor | float, ...]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``pair_derivatives`` for every ``g`` with one sigmoid and one softplus of ``z`` (same numbers)."""
+        s = torch.sigmoid(z)
+        sp = F.softplus(z, threshold=_SOFTPLUS_THRESHOLD)
+        curv = s * (1.0 - s)
+        return [(sp - g * z, s - g, curv) for g in gs]
 
 
 class Hinge(MarginLoss):
@@ -361,14 +372,14 @@ def vr_derivatives(
     Tested against automatic differentiation of ``vr_objective``.
     """
     w = _weights(margin, weight)
-    m_z, d_z, h_z = pair_loss_derivatives(loss, margin, z)
-    labelled = (w * m_z).sum(-1)
     if g is None:
-        return VRDerivatives(labelled, w * d_z, None, None, w * h_z, None)
+        m_z, d_z, h_z = pair_loss_derivatives(loss, margin, z)
+        return VRDerivatives((w * m_z).sum(-1), w * d_z, None, None, w * h_z, None)
     if ref_margin is None or ref_g is None or ref_margin.shape[-1] == 0:
         raise InputError("VR objective: g is given but there are no reference pairs (ref_margin, ref_g)")
+    (m_z, d_z, h_z), (m_g, d_g, h_g) = loss.pair_derivatives_many(margin, (z, g))
+    labelled = (w * m_z).sum(-1)
     v = _weights(ref_margin, ref_weight)
-    m_g, d_g, h_g = pair_loss_derivatives(loss, margin, g)
     m_r, d_r, h_r = pair_loss_derivatives(loss, ref_margin, ref_g)
     lam_v = lam
     lam_e = lam[..., None] if isinstance(lam, Tensor) else lam
