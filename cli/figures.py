@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from robust_rlhf.theory.errors import InputError
 
     folder = _folder(args.dir)
+    if args.study is not None and not (args.study / "study.json").is_file():
+        # the scripts run the default study into a missing folder (hours): only on purpose, not on a typo
+        raise InputError(f"--study {str(args.study)!r}: not a study folder (no study.json); run `robust-rlhf validate "
+                         f"--out {args.study}` first, or leave --study out to use (and if needed run) the default study")
     scripts = sorted(p for p in folder.glob("*.py") if not p.name.startswith("_"))
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from robust_rlhf.simulate import SCENARIOS, Scenario, get_scenario, sample, save
+    from robust_rlhf.simulate import SCENARIOS, Scenario, SpecError, get_scenario, sample, save
     from robust_rlhf.simulate.summary import summarize
 
     console = Console()
@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if args.describe:
         print(get_scenario(args.describe).describe())
         return 0
+    if args.out is not None and args.out.suffix not in (".npz", ".parquet"):
+        raise SpecError(f"output file {str(args.out)!r} must end in .npz or .parquet")
     scenario = Scenario.from_spec(args.spec) if args.spec else get_scenario(args.scenario or DEFAULT_SCENARIO)
     M = args.M if args.M == "exact" else _int("--M", args.M)
     data = sample(scenario, n=args.n, seed=args.seed, M=M, unlabelled=args.unlabelled, aux=parse_aux(args.aux))

@@ -19,6 +19,7 @@ Data-dependent model: ``learned``, a flexible classifier on pair features, cross
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +57,15 @@ class AuxSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in AUX_MODELS:
+        if not isinstance(self.kind, str) or self.kind not in AUX_MODELS:
             raise SpecError(f"auxiliary model {self.kind!r} is unknown; allowed: {', '.join(AUX_MODELS)}")
+        for name in ("noise", "value", "scale", "n_fit", "folds", "seed"):
+            value = getattr(self, name)
+            integer = name in ("n_fit", "folds", "seed")
+            kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise SpecError(f"auxiliary model field '{name}' = {value!r} must be "
+                                f"{'an integer' if integer else 'a number'}")
         checks = {
             "noise": (self.noise >= 0, ">= 0"), "value": (0 <= self.value <= 1, "in [0, 1]"),
             "scale": (self.scale >= 0, ">= 0"), "n_fit": (self.n_fit >= 10, "an integer >= 10"),
@@ -74,6 +82,9 @@ class AuxSpec:
             return value
         if isinstance(value, str):
             return cls(kind=value)
+        if not isinstance(value, Mapping):
+            raise SpecError(f"auxiliary model {value!r} must be a name ({', '.join(AUX_MODELS)}) or a mapping "
+                            "{kind: ..., parameters}")
         allowed = {f.name for f in fields(cls)}
         unknown = set(value) - allowed
         if unknown:

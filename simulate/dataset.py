@@ -30,7 +30,7 @@ from robust_rlhf.theory.data import PairData, PairPopulation
 
 from .auxiliary import AuxSpec, build_aux
 from .reference import sample_responses
-from .scenario import Scenario, SpecError
+from .scenario import Scenario, SpecError, check_memory
 
 __all__ = ["PreferenceData", "sample", "sample_population", "save", "STREAMS"]
 
@@ -236,6 +236,9 @@ def sample(
         if M == 0 and N > 0:
             raise SpecError("'unlabelled' prompts need reference pairs: set M >= 1 or M='exact'")
     R, p, K = reps, scenario.prompt_dim, scenario.K
+    per = K * K if exact else M
+    check_memory(f"sampling {R} x {n} pairs", R * (n + N) * (p + K * scenario.d + per * (2 * scenario.d + 6))
+                 + R * n * (2 * scenario.d + 6))
     rep_ids = range(first_rep, first_rep + R)
 
     def draw(stream_name: str, fn) -> np.ndarray:

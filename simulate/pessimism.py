@@ -67,6 +67,8 @@ class PessimismSpec:
                 raise SpecError(f"study field 'pessimism.scenario': unknown scenario {self.scenario!r}")
         else:
             object.__setattr__(self, "scenario", Scenario.from_spec(self.scenario).spec)
+        if isinstance(self.estimators, (str, bytes)) or not isinstance(self.estimators, (list, tuple)):
+            raise SpecError(f"study field 'pessimism.estimators' = {self.estimators!r} must be a list of estimators")
         ests = tuple(e if isinstance(e, EstimatorSetting) else EstimatorSetting.parse(e) for e in self.estimators)
         for est in ests:
             if est.method not in ("mle", "vrpo") or est.M == "exact" or not est.g_hat_is_fixed \
@@ -78,12 +80,20 @@ class PessimismSpec:
         if not ns or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ns):
             raise SpecError(f"study field 'pessimism.n' = {self.n!r} must list integers >= 1")
         object.__setattr__(self, "n", tuple(sorted(set(ns))))
-        for name, ok, allowed in (("reps", self.reps >= 2, "an integer >= 2"),
-                                  ("prompts", self.prompts >= 2, "an integer >= 2"),
-                                  ("delta", 0 < self.delta < 1, "in (0, 1)"),
-                                  ("mu", self.mu is None or self.mu > 0, "> 0, or null for d/n"),
-                                  ("bound_scale", self.bound_scale >= 1, ">= 1 (B must bound ||theta_dagger||)")):
-            if not ok:
+        def integer(v: Any) -> bool:
+            return not isinstance(v, bool) and isinstance(v, int)
+
+        def number(v: Any) -> bool:
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+        for name, ok, allowed in (
+            ("reps", lambda v: integer(v) and v >= 2, "an integer >= 2"),
+            ("prompts", lambda v: integer(v) and v >= 2, "an integer >= 2"),
+            ("delta", lambda v: number(v) and 0 < v < 1, "in (0, 1)"),
+            ("mu", lambda v: v is None or (number(v) and v > 0), "> 0, or null for d/n"),
+            ("bound_scale", lambda v: number(v) and v >= 1, ">= 1 (B must bound ||theta_dagger||)"),
+        ):
+            if not ok(getattr(self, name)):
                 raise SpecError(f"study field 'pessimism.{name}' = {getattr(self, name)!r} must be {allowed}")
 
     @classmethod

@@ -43,11 +43,24 @@ from .preferences import (
 )
 from .reference import REFERENCE_POLICIES, ReferencePolicy, SoftmaxReference, UniformReference
 
-__all__ = ["SpecError", "Scenario", "PREFERENCE_MODELS", "load_spec", "structure_rng"]
+__all__ = ["SpecError", "Scenario", "PREFERENCE_MODELS", "load_spec", "structure_rng", "check_memory", "MEMORY_LIMIT"]
 
 
 class SpecError(InputError):
     """A scenario spec (or a sampling parameter) is invalid; the message names the field."""
+
+
+#: Largest working set (bytes) a simulation may ask for before it is refused with a clear error
+#: rather than failing deep inside numpy (or swapping for hours).
+MEMORY_LIMIT = 16 * 2**30
+
+
+def check_memory(what: str, values: float) -> None:
+    """Refuse a request whose main arrays hold about ``values`` float64 numbers beyond ``MEMORY_LIMIT``."""
+    need = 8.0 * float(values)
+    if need > MEMORY_LIMIT:
+        raise SpecError(f"{what} would need about {need / 2**30:,.0f} GiB of memory (limit {MEMORY_LIMIT / 2**30:.0f} "
+                        "GiB): reduce the sample size, replications, features or responses")
 
 
 # --- parameter validation ----------------------------------------------------------------------
@@ -217,6 +230,8 @@ def _check_keys(where: str, spec: Mapping[str, Any], allowed: Mapping[str, Any])
 
 
 def _normalise_preference(spec: Any, where: str = "preference") -> dict[str, Any]:
+    if where.count(".base") > 4:
+        raise SpecError(f"field '{where}': base models are nested more than 4 deep (a recursive spec?)")
     if isinstance(spec, str):
         spec = {"model": spec}
     if not isinstance(spec, Mapping) or "model" not in spec:
@@ -237,18 +252,68 @@ def _normalise_preference(spec: Any, where: str = "preference") -> dict[str, Any
     return out
 
 
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """``json`` object hook: a key given twice is an error, not "the last one wins"."""
+    out: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise SpecError(f"duplicate field {key!r}")
+        out[key] = value
+    return out
+
+
+def _yaml_loader():
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN202 (PyYAML's signature)
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: PyYAML reports it below
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate field {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def load_spec(path: str | Path) -> dict[str, Any]:
-    """Read a scenario spec from a YAML or JSON file."""
+    """Read a scenario (or study) spec from a YAML or JSON file.
+
+    An empty, unreadable, non-UTF-8 or malformed file, a field given twice and a spec that is not a
+    mapping raise ``SpecError`` naming the file."""
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path}: is a folder, not a spec file")
     if not path.is_file():
         raise FileNotFoundError(2, "No such file", str(path))
-    text = path.read_text()
     try:
-        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file (a YAML or JSON spec is expected)") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec ({exc.strerror or exc})") from None
+    if not text.strip():
+        raise SpecError(f"{path}: the spec file is empty")
+    try:
+        if path.suffix == ".json":
+            spec = json.loads(text, object_pairs_hook=_unique_keys)
+        else:
+            spec = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"{path}: cannot parse the spec ({str(exc).splitlines()[0]})") from None
+        raise SpecError(f"{path}: cannot parse the spec ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise SpecError(f"{path}: the spec is nested too deeply (a recursive YAML alias?)") from None
     if not isinstance(spec, Mapping):
         raise SpecError(f"{path}: the spec must be a mapping of fields, got {type(spec).__name__}")
     return dict(spec)
@@ -270,6 +335,8 @@ class Scenario:
         """Validate and build a scenario from a spec mapping or a YAML/JSON file path."""
         if isinstance(spec, (str, Path)):
             spec = load_spec(spec)
+        if not isinstance(spec, Mapping):
+            raise SpecError(f"a scenario spec must be a mapping of fields (or a registered name), got {spec!r}")
         spec = dict(spec)
         _check_keys("", spec, _TOP_KEYS)
         d = _int_at_least("d", spec.get("d", 3), 1)
@@ -278,6 +345,9 @@ class Scenario:
         reward_scale = _positive("reward_scale", spec.get("reward_scale", 1.5))
 
         feats = spec.get("features", {"map": "gaussian"})
+        if not isinstance(feats, (str, Mapping)):
+            raise SpecError(f"field 'features' = {feats!r} must be a map name or a mapping "
+                            "{map: gaussian|linear|tanh, prompt_dim: p}")
         feats = {"map": feats} if isinstance(feats, str) else dict(feats)
         _check_keys("features", feats, {"map": None, "prompt_dim": None})
         fmap = feats.get("map", "gaussian")
@@ -288,6 +358,8 @@ class Scenario:
             raise SpecError("field 'features.prompt_dim' does not apply to the gaussian map (its prompt is K*d)")
         if p is not None:
             p = _int_at_least("features.prompt_dim", p, 1)
+        if fmap != "gaussian":
+            check_memory("the feature map's weights", K * d * (d if p is None else p))
         features = build_feature_map(fmap, K, d, p, structure_rng(seed, "features"))
 
         if spec.get("theta_star") is None:
@@ -297,6 +369,9 @@ class Scenario:
             theta_star = _vector("theta_star", spec["theta_star"], d)
 
         ref = spec.get("reference", {"policy": "uniform"})
+        if not isinstance(ref, (str, Mapping)):
+            raise SpecError(f"field 'reference' = {ref!r} must be a policy name or a mapping "
+                            "{policy: uniform|softmax, temperature: T, theta: [...]}")
         ref = {"policy": ref} if isinstance(ref, str) else dict(ref)
         _check_keys("reference", ref, {"policy": None, "temperature": None, "theta": None})
         policy = ref.get("policy", "uniform")
@@ -312,6 +387,7 @@ class Scenario:
             reference = SoftmaxReference(theta=theta_ref, temperature=temp)
 
         pref = _normalise_preference(spec.get("preference", {"model": "bt"}))
+        check_memory("the preference model", d * d)
         preference = _build_preference(pref, theta_star, d, features.prompt_dim, seed)
         canonical = {
             "name": str(spec.get("name", "custom")),
@@ -374,8 +450,9 @@ class Scenario:
 
     def population(self, size: int = 20_000, seed: int = 12345) -> PairPopulation:
         """``size`` prompt draws with exact pair structure, for the exact asymptotics of ``theory``."""
-        if size < 2:
-            raise SpecError(f"population size must be an integer >= 2, got {size}")
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 2:
+            raise SpecError(f"population size must be an integer >= 2, got {size!r}")
+        check_memory("the population", size * (self.prompt_dim + self.K * (self.d + self.K + 2)))
         x = self.prompts(np.random.default_rng(seed), (size,))
         phi = self.phi(x)
         utility = self.preference.utility(x, phi)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -58,6 +59,17 @@ def _int(where: str, value: Any, low: int) -> int:
     return int(value)
 
 
+#: names that become file names of cells (``SCENARIO__nN__ESTIMATOR``): no path separators
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def _safe_name(where: str, name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or "__" in name:
+        raise SpecError(f"study field '{where}' = {name!r} must be a name of letters, digits and _ . + - "
+                        "(it names the result files; no '/' or '__')")
+    return name
+
+
 def _keys(where: str, given: Mapping[str, Any], allowed: Iterable[str]) -> None:
     allowed = list(allowed)
     for key in given:
@@ -77,6 +89,7 @@ class EstimatorSetting:
     lam: float | None = None
 
     def __post_init__(self) -> None:
+        _safe_name("estimators.name", self.name)
         where = f"estimators.{self.name}."
         if self.method not in _METHODS:
             raise SpecError(f"study field '{where}method' = {self.method!r} is unknown; allowed: {', '.join(_METHODS)}")
@@ -103,6 +116,7 @@ class EstimatorSetting:
             return ESTIMATORS[value]
         if not isinstance(value, Mapping) or "name" not in value:
             raise SpecError(f"study field 'estimators': each entry needs a 'name', got {value!r}")
+        _safe_name("estimators.name", value["name"])
         _keys(f"estimators.{value['name']}.", value, [f.name for f in cls.__dataclass_fields__.values()])
         return cls(**dict(value))
 
@@ -147,8 +161,13 @@ class StudySpec:
                     raise SpecError(f"study field 'scenarios': unknown scenario {s!r}; allowed: {', '.join(SCENARIOS)} "
                                     "or an inline spec")
                 scen.append(s)
+            elif isinstance(s, Mapping):
+                built = Scenario.from_spec(s).spec
+                _safe_name("scenarios.name", built["name"])
+                scen.append(built)
             else:
-                scen.append(Scenario.from_spec(s).spec)
+                raise SpecError(f"study field 'scenarios': each entry must be a registered name or a spec mapping, "
+                                f"got {s!r}")
         names = [s if isinstance(s, str) else s["name"] for s in scen]
         if len(set(names)) != len(names):
             raise SpecError(f"study field 'scenarios': names must be unique, got {names}")
@@ -166,8 +185,9 @@ class StudySpec:
         object.__setattr__(self, "estimators", ests)
         for key, low in (("reps", 2), ("seed", 0), ("population", 100), ("eval_prompts", 10), ("chunk", 1)):
             _int(key, getattr(self, key), low)
-        if not (isinstance(self.kl_beta, (int, float)) and self.kl_beta > 0):
-            raise SpecError(f"study field 'kl_beta' = {self.kl_beta!r} must be a number > 0")
+        if isinstance(self.kl_beta, bool) or not (isinstance(self.kl_beta, (int, float)) and math.isfinite(self.kl_beta)
+                                                  and self.kl_beta > 0):
+            raise SpecError(f"study field 'kl_beta' = {self.kl_beta!r} must be a number > 0 and finite")
         object.__setattr__(self, "pessimism", PessimismSpec.parse(self.pessimism))
 
     @classmethod
@@ -395,11 +415,15 @@ def _versions() -> dict[str, str]:
 
 
 def _check_folder(spec: StudySpec, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {str(out)!r} is a file; choose another --out")
     meta = out / "study.json"
     if meta.exists():
         try:
             old = json.loads(meta.read_text())
-        except (OSError, json.JSONDecodeError):
+            if not isinstance(old, dict):
+                raise ValueError
+        except (OSError, ValueError):
             raise InputError(f"{meta}: unreadable study record; remove the folder or choose another --out") from None
         if old.get("fingerprint") != spec.fingerprint():
             raise InputError(f"output folder {str(out)!r} holds results of a different study spec "
@@ -416,12 +440,37 @@ def _write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=1, default=float))
 
 
+def _readable(table: Path, record: Path | None = None, key: str | None = None) -> bool:
+    """Whether a finished cell's files exist and can be read. Writes are atomic, so an unreadable file
+    was damaged after the fact: it is not trusted but recomputed, with a warning."""
+    if not table.exists() or (record is not None and not record.exists()):
+        return False
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(table)
+        if record is not None:
+            content = json.loads(record.read_text())
+            if not isinstance(content, dict) or content.get("cell") != key:
+                raise ValueError("not this cell's record")
+    except (OSError, ValueError, pyarrow.ArrowException) as exc:
+        warnings.warn(f"{table.parent}: the result of cell {key or table.stem} is unreadable ({exc}); "
+                      "it is recomputed", UserWarning, stacklevel=3)
+        return False
+    return True
+
+
 def _cell_done(out: Path, cell: Cell) -> bool:
-    return (out / "cells" / f"{cell.key}.parquet").exists() and (out / "cells" / f"{cell.key}.json").exists()
+    return _readable(out / "cells" / f"{cell.key}.parquet", out / "cells" / f"{cell.key}.json", cell.key)
 
 
 def _pessimism_path(out: Path, key: str) -> Path:
     return out / "pessimism" / f"{key}.parquet"
+
+
+def _pessimism_done(out: Path, key: str) -> bool:
+    return _readable(_pessimism_path(out, key))
 
 
 def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path) -> list[str]:
@@ -486,8 +535,11 @@ def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str =
     _check_backend(backend, jobs)
     out = Path(out)
     _check_folder(spec, out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    (out / "pessimism").mkdir(exist_ok=True)
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+        (out / "pessimism").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output folder {str(out)!r}: {exc.strerror or exc}") from None
     _write_json(out / "study.json", {"fingerprint": spec.fingerprint(), "spec": spec.to_dict(),
                                      "seed": spec.seed, "versions": _versions()})
     cells = spec.cells()
@@ -496,7 +548,7 @@ def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str =
     for cell in todo:
         groups.setdefault((cell.scenario, cell.estimator.name), []).append(cell)
     pess = [] if spec.pessimism is None else spec.pessimism.cells()
-    pess_todo = [(n, e) for n, e in pess if not _pessimism_path(out, spec.pessimism.key(n, e)).exists()]
+    pess_todo = [(n, e) for n, e in pess if not _pessimism_done(out, spec.pessimism.key(n, e))]
     total = len(cells) + len(pess)
     done = total - len(todo) - len(pess_todo)
     if progress:
@@ -573,11 +625,16 @@ def load_study(out: str | Path) -> Study:
     meta = out / "study.json"
     if not meta.exists():
         raise InputError(f"{out}: no study.json; not a study folder")
-    spec = StudySpec.from_dict(json.loads(meta.read_text())["spec"])
+    try:
+        record = json.loads(meta.read_text())
+        spec_dict = record["spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{meta}: unreadable study record (no spec); rerun the study into a new folder") from None
+    spec = StudySpec.from_dict(spec_dict)
     missing = [c.key for c in spec.cells() if not _cell_done(out, c)]
     if spec.pessimism is not None:
         missing += [k for k in (spec.pessimism.key(n, e) for n, e in spec.pessimism.cells())
-                    if not _pessimism_path(out, k).exists()]
+                    if not _pessimism_done(out, k)]
     if missing:
         raise InputError(f"{out}: {len(missing)} cell(s) unfinished (e.g. {missing[0]}); rerun the study to finish them")
     return _assemble(spec, out)

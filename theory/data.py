@@ -35,14 +35,34 @@ def _finite(name: str, values: np.ndarray) -> None:
         raise InputError(f"{name}: entry {idx} is {float(values[idx])!r}; all values must be finite")
 
 
+#: Largest magnitude accepted for features: squares and products of a few thousand such values stay
+#: finite in float64 (about 1.8e308), so the fits' sums of squares cannot overflow. Rescale larger data.
+MAX_FEATURE = 1e100
+
+
 def _as_float(name: str, values: object, ndim: int) -> np.ndarray:
+    raw = values if isinstance(values, np.ndarray) else None
     try:
-        arr = np.asarray(values, dtype=np.float64)
+        if raw is None:
+            raw = np.asarray(values)
+        if raw.dtype.kind == "c":
+            raise InputError(f"{name}: complex values (dtype {raw.dtype}); expected real numbers")
+        arr = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{name}: cannot be read as numbers ({exc})") from None
     if arr.ndim != ndim:
         raise InputError(f"{name}: expected {ndim} axes, got shape {arr.shape}")
     return arr
+
+
+def _bounded(name: str, values: np.ndarray) -> None:
+    """Finite features of magnitude at most ``MAX_FEATURE``."""
+    _finite(name, values)
+    big = np.abs(values) > MAX_FEATURE
+    if big.any():
+        idx = tuple(int(i) for i in np.argwhere(big)[0])
+        raise InputError(f"{name}: entry {idx} is {float(values[idx])!r}, too large for the fits' float64 arithmetic "
+                         f"(|values| must be at most {MAX_FEATURE:g}); rescale the features")
 
 
 @dataclass(frozen=True)
@@ -76,9 +96,9 @@ class PairData:
     def __post_init__(self) -> None:
         dphi = _as_float("dphi", self.dphi, 3)
         R, n, d = dphi.shape
-        if n < 1 or d < 1:
-            raise InputError(f"dphi: need at least one pair and one feature, got shape {dphi.shape}")
-        _finite("dphi", dphi)
+        if R < 1 or n < 1 or d < 1:
+            raise InputError(f"dphi: need at least one replication, one pair and one feature, got shape {dphi.shape}")
+        _bounded("dphi", dphi)
         z = _as_float("z", self.z, 2)
         if z.shape != (R, n):
             raise InputError(f"z: expected shape {(R, n)} to match dphi, got {z.shape}")
@@ -100,8 +120,11 @@ class PairData:
             dref = _as_float("dphi_ref", self.dphi_ref, 3)
             if dref.shape[0] != R or dref.shape[2] != d:
                 raise InputError(f"dphi_ref: expected shape (R={R}, N, d={d}), got {dref.shape}")
-            _finite("dphi_ref", dref)
             N = dref.shape[1]
+            if N == 0:
+                raise InputError("dphi_ref: no reference pairs (N = 0); for labelled pairs only, give neither g, "
+                                 "dphi_ref nor g_ref")
+            _bounded("dphi_ref", dref)
             object.__setattr__(self, "dphi_ref", dref)
             if self.g_ref is None:
                 raise InputError("dphi_ref is given without g_ref")
@@ -111,9 +134,9 @@ class PairData:
             check_probability("g_ref", gref)
             object.__setattr__(self, "g_ref", gref)
             if self.ref_weight is None:
-                w = np.full((R, N), 1.0 / max(N, 1))
+                w = np.full((R, N), 1.0 / N)
             else:
-                w = np.asarray(self.ref_weight, dtype=np.float64)
+                w = _as_float("ref_weight", self.ref_weight, np.ndim(self.ref_weight))
                 w = np.broadcast_to(w, (R, N)).copy() if w.shape in ((N,), (R, N)) else w
             if w.shape != (R, N) or (w < 0).any() or not np.isfinite(w).all() \
                     or (np.abs(w.sum(axis=1) - 1.0) > 1e-8).any():
@@ -125,11 +148,15 @@ class PairData:
             if (rows < -1).any():
                 raise InputError(f"ref_row: entry {int(np.argmax(rows < -1))} is below -1")
             object.__setattr__(self, "ref_row", rows.astype(np.int64))
-        for name in ("features", "features_ref"):
+        if self.features_ref is not None and self.dphi_ref is None:
+            raise InputError("features_ref is given without dphi_ref")
+        for name, rows in (("features", n), ("features_ref", self.n_ref)):
             val = getattr(self, name)
             if val is not None:
                 arr = _as_float(name, val, 3)
-                _finite(name, arr)
+                if arr.shape[:2] != (R, rows):
+                    raise InputError(f"{name}: expected shape (R={R}, {rows}, q) to match the pairs, got {arr.shape}")
+                _bounded(name, arr)
                 object.__setattr__(self, name, arr)
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,50 +23,79 @@ import numpy as np
 from .data import PairData
 from .errors import InputError
 
-__all__ = ["atomic_path", "load_pair_data", "NPZ_KEYS"]
+__all__ = ["atomic_path", "load_pair_data", "NPZ_KEYS", "EXTRA_KEYS"]
 
 NPZ_KEYS = ("dphi", "z", "g", "dphi_ref", "g_ref", "ref_row", "ref_weight")
+#: arrays that ``simulate.save`` writes beside the format's (provenance; ignored by ``load_pair_data``)
+EXTRA_KEYS = ("x", "y", "g_star", "ref_y", "ref_g_star", "metadata")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path`` atomically.
 
-    An interrupted write leaves the previous file (or none) in place, never a truncated one.
+    An interrupted write leaves the previous file (or none) in place, never a truncated one. A path
+    that cannot be written (a folder, a read-only place, a full disk) raises ``InputError``.
     """
     path = Path(path)
-    if path.parent and not path.parent.exists():
+    if path.is_dir():
+        raise InputError(f"cannot write {str(path)!r}: it is a folder")
+    if path.parent and not path.parent.is_dir():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InputError(f"cannot create the output folder {str(path.parent)!r}: {exc.strerror}") from None
+            raise InputError(f"cannot create the output folder {str(path.parent)!r}: "
+                             f"{exc.strerror or exc}") from None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise InputError(f"cannot write to {str(path.parent)!r}: {exc.strerror}") from None
+        raise InputError(f"cannot write to {str(path.parent)!r}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual default mode
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and exc.filename not in (str(tmp_path), str(path)):
+                raise  # a file the body reads is missing: not a write error
+            raise InputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
 def load_pair_data(path: str | Path) -> PairData:
-    """Read and validate an ``.npz`` of pairwise data (see the module docstring)."""
+    """Read and validate an ``.npz`` of pairwise data (see the module docstring).
+
+    Besides ``PairData``'s checks: the labelled ``dphi`` of each replication must have rank ``d`` (a
+    duplicated, all-zero or linearly dependent feature leaves ``theta`` unidentified), and arrays
+    outside the format are ignored with a warning (a misspelt ``ref_rows`` would otherwise silently
+    drop the prompt structure)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an .npz file")
     if not path.is_file():
         raise FileNotFoundError(2, "No such file", str(path))
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files if k in NPZ_KEYS}
+        with open(path, "rb") as fh:  # our handle: numpy leaves its own open when a damaged archive fails to load
+            loaded = np.load(fh, allow_pickle=False)
+            archive = isinstance(loaded, np.lib.npyio.NpzFile)
+            if archive:
+                with loaded as npz:
+                    arrays = {k: npz[k] for k in npz.files if k in NPZ_KEYS}
+                    unknown = sorted(set(npz.files) - set(NPZ_KEYS) - set(EXTRA_KEYS))
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+    if not archive:
+        raise InputError(f"{path}: holds a single array, not an .npz archive of named arrays "
+                         f"({', '.join(NPZ_KEYS)}); write it with numpy.savez(path, dphi=..., z=...)")
+    if unknown:
+        warnings.warn(f"{path}: ignoring array(s) {', '.join(repr(u) for u in unknown)}, which are not part of the "
+                      f"format ({', '.join(NPZ_KEYS)})", UserWarning, stacklevel=2)
     for key in ("dphi", "z"):
         if key not in arrays:
             raise InputError(f"{path}: missing array '{key}' (need at least dphi and z)")
@@ -90,10 +120,17 @@ def load_pair_data(path: str | Path) -> PairData:
         return a[None]
 
     try:
-        return PairData(
+        data = PairData(
             dphi=batch("dphi", 2), z=batch("z", 1), g=batch("g", 1), dphi_ref=batch("dphi_ref", 2),
             g_ref=batch("g_ref", 1),
             ref_weight=arrays.get("ref_weight"), ref_row=arrays.get("ref_row"),
         )
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
+    for r in range(data.reps):
+        rank = int(np.linalg.matrix_rank(data.dphi[r]))
+        if rank < data.d:
+            where = f" (replication {r})" if data.reps > 1 else ""
+            raise InputError(f"{path}: dphi{where} has rank {rank} < d = {data.d}: a feature is duplicated, all zero "
+                             "or a combination of others (or n < d), so theta is not identifiable; drop it")
+    return data
