@@ -4,9 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow clean
+.PHONY: setup fortunes run test test-slow clean
 
-setup: $(STAMP)
+setup: $(STAMP) fortunes
+
+# Debian's fortunes: offline English text for the LLM experiments (robust_rlhf.llm.synthetic.corpus).
+# Optional: without apt or root the experiments fall back to generated sentences and say so.
+FORTUNE_DIR := /usr/share/games/fortunes
+fortunes:
+	@if [ ! -d $(FORTUNE_DIR) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq fortunes >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fortunes >/dev/null 2>&1)) || \
+		echo "note: could not install Debian fortunes; LLM experiments use generated sentences"; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

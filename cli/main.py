@@ -18,10 +18,13 @@ SUBCOMMANDS: tuple[str, ...] = (
     "validate",
     "simulate",
     "fit",
+    "check",
     "figures",
     "finetune",
     "data-check",
     "generate-references",
+    "evaluate",
+    "experiment",
 )
 
 DESCRIPTION = """\

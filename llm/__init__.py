@@ -9,7 +9,9 @@ Importing this package is light: the submodules that need transformers load on f
 * ``auxiliary``: ``g_hat`` from a reward model, a pairwise model, a callable; cross-fitting and caching;
 * ``references``: sampling reference pairs from ``pi_ref`` (resumable);
 * ``policy``: best-of-n selection and the optional TRL RL step;
-* ``config``, ``pipeline``, ``models``: the configured run behind ``robust-rlhf finetune``.
+* ``config``, ``pipeline``, ``models``: the configured run behind ``robust-rlhf finetune``;
+* ``evaluate``: sampling, judges, win rates with intervals, KL (``robust-rlhf evaluate``);
+* ``synthetic``: the end-to-end experiments on a task with a true reward (``robust-rlhf experiment``).
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ class PreferenceArguments:
     beta: float = field(default=0.1, metadata={"help": "one-stage margin scale"})
     lam: float = field(default=1.0, metadata={"help": "VRPO weight lambda (starting value for vrpo_tuned)"})
     eps: float = field(default=0.0, metadata={"help": "cDPO label smoothing or rDPO flip rate"})
-    lambda_target: str = field(default="loss", metadata={"help": "vrpo_tuned: loss or margin_shift"})
+    lambda_target: str = field(
+        default="loss", metadata={"help": "vrpo_tuned: loss, margin_shift or oriented_shift"}
+    )
     lambda_ema: float = field(default=0.0, metadata={"help": "vrpo_tuned: EMA weight of the covariance estimates"})
     g_source: str = field(
         default="columns", metadata={"help": "columns, frozen, reward_model, pairwise_model, callable"}

@@ -23,8 +23,13 @@ clipped to ``[0, 1]``, with ``(a_i, c_i)`` either
 * ``target="loss"``: the per-row objective pieces ``(A_i, C_i)``, or
 * ``target="margin_shift"``: the per-row gradient projected on a common shift ``delta`` of every margin
   of the row, ``a_i = dA_i/d delta``, ``c_i = dC_i/d delta`` (autograd through ``vr_terms``). For the
-  logistic loss ``a_i = -(1 - s_i)`` and ``c_i = -(g_i - s_i) + mean_j (g_ij - s_ij)``, ``s = sigmoid(z)``:
-  the influence function of DESIGN.md 3.5 with ``dphi`` replaced by the unit shift.
+  logistic loss ``a_i = -(1 - s_i)`` and ``c_i = -(g_i - s_i) + mean_j (g_ij - s_ij)``, ``s = sigmoid(z)``.
+  The labelled pair is shifted in its chosen-first order, which is the label: the label noise is not in
+  ``a_i`` (at initialisation ``s_i = 1/2`` and ``a_i`` is constant).
+* ``target="oriented_shift"``: the same with the labelled pair shifted in a label-independent order
+  (``orientation``, from the collator: chosen first when its token ids sort first), so for the logistic
+  loss ``a_i = -(Z_i - s_i)``, ``c_i = -(g_i - s_i) + mean_j (g_ij - s_ij)`` in that order: the influence
+  function of DESIGN.md 3.5 with ``dphi`` replaced by the unit shift, label noise included.
 
 Optionally the covariance and variance are exponentially averaged over steps (``ema``) before the ratio.
 ``lam`` is a constant in the gradient (it is computed from detached values).
@@ -66,7 +71,7 @@ METHOD_ALIASES: dict[str, tuple[str, str]] = {
     "ipo": ("mle", "ipo"),
     "hinge": ("mle", "hinge"),
 }
-LAMBDA_TARGETS: tuple[str, ...] = ("loss", "margin_shift")
+LAMBDA_TARGETS: tuple[str, ...] = ("loss", "margin_shift", "oriented_shift")
 
 
 @dataclass(frozen=True)
@@ -185,17 +190,32 @@ class PreferenceObjective:
 
 
 def margin_shift_scores(
-    loss: MarginLoss, margin: Tensor, g: Tensor, ref_margin: Tensor, ref_g: Tensor
+    loss: MarginLoss,
+    margin: Tensor,
+    g: Tensor,
+    ref_margin: Tensor,
+    ref_g: Tensor,
+    orientation: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Per-row ``(dA_i/d delta, dC_i/d delta)`` for a shift ``delta_i`` added to every margin of row ``i``.
 
     ``A_i`` and ``C_i = control_i - reference_i`` come from ``theory.losses.vr_terms``; the derivative is
     taken by autograd, so no loss derivative is written here.
+
+    With ``orientation`` (``o_i = +-1`` per row) the labelled pair is shifted in a label-independent order:
+    its margin becomes ``z_i + o_i delta_i`` (``o_i = +1`` when the chosen response is the first of the
+    pair's fixed order), the reference margins ``z_ij + delta_i``. The chosen-first order of the data is
+    the label itself, so without ``orientation`` the label noise ``Z`` drops out of the projection (for the
+    logistic loss ``a_i = -(1 - s_i)`` at any label); with it, ``a_i = -(Z_i - s_i)`` and
+    ``c_i = -(g_i - s_i) + mean_j (g_ij - s_ij)`` in the fixed order: DESIGN.md 3.5's influence function
+    with ``dphi`` replaced by the unit shift.
     """
     with torch.enable_grad():
         delta = torch.zeros_like(margin, dtype=torch.float64, requires_grad=True)
-        z = margin.detach().to(torch.float64) + delta
-        zr = ref_margin.detach().to(torch.float64) + delta[:, None]
+        delta_ref = delta if orientation is None else torch.zeros_like(delta, requires_grad=True)
+        shift = delta if orientation is None else orientation.detach().to(torch.float64) * delta
+        z = margin.detach().to(torch.float64) + shift
+        zr = ref_margin.detach().to(torch.float64) + delta_ref[:, None]
         lab, ctl, ref = vr_terms(
             loss,
             z[:, None],
@@ -205,7 +225,12 @@ def margin_shift_scores(
             ref_g.detach().to(torch.float64),
         )
         (da,) = torch.autograd.grad(lab.sum(), delta, retain_graph=True)
-        (dc,) = torch.autograd.grad((ctl - ref).sum(), delta)
+        if orientation is None:
+            (dc,) = torch.autograd.grad((ctl - ref).sum(), delta)
+        else:
+            (dctl,) = torch.autograd.grad(ctl.sum(), delta, retain_graph=True)
+            (dref,) = torch.autograd.grad(ref.sum(), delta_ref)
+            dc = dctl - dref
     return da.to(margin.dtype), dc.to(margin.dtype)
 
 

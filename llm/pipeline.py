@@ -7,7 +7,7 @@ r"""One fine-tuning run from its configuration: data -> g_hat -> tokens -> train
    cross-fitted, a fresh reward model per fold), cached in ``cache_dir``;
 3. tokenise; for stage one, precompute the reference log-probabilities once, cached in ``cache_dir``;
 4. build ``PreferenceTrainer`` (stage one) or ``RewardTrainer`` (stage two), train (resuming from a
-   checkpoint when asked), save the model and tokenizer to ``output_dir``.
+   checkpoint when asked), save the model, tokenizer and ``trainer_state.json`` (logged metrics) to ``output_dir``.
 """
 
 from __future__ import annotations
@@ -315,6 +315,8 @@ def run_finetune(
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(train_args.output_dir)
+        # the logged metrics (loss, vrpo/* variances, lambda) of every step, for reports
+        trainer.state.save_to_json(os.path.join(train_args.output_dir, "trainer_state.json"))
     metrics = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())

@@ -137,7 +137,8 @@ class PreferenceCollator:
     """Pads a list of tokenised rows into the response-major batch described in the module docstring.
 
     Returns ``input_ids`` and ``attention_mask`` ``(K B, L)``, ``completion_mask`` (1 on response tokens),
-    and when present ``g`` ``(B,)``, ``ref_g`` ``(B, M)`` (from the probability columns) and
+    ``orientation`` ``(B,)`` (``+1`` when the chosen response's token ids sort before the rejected one's,
+    else ``-1``: an order of the labelled pair that does not depend on the label), and when present ``g`` ``(B,)``, ``ref_g`` ``(B, M)`` (from the probability columns) and
     ``ref_logps`` ``(B, K)``. ``pad_to_multiple_of`` rounds ``L`` up (tensor cores).
     """
 
@@ -182,6 +183,12 @@ class PreferenceCollator:
             batch["ref_g"] = torch.tensor(
                 [[float(ex[preference_column(c)]) for c in firsts] for ex in examples], dtype=torch.float32
             )
+        # a label-independent order of the labelled pair: +1 when the chosen ids sort first (lambda_target
+        # oriented_shift); a function of the unordered pair, so it carries no information about the label
+        batch["orientation"] = torch.tensor(
+            [1.0 if list(ex["chosen_input_ids"]) <= list(ex["rejected_input_ids"]) else -1.0 for ex in examples],
+            dtype=torch.float32,
+        )
         if REF_LOGPS in examples[0] and examples[0][REF_LOGPS] is not None:
             batch[REF_LOGPS] = torch.tensor([list(ex[REF_LOGPS]) for ex in examples], dtype=torch.float32)
         return batch

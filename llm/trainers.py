@@ -27,8 +27,9 @@ Metrics (TRL's names): ``rewards/chosen``, ``rewards/rejected``, ``rewards/margi
 variate, ``vrpo/labelled``, ``vrpo/control``, ``vrpo/reference`` (the three loss terms),
 ``vrpo/g_labelled``, ``vrpo/g_reference`` (mean ``g_hat``), ``vrpo/lambda``, and the empirical
 variances over the gathered rows ``vrpo/var_loss_mle``, ``vrpo/var_loss_vr`` (per-row objective without
-and with the control variate) and ``vrpo/var_grad_mle``, ``vrpo/var_grad_vr`` (per-row gradient
-projected on a common margin shift, see ``objectives``). Every per-row value is gathered across
+and with the control variate), ``vrpo/var_grad_mle``, ``vrpo/var_grad_vr`` (per-row gradient
+projected on a common margin shift, see ``objectives``) and ``vrpo/var_ograd_mle``, ``vrpo/var_ograd_vr``
+(the same with the labelled pair in its label-independent ``orientation``, so the label noise is in it). Every per-row value is gathered across
 processes before a mean or variance is taken; a logged value is the mean over the micro-batches since
 the previous log.
 """
@@ -216,15 +217,15 @@ class _PairwiseTrainer(Trainer, ABC):
                 base = obj.evaluate(margin.detach(), ref_margin.detach(), g, ref_g, lam=0.0)
                 a_loss, c_loss = base.labelled, base.control - base.reference
                 a_grad, c_grad = margin_shift_scores(obj.loss, margin, g, ref_margin, ref_g)
-            cv_rows = self._gather(torch.stack([a_loss, c_loss, a_grad, c_grad], dim=-1))
+                orientation = batch.get("orientation")
+                if orientation is None:
+                    orientation = torch.ones_like(margin)
+                a_og, c_og = margin_shift_scores(obj.loss, margin, g, ref_margin, ref_g, orientation.to(margin.device))
+            cv_rows = self._gather(torch.stack([a_loss, c_loss, a_grad, c_grad, a_og, c_og], dim=-1))
             if self.lambda_estimator is not None:
                 if training:
-                    a, c = (
-                        (cv_rows[:, 0], cv_rows[:, 1])
-                        if obj.lambda_target == "loss"
-                        else (cv_rows[:, 2], cv_rows[:, 3])
-                    )
-                    self.lambda_estimator.update(a, c)
+                    col = {"loss": 0, "margin_shift": 2, "oriented_shift": 4}[obj.lambda_target]
+                    self.lambda_estimator.update(cv_rows[:, col], cv_rows[:, col + 1])
                 lam = self.lambda_estimator.value
         out = obj.evaluate(margin, ref_margin, g, ref_g, lam=lam)
         loss = out.loss
@@ -270,9 +271,11 @@ class _PairwiseTrainer(Trainer, ABC):
             m["vrpo/lambda"] = out.lam
             v_loss = variance_summary(cv_rows[:, 0], cv_rows[:, 1], out.lam)
             v_grad = variance_summary(cv_rows[:, 2], cv_rows[:, 3], out.lam)
+            v_ograd = variance_summary(cv_rows[:, 4], cv_rows[:, 5], out.lam)
             if v_loss:
                 m["vrpo/var_loss_mle"], m["vrpo/var_loss_vr"] = v_loss["without_cv"], v_loss["with_cv"]
                 m["vrpo/var_grad_mle"], m["vrpo/var_grad_vr"] = v_grad["without_cv"], v_grad["with_cv"]
+                m["vrpo/var_ograd_mle"], m["vrpo/var_ograd_vr"] = v_ograd["without_cv"], v_ograd["with_cv"]
         return m
 
     def compute_loss(

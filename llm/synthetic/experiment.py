@@ -1,0 +1,713 @@
+r"""The end-to-end experiment: text -> reference policy -> preference data -> every method -> evaluation -> tables.
+
+``run_experiment(config, out_dir)`` runs, for each seed and scenario, with every intermediate file on disk
+(so an interrupted run continues where it stopped, and a finished step is never redone):
+
+1. **Text and reference.** The corpus (``corpus``; which source was used is recorded), a BPE tokenizer and a
+   tiny GPT-2 pre-trained on the training texts (``tokenizer``, ``reference_model``; cached by config hash),
+   or a given checkpoint. Prompts are the first ``prompt_words`` words of texts; evaluation prompts come from
+   texts held out of pre-training.
+2. **Responses** (per seed): ``n_train`` training prompts drawn with the seed; for each, ``M_max + 1`` pairs
+   sampled from ``pi_ref`` with ``llm.references.generate_references`` (resumable). The last pair is the
+   labelled pair ``(y_1, y_2)``; pairs ``1..M`` are the reference pairs of a VRPO run with ``M`` pairs, so all
+   responses are independent draws from ``pi_ref`` and every method sees the same labelled pairs.
+3. **Labels** (per seed and scenario): ``Z ~ Bernoulli(g*(x, y_1, y_2))`` with ``g*`` the scenario's preference
+   model on the true reward components (``scenarios``), or a data set's own labels (``data: dataset``). The
+   oracle ``g_hat`` columns hold the symmetrised ``g*``; ``g_hat: reward_model`` leaves them to the fine-tuning
+   pipeline (a reward model cross-fitted on 2 folds of the labelled pairs); ``constant`` writes 1/2.
+4. **Training**: every ``policy`` method through ``llm.pipeline.run_finetune`` (the code behind
+   ``robust-rlhf finetune``; its YAML config is saved next to the model), with equal budgets; the two-stage
+   pipeline trains a reward model (``stage: two``) and selects the best of ``n`` reference samples.
+5. **Evaluation**: one sample per held-out prompt from every policy (temperature 1), its true reward, and
+   ``log pi(y|x) - log pi_ref(y|x)`` for the KL; then (``analyse``) the win rate of every method over the
+   reference and over the baseline under the judge, with intervals (``llm.evaluate``).
+
+Outputs in ``out_dir``: ``experiment.json`` (config, corpus source, reference, versions), ``data/``, ``runs/``
+(models, finetune configs, training logs, ``result.json``), ``eval/`` (samples), ``results.csv`` (one row per
+scenario x seed x method) and, from ``report``, ``summary.csv`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from robust_rlhf.theory.errors import InputError
+
+from .. import evaluate as ev
+from ..auxiliary import RewardModelScorer
+from ..data import CHOSEN, PROMPT, REJECTED, prepare_rows, read_rows, reference_column, write_jsonl
+from ..references import GenerationOptions, generate_references
+from .cache import default_cache_dir
+from .corpus import load_corpus, prompt_prefix
+from .presets import ExperimentConfig, MethodSpec
+from .reward import TrueReward, get_reward
+from .scenarios import TextScenario, make_scenario
+
+__all__ = ["ExperimentContext", "prepare", "run_experiment", "analyse", "RESULT_COLUMNS"]
+
+#: judge-based comparison columns of ``results.csv`` (``{prefix}_vs_{opponent}_{field}``)
+_WIN_FIELDS = ("win_rate", "ci_low", "ci_high", "ties", "soft", "soft_ci_low", "soft_ci_high", "n")
+RESULT_COLUMNS = (
+    "scenario", "seed", "method", "kind", "M", "g_hat", "n_eval", "mean_reward", "mean_reward_ci_low",
+    "mean_reward_ci_high", "kl", "kl_ci_low", "kl_ci_high", "kl_method", "train_seconds", "eval_seconds",
+    "train_loss", "steps", "lambda_mean", "var_grad_ratio", "var_grad_ratio_theory", "var_loss_ratio", "g_hat_rmse",
+)
+
+
+def _stable_seed(*parts: Any) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _quiet(log_file: Path | None = None):
+    """Silence transformers' info/warnings and send stdout (Trainer's printed logs) to ``log_file``."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    import datasets
+
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    ds_bars = datasets.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    sink: Any = open(log_file, "a", encoding="utf-8") if log_file else io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        sink.close()
+        transformers.logging.set_verbosity(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+        if ds_bars:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class ExperimentContext:
+    """What every stage shares: the config, folders, the reference policy, prompts, reward and scenarios."""
+
+    config: ExperimentConfig
+    out: Path
+    cache_dir: Path
+    log: Callable[[str], None]
+    ref_dir: str = ""
+    tokenizer: Any = None
+    ref_model: Any = None
+    reward: TrueReward | None = None
+    corpus_info: dict[str, Any] = field(default_factory=dict)
+    train_pool: list[Any] = field(default_factory=list)
+    eval_prompts: list[Any] = field(default_factory=list)
+    dataset_rows: list[dict[str, Any]] = field(default_factory=list)
+    scenarios: dict[str, TextScenario] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def generation(self, seed: int, n_pairs: int = 1) -> GenerationOptions:
+        c = self.config
+        return GenerationOptions(
+            n_pairs=n_pairs, max_new_tokens=c.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+            batch_size=c.generation_batch_size, seed=seed,
+        )
+
+
+def prepare(
+    config: ExperimentConfig,
+    out_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> ExperimentContext:
+    """Stage 1: corpus, tokenizer and pre-trained reference (cached), prompts, true reward and scenarios."""
+    from ..models import load_tokenizer
+    from .reference_model import pretrained_reference
+    from .tokenizer import build_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = ExperimentContext(config, out, Path(cache_dir) if cache_dir else default_cache_dir(), log)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    start = time.perf_counter()
+    c = config
+    if c.data == "synthetic":
+        corpus = load_corpus(c.corpus)
+        if c.heldout_texts >= len(corpus.texts):
+            raise InputError(f"heldout_texts={c.heldout_texts} but the corpus has only {len(corpus.texts)} texts")
+        train_texts, heldout = corpus.split(c.heldout_texts)
+        # one prompt per text (a prefix may repeat: short grammar sentences share their first words)
+        ctx.train_pool = [prompt_prefix(t, c.prompt_words) for t in train_texts]
+        ctx.eval_prompts = [prompt_prefix(t, c.prompt_words) for t in heldout[: c.n_eval]]
+        if len(ctx.eval_prompts) < c.n_eval:
+            raise InputError(f"only {len(ctx.eval_prompts)} held-out texts for n_eval={c.n_eval}")
+        if len(ctx.train_pool) < c.n_train:
+            raise InputError(f"only {len(ctx.train_pool)} training texts for n_train={c.n_train}")
+        ctx.corpus_info = {
+            "source": corpus.source, "location": corpus.location, "texts": len(corpus.texts),
+            "fingerprint": corpus.fingerprint, "heldout_texts": c.heldout_texts,
+        }
+        log(f"corpus: {corpus.source} ({corpus.location}), {len(corpus.texts)} texts")
+    else:
+        rows, _ = prepare_rows(c.preference_data)
+        order = np.random.default_rng(0).permutation(len(rows))
+        rows = [rows[i] for i in order]
+        if len(rows) <= c.n_eval:
+            raise InputError(f"preference_data has {len(rows)} rows; need more than n_eval={c.n_eval}")
+        ctx.eval_prompts = [r[PROMPT] for r in rows[: c.n_eval]]
+        train_rows = rows[c.n_eval :]
+        ctx.train_pool = [r[PROMPT] for r in train_rows]
+        ctx.dataset_rows = train_rows
+        if len(ctx.train_pool) < c.n_train:
+            raise InputError(f"preference_data has {len(ctx.train_pool)} training rows for n_train={c.n_train}")
+        ctx.corpus_info = {"source": "dataset", "location": c.preference_data, "rows": len(rows)}
+        corpus = None
+    if c.reference_model is None:
+        if corpus is None:
+            raise InputError("data=dataset needs reference_model (a checkpoint)")
+        tok, tok_folder = build_tokenizer(train_texts, c.vocab_size, ctx.cache_dir, corpus.fingerprint)
+        ctx.ref_dir = str(
+            pretrained_reference(
+                train_texts, heldout, tok, tok_folder, c.model, c.pretrain, ctx.cache_dir, corpus.fingerprint, log
+            )
+        )
+        info = json.loads((Path(ctx.ref_dir) / "pretrain.json").read_text())
+        ctx.corpus_info["reference_pretrain"] = {
+            "folder": ctx.ref_dir, "heldout_loss": info["heldout_loss"], "parameters": info["parameters"],
+            "seconds": info["seconds"], "vocab_size": len(tok),
+        }
+        log(f"reference: {ctx.ref_dir} ({info['parameters']} parameters, held-out loss {info['heldout_loss']:.3f})")
+    else:
+        ctx.ref_dir = c.reference_model
+    with _quiet():
+        ctx.tokenizer = load_tokenizer(ctx.ref_dir)
+        ctx.ref_model = _load_policy(ctx, ctx.ref_dir)
+    if c.data == "synthetic":
+        ctx.reward = get_reward(c.reward)
+        d = len(ctx.reward.components(["x"], ["good"])[0])
+        ctx.scenarios = {s: make_scenario(s, c.sharpness, d=d, primary=ctx.reward.primary) for s in c.scenarios}
+    else:
+        ctx.reward = _judge_reward(c.judge, ctx)
+    ctx.timings["prepare"] = time.perf_counter() - start
+    _write_json(
+        out / "experiment.json",
+        {
+            "config": c.as_dict(),
+            "corpus": ctx.corpus_info,
+            "reference": ctx.ref_dir,
+            "cache_dir": str(ctx.cache_dir),
+            "device": str(_device()),
+            "torch_threads": torch.get_num_threads(),
+            "versions": _versions(),
+        },
+    )
+    return ctx
+
+
+def _load_policy(ctx: ExperimentContext, path: str) -> Any:
+    """A causal LM on the device, never sampling padding or BOS (they are no text: a response of them alone
+    would decode to an empty string). Their mass under a trained model is negligible, so the log-probabilities
+    of the KL estimate are not renormalised for it."""
+    from ..models import load_causal_lm
+
+    model = load_causal_lm(path).to(_device())
+    tok = ctx.tokenizer
+    special = sorted({t for t in (tok.pad_token_id, tok.bos_token_id) if t is not None and t != tok.eos_token_id})
+    if special:
+        model.generation_config.suppress_tokens = special
+    model.eval()
+    return model
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        out["vaderSentiment"] = version("vaderSentiment")
+    except PackageNotFoundError:
+        pass
+    return out
+
+
+@dataclass
+class _RewardModelReward:
+    """A reward model as the "true" reward of a data set without one (``judge: reward_model:PATH``)."""
+
+    scorer: RewardModelScorer
+    names: tuple[str, ...] = ("judge_reward",)
+    primary: int = 0
+
+    def components(self, prompts: Sequence[Any], responses: Sequence[Any]) -> np.ndarray:
+        return self.scorer.rewards(list(prompts), list(responses)).double().numpy().reshape(-1, 1)
+
+
+def _judge_reward(judge: str, ctx: ExperimentContext) -> _RewardModelReward:
+    from ..models import load_reward_model, load_tokenizer
+
+    path = judge.partition(":")[2]
+    with _quiet():
+        tok = load_tokenizer(path)
+        model = load_reward_model(path, tok.pad_token_id).to(_device())
+    return _RewardModelReward(RewardModelScorer(model, tok, batch_size=32))
+
+
+# -- data -------------------------------------------------------------------------------------------------
+def _responses(ctx: ExperimentContext, seed: int) -> list[dict[str, Any]]:
+    """Training prompts of ``seed`` with ``M_max (+1 for synthetic labels)`` pairs of reference samples each."""
+    c = ctx.config
+    folder = ctx.out / "data" / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(_stable_seed("prompts", seed))
+    picks = rng.choice(len(ctx.train_pool), size=c.n_train, replace=False)
+    # rows may share a prompt; "source_row" indexes the training pool (and the data set's rows)
+    rows = [{PROMPT: ctx.train_pool[i], "source_row": int(i)} for i in sorted(picks)]
+    n_pairs = c.max_pairs + (1 if c.data == "synthetic" else 0)
+    if n_pairs == 0:
+        return rows
+    path = folder / "responses.jsonl"
+    start = time.perf_counter()
+    with _quiet():
+        generate_references(
+            rows, path, ctx.generation(_stable_seed("responses", seed), n_pairs), model=ctx.ref_model,
+            tokenizer=ctx.tokenizer,
+        )
+    ctx.timings[f"responses/seed{seed}"] = time.perf_counter() - start
+    return read_rows(path)
+
+
+def _labelled(ctx: ExperimentContext, scenario: str, seed: int, responses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with ``chosen``/``rejected`` (labels drawn through the scenario, or the data set's) and the reference responses."""
+    c = ctx.config
+    M = c.max_pairs
+    rows = []
+    if c.data == "synthetic":
+        sc = ctx.scenarios[scenario]
+        y1 = [r[reference_column(2 * M + 1)] for r in responses]
+        y2 = [r[reference_column(2 * M + 2)] for r in responses]
+        prompts = [r[PROMPT] for r in responses]
+        phi1 = ctx.reward.components(prompts, y1)
+        phi2 = ctx.reward.components(prompts, y2)
+        z = sc.draw(phi1, phi2, np.random.default_rng(_stable_seed("labels", scenario, seed)))
+        for r, a, b, zi in zip(responses, y1, y2, z):
+            row = {PROMPT: r[PROMPT], CHOSEN: a if zi else b, REJECTED: b if zi else a}
+            row.update({reference_column(k): r[reference_column(k)] for k in range(1, 2 * M + 1)})
+            rows.append(row)
+    else:
+        for r in responses:
+            src = ctx.dataset_rows[int(r["source_row"])]
+            row = {PROMPT: src[PROMPT], CHOSEN: src[CHOSEN], REJECTED: src[REJECTED]}
+            row.update({reference_column(k): r[reference_column(k)] for k in range(1, 2 * M + 1)})
+            rows.append(row)
+    return rows
+
+
+def _variant(ctx: ExperimentContext, rows: list[dict[str, Any]], scenario: str, spec: MethodSpec) -> list[dict[str, Any]]:
+    """The training rows of one method: the labelled pair, ``M`` reference pairs, and oracle/constant ``g_hat``."""
+    base = [{PROMPT: r[PROMPT], CHOSEN: r[CHOSEN], REJECTED: r[REJECTED]} for r in rows]
+    if not spec.uses_control_variate:
+        return base
+    for b, r in zip(base, rows):
+        b.update({reference_column(k): r[reference_column(k)] for k in range(1, 2 * spec.M + 1)})
+    if spec.g_hat == "reward_model":
+        return base
+    pairs = [(CHOSEN, REJECTED)] + [(reference_column(2 * j + 1), reference_column(2 * j + 2)) for j in range(spec.M)]
+    if spec.g_hat == "constant":
+        g = np.full((len(base), len(pairs)), 0.5)
+    else:
+        if ctx.config.data != "synthetic":
+            raise InputError(f"method {spec.name}: g_hat=oracle needs a synthetic task with a true reward")
+        g = _oracle_g(ctx, scenario, base, pairs)
+    for b, gi in zip(base, g):
+        for (first, second), value in zip(pairs, gi):
+            b[f"{first}_preference"] = float(value)
+            b[f"{second}_preference"] = 1.0 - float(value)
+    return base
+
+
+def _oracle_g(ctx: ExperimentContext, scenario: str, rows: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> np.ndarray:
+    """``(rows, pairs)`` symmetrised ``g*`` of every pair of every row."""
+    sc = ctx.scenarios[scenario]
+    prompts = [r[PROMPT] for r in rows]
+    out = np.empty((len(rows), len(pairs)))
+    for j, (first, second) in enumerate(pairs):
+        pa = ctx.reward.components(prompts, [r[first] for r in rows])
+        pb = ctx.reward.components(prompts, [r[second] for r in rows])
+        out[:, j] = sc.symmetric_prob(pa, pb)
+    return out
+
+
+# -- training ----------------------------------------------------------------------------------------------
+def _finetune_config(ctx: ExperimentContext, spec: MethodSpec | None, data: Path, out: Path, seed: int, cache: Path) -> dict[str, Any]:
+    c = ctx.config
+    stage_two = spec is None
+    values: dict[str, Any] = {
+        "model_name_or_path": ctx.ref_dir,
+        "train_data": str(data),
+        "output_dir": str(out),
+        "cache_dir": str(cache),
+        "max_prompt_length": 256,
+        "max_completion_length": c.max_new_tokens + 1,
+        "learning_rate": c.rm_learning_rate if stage_two else c.learning_rate,
+        "num_train_epochs": c.rm_epochs if stage_two else c.epochs,
+        "per_device_train_batch_size": c.batch_size,
+        "per_device_eval_batch_size": max(c.batch_size, 32),
+        "seed": seed,
+        "data_seed": seed,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "lr_scheduler_type": "linear",
+        "weight_decay": 0.0,
+        "dataloader_num_workers": 0,
+        "use_cpu": not torch.cuda.is_available(),
+        "beta": c.beta,
+    }
+    if stage_two:
+        values.update({"stage": "two", "method": "mle", "loss": "logistic"})
+    else:
+        values.update(
+            {"stage": "one", "method": spec.method, "lam": spec.lam, "eps": spec.eps, "lambda_target": spec.lambda_target}
+        )
+        if spec.loss is not None:
+            values["loss"] = spec.loss
+        if spec.uses_control_variate and spec.g_hat == "reward_model":
+            values.update(
+                {"g_source": "reward_model", "g_model_name_or_path": ctx.ref_dir, "g_cross_fit_folds": 2}
+            )
+    values.update(dict(c.training_overrides))
+    return values
+
+
+def _finetune(values: dict[str, Any], log_file: Path) -> dict[str, Any]:
+    import yaml
+
+    from ..config import parse_config
+    from ..pipeline import run_finetune
+
+    out = Path(values["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "finetune.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    with _quiet(log_file):
+        args = parse_config(values)
+        return run_finetune(*args)
+
+
+def _training_summary(run_dir: Path) -> dict[str, Any]:
+    """Means over the logged steps: ``lambda``, and ``var_vr / var_mle`` of the loss and of the oriented
+    margin-shift gradient (``vrpo/var_ograd_*``), each the ratio of the step means."""
+    path = run_dir / "trainer_state.json"
+    if not path.exists():
+        return {}
+    logs = json.loads(path.read_text()).get("log_history", [])
+    steps = [e for e in logs if "loss" in e]
+
+    def mean(key: str) -> float:
+        v = [e[key] for e in steps if key in e and e[key] is not None]
+        return float(np.mean(v)) if v else float("nan")
+
+    out = {"lambda_mean": mean("vrpo/lambda")}
+    # the gradient ratio uses the label-independent orientation of the labelled pair (label noise included)
+    for name, key in (("grad", "ograd"), ("loss", "loss")):
+        mle, vr = mean(f"vrpo/var_{key}_mle"), mean(f"vrpo/var_{key}_vr")
+        out[f"var_{name}_ratio"] = vr / mle if mle and np.isfinite(mle) and mle > 0 else float("nan")
+    return out
+
+
+def _g_hat_rmse(ctx: ExperimentContext, scenario: str, rows: list[dict[str, Any]], spec: MethodSpec, cache: Path) -> float:
+    """``sqrt(mean (g_hat - g*)^2)`` over the labelled and reference pairs a VRPO run trained with."""
+    if ctx.config.data != "synthetic" or not spec.uses_control_variate:
+        return float("nan")
+    pairs = [(CHOSEN, REJECTED)] + [(reference_column(2 * j + 1), reference_column(2 * j + 2)) for j in range(spec.M)]
+    if spec.g_hat == "oracle":
+        return 0.0
+    star = _oracle_g(ctx, scenario, rows, pairs)
+    if spec.g_hat == "constant":
+        return float(np.sqrt(np.mean((star - 0.5) ** 2)))
+    files = sorted((cache / "train").glob("g_hat-*.jsonl"))
+    if not files:
+        return float("nan")
+    annotated = read_rows(files[-1])
+    g = np.array([[float(r[f"{first}_preference"]) for first, _ in pairs] for r in annotated])
+    star = _oracle_g(ctx, scenario, annotated, pairs)
+    return float(np.sqrt(np.mean((g - star) ** 2)))
+
+
+def _predicted_ratio(
+    ctx: ExperimentContext, scenario: str, rows: list[dict[str, Any]], spec: MethodSpec, lam: float | None
+) -> float:
+    r"""DESIGN.md 3.5's variance ratio at the reference policy, for the oracle ``g_hat``.
+
+    At ``s = 1/2`` (margins 0) in the label-independent order, ``a = -(Z - 1/2)`` and
+    ``c = -(g - 1/2) + mean_j (g_j - 1/2)``. With ``E[Z | pair] = g``, ``E[g | x] = 1/2`` (the two responses
+    of a pair are exchangeable) and reference pairs independent of the labelled one given ``x``:
+    ``Var(a) = 1/4`` and ``Var(a - lam c) = 1/4 - Var(g) + (1 - lam)^2 Var(g) + lam^2 Var(g)/M``, so
+
+        Var(a - lam c) / Var(a) = 1 - 4 Var(g) [1 - (1 - lam)^2 - lam^2 / M]
+
+    (``lam = 1``: ``1 - 4 Var(g) (1 - 1/M)``; ``lam = M/(M+1)``: ``1 - 4 Var(g) M/(M+1)``). ``Var(g)`` is the
+    variance of ``g*`` over the run's reference pairs; ``lam`` the run's mean lambda. NaN unless the run
+    used the oracle ``g_hat``.
+    """
+    if ctx.config.data != "synthetic" or not spec.uses_control_variate or spec.g_hat != "oracle":
+        return float("nan")
+    lam = spec.lam if lam is None or not np.isfinite(lam) else float(lam)
+    pairs = [(reference_column(2 * j + 1), reference_column(2 * j + 2)) for j in range(spec.M)]
+    var_g = float(np.var(_oracle_g(ctx, scenario, rows, pairs)))
+    return 1.0 - 4.0 * var_g * (1.0 - (1.0 - lam) ** 2 - lam**2 / spec.M)
+
+
+# -- evaluation samples ------------------------------------------------------------------------------------
+def _save_samples(path: Path, prompts: list[Any], texts: list[str], phi: np.ndarray, extra: dict[str, Sequence[Any]]) -> None:
+    rows = []
+    for i, (p, t) in enumerate(zip(prompts, texts)):
+        row = {"prompt": p, "response": t, "phi": [float(v) for v in phi[i]]}
+        for k, v in extra.items():
+            row[k] = v[i] if v is not None else None
+        rows.append(row)
+    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(rows, tmp)
+    os.replace(tmp, path)
+
+
+def _sample_and_score(ctx: ExperimentContext, model: Any, sample_seed: int, path: Path) -> dict[str, Any]:
+    """Sample the policy on the evaluation prompts, score the true reward and both log-probabilities.
+
+    Every policy is sampled with its own seed: the win rate is defined on independent draws of the two
+    policies (a common seed would couple the samples of similar policies and change the estimand).
+    """
+    opts = ctx.generation(sample_seed)
+    with _quiet():
+        s = ev.sample_policy(model, ctx.tokenizer, ctx.eval_prompts, opts, seed=0)
+        pad = ctx.tokenizer.pad_token_id
+        lp = ev.sequence_logprobs(model, s.prompt_ids, s.token_ids, pad)
+        lr = lp if model is ctx.ref_model else ev.sequence_logprobs(ctx.ref_model, s.prompt_ids, s.token_ids, pad)
+    phi = ctx.reward.components(ctx.eval_prompts, s.texts)
+    _save_samples(path, ctx.eval_prompts, s.texts, phi, {"logp": lp.tolist(), "logp_ref": lr.tolist(), "token_ids": s.token_ids})
+    kl, lo, hi = ev.kl_estimate(lp, lr)
+    return {"kl": kl, "kl_ci_low": lo, "kl_ci_high": hi, "kl_method": "samples" if model is not ctx.ref_model else "zero"}
+
+
+def _run_method(
+    ctx: ExperimentContext, scenario: str, seed: int, spec: MethodSpec, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Train (if needed) and sample one method; returns its ``result.json`` record (cached on disk)."""
+    from ..models import load_reward_model
+
+    run_dir = ctx.out / "runs" / scenario / f"seed{seed}" / spec.name
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    samples = ctx.out / "eval" / scenario / f"seed{seed}" / f"{spec.name}.jsonl"
+    record: dict[str, Any] = {
+        "scenario": scenario, "seed": seed, "method": spec.name, "kind": spec.kind, "M": spec.M,
+        "g_hat": spec.g_hat if spec.uses_control_variate else "", "n_eval": len(ctx.eval_prompts),
+        "train_seconds": 0.0, "train_loss": float("nan"), "steps": 0,
+    }
+    shared_cache = ctx.out / "cache" / scenario / f"seed{seed}"
+    start = time.perf_counter()
+    if spec.kind == "reference":
+        ref_samples = ctx.out / "eval" / f"seed{seed}-reference.jsonl"
+        if not ref_samples.exists():
+            stats = _sample_and_score(ctx, ctx.ref_model, _stable_seed("eval", seed, spec.name), ref_samples)
+            _write_json(ref_samples.with_suffix(".json"), stats)
+        stats = json.loads(ref_samples.with_suffix(".json").read_text())
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        samples.write_text(ref_samples.read_text())
+        record.update(stats)
+    elif spec.kind == "policy":
+        data = ctx.out / "data" / f"seed{seed}" / scenario / f"{spec.name}.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(_variant(ctx, rows, scenario, spec), data)
+        cache = run_dir / "cache" if spec.g_hat == "reward_model" and spec.uses_control_variate else shared_cache
+        values = _finetune_config(ctx, spec, data, run_dir / "model", seed, cache)
+        t0 = time.perf_counter()
+        result = _finetune(values, run_dir / "train.log")
+        record.update(
+            {"train_seconds": time.perf_counter() - t0, "train_loss": result["train_loss"], "steps": result["global_step"]}
+        )
+        record.update(_training_summary(run_dir / "model"))
+        record["g_hat_rmse"] = _g_hat_rmse(ctx, scenario, rows, spec, cache)
+        record["var_grad_ratio_theory"] = _predicted_ratio(ctx, scenario, rows, spec, record.get("lambda_mean"))
+        with _quiet():
+            policy = _load_policy(ctx, str(run_dir / "model"))
+        t1 = time.perf_counter()
+        record.update(_sample_and_score(ctx, policy, _stable_seed("eval", scenario, seed, spec.name), samples))
+        record["eval_seconds"] = time.perf_counter() - t1
+        del policy
+    else:  # best of n from the reference, scored by a reward model fitted on the labelled pairs
+        rm_dir = ctx.out / "runs" / scenario / f"seed{seed}" / "_reward_model"
+        if not (rm_dir / "model" / "trainer_state.json").exists():
+            data = ctx.out / "data" / f"seed{seed}" / scenario / "labelled.jsonl"
+            data.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl([{PROMPT: r[PROMPT], CHOSEN: r[CHOSEN], REJECTED: r[REJECTED]} for r in rows], data)
+            t0 = time.perf_counter()
+            result = _finetune(_finetune_config(ctx, None, data, rm_dir / "model", seed, shared_cache), rm_dir / "train.log")
+            _write_json(rm_dir / "result.json", {"train_seconds": time.perf_counter() - t0, "train_loss": result["train_loss"],
+                                                 "steps": result["global_step"]})
+        rm_info = json.loads((rm_dir / "result.json").read_text())
+        record.update(rm_info)
+        from ..policy import best_of_n
+
+        with _quiet():
+            rm = load_reward_model(str(rm_dir / "model"), ctx.tokenizer.pad_token_id).to(_device())
+            t1 = time.perf_counter()
+            picked = best_of_n(
+                ctx.eval_prompts, ctx.ref_model, ctx.tokenizer, RewardModelScorer(rm, ctx.tokenizer), spec.n,
+                ctx.generation(_stable_seed("best_of_n", scenario, seed, spec.name)),
+            )
+        texts = [p["response"] for p in picked]
+        phi = ctx.reward.components(ctx.eval_prompts, texts)
+        _save_samples(samples, ctx.eval_prompts, texts, phi, {"logp": None, "logp_ref": None, "token_ids": None})
+        kl = ev.best_of_n_kl(spec.n)
+        record.update({"kl": kl, "kl_ci_low": kl, "kl_ci_high": kl, "kl_method": "best_of_n_formula",
+                       "eval_seconds": time.perf_counter() - t1})
+    phi = np.array([r["phi"] for r in read_rows(samples)])
+    m, lo, hi = ev.mean_interval(phi[:, ctx.reward.primary])
+    record.update({"mean_reward": m, "mean_reward_ci_low": lo, "mean_reward_ci_high": hi})
+    record["seconds"] = time.perf_counter() - start
+    _write_json(done, record)
+    return record
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Run every (seed, scenario, method) not yet on disk, then ``analyse``; returns the results table."""
+    wall = time.perf_counter()
+    ctx = prepare(config, out_dir, cache_dir, log)
+    for seed in config.seeds:
+        responses = _responses(ctx, seed)
+        for scenario in config.scenario_names:
+            rows = _labelled(ctx, scenario, seed, responses)
+            for spec in config.methods:
+                t0 = time.perf_counter()
+                rec = _run_method(ctx, scenario, seed, spec, rows)
+                log(
+                    f"[{time.perf_counter() - wall:7.1f}s] seed {seed} {scenario:>18} {spec.name:>16}: "
+                    f"reward {rec['mean_reward']:+.3f}, KL {rec['kl']:.3f} ({time.perf_counter() - t0:.1f}s)"
+                )
+    ctx.timings["total"] = time.perf_counter() - wall
+    timings_path = ctx.out / "timings.json"
+    previous = json.loads(timings_path.read_text()) if timings_path.exists() else []
+    _write_json(timings_path, previous + [ctx.timings | {"finished": time.strftime("%Y-%m-%d %H:%M:%S")}])
+    return analyse(ctx)
+
+
+# -- comparisons -------------------------------------------------------------------------------------------
+def _key(prompt: Any, text: str) -> tuple[str, str]:
+    return json.dumps(prompt, sort_keys=True), text
+
+
+def _phis(phi_of: dict[tuple[str, str], np.ndarray], prompts: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
+    """The stored reward components of each (prompt, response): a reward may read the prompt too."""
+    return np.array([phi_of[_key(p, t)] for p, t in zip(prompts, texts)])
+
+
+def _oracle_judge(sc: TextScenario, phi_of: dict[tuple[str, str], np.ndarray]) -> ev.ProbabilityJudge:
+    def fn(prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> np.ndarray:
+        return sc.prob(_phis(phi_of, prompts, firsts), _phis(phi_of, prompts, seconds))
+
+    return ev.ProbabilityJudge(fn, name=f"oracle:{sc.name}", decision="sample")
+
+
+def _reward_judge(primary: int, phi_of: dict[tuple[str, str], np.ndarray], soft: bool) -> ev.ProbabilityJudge:
+    """Deterministic comparison of the primary reward (``soft``: ``sigmoid`` of the reward difference instead)."""
+
+    def fn(prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> np.ndarray:
+        ra = _phis(phi_of, prompts, firsts)[:, primary]
+        rb = _phis(phi_of, prompts, seconds)[:, primary]
+        if soft:
+            return 1.0 / (1.0 + np.exp(-(ra - rb)))
+        return np.where(ra > rb, 1.0, np.where(ra < rb, 0.0, 0.5))
+
+    return ev.ProbabilityJudge(fn, name="reward", decision="argmax")
+
+
+def _load_samples(path: Path) -> tuple[list[Any], list[str], np.ndarray]:
+    rows = read_rows(path)
+    return [r["prompt"] for r in rows], [r["response"] for r in rows], np.array([r["phi"] for r in rows])
+
+
+def analyse(ctx: ExperimentContext) -> pd.DataFrame:
+    """Win rates of every method over the reference and the baseline, per (scenario, seed); writes ``results.csv``."""
+    c = ctx.config
+    records = []
+    for seed in c.seeds:
+        for scenario in c.scenario_names:
+            base = ctx.out / "eval" / scenario / f"seed{seed}"
+            loaded = {}
+            for spec in c.methods:
+                rec_path = ctx.out / "runs" / scenario / f"seed{seed}" / spec.name / "result.json"
+                if rec_path.exists() and (base / f"{spec.name}.jsonl").exists():
+                    loaded[spec.name] = (json.loads(rec_path.read_text()), *_load_samples(base / f"{spec.name}.jsonl"))
+            if not loaded:
+                continue
+            phi_of: dict[tuple[str, str], np.ndarray] = {}
+            for _, prompts, texts, phi in loaded.values():
+                phi_of.update((_key(p, t), v) for p, t, v in zip(prompts, texts, phi))
+            judges: dict[str, ev.ProbabilityJudge] = {}
+            if c.data == "synthetic":
+                judges["oracle"] = _oracle_judge(ctx.scenarios[scenario], phi_of)
+                judges["true_reward"] = _reward_judge(ctx.reward.primary, phi_of, soft=False)
+            else:
+                judges["reward_model"] = _reward_judge(0, phi_of, soft=True)
+            primary = c.judge.partition(":")[0]
+            for name, (rec, prompts, texts, _) in loaded.items():
+                row = {k: rec.get(k, float("nan")) for k in RESULT_COLUMNS}
+                for opponent_kind, opponent in (("reference", _reference_name(c)), ("baseline", c.baseline)):
+                    if opponent not in loaded:
+                        continue
+                    _, _, opp_texts, _ = loaded[opponent]
+                    for judge_name, judge in judges.items():
+                        prefix = "" if judge_name == primary else f"{judge_name}_"
+                        key = f"{prefix}vs_{opponent_kind}"
+                        if name == opponent:
+                            continue
+                        s, q, _ = ev.compare(
+                            prompts, texts, opp_texts, judge, seed=_stable_seed("compare", scenario, seed, name, opponent)
+                        )
+                        wr = ev.win_rate(s, q, ci=c.ci, seed=_stable_seed("boot", scenario, seed, name, opponent))
+                        for f in _WIN_FIELDS:
+                            row[f"{key}_{f}"] = getattr(wr, f)
+                records.append(row)
+    table = pd.DataFrame.from_records(records)
+    if len(table):
+        table.to_csv(ctx.out / "results.csv", index=False)
+    return table
+
+
+def _reference_name(config: ExperimentConfig) -> str:
+    return next(m.name for m in config.methods if m.kind == "reference")

@@ -1,0 +1,172 @@
+"""Statistics of the LLM evaluation (``robust_rlhf.llm.evaluate``): intervals, win rates, judges, KL."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy import stats
+
+from robust_rlhf.llm.evaluate import (
+    ProbabilityJudge,
+    best_of_n_kl,
+    bootstrap_interval,
+    compare,
+    kl_estimate,
+    mean_interval,
+    seed_interval,
+    wilson_interval,
+    win_rate,
+)
+from robust_rlhf.theory.errors import InputError
+
+Z95 = stats.norm.ppf(0.975)
+
+
+def _wilson_roots(wins: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Independent form: the roots in p of (W - p)^2 = z^2 p (1 - p) / n, a quadratic a p^2 + b p + c."""
+    w = wins / n
+    a = 1 + z * z / n
+    b = -(2 * w + z * z / n)
+    c = w * w
+    r = np.sort(np.roots([a, b, c]).real)
+    return float(r[0]), float(r[1])
+
+
+def test_wilson_golden_values() -> None:
+    # the textbook example 7 of 10 and the all-or-nothing edge cases (upper end 1 - (1 + z^2/n)^-1 at 0 wins)
+    assert wilson_interval(7, 10) == pytest.approx((0.396778, 0.892209), abs=1e-6)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, (Z95**2 / 10) / (1 + Z95**2 / 10)), abs=1e-12)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(1 / (1 + Z95**2 / 10), abs=1e-12)
+
+
+@given(n=st.integers(1, 400), frac=st.floats(0, 1), level=st.sampled_from([0.8, 0.9, 0.95, 0.99]))
+def test_wilson_is_the_root_pair_and_contains_the_estimate(n: int, frac: float, level: float) -> None:
+    wins = round(frac * n * 2) / 2  # ties make half wins
+    z = stats.norm.ppf(0.5 + level / 2)
+    lo, hi = wilson_interval(wins, n, level)
+    r_lo, r_hi = _wilson_roots(wins, n, z)
+    assert lo == pytest.approx(max(0.0, r_lo), abs=1e-7) and hi == pytest.approx(min(1.0, r_hi), abs=1e-7)
+    assert 0.0 <= lo <= wins / n <= hi <= 1.0
+
+
+def test_wilson_rejects_bad_counts() -> None:
+    for wins, n in ((-1, 10), (11, 10), (0, 0)):
+        with pytest.raises(InputError):
+            wilson_interval(wins, n)
+    with pytest.raises(InputError, match="level"):
+        wilson_interval(3, 10, level=1.5)
+
+
+def test_mean_and_seed_intervals_closed_form() -> None:
+    v = np.array([0.2, 0.5, 0.9, 0.4])
+    m, lo, hi = mean_interval(v)
+    half = Z95 * v.std(ddof=1) / 2
+    assert (m, lo, hi) == pytest.approx((0.5, 0.5 - half, 0.5 + half))
+    m, lo, hi = seed_interval([0.5, 0.6, 0.55])
+    half = stats.t.ppf(0.975, 2) * 0.05 / math.sqrt(3)
+    assert (m, lo, hi) == pytest.approx((0.55, 0.55 - half, 0.55 + half))
+    assert all(math.isnan(x) for x in seed_interval([0.4])[1:])
+    assert seed_interval([0.4, float("nan"), 0.6])[0] == pytest.approx(0.5)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean() -> None:
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=200)
+    a = bootstrap_interval(v, seed=1)
+    assert a == bootstrap_interval(v, seed=1)
+    assert a[0] < v.mean() < a[1]
+    # the percentile bootstrap of a mean is close to the normal interval for n = 200 (half-width 1.96 sd/sqrt n,
+    # about 0.139 here; the bootstrap's own Monte Carlo error with 2000 resamples is about 1% of it)
+    _, lo, hi = mean_interval(v)
+    assert a == pytest.approx((lo, hi), abs=0.02)
+    assert bootstrap_interval(np.full(7, 0.5)) == (0.5, 0.5)
+
+
+def test_win_rate_counts_ties_as_half() -> None:
+    s = np.array([1, 1, 0.5, 0, 1, 0.5, 0, 1.0])
+    wr = win_rate(s)
+    assert (wr.wins, wr.ties, wr.losses, wr.n) == (4, 2, 2, 8)
+    assert wr.win_rate == pytest.approx(5 / 8)
+    assert (wr.ci_low, wr.ci_high) == pytest.approx(wilson_interval(5, 8))
+    assert wr.soft == pytest.approx(5 / 8)  # without soft probabilities, the outcomes themselves
+    boot = win_rate(s, np.full(8, 0.6), ci="bootstrap", seed=2)
+    assert boot.ci_method == "bootstrap" and boot.soft == pytest.approx(0.6)
+    assert (boot.soft_ci_low, boot.soft_ci_high) == pytest.approx((0.6, 0.6))
+    with pytest.raises(InputError, match="outcomes"):
+        win_rate([1, 0.3])
+    with pytest.raises(InputError, match="ci"):
+        win_rate([1, 0], ci="exact")
+
+
+def _position_biased(prompts, firsts, seconds):
+    """The first response always wins: a pure position bias."""
+    return np.ones(len(firsts))
+
+
+def test_compare_shuffles_the_order_and_maps_outcomes_back() -> None:
+    n = 4000
+    prompts = [f"p{i}" for i in range(n)]
+    a = [f"a{i}" for i in range(n)]
+    b = [f"b{i}" for i in range(n)]
+    judge = ProbabilityJudge(_position_biased, decision="argmax")
+    s, q, a_first = compare(prompts, a, b, judge, seed=5)
+    # A wins exactly when it was shown first, so the win rate is the share of coin flips that showed A first
+    np.testing.assert_array_equal(s, a_first.astype(float))
+    np.testing.assert_array_equal(q, a_first.astype(float))
+    # fair coin: mean 1/2 with standard error sqrt(1/4 / 4000) = 0.0079; 4 standard errors
+    assert abs(a_first.mean() - 0.5) < 4 * math.sqrt(0.25 / n)
+    s2, _, a_first2 = compare(prompts, a, b, judge, seed=5)
+    np.testing.assert_array_equal(a_first, a_first2)
+
+
+def test_compare_sampled_outcomes_follow_the_judge_and_identical_texts_tie() -> None:
+    n = 6000
+    p_a = 0.7
+    judge = ProbabilityJudge(lambda pr, f, s: np.array([p_a if x.startswith("a") else 1 - p_a for x in f]))
+    a = [f"a{i}" for i in range(n)]
+    b = [f"b{i}" for i in range(n)]
+    s, q, _ = compare(["x"] * n, a, b, judge, seed=1)
+    np.testing.assert_allclose(q, p_a)  # the soft win probability of A does not depend on the order
+    # Bernoulli(0.7) draws: standard error sqrt(0.21 / 6000) = 0.0059; 4 standard errors
+    assert abs(s.mean() - p_a) < 4 * math.sqrt(p_a * (1 - p_a) / n)
+    s, q, _ = compare(["x", "y"], ["same", "a1"], ["same", "b1"], judge, seed=0, decision="argmax")
+    assert s[0] == 0.5 and s[1] == 1.0
+
+
+def test_probability_judge_validates_its_output() -> None:
+    bad = ProbabilityJudge(lambda p, f, s: [1.2] * len(f), name="bad")
+    with pytest.raises(InputError, match="bad"):
+        compare(["x"], ["a"], ["b"], bad)
+    with pytest.raises(InputError, match="decision"):
+        ProbabilityJudge(lambda p, f, s: [0.5], decision="vote")
+    with pytest.raises(InputError, match="one response"):
+        compare(["x", "y"], ["a"], ["b", "c"], ProbabilityJudge(_position_biased))
+
+
+def test_kl_estimate_and_best_of_n_formula() -> None:
+    lp = np.array([-3.0, -2.0, -4.0])
+    lr = np.array([-3.5, -2.5, -4.2])
+    kl, lo, hi = kl_estimate(lp, lr)
+    assert kl == pytest.approx(0.4) and lo < 0.4 < hi
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    with pytest.raises(InputError):
+        best_of_n_kl(0)
+
+
+def test_best_of_n_formula_matches_a_continuous_simulation() -> None:
+    """For a continuous reward, best-of-n has density n F^(n-1) relative to the base: KL = E[log(n F^(n-1))]
+    under the best-of-n law, where F ~ Beta(n, 1). Monte Carlo over 200000 draws of F."""
+    rng = np.random.default_rng(0)
+    n = 4
+    f = rng.beta(n, 1, size=200_000)
+    log_ratio = np.log(n) + (n - 1) * np.log(f)
+    # standard error: sd(log ratio)/sqrt(R) = (n - 1) sd(log F)/sqrt(R), sd(log F) = 1/n for Beta(n, 1); 4 SEs
+    se = (n - 1) * (1 / n) / math.sqrt(f.size)
+    assert abs(log_ratio.mean() - best_of_n_kl(n)) < 4 * se
