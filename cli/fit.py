@@ -66,31 +66,6 @@ def _method_and_lam(args: argparse.Namespace) -> tuple[str, float | None]:
     return "vrpo", lam
 
 
-def _fit_in_unit_scale(data, method: str, loss: str, lam: float | None, bound: float | None, weight: int | None):
-    """``fit`` on features rescaled to unit root mean square, mapped back exactly.
-
-    The estimators are equivariant under ``dphi -> dphi / s``: ``theta = theta' / s``,
-    ``cov = cov' / s^2``, the bound ``||theta|| <= B`` becomes ``||theta'|| <= s B`` and the gradient
-    ``s grad'``. The fit's stopping rule (gradient norm below 1e-8) is not scale-free: features in tiny
-    units would stop it at ``theta = 0``, huge ones never. ``s`` is a power of two, so the rescaling
-    is exact in floating point, and features already within ``[2^-10, 2^10]`` are left as they are."""
-    import math
-    from dataclasses import replace
-
-    import numpy as np
-
-    from robust_rlhf.theory.fitting import fit
-
-    rms = float(np.sqrt(np.mean(np.square(data.dphi))))
-    s = 1.0 if rms == 0 or 2.0**-10 <= rms <= 2.0**10 else 2.0 ** round(math.log2(rms))
-    if s == 1.0:
-        return fit(data, method, loss, lam=lam, bound=bound, weight=weight)
-    scaled = replace(data, dphi=data.dphi / s, dphi_ref=None if data.dphi_ref is None else data.dphi_ref / s)
-    res = fit(scaled, method, loss, lam=lam, bound=None if bound is None else bound * s, weight=weight)
-    return replace(res, theta=res.theta / s, cov=res.cov / s**2, grad_norm=res.grad_norm * s, bound=bound,
-                   cov_mle=None if res.cov_mle is None else res.cov_mle / s**2)
-
-
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -98,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from robust_rlhf.theory.errors import InputError
+    from robust_rlhf.theory.fitting import fit
     from robust_rlhf.theory.io import load_pair_data
 
     method, lam = _method_and_lam(args)
@@ -107,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                          "(use robust_rlhf.theory.fit for batches)")
     if args.weight is not None and not 0 <= args.weight < data.d:
         raise InputError(f"--weight {args.weight}: must be a coordinate in [0, {data.d})")
-    res = _fit_in_unit_scale(data, method, args.loss, lam, args.bound, args.weight)
+    res = fit(data, method, args.loss, lam=lam, bound=args.bound, weight=args.weight)
     if not res.converged[0]:
         print(f"robust-rlhf fit: warning: the fit stopped without converging (gradient norm "
               f"{float(res.grad_norm[0]):.2g} after {int(res.n_iter[0])} iterations); the estimate and its standard "

@@ -20,7 +20,9 @@ random numbers across the settings of a study).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,12 @@ __all__ = ["PreferenceData", "sample", "sample_population", "save", "STREAMS"]
 STREAMS = {"prompts": 0, "pairs": 1, "labels": 2, "reference": 3, "unlabelled_prompts": 4,
            "unlabelled_pairs": 5, "crossfit": 6}
 _NAMESPACES = {"data": 0, "auxiliary": 1}
+
+
+def _swap_pair_features(features: np.ndarray, d: int) -> np.ndarray:
+    """``(a - b, a, b, x) -> (b - a, b, a, x)`` on the last axis (``PreferenceData.pair_features``)."""
+    return np.concatenate([-features[..., :d], features[..., 2 * d:3 * d], features[..., d:2 * d],
+                           features[..., 3 * d:]], axis=-1)
 
 
 def _rng(seed: int, namespace: str, rep: int, stream: str) -> np.random.Generator:
@@ -109,6 +117,11 @@ class PreferenceData:
         """Prompt of every reference pair, (R, N_ref, p)."""
         return np.concatenate([self.x, self.x_unlabelled], axis=1)[:, self.ref_row]
 
+    @property
+    def swap_pair_features(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The map of ``pair_features`` to those of the reversed pairs: ``(b - a, b, a, x)``."""
+        return partial(_swap_pair_features, d=self.scenario.d)
+
     def pair_features(self) -> tuple[np.ndarray, np.ndarray]:
         """Features for learning ``g_hat``: ``(phi_a - phi_b, phi_a, phi_b, x)``, labelled and reference."""
         def feats(phi_pair: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -150,7 +163,8 @@ class PreferenceData:
         for r in range(self.reps):
             rng = _rng(self.seed, "data", self.first_rep + r, "crossfit")
             g_hat[r], ref_g_hat[r] = crossfit_predict(
-                lab[r], self.z[r], ref[r], self.ref_row, folds=spec.folds, seed=int(rng.integers(2**31)))
+                lab[r], self.z[r], ref[r], self.ref_row, folds=spec.folds, seed=int(rng.integers(2**31)),
+                swap=self.swap_pair_features)
         return replace(self, aux=spec, g_hat=g_hat, ref_g_hat=ref_g_hat)
 
     def to_pair_data(self, features: bool = False) -> PairData:
@@ -174,6 +188,7 @@ class PreferenceData:
             ref_weight=weight if has_ref else None,
             ref_row=rows if has_ref else None,
             features=feats[0], features_ref=feats_ref if has_ref else None,
+            swap_features=self.swap_pair_features if features else None,
         )
 
     def _merged_exact(self, dphi_ref, g_ref, weight, rows):

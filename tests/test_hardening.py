@@ -5,8 +5,7 @@ tables, the documented and warned fallback). None may end in a traceback from de
 torch, a hang or a silently wrong number. Entry points: the ``simulate``, ``fit``, ``validate``,
 ``figures`` and ``check`` subcommands, ``theory.io`` (``load_pair_data``, ``atomic_path``),
 ``theory.data.PairData``, ``simulate.scenario.load_spec``, the study specs, ``simulate.sample`` and
-``simulate.save``. Failures of ``theory.fitting`` itself (not ours to change here) are ``xfail`` with
-the fix in their reason.
+``simulate.save``, and ``theory.fitting.fit`` on data that pass the loaders but not the estimators.
 """
 
 from __future__ import annotations
@@ -315,11 +314,8 @@ def test_damaged_study_cells_are_recomputed_not_trusted(tmp_path: Path) -> None:
         first.results.drop(columns=[c for c in first.results if "second" in c]))
 
 
-# --- theory.fitting (not changed here): failing checks with the fix in the reason ----------------------
+# --- theory.fitting: designs that pass the loaders but not the estimators ---------------------------
 
-@pytest.mark.xfail(strict=True, reason="fit does not check that dphi spans R^d: with a duplicated or all-zero column "
-                                       "it returns one point of a line of minimisers with a finite covariance. Fix: "
-                                       "in fit(), raise InputError when np.linalg.matrix_rank(data.dphi[r]) < d")
 def test_fit_refuses_an_unidentifiable_design() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 50, 1))
@@ -327,20 +323,12 @@ def test_fit_refuses_an_unidentifiable_design() -> None:
         fit(PairData(dphi=np.concatenate([x, x], axis=-1), z=(rng.random((1, 50)) < 0.5).astype(float)))
 
 
-@pytest.mark.xfail(strict=True, reason="fit stops when the gradient norm is below an absolute 1e-8: with features "
-                                       "in units of 1e-9 that holds at theta = 0, which is returned as converged. "
-                                       "Fix: stop on the Newton decrement g^T H^-1 g (invariant under dphi -> A dphi) "
-                                       "or scale tol by the features' root mean square")
 def test_fit_is_exact_in_tiny_feature_units() -> None:
     data = sample(get_scenario("bt"), 200, seed=0, M=0, aux=None).to_pair_data()
     tiny = PairData(dphi=data.dphi * 1e-9, z=data.z)
     np.testing.assert_allclose(fit(tiny).theta * 1e-9, fit(data).theta, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="fit's separability certificate needs (2Z-1) u > 0 on every row, which a pair "
-                                       "with dphi = 0 (the same response twice) never meets, so separable data with "
-                                       "such a pair return a large 'converged' theta. Fix: in the certificate, count "
-                                       "rows with dphi = 0 as separated ((2Z-1) u > 0 | all(dphi == 0))")
 def test_fit_detects_separation_despite_uninformative_pairs() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 30, 2))

@@ -2,20 +2,40 @@ r"""Cross-fitted auxiliary models ``g_hat`` learned from the labelled rows thems
 
 With ``K`` folds, the rows of fold ``k`` (and the reference pairs on their prompts) get predictions
 from a classifier trained on the other folds only, so ``g_hat`` is independent of the labels it
-multiplies: the control variate of VRPO keeps zero mean (DESIGN.md 3.4). Reference pairs on
-unlabelled or independent prompts are spread over the folds round-robin.
+multiplies: the control variate of VRPO keeps zero mean (DESIGN.md 3.4).
+
+Two symmetries of the data are kept exactly, so that the estimator built on ``g_hat`` has them too:
+
+* a pair presented the other way round gets ``1 - g_hat``. Given ``swap`` (the map of a pair's
+  features to those of the reversed pair; ``negate`` for feature differences) every pair is put in a
+  canonical orientation, decided by the antisymmetric part ``v = f - swap(f)``: taking its coordinates
+  in decreasing order of their ranks of ``|v|`` over all pairs, the first group of equal rank whose
+  signs do not cancel must sum to a positive sign. The learner sees and predicts canonical pairs
+  (labels flipped with the orientation); a pair equal to its own reverse (``v = 0``, such as a response
+  against itself) is left out of the training and gets ``g_hat = 1/2``.
+* rows in another order get the same ``g_hat``: folds are assigned from the content of the rows (a
+  seeded hash of the ranks of each canonical row's ``|f|`` and of its prompt's reference pairs), not
+  from their positions, and the learner sees its training rows in an order set by the same keys.
+
+Ranks are unchanged by positive rescaling and permutation of the feature coordinates, under which
+tree learners are invariant, so cross-fitted VRPO is equivariant under those maps. Rows identical in
+every feature and in their reference pairs are told apart by their order.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 
 from .errors import InputError
 
-__all__ = ["crossfit_predict", "fold_ids", "default_learner"]
+__all__ = ["crossfit_predict", "fold_ids", "orientation", "default_learner", "negate"]
+
+Swap = Callable[[np.ndarray], np.ndarray]
 
 
 def default_learner(seed: int) -> Any:
@@ -26,16 +46,97 @@ def default_learner(seed: int) -> Any:
                                           l2_regularization=1.0, early_stopping=False, random_state=seed)
 
 
-def fold_ids(n: int, ref_row: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fold of every labelled row (a seeded balanced permutation) and of every reference pair."""
+def negate(features: np.ndarray) -> np.ndarray:
+    """The swap of feature differences: ``phi(b) - phi(a) = -(phi(a) - phi(b))``."""
+    return -features
+
+
+def _hash(data: bytes, seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=seed.to_bytes(8, "little", signed=True)).digest(),
+                          "little")
+
+
+def _row_keys(features: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded 64-bit key of each row, a function of the row's content only: the sorted vector of its
+    ranks of ``|f_ij|`` within each column ``j`` (the same under row reordering, swaps that negate or
+    permute columns, positive column scalings and column permutations)."""
+    if features.shape[0] == 0:
+        return np.zeros(0, dtype=np.uint64)
+    ranks = np.sort(rankdata(np.abs(features), axis=0), axis=1)
+    return np.array([_hash(row.tobytes(), seed) for row in ranks], dtype=np.uint64)
+
+
+def _group_keys(own: np.ndarray, members: np.ndarray, group: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Key of each of ``size`` groups from its own key ``own`` (or 0) and the sorted keys of its members
+    (``members[k]`` belongs to group ``group[k]``): rows that tie on their own features are told apart by
+    the reference pairs on their prompts."""
+    order = np.lexsort((members, group))
+    bounds = np.searchsorted(group[order], np.arange(size + 1))
+    return np.array([_hash(own[i:i + 1].tobytes() + members[order[bounds[i]:bounds[i + 1]]].tobytes(), seed)
+                     for i in range(size)], dtype=np.uint64)
+
+
+def _balanced(keys: np.ndarray, folds: int) -> np.ndarray:
+    """Fold ``rank(key) mod folds``: balanced folds in an order set by the keys alone."""
+    out = np.empty(keys.size, dtype=np.int64)
+    out[np.argsort(keys, kind="stable")] = np.arange(keys.size) % folds
+    return out
+
+
+def fold_ids(features: np.ndarray, features_ref: np.ndarray, ref_row: np.ndarray, folds: int,
+             seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fold of every labelled row and of every reference pair.
+
+    Labelled rows: balanced folds ordered by content keys (of the row and of the reference pairs on
+    its prompt). A reference pair on labelled row ``i`` joins row ``i``'s fold; the pairs of one
+    unlabelled prompt share a fold; a pair on an independent prompt (``ref_row = -1``) gets its own.
+    Rows identical in every feature, with identical reference pairs, are told apart by their order."""
+    n = features.shape[0]
     if folds < 2 or folds > n:
         raise InputError(f"cross-fitting: folds must be between 2 and n={n}, got {folds}")
-    rng = np.random.default_rng(seed)
-    rows = rng.permutation(np.arange(n) % folds)
-    ref = np.where(ref_row < 0, np.arange(ref_row.size) % folds, (ref_row - n) % folds)
+    ref_row = np.asarray(ref_row)
+    ref_keys = _row_keys(features_ref, seed)
     on_labelled = (ref_row >= 0) & (ref_row < n)
+    own = _row_keys(features, seed)
+    rows = _balanced(_group_keys(own, ref_keys[on_labelled], ref_row[on_labelled], n, seed), folds)
+    ref = np.empty(ref_row.size, dtype=np.int64)
     ref[on_labelled] = rows[ref_row[on_labelled]]
+    others = np.flatnonzero(~on_labelled)
+    if others.size:
+        group = np.where(ref_row[others] < 0, -1 - np.arange(others.size), ref_row[others])
+        ids, inverse = np.unique(group, return_inverse=True)
+        keys = _group_keys(np.zeros(ids.size, dtype=np.uint64), ref_keys[others], inverse, ids.size, seed)
+        ref[others] = _balanced(keys, folds)[inverse]
     return rows, ref
+
+
+def orientation(features: np.ndarray, swap: Swap | None) -> np.ndarray:
+    """``+1`` for a pair in canonical orientation, ``-1`` for one to be reversed, ``0`` for a pair equal to
+    its own reverse (see the module docstring); all ``+1`` without ``swap``."""
+    m, q = features.shape
+    if swap is None:
+        return np.ones(m, dtype=np.int64)
+    v = features - swap(features)
+    if m == 0:
+        return np.zeros(0, dtype=np.int64)
+    rank = rankdata(np.abs(v), axis=0)
+    order = np.argsort(-rank, axis=1, kind="stable")
+    r_sorted = np.take_along_axis(rank, order, axis=1)
+    s_sorted = np.take_along_axis(np.sign(v), order, axis=1)
+    group = np.concatenate([np.zeros((m, 1), dtype=np.int64),
+                            np.cumsum(r_sorted[:, 1:] != r_sorted[:, :-1], axis=1)], axis=1)
+    sums = np.zeros((m, q))
+    np.add.at(sums, (np.repeat(np.arange(m), q), group.ravel()), s_sorted.ravel())
+    decided = sums != 0
+    first = np.argmax(decided, axis=1)
+    return np.where(decided.any(axis=1), np.sign(sums[np.arange(m), first]), 0).astype(np.int64)
+
+
+def _orient(features: np.ndarray, sign: np.ndarray, swap: Swap | None) -> np.ndarray:
+    """The pairs in canonical orientation."""
+    if swap is None or not (sign < 0).any():
+        return features
+    return np.where((sign < 0)[:, None], swap(features), features)
 
 
 def crossfit_predict(
@@ -46,25 +147,36 @@ def crossfit_predict(
     folds: int = 5,
     seed: int = 0,
     learner: Callable[[int], Any] = default_learner,
+    swap: Swap | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cross-fitted ``P(first response wins | pair features)`` on labelled and reference pairs.
 
     ``features`` (n, q), ``z`` (n,), ``features_ref`` (N, q), ``ref_row`` (N,) prompt ids as in
-    ``PairData``. ``learner(seed)`` returns an unfitted scikit-learn-style classifier.
+    ``PairData``. ``learner(seed)`` returns an unfitted scikit-learn-style classifier. ``swap`` maps
+    pair features to those of the reversed pairs (``negate`` for feature differences); with it
+    ``g_hat(b, a) = 1 - g_hat(a, b)`` exactly (see the module docstring).
     """
     n = features.shape[0]
-    rows, ref = fold_ids(n, np.asarray(ref_row), folds, seed)
-    g = np.empty(n)
-    g_ref = np.empty(features_ref.shape[0])
+    sign = orientation(np.concatenate([features, features_ref]), swap)
+    sign_lab, sign_ref = sign[:n], sign[n:]
+    lab, refs = _orient(features, sign_lab, swap), _orient(features_ref, sign_ref, swap)
+    rows, ref = fold_ids(lab, refs, ref_row, folds, seed)
+    z_canon = np.where(sign_lab < 0, 1.0 - z, z)
+    keys = _row_keys(lab, seed)
+    g = np.full(n, 0.5)
+    g_ref = np.full(features_ref.shape[0], 0.5)
     for k in range(folds):
-        train = rows != k
-        labels = z[train]
-        if labels.min() == labels.max():  # one class only in the training folds: predict its rate
-            g[~train], g_ref[ref == k] = labels[0], labels[0]
-            continue
-        model = learner(seed + k).fit(features[train], labels.astype(int))
-        col = list(model.classes_).index(1)
-        g[~train] = model.predict_proba(features[~train])[:, col]
-        if (ref == k).any():
-            g_ref[ref == k] = model.predict_proba(features_ref[ref == k])[:, col]
-    return g, g_ref
+        train = np.flatnonzero((rows != k) & (sign_lab != 0))
+        train = train[np.lexsort((z_canon[train], keys[train]))]
+        X, y = lab[train], z_canon[train]
+        held, held_ref = (rows == k) & (sign_lab != 0), (ref == k) & (sign_ref != 0)
+        if y.size == 0 or y.min() == y.max():  # one class only in the training folds: predict its rate
+            rate = 0.5 if y.size == 0 else y[0]
+            g[held], g_ref[held_ref] = rate, rate
+        else:
+            model = learner(seed + k).fit(X, y.astype(int))
+            col = list(model.classes_).index(1)
+            g[held] = model.predict_proba(lab[held])[:, col]
+            if held_ref.any():
+                g_ref[held_ref] = model.predict_proba(refs[held_ref])[:, col]
+    return np.where(sign_lab < 0, 1.0 - g, g), np.where(sign_ref < 0, 1.0 - g_ref, g_ref)

@@ -11,13 +11,14 @@ covariance treats each prompt as one independent cluster.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["PairData", "PairPopulation", "check_probability"]
+__all__ = ["PairData", "PairPopulation", "check_probability", "rank_deficient"]
 
 
 def check_probability(name: str, values: np.ndarray) -> None:
@@ -26,6 +27,22 @@ def check_probability(name: str, values: np.ndarray) -> None:
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         raise InputError(f"{name}: entry {idx} is {float(values[idx])!r}, but probabilities must lie in [0, 1]")
+
+
+def rank_deficient(dphi: np.ndarray) -> dict[int, int]:
+    """``{r: rank}`` for every replication whose ``dphi_r`` (n x d) has rank below ``d``, so that ``theta``
+    is not identified (a duplicated, all-zero or linearly dependent feature, or ``n < d``).
+
+    The rank is numpy's (singular values above ``sigma_max max(n, d) eps``); it is computed only where
+    the Gram matrix ``dphi_r^T dphi_r`` has a condition number above ``1e8``, which every full-rank
+    design of condition number below ``1e4`` passes at the cost of one batched product."""
+    R, n, d = dphi.shape
+    if n < d:
+        return {r: int(np.linalg.matrix_rank(dphi[r])) for r in range(R)}
+    eig = np.linalg.eigvalsh(np.matmul(dphi.transpose(0, 2, 1), dphi))
+    doubtful = np.flatnonzero(eig[:, 0] <= 1e-8 * eig[:, -1])
+    ranks = {int(r): int(np.linalg.matrix_rank(dphi[r])) for r in doubtful}
+    return {r: k for r, k in ranks.items() if k < d}
 
 
 def _finite(name: str, values: np.ndarray) -> None:
@@ -81,6 +98,9 @@ class PairData:
     ref_row : (N,) prompt id of each reference pair (see the module docstring).
     features, features_ref : optional (R, n, q) / (R, N, q) pair features for learning ``g_hat``
         (cross-fitted VRPO); default ``dphi``.
+    swap_features : optional map of pair features (..., q) to those of the same pairs in the other
+        order; with it cross-fitting gives ``g_hat(b, a) = 1 - g_hat(a, b)`` (``theory.crossfit``). With
+        the default features ``dphi`` the swap is the negation.
     """
 
     dphi: np.ndarray
@@ -92,6 +112,7 @@ class PairData:
     ref_row: np.ndarray | None = None
     features: np.ndarray | None = field(default=None, repr=False)
     features_ref: np.ndarray | None = field(default=None, repr=False)
+    swap_features: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         dphi = _as_float("dphi", self.dphi, 3)

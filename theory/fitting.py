@@ -38,13 +38,13 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .data import PairData
+from .data import PairData, rank_deficient
 from .errors import InputError, SeparableDataError
 from .losses import Logistic, MarginLoss, VRDerivatives, get_loss, vr_derivatives, vr_objective
 
@@ -272,7 +272,12 @@ def _gram_counted(X: Tensor, c: Tensor, h: Tensor | None) -> tuple[Tensor, Tenso
 def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: bool = True,
               certificate: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Objective (R,), gradient (R, d), Hessian (R, d, d) and, with ``certificate``, whether ``theta``
-    separates every labelled pair (R,), in one pass over one chunk (chain rule through the margins)."""
+    certifies that the MLE does not exist (R,), in one pass over one chunk (chain rule through the margins).
+
+    The certificate is the overlap condition of Albert and Anderson (1984): with ``dphi`` of rank ``d``,
+    the logistic MLE exists iff no ``theta != 0`` has ``(2Z_i - 1) u_i >= 0`` on every row. The weak
+    inequality counts a pair with ``dphi = 0`` (a response against itself) and a pair orthogonal to
+    ``theta`` as not contradicting the separation (quasi-complete separation)."""
     ref = _uses_ref(b, lam)
     u = _margins(b.dphi, theta)
     if ref:
@@ -287,7 +292,7 @@ def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: 
         grad = grad + g_ref
         hess = hess + h_ref if hessian else None
     _WORK.d = theta.shape[1]
-    sep = ((2.0 * b.z - 1.0) * u > 0).all(dim=1) if certificate else None
+    sep = ((2.0 * b.z - 1.0) * u >= 0).all(dim=1) & (theta != 0).any(dim=1) if certificate else None
     return der.value, grad, hess, sep
 
 
@@ -409,7 +414,7 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
         grad_norm[active] = gnorm
         hess_out[active] = hess
         done = gnorm < tol
-        if certificate:  # theta separates every labelled pair: the MLE does not exist
+        if certificate:  # theta (quasi-)separates the labelled pairs: the MLE does not exist
             sep = sep & ~done
             separable[active[sep]] = True
             done = done | sep
@@ -714,22 +719,17 @@ def fit(
     (``on_separable="raise"``) or is flagged in ``separable`` with NaN estimates and a warning naming
     it (``"warn"``); with ``bound`` the constrained fit is returned instead. At the boundary the
     sandwich does not apply: ``cov`` is NaN where ``at_bound``.
+
+    ``dphi`` must identify ``theta`` (rank ``d`` on every replication), else ``InputError``. The
+    estimators are equivariant under ``dphi -> dphi / s`` (``theta = theta' / s``, ``cov = cov' / s^2``,
+    bound ``s B``, gradient ``s grad'``) but the stopping rule ``||grad|| < tol`` is not: features whose
+    root mean square lies outside ``[2^-10, 2^10]`` are rescaled by the power of two ``s`` nearest to it
+    (exact in floating point), ``tol`` applies to the rescaled problem, and the results are mapped back.
     """
-    try:
-        return _fit(data, method, loss, lam, bound, weight, lam_clip, folds, seed, tol, max_iter, on_separable)
-    finally:
-        _SCRATCH.buf = None
-
-
-def _fit(data: PairData, method: str, loss: str | MarginLoss, lam: float | None, bound: float | None,
-         weight: int | None, lam_clip: tuple[float, float], folds: int, seed: int, tol: float, max_iter: int,
-         on_separable: str) -> FitResult:
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
     if on_separable not in ("raise", "warn"):
         raise InputError(f"on_separable must be 'raise' or 'warn', got {on_separable!r}")
-    if bound is not None and not (math.isfinite(bound) and bound > 0):
-        raise InputError(f"bound must be a positive number, got {bound}")
     if lam is not None and method in ("mle", "vrpo_tuned"):
         raise InputError(f"lam cannot be set for method {method!r}")
     if lam is not None and not math.isfinite(lam):
@@ -738,18 +738,53 @@ def _fit(data: PairData, method: str, loss: str | MarginLoss, lam: float | None,
     if not loss.convex and bound is None:
         raise InputError(f"the {loss.name} loss is bounded, so a linear fit drifts to infinite scale: "
                          "give a norm bound (bound=B, --bound B)")
+    if bound is not None and not (math.isfinite(bound) and bound > 0):
+        raise InputError(f"bound must be a positive number, got {bound}")
+    if method != "mle" and data.dphi_ref is None:
+        raise InputError(f"method {method!r} needs reference pairs (dphi_ref, g_ref)")
+    deficient = rank_deficient(data.dphi)
+    if deficient:
+        r, rank = next(iter(deficient.items()))
+        where = f" (replication {r}{f' and {len(deficient) - 1} more' if len(deficient) > 1 else ''})" \
+            if data.reps > 1 else ""
+        raise InputError(f"dphi{where} has rank {rank} < d = {data.d}: a feature is duplicated, all zero or a "
+                         "combination of others (or n < d), so theta is not identifiable; drop it")
+    s = _unit_scale(data.dphi)
+    try:
+        if s == 1.0:
+            return _fit(data, method, loss, lam, bound, weight, lam_clip, folds, seed, tol, max_iter, on_separable)
+        scaled = replace(data, dphi=data.dphi / s, dphi_ref=None if data.dphi_ref is None else data.dphi_ref / s)
+        res = _fit(scaled, method, loss, lam, None if bound is None else bound * s, weight, lam_clip, folds, seed, tol,
+                   max_iter, on_separable)
+        return replace(res, theta=res.theta / s, cov=res.cov / s**2, grad_norm=res.grad_norm * s, bound=bound,
+                       cov_mle=None if res.cov_mle is None else res.cov_mle / s**2)
+    finally:
+        _SCRATCH.buf = None
+
+
+def _rms(dphi: np.ndarray) -> float:
+    return math.sqrt(float(np.vdot(dphi.ravel(), dphi.ravel())) / dphi.size)
+
+
+def _unit_scale(dphi: np.ndarray) -> float:
+    """1, or the power of two nearest the root mean square of ``dphi`` when that lies outside ``[2^-10, 2^10]``."""
+    rms = _rms(dphi)
+    return 1.0 if rms == 0 or 2.0**-10 <= rms <= 2.0**10 else 2.0 ** round(math.log2(rms))
+
+
+def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound: float | None,
+         weight: int | None, lam_clip: tuple[float, float], folds: int, seed: int, tol: float, max_iter: int,
+         on_separable: str) -> FitResult:
+    """``fit`` on validated arguments and features of unit scale."""
     R, d = data.reps, data.d
     g, g_ref = data.g, data.g_ref
     if method != "mle":
-        if data.dphi_ref is None:
-            raise InputError(f"method {method!r} needs reference pairs (dphi_ref, g_ref)")
         if method == "vrpo_crossfit":
             g, g_ref = _crossfit(data, folds, seed)
         elif g is None:
             raise InputError(f"method {method!r} needs the auxiliary probabilities g and g_ref")
     b = _Batch.from_data(data, g, g_ref)
-    rms = math.sqrt(float(np.vdot(data.dphi.ravel(), data.dphi.ravel())) / data.dphi.size)
-    theta_max = 1e6 / max(rms, 1e-12)
+    theta_max = 1e6 / max(_rms(data.dphi), 1e-12)
     lam0 = torch.zeros(R, dtype=_DTYPE)
     # The MLE first: the estimate of `mle`, the warm start and the reference covariance of the others.
     start = torch.zeros(R, d, dtype=_DTYPE)
@@ -810,12 +845,14 @@ def _bread_hessian(loss: MarginLoss, lam: Tensor, b: _Batch, state: _NewtonState
 
 
 def _crossfit(data: PairData, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from .crossfit import crossfit_predict
+    from .crossfit import crossfit_predict, negate
 
     feats = data.dphi if data.features is None else data.features
     feats_ref = data.dphi_ref if data.features_ref is None else data.features_ref
+    swap = negate if data.features is None else data.swap_features
     g = np.empty((data.reps, data.n))
     g_ref = np.empty((data.reps, data.n_ref))
     for r in range(data.reps):
-        g[r], g_ref[r] = crossfit_predict(feats[r], data.z[r], feats_ref[r], data.ref_row, folds=folds, seed=seed + r)
+        g[r], g_ref[r] = crossfit_predict(feats[r], data.z[r], feats_ref[r], data.ref_row, folds=folds, seed=seed + r,
+                                          swap=swap)
     return g, g_ref

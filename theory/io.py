@@ -71,10 +71,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def load_pair_data(path: str | Path) -> PairData:
     """Read and validate an ``.npz`` of pairwise data (see the module docstring).
 
-    Besides ``PairData``'s checks: the labelled ``dphi`` of each replication must have rank ``d`` (a
-    duplicated, all-zero or linearly dependent feature leaves ``theta`` unidentified), and arrays
-    outside the format are ignored with a warning (a misspelt ``ref_rows`` would otherwise silently
-    drop the prompt structure)."""
+    Besides ``PairData``'s checks, arrays outside the format are ignored with a warning (a misspelt
+    ``ref_rows`` would otherwise silently drop the prompt structure). Whether ``dphi`` identifies
+    ``theta`` (rank ``d``) is checked by ``fit``."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not an .npz file")
@@ -120,17 +119,10 @@ def load_pair_data(path: str | Path) -> PairData:
         return a[None]
 
     try:
-        data = PairData(
+        return PairData(
             dphi=batch("dphi", 2), z=batch("z", 1), g=batch("g", 1), dphi_ref=batch("dphi_ref", 2),
             g_ref=batch("g_ref", 1),
             ref_weight=arrays.get("ref_weight"), ref_row=arrays.get("ref_row"),
         )
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
-    for r in range(data.reps):
-        rank = int(np.linalg.matrix_rank(data.dphi[r]))
-        if rank < data.d:
-            where = f" (replication {r})" if data.reps > 1 else ""
-            raise InputError(f"{path}: dphi{where} has rank {rank} < d = {data.d}: a feature is duplicated, all zero "
-                             "or a combination of others (or n < d), so theta is not identifiable; drop it")
-    return data

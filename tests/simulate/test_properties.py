@@ -236,10 +236,6 @@ def test_theory_estimators_pass_the_battery(name, fit_fn, options) -> None:
     assert all(r.verdict == "pass" for r in result.results), result.report()
 
 
-@pytest.mark.xfail(strict=True, reason="theory.fitting's separability certificate requires (2Z-1) u > 0 on every "
-                                       "row, which a pair with dphi = 0 (the same response twice) never meets: on "
-                                       "separable data with such a pair fit returns a huge 'converged' theta instead "
-                                       "of raising (fix described in the issue 7 report)")
 def test_separable_data_get_no_estimate() -> None:
     result = P.check_equivariance(P.fitting_estimator("mle"), cases=data_cases(separable=True), max_examples=10,
                                   shrink_budget=0)
@@ -254,9 +250,6 @@ def test_crossfit_is_equivariant_under_coordinate_scalings() -> None:
     assert result.verdict == "pass", result.report()
 
 
-@pytest.mark.xfail(strict=True, reason="theory.crossfit assigns folds by row index and its learner is not "
-                                       "antisymmetric: reordering or swapping pairs moves theta_hat by about half a "
-                                       "standard error (fix described in the issue 7 report)")
 @pytest.mark.parametrize("check", [P.check_swap_invariance, P.check_reorder_invariance], ids=["swap", "reorder"])
 def test_crossfit_invariances(check) -> None:
     result = check(P.fitting_estimator("vrpo_crossfit"), max_examples=3, shrink_budget=0,
