@@ -84,9 +84,16 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    from accelerate import PartialState
+
     from robust_rlhf.llm.pipeline import run_finetune
 
-    result = run_finetune(model_args, data_args, pref_args, train_args, precompute_only=args.precompute_only)
+    try:
+        result = run_finetune(model_args, data_args, pref_args, train_args, precompute_only=args.precompute_only)
+    finally:
+        # under torchrun, tear the process group down before exit: gloo's threads otherwise race
+        # interpreter shutdown and abort a finished run ("terminate called without an active exception")
+        PartialState().destroy_process_group()
     if train_args.process_index == 0:
         print(
             json.dumps(

@@ -53,7 +53,7 @@ def main(out: str, per_device: int, output_dir: str) -> None:
     )
     trainer.train()
     if trainer.is_world_process_zero():
-        digest = float(sum(p.double().sum() for p in trainer.model.parameters()))
+        digest = float(sum(p.detach().double().sum() for p in trainer.model.parameters()))
         logs = [h for h in trainer.state.log_history if "loss" in h]
         with open(out, "w", encoding="utf-8") as fh:
             json.dump(
@@ -68,4 +68,7 @@ def main(out: str, per_device: int, output_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from accelerate import PartialState
+
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    PartialState().destroy_process_group()  # as cli/finetune.py does: no gloo teardown race at exit
