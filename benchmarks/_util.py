@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmark scripts: machine load and sampled peak resident memory."""
+"""Helpers shared by the benchmark scripts: machine load and sampled peak memory."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -24,27 +25,75 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    fn.argtypes = []
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_bytes() -> int | None:
+    """Bytes the C allocator has handed out and not taken back (glibc ``mallinfo2``: in-use arena
+    chunks plus mmapped blocks), the CPU counterpart of ``torch.cuda.memory_allocated``; None when
+    glibc's ``mallinfo2`` is unavailable. torch and numpy allocate their CPU arrays with it.
+
+    Unlike the resident set size it falls when memory is freed, so a process that ran something
+    bigger before does not hide a later peak (freed pages the allocator keeps stay resident)."""
+    if _MALLINFO2 is None:
+        return None
+    m = _MALLINFO2()
+    return int(m.uordblks + m.hblkhd)
+
+
 class PeakMemory:
-    """Peak resident memory above the level at ``start()``, sampled every 5 ms in a thread."""
+    """Peak memory above the level at ``start()``, sampled every ``interval`` seconds in a thread.
+
+    ``above_base``: peak of ``heap_bytes()`` above its value at ``start()`` (allocated memory; the
+    resident set size where mallinfo2 is missing); ``rss_above_base``: the same for the resident set
+    size (an underestimate when the allocator reuses pages freed before ``start()``). A peak shorter
+    than the interval can be missed."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+
+    def _heap(self) -> int:
+        h = heap_bytes()
+        return rss_bytes() if h is None else h
 
     def start(self) -> "PeakMemory":
-        self.base = rss_bytes()
-        self.peak = self.base
+        self.base, self.rss_base = self._heap(), rss_bytes()
+        self.peak, self.rss_peak = self.base, self.rss_base
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
+    def _sample(self) -> None:
+        self.peak = max(self.peak, self._heap())
+        self.rss_peak = max(self.rss_peak, rss_bytes())
+
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-        return self.peak - self.base
+        self._sample()
+        return self.above_base
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.005)
+            self._sample()
+            time.sleep(self.interval)
 
     def __enter__(self) -> "PeakMemory":
         return self.start()
@@ -55,3 +104,7 @@ class PeakMemory:
     @property
     def above_base(self) -> int:
         return self.peak - self.base
+
+    @property
+    def rss_above_base(self) -> int:
+        return self.rss_peak - self.rss_base

@@ -55,7 +55,9 @@ def link_function(name: str, df: float = 3.0) -> Callable[[np.ndarray], np.ndarr
 
 
 def _margin(theta: np.ndarray, phi_a: np.ndarray, phi_b: np.ndarray) -> np.ndarray:
-    return (phi_a - phi_b) @ theta
+    """``theta . (phi_a - phi_b)`` as ``phi_a theta - phi_b theta``: on the broadcast ``(..., K, 1, d)`` and
+    ``(..., 1, K, d)`` of a population it never forms the ``(..., K, K, d)`` differences."""
+    return phi_a @ theta - phi_b @ theta
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,7 @@ class AnnotatorMixture(PreferenceModel):
 
     def prob(self, x, phi_a, phi_b):
         F = link_function(self.link)
-        dphi = phi_a - phi_b
-        return np.einsum("k,...k->...", self.weights, F(dphi @ self.thetas.T))
+        return F(_margin(self.thetas.T, phi_a, phi_b)) @ self.weights
 
     def utility(self, x, phi):
         return phi @ (self.weights @ self.thetas)

@@ -94,8 +94,10 @@ __all__ = [
 ]
 
 _DT = torch.float64
-# prompts per chunk are chosen so that one (chunk, K, K) tensor has at most this many entries
-_CHUNK_ENTRIES = 1 << 21
+# prompts per chunk are chosen so that one (chunk, K, K) tensor has at most this many entries: the
+# elementwise passes over a chunk then run in cache (measured on K = 50, d = 20: 2^16 entries 2.1 s,
+# 2^21 entries 5.5 s for the same mle_covariance)
+_CHUNK_ENTRIES = 1 << 16
 # relative eigenvalue threshold below which a d x d second-moment matrix counts as singular
 _RANK_TOL = 1e-10
 

@@ -215,16 +215,19 @@ def _uses_ref(b: _Batch, lam: Tensor) -> bool:
     return b.has_ref and bool((lam != 0).any())
 
 
-def _chunk_reps(b: _Batch, budget: int, pair_bytes: int) -> int:
-    """Replications per chunk so that ``pair_bytes`` per pair and replication fit in ``budget``."""
-    per_rep = max(b.pairs() * pair_bytes + 8 * 4 * b.n_clusters * b.dphi.shape[2], 1)
-    return max(1, budget // per_rep)
+def _chunk_reps(b: _Batch, budget: int, pair_bytes: int, with_ref: bool = True, clusters: bool = True) -> int:
+    """Replications per chunk so that ``pair_bytes`` per pair read (reference pairs only ``with_ref``) and,
+    with ``clusters``, the sandwich's per-cluster gradient sums fit in ``budget``."""
+    per_rep = b.pairs(with_ref) * pair_bytes + (8 * 4 * b.n_clusters * b.dphi.shape[2] if clusters else 0)
+    return max(1, budget // max(per_rep, 1))
 
 
-def _memory_chunks(b: _Batch, R: int) -> list[slice]:
+def _memory_chunks(b: _Batch, R: int, with_ref: bool = True, clusters: bool = True) -> list[slice]:
     """Slices of the replication axis whose working memory fits in ``MEMORY_BUDGET``: per pair, the
-    weighted features ``[h X | c]`` (d + 1 numbers) and about 16 elementwise temporaries."""
-    step = _chunk_reps(b, MEMORY_BUDGET, 8 * (b.dphi.shape[2] + 1 + 16))
+    weighted features ``[h X | c]`` (d + 1 numbers) and about 16 elementwise temporaries; with
+    ``clusters``, the sandwich's cluster sums. Passes that skip the reference pairs (``lam = 0``) or
+    form no sandwich take bigger chunks."""
+    step = _chunk_reps(b, MEMORY_BUDGET, 8 * (b.dphi.shape[2] + 1 + 16), with_ref, clusters)
     return [slice(s, min(s + step, R)) for s in range(0, R, step)]
 
 
@@ -299,7 +302,7 @@ def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: 
 def _value(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor) -> Tensor:
     R = theta.shape[0]
     out = torch.empty(R, dtype=_DTYPE)
-    for sl in _memory_chunks(b, R):
+    for sl in _memory_chunks(b, R, _uses_ref(b, lam), clusters=False):
         bb, la, th = b.rows(sl), lam[sl], theta[sl]
         u = _margins(bb.dphi, th)
         if _uses_ref(bb, la):
@@ -322,7 +325,7 @@ def _derivatives(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor,
     """Objective (R,), gradient (R, d) and Hessian (R, d, d) by the chain rule through the margins,
     chunk by chunk of replications within ``MEMORY_BUDGET``."""
     R, d = theta.shape
-    chunks = _memory_chunks(b, R)
+    chunks = _memory_chunks(b, R, _uses_ref(b, lam), clusters=False)
     if len(chunks) == 1:
         return _evaluate(loss, lam, b, theta, hessian)[:3]
     value = torch.empty(R, dtype=_DTYPE)
@@ -337,26 +340,25 @@ def _derivatives(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor,
 
 
 def _damped_direction(hess: Tensor, grad: Tensor) -> Tensor:
-    """Newton direction ``-(H + mu I)^{-1} g`` with the smallest ``mu`` (from 0) that makes it PD."""
-    d = hess.shape[-1]
+    """Newton direction ``-(H + mu I)^{-1} g`` with the smallest ``mu`` in ``{0} U {s 10^(k-10)}`` (``s`` the
+    mean absolute diagonal of ``H``) that makes ``H + mu I`` positive definite."""
+    R, d = grad.shape
     eye = torch.eye(d, dtype=hess.dtype)
     scale = hess.diagonal(0, -2, -1).abs().mean(-1).clamp_min(1e-12)
-    mu = torch.zeros(hess.shape[0], dtype=hess.dtype)
-    step = torch.zeros_like(grad)
-    todo = torch.ones(hess.shape[0], dtype=torch.bool)
-    for k in range(30):
-        idx = todo.nonzero().squeeze(1)
-        chol, info = torch.linalg.cholesky_ex(hess[idx] + mu[idx, None, None] * eye)
+    step = torch.empty_like(grad)
+    idx = torch.arange(R)
+    for k in range(31):
+        shifted = hess if k == 0 else hess[idx] + (scale[idx] * 10.0 ** (k - 11))[:, None, None] * eye
+        chol, info = torch.linalg.cholesky_ex(shifted)
         _WORK.factorizations += idx.numel()
         ok = info == 0
-        if ok.any():
-            step[idx[ok]] = -torch.cholesky_solve(grad[idx[ok], :, None], chol[ok]).squeeze(-1)
-            todo[idx[ok]] = False
-        if not todo.any():
-            break
-        mu[todo] = scale[todo] * 10.0 ** (k - 10)
-    if todo.any():  # pathological curvature: fall back to steepest descent
-        step[todo] = -grad[todo]
+        if k == 0 and bool(ok.all()):  # the usual case: every Hessian positive definite
+            return -torch.cholesky_solve(grad[:, :, None], chol).squeeze(-1)
+        step[idx[ok]] = -torch.cholesky_solve(grad[idx[ok], :, None], chol[ok]).squeeze(-1)
+        idx = idx[~ok]
+        if not idx.numel():
+            return step
+    step[idx] = -grad[idx]  # pathological curvature: steepest descent
     return step
 
 
@@ -374,9 +376,9 @@ def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor,
     """Run ``solver`` on blocks of replications of about ``CACHE_BLOCK`` bytes of features each, every
     block to convergence before the next (replications are independent)."""
     R, d = theta0.shape
-    step = _chunk_reps(b, CACHE_BLOCK, 8 * b.dphi.shape[2]) if _uses_ref(b, lam) else \
-        max(1, CACHE_BLOCK // max(8 * b.dphi.shape[1] * b.dphi.shape[2], 1))
-    step = min(step, _memory_chunks(b, R)[0].stop)
+    with_ref = _uses_ref(b, lam)
+    step = min(_chunk_reps(b, CACHE_BLOCK, 8 * b.dphi.shape[2], with_ref, clusters=False),
+               _memory_chunks(b, R, with_ref, clusters=False)[0].stop)
     if step >= R:
         return solver(loss, lam, b, theta0, *args)
     parts = [solver(loss, lam[s:s + step], b.rows(slice(s, s + step)), theta0[s:s + step], *args)
