@@ -29,6 +29,7 @@ backward estimate; attention's ``O(L^2)`` term ignored: state the sequence lengt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import random
@@ -247,11 +248,13 @@ def main(argv: list[str] | None = None) -> int:
                      tuple(int(x) for x in a.resp_len.split(",")))
     load = load_average()
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
-    for run in range(a.runs):
-        order = configs[run % len(configs):] + configs[:run % len(configs)]
-        for c in order:
-            fn = run_trl if c.startswith("trl") else run_ours
-            results[c].append(fn(c, a, rows, tokenizer))
+    # the trainers print their metrics: keep stdout for the result (one JSON object with --json)
+    with contextlib.redirect_stdout(sys.stderr):
+        for run in range(a.runs):
+            order = configs[run % len(configs):] + configs[:run % len(configs)]
+            for c in order:
+                fn = run_trl if c.startswith("trl") else run_ours
+                results[c].append(fn(c, a, rows, tokenizer))
     table: dict[str, dict[str, Any]] = {}
     for c, runs in results.items():
         secs = statistics.median(r["seconds"] for r in runs)
