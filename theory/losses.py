@@ -271,6 +271,11 @@ def _weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
     return (values * weight).sum(dim=-1)
 
 
+def _require_reference(ref_margin: Tensor | None, ref_g: Tensor | None) -> None:
+    if ref_margin is None or ref_g is None or ref_margin.shape[-1] == 0:
+        raise InputError("VR objective: g is given but there are no reference pairs (ref_margin, ref_g)")
+
+
 def vr_terms(
     loss: MarginLoss,
     margin: Tensor,
@@ -293,8 +298,7 @@ def vr_terms(
         zero = torch.zeros_like(labelled)
         return labelled, zero, zero
     control = _weighted_mean(pair_loss(loss, margin, g), weight)
-    if ref_margin is None or ref_g is None or ref_margin.shape[-1] == 0:
-        raise InputError("VR objective: g is given but there are no reference pairs (ref_margin, ref_g)")
+    _require_reference(ref_margin, ref_g)
     reference = _weighted_mean(pair_loss(loss, ref_margin, ref_g), ref_weight)
     return labelled, control, reference
 
@@ -375,8 +379,7 @@ def vr_derivatives(
     if g is None:
         m_z, d_z, h_z = pair_loss_derivatives(loss, margin, z)
         return VRDerivatives((w * m_z).sum(-1), w * d_z, None, None, w * h_z, None)
-    if ref_margin is None or ref_g is None or ref_margin.shape[-1] == 0:
-        raise InputError("VR objective: g is given but there are no reference pairs (ref_margin, ref_g)")
+    _require_reference(ref_margin, ref_g)
     (m_z, d_z, h_z), (m_g, d_g, h_g) = loss.pair_derivatives_many(margin, (z, g))
     labelled = (w * m_z).sum(-1)
     v = _weights(ref_margin, ref_weight)
