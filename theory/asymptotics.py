@@ -422,17 +422,16 @@ def _group_means(
             add("obj", (w * pair_loss(loss, U, gg)).sum((1, 2)))
         if not derivs:
             continue
-        _, d1, d2 = loss.derivatives(U)
-        d1t = d1.transpose(1, 2)  # l'(-u_ab) = l'(u_ba)
-        mp = gg * d1 - (1.0 - gg) * d1t
+        # m'_g(u) = g l'(u) - (1-g) l'(-u), m''_g(u) = g l''(u) + (1-g) l''(-u), in the loss's closed form
+        _, mp, mpp = loss.pair_derivatives(U, gg)
         Gp = _first(w * mp, phi)
         add("grad", Gp)
         if "gg" in what:
             add("gg", _outer(Gp, Gp))
         if "hess" in what:
-            mpp = gg * d2 + (1.0 - gg) * d2.transpose(1, 2)
             add("hess", _second(w * mpp, phi))
         if "moments" in what:
+            (_, d1, _), (_, d1t, _) = loss.derivatives_pm(U)  # l'(u), l'(-u)
             # m'_1(u) = l'(u), m'_0(u) = -l'(-u): E[m'_Z^2 | pair] = g l'(u)^2 + (1-g) l'(-u)^2
             add("S0", _second(w * (gg * d1 * d1 + (1.0 - gg) * d1t * d1t), phi))
             if T.g_hat is not None:
