@@ -275,12 +275,15 @@ def _gram_counted(X: Tensor, c: Tensor, h: Tensor | None) -> tuple[Tensor, Tenso
 def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: bool = True,
               certificate: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Objective (R,), gradient (R, d), Hessian (R, d, d) and, with ``certificate``, whether ``theta``
-    certifies that the MLE does not exist (R,), in one pass over one chunk (chain rule through the margins).
+    certifies that no minimiser exists (R,), in one pass over one chunk (chain rule through the margins).
 
-    The certificate is the overlap condition of Albert and Anderson (1984): with ``dphi`` of rank ``d``,
-    the logistic MLE exists iff no ``theta != 0`` has ``(2Z_i - 1) u_i >= 0`` on every row. The weak
-    inequality counts a pair with ``dphi = 0`` (a response against itself) and a pair orthogonal to
-    ``theta`` as not contradicting the separation (quasi-complete separation)."""
+    Without reference pairs (the MLE) the certificate is the overlap condition of Albert and Anderson
+    (1984): with ``dphi`` of rank ``d``, the logistic MLE exists iff no ``theta != 0`` has
+    ``(2Z_i - 1) u_i >= 0`` on every row. The weak inequality counts a pair with ``dphi = 0`` (a response
+    against itself) and a pair orthogonal to ``theta`` as not contradicting the separation
+    (quasi-complete separation). With them (the VR objective, convex for ``lam <= 1``) it is a negative
+    recession slope ``L_inf(theta) = lim_t L(t theta) / t < 0``: ``L`` then decreases without bound along
+    ``theta`` from any point, though the labelled pairs need not be separable."""
     ref = _uses_ref(b, lam)
     u = _margins(b.dphi, theta)
     if ref:
@@ -295,8 +298,24 @@ def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: 
         grad = grad + g_ref
         hess = hess + h_ref if hessian else None
     _WORK.d = theta.shape[1]
-    sep = ((2.0 * b.z - 1.0) * u >= 0).all(dim=1) & (theta != 0).any(dim=1) if certificate else None
+    sep = None
+    if certificate and ref:
+        sep = _unbounded(loss, lam, b, u, u_ref)
+    elif certificate:
+        sep = ((2.0 * b.z - 1.0) * u >= 0).all(dim=1) & (theta != 0).any(dim=1)
     return der.value, grad, hess, sep
+
+
+def _unbounded(loss: MarginLoss, lam: Tensor, b: _Batch, u: Tensor, u_ref: Tensor) -> Tensor:
+    """Whether the VR objective's recession slope at the margins ``u``, ``u_ref`` of a point ``theta`` is
+    negative, beyond rounding (a relative ``1e-9`` of the terms' size); False for a loss without linear
+    growth (no recession loss)."""
+    rec = loss.recession()
+    if rec is None:
+        return torch.zeros(u.shape[0], dtype=torch.bool)
+    slope = vr_objective(rec, u, b.z, b.g, u_ref, b.g_ref, lam, ref_weight=b.w_ref)
+    size = u.abs().mean(1) + lam.abs() * u_ref.abs().mean(1)
+    return slope < -1e-9 * size
 
 
 def _value(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor) -> Tensor:
@@ -635,14 +654,11 @@ def tune_lambda(hess: Tensor, A: Tensor, B: Tensor, n: int, weight: int | None =
 
 # --- the estimators ---------------------------------------------------------------------------
 
-def _bread_loss(loss: MarginLoss, b: _Batch, theta: Tensor) -> MarginLoss:
-    """Loss whose Hessian is the sandwich bread: the loss itself, or a smoothed surrogate with the
-    rule-of-thumb bandwidth ``1.06 sd(u) n^{-1/5}``."""
-    if loss.smooth:
-        return loss
-    u, _ = b.margins(theta)
-    h = float(1.06 * u.std().clamp_min(1e-3) * b.dphi.shape[1] ** -0.2)
-    return loss.curvature_surrogate(h)
+def _bread_bandwidth(b: _Batch, theta: Tensor) -> Tensor:
+    """Rule-of-thumb bandwidth ``1.06 sd(y u) n^{-1/5}`` of each replication (R, 1), from its label-oriented
+    margins ``y_i u_i`` (``y = 2Z - 1``): unchanged when a pair is presented the other way round."""
+    yu = (2.0 * b.z - 1.0) * _margins(b.dphi, theta)
+    return 1.06 * yu.std(dim=1, keepdim=True).clamp_min(1e-3) * b.dphi.shape[1] ** -0.2
 
 
 def _minimise(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float, max_iter: int,
@@ -805,7 +821,7 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         else:
             lam_t = torch.full((R,), 1.0 if lam is None else float(lam), dtype=_DTYPE)
         pg_bound = None if bound is None or _convex_program(loss, lam_t.numpy()) else bound
-        state = _minimise(loss, lam_t, b, mle.theta, tol, max_iter, False, theta_max, pg_bound)
+        state = _minimise(loss, lam_t, b, mle.theta, tol, max_iter, True, theta_max, pg_bound)
         state.separable |= mle.separable & ~state.converged
         hess = _bread_hessian(loss, lam_t, b, state)
         cov_t, _ = _sandwiches(loss, b, state.theta, hess, lam_t, data.n)
@@ -822,6 +838,13 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
             _constrained(loss, data, g, g_ref, lam_np, bound, outside, theta)
             separable[outside] = False
             converged[outside] = True
+            if outside.size and loss.smooth:  # the interior-point solution to the gradient tolerance
+                idx = torch.as_tensor(outside)
+                polished = _ball_newton(loss, lam_t[idx], b.subset(idx), torch.as_tensor(theta[outside]), bound,
+                                        tol, max_iter)
+                theta[outside] = polished.theta.numpy()
+                converged[outside] = polished.converged.numpy()
+                state.grad_norm[idx], state.n_iter[idx] = polished.grad_norm, polished.n_iter
         at_bound = np.linalg.norm(theta, axis=1) >= bound * (1 - 1e-6)
         cov[at_bound] = np.nan
     if separable.any():
@@ -835,15 +858,29 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         theta[separable] = np.nan
         cov[separable] = np.nan
+    stuck = np.flatnonzero(~converged & ~separable)
+    if stuck.size:
+        r = stuck[np.argmax(state.grad_norm.numpy()[stuck])]
+        warnings.warn(f"{stuck.size} of {R} replication(s) did not reach the gradient tolerance {tol:g} "
+                      f"(replication {r}: gradient norm {float(state.grad_norm[r]):.3g} after "
+                      f"{int(state.n_iter[r])} of max_iter = {max_iter} iterations): their estimates are "
+                      "returned with converged = False", RuntimeWarning, stacklevel=3)
     return FitResult(theta=theta, cov=cov, lam=lam_np, converged=converged, n_iter=state.n_iter.numpy().copy(),
                      grad_norm=state.grad_norm.numpy().copy(), separable=separable, method=method, loss=loss.name,
                      bound=bound, at_bound=at_bound, cov_mle=cov_mle)
 
 
 def _bread_hessian(loss: MarginLoss, lam: Tensor, b: _Batch, state: _NewtonState) -> Tensor:
+    """The sandwich bread: the Hessian of a smooth loss, else that of its Gaussian smoothing with each
+    replication's own ``_bread_bandwidth``."""
     if loss.smooth:
         return state.hess
-    return _derivatives(_bread_loss(loss, b, state.theta), lam, b, state.theta)[2]
+    R, d = state.theta.shape
+    hess = torch.empty(R, d, d, dtype=_DTYPE)
+    for sl in _memory_chunks(b, R, _uses_ref(b, lam), clusters=False):
+        bb, th = b.rows(sl), state.theta[sl]
+        hess[sl] = _evaluate(loss.curvature_surrogate(_bread_bandwidth(bb, th)), lam[sl], bb, th)[2]
+    return hess
 
 
 def _crossfit(data: PairData, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ __all__ = [
     "TruncatedHinge",
     "SmoothedTruncatedHinge",
     "Squared",
+    "Recession",
     "get_loss",
     "LOSSES",
     "pair_loss",
@@ -86,9 +87,15 @@ class MarginLoss(ABC):
         """``[pair_derivatives(z, g) for g in gs]``; a loss may share the work on ``z`` between them."""
         return [self.pair_derivatives(z, g) for g in gs]
 
-    def curvature_surrogate(self, bandwidth: float) -> "MarginLoss":
-        """A smooth loss whose curvature estimates this loss's bread (itself if already smooth)."""
+    def curvature_surrogate(self, bandwidth: float | Tensor) -> "MarginLoss":
+        """A smooth loss whose curvature estimates this loss's bread (itself if already smooth); the
+        bandwidth may be a tensor broadcasting against the margins."""
         return self
+
+    def recession(self) -> "MarginLoss | None":
+        """The recession loss ``l_inf(z) = lim_{t -> inf} l(t z) / t`` when ``l`` grows linearly (so an
+        objective built from ``l`` can be unbounded below along a ray); None when ``l`` grows faster."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -97,6 +104,17 @@ class MarginLoss(ABC):
 # torch's softplus returns x itself above its threshold; at 20 that is off by e^-20 ~ 2e-9. At 40
 # the error e^-40 ~ 4e-18 is below double precision, and exp(40) does not overflow float32 or bf16.
 _SOFTPLUS_THRESHOLD = 40.0
+
+
+class Recession(MarginLoss):
+    r"""``l_inf(z) = [-z]_+``, the recession loss of the logistic and hinge losses. A positively
+    homogeneous objective: ``L_inf(theta) = lim_t L(t theta) / t`` is the VR objective built from it."""
+
+    name = "recession"
+    smooth = False
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return torch.relu(-z)
 
 
 class Logistic(MarginLoss):
@@ -125,6 +143,9 @@ class Logistic(MarginLoss):
         s = torch.sigmoid(z)
         return F.softplus(z, threshold=_SOFTPLUS_THRESHOLD) - g * z, s - g, s * (1.0 - s)
 
+    def recession(self) -> MarginLoss:
+        return Recession()
+
     def pair_derivatives_many(self, z: Tensor, gs: tuple[Tensor | float, ...]) -> list[tuple[Tensor, Tensor, Tensor]]:
         """``pair_derivatives`` for every ``g`` with one sigmoid and one softplus of ``z`` (same numbers)."""
         s = torch.sigmoid(z)
@@ -142,8 +163,11 @@ class Hinge(MarginLoss):
     def __call__(self, z: Tensor) -> Tensor:
         return torch.relu(1.0 - z)
 
-    def curvature_surrogate(self, bandwidth: float) -> MarginLoss:
+    def curvature_surrogate(self, bandwidth: float | Tensor) -> MarginLoss:
         return SmoothedTruncatedHinge(s=-math.inf, bandwidth=bandwidth)
+
+    def recession(self) -> MarginLoss:
+        return Recession()
 
 
 @dataclass(repr=False)
@@ -165,7 +189,7 @@ class TruncatedHinge(MarginLoss):
     def __call__(self, z: Tensor) -> Tensor:
         return torch.relu(1.0 - z) - torch.relu(self.s - z)
 
-    def curvature_surrogate(self, bandwidth: float) -> MarginLoss:
+    def curvature_surrogate(self, bandwidth: float | Tensor) -> MarginLoss:
         return SmoothedTruncatedHinge(s=self.s, bandwidth=bandwidth)
 
     def __repr__(self) -> str:
@@ -182,13 +206,17 @@ class SmoothedTruncatedHinge(MarginLoss):
     """
 
     s: float = -0.5
-    bandwidth: float = 0.1
+    #: a number, or a tensor broadcasting against the margins (one bandwidth per replication)
+    bandwidth: float | Tensor = 0.1
     name = "smoothed_truncated_hinge"
 
     def __post_init__(self) -> None:
-        if not self.bandwidth > 0:
+        if not bool(torch.all(torch.as_tensor(self.bandwidth) > 0)):
             raise InputError(f"smoothing bandwidth must be > 0, got {self.bandwidth}")
         self.convex = not math.isfinite(self.s)  # the smoothed hinge is convex, the truncated one is not
+
+    def recession(self) -> MarginLoss | None:
+        return None if math.isfinite(self.s) else Recession()
 
     def _q(self, t: Tensor) -> Tensor:
         h = self.bandwidth

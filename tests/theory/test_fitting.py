@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
-from robust_rlhf.simulate import get_scenario, sample
+from robust_rlhf.simulate import Scenario, get_scenario, sample
+from robust_rlhf.simulate.properties import swap_pairs
 from robust_rlhf.theory.data import PairData
 from robust_rlhf.theory.errors import InputError, SeparableDataError
 from robust_rlhf.theory.fitting import _Batch, _influence_parts, _sandwich, fit, tune_lambda
@@ -142,6 +144,47 @@ def test_unbounded_vr_objective_is_flagged() -> None:
     assert np.isfinite(bounded.theta).all() and bounded.at_bound[res.separable].all()
 
 
+def _recession_lp(data: PairData, lam: float) -> float:
+    """``min L_inf(theta)`` over ``||theta||_inf <= 1`` (an LP), with the recession function of the logistic
+    VR objective ``L_inf = mean_i [(1 - lam) u_i^+ - (Z_i - lam g_i) u_i] + lam sum_j w_j [u_j^+ - g_j u_j]``:
+    negative exactly when the objective is unbounded below."""
+    import cvxpy as cp
+
+    th = cp.Variable(data.d)
+    u, ur = data.dphi[0] @ th, data.dphi_ref[0] @ th
+    slope = ((1 - lam) * cp.sum(cp.pos(u)) - (data.z[0] - lam * data.g[0]) @ u) / data.n \
+        + lam * (data.ref_weight[0] @ cp.pos(ur) - (data.ref_weight[0] * data.g_ref[0]) @ ur)
+    return cp.Problem(cp.Minimize(slope), [cp.norm(th, "inf") <= 1]).solve()
+
+
+def test_unbounded_vr_objective_is_flagged_in_both_orientations() -> None:
+    """The property kit's counterexample (lam = 1/2, g_hat = 1/2, K = 2): the labelled pairs are not
+    separable but the VR objective is unbounded below (its recession LP is negative). Newton used to
+    stall at |theta| ~ 1e4 on this data set and return that point as an unconverged estimate, while the
+    swapped data set was flagged; the recession-slope certificate now flags both."""
+    data = sample(Scenario.from_spec({"d": 2, "K": 2, "preference": {"model": "probit", "scale": 2.0},
+                                      "features": {"map": "linear", "prompt_dim": 3}}),
+                  n=116, seed=10586, M=2, unlabelled=8, aux={"kind": "constant", "value": 0.5}).to_pair_data()
+    assert _recession_lp(data, 0.5) < -1e-3
+    assert not fit(data, "mle").separable.any()
+    for case in (data, swap_pairs(data)):
+        with pytest.raises(SeparableDataError, match="unbounded objective"):
+            fit(case, "vrpo", lam=0.5)
+
+
+def test_bounded_objective_is_not_flagged(mixture: PairData) -> None:
+    """No false certificate: where the recession LP is zero (bounded objective) every replication converges."""
+    one = mixture.replication(0)
+    assert _recession_lp(one, 1.0) > -1e-9
+    assert fit(one, "vrpo").converged.all()
+
+
+def test_unconverged_replications_are_reported(mixture: PairData) -> None:
+    with pytest.warns(RuntimeWarning, match=r"did not reach the gradient tolerance.*max_iter = 1\b"):
+        res = fit(mixture, "mle", max_iter=1)
+    assert not res.converged.any() and (res.grad_norm > 1e-8).all()
+
+
 def test_sandwich_matches_monte_carlo_covariance() -> None:
     """Mean estimated covariance trace against the empirical trace over replications, with prompt
     clusters (M = 4 reference pairs share each labelled prompt). Tolerance: 4 bootstrap standard errors
@@ -205,6 +248,29 @@ def test_hinge_fit_attains_the_hinge_minimum(mixture: PairData) -> None:
     # smoothing continuation ends at bandwidth 0.01: the hinge value is within h * phi(0) of the optimum
     assert best - 1e-9 <= hinge(res.theta[0]) <= best + 0.01 * 0.4
     assert np.isfinite(res.se).all()
+
+
+def test_hinge_sandwich_is_swap_and_batch_invariant(mixture: PairData) -> None:
+    """The hinge bread's bandwidth comes from each replication's label-oriented margins: presenting a pair
+    the other way round, or fitting a replication alone, leaves its covariance unchanged (it used the
+    spread of the signed margins of all replications together: a 0.4 % change after one swap)."""
+    res = fit(mixture, "mle", loss="hinge")
+    swapped = fit(swap_pairs(mixture, labelled=[0], reference=[]), "mle", loss="hinge")
+    np.testing.assert_allclose(swapped.theta, res.theta, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(swapped.cov, res.cov, rtol=1e-9)
+    np.testing.assert_allclose(fit(mixture.replication(2), "mle", loss="hinge").cov[0], res.cov[2], rtol=1e-9)
+
+
+def test_bounded_fit_is_solved_to_the_tolerance(mixture: PairData) -> None:
+    """Where the bound binds, the interior-point solution is polished to a KKT residual below ``tol``,
+    so an orthogonal change of features (which maps the ball onto itself) maps the estimate to within
+    ``tol / mu`` per fit, ``mu >= 0.3`` the smallest eigenvalue of the objective's Hessian at these
+    estimates (the Lagrangian's is larger); cvxpy alone was off by up to 1e-5."""
+    res = fit(mixture, "vrpo", bound=0.3, lam=0.5)
+    assert res.at_bound.all() and res.converged.all() and (res.grad_norm < 1e-8).all()
+    A = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+    rotated = replace(mixture, dphi=mixture.dphi @ A.T, dphi_ref=mixture.dphi_ref @ A.T)
+    np.testing.assert_allclose(fit(rotated, "vrpo", bound=0.3, lam=0.5).theta @ A, res.theta, rtol=0, atol=2 * 1e-8 / 0.3)
 
 
 def test_truncated_hinge_needs_a_bound(mixture: PairData) -> None:
