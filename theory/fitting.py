@@ -751,10 +751,12 @@ def fit(
     sandwich does not apply: ``cov`` is NaN where ``at_bound``.
 
     ``dphi`` must identify ``theta`` (rank ``d`` on every replication), else ``InputError``. The
-    estimators are equivariant under ``dphi -> dphi / s`` (``theta = theta' / s``, ``cov = cov' / s^2``,
-    bound ``s B``, gradient ``s grad'``) but the stopping rule ``||grad|| < tol`` is not: features whose
-    root mean square lies outside ``[2^-10, 2^10]`` are rescaled by the power of two ``s`` nearest to it
-    (exact in floating point), ``tol`` applies to the rescaled problem, and the results are mapped back.
+    estimators are equivariant under ``dphi -> c Q dphi`` (``Q`` orthogonal; ``theta -> Q theta / c``,
+    ``cov -> Q cov Q^T / c^2``, bound ``c B``, gradient ``c Q grad``), and so is the stopping rule: a
+    replication has converged when ``||grad|| < tol * rms(dphi)``, the gradient tolerance ``tol`` of the
+    same problem with features of unit root mean square. Features whose root mean square lies outside
+    ``[2^-10, 2^10]`` are also rescaled by the power of two nearest to it (exact in floating point) for
+    the solve, and the results mapped back. ``grad_norm`` is the gradient in the caller's units.
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
@@ -780,12 +782,14 @@ def fit(
         raise InputError(f"dphi{where} has rank {rank} < d = {data.d}: a feature is duplicated, all zero or a "
                          "combination of others (or n < d), so theta is not identifiable; drop it")
     s = _unit_scale(data.dphi)
+    tol_scaled = tol * _rms(data.dphi) / s  # the unit-rms tolerance in the units of the solve
     try:
         if s == 1.0:
-            return _fit(data, method, loss, lam, bound, weight, lam_clip, folds, seed, tol, max_iter, on_separable)
+            return _fit(data, method, loss, lam, bound, weight, lam_clip, folds, seed, tol_scaled, max_iter,
+                        on_separable)
         scaled = replace(data, dphi=data.dphi / s, dphi_ref=None if data.dphi_ref is None else data.dphi_ref / s)
-        res = _fit(scaled, method, loss, lam, None if bound is None else bound * s, weight, lam_clip, folds, seed, tol,
-                   max_iter, on_separable)
+        res = _fit(scaled, method, loss, lam, None if bound is None else bound * s, weight, lam_clip, folds, seed,
+                   tol_scaled, max_iter, on_separable)
         return replace(res, theta=res.theta / s, cov=res.cov / s**2, grad_norm=res.grad_norm * s, bound=bound,
                        cov_mle=None if res.cov_mle is None else res.cov_mle / s**2)
     finally:
@@ -873,9 +877,9 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
     stuck = np.flatnonzero(~converged & ~separable)
     if stuck.size:
         r = stuck[np.argmax(state.grad_norm.numpy()[stuck])]
-        warnings.warn(f"{stuck.size} of {R} replication(s) did not reach the gradient tolerance {tol:g} "
-                      f"(replication {r}: gradient norm {float(state.grad_norm[r]):.3g} after "
-                      f"{int(state.n_iter[r])} of max_iter = {max_iter} iterations): their estimates are "
+        warnings.warn(f"{stuck.size} of {R} replication(s) did not reach the gradient tolerance "
+                      f"tol x rms(dphi) = {tol:.3g} (replication {r}: gradient norm "
+                      f"{float(state.grad_norm[r]):.3g} after {int(state.n_iter[r])} of max_iter = {max_iter} iterations): their estimates are "
                       "returned with converged = False", RuntimeWarning, stacklevel=3)
     return FitResult(theta=theta, cov=cov, lam=lam_np, converged=converged, n_iter=state.n_iter.numpy().copy(),
                      grad_norm=state.grad_norm.numpy().copy(), separable=separable, method=method, loss=loss.name,
