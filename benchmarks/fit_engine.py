@@ -164,7 +164,7 @@ def run_fit_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     input_bytes = sum(a.nbytes for a in (data.dphi, data.z, data.g, data.dphi_ref, data.g_ref, data.ref_weight))
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     # fit's rule is ||grad|| < tol * rms(dphi) (scale-free); tol / rms makes it ||grad|| < tol, the baseline's
-    engine_tol = args.tol / math.sqrt(float(np.mean(data.dphi**2)))
+    engine_tol = args.tol / fitting._rms(data.dphi)
     warm = first_reps(data, 2)
     for method, lam in (("mle", 0.0), ("vrpo", 1.0)):  # warm-up, not timed
         fitting.fit(warm, method, tol=engine_tol)

@@ -273,9 +273,10 @@ def _gram_counted(X: Tensor, c: Tensor, h: Tensor | None) -> tuple[Tensor, Tenso
 
 
 def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: bool = True,
-              certificate: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+              certificate: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """Objective (R,), gradient (R, d), Hessian (R, d, d) and, with ``certificate``, whether ``theta``
-    certifies that no minimiser exists (R,), in one pass over one chunk (chain rule through the margins).
+    certifies that no minimiser exists (R,; all False without), in one pass over one chunk (chain rule
+    through the margins).
 
     Without reference pairs (the MLE) the certificate is the overlap condition of Albert and Anderson
     (1984): with ``dphi`` of rank ``d``, the logistic MLE exists iff no ``theta != 0`` has
@@ -298,11 +299,12 @@ def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: 
         grad = grad + g_ref
         hess = hess + h_ref if hessian else None
     _WORK.d = theta.shape[1]
-    sep = None
     if certificate and ref:
         sep = _unbounded(loss, lam, b, u, u_ref)
     elif certificate:
         sep = ((2.0 * b.z - 1.0) * u >= 0).all(dim=1) & (theta != 0).any(dim=1)
+    else:
+        sep = torch.zeros(theta.shape[0], dtype=torch.bool)
     return der.value, grad, hess, sep
 
 
@@ -435,17 +437,15 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
     # decrement is already small: half the evaluations.
     lazy = certificate and with_ref
     value, grad, hess, sep = _evaluate(loss, lam, sub, theta, True, certificate and not lazy)
-    if lazy:
-        sep = torch.zeros(R, dtype=torch.bool)
     while active.numel():
         gnorm = grad.norm(dim=1)
         grad_norm[active] = gnorm
         hess_out[active] = hess
         done = gnorm < tol
-        if certificate:  # theta (quasi-)separates the labelled pairs: the MLE does not exist
-            sep = sep & ~done
-            separable[active[sep]] = True
-            done = done | sep
+        # theta certifies that no minimiser exists (separated labelled pairs, or an unbounded VR objective)
+        sep = sep & ~done
+        separable[active[sep]] = True
+        done = done | sep
         blown = theta[active].norm(dim=1) > theta_max
         separable[active[blown & ~done]] = True
         converged[active[done & ~separable[active]]] = True
@@ -462,8 +462,6 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
         slack = 1e-12 * value.abs().clamp_min(1.0)
         check = certificate and not (lazy and bool((-slope <= 1e-8 * value.abs().clamp_min(1.0)).all()))
         full_value, full_grad, full_hess, full_sep = _evaluate(loss, lam_a, sub, th + step, True, check)
-        if certificate and not check:
-            full_sep = torch.zeros(th.shape[0], dtype=torch.bool)
         ok = full_value <= value + 1e-4 * slope + slack
         t = torch.where(ok, 1.0, 0.5).to(_DTYPE)
         new = torch.where(ok[:, None], th + step, th)
@@ -484,17 +482,15 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
         if moved.any():  # a shortened step: derivatives at its end
             at = sub.subset(moved.nonzero().squeeze(1), with_ref)
             mv, mg, mh, ms = _evaluate(loss, lam_a[moved], at, new[moved], True, certificate)
-            full_value[moved], full_grad[moved], full_hess[moved] = mv, mg, mh
-            if certificate:
-                full_sep[moved] = ms
+            full_value[moved], full_grad[moved], full_hess[moved], full_sep[moved] = mv, mg, mh, ms
         value, grad, hess, sep = full_value, full_grad, full_hess, full_sep
         if stalled.any():
-            if certificate:  # a certificate at the rejected trial point proves non-existence all the same
-                separable[active[stalled & sep]] = True
+            # a certificate at the rejected trial point proves non-existence all the same
+            separable[active[stalled & sep]] = True
             grad_norm[active[stalled]] = grad[stalled].norm(dim=1)
             keep = ~stalled
             active, value, grad, hess = active[keep], value[keep], grad[keep], hess[keep]
-            sep = sep[keep] if certificate else None
+            sep = sep[keep]
             sub = b.subset(active, with_ref)
     return _NewtonState(theta, converged, separable, n_iter, grad_norm, hess_out)
 
@@ -781,15 +777,15 @@ def fit(
             if data.reps > 1 else ""
         raise InputError(f"dphi{where} has rank {rank} < d = {data.d}: a feature is duplicated, all zero or a "
                          "combination of others (or n < d), so theta is not identifiable; drop it")
-    s = _unit_scale(data.dphi)
-    tol_scaled = tol * _rms(data.dphi) / s  # the unit-rms tolerance in the units of the solve
+    rms = _rms(data.dphi)
+    s = _unit_scale(rms)
     try:
         if s == 1.0:
-            return _fit(data, method, loss, lam, bound, weight, lam_clip, folds, seed, tol_scaled, max_iter,
-                        on_separable)
+            return _fit(data, method, loss, lam, bound, weight, lam_clip, folds, seed, tol, max_iter, on_separable,
+                        rms)
         scaled = replace(data, dphi=data.dphi / s, dphi_ref=None if data.dphi_ref is None else data.dphi_ref / s)
         res = _fit(scaled, method, loss, lam, None if bound is None else bound * s, weight, lam_clip, folds, seed,
-                   tol_scaled, max_iter, on_separable)
+                   tol, max_iter, on_separable, rms / s)
         return replace(res, theta=res.theta / s, cov=res.cov / s**2, grad_norm=res.grad_norm * s, bound=bound,
                        cov_mle=None if res.cov_mle is None else res.cov_mle / s**2)
     finally:
@@ -800,16 +796,16 @@ def _rms(dphi: np.ndarray) -> float:
     return math.sqrt(float(np.vdot(dphi.ravel(), dphi.ravel())) / dphi.size)
 
 
-def _unit_scale(dphi: np.ndarray) -> float:
-    """1, or the power of two nearest the root mean square of ``dphi`` when that lies outside ``[2^-10, 2^10]``."""
-    rms = _rms(dphi)
+def _unit_scale(rms: float) -> float:
+    """1, or the power of two nearest the features' root mean square ``rms`` when that lies outside
+    ``[2^-10, 2^10]``."""
     return 1.0 if rms == 0 or 2.0**-10 <= rms <= 2.0**10 else 2.0 ** round(math.log2(rms))
 
 
 def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound: float | None,
          weight: int | None, lam_clip: tuple[float, float], folds: int, seed: int, tol: float, max_iter: int,
-         on_separable: str) -> FitResult:
-    """``fit`` on validated arguments and features of unit scale."""
+         on_separable: str, rms: float) -> FitResult:
+    """``fit`` on validated arguments and features of unit scale (root mean square ``rms``)."""
     R, d = data.reps, data.d
     g, g_ref = data.g, data.g_ref
     if method != "mle":
@@ -818,7 +814,8 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         elif g is None:
             raise InputError(f"method {method!r} needs the auxiliary probabilities g and g_ref")
     b = _Batch.from_data(data, g, g_ref)
-    theta_max = 1e6 / max(_rms(data.dphi), 1e-12)
+    theta_max = 1e6 / max(rms, 1e-12)
+    tol = tol * rms  # the tolerance of the unit-rms problem, in the units of this one
     lam0 = torch.zeros(R, dtype=_DTYPE)
     # The MLE first: the estimate of `mle`, the warm start and the reference covariance of the others.
     start = torch.zeros(R, d, dtype=_DTYPE)
@@ -879,8 +876,9 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         r = stuck[np.argmax(state.grad_norm.numpy()[stuck])]
         warnings.warn(f"{stuck.size} of {R} replication(s) did not reach the gradient tolerance "
                       f"tol x rms(dphi) = {tol:.3g} (replication {r}: gradient norm "
-                      f"{float(state.grad_norm[r]):.3g} after {int(state.n_iter[r])} of max_iter = {max_iter} iterations): their estimates are "
-                      "returned with converged = False", RuntimeWarning, stacklevel=3)
+                      f"{float(state.grad_norm[r]):.3g} after {int(state.n_iter[r])} of max_iter = {max_iter} "
+                      "iterations): their estimates are returned with converged = False", RuntimeWarning,
+                      stacklevel=3)
     return FitResult(theta=theta, cov=cov, lam=lam_np, converged=converged, n_iter=state.n_iter.numpy().copy(),
                      grad_norm=state.grad_norm.numpy().copy(), separable=separable, method=method, loss=loss.name,
                      bound=bound, at_bound=at_bound, cov_mle=cov_mle)
