@@ -8,7 +8,9 @@ r"""Training throughput of the one-stage trainer (``PreferenceTrainer``) against
 The same freshly initialised model (same seed), the same rows, batch size, optimiser and schedule for
 every configuration:
 
-* ``ours_dpo``: ``PreferenceTrainer``, method ``mle`` with the logistic loss (DPO);
+* ``ours_dpo``: ``PreferenceTrainer``, method ``mle`` with the logistic loss (DPO); our trainer scores a
+  batch in up to ``--length-groups`` forward passes over sequences of similar length (its default, 4;
+  ``--length-groups 1`` for one padded pass, as TRL does);
 * ``ours_vrpo_M1`` / ``ours_vrpo_M4``: method ``vrpo`` (lam = 1) with M = 1 / 4 reference pairs per
   row and ``g_hat`` from the data's preference columns;
 * ``trl_dpo``: TRL's ``DPOTrainer`` (sigmoid loss) with ``precompute_ref_log_probs=True``, the same
@@ -39,7 +41,7 @@ import tempfile
 import time
 from typing import Any
 
-from _util import PeakMemory, load_average
+from _util import PeakMemory, load_average, warn_if_busy
 
 WORDS = (
     "the a cat dog sky sun moon is was blue green red hot cold big small very not and or it this that what color "
@@ -181,7 +183,7 @@ def run_ours(config: str, a: argparse.Namespace, rows: list[dict], tokenizer: An
         t = time.perf_counter()
         trainer = PreferenceTrainer(model, training_arguments(**_ours_args(out, a)), objective=objective,
                                     schema=schema, beta=0.1, train_dataset=train, processing_class=tokenizer,
-                                    callbacks=[clock.callback])
+                                    length_groups=a.length_groups, callbacks=[clock.callback])
         ref_pass = time.perf_counter() - t
         trainer.train()
     return {"seconds": clock.seconds, "tokens": tokens, "rows": len(rows), "peak_bytes": clock.peak,
@@ -228,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resp-len", default="8,48", help="response words, min,max (default 8,48)")
     p.add_argument("--max-len", type=int, default=256, help="maximum completion tokens")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--length-groups", type=int, default=4,
+                   help="our trainer: forward passes per batch over sequences of similar length (default 4, "
+                        "the trainer's; 1: one padded pass)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations (both trainers)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak (dense) TFLOP/s for MFU")
@@ -247,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = make_rows(a.rows, 4, 0, tuple(int(x) for x in a.prompt_len.split(",")),
                      tuple(int(x) for x in a.resp_len.split(",")))
     load = load_average()
+    warn_if_busy(load)
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     # the trainers print their metrics: keep stdout for the result (one JSON object with --json)
     with contextlib.redirect_stdout(sys.stderr):

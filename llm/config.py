@@ -106,6 +106,9 @@ class PreferenceArguments:
     length_normalize: bool = field(
         default=False, metadata={"help": "mean instead of sum of token log-probs (TRL's IPO)"}
     )
+    length_groups: int = field(
+        default=4, metadata={"help": "forward passes per batch over sequences of similar length (1: one, padded)"}
+    )
     center_rewards_coefficient: float | None = field(
         default=None, metadata={"help": "stage two: + c mean((r_c + r_r)^2)"}
     )
@@ -118,6 +121,8 @@ class PreferenceArguments:
             raise InputError(f"g_source: unknown {self.g_source!r}; allowed: {', '.join(G_SOURCES)}")
         if self.frozen_refresh_steps < 1:
             raise InputError(f"frozen_refresh_steps must be >= 1, got {self.frozen_refresh_steps}")
+        if self.length_groups < 1:
+            raise InputError(f"length_groups must be >= 1, got {self.length_groups}")
         if self.beta <= 0:
             raise InputError(f"beta must be > 0, got {self.beta}")
         if self.g_cross_fit_folds == 1 or self.g_cross_fit_folds < 0:

@@ -3,14 +3,21 @@ r"""Sequence log-probabilities of responses under a causal LM, one forward pass 
 ``log pi(y|x) = sum_t log softmax(logits_{t-1})[y_t]`` over the response tokens ``t`` (the completion
 mask), or its mean over those tokens with ``length_normalize`` (IPO as TRL runs it). Computed in
 float32 whatever the model's dtype.
+
+A batch of ``K B`` right-padded sequences costs ``K B L_max`` token positions in one forward pass. With
+``groups > 1`` the sequences are split, by length, into at most that many forward passes over the
+sorted lengths ``l_(1) >= ... >= l_(N)``, each trimmed to its own longest sequence: the split into
+contiguous runs minimising the padded positions ``sum_g |g| max_{i in g} l_i`` (dynamic programming),
+with the fewest passes within 5 % of the best. The log-probabilities are the same up to rounding.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["token_logps", "sequence_logps", "model_sequence_logps"]
+__all__ = ["token_logps", "sequence_logps", "model_sequence_logps", "length_groups"]
 
 
 def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
@@ -38,8 +45,62 @@ def sequence_logps(
     return total
 
 
-def model_sequence_logps(model: nn.Module, batch: dict[str, Tensor], length_normalize: bool = False) -> Tensor:
-    """Run ``model`` once on the batch's concatenated sequences and return their response log-probs."""
+def length_groups(lengths: Tensor | np.ndarray, groups: int, tolerance: float = 0.05) -> list[np.ndarray]:
+    """Indices of the sequences in each forward pass: contiguous runs of the lengths sorted in decreasing
+    order minimising the padded positions ``sum_g |g| max(l_g)`` over at most ``groups`` runs; the fewest
+    runs whose cost is within ``tolerance`` of the minimum."""
+    lengths = np.asarray(lengths.cpu() if isinstance(lengths, Tensor) else lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    ls = lengths[order].astype(np.float64)
+    N = ls.size
+    groups = max(1, min(groups, N))
+    i, j = np.arange(N + 1)[:, None], np.arange(N + 1)[None, :]
+    span = np.where((i >= 1) & (i < j), (j - i) * np.append(ls, 0.0)[:, None], np.inf)
+    # f[k][j]: fewest padded positions of the j longest sequences in at most k + 1 runs; cut[k][j]: the
+    # start of the last run (-1: no better than k runs)
+    f = [np.arange(N + 1) * (ls[0] if N else 0.0)]
+    cut = [np.full(N + 1, -1)]
+    for _ in range(1, groups):
+        total = f[-1][:, None] + span
+        start = np.argmin(total, axis=0)
+        better = total[start, np.arange(N + 1)] < f[-1]
+        f.append(np.where(better, total[start, np.arange(N + 1)], f[-1]))
+        cut.append(np.where(better, start, -1))
+    k = next(k for k in range(groups) if f[k][N] <= (1 + tolerance) * f[-1][N])
+    bounds, j = [N], N
+    while k > 0:
+        if cut[k][j] >= 0:
+            j = int(cut[k][j])
+            bounds.append(j)
+        k -= 1
+    bounds.append(0)
+    bounds = sorted(set(bounds))
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _logps(model: nn.Module, batch: dict[str, Tensor], length_normalize: bool) -> Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return sequence_logps(logits, batch["input_ids"], batch["completion_mask"], length_normalize)
+
+
+def model_sequence_logps(model: nn.Module, batch: dict[str, Tensor], length_normalize: bool = False,
+                         groups: int = 1) -> Tensor:
+    """Response log-probs ``(N,)`` of the batch's right-padded sequences: one forward pass, or with
+    ``groups > 1`` up to that many over sequences of similar length (``length_groups``)."""
+    if groups <= 1:
+        return _logps(model, batch, length_normalize)
+    lengths = batch["attention_mask"].sum(1)
+    parts = length_groups(lengths, groups)
+    if len(parts) == 1:
+        return _logps(model, batch, length_normalize)
+    device = batch["input_ids"].device
+    values = []
+    for idx in parts:
+        rows = torch.as_tensor(idx, device=device)
+        L = int(lengths[rows].max())
+        sub = {k: batch[k][rows, :L] for k in ("input_ids", "attention_mask", "completion_mask")}
+        values.append(_logps(model, sub, length_normalize))
+    inverse = torch.empty(lengths.numel(), dtype=torch.long, device=device)
+    inverse[torch.as_tensor(np.concatenate(parts), device=device)] = torch.arange(lengths.numel(), device=device)
+    return torch.cat(values)[inverse]

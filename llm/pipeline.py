@@ -275,6 +275,7 @@ def run_finetune(
             ref_model=ref_model,
             precompute_ref_log_probs=pref.precompute_ref_log_probs,
             length_normalize=pref.length_normalize,
+            length_groups=pref.length_groups,
             **common,
         )
         if pref.precompute_ref_log_probs and not ref_path.exists() and train_args.process_index == 0:

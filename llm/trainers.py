@@ -370,6 +370,9 @@ class PreferenceTrainer(_PairwiseTrainer):
 
     ``ref_model``: a separate reference policy; by default the reference is the initial policy (its
     log-probabilities are computed before training) or, for a peft model, the disabled adapter.
+    ``length_groups``: each batch's ``K B`` sequences are scored in up to that many forward passes over
+    sequences of similar length, so that fewer padding positions are computed (``logprobs.length_groups``;
+    VRPO's ``K = 2 + 2M`` responses per row vary more in length than a pair); 1 is one padded pass.
     """
 
     def __init__(
@@ -383,12 +386,16 @@ class PreferenceTrainer(_PairwiseTrainer):
         ref_model: nn.Module | None = None,
         precompute_ref_log_probs: bool = True,
         length_normalize: bool = False,
+        length_groups: int = 4,
         **kwargs: Any,
     ) -> None:
         if not beta > 0:
             raise InputError(f"beta must be > 0, got {beta}")
+        if length_groups < 1:
+            raise InputError(f"length_groups must be >= 1, got {length_groups}")
         self.beta = float(beta)
         self.length_normalize = length_normalize
+        self.length_groups = int(length_groups)
         self.precompute_ref_log_probs = precompute_ref_log_probs
         self._peft = is_peft_model(model)
         # without a reference model or adapter the initial policy is the reference: scored in place
@@ -423,7 +430,8 @@ class PreferenceTrainer(_PairwiseTrainer):
         be on the CPU).
         """
         if self.ref_model is not None:
-            return model_sequence_logps(self.ref_model, _to_device(batch, self.ref_model), self.length_normalize)
+            return model_sequence_logps(self.ref_model, _to_device(batch, self.ref_model), self.length_normalize,
+                                        self.length_groups)
         if not (self._peft or self._policy_is_reference):
             raise InputError("no reference: the reference log-probs were precomputed and the reference model dropped")
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -431,7 +439,8 @@ class PreferenceTrainer(_PairwiseTrainer):
         unwrapped.eval()
         try:
             with disabled_adapter(unwrapped), self.compute_loss_context_manager():
-                return model_sequence_logps(unwrapped, _to_device(batch, unwrapped), self.length_normalize)
+                return model_sequence_logps(unwrapped, _to_device(batch, unwrapped), self.length_normalize,
+                                            self.length_groups)
         finally:
             unwrapped.train(was_training)
 
@@ -475,7 +484,7 @@ class PreferenceTrainer(_PairwiseTrainer):
         return self.reference_logps(batch)
 
     def _scores(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logps = model_sequence_logps(model, batch, self.length_normalize)
+        logps = model_sequence_logps(model, batch, self.length_normalize, self.length_groups)
         ref = self._batch_ref_logps(batch).to(logps.device, torch.float32)
         rewards = self.beta * (logps - ref)
         rc, rr, rrefs = self._split(rewards)
@@ -492,7 +501,7 @@ class PreferenceTrainer(_PairwiseTrainer):
         }
 
     def _frozen_margins(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        logps = model_sequence_logps(self.frozen_model, batch, self.length_normalize)
+        logps = model_sequence_logps(self.frozen_model, batch, self.length_normalize, self.length_groups)
         ref = self._batch_ref_logps(batch).to(logps.device, torch.float32)
         rc, rr, rrefs = self._split(self.beta * (logps - ref))
         return self._pair_margins(rc, rr, rrefs)

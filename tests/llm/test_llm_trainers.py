@@ -11,6 +11,8 @@ import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from llm_helpers import make_causal_lm, make_reward_model, make_rows
 
@@ -194,6 +196,9 @@ def test_lambda_zero_trains_exactly_like_dpo(tokenizer: Any, tmp_path: Any) -> N
             beta=BETA,
             train_dataset=tds,
             processing_class=tokenizer,
+            # one padded pass each: grouping 4 vs 2 sequences by length would change float32 rounding,
+            # which Adam's first steps amplify; grouping itself is tested below
+            length_groups=1,
         )
         runs.append((_train(tr), [p.detach().clone() for p in model.parameters()]))
     (l1, p1), (l2, p2) = runs
@@ -567,3 +572,61 @@ def test_sequence_logps_sum_and_length_normalised() -> None:
     torch.testing.assert_close(got, torch.stack([want0, want1]))
     torch.testing.assert_close(sequence_logps(logits, ids, mask, length_normalize=True), torch.stack([want0 / 3, want1 / 2]))
     assert sequence_logps(logits.bfloat16(), ids, mask).dtype == torch.float32
+
+
+def _padded_positions(lengths: list[int], parts: list[Any]) -> int:
+    return sum(len(p) * max(lengths[i] for i in p) for p in parts)
+
+
+@settings(deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=8), st.integers(1, 4))
+def test_length_groups_minimise_padded_positions(lengths: list[int], groups: int) -> None:
+    """The split is a partition into at most ``groups`` passes whose padded positions equal the minimum
+    over every split of the sorted lengths into contiguous runs (brute force)."""
+    import itertools
+
+    from robust_rlhf.llm.logprobs import length_groups
+
+    parts = length_groups(torch.tensor(lengths), groups, tolerance=0.0)
+    assert sorted(int(i) for p in parts for i in p) == list(range(len(lengths)))
+    assert 1 <= len(parts) <= groups
+    ls = sorted(lengths, reverse=True)
+    best = min(
+        sum((b - a) * ls[a] for a, b in zip((0, *cuts), (*cuts, len(ls))))
+        for k in range(groups)
+        for cuts in itertools.combinations(range(1, len(ls)), k)
+    )
+    assert _padded_positions(lengths, parts) == best
+    # the default tolerance: the fewest passes within 5 % of the minimum
+    few = length_groups(torch.tensor(lengths), groups)
+    assert _padded_positions(lengths, few) <= 1.05 * best and len(few) <= len(parts)
+
+
+def test_length_grouped_forward_passes_match_one_padded_pass(tokenizer: Any) -> None:
+    """Scoring a batch in passes of similar length gives the one-pass log-probabilities and gradients
+    (float32 rounding), with fewer padded positions."""
+    from robust_rlhf.llm.logprobs import length_groups, model_sequence_logps
+
+    tds, schema = _data(tokenizer, n=8, n_pairs=2, seed=21)
+    batch = PreferenceCollator(tokenizer.pad_token_id, schema)([tds[i] for i in range(8)])
+    lengths = batch["attention_mask"].sum(1)
+    parts = length_groups(lengths, 4)
+    assert len(parts) > 1 and _padded_positions(lengths.tolist(), parts) < lengths.numel() * int(lengths.max())
+    model = make_causal_lm(tokenizer, seed=0)
+    model.eval()
+    values, grads = [], []
+    for groups in (1, 4):
+        model.zero_grad()
+        lp = model_sequence_logps(model, batch, groups=groups)
+        (lp * torch.linspace(-1.0, 1.0, lp.numel())).sum().backward()
+        values.append(lp.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(values[1], values[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_length_groups_must_be_positive(tokenizer: Any, tmp_path: Any) -> None:
+    tds, schema = _data(tokenizer, n=4, n_pairs=1)
+    with pytest.raises(InputError, match="length_groups"):
+        PreferenceTrainer(make_causal_lm(tokenizer, seed=0), _args(tmp_path), objective=PreferenceObjective.from_names("dpo"),
+                          schema=schema, train_dataset=tds, processing_class=tokenizer, length_groups=0)
