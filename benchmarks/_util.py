@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 import time
 
-# On a machine shared with other busy processes, OpenMP threads that spin while waiting for a
-# descheduled sibling make torch's small parallel operations up to 20 times slower (measured: a fit
-# took 30 s with 2 spinning threads, 1.8 s with 1 thread, 0.9 s with 2 passive ones). Waiting
-# passively costs little when the machine is idle. Set before torch is imported; an explicit value wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left to the environment, as users run the engine: libgomp's default lets a
+# thread spin briefly before it sleeps, which is what makes torch's many small parallel operations cheap
+# (the fitting engine took 2.2 x longer with OMP_WAIT_POLICY=PASSIVE, measured 2026-11-23). On a machine
+# where other processes compete for the cores, spinning threads can slow every operation instead: the
+# scripts print the load average and warn when it is high (``warn_if_busy``); time them on an idle
+# machine, or set OMP_WAIT_POLICY=PASSIVE and say so.
+
+
+def warn_if_busy(load: list[float]) -> None:
+    """Warn on stderr when the 1-minute load average exceeds half the cores before a timing starts."""
+    cpus = os.cpu_count() or 1
+    if load and load[0] > 0.5 * cpus:
+        print(f"warning: load average {load[0]} on {cpus} cores before timing: other processes compete for the "
+              "cores, the figures will be slow and noisy", file=sys.stderr)
 
 
 def load_average() -> list[float]:

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from _util import PeakMemory, load_average as _load
+from _util import PeakMemory, load_average as _load, warn_if_busy
 
 
 def matmul_gflops(size: int, repeats: int = 5) -> float:
@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "machine": platform.processor() or platform.machine()}
+    warn_if_busy(env["load_before"])
     result = run_fit_benchmark(args)
     if not args.no_extras:
         result["exact_asymptotics"] = run_exact_asymptotics(50, 20, 20_000)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-import _util  # noqa: F401  (sets OMP_WAIT_POLICY before torch starts)
+from _util import load_average, warn_if_busy
 
 
 def _time_fit(data: Any, method: str, runs: int) -> tuple[float, int, float]:
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     Rs = [1, 10, 100] if args.quick else [1, 10, 100, 1000]
     from fit_engine import matmul_gflops
 
-    load = [round(x, 2) for x in os.getloadavg()]
+    load = load_average()
+    warn_if_busy(load)
     rate = matmul_gflops(2000)
     sweeps: dict[str, list[dict[str, Any]]] = {"n": [], "d": [], "R": []}
     for n in ns:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         exponents[axis] = {m: _exponent([r[axis] for r in kept], [r[m + key] for r in kept]) for m in methods}
     out = {"sweeps": sweeps, "exponents": exponents, "base": base, "torch_threads": torch.get_num_threads(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "matmul_gflops": rate,
-           "load_before": load, "load_after": [round(x, 2) for x in os.getloadavg()]}
+           "load_before": load, "load_after": load_average()}
     if args.json:
         print(json.dumps(out))
         return 0
