@@ -12,16 +12,18 @@ import time
 # thread spin briefly before it sleeps, which is what makes torch's many small parallel operations cheap
 # (the fitting engine took 2.2 x longer with OMP_WAIT_POLICY=PASSIVE, measured 2026-11-23). On a machine
 # where other processes compete for the cores, spinning threads can slow every operation instead: the
-# scripts print the load average and warn when it is high (``warn_if_busy``); time them on an idle
-# machine, or set OMP_WAIT_POLICY=PASSIVE and say so.
+# scripts print the load average and warn when it is high (``load_before_timing``); time them on an
+# idle machine, or set OMP_WAIT_POLICY=PASSIVE and say so.
 
 
-def warn_if_busy(load: list[float]) -> None:
-    """Warn on stderr when the 1-minute load average exceeds half the cores before a timing starts."""
+def load_before_timing() -> list[float]:
+    """``load_average()``, with a warning on stderr when the 1-minute load exceeds half the cores."""
+    load = load_average()
     cpus = os.cpu_count() or 1
-    if load and load[0] > 0.5 * cpus:
+    if load[0] > 0.5 * cpus:
         print(f"warning: load average {load[0]} on {cpus} cores before timing: other processes compete for the "
               "cores, the figures will be slow and noisy", file=sys.stderr)
+    return load
 
 
 def load_average() -> list[float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _util import load_average, warn_if_busy
+from _util import load_average, load_before_timing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     old_fit = load_old_engine(a.rev)
     scenario = get_scenario("annotator_mixture", d=a.d)
     data = sample(scenario, a.n, seed=0, reps=a.reps, M=a.M, aux="oracle").to_pair_data()
-    load = load_average()
-    warn_if_busy(load)
+    load = load_before_timing()
     out = {"rev": a.rev, "sizes": {"R": a.reps, "n": a.n, "d": a.d, "M": a.M}, "threads": torch.get_num_threads(),
            "methods": {}}
     for method in [m.strip() for m in a.methods.split(",") if m.strip()]:

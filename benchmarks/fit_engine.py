@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from _util import PeakMemory, load_average as _load, warn_if_busy
+from _util import PeakMemory, load_average as _load, load_before_timing
 
 
 def matmul_gflops(size: int, repeats: int = 5) -> float:
@@ -307,11 +307,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         limiter = threadpool_limits(args.threads)
-    env = {"load_before": _load(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    env = {"load_before": load_before_timing(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "machine": platform.processor() or platform.machine()}
-    warn_if_busy(env["load_before"])
     result = run_fit_benchmark(args)
     if not args.no_extras:
         result["exact_asymptotics"] = run_exact_asymptotics(50, 20, 20_000)

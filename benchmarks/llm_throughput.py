@@ -41,7 +41,7 @@ import tempfile
 import time
 from typing import Any
 
-from _util import PeakMemory, load_average, warn_if_busy
+from _util import PeakMemory, load_average, load_before_timing
 
 WORDS = (
     "the a cat dog sky sun moon is was blue green red hot cold big small very not and or it this that what color "
@@ -251,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = make_tokenizer()
     rows = make_rows(a.rows, 4, 0, tuple(int(x) for x in a.prompt_len.split(",")),
                      tuple(int(x) for x in a.resp_len.split(",")))
-    load = load_average()
-    warn_if_busy(load)
+    load = load_before_timing()
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     # the trainers print their metrics: keep stdout for the result (one JSON object with --json)
     with contextlib.redirect_stdout(sys.stderr):

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from _util import load_average, warn_if_busy
+from _util import load_average, load_before_timing
 
 
 def _time_fit(data: Any, method: str, runs: int) -> tuple[float, int, float]:
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     Rs = [1, 10, 100] if args.quick else [1, 10, 100, 1000]
     from fit_engine import matmul_gflops
 
-    load = load_average()
-    warn_if_busy(load)
+    load = load_before_timing()
     rate = matmul_gflops(2000)
     sweeps: dict[str, list[dict[str, Any]]] = {"n": [], "d": [], "R": []}
     for n in ns:

@@ -63,18 +63,16 @@ def length_groups(lengths: Tensor | np.ndarray, groups: int, tolerance: float = 
     for _ in range(1, groups):
         total = f[-1][:, None] + span
         start = np.argmin(total, axis=0)
-        better = total[start, np.arange(N + 1)] < f[-1]
-        f.append(np.where(better, total[start, np.arange(N + 1)], f[-1]))
+        last = total[start, np.arange(N + 1)]
+        better = last < f[-1]
+        f.append(np.where(better, last, f[-1]))
         cut.append(np.where(better, start, -1))
     k = next(k for k in range(groups) if f[k][N] <= (1 + tolerance) * f[-1][N])
-    bounds, j = [N], N
-    while k > 0:
-        if cut[k][j] >= 0:
-            j = int(cut[k][j])
-            bounds.append(j)
-        k -= 1
-    bounds.append(0)
-    bounds = sorted(set(bounds))
+    bounds = [N]  # run boundaries, from the last run backwards
+    for kk in range(k, 0, -1):
+        if cut[kk][bounds[-1]] >= 0:
+            bounds.append(int(cut[kk][bounds[-1]]))
+    bounds = [0, *bounds[::-1]]
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -88,19 +86,18 @@ def model_sequence_logps(model: nn.Module, batch: dict[str, Tensor], length_norm
                          groups: int = 1) -> Tensor:
     """Response log-probs ``(N,)`` of the batch's right-padded sequences: one forward pass, or with
     ``groups > 1`` up to that many over sequences of similar length (``length_groups``)."""
-    if groups <= 1:
-        return _logps(model, batch, length_normalize)
-    lengths = batch["attention_mask"].sum(1)
-    parts = length_groups(lengths, groups)
-    if len(parts) == 1:
+    if groups > 1:
+        lengths = batch["attention_mask"].sum(1).cpu().numpy()  # one device sync for the whole split
+        parts = length_groups(lengths, groups)
+    if groups <= 1 or len(parts) == 1:
         return _logps(model, batch, length_normalize)
     device = batch["input_ids"].device
     values = []
     for idx in parts:
         rows = torch.as_tensor(idx, device=device)
-        L = int(lengths[rows].max())
+        L = int(lengths[idx].max())
         sub = {k: batch[k][rows, :L] for k in ("input_ids", "attention_mask", "completion_mask")}
         values.append(_logps(model, sub, length_normalize))
-    inverse = torch.empty(lengths.numel(), dtype=torch.long, device=device)
-    inverse[torch.as_tensor(np.concatenate(parts), device=device)] = torch.arange(lengths.numel(), device=device)
-    return torch.cat(values)[inverse]
+    inverse = torch.empty(lengths.size, dtype=torch.long)
+    inverse[np.concatenate(parts)] = torch.arange(lengths.size)
+    return torch.cat(values)[inverse.to(device)]

@@ -11,9 +11,9 @@ import math
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from llm_helpers import make_causal_lm, make_reward_model, make_rows
 
 from robust_rlhf.llm.config import training_arguments
