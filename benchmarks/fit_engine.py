@@ -23,9 +23,11 @@ the engine actually did (its own counters: every derivative evaluation, line-sea
 Cholesky factorisation and sandwich Gram) divided by the machine's float64 matmul rate, measured in
 the same run (a square ``GEMM`` of size ``--gemm-size``, median of its repetitions). Per pair and
 evaluation, with ``d`` features: margins ``X theta`` ``2d``, gradient ``X^T c`` ``2d``, weighting
-``h X`` ``d``, Hessian ``X^T (h X)`` ``2 d^2`` (the ``2mnk`` count of the product the engine forms);
-``flops_ratio_symmetric`` counts the Hessian as ``d (d + 1)`` (only its distinct entries, the strict
-floor). Elementwise transcendental functions (sigmoid, softplus) count zero flops.
+``h X`` ``d``, Hessian ``X^T (h X)`` ``2 d^2`` (the ``2mnk`` count of the product the torch path forms;
+``d (d + 1)`` for evaluations by the compiled kernel, which forms only the distinct entries);
+``flops_ratio_symmetric`` counts every Hessian as ``d (d + 1)`` (the strict floor). Elementwise
+transcendental functions (sigmoid, softplus) count zero flops. ``kernel`` says whether the compiled
+logistic kernel (``theory.kernels``) was used; ``ROBUST_RLHF_KERNELS=0`` times the torch path.
 
 Memory: ``fit`` takes the replication axis in chunks within ``fitting.MEMORY_BUDGET`` bytes of working
 memory, and Newton solves blocks of ``fitting.CACHE_BLOCK`` bytes of features to convergence; the
@@ -128,13 +130,21 @@ def baseline_fit(data: Any, lam: float, method: str, tol: float) -> tuple[np.nda
     return theta, gnorm
 
 
+def kernel_state() -> str:
+    """``"compiled"`` or why the engine runs its torch path."""
+    from robust_rlhf.theory import kernels
+
+    return "compiled" if kernels.available() else f"torch path ({kernels.unavailable_reason()})"
+
+
 # --- flop counts ------------------------------------------------------------------------------------
 
 def engine_flops(work: Any, symmetric: bool = False) -> float:
     """Flops of the work counted by ``fitting._WORK`` (per-pair counts in the module docstring)."""
     d = work.d
     hess = d * (d + 1) if symmetric else 2 * d * d
-    return (work.gram_pairs * (2 * d + 2 * d + d + hess) + work.grad_pairs * 4 * d + work.value_pairs * 2 * d
+    return (work.gram_pairs * (2 * d + 2 * d + d + hess) + work.kernel_pairs * (2 * d + 2 * d + d + d * (d + 1))
+            + work.grad_pairs * 4 * d + work.value_pairs * 2 * d
             + work.factorizations * (d**3 / 3 + 2 * d * d) + work.cluster_rows * (2 * d * d if not symmetric
                                                                                   else d * (d + 1)))
 
@@ -308,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         limiter = threadpool_limits(args.threads)
     env = {"load_before": load_before_timing(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "kernel": kernel_state(),
            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "machine": platform.processor() or platform.machine()}
     result = run_fit_benchmark(args)
@@ -324,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=None, default=float))
         return 0
     print(f"R = {args.reps}, n = {args.n}, d = {args.d}, M = {args.M}; torch threads {env['torch_threads']}; "
-          f"load {env['load_before']} -> {env['load_after']}; float64 matmul {result['matmul_gflops']:.1f} GFLOP/s")
+          f"kernel: {env['kernel']}; load {env['load_before']} -> {env['load_after']}; float64 matmul {result['matmul_gflops']:.1f} GFLOP/s")
     for name, m in result["methods"].items():
         base = ", ".join(f"{b} {t:.2f} s" for b, t in m["baseline_s"].items())
         print(f"{name:5s} batched {m['batched_s']:.3f} s | baseline {base} | speedup {m['speedup']:.1f}x | "

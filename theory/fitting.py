@@ -24,7 +24,10 @@ block iterated to convergence while its data stay in cache; every other pass ove
 replication axis in chunks within ``MEMORY_BUDGET`` bytes of working memory. With ``lambda = 0`` on
 every replication (the MLE) the reference pairs are not read (their terms are multiplied by zero),
 and a Hessian product whose margin curvatures are all zero (logistic VRPO at ``lambda = 1``: the
-labelled ``m''_Z = m''_g``) is skipped; both shortcuts give the same numbers.
+labelled ``m''_Z = m''_g``) is skipped; both shortcuts give the same numbers. For the logistic loss
+each Newton block is evaluated by the compiled kernel of ``theory.kernels`` (margins, derivatives,
+gradient and the Hessian's distinct entries in one pass, about four times faster than the batched
+BLAS products); without a C++ compiler the torch path gives the same numbers to rounding.
 
 The covariance is the cluster sandwich ``H^{-1} V H^{-1}``: ``H`` the Hessian of ``L`` (for
 non-smooth losses, of a smoothed loss with a rule-of-thumb bandwidth), ``V`` the empirical covariance
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernels
 from .data import PairData, rank_deficient
 from .errors import InputError, SeparableDataError
 from .losses import Logistic, MarginLoss, VRDerivatives, get_loss, vr_derivatives, vr_objective
@@ -117,11 +121,13 @@ class _Work:
     gradient ``X^T c``, Hessian ``X^T (h X)``); ``grad_pairs``: of evaluations with margins and gradient
     only (no Hessian asked, or ``h = 0`` on those pairs); ``value_pairs``: of
     objective values only (line searches); ``factorizations``: ``d x d`` Cholesky factorisations;
-    ``cluster_rows``: cluster rows x replications entering a sandwich Gram ``G^T G``; ``d``: the
-    feature dimension of the last evaluation.
+    ``cluster_rows``: cluster rows x replications entering a sandwich Gram ``G^T G``; ``kernel_pairs``: of
+    evaluations by the compiled kernel with a Hessian (margins, gradient, weighting and only the
+    Hessian's distinct entries); ``d``: the feature dimension of the last evaluation.
     """
 
     gram_pairs: int = 0
+    kernel_pairs: int = 0
     grad_pairs: int = 0
     value_pairs: int = 0
     factorizations: int = 0
@@ -130,14 +136,57 @@ class _Work:
 
     def reset(self) -> None:
         self.gram_pairs = self.grad_pairs = self.value_pairs = self.factorizations = self.cluster_rows = 0
+        self.kernel_pairs = 0
 
 
 _WORK = _Work()
 
 
 @dataclass
+class _KernelTerms:
+    """A logistic objective as ``sum_i a_i softplus(u_i) - b_i u_i`` (the form ``kernels.logistic_eval``
+    evaluates) over the labelled pairs and, when they enter, the reference pairs; features transposed to
+    (R, d, P). ``linear``: replications whose labelled ``a`` is zero (logistic VRPO at ``lam = 1``)."""
+
+    Xt: Tensor
+    a: Tensor
+    b: Tensor
+    linear: Tensor
+    Xt_ref: Tensor | None = None
+    a_ref: Tensor | None = None
+    b_ref: Tensor | None = None
+
+    def select(self, key: Tensor | slice, with_ref: bool = True) -> "_KernelTerms":
+        """Replications ``key`` (an index tensor copies, a slice gives views)."""
+        s = lambda t: None if t is None or not with_ref else t[key]  # noqa: E731
+        return _KernelTerms(self.Xt[key], self.a[key], self.b[key], self.linear[key], s(self.Xt_ref), s(self.a_ref),
+                            s(self.b_ref))
+
+
+def _kernel_terms(loss: MarginLoss, lam: Tensor, b: "_Batch") -> _KernelTerms | None:
+    """The coefficients of ``b``'s objective at ``lam`` for the compiled kernel, or None where it does not
+    apply (another loss, or no kernel). By ``m_g(u) = softplus(u) - g u`` (logistic), a labelled pair
+    contributes ``a = (1 - lam) / n``, ``b = (Z - lam g) / n`` and a reference pair ``a = lam v``,
+    ``b = lam v g``."""
+    if type(loss) is not Logistic or not kernels.available():
+        return None
+    R, n, _ = b.dphi.shape
+    lam_ = lam[:, None]
+    xt = lambda X: X.transpose(1, 2).contiguous()  # noqa: E731
+    if not _uses_ref(b, lam):
+        a = torch.full((R, n), 1.0 / n, dtype=_DTYPE)
+        return _KernelTerms(xt(b.dphi), a, (b.z / n).contiguous(), torch.zeros(R, dtype=torch.bool))
+    a = ((1.0 - lam_) / n).expand(R, n).contiguous()
+    v = b.w_ref if b.w_ref is not None else torch.full(b.g_ref.shape, 1.0 / b.g_ref.shape[1], dtype=_DTYPE)
+    a_ref = (lam_ * v).contiguous()
+    return _KernelTerms(xt(b.dphi), a, ((b.z - lam_ * b.g) / n).contiguous(), (a == 0).all(1), xt(b.dphi_ref),
+                        a_ref, (a_ref * b.g_ref).contiguous())
+
+
+@dataclass
 class _Batch:
-    """Torch views of a PairData, plus the prompt clusters of the sandwich."""
+    """Torch views of a PairData, plus the prompt clusters of the sandwich and, inside a Newton solve
+    of the logistic loss, the compiled kernel's terms."""
 
     dphi: Tensor
     z: Tensor
@@ -148,6 +197,7 @@ class _Batch:
     lab_cluster: Tensor  # (n,) cluster of each labelled row = its index
     ref_cluster: Tensor | None  # (N,) cluster of each reference pair
     n_clusters: int
+    kern: _KernelTerms | None = None
 
     @classmethod
     def from_data(cls, data: PairData, g: np.ndarray | None = None, g_ref: np.ndarray | None = None) -> "_Batch":
@@ -177,17 +227,24 @@ class _Batch:
         if idx.numel() == self.dphi.shape[0]:
             return self
         s = lambda a: None if a is None else a[idx]  # noqa: E731
+        kern = None if self.kern is None else self.kern.select(idx, with_ref)
         if not with_ref:
             return _Batch(self.dphi[idx], self.z[idx], None, None, None, None, self.lab_cluster, None,
-                          self.dphi.shape[1])
+                          self.dphi.shape[1], kern)
         return _Batch(self.dphi[idx], self.z[idx], s(self.g), s(self.dphi_ref), s(self.g_ref), s(self.w_ref),
-                      self.lab_cluster, self.ref_cluster, self.n_clusters)
+                      self.lab_cluster, self.ref_cluster, self.n_clusters, kern)
 
     def rows(self, sl: slice) -> "_Batch":
         """Replications ``sl`` as views (no copy)."""
         s = lambda a: None if a is None else a[sl]  # noqa: E731
         return _Batch(self.dphi[sl], self.z[sl], s(self.g), s(self.dphi_ref), s(self.g_ref), s(self.w_ref),
-                      self.lab_cluster, self.ref_cluster, self.n_clusters)
+                      self.lab_cluster, self.ref_cluster, self.n_clusters,
+                      None if self.kern is None else self.kern.select(sl))
+
+    def with_kernel(self, loss: MarginLoss, lam: Tensor) -> "_Batch":
+        """This batch with the compiled kernel's terms for ``loss`` at ``lam`` (itself where none apply)."""
+        kern = _kernel_terms(loss, lam, self)
+        return self if kern is None else replace(self, kern=kern)
 
     @property
     def has_ref(self) -> bool:
@@ -276,7 +333,7 @@ def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: 
               certificate: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """Objective (R,), gradient (R, d), Hessian (R, d, d) and, with ``certificate``, whether ``theta``
     certifies that no minimiser exists (R,; all False without), in one pass over one chunk (chain rule
-    through the margins).
+    through the margins; the compiled kernel where the batch carries its terms).
 
     Without reference pairs (the MLE) the certificate is the overlap condition of Albert and Anderson
     (1984): with ``dphi`` of rank ``d``, the logistic MLE exists iff no ``theta != 0`` has
@@ -286,26 +343,61 @@ def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: 
     recession slope ``L_inf(theta) = lim_t L(t theta) / t < 0``: ``L`` then decreases without bound along
     ``theta`` from any point, though the labelled pairs need not be separable."""
     ref = _uses_ref(b, lam)
-    u = _margins(b.dphi, theta)
-    if ref:
-        u_ref = _margins(b.dphi_ref, theta)
-        der = vr_derivatives(loss, u, b.z, b.g, u_ref, b.g_ref, lam, ref_weight=b.w_ref)
-    else:
-        der = vr_derivatives(loss, u, b.z)
-    c, c_ref = der.first(lam)
-    grad, hess = _gram_counted(b.dphi, c, der.h if hessian else None)
-    if ref:
-        g_ref, h_ref = _gram_counted(b.dphi_ref, c_ref, der.h_ref if hessian else None)
-        grad = grad + g_ref
-        hess = hess + h_ref if hessian else None
     _WORK.d = theta.shape[1]
+    if b.kern is not None:
+        value, grad, hess, u, u_ref = _kernel_evaluate(b, theta, 2 if hessian else 1, certificate)
+    else:
+        u = _margins(b.dphi, theta)
+        u_ref = None
+        if ref:
+            u_ref = _margins(b.dphi_ref, theta)
+            der = vr_derivatives(loss, u, b.z, b.g, u_ref, b.g_ref, lam, ref_weight=b.w_ref)
+        else:
+            der = vr_derivatives(loss, u, b.z)
+        c, c_ref = der.first(lam)
+        grad, hess = _gram_counted(b.dphi, c, der.h if hessian else None)
+        if ref:
+            g_ref, h_ref = _gram_counted(b.dphi_ref, c_ref, der.h_ref if hessian else None)
+            grad = grad + g_ref
+            hess = hess + h_ref if hessian else None
+        value = der.value
     if certificate and ref:
         sep = _unbounded(loss, lam, b, u, u_ref)
     elif certificate:
         sep = ((2.0 * b.z - 1.0) * u >= 0).all(dim=1) & (theta != 0).any(dim=1)
     else:
         sep = torch.zeros(theta.shape[0], dtype=torch.bool)
-    return der.value, grad, hess, sep
+    return value, grad, hess, sep
+
+
+def _kernel_evaluate(b: _Batch, theta: Tensor, mode: int, margins: bool = False
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``kernels.logistic_eval`` over the labelled and (if they enter) reference pairs of ``b.kern``:
+    value, gradient (``mode >= 1``), Hessian (``mode == 2``) and, with ``margins``, the margins ``u``,
+    ``u_ref``; the work counted."""
+    k = b.kern
+    theta = theta.contiguous()
+    R, n = k.a.shape
+    u = torch.empty(R, n, dtype=_DTYPE) if margins else None
+    out = kernels.logistic_eval(k.Xt, k.a, k.b, theta, mode, margins=u)
+    linear = int(k.linear.sum()) if mode == 2 else R
+    u_ref = None
+    if k.Xt_ref is not None:
+        u_ref = torch.empty(k.a_ref.shape, dtype=_DTYPE) if margins else None
+        kernels.logistic_eval(k.Xt_ref, k.a_ref, k.b_ref, theta, mode, out=out, margins=u_ref)
+        if mode == 2:
+            _WORK.kernel_pairs += R * k.a_ref.shape[1]
+        elif mode == 1:
+            _WORK.grad_pairs += R * k.a_ref.shape[1]
+        else:
+            _WORK.value_pairs += R * k.a_ref.shape[1]
+    if mode == 0:
+        _WORK.value_pairs += R * n
+    else:
+        _WORK.kernel_pairs += (R - linear) * n
+        _WORK.grad_pairs += linear * n
+    value, grad, hess = out
+    return value, grad, hess, u, u_ref
 
 
 def _unbounded(loss: MarginLoss, lam: Tensor, b: _Batch, u: Tensor, u_ref: Tensor) -> Tensor:
@@ -325,6 +417,9 @@ def _value(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor) -> Tensor:
     out = torch.empty(R, dtype=_DTYPE)
     for sl in _memory_chunks(b, R, _uses_ref(b, lam), clusters=False):
         bb, la, th = b.rows(sl), lam[sl], theta[sl]
+        if bb.kern is not None:
+            out[sl] = _kernel_evaluate(bb, th, 0)[0]
+            continue
         u = _margins(bb.dphi, th)
         if _uses_ref(bb, la):
             out[sl] = vr_objective(loss, u, bb.z, bb.g, _margins(bb.dphi_ref, th), bb.g_ref, la, ref_weight=bb.w_ref)
@@ -430,6 +525,7 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
     hess_out = torch.zeros(R, d, d, dtype=_DTYPE)
     active = torch.arange(R)
     with_ref = _uses_ref(b, lam)
+    b = b.with_kernel(loss, lam)
     sub = b
     # The VR objective's recession certificate costs about a tenth of a VRPO fit when evaluated at every
     # point. An unbounded objective keeps a large Newton decrement (its gradient stays away from zero
@@ -536,6 +632,7 @@ def _ball_newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor,
     convexified quadratic model, then Armijo backtracking. Converged when the KKT residual (the
     gradient, or on the boundary its tangential part with an outward-pointing descent) is below ``tol``."""
     R, d = theta0.shape
+    b = b.with_kernel(loss, lam)
     theta = _project(theta0, bound)
     converged = torch.zeros(R, dtype=torch.bool)
     n_iter = torch.zeros(R, dtype=torch.long)

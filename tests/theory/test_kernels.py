@@ -1,0 +1,161 @@
+"""The compiled logistic kernel: closed-form sums, the engine's two paths, building and falling back."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from robust_rlhf.simulate import get_scenario, sample
+from robust_rlhf.theory import fitting, kernels
+from robust_rlhf.theory.data import PairData
+from robust_rlhf.theory.errors import SeparableDataError
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no compiled kernel: {kernels.unavailable_reason()}")
+
+
+def _reference(Xt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor):
+    """The module docstring's sums, written directly (softplus and sigmoid from torch)."""
+    u = torch.einsum("rdp,rd->rp", Xt, theta)
+    s = torch.sigmoid(u)
+    value = (a * torch.nn.functional.softplus(u, threshold=1000.0) - b * u).sum(1)
+    grad = torch.einsum("rdp,rp->rd", Xt, a * s - b)
+    hess = torch.einsum("rjp,rkp,rp->rjk", Xt, Xt, a * s * (1 - s))
+    return value, grad, hess, u
+
+
+def _inputs(R: int, P: int, d: int, seed: int, scale: float = 1.0, zero_rows: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    Xt = torch.randn(R, d, P, generator=gen, dtype=torch.float64)
+    a = torch.rand(R, P, generator=gen, dtype=torch.float64) / P
+    a[:zero_rows] = 0.0  # VRPO's labelled pairs at lam = 1: a linear objective
+    b = torch.rand(R, P, generator=gen, dtype=torch.float64) / P
+    theta = scale * torch.randn(R, d, generator=gen, dtype=torch.float64)
+    return Xt, a, b, theta
+
+
+@given(R=st.integers(1, 5), P=st.integers(1, 700), d=st.integers(1, 17), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([0.1, 1.0, 30.0]))
+def test_sums_match_closed_form(R: int, P: int, d: int, seed: int, scale: float) -> None:
+    """Any shape (chunk remainders, d not a multiple of the 4-way blocking, one replication split over
+    threads) and margins up to |u| ~ 100, where softplus and sigmoid saturate."""
+    Xt, a, b, theta = _inputs(R, P, d, seed, scale, zero_rows=R // 2)
+    u = torch.empty(R, P, dtype=torch.float64)
+    value, grad, hess = kernels.logistic_eval(Xt, a, b, theta, margins=u)
+    ref = _reference(Xt, a, b, theta)
+    for got, want in zip((value, grad, hess, u), ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13 * (1 + float(want.abs().max())))
+    assert torch.equal(hess, hess.transpose(1, 2))
+
+
+def test_modes_accumulate_and_thread_split() -> None:
+    Xt, a, b, theta = _inputs(3, 5000, 6, seed=1)
+    value, grad, hess = kernels.logistic_eval(Xt, a, b, theta)
+    v0, g0, h0 = kernels.logistic_eval(Xt, a, b, theta, mode=0)
+    assert g0 is None and h0 is None and torch.equal(v0, value)
+    v1, g1, h1 = kernels.logistic_eval(Xt, a, b, theta, mode=1)
+    assert h1 is None and torch.equal(g1, grad)
+    out = (value.clone(), grad.clone(), hess.clone())
+    kernels.logistic_eval(Xt, a, b, theta, out=out)
+    for twice, once in zip(out, (value, grad, hess)):
+        torch.testing.assert_close(twice, 2 * once, rtol=1e-15, atol=0)
+    # one replication on several threads (pair ranges) and on one: the same sums to rounding
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = kernels.logistic_eval(Xt[:1], a[:1], b[:1], theta[:1])
+    finally:
+        torch.set_num_threads(threads)
+    for s, p in zip(serial, kernels.logistic_eval(Xt[:1], a[:1], b[:1], theta[:1])):
+        torch.testing.assert_close(s, p, rtol=1e-13, atol=1e-15)
+
+
+def test_bad_arguments_are_named() -> None:
+    Xt, a, b, theta = _inputs(2, 10, 3, seed=0)
+    with pytest.raises(ValueError, match="a must be a contiguous float64"):
+        kernels.logistic_eval(Xt, a.float(), b, theta)
+    with pytest.raises(ValueError, match=r"theta must be .* shape \(2, 3\)"):
+        kernels.logistic_eval(Xt, a, b, theta[:, :2].contiguous())
+    with pytest.raises(ValueError, match="Xt must be"):
+        kernels.logistic_eval(Xt.transpose(1, 2), a, b, theta)
+
+
+@pytest.fixture(scope="module")
+def data() -> PairData:
+    return sample(get_scenario("annotator_mixture"), n=400, seed=3, reps=10, M=4, unlabelled=25,
+                  aux="noisy_oracle").to_pair_data()
+
+
+def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(kernels._state, "lib", None)
+    monkeypatch.setitem(kernels._state, "reason", "switched off by the test")
+
+
+@pytest.mark.parametrize("method", ["mle", "vrpo", "vrpo_tuned", "vrpo_crossfit"])
+def test_engine_paths_agree(data: PairData, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel and the torch path fit the same estimates: both stop below the gradient tolerance
+    1e-10 x rms(dphi), so their estimates differ by at most ||H^-1|| tol ~ 1e-9."""
+    fast = fitting.fit(data, method, tol=1e-10)
+    _torch_path(monkeypatch)
+    assert not kernels.available()
+    slow = fitting.fit(data, method, tol=1e-10)
+    assert fast.converged.all() and slow.converged.all()
+    np.testing.assert_allclose(fast.theta, slow.theta, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(fast.cov, slow.cov, rtol=1e-7, atol=0)
+    np.testing.assert_allclose(fast.lam, slow.lam, rtol=0, atol=1e-8)
+
+
+def test_engine_paths_agree_on_separation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlap certificate reads the kernel's margins: a separable replication is flagged on both
+    paths (the VR objective's recession certificate: ``test_fitting``'s unbounded cases, kernel path)."""
+    data = sample(get_scenario("bt"), n=40, seed=0, reps=3, M=4, aux="oracle").to_pair_data()
+    z = data.z.copy()
+    z[1] = (data.dphi[1] @ np.ones(data.d) > 0).astype(float)  # separated by theta = (1, ..., 1)
+    sep = replace(data, z=z)
+    for path in ("kernel", "torch"):
+        if path == "torch":
+            _torch_path(monkeypatch)
+        with pytest.raises(SeparableDataError, match="replication 1"):
+            fitting.fit(sep, "mle")
+        with pytest.warns(RuntimeWarning, match="replication 1"):
+            res = fitting.fit(sep, "mle", on_separable="warn")
+        assert res.separable.tolist() == [False, True, False]
+
+
+def test_engine_work_counts_the_kernel(data: PairData) -> None:
+    fitting._WORK.reset()
+    fitting.fit(data, "mle")
+    assert fitting._WORK.kernel_pairs > 0 and fitting._WORK.gram_pairs == 0
+
+
+def test_missing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, data: PairData,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    assert not kernels.available()
+    assert "no-such-compiler-xyz" in kernels.unavailable_reason()
+    assert "slower torch path" in caplog.text
+    assert fitting.fit(data, "mle").converged.all()
+
+
+def test_failed_build_falls_back_and_build_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("ROBUST_RLHF_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    assert not kernels.available()
+    assert "could not build" in kernels.unavailable_reason()
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written is left in the cache
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.available()
+    assert len(list(tmp_path.glob("logistic_kernel-*.so"))) == 1
+
+
+def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("ROBUST_RLHF_KERNELS", "0")
+    assert kernels.unavailable_reason() == "disabled by ROBUST_RLHF_KERNELS=0"
