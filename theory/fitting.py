@@ -201,7 +201,7 @@ class _Batch:
 
     @classmethod
     def from_data(cls, data: PairData, g: np.ndarray | None = None, g_ref: np.ndarray | None = None) -> "_Batch":
-        t = lambda a: None if a is None else torch.as_tensor(a, dtype=_DTYPE)  # noqa: E731
+        t = lambda a: None if a is None else torch.as_tensor(np.ascontiguousarray(a), dtype=_DTYPE)  # noqa: E731
         g = data.g if g is None else g
         g_ref = data.g_ref if g_ref is None else g_ref
         n = data.n
@@ -683,25 +683,33 @@ def _ball_newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor,
 
 # --- sandwich ---------------------------------------------------------------------------------
 
+def _influence_coefficients(loss: MarginLoss, b: _Batch, theta: Tensor, control: bool,
+                            margins=_margins) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per-pair weights of the influence terms at ``theta``: ``A_i = cA_i x_i`` (labelled term) and
+    ``B_c = cB_i x_i [c = i] + sum_{j in c} cR_j xref_j`` (control-variate terms), so that cluster ``c``'s
+    gradient of ``L`` at weight ``lam`` is ``A_c + lam B_c``. ``cB``, ``cR`` are None without ``control``
+    (only ``lam = 0`` wanted) or reference pairs; ``margins(X, theta)`` computes ``X theta``."""
+    u = margins(b.dphi, theta)
+    if not (control and b.has_ref):
+        return vr_derivatives(loss, u, b.z).d_lab, None, None
+    # the three derivative terms do not depend on lam
+    der = vr_derivatives(loss, u, b.z, b.g, margins(b.dphi_ref, theta), b.g_ref, 0.0, ref_weight=b.w_ref)
+    return der.d_lab, -der.d_ctrl, der.d_ref
+
+
 def _influence_parts(loss: MarginLoss, b: _Batch, theta: Tensor, control: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Per-cluster gradient sums ``A_c`` (labelled term) and ``B_c`` (control-variate terms), so that
-    the cluster's gradient of ``L`` at weight ``lam`` is ``A_c + lam B_c``; shapes (R, C, d).
-    ``B`` is None when ``control`` is False (only ``lam = 0`` is wanted)."""
+    """Per-cluster gradient sums ``A_c`` and ``B_c`` of ``_influence_coefficients``; shapes (R, C, d).
+    ``B`` is None when ``control`` is False."""
     R, n, d = b.dphi.shape
-    u = _margins(b.dphi, theta)
-    with_ref = control and b.has_ref
-    if with_ref:  # the three derivative terms do not depend on lam
-        der = vr_derivatives(loss, u, b.z, b.g, _margins(b.dphi_ref, theta), b.g_ref, 0.0, ref_weight=b.w_ref)
-    else:
-        der = vr_derivatives(loss, u, b.z)
+    cA, cB, cR = _influence_coefficients(loss, b, theta, control)
     A = torch.zeros(R, b.n_clusters, d, dtype=_DTYPE)
-    torch.mul(der.d_lab[..., None], b.dphi, out=A[:, :n])
+    torch.mul(cA[..., None], b.dphi, out=A[:, :n])
     if not control:
         return A, None
     B = torch.zeros_like(A)
-    if with_ref:
-        torch.mul(der.d_ctrl[..., None], b.dphi, out=B[:, :n]).neg_()
-        B.index_add_(1, b.ref_cluster, torch.mul(der.d_ref[..., None], b.dphi_ref, out=_scratch_like(b.dphi_ref)))
+    if cB is not None:
+        torch.mul(cB[..., None], b.dphi, out=B[:, :n])
+        B.index_add_(1, b.ref_cluster, torch.mul(cR[..., None], b.dphi_ref, out=_scratch_like(b.dphi_ref)))
     return A, B
 
 
@@ -721,11 +729,47 @@ def _cluster_cov(X: Tensor, Y: Tensor, n: int) -> Tensor:
     return out
 
 
+def _moments(A: Tensor, B: Tensor | None, n: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(V_AA, V_AB, V_BB)`` of the meat ``V(lam) = V_AA + lam (V_AB + V_AB^T) + lam^2 V_BB`` from the cluster
+    sums (``_cluster_cov``); only ``V_AA`` without ``B``."""
+    if B is None:
+        return _cluster_cov(A, A, n), None, None
+    return _cluster_cov(A, A, n), _cluster_cov(A, B, n), _cluster_cov(B, B, n)
+
+
+def _meat_moments(loss: MarginLoss, b: _Batch, theta: Tensor, control: bool) -> tuple[Tensor, Tensor | None,
+                                                                                      Tensor | None]:
+    """``_moments`` of the influence terms at ``theta``: by the compiled kernels (no (R, C, d) cluster
+    arrays) when available, else from ``_influence_parts``. ``V_AB``, ``V_BB`` None without ``control``;
+    zero without reference pairs."""
+    if not kernels.available():
+        return _moments(*_influence_parts(loss, b, theta, control), b.dphi.shape[1])
+    R, n, d = b.dphi.shape
+    cA, cB, cR = _influence_coefficients(loss, b, theta, control, margins=kernels.margins)
+    VAA, VAB, VBB = kernels.cluster_moments(b.dphi, cA, cB, b.dphi_ref, cR, b.ref_cluster, b.n_clusters)
+    _WORK.cluster_rows += R * (n if cB is None else 3 * n + 2 * (b.n_clusters - n))
+    if control and cB is None:
+        VAB, VBB = torch.zeros_like(VAA), torch.zeros_like(VAA)
+    return VAA, VAB, VBB
+
+
+def _meat(moments: tuple[Tensor, Tensor | None, Tensor | None], lam: Tensor) -> Tensor:
+    """``V(lam) = V_AA + lam (V_AB + V_AB^T) + lam^2 V_BB`` (R, d, d)."""
+    VAA, VAB, VBB = moments
+    if VAB is None:
+        return VAA
+    la = lam[:, None, None]
+    return VAA + la * (VAB + VAB.transpose(1, 2)) + la * la * VBB
+
+
 def _sandwich(hess: Tensor, A: Tensor, B: Tensor | None, lam: Tensor, n: int) -> Tensor:
-    G = A if B is None else A + lam[:, None, None] * B
-    V = _cluster_cov(G, G, n)
+    """``H^+ V(lam) H^+`` from the cluster sums ``A``, ``B`` (``_influence_parts``)."""
+    return _sandwich_of(hess, _moments(A, B, n), lam)
+
+
+def _sandwich_of(hess: Tensor, moments: tuple[Tensor, Tensor | None, Tensor | None], lam: Tensor) -> Tensor:
     Hinv = torch.linalg.pinv(hess, hermitian=True)
-    cov = Hinv @ V @ Hinv
+    cov = Hinv @ _meat(moments, lam) @ Hinv
     return 0.5 * (cov + cov.transpose(1, 2))
 
 
@@ -738,21 +782,28 @@ def _sandwiches(loss: MarginLoss, b: _Batch, theta: Tensor, hess: Tensor, lam: T
     tuned = torch.empty(R, dtype=_DTYPE) if tune is not None else None
     for sl in _memory_chunks(b, R):
         control = tune is not None or bool((lam[sl] != 0).any())
-        A, B = _influence_parts(loss, b.rows(sl), theta[sl], control)
-        cov[sl] = _sandwich(hess[sl], A, B if control else None, lam[sl], n)
+        moments = _meat_moments(loss, b.rows(sl), theta[sl], control)
+        cov[sl] = _sandwich_of(hess[sl], moments, lam[sl])
         if tune is not None:
-            tuned[sl] = tune_lambda(hess[sl], A, B, n, tune[0], tune[1])
+            tuned[sl] = _tuned_lambda(hess[sl], moments, tune[0], tune[1])
     return cov, tuned
 
 
 def tune_lambda(hess: Tensor, A: Tensor, B: Tensor, n: int, weight: int | None = None,
                 clip: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     r"""``lambda* = argmin tr(W H^{-1} V(lambda) H^{-1})`` with ``V(lambda) = V_AA + lambda (V_AB + V_BA)
-    + lambda^2 V_BB``: ``lambda* = -tr(W H^-1 (V_AB + V_BA) H^-1) / (2 tr(W H^-1 V_BB H^-1))``, clipped."""
+    + lambda^2 V_BB``: ``lambda* = -tr(W H^-1 (V_AB + V_BA) H^-1) / (2 tr(W H^-1 V_BB H^-1))``, clipped;
+    ``A``, ``B`` the cluster sums of ``_influence_parts``."""
+    return _tuned_lambda(hess, _moments(A, B, n), weight, clip)
+
+
+def _tuned_lambda(hess: Tensor, moments: tuple[Tensor, Tensor | None, Tensor | None], weight: int | None,
+                  clip: tuple[float, float]) -> Tensor:
+    """``tune_lambda`` from the meat's moments."""
+    _, vab, vbb = moments
     Hinv = torch.linalg.pinv(hess, hermitian=True)
-    vab = _cluster_cov(A, B, n)
     num = _weighted_trace(Hinv @ (vab + vab.transpose(1, 2)) @ Hinv, weight)
-    den = 2.0 * _weighted_trace(Hinv @ _cluster_cov(B, B, n) @ Hinv, weight)
+    den = 2.0 * _weighted_trace(Hinv @ vbb @ Hinv, weight)
     lam = torch.where(den > 0, -num / den.clamp_min(1e-300), torch.zeros_like(num))
     return lam.clamp(*clip)
 

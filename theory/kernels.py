@@ -1,6 +1,6 @@
-r"""The compiled logistic kernel of the fitting engine: build, cache, load and call.
+r"""The compiled kernels of the fitting engine (``kernels.cpp``): build, cache, load and call.
 
-``logistic_kernel.cpp`` evaluates, for every replication ``r`` at once,
+``logistic_eval`` evaluates, for every replication ``r`` at once,
 
 .. math::
     L_r = \sum_i a_{ri}\,\mathrm{softplus}(u_{ri}) - b_{ri} u_{ri},\quad
@@ -9,9 +9,10 @@ r"""The compiled logistic kernel of the fitting engine: build, cache, load and c
 
 with ``u_ri = x_ri . theta_r``, in one pass over the pairs (margins, transcendental functions, gradient
 and the Hessian's distinct entries fused), which batched BLAS products cannot do. Every logistic VR
-objective has this form (``fitting._logistic_coefficients``).
+objective has this form (``fitting._kernel_terms``). ``margins`` and ``cluster_moments`` form the
+cluster sandwich of any loss (``fitting._meat``).
 
-The kernel is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) for this
+The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) for this
 machine's processor and cached under ``$ROBUST_RLHF_KERNEL_DIR`` (default
 ``~/.cache/robust-rlhf/kernels``), keyed by the source, the flags and the processor. Without a compiler
 (or with ``ROBUST_RLHF_KERNELS=0``) ``available()`` is False and the engine uses its torch path, which
@@ -34,15 +35,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "logistic_eval", "unavailable_reason"]
+__all__ = ["available", "cluster_moments", "logistic_eval", "margins", "unavailable_reason"]
 
 _LOG = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("logistic_kernel.cpp")
+_SOURCE = Path(__file__).with_name("kernels.cpp")
 # -ffast-math lets the compiler call glibc's vector exp/log1p; it is given to the compile step only, so
 # the shared object does not link crtfastmath (which would flush denormals in the whole process).
 _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 1
+_VERSION = 2
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -72,7 +73,7 @@ def _build(cxx: str) -> Path:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(_COMPILE + _LINK).encode(), cxx.encode(),
                                      _processor().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"logistic_kernel-{key}.so"
+    target = _cache_dir() / f"kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,11 @@ def _load() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr]
     fn.restype = None
+    lib.rr_margins.argtypes = [i64, i64, i64, ptr, ptr, ctypes.c_int, ptr]
+    lib.rr_margins.restype = None
+    lib.rr_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr,
+                                       ptr]
+    lib.rr_cluster_moments.restype = None
     return lib
 
 
@@ -118,6 +124,23 @@ def _lib() -> ctypes.CDLL | None:
                                  "slower torch path", _state["reason"])
                 _state["lib"] = lib
     return _state["lib"]  # type: ignore[return-value]
+
+
+def _require() -> ctypes.CDLL:
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"compiled logistic kernel unavailable: {_state['reason']}")
+    return lib
+
+
+def _check(caller: str, **tensors: tuple[Tensor | None, tuple[int, ...], torch.dtype]) -> None:
+    """Each tensor contiguous, on the CPU, of the given shape and dtype (None: absent, allowed)."""
+    for name, (t, shape, dtype) in tensors.items():
+        if t is not None and (t.dtype != dtype or not t.is_contiguous() or tuple(t.shape) != shape
+                              or t.device.type != "cpu"):
+            raise ValueError(f"{caller}: {name} must be a contiguous {str(dtype).removeprefix('torch.')} CPU tensor "
+                             f"of shape {shape}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+                             f"{'' if t.is_contiguous() else ' (not contiguous)'}")
 
 
 def available() -> bool:
@@ -144,16 +167,11 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
     ``out`` the results are added to those tensors (of the same shapes). ``margins`` (R, P), if given,
     receives ``u``.
     """
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError(f"compiled logistic kernel unavailable: {_state['reason']}")
+    lib = _require()
     R, d, P = Xt.shape
-    for name, t, shape in (("Xt", Xt, (R, d, P)), ("a", a, (R, P)), ("b", b, (R, P)), ("theta", theta, (R, d)),
-                           ("margins", margins, (R, P))):
-        if t is not None and (t.dtype != torch.float64 or not t.is_contiguous() or tuple(t.shape) != shape
-                              or t.device.type != "cpu"):
-            raise ValueError(f"logistic_eval: {name} must be a contiguous float64 CPU tensor of shape {shape}, "
-                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    f64 = torch.float64
+    _check("logistic_eval", Xt=(Xt, (R, d, P), f64), a=(a, (R, P), f64), b=(b, (R, P), f64),
+           theta=(theta, (R, d), f64), margins=(margins, (R, P), f64))
     if out is None:
         value = torch.empty(R, dtype=torch.float64)
         grad = torch.empty(R, d, dtype=torch.float64) if mode >= 1 else None
@@ -163,3 +181,47 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
     lib.rr_logistic_eval(R, P, d, _ptr(Xt), _ptr(a), _ptr(b), _ptr(theta), mode, int(out is not None),
                          torch.get_num_threads(), _ptr(value), _ptr(grad), _ptr(hess), _ptr(margins))
     return value, grad, hess
+
+
+def margins(X: Tensor, theta: Tensor) -> Tensor:
+    """``u_ri = X_ri . theta_r`` (R, P) for ``X`` (R, P, d) and ``theta`` (R, d), contiguous float64."""
+    lib = _require()
+    R, P, d = X.shape
+    _check("margins", X=(X, (R, P, d), torch.float64), theta=(theta, (R, d), torch.float64))
+    u = torch.empty(R, P, dtype=torch.float64)
+    lib.rr_margins(R, P, d, _ptr(X), _ptr(theta), torch.get_num_threads(), _ptr(u))
+    return u
+
+
+def cluster_moments(X: Tensor, cA: Tensor, cB: Tensor | None, X_ref: Tensor | None, cR: Tensor | None,
+                    cluster: Tensor | None, n_clusters: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    r"""The cluster sandwich's meat as a quadratic in ``lam``: ``V(lam) = V_AA + lam (V_AB + V_AB^T)
+    + lam^2 V_BB``, each (R, d, d).
+
+    Clusters ``0..n-1`` are the labelled rows of ``X`` (R, n, d), ``n..n_clusters-1`` the other prompts. The
+    gradient sum of cluster ``c`` is ``A_c + lam B_c`` with ``A_i = cA_i x_i`` on labelled rows (zero
+    elsewhere) and ``B_c = cB_c x_c [c < n] + sum_{j: cluster_j = c} cR_j xref_j`` (``X_ref`` (R, N, d),
+    ``cR`` (R, N), ``cluster`` (N,) int64). ``V_XY = f sum_c (X_c - Xbar)(Y_c - Ybar)^T`` summed over the
+    labelled and the other clusters, each centred on its own mean, ``f = C_p / (C_p - 1)`` for its ``C_p``
+    clusters. Without ``cB`` only ``V_AA`` is formed (the others None).
+    """
+    lib = _require()
+    R, n, d = X.shape
+    f64 = torch.float64
+    _check("cluster_moments", X=(X, (R, n, d), f64), cA=(cA, (R, n), f64), cB=(cB, (R, n), f64))
+    VAA = torch.empty(R, d, d, dtype=f64)
+    VAB = VBB = None
+    N = 0
+    if cB is not None:
+        if X_ref is None or cR is None or cluster is None:
+            raise ValueError("cluster_moments: cB needs X_ref, cR and cluster")
+        N = X_ref.shape[1]
+        _check("cluster_moments", X_ref=(X_ref, (R, N, d), f64), cR=(cR, (R, N), f64),
+               cluster=(cluster, (N,), torch.int64))
+        if N and not (0 <= int(cluster.min()) and int(cluster.max()) < n_clusters):
+            raise ValueError(f"cluster_moments: cluster ids must lie in [0, {n_clusters})")
+        VAB, VBB = torch.empty(R, d, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
+    lib.rr_cluster_moments(R, n, N, d, n_clusters, _ptr(X), _ptr(cA), _ptr(cB), _ptr(X_ref if cB is not None else None),
+                           _ptr(cR if cB is not None else None), _ptr(cluster if cB is not None else None),
+                           torch.get_num_threads(), _ptr(VAA), _ptr(VAB), _ptr(VBB))
+    return VAA, VAB, VBB

@@ -152,10 +152,42 @@ def test_failed_build_falls_back_and_build_is_cached(monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("CXX")
     monkeypatch.setattr(kernels, "_state", {})
     assert kernels.available()
-    assert len(list(tmp_path.glob("logistic_kernel-*.so"))) == 1
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 1
 
 
 def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("ROBUST_RLHF_KERNELS", "0")
     assert kernels.unavailable_reason() == "disabled by ROBUST_RLHF_KERNELS=0"
+
+
+@pytest.mark.parametrize("control", [False, True])
+def test_cluster_moments_match_cluster_sums(data: PairData, control: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's meat moments equal ``_cluster_cov`` of the (R, C, d) cluster sums, with unlabelled
+    prompts (clusters without a labelled row) present."""
+    b = fitting._Batch.from_data(data)
+    assert b.n_clusters > data.n
+    theta = torch.as_tensor(np.random.default_rng(0).normal(size=(data.reps, data.d)))
+    fast = fitting._meat_moments(fitting.Logistic(), b, theta, control)
+    _torch_path(monkeypatch)
+    slow = fitting._meat_moments(fitting.Logistic(), b, theta, control)
+    for got, want in zip(fast, slow):
+        if want is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-14 * float(want.abs().max()))
+
+
+def test_margins_and_moment_arguments(data: PairData) -> None:
+    b = fitting._Batch.from_data(data)
+    theta = torch.ones(data.reps, data.d, dtype=torch.float64)
+    torch.testing.assert_close(kernels.margins(b.dphi_ref, theta), fitting._margins(b.dphi_ref, theta),
+                               rtol=1e-13, atol=1e-13)
+    cA = torch.ones(data.reps, data.n, dtype=torch.float64)
+    cR = torch.ones(b.dphi_ref.shape[:2], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cluster ids must lie in \[0, "):
+        kernels.cluster_moments(b.dphi, cA, cA, b.dphi_ref, cR, b.ref_cluster + b.n_clusters, b.n_clusters)
+    with pytest.raises(ValueError, match="cB needs X_ref"):
+        kernels.cluster_moments(b.dphi, cA, cA, None, None, None, b.n_clusters)
+    with pytest.raises(ValueError, match=r"X must be .* \(not contiguous\)"):
+        kernels.margins(b.dphi.transpose(1, 2).contiguous().transpose(1, 2), theta)

@@ -1,0 +1,278 @@
+// Compiled kernels of the fitting engine (robust_rlhf.theory.kernels), parallel over replications in the
+// OpenMP runtime torch has already loaded (same soname), so they share torch's threads.
+//
+// rr_logistic_eval: for replication r with features stored transposed, x_{r,:,i} = Xt[r, :, i]
+// (R x d x P), coefficients a_ri, b_ri and a point theta_r:
+//   u_i = x_i . theta_r,  value_r = sum_i a_i softplus(u_i) - b_i u_i,
+//   grad_r = sum_i (a_i sigmoid(u_i) - b_i) x_i,  hess_r = sum_i a_i sigmoid(u_i) sigmoid(-u_i) x_i x_i^T,
+// in one pass over the pairs, in chunks that stay in the L1 cache; only the Hessian's distinct entries
+// (k >= j) are formed; with `accumulate` the results are added to the outputs. A replication's pairs are
+// split over threads when there are fewer replications than threads.
+// rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 64;
+
+struct Partial {
+  double value;
+  std::vector<double> grad, hess;  // d, d * d (upper triangle used)
+};
+
+// out[j][k] += sum_{i < m} U[j][i] V[k][i] (rows of U, V at strides su, sv), for k >= j only when
+// `upper`; four dot products at a time share the loads of U's row.
+inline void gram_add(const double* __restrict U, int64_t su, const double* __restrict V, int64_t sv, int64_t m,
+                     int64_t d, bool upper, double* __restrict out) {
+  for (int64_t j = 0; j < d; ++j) {
+    const double* uj = U + j * su;
+    double* oj = out + j * d;
+    int64_t k = upper ? j : 0;
+    for (; k + 4 <= d; k += 4) {
+      const double *v0 = V + k * sv, *v1 = v0 + sv, *v2 = v1 + sv, *v3 = v2 + sv;
+      double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t i = 0; i < m; ++i) {
+        s0 += uj[i] * v0[i];
+        s1 += uj[i] * v1[i];
+        s2 += uj[i] * v2[i];
+        s3 += uj[i] * v3[i];
+      }
+      oj[k] += s0;
+      oj[k + 1] += s1;
+      oj[k + 2] += s2;
+      oj[k + 3] += s3;
+    }
+    for (; k < d; ++k) {
+      const double* vk = V + k * sv;
+      double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < m; ++i) acc += uj[i] * vk[i];
+      oj[k] += acc;
+    }
+  }
+}
+
+// Sums over pairs [lo, hi) of replication r into p (mode 0: value, 1: + gradient, 2: + Hessian).
+void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const double* b, const double* th,
+                int mode, int64_t lo, int64_t hi, double* u_out, Partial& p) {
+  alignas(64) double u[kChunk], c[kChunk], h[kChunk];
+  std::vector<double> w(d * kChunk);  // h x, transposed
+  for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
+    const int64_t m = std::min(kChunk, hi - i0);
+    const double* ai = a + i0;
+    const double* bi = b + i0;
+    for (int64_t i = 0; i < m; ++i) u[i] = 0.0;
+    for (int64_t j = 0; j < d; ++j) {
+      const double t = th[j];
+      const double* xj = Xt + j * P + i0;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) u[i] += t * xj[i];
+    }
+    if (u_out)
+      std::memcpy(u_out + i0, u, sizeof(double) * m);
+    bool linear = true;  // a = 0 on the whole chunk (VRPO's labelled pairs at lam = 1)
+    for (int64_t i = 0; i < m; ++i) linear &= ai[i] == 0.0;
+    double val = 0.0;
+    if (linear) {
+#pragma omp simd reduction(+ : val)
+      for (int64_t i = 0; i < m; ++i) {
+        val -= bi[i] * u[i];
+        c[i] = -bi[i];
+      }
+    } else {
+#pragma omp simd reduction(+ : val)
+      for (int64_t i = 0; i < m; ++i) {
+        const double e = std::exp(-std::fabs(u[i]));
+        const double inv = 1.0 / (1.0 + e);
+        const double s = u[i] >= 0.0 ? inv : e * inv;  // sigmoid(u)
+        val += ai[i] * (std::fmax(u[i], 0.0) + std::log1p(e)) - bi[i] * u[i];
+        c[i] = ai[i] * s - bi[i];
+        h[i] = ai[i] * e * inv * inv;  // a sigmoid(u) sigmoid(-u)
+      }
+    }
+    p.value += val;
+    if (mode < 1)
+      continue;
+    for (int64_t j = 0; j < d; ++j) {
+      const double* xj = Xt + j * P + i0;
+      double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < m; ++i) acc += c[i] * xj[i];
+      p.grad[j] += acc;
+    }
+    if (mode < 2 || linear)
+      continue;
+    for (int64_t j = 0; j < d; ++j) {
+      const double* xj = Xt + j * P + i0;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) w[j * kChunk + i] = h[i] * xj[i];
+    }
+    gram_add(w.data(), kChunk, Xt + i0, P, m, d, true, p.hess.data());
+  }
+}
+
+// Writes (or, with `accumulate`, adds) replication r's sums; the Hessian mirrored from its upper triangle.
+void store(const Partial& p, int64_t r, int64_t d, int mode, bool accumulate, double* value, double* grad,
+           double* hess) {
+  auto put = [accumulate](double& out, double v) { out = accumulate ? out + v : v; };
+  put(value[r], p.value);
+  for (int64_t j = 0; j < (mode >= 1 ? d : 0); ++j) put(grad[r * d + j], p.grad[j]);
+  if (mode < 2)
+    return;
+  double* H = hess + r * d * d;
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t k = j; k < d; ++k) {
+      put(H[j * d + k], p.hess[j * d + k]);
+      if (k != j)
+        put(H[k * d + j], p.hess[j * d + k]);
+    }
+}
+
+// Centred cross-products of one part of the clusters [lo, hi) of a replication: with A_c, B_c the rows of
+// A, B (row-major, C x d; A null: zero), out_AA += sum_c (A_c - Abar)(A_c - Abar)^T f and likewise AB, BB,
+// f = C_p / (C_p - 1) the small-sample factor of the part's C_p = hi - lo clusters.
+void centred_moments(const double* A, const double* B, int64_t lo, int64_t hi, int64_t d, double* AA, double* AB,
+                     double* BB) {
+  const int64_t count = hi - lo;
+  if (count <= 0)
+    return;
+  std::vector<double> meanA(d, 0.0), meanB(d, 0.0), At(d * kChunk), Bt(d * kChunk);
+  for (int64_t c = lo; c < hi; ++c)
+    for (int64_t k = 0; k < d; ++k) {
+      if (A) meanA[k] += A[c * d + k];
+      if (B) meanB[k] += B[c * d + k];
+    }
+  for (int64_t k = 0; k < d; ++k) {
+    meanA[k] /= count;
+    meanB[k] /= count;
+  }
+  std::vector<double> sAA(d * d, 0.0), sAB(d * d, 0.0), sBB(d * d, 0.0);
+  for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
+    const int64_t m = std::min(kChunk, hi - c0);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t k = 0; k < d; ++k) {
+        At[k * kChunk + i] = A ? A[(c0 + i) * d + k] - meanA[k] : 0.0;
+        Bt[k * kChunk + i] = B ? B[(c0 + i) * d + k] - meanB[k] : 0.0;
+      }
+    if (A && AA)
+      gram_add(At.data(), kChunk, At.data(), kChunk, m, d, true, sAA.data());
+    if (A && B && AB)
+      gram_add(At.data(), kChunk, Bt.data(), kChunk, m, d, false, sAB.data());
+    if (B && BB)
+      gram_add(Bt.data(), kChunk, Bt.data(), kChunk, m, d, true, sBB.data());
+  }
+  const double f = count / static_cast<double>(std::max<int64_t>(count - 1, 1));
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t k = 0; k < d; ++k) {
+      const int64_t up = j <= k ? j * d + k : k * d + j;
+      if (AA) AA[j * d + k] += f * sAA[up];
+      if (AB) AB[j * d + k] += f * sAB[j * d + k];
+      if (BB) BB[j * d + k] += f * sBB[up];
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int rr_kernel_version() { return 2; }
+
+// value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; u_out (R x P)
+// receives the margins when not null.
+void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const double* a, const double* b,
+                      const double* theta, int mode, int accumulate, int threads, double* value, double* grad,
+                      double* hess, double* u_out) {
+  // Split each replication's pairs into `splits` ranges when there are fewer replications than threads.
+  int64_t splits = 1;
+  if (R < threads && P >= 8 * kChunk)
+    splits = std::min<int64_t>((threads + R - 1) / R, P / (4 * kChunk));
+  const int64_t items = R * splits;
+  const int64_t span = ((P + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
+  std::vector<Partial> parts(splits > 1 ? items : 0);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1 && threads > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t r = it / splits, s = it % splits;
+    const int64_t lo = std::min(P, s * span), hi = std::min(P, lo + span);
+    Partial local{0.0, std::vector<double>(mode >= 1 ? d : 0, 0.0), std::vector<double>(mode >= 2 ? d * d : 0, 0.0)};
+    pair_range(P, d, Xt + r * d * P, a + r * P, b + r * P, theta + r * d, mode, lo, hi,
+               u_out ? u_out + r * P : nullptr, local);
+    if (splits > 1) {
+      parts[it] = std::move(local);
+      continue;
+    }
+    store(local, r, d, mode, accumulate, value, grad, hess);
+  }
+  if (splits == 1)
+    return;
+  for (int64_t r = 0; r < R; ++r) {  // fixed order: the result does not depend on the schedule
+    Partial& first = parts[r * splits];
+    for (int64_t s = 1; s < splits; ++s) {
+      const Partial& q = parts[r * splits + s];
+      first.value += q.value;
+      for (size_t j = 0; j < q.grad.size(); ++j) first.grad[j] += q.grad[j];
+      for (size_t j = 0; j < q.hess.size(); ++j) first.hess[j] += q.hess[j];
+    }
+    store(first, r, d, mode, accumulate, value, grad, hess);
+  }
+}
+
+// u[r, i] = X[r, i, :] . theta[r] for row-major X (R x P x d).
+void rr_margins(int64_t R, int64_t P, int64_t d, const double* X, const double* theta, int threads, double* u) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (R > 1 && threads > 1)
+  for (int64_t r = 0; r < R; ++r) {
+    const double* Xr = X + r * P * d;
+    const double* th = theta + r * d;
+    for (int64_t i = 0; i < P; ++i) {
+      double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < d; ++k) acc += Xr[i * d + k] * th[k];
+      u[r * P + i] = acc;
+    }
+  }
+}
+
+// The sandwich's cluster moments. Clusters 0..n-1 are the labelled rows, n..C-1 the other prompts; the
+// gradient sum of cluster c is A_c + lam B_c with A_i = cA_i x_i (labelled rows only),
+// B_i = cB_i x_i + sum_{j: cluster(j) = i} cR_j xref_j. Writes VAA and, when cB is not null, VAB and VBB
+// (R x d x d): the centred cross-products of each part (labelled / other clusters) with factor C_p/(C_p-1).
+void rr_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, const double* X, const double* cA,
+                        const double* cB, const double* Xref, const double* cR, const int64_t* cluster, int threads,
+                        double* VAA, double* VAB, double* VBB) {
+#pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
+  {
+    std::vector<double> A(n * d), B(cB ? C * d : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < R; ++r) {
+      const double* Xr = X + r * n * d;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < d; ++k) A[i * d + k] = cA[r * n + i] * Xr[i * d + k];
+      double* aa = VAA + r * d * d;
+      std::fill(aa, aa + d * d, 0.0);
+      if (!cB) {
+        centred_moments(A.data(), nullptr, 0, n, d, aa, nullptr, nullptr);
+        continue;
+      }
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < d; ++k) B[i * d + k] = cB[r * n + i] * Xr[i * d + k];
+      std::fill(B.begin() + n * d, B.end(), 0.0);
+      const double* Xq = Xref + r * N * d;
+      for (int64_t j = 0; j < N; ++j) {
+        const double cj = cR[r * N + j];
+        double* Bc = B.data() + cluster[j] * d;
+        for (int64_t k = 0; k < d; ++k) Bc[k] += cj * Xq[j * d + k];
+      }
+      double *ab = VAB + r * d * d, *bb = VBB + r * d * d;
+      std::fill(ab, ab + d * d, 0.0);
+      std::fill(bb, bb + d * d, 0.0);
+      centred_moments(A.data(), B.data(), 0, n, d, aa, ab, bb);
+      centred_moments(nullptr, B.data(), n, C, d, nullptr, nullptr, bb);
+    }
+  }
+}
+
+}  // extern "C"
