@@ -172,7 +172,7 @@ def _kernel_terms(loss: MarginLoss, lam: Tensor, b: "_Batch") -> _KernelTerms | 
         return None
     R, n, _ = b.dphi.shape
     lam_ = lam[:, None]
-    xt = lambda X: X.transpose(1, 2).contiguous()  # noqa: E731
+    xt = lambda X: kernels.transpose(X.contiguous())  # noqa: E731
     if not _uses_ref(b, lam):
         a = torch.full((R, n), 1.0 / n, dtype=_DTYPE)
         return _KernelTerms(xt(b.dphi), a, (b.z / n).contiguous(), torch.zeros(R, dtype=torch.bool))
@@ -345,59 +345,67 @@ def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: 
     ref = _uses_ref(b, lam)
     _WORK.d = theta.shape[1]
     if b.kern is not None:
-        value, grad, hess, u, u_ref = _kernel_evaluate(b, theta, 2 if hessian else 1, certificate)
+        return _kernel_evaluate(b, lam, theta, 2 if hessian else 1, certificate)
+    u = _margins(b.dphi, theta)
+    u_ref = None
+    if ref:
+        u_ref = _margins(b.dphi_ref, theta)
+        der = vr_derivatives(loss, u, b.z, b.g, u_ref, b.g_ref, lam, ref_weight=b.w_ref)
     else:
-        u = _margins(b.dphi, theta)
-        u_ref = None
-        if ref:
-            u_ref = _margins(b.dphi_ref, theta)
-            der = vr_derivatives(loss, u, b.z, b.g, u_ref, b.g_ref, lam, ref_weight=b.w_ref)
-        else:
-            der = vr_derivatives(loss, u, b.z)
-        c, c_ref = der.first(lam)
-        grad, hess = _gram_counted(b.dphi, c, der.h if hessian else None)
-        if ref:
-            g_ref, h_ref = _gram_counted(b.dphi_ref, c_ref, der.h_ref if hessian else None)
-            grad = grad + g_ref
-            hess = hess + h_ref if hessian else None
-        value = der.value
+        der = vr_derivatives(loss, u, b.z)
+    c, c_ref = der.first(lam)
+    grad, hess = _gram_counted(b.dphi, c, der.h if hessian else None)
+    if ref:
+        g_ref, h_ref = _gram_counted(b.dphi_ref, c_ref, der.h_ref if hessian else None)
+        grad = grad + g_ref
+        hess = hess + h_ref if hessian else None
     if certificate and ref:
         sep = _unbounded(loss, lam, b, u, u_ref)
     elif certificate:
-        sep = ((2.0 * b.z - 1.0) * u >= 0).all(dim=1) & (theta != 0).any(dim=1)
+        sep = _separated(b, u, theta)
     else:
         sep = torch.zeros(theta.shape[0], dtype=torch.bool)
-    return value, grad, hess, sep
+    return der.value, grad, hess, sep
 
 
-def _kernel_evaluate(b: _Batch, theta: Tensor, mode: int, margins: bool = False
-                     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """``kernels.logistic_eval`` over the labelled and (if they enter) reference pairs of ``b.kern``:
-    value, gradient (``mode >= 1``), Hessian (``mode == 2``) and, with ``margins``, the margins ``u``,
-    ``u_ref``; the work counted."""
+def _separated(b: _Batch, u: Tensor, theta: Tensor) -> Tensor:
+    """The overlap certificate of ``_evaluate`` at margins ``u`` of the labelled pairs (R,)."""
+    return ((2.0 * b.z - 1.0) * u >= 0).all(dim=1) & (theta != 0).any(dim=1)
+
+
+def _kernel_evaluate(b: _Batch, lam: Tensor, theta: Tensor, mode: int, certificate: bool = False
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """``_evaluate`` by ``kernels.logistic_eval`` over the labelled and (if they enter) reference pairs of
+    ``b.kern``: value, gradient (``mode >= 1``), Hessian (``mode == 2``) and the certificate (the kernel
+    returns the margins for the overlap condition, or the recession slope and the margins' size
+    ``mean |u| + |lam| mean |u_ref|`` for the VR objective); the work counted."""
     k = b.kern
     theta = theta.contiguous()
     R, n = k.a.shape
-    u = torch.empty(R, n, dtype=_DTYPE) if margins else None
-    out = kernels.logistic_eval(k.Xt, k.a, k.b, theta, mode, margins=u)
+    with_ref = k.Xt_ref is not None
+    u = torch.empty(R, n, dtype=_DTYPE) if certificate and not with_ref else None
+    rec = (torch.empty(R, dtype=_DTYPE), torch.empty(R, dtype=_DTYPE)) if certificate and with_ref else None
+    out = kernels.logistic_eval(k.Xt, k.a, k.b, theta, mode, margins=u, recession=rec)
     linear = int(k.linear.sum()) if mode == 2 else R
-    u_ref = None
-    if k.Xt_ref is not None:
-        u_ref = torch.empty(k.a_ref.shape, dtype=_DTYPE) if margins else None
-        kernels.logistic_eval(k.Xt_ref, k.a_ref, k.b_ref, theta, mode, out=out, margins=u_ref)
-        if mode == 2:
-            _WORK.kernel_pairs += R * k.a_ref.shape[1]
-        elif mode == 1:
-            _WORK.grad_pairs += R * k.a_ref.shape[1]
-        else:
-            _WORK.value_pairs += R * k.a_ref.shape[1]
+    if with_ref:
+        N = k.a_ref.shape[1]
+        rec_ref = (torch.zeros(R, dtype=_DTYPE), torch.zeros(R, dtype=_DTYPE)) if certificate else None
+        kernels.logistic_eval(k.Xt_ref, k.a_ref, k.b_ref, theta, mode, out=out, recession=rec_ref)
+        counter = ("value_pairs", "grad_pairs", "kernel_pairs")[mode]
+        setattr(_WORK, counter, getattr(_WORK, counter) + R * N)
     if mode == 0:
         _WORK.value_pairs += R * n
     else:
         _WORK.kernel_pairs += (R - linear) * n
         _WORK.grad_pairs += linear * n
-    value, grad, hess = out
-    return value, grad, hess, u, u_ref
+    if not certificate:
+        sep = torch.zeros(R, dtype=torch.bool)
+    elif with_ref:
+        size = rec[1] / n + lam.abs() * rec_ref[1] / N
+        sep = rec[0] + rec_ref[0] < -1e-9 * size
+    else:
+        sep = _separated(b, u, theta)
+    return (*out, sep)
 
 
 def _unbounded(loss: MarginLoss, lam: Tensor, b: _Batch, u: Tensor, u_ref: Tensor) -> Tensor:
@@ -418,7 +426,7 @@ def _value(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor) -> Tensor:
     for sl in _memory_chunks(b, R, _uses_ref(b, lam), clusters=False):
         bb, la, th = b.rows(sl), lam[sl], theta[sl]
         if bb.kern is not None:
-            out[sl] = _kernel_evaluate(bb, th, 0)[0]
+            out[sl] = _kernel_evaluate(bb, la, th, 0)[0]
             continue
         u = _margins(bb.dphi, th)
         if _uses_ref(bb, la):

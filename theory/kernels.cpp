@@ -8,7 +8,7 @@
 // in one pass over the pairs, in chunks that stay in the L1 cache; only the Hessian's distinct entries
 // (k >= j) are formed; with `accumulate` the results are added to the outputs. A replication's pairs are
 // split over threads when there are fewer replications than threads.
-// rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda.
+// rr_transpose: (R x P x d) to (R x d x P). rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -22,6 +22,7 @@ constexpr int64_t kChunk = 64;
 struct Partial {
   double value;
   std::vector<double> grad, hess;  // d, d * d (upper triangle used)
+  double rec = 0.0, absu = 0.0;     // recession slope sum_i a_i [u_i]_+ - b_i u_i, and sum_i |u_i|
 };
 
 // out[j][k] += sum_{i < m} U[j][i] V[k][i] (rows of U, V at strides su, sv), for k >= j only when
@@ -59,7 +60,7 @@ inline void gram_add(const double* __restrict U, int64_t su, const double* __res
 
 // Sums over pairs [lo, hi) of replication r into p (mode 0: value, 1: + gradient, 2: + Hessian).
 void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const double* b, const double* th,
-                int mode, int64_t lo, int64_t hi, double* u_out, Partial& p) {
+                int mode, bool recession, int64_t lo, int64_t hi, double* u_out, Partial& p) {
   alignas(64) double u[kChunk], c[kChunk], h[kChunk];
   std::vector<double> w(d * kChunk);  // h x, transposed
   for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
@@ -96,6 +97,16 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
       }
     }
     p.value += val;
+    if (recession) {
+      double slope = 0.0, size = 0.0;
+#pragma omp simd reduction(+ : slope, size)
+      for (int64_t i = 0; i < m; ++i) {
+        slope += ai[i] * std::fmax(u[i], 0.0) - bi[i] * u[i];
+        size += std::fabs(u[i]);
+      }
+      p.rec += slope;
+      p.absu += size;
+    }
     if (mode < 1)
       continue;
     for (int64_t j = 0; j < d; ++j) {
@@ -118,9 +129,13 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
 
 // Writes (or, with `accumulate`, adds) replication r's sums; the Hessian mirrored from its upper triangle.
 void store(const Partial& p, int64_t r, int64_t d, int mode, bool accumulate, double* value, double* grad,
-           double* hess) {
+           double* hess, double* rec, double* absu) {
   auto put = [accumulate](double& out, double v) { out = accumulate ? out + v : v; };
   put(value[r], p.value);
+  if (rec) {
+    put(rec[r], p.rec);
+    put(absu[r], p.absu);
+  }
   for (int64_t j = 0; j < (mode >= 1 ? d : 0); ++j) put(grad[r * d + j], p.grad[j]);
   if (mode < 2)
     return;
@@ -180,13 +195,14 @@ void centred_moments(const double* A, const double* B, int64_t lo, int64_t hi, i
 
 extern "C" {
 
-int rr_kernel_version() { return 2; }
+int rr_kernel_version() { return 3; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; u_out (R x P)
-// receives the margins when not null.
+// receives the margins, rec and absu (R) the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
+// lim_t L(t theta) / t) and sum_i |u_i|, when not null.
 void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const double* a, const double* b,
                       const double* theta, int mode, int accumulate, int threads, double* value, double* grad,
-                      double* hess, double* u_out) {
+                      double* hess, double* u_out, double* rec, double* absu) {
   // Split each replication's pairs into `splits` ranges when there are fewer replications than threads.
   int64_t splits = 1;
   if (R < threads && P >= 8 * kChunk)
@@ -199,13 +215,13 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
     const int64_t r = it / splits, s = it % splits;
     const int64_t lo = std::min(P, s * span), hi = std::min(P, lo + span);
     Partial local{0.0, std::vector<double>(mode >= 1 ? d : 0, 0.0), std::vector<double>(mode >= 2 ? d * d : 0, 0.0)};
-    pair_range(P, d, Xt + r * d * P, a + r * P, b + r * P, theta + r * d, mode, lo, hi,
+    pair_range(P, d, Xt + r * d * P, a + r * P, b + r * P, theta + r * d, mode, rec != nullptr, lo, hi,
                u_out ? u_out + r * P : nullptr, local);
     if (splits > 1) {
       parts[it] = std::move(local);
       continue;
     }
-    store(local, r, d, mode, accumulate, value, grad, hess);
+    store(local, r, d, mode, accumulate, value, grad, hess, rec, absu);
   }
   if (splits == 1)
     return;
@@ -214,10 +230,26 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
     for (int64_t s = 1; s < splits; ++s) {
       const Partial& q = parts[r * splits + s];
       first.value += q.value;
+      first.rec += q.rec;
+      first.absu += q.absu;
       for (size_t j = 0; j < q.grad.size(); ++j) first.grad[j] += q.grad[j];
       for (size_t j = 0; j < q.hess.size(); ++j) first.hess[j] += q.hess[j];
     }
-    store(first, r, d, mode, accumulate, value, grad, hess);
+    store(first, r, d, mode, accumulate, value, grad, hess, rec, absu);
+  }
+}
+
+// Xt[r, k, i] = X[r, i, k]: (R x P x d) row-major to (R x d x P), in tiles of kChunk pairs.
+void rr_transpose(int64_t R, int64_t P, int64_t d, const double* X, int threads, double* Xt) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (R > 1 && threads > 1)
+  for (int64_t r = 0; r < R; ++r) {
+    const double* Xr = X + r * P * d;
+    double* Tr = Xt + r * d * P;
+    for (int64_t i0 = 0; i0 < P; i0 += kChunk) {
+      const int64_t m = std::min(kChunk, P - i0);
+      for (int64_t k = 0; k < d; ++k)
+        for (int64_t i = 0; i < m; ++i) Tr[k * P + i0 + i] = Xr[(i0 + i) * d + k];
+    }
   }
 }
 

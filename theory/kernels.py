@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "cluster_moments", "logistic_eval", "margins", "unavailable_reason"]
+__all__ = ["available", "cluster_moments", "logistic_eval", "margins", "transpose", "unavailable_reason"]
 
 _LOG = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -43,7 +43,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # the shared object does not link crtfastmath (which would flush denormals in the whole process).
 _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 2
+_VERSION = 3
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -104,8 +104,11 @@ def _load() -> ctypes.CDLL | None:
         return None
     fn = lib.rr_logistic_eval
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr]
+    fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr,
+                   ptr, ptr]
     fn.restype = None
+    lib.rr_transpose.argtypes = [i64, i64, i64, ptr, ctypes.c_int, ptr]
+    lib.rr_transpose.restype = None
     lib.rr_margins.argtypes = [i64, i64, i64, ptr, ptr, ctypes.c_int, ptr]
     lib.rr_margins.restype = None
     lib.rr_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr,
@@ -159,19 +162,23 @@ def _ptr(t: Tensor | None) -> int | None:
 
 def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2,
                   out: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
-                  margins: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                  margins: Tensor | None = None, recession: tuple[Tensor, Tensor] | None = None
+                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(L, grad L, Hessian of L)`` of the module docstring, for ``Xt`` (R, d, P) the transposed
     features, ``a``, ``b`` (R, P) and ``theta`` (R, d), all contiguous float64.
 
     ``mode`` 0: value only (gradient and Hessian None); 1: and the gradient; 2: and the Hessian. With
     ``out`` the results are added to those tensors (of the same shapes). ``margins`` (R, P), if given,
-    receives ``u``.
+    receives ``u``; ``recession = (slope, size)`` (R,) each, if given, receives (or, with ``out``, adds)
+    ``sum_i a_i [u_i]_+ - b_i u_i`` (the recession slope ``lim_t L(t theta) / t``) and ``sum_i |u_i|``.
     """
     lib = _require()
     R, d, P = Xt.shape
     f64 = torch.float64
     _check("logistic_eval", Xt=(Xt, (R, d, P), f64), a=(a, (R, P), f64), b=(b, (R, P), f64),
            theta=(theta, (R, d), f64), margins=(margins, (R, P), f64))
+    slope, size = recession if recession is not None else (None, None)
+    _check("logistic_eval", slope=(slope, (R,), f64), size=(size, (R,), f64))
     if out is None:
         value = torch.empty(R, dtype=torch.float64)
         grad = torch.empty(R, d, dtype=torch.float64) if mode >= 1 else None
@@ -179,8 +186,19 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
     else:
         value, grad, hess = out
     lib.rr_logistic_eval(R, P, d, _ptr(Xt), _ptr(a), _ptr(b), _ptr(theta), mode, int(out is not None),
-                         torch.get_num_threads(), _ptr(value), _ptr(grad), _ptr(hess), _ptr(margins))
+                         torch.get_num_threads(), _ptr(value), _ptr(grad), _ptr(hess), _ptr(margins), _ptr(slope),
+                         _ptr(size))
     return value, grad, hess
+
+
+def transpose(X: Tensor) -> Tensor:
+    """``X`` (R, P, d) as a contiguous (R, d, P) tensor (``logistic_eval``'s layout)."""
+    lib = _require()
+    R, P, d = X.shape
+    _check("transpose", X=(X, (R, P, d), torch.float64))
+    Xt = torch.empty(R, d, P, dtype=torch.float64)
+    lib.rr_transpose(R, P, d, _ptr(X), torch.get_num_threads(), _ptr(Xt))
+    return Xt
 
 
 def margins(X: Tensor, theta: Tensor) -> Tensor:

@@ -45,9 +45,11 @@ def test_sums_match_closed_form(R: int, P: int, d: int, seed: int, scale: float)
     threads) and margins up to |u| ~ 100, where softplus and sigmoid saturate."""
     Xt, a, b, theta = _inputs(R, P, d, seed, scale, zero_rows=R // 2)
     u = torch.empty(R, P, dtype=torch.float64)
-    value, grad, hess = kernels.logistic_eval(Xt, a, b, theta, margins=u)
+    rec = (torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=torch.float64))
+    value, grad, hess = kernels.logistic_eval(Xt, a, b, theta, margins=u, recession=rec)
     ref = _reference(Xt, a, b, theta)
-    for got, want in zip((value, grad, hess, u), ref):
+    slope = (a * torch.relu(ref[3]) - b * ref[3]).sum(1)  # lim_t L(t theta) / t
+    for got, want in zip((value, grad, hess, u, *rec), (*ref, slope, ref[3].abs().sum(1))):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13 * (1 + float(want.abs().max())))
     assert torch.equal(hess, hess.transpose(1, 2))
 
@@ -191,3 +193,8 @@ def test_margins_and_moment_arguments(data: PairData) -> None:
         kernels.cluster_moments(b.dphi, cA, cA, None, None, None, b.n_clusters)
     with pytest.raises(ValueError, match=r"X must be .* \(not contiguous\)"):
         kernels.margins(b.dphi.transpose(1, 2).contiguous().transpose(1, 2), theta)
+
+
+def test_transpose() -> None:
+    X = torch.randn(3, 131, 7, dtype=torch.float64)
+    assert torch.equal(kernels.transpose(X), X.transpose(1, 2))
