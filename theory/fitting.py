@@ -151,6 +151,7 @@ class _KernelTerms:
     Xt: Tensor
     a: Tensor
     b: Tensor
+    y: Tensor  # 2Z - 1, the labels' signs (the overlap certificate)
     linear: Tensor
     Xt_ref: Tensor | None = None
     a_ref: Tensor | None = None
@@ -159,8 +160,8 @@ class _KernelTerms:
     def select(self, key: Tensor | slice, with_ref: bool = True) -> "_KernelTerms":
         """Replications ``key`` (an index tensor copies, a slice gives views)."""
         s = lambda t: None if t is None or not with_ref else t[key]  # noqa: E731
-        return _KernelTerms(self.Xt[key], self.a[key], self.b[key], self.linear[key], s(self.Xt_ref), s(self.a_ref),
-                            s(self.b_ref))
+        return _KernelTerms(self.Xt[key], self.a[key], self.b[key], self.y[key], self.linear[key], s(self.Xt_ref),
+                            s(self.a_ref), s(self.b_ref))
 
 
 def _kernel_terms(loss: MarginLoss, lam: Tensor, b: "_Batch") -> _KernelTerms | None:
@@ -173,13 +174,14 @@ def _kernel_terms(loss: MarginLoss, lam: Tensor, b: "_Batch") -> _KernelTerms | 
     R, n, _ = b.dphi.shape
     lam_ = lam[:, None]
     xt = lambda X: kernels.transpose(X.contiguous())  # noqa: E731
+    y = (2.0 * b.z - 1.0).contiguous()
     if not _uses_ref(b, lam):
         a = torch.full((R, n), 1.0 / n, dtype=_DTYPE)
-        return _KernelTerms(xt(b.dphi), a, (b.z / n).contiguous(), torch.zeros(R, dtype=torch.bool))
+        return _KernelTerms(xt(b.dphi), a, (b.z / n).contiguous(), y, torch.zeros(R, dtype=torch.bool))
     a = ((1.0 - lam_) / n).expand(R, n).contiguous()
     v = b.w_ref if b.w_ref is not None else torch.full(b.g_ref.shape, 1.0 / b.g_ref.shape[1], dtype=_DTYPE)
     a_ref = (lam_ * v).contiguous()
-    return _KernelTerms(xt(b.dphi), a, ((b.z - lam_ * b.g) / n).contiguous(), (a == 0).all(1), xt(b.dphi_ref),
+    return _KernelTerms(xt(b.dphi), a, ((b.z - lam_ * b.g) / n).contiguous(), y, (a == 0).all(1), xt(b.dphi_ref),
                         a_ref, (a_ref * b.g_ref).contiguous())
 
 
@@ -377,15 +379,15 @@ def _kernel_evaluate(b: _Batch, lam: Tensor, theta: Tensor, mode: int, certifica
                      ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """``_evaluate`` by ``kernels.logistic_eval`` over the labelled and (if they enter) reference pairs of
     ``b.kern``: value, gradient (``mode >= 1``), Hessian (``mode == 2``) and the certificate (the kernel
-    returns the margins for the overlap condition, or the recession slope and the margins' size
-    ``mean |u| + |lam| mean |u_ref|`` for the VR objective); the work counted."""
+    counts the labelled pairs with ``(2Z - 1) u < 0`` for the overlap condition, or returns the recession
+    slope and the margins' size ``mean |u| + |lam| mean |u_ref|`` for the VR objective); the work counted."""
     k = b.kern
     theta = theta.contiguous()
     R, n = k.a.shape
     with_ref = k.Xt_ref is not None
-    u = torch.empty(R, n, dtype=_DTYPE) if certificate and not with_ref else None
     rec = (torch.empty(R, dtype=_DTYPE), torch.empty(R, dtype=_DTYPE)) if certificate and with_ref else None
-    out = kernels.logistic_eval(k.Xt, k.a, k.b, theta, mode, margins=u, recession=rec)
+    against = (k.y, torch.empty(R, dtype=_DTYPE)) if certificate and not with_ref else None
+    out = kernels.logistic_eval(k.Xt, k.a, k.b, theta, mode, recession=rec, against=against)
     linear = int(k.linear.sum()) if mode == 2 else R
     if with_ref:
         N = k.a_ref.shape[1]
@@ -403,8 +405,8 @@ def _kernel_evaluate(b: _Batch, lam: Tensor, theta: Tensor, mode: int, certifica
     elif with_ref:
         size = rec[1] / n + lam.abs() * rec_ref[1] / N
         sep = rec[0] + rec_ref[0] < -1e-9 * size
-    else:
-        sep = _separated(b, u, theta)
+    else:  # the overlap condition: no labelled pair against theta
+        sep = (against[1] == 0) & (theta != 0).any(dim=1)
     return (*out, sep)
 
 

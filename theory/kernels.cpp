@@ -23,6 +23,7 @@ struct Partial {
   double value;
   std::vector<double> grad, hess;  // d, d * d (upper triangle used)
   double rec = 0.0, absu = 0.0;     // recession slope sum_i a_i [u_i]_+ - b_i u_i, and sum_i |u_i|
+  double against = 0.0;             // pairs with y_i u_i < 0
 };
 
 // out[j][k] += sum_{i < m} U[j][i] V[k][i] (rows of U, V at strides su, sv), for k >= j only when
@@ -60,7 +61,7 @@ inline void gram_add(const double* __restrict U, int64_t su, const double* __res
 
 // Sums over pairs [lo, hi) of replication r into p (mode 0: value, 1: + gradient, 2: + Hessian).
 void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const double* b, const double* th,
-                int mode, bool recession, int64_t lo, int64_t hi, double* u_out, Partial& p) {
+                const double* y, int mode, bool recession, int64_t lo, int64_t hi, double* u_out, Partial& p) {
   alignas(64) double u[kChunk], c[kChunk], h[kChunk];
   std::vector<double> w(d * kChunk);  // h x, transposed
   for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
@@ -107,6 +108,12 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
       p.rec += slope;
       p.absu += size;
     }
+    if (y) {
+      double count = 0.0;
+#pragma omp simd reduction(+ : count)
+      for (int64_t i = 0; i < m; ++i) count += y[i0 + i] * u[i] < 0.0 ? 1.0 : 0.0;
+      p.against += count;
+    }
     if (mode < 1)
       continue;
     for (int64_t j = 0; j < d; ++j) {
@@ -129,13 +136,15 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
 
 // Writes (or, with `accumulate`, adds) replication r's sums; the Hessian mirrored from its upper triangle.
 void store(const Partial& p, int64_t r, int64_t d, int mode, bool accumulate, double* value, double* grad,
-           double* hess, double* rec, double* absu) {
+           double* hess, double* rec, double* absu, double* against) {
   auto put = [accumulate](double& out, double v) { out = accumulate ? out + v : v; };
   put(value[r], p.value);
   if (rec) {
     put(rec[r], p.rec);
     put(absu[r], p.absu);
   }
+  if (against)
+    put(against[r], p.against);
   for (int64_t j = 0; j < (mode >= 1 ? d : 0); ++j) put(grad[r * d + j], p.grad[j]);
   if (mode < 2)
     return;
@@ -195,14 +204,16 @@ void centred_moments(const double* A, const double* B, int64_t lo, int64_t hi, i
 
 extern "C" {
 
-int rr_kernel_version() { return 3; }
+int rr_kernel_version() { return 4; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; u_out (R x P)
 // receives the margins, rec and absu (R) the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
-// lim_t L(t theta) / t) and sum_i |u_i|, when not null.
+// lim_t L(t theta) / t) and sum_i |u_i|, when not null; with y (R x P), against (R) counts the pairs with
+// y_i u_i < 0.
 void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const double* a, const double* b,
                       const double* theta, int mode, int accumulate, int threads, double* value, double* grad,
-                      double* hess, double* u_out, double* rec, double* absu) {
+                      double* hess, double* u_out, double* rec, double* absu, const double* y,
+                      double* against) {
   // Split each replication's pairs into `splits` ranges when there are fewer replications than threads.
   int64_t splits = 1;
   if (R < threads && P >= 8 * kChunk)
@@ -215,13 +226,13 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
     const int64_t r = it / splits, s = it % splits;
     const int64_t lo = std::min(P, s * span), hi = std::min(P, lo + span);
     Partial local{0.0, std::vector<double>(mode >= 1 ? d : 0, 0.0), std::vector<double>(mode >= 2 ? d * d : 0, 0.0)};
-    pair_range(P, d, Xt + r * d * P, a + r * P, b + r * P, theta + r * d, mode, rec != nullptr, lo, hi,
+    pair_range(P, d, Xt + r * d * P, a + r * P, b + r * P, theta + r * d, y ? y + r * P : nullptr, mode, rec != nullptr, lo, hi,
                u_out ? u_out + r * P : nullptr, local);
     if (splits > 1) {
       parts[it] = std::move(local);
       continue;
     }
-    store(local, r, d, mode, accumulate, value, grad, hess, rec, absu);
+    store(local, r, d, mode, accumulate, value, grad, hess, rec, absu, against);
   }
   if (splits == 1)
     return;
@@ -232,10 +243,11 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
       first.value += q.value;
       first.rec += q.rec;
       first.absu += q.absu;
+      first.against += q.against;
       for (size_t j = 0; j < q.grad.size(); ++j) first.grad[j] += q.grad[j];
       for (size_t j = 0; j < q.hess.size(); ++j) first.hess[j] += q.hess[j];
     }
-    store(first, r, d, mode, accumulate, value, grad, hess, rec, absu);
+    store(first, r, d, mode, accumulate, value, grad, hess, rec, absu, against);
   }
 }
 
