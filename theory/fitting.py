@@ -146,7 +146,9 @@ _WORK = _Work()
 class _KernelTerms:
     """A logistic objective as ``sum_i a_i softplus(u_i) - b_i u_i`` (the form ``kernels.logistic_eval``
     evaluates) over the labelled pairs and, when they enter, the reference pairs; features transposed to
-    (R, d, P). ``linear``: replications whose labelled ``a`` is zero (logistic VRPO at ``lam = 1``)."""
+    (R, d, P). ``linear``: replications whose labelled ``a`` is zero (logistic VRPO at ``lam = 1``).
+    ``rows``: the replications selected (None: all), so that a subset is an index, not a copy (a fresh
+    copy of a Newton block per subset cost more in page faults than the kernel's arithmetic)."""
 
     Xt: Tensor
     a: Tensor
@@ -156,12 +158,18 @@ class _KernelTerms:
     Xt_ref: Tensor | None = None
     a_ref: Tensor | None = None
     b_ref: Tensor | None = None
+    rows: Tensor | None = None
 
     def select(self, key: Tensor | slice, with_ref: bool = True) -> "_KernelTerms":
-        """Replications ``key`` (an index tensor copies, a slice gives views)."""
-        s = lambda t: None if t is None or not with_ref else t[key]  # noqa: E731
-        return _KernelTerms(self.Xt[key], self.a[key], self.b[key], self.y[key], self.linear[key], s(self.Xt_ref),
-                            s(self.a_ref), s(self.b_ref))
+        """Replications ``key`` of the selected ones (indices into the same arrays: nothing is copied)."""
+        current = self.rows if self.rows is not None else torch.arange(self.Xt.shape[0])
+        ref = lambda t: t if with_ref else None  # noqa: E731
+        return replace(self, rows=current[key], Xt_ref=ref(self.Xt_ref), a_ref=ref(self.a_ref),
+                       b_ref=ref(self.b_ref))
+
+    def count_linear(self) -> int:
+        """How many selected replications have a linear labelled term."""
+        return int((self.linear if self.rows is None else self.linear[self.rows]).sum())
 
 
 def _kernel_terms(loss: MarginLoss, lam: Tensor, b: "_Batch") -> _KernelTerms | None:
@@ -225,23 +233,26 @@ class _Batch:
                    n_clusters=n_clusters)
 
     def subset(self, idx: Tensor, with_ref: bool = True) -> "_Batch":
-        """Replications ``idx`` (a copy); without ``with_ref`` the reference pairs are left out."""
+        """Replications ``idx`` (a copy); without ``with_ref`` the reference pairs are left out. A batch with
+        kernel terms selects those only (as indices): the kernel path reads nothing else."""
+        if self.kern is not None:
+            return replace(self, kern=self.kern.select(idx, with_ref))
         if idx.numel() == self.dphi.shape[0]:
             return self
         s = lambda a: None if a is None else a[idx]  # noqa: E731
-        kern = None if self.kern is None else self.kern.select(idx, with_ref)
         if not with_ref:
             return _Batch(self.dphi[idx], self.z[idx], None, None, None, None, self.lab_cluster, None,
-                          self.dphi.shape[1], kern)
+                          self.dphi.shape[1])
         return _Batch(self.dphi[idx], self.z[idx], s(self.g), s(self.dphi_ref), s(self.g_ref), s(self.w_ref),
-                      self.lab_cluster, self.ref_cluster, self.n_clusters, kern)
+                      self.lab_cluster, self.ref_cluster, self.n_clusters)
 
     def rows(self, sl: slice) -> "_Batch":
-        """Replications ``sl`` as views (no copy)."""
+        """Replications ``sl`` as views (no copy; kernel terms only, as in ``subset``)."""
+        if self.kern is not None:
+            return replace(self, kern=self.kern.select(sl))
         s = lambda a: None if a is None else a[sl]  # noqa: E731
         return _Batch(self.dphi[sl], self.z[sl], s(self.g), s(self.dphi_ref), s(self.g_ref), s(self.w_ref),
-                      self.lab_cluster, self.ref_cluster, self.n_clusters,
-                      None if self.kern is None else self.kern.select(sl))
+                      self.lab_cluster, self.ref_cluster, self.n_clusters)
 
     def with_kernel(self, loss: MarginLoss, lam: Tensor) -> "_Batch":
         """This batch with the compiled kernel's terms for ``loss`` at ``lam`` (itself where none apply)."""
@@ -383,16 +394,16 @@ def _kernel_evaluate(b: _Batch, lam: Tensor, theta: Tensor, mode: int, certifica
     slope and the margins' size ``mean |u| + |lam| mean |u_ref|`` for the VR objective); the work counted."""
     k = b.kern
     theta = theta.contiguous()
-    R, n = k.a.shape
+    R, n = theta.shape[0], k.a.shape[1]
     with_ref = k.Xt_ref is not None
     rec = (torch.empty(R, dtype=_DTYPE), torch.empty(R, dtype=_DTYPE)) if certificate and with_ref else None
     against = (k.y, torch.empty(R, dtype=_DTYPE)) if certificate and not with_ref else None
-    out = kernels.logistic_eval(k.Xt, k.a, k.b, theta, mode, recession=rec, against=against)
-    linear = int(k.linear.sum()) if mode == 2 else R
+    out = kernels.logistic_eval(k.Xt, k.a, k.b, theta, mode, recession=rec, against=against, rows=k.rows)
+    linear = k.count_linear() if mode == 2 else R
     if with_ref:
         N = k.a_ref.shape[1]
         rec_ref = (torch.zeros(R, dtype=_DTYPE), torch.zeros(R, dtype=_DTYPE)) if certificate else None
-        kernels.logistic_eval(k.Xt_ref, k.a_ref, k.b_ref, theta, mode, out=out, recession=rec_ref)
+        kernels.logistic_eval(k.Xt_ref, k.a_ref, k.b_ref, theta, mode, out=out, recession=rec_ref, rows=k.rows)
         counter = ("value_pairs", "grad_pairs", "kernel_pairs")[mode]
         setattr(_WORK, counter, getattr(_WORK, counter) + R * N)
     if mode == 0:

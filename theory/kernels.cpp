@@ -204,16 +204,17 @@ void centred_moments(const double* A, const double* B, int64_t lo, int64_t hi, i
 
 extern "C" {
 
-int rr_kernel_version() { return 4; }
+int rr_kernel_version() { return 5; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; u_out (R x P)
 // receives the margins, rec and absu (R) the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
 // lim_t L(t theta) / t) and sum_i |u_i|, when not null; with y (R x P), against (R) counts the pairs with
-// y_i u_i < 0.
+// y_i u_i < 0. With rows (R), replication r reads row rows[r] of Xt, a, b and y (the inputs may hold more
+// rows than R; theta and the outputs have R).
 void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const double* a, const double* b,
                       const double* theta, int mode, int accumulate, int threads, double* value, double* grad,
                       double* hess, double* u_out, double* rec, double* absu, const double* y,
-                      double* against) {
+                      double* against, const int64_t* rows) {
   // Split each replication's pairs into `splits` ranges when there are fewer replications than threads.
   int64_t splits = 1;
   if (R < threads && P >= 8 * kChunk)
@@ -226,8 +227,9 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
     const int64_t r = it / splits, s = it % splits;
     const int64_t lo = std::min(P, s * span), hi = std::min(P, lo + span);
     Partial local{0.0, std::vector<double>(mode >= 1 ? d : 0, 0.0), std::vector<double>(mode >= 2 ? d * d : 0, 0.0)};
-    pair_range(P, d, Xt + r * d * P, a + r * P, b + r * P, theta + r * d, y ? y + r * P : nullptr, mode, rec != nullptr, lo, hi,
-               u_out ? u_out + r * P : nullptr, local);
+    const int64_t q = rows ? rows[r] : r;  // the replication's row in Xt, a, b, y
+    pair_range(P, d, Xt + q * d * P, a + q * P, b + q * P, theta + r * d, y ? y + q * P : nullptr, mode,
+               rec != nullptr, lo, hi, u_out ? u_out + r * P : nullptr, local);
     if (splits > 1) {
       parts[it] = std::move(local);
       continue;
