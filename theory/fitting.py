@@ -26,8 +26,9 @@ every replication (the MLE) the reference pairs are not read (their terms are mu
 and a Hessian product whose margin curvatures are all zero (logistic VRPO at ``lambda = 1``: the
 labelled ``m''_Z = m''_g``) is skipped; both shortcuts give the same numbers. For the logistic loss
 each Newton block is evaluated by the compiled kernel of ``theory.kernels`` (margins, derivatives,
-gradient and the Hessian's distinct entries in one pass, about four times faster than the batched
-BLAS products); without a C++ compiler the torch path gives the same numbers to rounding.
+gradient, the Hessian's distinct entries and the existence certificates in one pass, three to four
+times faster than the torch path's batched products), and the sandwich's margins and meat moments by
+two more; without a C++ compiler the torch path gives the same numbers to rounding.
 
 The covariance is the cluster sandwich ``H^{-1} V H^{-1}``: ``H`` the Hessian of ``L`` (for
 non-smooth losses, of a smoothed loss with a rule-of-thumb bandwidth), ``V`` the empirical covariance
