@@ -201,3 +201,19 @@ def test_margins_and_moment_arguments(data: PairData) -> None:
 def test_transpose() -> None:
     X = torch.randn(3, 131, 7, dtype=torch.float64)
     assert torch.equal(kernels.transpose(X), X.transpose(1, 2))
+
+
+def test_rows_select_without_copying() -> None:
+    """``rows`` evaluates replications in place: the same sums as on the copied subset, in its order."""
+    Xt, a, b, theta = _inputs(6, 300, 4, seed=5, zero_rows=2)
+    rows = torch.tensor([4, 1, 1, 0])
+    y = torch.sign(torch.randn(6, 300, dtype=torch.float64))
+    got_against = (y, torch.empty(4, dtype=torch.float64))
+    got = kernels.logistic_eval(Xt, a, b, theta[rows].contiguous(), rows=rows, against=got_against)
+    want_against = (y[rows].contiguous(), torch.empty(4, dtype=torch.float64))
+    want = kernels.logistic_eval(Xt[rows].contiguous(), a[rows].contiguous(), b[rows].contiguous(),
+                                 theta[rows].contiguous(), against=want_against)
+    for g_, w_ in zip((*got, got_against[1]), (*want, want_against[1])):
+        assert torch.equal(g_, w_)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 6\)"):
+        kernels.logistic_eval(Xt, a, b, theta[:1].contiguous(), rows=torch.tensor([6]))
