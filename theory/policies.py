@@ -37,6 +37,7 @@ from typing import NamedTuple
 import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
+import torch
 from scipy import stats
 
 from .data import PairPopulation, check_probability
@@ -209,18 +210,32 @@ def _utility_target(target: object, pi_ref: object | None) -> tuple[np.ndarray, 
 # ---------------------------------------------------------------------------------------------- policies
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A float64 torch view of ``a`` (a copy only if it is not contiguous float64). The (R, P, K) tables of
+    the policies are reduced over their short last axis in torch: numpy's reductions over an axis of a
+    few entries take about ten times longer."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+
+
+def _rewards(th: np.ndarray, ph: np.ndarray) -> np.ndarray:
+    """``theta_r . phi(x_p, a)`` (R, P, K) for checked ``th`` (R, d) and ``ph`` (P, K, d), one matrix product."""
+    P, K, d = ph.shape
+    return (th @ ph.reshape(P * K, d).T).reshape(th.shape[0], P, K)
+
+
 def rewards(theta: object, phi: object) -> np.ndarray:
     """Linear rewards ``r_theta(x_p, a) = theta . phi(x_p, a)``: ``(P, K)``, or ``(R, P, K)`` for a batch."""
     ph = _check_phi(phi)
     th, batched = _check_theta(theta, ph.shape[2])
-    return _unbatch(np.einsum("rd,pkd->rpk", th, ph), batched)
+    return _unbatch(_rewards(th, ph), batched)
 
 
 def _argmax_policy(values: np.ndarray) -> np.ndarray:
     """Uniform over ``argmax_a values[..., a]``, ties within ``TIE_RTOL * max(1, |max|)`` split evenly."""
-    top = values.max(axis=-1, keepdims=True)
-    tied = values >= top - TIE_RTOL * np.maximum(1.0, np.abs(top))
-    return tied / tied.sum(axis=-1, keepdims=True)
+    v = _tensor(values)
+    top = v.amax(dim=-1, keepdim=True)
+    tied = (v >= top - TIE_RTOL * top.abs().clamp_min(1.0)).to(v.dtype)
+    return (tied / tied.sum(dim=-1, keepdim=True)).numpy()
 
 
 def _log_ref(pi_ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,12 +246,10 @@ def _log_ref(pi_ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _gibbs(values: np.ndarray, pi_ref: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
     """``pi ~ pi_ref exp(values / beta)`` by a max-shifted softmax, and ``log pi`` (``-inf`` off support)."""
-    _, log_ref = _log_ref(pi_ref)
-    logits = log_ref + values / beta
-    logits = logits - logits.max(axis=-1, keepdims=True)  # each row has support, so the max is finite
-    log_norm = np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-    log_pi = logits - log_norm
-    return np.exp(log_pi), log_pi
+    logits = _tensor(_log_ref(pi_ref)[1]) + _tensor(values) / beta
+    logits = logits - logits.amax(dim=-1, keepdim=True)  # each row has support, so the max is finite
+    log_pi = logits - logits.exp().sum(dim=-1, keepdim=True).log()
+    return log_pi.exp().numpy(), log_pi.numpy()
 
 
 def greedy_policy(theta: object, phi: object) -> np.ndarray:
@@ -260,7 +273,7 @@ def kl_policy(theta: object, phi: object, pi_ref: object, beta: float) -> np.nda
         raise InputError(f"pi_ref: expected shape {(P, K)}, got {ref.shape}")
     b = _check_beta(beta)
     th, batched = _check_theta(theta, ph.shape[2])
-    pol, _ = _gibbs(np.einsum("rd,pkd->rpk", th, ph), ref, b)
+    pol, _ = _gibbs(_rewards(th, ph), ref, b)
     return _unbatch(pol, batched)
 
 
@@ -304,13 +317,14 @@ def value(policy: object, utility: object) -> PromptMean:
 
 def _kl_rows(pol: np.ndarray, log_other: np.ndarray) -> np.ndarray:
     """``sum_a pi(a) (log pi(a) - log q(a))`` per row, with ``0 log 0 = 0`` and ``inf`` off q's support."""
-    pos = pol > 0
-    log_pol = np.where(pos, np.log(np.where(pos, pol, 1.0)), 0.0)
-    inside = np.isfinite(log_other)
-    outside = (pos & ~inside).any(axis=-1)
-    terms = np.where(pos & inside, pol * (log_pol - np.where(inside, log_other, 0.0)), 0.0)
+    p, other = _tensor(pol), _tensor(log_other)
+    pos = p > 0
+    log_pol = torch.where(pos, torch.where(pos, p, 1.0).log(), 0.0)
+    inside = torch.isfinite(other)
+    outside = (pos & ~inside).any(dim=-1)
+    terms = torch.where(pos & inside, p * (log_pol - torch.where(inside, other, 0.0)), 0.0)
     # a KL divergence is >= 0; rounding can leave -1e-17 when pi == q
-    return np.where(outside, np.inf, np.maximum(terms.sum(axis=-1), 0.0))
+    return torch.where(outside, torch.inf, terms.sum(dim=-1).clamp_min(0.0)).numpy()
 
 
 def kl_divergence(policy: object, pi_ref: object) -> np.ndarray:
@@ -337,7 +351,7 @@ def _regret_rows(pol: np.ndarray, util: np.ndarray, ref: np.ndarray | None, beta
     """Per-prompt regret: ``sum_a pi(a)(max U - U(a))`` or ``beta KL(pi || pi*_beta)``."""
     if beta is None:
         gap = util.max(axis=-1, keepdims=True) - util  # >= 0 entrywise, so the regret is >= 0 exactly
-        return (pol * gap).sum(axis=-1)
+        return (_tensor(pol) * _tensor(gap)).sum(dim=-1).numpy()
     assert ref is not None
     _, log_opt = _gibbs(util, ref, beta)
     return beta * _kl_rows(pol, log_opt)
@@ -357,6 +371,10 @@ def regret(policy: object, target: object, *, beta: float | None = None, pi_ref:
             raise InputError("regret with beta: pi_ref is needed")
         beta = _check_beta(beta)
     return _prompt_mean(_regret_rows(pol, util, ref, beta))
+
+
+#: Entries of the (replications, prompts, responses) tables ``theta_regret`` forms at once.
+_REGRET_CHUNK = 2**16
 
 
 def _default_measure(pop: PairPopulation, kind: str, measure: str | None) -> str:
@@ -386,17 +404,25 @@ def theta_regret(
     """
     if not isinstance(population, PairPopulation):
         raise InputError(f"population: expected a PairPopulation, got {type(population).__name__}")
-    pol = policy_from_theta(theta, population.phi, kind, population.pi, beta)
+    th, batched = _check_theta(theta, population.d)
     meas = _default_measure(population, kind, measure)
+    ref, b = None, None
     if meas == "preference":
-        return _prompt_mean(_regret_rows(pol, preference_utility(population), None, None))
-    if population.utility is None:
+        util = preference_utility(population)
+    elif population.utility is None:
         raise InputError(f"measure={meas!r} needs population.utility, which is None")
+    else:
+        util = population.utility
     if meas == "kl":
         if beta is None:
             raise InputError("measure='kl': the KL-regularised regret needs beta")
-        return _prompt_mean(_regret_rows(pol, population.utility, population.pi, _check_beta(beta)))
-    return _prompt_mean(_regret_rows(pol, population.utility, None, None))
+        ref, b = population.pi, _check_beta(beta)
+    # replications in chunks whose (r, P, K) tables stay in cache (fresh multi-megabyte temporaries are
+    # paid in page faults): 3 x faster for 500 draws on 1000 prompts
+    step = max(1, _REGRET_CHUNK // (population.size * population.K))
+    per = np.concatenate([_regret_rows(policy_from_theta(th[s:s + step], population.phi, kind, population.pi, beta),
+                                       util, ref, b) for s in range(0, th.shape[0], step)])
+    return _prompt_mean(_unbatch(per, batched))
 
 
 # ---------------------------------------------------------------------------------------------- preferences

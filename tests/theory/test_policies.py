@@ -184,6 +184,21 @@ def test_batched_theta_matches_loop() -> None:
         assert pols.shape == (6, pop.size, pop.K)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 2**30])
+def test_regret_chunks_change_nothing(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``theta_regret`` takes the replications in chunks of ``_REGRET_CHUNK`` table entries (one
+    replication per chunk up to all at once): the same numbers up to rounding (the matrix product of the
+    rewards may sum in another order for another shape)."""
+    pop, theta_star = _random_population(5)
+    thetas = theta_star + np.random.default_rng(1).normal(size=(9, pop.d))
+    want = {kind: pl.theta_regret(thetas, pop, kind=kind, beta=beta) for kind, beta in (("greedy", None), ("kl", 0.5))}
+    monkeypatch.setattr(pl, "_REGRET_CHUNK", chunk)
+    for kind, beta in (("greedy", None), ("kl", 0.5)):
+        got = pl.theta_regret(thetas, pop, kind=kind, beta=beta)
+        np.testing.assert_allclose(got.mean, want[kind].mean, rtol=1e-13, atol=1e-16)
+        np.testing.assert_allclose(got.se, want[kind].se, rtol=1e-12, atol=1e-16)
+
+
 @given(
     seed=st.integers(0, 10_000),
     K=st.integers(2, 5),
