@@ -31,6 +31,8 @@ Formulas
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -640,7 +642,8 @@ class _PessimisticProgram:
             try:
                 with warnings.catch_warnings():  # "inaccurate" is accepted: see _SOLVER_OPTIONS
                     warnings.filterwarnings("ignore", message="Solution may be inaccurate")
-                    problem.solve(solver=name, warm_start=True, **_SOLVER_OPTIONS.get(name, {}))
+                    # cold starts: a solution must not depend on what this cached program solved before
+                    problem.solve(solver=name, warm_start=False, **_SOLVER_OPTIONS.get(name, {}))
                 status = problem.status
             except cp.error.SolverError as exc:
                 status = f"solver error ({exc})"
@@ -664,6 +667,21 @@ class _PessimisticProgram:
             return best
         scale = max(1.0, float(np.abs(target).max()))
         return pol if np.abs(self.feat @ pol.ravel() - target).max() <= _FEATURE_RTOL * scale else best
+
+
+_PROGRAMS = threading.local()
+
+
+def _program(phi: np.ndarray, per_prompt: bool) -> _PessimisticProgram:
+    """The compiled program of ``phi``, kept for the next call in this thread (a study solves one per
+    replication on the same population; compiling costs more than solving). The last 4 are kept."""
+    cache: dict = _PROGRAMS.__dict__.setdefault("cache", {})
+    key = (hashlib.sha1(np.ascontiguousarray(phi).tobytes()).digest(), phi.shape, per_prompt)
+    program = cache.pop(key, None) or _PessimisticProgram(phi, per_prompt)
+    cache[key] = program  # most recently used last
+    while len(cache) > 4:
+        del cache[next(iter(cache))]
+    return program
 
 
 def pessimistic_policy(
@@ -707,6 +725,6 @@ def pessimistic_policy(
     S = _cov_sqrt(cov, d, R) * _check_gamma(gamma, R)[:, None, None]
     vv = _reference_point(ph, pi_ref, v, per_prompt)
     anchor = np.full((P, K), 1.0 / K) if pi_ref is None else _check_distribution("pi_ref", pi_ref, K, P)
-    program = _PessimisticProgram(ph, per_prompt)
+    program = _program(ph, per_prompt)
     out = np.stack([program.solve(th[r], S[r], vv, anchor, solver) for r in range(R)])
     return _unbatch(out, batched)

@@ -379,3 +379,23 @@ def test_bad_input_raises_input_error() -> None:
         pl.pessimistic_policy(np.array([1.0]), np.eye(1), PHI, PI_REF, solver="NO_SUCH_SOLVER")
     with pytest.raises(InputError, match="v"):
         pl.pessimistic_policy(np.array([1.0]), np.eye(1), PHI, v=np.zeros(3))
+
+
+def test_pessimistic_program_cache_changes_nothing() -> None:
+    """The compiled program is kept per feature table: a replication solved after others on the same
+    table, after one on another table, and by a freshly compiled program gives the same policy."""
+    rng = np.random.default_rng(3)
+    phi, other = rng.normal(size=(4, 3, 2)), rng.normal(size=(4, 3, 2))
+    pi = np.full((4, 3), 1 / 3)
+    thetas = rng.normal(size=(3, 2))
+    cov = np.array([[0.3, 0.1], [0.1, 0.2]])
+    pl._PROGRAMS.__dict__.clear()
+    fresh = pl.pessimistic_policy(thetas[2], cov, phi, pi_ref=pi, gamma=1.0)
+    assert len(pl._PROGRAMS.cache) == 1
+    pl.pessimistic_policy(thetas[0], cov, phi, pi_ref=pi, gamma=1.0)
+    pl.pessimistic_policy(thetas[1], cov, other, pi_ref=pi, gamma=1.0)
+    assert len(pl._PROGRAMS.cache) == 2
+    np.testing.assert_array_equal(pl.pessimistic_policy(thetas[2], cov, phi, pi_ref=pi, gamma=1.0), fresh)
+    for _ in range(5):  # at most 4 tables are kept
+        pl.pessimistic_policy(thetas[0], cov, rng.normal(size=(4, 3, 2)), pi_ref=pi, gamma=1.0)
+    assert len(pl._PROGRAMS.cache) == 4
