@@ -256,18 +256,27 @@ def sample(
                  + R * n * (2 * scenario.d + 6))
     rep_ids = range(first_rep, first_rep + R)
 
-    def draw(stream_name: str, fn) -> np.ndarray:
-        return np.stack([fn(_rng(seed, namespace, r, stream_name)) for r in rep_ids])
+    def draw(stream_name: str, shape: tuple[int, ...], normal: bool = False) -> np.ndarray:
+        """(R, *shape) uniform (or standard normal) draws, replication r from its own stream, written in
+        place (the same numbers as drawing each array and stacking them)."""
+        out = np.empty((R, *shape))
+        for i, r in enumerate(rep_ids):
+            g = _rng(seed, namespace, r, stream_name)
+            if normal:
+                g.standard_normal(out=out[i])
+            else:
+                g.random(out=out[i])
+        return out
 
-    x = draw("prompts", lambda g: g.standard_normal((n, p)))
+    x = draw("prompts", (n, p), normal=True)
     phi = scenario.phi(x)
     pi = scenario.reference.probs(phi)
-    y = sample_responses(pi, draw("pairs", lambda g: g.random((n, 2))))
+    y = sample_responses(pi, draw("pairs", (n, 2)))
     phi_pair = _gather(phi, y)
     g_star = scenario.preference.prob(x, phi_pair[..., 0, :], phi_pair[..., 1, :])
-    z = (draw("labels", lambda g: g.random(n)) < g_star).astype(np.uint8)
+    z = (draw("labels", (n,)) < g_star).astype(np.uint8)
 
-    xu = draw("unlabelled_prompts", lambda g: g.standard_normal((N, p))) if N else np.zeros((R, 0, p))
+    xu = draw("unlabelled_prompts", (N, p), normal=True) if N else np.zeros((R, 0, p))
     prompts = np.concatenate([x, xu], axis=1)  # (R, n + N, p)
     all_phi = np.concatenate([phi, scenario.phi(xu)], axis=1) if N else phi
     all_pi = np.concatenate([pi, scenario.reference.probs(all_phi[:, n:])], axis=1) if N else pi
@@ -278,9 +287,9 @@ def sample(
         weight = (all_pi[..., :, None] * all_pi[..., None, :]).reshape(R, n_prompts, K * K) / n_prompts
         per_prompt = K * K
     elif M > 0:
-        u = draw("reference", lambda g: g.random((n, M, 2)))
+        u = draw("reference", (n, M, 2))
         if N:
-            u = np.concatenate([u, draw("unlabelled_pairs", lambda g: g.random((N, M, 2)))], axis=1)
+            u = np.concatenate([u, draw("unlabelled_pairs", (N, M, 2))], axis=1)
         ref_y = sample_responses(all_pi, u.reshape(R, n_prompts, 2 * M)).reshape(R, n_prompts, M, 2)
         weight = np.full((R, n_prompts, M), 1.0 / (n_prompts * M))
         per_prompt = M
