@@ -60,17 +60,31 @@ def _theta_columns(frame: pd.DataFrame) -> list[str]:
     return sorted((c for c in frame.columns if c.startswith("theta_")), key=lambda c: int(c.split("_")[1]))
 
 
-def _boot_stat(values: np.ndarray, idx: np.ndarray, stat) -> np.ndarray:
-    """``stat`` of ``values[idx[b]]`` for every resample ``b`` (values: (R, ...))."""
-    return np.array([stat(values[i]) for i in idx])
+def _boot_mean(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Mean of the non-NaN entries of ``values[idx[b]]`` for every resample ``b`` (values: (R, ...));
+    NaN where a resample has none. All resamples at once (one array op, not a Python loop)."""
+    x = values[idx]
+    axes = tuple(range(1, x.ndim))
+    ok = ~np.isnan(x)
+    count = ok.sum(axis=axes)
+    total = np.where(ok, x, 0.0).sum(axis=axes)
+    return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
+
+
+def _trace_vars(theta: np.ndarray) -> np.ndarray:
+    """``tr Cov`` of the rows of ``theta`` (..., R, d) that exist (rows with a NaN dropped), for every
+    leading index; NaN where fewer than 2 rows exist."""
+    ok = np.isfinite(theta).all(axis=-1, keepdims=True)
+    count = ok.sum(axis=-2)
+    mean = np.where(ok, theta, 0.0).sum(axis=-2) / np.maximum(count, 1)
+    dev = np.where(ok, theta - mean[..., None, :], 0.0)
+    var = (dev * dev).sum(axis=-2).sum(axis=-1) / np.maximum(count[..., 0] - 1, 1)
+    return np.where(count[..., 0] >= 2, var, np.nan)
 
 
 def _trace_var(theta: np.ndarray) -> float:
-    """``tr Cov`` of the rows of ``theta`` that exist (NaN rows dropped)."""
-    ok = np.isfinite(theta).all(axis=1)
-    if ok.sum() < 2:
-        return math.nan
-    return float(np.var(theta[ok], axis=0, ddof=1).sum())
+    """``tr Cov`` of the rows of ``theta`` (R, d) that exist (NaN rows dropped)."""
+    return float(_trace_vars(theta))
 
 
 def _interval(samples: np.ndarray, rel_extra: float = 0.0, point: float | None = None) -> tuple[float, float]:
@@ -106,15 +120,15 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         theta = g[cols].to_numpy()
         if len(theta) != reps:
             raise ValueError(f"cell {key} has {len(theta)} replications, expected {reps}")
-        bv = n * _boot_stat(theta, idx, _trace_var)
+        bv = n * _trace_vars(theta[idx])
         boot_var[key] = bv
         var = n * _trace_var(theta)
         failed = int(g["separable"].sum())
         covered = g[[f"covered_{j}" for j in range(d)]].to_numpy(dtype=float)
         cov_rate = float(np.nanmean(covered)) if np.isfinite(covered).any() else math.nan
-        cov_boot = _boot_stat(covered, idx, lambda c: np.nanmean(c) if np.isfinite(c).any() else np.nan)
+        cov_boot = _boot_mean(covered, idx)
         mse = n * g["sq_error"].where(~g["separable"]).to_numpy()
-        mse_lo, mse_hi = _interval(_boot_stat(mse, idx, np.nanmean))
+        mse_lo, mse_hi = _interval(_boot_mean(mse, idx))
         row = {
             "scenario": scenario, "n": n, "estimator": est, "reps": reps, "failed": failed,
             "var": var, "pred_var": pred["pred_trace"],
@@ -132,7 +146,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         for kind in ("greedy", "kl"):
             values = g[f"regret_{kind}"].to_numpy()
             row[f"regret_{kind}"] = float(np.nanmean(values))
-            lo, hi = _interval(_boot_stat(values, idx, np.nanmean))
+            lo, hi = _interval(_boot_mean(values, idx))
             row[f"regret_{kind}_low"], row[f"regret_{kind}_high"] = lo, hi
             row[f"pred_regret_{kind}"] = pred.get(f"pred_regret_{kind}", math.nan)
             row[f"limit_regret_{kind}"] = pred.get(f"limit_regret_{kind}", math.nan)
