@@ -27,7 +27,7 @@ evaluation, with ``d`` features: margins ``X theta`` ``2d``, gradient ``X^T c`` 
 ``d (d + 1)`` for evaluations by the compiled kernel, which forms only the distinct entries);
 ``flops_ratio_symmetric`` counts every Hessian as ``d (d + 1)`` (the strict floor). Elementwise
 transcendental functions (sigmoid, softplus) count zero flops. ``kernel`` says whether the compiled
-logistic kernel (``theory.kernels``) was used; ``ROBUST_RLHF_KERNELS=0`` times the torch path.
+kernels (``theory.kernels``) were used; ``ROBUST_RLHF_KERNELS=0`` times the torch path.
 
 Memory: ``fit`` takes the replication axis in chunks within ``fitting.MEMORY_BUDGET`` bytes of working
 memory, and Newton solves blocks of ``fitting.CACHE_BLOCK`` bytes of features to convergence; the

@@ -376,15 +376,10 @@ def _evaluate(loss: MarginLoss, lam: Tensor, b: _Batch, theta: Tensor, hessian: 
     if certificate and ref:
         sep = _unbounded(loss, lam, b, u, u_ref)
     elif certificate:
-        sep = _separated(b, u, theta)
+        sep = ((2.0 * b.z - 1.0) * u >= 0).all(dim=1) & (theta != 0).any(dim=1)
     else:
         sep = torch.zeros(theta.shape[0], dtype=torch.bool)
     return der.value, grad, hess, sep
-
-
-def _separated(b: _Batch, u: Tensor, theta: Tensor) -> Tensor:
-    """The overlap certificate of ``_evaluate`` at margins ``u`` of the labelled pairs (R,)."""
-    return ((2.0 * b.z - 1.0) * u >= 0).all(dim=1) & (theta != 0).any(dim=1)
 
 
 def _kernel_evaluate(b: _Batch, lam: Tensor, theta: Tensor, mode: int, certificate: bool = False
@@ -400,17 +395,18 @@ def _kernel_evaluate(b: _Batch, lam: Tensor, theta: Tensor, mode: int, certifica
     rec = (torch.empty(R, dtype=_DTYPE), torch.empty(R, dtype=_DTYPE)) if certificate and with_ref else None
     against = (k.y, torch.empty(R, dtype=_DTYPE)) if certificate and not with_ref else None
     out = kernels.logistic_eval(k.Xt, k.a, k.b, theta, mode, recession=rec, against=against, rows=k.rows)
-    linear = k.count_linear() if mode == 2 else R
+    N = 0
     if with_ref:
         N = k.a_ref.shape[1]
         rec_ref = (torch.zeros(R, dtype=_DTYPE), torch.zeros(R, dtype=_DTYPE)) if certificate else None
         kernels.logistic_eval(k.Xt_ref, k.a_ref, k.b_ref, theta, mode, out=out, recession=rec_ref, rows=k.rows)
-        counter = ("value_pairs", "grad_pairs", "kernel_pairs")[mode]
-        setattr(_WORK, counter, getattr(_WORK, counter) + R * N)
     if mode == 0:
-        _WORK.value_pairs += R * n
-    else:
-        _WORK.kernel_pairs += (R - linear) * n
+        _WORK.value_pairs += R * (n + N)
+    elif mode == 1:
+        _WORK.grad_pairs += R * (n + N)
+    else:  # labelled pairs of linear replications get no Hessian
+        linear = k.count_linear()
+        _WORK.kernel_pairs += (R - linear) * n + R * N
         _WORK.grad_pairs += linear * n
     if not certificate:
         sep = torch.zeros(R, dtype=torch.bool)

@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -61,7 +60,7 @@ inline void gram_add(const double* __restrict U, int64_t su, const double* __res
 
 // Sums over pairs [lo, hi) of replication r into p (mode 0: value, 1: + gradient, 2: + Hessian).
 void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const double* b, const double* th,
-                const double* y, int mode, bool recession, int64_t lo, int64_t hi, double* u_out, Partial& p) {
+                const double* y, int mode, bool recession, int64_t lo, int64_t hi, Partial& p) {
   alignas(64) double u[kChunk], c[kChunk], h[kChunk];
   std::vector<double> w(d * kChunk);  // h x, transposed
   for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
@@ -75,8 +74,6 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
 #pragma omp simd
       for (int64_t i = 0; i < m; ++i) u[i] += t * xj[i];
     }
-    if (u_out)
-      std::memcpy(u_out + i0, u, sizeof(double) * m);
     bool linear = true;  // a = 0 on the whole chunk (VRPO's labelled pairs at lam = 1)
     for (int64_t i = 0; i < m; ++i) linear &= ai[i] == 0.0;
     double val = 0.0;
@@ -204,16 +201,16 @@ void centred_moments(const double* A, const double* B, int64_t lo, int64_t hi, i
 
 extern "C" {
 
-int rr_kernel_version() { return 5; }
+int rr_kernel_version() { return 6; }
 
-// value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; u_out (R x P)
-// receives the margins, rec and absu (R) the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
+// value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
+// receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
 // lim_t L(t theta) / t) and sum_i |u_i|, when not null; with y (R x P), against (R) counts the pairs with
 // y_i u_i < 0. With rows (R), replication r reads row rows[r] of Xt, a, b and y (the inputs may hold more
 // rows than R; theta and the outputs have R).
 void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const double* a, const double* b,
                       const double* theta, int mode, int accumulate, int threads, double* value, double* grad,
-                      double* hess, double* u_out, double* rec, double* absu, const double* y,
+                      double* hess, double* rec, double* absu, const double* y,
                       double* against, const int64_t* rows) {
   // Split each replication's pairs into `splits` ranges when there are fewer replications than threads.
   int64_t splits = 1;
@@ -229,7 +226,7 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
     Partial local{0.0, std::vector<double>(mode >= 1 ? d : 0, 0.0), std::vector<double>(mode >= 2 ? d * d : 0, 0.0)};
     const int64_t q = rows ? rows[r] : r;  // the replication's row in Xt, a, b, y
     pair_range(P, d, Xt + q * d * P, a + q * P, b + q * P, theta + r * d, y ? y + q * P : nullptr, mode,
-               rec != nullptr, lo, hi, u_out ? u_out + r * P : nullptr, local);
+               rec != nullptr, lo, hi, local);
     if (splits > 1) {
       parts[it] = std::move(local);
       continue;

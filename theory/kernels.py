@@ -43,7 +43,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # the shared object does not link crtfastmath (which would flush denormals in the whole process).
 _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 5
+_VERSION = 6
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -105,7 +105,7 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.rr_logistic_eval
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr,
-                   ptr, ptr, ptr, ptr, ptr]
+                   ptr, ptr, ptr, ptr]
     fn.restype = None
     lib.rr_transpose.argtypes = [i64, i64, i64, ptr, ctypes.c_int, ptr]
     lib.rr_transpose.restype = None
@@ -123,7 +123,7 @@ def _lib() -> ctypes.CDLL | None:
             if "lib" not in _state:
                 lib = _load()
                 if lib is None:
-                    _LOG.warning("compiled logistic kernel unavailable (%s): the fitting engine uses its "
+                    _LOG.warning("compiled kernels unavailable (%s): the fitting engine uses its "
                                  "slower torch path", _state["reason"])
                 _state["lib"] = lib
     return _state["lib"]  # type: ignore[return-value]
@@ -132,7 +132,7 @@ def _lib() -> ctypes.CDLL | None:
 def _require() -> ctypes.CDLL:
     lib = _lib()
     if lib is None:
-        raise RuntimeError(f"compiled logistic kernel unavailable: {_state['reason']}")
+        raise RuntimeError(f"compiled kernels unavailable: {_state['reason']}")
     return lib
 
 
@@ -162,15 +162,15 @@ def _ptr(t: Tensor | None) -> int | None:
 
 def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2,
                   out: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
-                  margins: Tensor | None = None, recession: tuple[Tensor, Tensor] | None = None,
+                  recession: tuple[Tensor, Tensor] | None = None,
                   against: tuple[Tensor, Tensor] | None = None, rows: Tensor | None = None
                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(L, grad L, Hessian of L)`` of the module docstring, for ``Xt`` (R, d, P) the transposed
     features, ``a``, ``b`` (R, P) and ``theta`` (R, d), all contiguous float64.
 
     ``mode`` 0: value only (gradient and Hessian None); 1: and the gradient; 2: and the Hessian. With
-    ``out`` the results are added to those tensors (of the same shapes). ``margins`` (R, P), if given,
-    receives ``u``; ``recession = (slope, size)`` (R,) each, if given, receives (or, with ``out``, adds)
+    ``out`` the results are added to those tensors (of the same shapes). ``recession = (slope, size)``
+    (R,) each, if given, receives (or, with ``out``, adds)
     ``sum_i a_i [u_i]_+ - b_i u_i`` (the recession slope ``lim_t L(t theta) / t``) and ``sum_i |u_i|``;
     ``against = (y, count)``, ``y`` (R, P) and ``count`` (R,), receives the number of pairs with ``y_i u_i < 0``.
     With ``rows`` (K,) int64, the replications evaluated are those rows of ``Xt``, ``a``, ``b``, ``y`` (no copy);
@@ -188,7 +188,7 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
             raise ValueError(f"logistic_eval: rows must lie in [0, {S})")
     slope, size = recession if recession is not None else (None, None)
     y, count = against if against is not None else (None, None)
-    _check("logistic_eval", theta=(theta, (R, d), f64), margins=(margins, (R, P), f64), slope=(slope, (R,), f64),
+    _check("logistic_eval", theta=(theta, (R, d), f64), slope=(slope, (R,), f64),
            size=(size, (R,), f64), y=(y, (S, P), f64), count=(count, (R,), f64))
     if out is None:
         value = torch.empty(R, dtype=torch.float64)
@@ -197,7 +197,7 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
     else:
         value, grad, hess = out
     lib.rr_logistic_eval(R, P, d, _ptr(Xt), _ptr(a), _ptr(b), _ptr(theta), mode, int(out is not None),
-                         torch.get_num_threads(), _ptr(value), _ptr(grad), _ptr(hess), _ptr(margins), _ptr(slope),
+                         torch.get_num_threads(), _ptr(value), _ptr(grad), _ptr(hess), _ptr(slope),
                          _ptr(size), _ptr(y), _ptr(count), _ptr(rows))
     return value, grad, hess
 
