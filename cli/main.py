@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robust-rlhf`` console script."""
     from robust_rlhf.theory.errors import InputError
 
+    from ._allocator import tune_allocator
+
+    tune_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

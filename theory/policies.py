@@ -216,6 +216,8 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     """A float64 torch view of ``a`` (a copy only if it is not contiguous float64). The (R, P, K) tables of
     the policies are reduced over their short last axis in torch: numpy's reductions over an axis of a
     few entries take about ten times longer."""
+    if isinstance(a, torch.Tensor):
+        return a
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
 
 
@@ -250,8 +252,15 @@ def _gibbs(values: np.ndarray, pi_ref: np.ndarray, beta: float) -> tuple[np.ndar
     """``pi ~ pi_ref exp(values / beta)`` by a max-shifted softmax, and ``log pi`` (``-inf`` off support)."""
     logits = _tensor(_log_ref(pi_ref)[1]) + _tensor(values) / beta
     logits = logits - logits.amax(dim=-1, keepdim=True)  # each row has support, so the max is finite
-    log_pi = logits - logits.exp().sum(dim=-1, keepdim=True).log()
-    return log_pi.exp().numpy(), log_pi.numpy()
+    weights = logits.exp()
+    total = weights.sum(dim=-1, keepdim=True)
+    return (weights / total).numpy(), (logits - total.log()).numpy()
+
+
+def _policy(th: np.ndarray, ph: np.ndarray, kind: str, pi_ref: np.ndarray | None, beta: float | None) -> np.ndarray:
+    """The ``kind`` policy (R, P, K) of checked ``th`` (R, d) on checked ``ph`` (P, K, d)."""
+    r = _rewards(th, ph)
+    return _argmax_policy(r) if kind == "greedy" else _gibbs(r, pi_ref, beta)[0]
 
 
 def greedy_policy(theta: object, phi: object) -> np.ndarray:
@@ -259,7 +268,9 @@ def greedy_policy(theta: object, phi: object) -> np.ndarray:
 
     Returns ``(P, K)``, or ``(R, P, K)`` for ``theta`` of shape ``(R, d)``.
     """
-    return _argmax_policy(np.asarray(rewards(theta, phi)))
+    ph = _check_phi(phi)
+    th, batched = _check_theta(theta, ph.shape[2])
+    return _unbatch(_policy(th, ph, "greedy", None, None), batched)
 
 
 def kl_policy(theta: object, phi: object, pi_ref: object, beta: float) -> np.ndarray:
@@ -275,21 +286,22 @@ def kl_policy(theta: object, phi: object, pi_ref: object, beta: float) -> np.nda
         raise InputError(f"pi_ref: expected shape {(P, K)}, got {ref.shape}")
     b = _check_beta(beta)
     th, batched = _check_theta(theta, ph.shape[2])
-    pol, _ = _gibbs(_rewards(th, ph), ref, b)
-    return _unbatch(pol, batched)
+    return _unbatch(_policy(th, ph, "kl", ref, b), batched)
 
 
 def policy_from_theta(
     theta: object, phi: object, kind: str = "greedy", pi_ref: object | None = None, beta: float | None = None
 ) -> np.ndarray:
     """``greedy_policy`` (``kind='greedy'``) or ``kl_policy`` (``kind='kl'``, needs ``pi_ref`` and ``beta``)."""
-    if kind == "greedy":
-        return greedy_policy(theta, phi)
-    if kind == "kl":
-        if pi_ref is None or beta is None:
-            raise InputError("kind='kl': the KL policy needs pi_ref and beta")
-        return kl_policy(theta, phi, pi_ref, beta)
-    raise InputError(f"kind: unknown policy class {kind!r}; allowed: {', '.join(POLICY_KINDS)}")
+    _check_kind(kind, pi_ref, beta)
+    return greedy_policy(theta, phi) if kind == "greedy" else kl_policy(theta, phi, pi_ref, beta)
+
+
+def _check_kind(kind: str, pi_ref: object | None, beta: float | None) -> None:
+    if kind not in POLICY_KINDS:
+        raise InputError(f"kind: unknown policy class {kind!r}; allowed: {', '.join(POLICY_KINDS)}")
+    if kind == "kl" and (pi_ref is None or beta is None):
+        raise InputError("kind='kl': the KL policy needs pi_ref and beta")
 
 
 def optimal_policy(target: object, beta: float | None = None, pi_ref: object | None = None) -> np.ndarray:
@@ -320,11 +332,9 @@ def value(policy: object, utility: object) -> PromptMean:
 def _kl_rows(pol: np.ndarray, log_other: np.ndarray) -> np.ndarray:
     """``sum_a pi(a) (log pi(a) - log q(a))`` per row, with ``0 log 0 = 0`` and ``inf`` off q's support."""
     p, other = _tensor(pol), _tensor(log_other)
-    pos = p > 0
-    log_pol = torch.where(pos, torch.where(pos, p, 1.0).log(), 0.0)
     inside = torch.isfinite(other)
-    outside = (pos & ~inside).any(dim=-1)
-    terms = torch.where(pos & inside, p * (log_pol - torch.where(inside, other, 0.0)), 0.0)
+    outside = ((p > 0) & ~inside).any(dim=-1)
+    terms = torch.xlogy(p, p) - p * torch.where(inside, other, 0.0)
     # a KL divergence is >= 0; rounding can leave -1e-17 when pi == q
     return torch.where(outside, torch.inf, terms.sum(dim=-1).clamp_min(0.0)).numpy()
 
@@ -349,14 +359,21 @@ def kl_value(policy: object, utility: object, pi_ref: object | None, beta: float
     return _prompt_mean((pol * util).sum(axis=-1) - b * kl)
 
 
-def _regret_rows(pol: np.ndarray, util: np.ndarray, ref: np.ndarray | None, beta: float | None) -> np.ndarray:
-    """Per-prompt regret: ``sum_a pi(a)(max U - U(a))`` or ``beta KL(pi || pi*_beta)``."""
+def _regret_target(util: np.ndarray, ref: np.ndarray | None, beta: float | None) -> torch.Tensor:
+    """What a policy's regret compares it with: the gaps ``max_b U - U(a)`` (``beta=None``; >= 0
+    entrywise, so the regret is >= 0 exactly) or ``log pi*_beta``."""
     if beta is None:
-        gap = util.max(axis=-1, keepdims=True) - util  # >= 0 entrywise, so the regret is >= 0 exactly
-        return (_tensor(pol) * _tensor(gap)).sum(dim=-1).numpy()
+        return _tensor(util.max(axis=-1, keepdims=True) - util)
     assert ref is not None
-    _, log_opt = _gibbs(util, ref, beta)
-    return beta * _kl_rows(pol, log_opt)
+    return _tensor(_gibbs(util, ref, beta)[1])
+
+
+def _regret_rows(pol: np.ndarray, target: torch.Tensor, beta: float | None) -> np.ndarray:
+    """Per-prompt regret: ``sum_a pi(a)(max U - U(a))`` or ``beta KL(pi || pi*_beta)`` (``target`` from
+    ``_regret_target``)."""
+    if beta is None:
+        return (_tensor(pol) * target).sum(dim=-1).numpy()
+    return beta * _kl_rows(pol, target)
 
 
 def regret(policy: object, target: object, *, beta: float | None = None, pi_ref: object | None = None) -> PromptMean:
@@ -372,7 +389,7 @@ def regret(policy: object, target: object, *, beta: float | None = None, pi_ref:
         if ref is None:
             raise InputError("regret with beta: pi_ref is needed")
         beta = _check_beta(beta)
-    return _prompt_mean(_regret_rows(pol, util, ref, beta))
+    return _prompt_mean(_regret_rows(pol, _regret_target(util, ref, beta), beta))
 
 
 #: Entries of the (replications, prompts, responses) tables ``theta_regret`` forms at once.
@@ -422,8 +439,11 @@ def theta_regret(
     # replications in chunks whose (r, P, K) tables stay in cache (fresh multi-megabyte temporaries are
     # paid in page faults): 3 x faster for 500 draws on 1000 prompts
     step = max(1, _REGRET_CHUNK // (population.size * population.K))
-    per = np.concatenate([_regret_rows(policy_from_theta(th[s:s + step], population.phi, kind, population.pi, beta),
-                                       util, ref, b) for s in range(0, th.shape[0], step)])
+    _check_kind(kind, population.pi, beta)
+    pol_beta = _check_beta(beta) if kind == "kl" else None
+    target = _regret_target(util, ref, b)
+    per = np.concatenate([_regret_rows(_policy(th[s:s + step], population.phi, kind, population.pi, pol_beta), target, b)
+                          for s in range(0, th.shape[0], step)])
     return _prompt_mean(_unbatch(per, batched))
 
 
@@ -475,7 +495,7 @@ def preference_gap(policy: object, population: PairPopulation, against: object |
     """``max_pi P(pi > against) - P(policy > against) = E_x sum_a policy(a|x) (max_b u(x,b) - u(x,a))`` >= 0."""
     u = preference_utility(population, against)
     pol = _check_distribution("policy", policy, population.K, population.size)
-    return _prompt_mean(_regret_rows(pol, u, None, None))
+    return _prompt_mean(_regret_rows(pol, _regret_target(u, None, None), None))
 
 
 # ------------------------------------------------------------------------------------------- pessimism
