@@ -9,6 +9,7 @@
 // (k >= j) are formed; with `accumulate` the results are added to the outputs. A replication's pairs are
 // split over threads when there are fewer replications than threads.
 // rr_transpose: (R x P x d) to (R x d x P). rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda.
+// rr_policy_regret: the per-prompt regret of the greedy or KL policy of each theta_r (robust_rlhf.theory.policies).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -201,7 +202,7 @@ void centred_moments(const double* A, const double* B, int64_t lo, int64_t hi, i
 
 extern "C" {
 
-int rr_kernel_version() { return 6; }
+int rr_kernel_version() { return 8; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -314,6 +315,100 @@ void rr_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, c
       std::fill(bb, bb + d * d, 0.0);
       centred_moments(A.data(), B.data(), 0, n, d, aa, ab, bb);
       centred_moments(nullptr, B.data(), n, C, d, nullptr, nullptr, bb);
+    }
+  }
+}
+
+// For each theta_r (R x d) and prompt p (features phiT, d x (P K): column p K + a is phi(x_p, a)): rewards
+// v_a = theta_r . phi_pa, the policy (greedy: uniform over {a: v_a >= max v - tie max(1, |max v|)}; KL,
+// policy_beta > 0: pi_a ~ exp(log_ref_pa + v_a / policy_beta) on ref_support) and out[r, p] = its regret:
+// measure_beta = 0 gives sum_a pi_a target_pa (target = max U - U); measure_beta > 0 gives
+// measure_beta KL(pi || opt) with log opt_pa = target_pa on opt_support (clamped at 0; -1 when pi leaves
+// that support, where the regret is infinite). Masks and a sentinel instead of infinities: -ffast-math
+// assumes finite values. The elementwise work runs over all P K entries of a replication at once (the
+// exponentials vectorise); K is a few responses.
+void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* theta, const double* phiT,
+                      const double* log_ref, const uint8_t* ref_support, double policy_beta, const double* target,
+                      const uint8_t* opt_support, double measure_beta, double tie, int threads, double* out) {
+  const int64_t PK = P * K;
+#pragma omp parallel num_threads(threads) if (R > 1 && R * PK > 16384 && threads > 1)
+  {
+    std::vector<double> v(PK), pol(PK), logpol(PK), total(P);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const double* th = theta + r * d;
+      double* vv = v.data();
+      std::fill(v.begin(), v.end(), 0.0);
+      for (int64_t k = 0; k < d; ++k) {
+        const double t = th[k];
+        const double* col = phiT + k * PK;
+#pragma omp simd
+        for (int64_t i = 0; i < PK; ++i) vv[i] += t * col[i];
+      }
+      if (policy_beta > 0.0) {
+        const double inv = 1.0 / policy_beta;
+        for (int64_t p = 0; p < P; ++p) {
+          double top = 0.0;
+          bool any = false;
+          for (int64_t i = p * K; i < p * K + K; ++i) {
+            vv[i] = log_ref[i] + vv[i] * inv;
+            if (ref_support[i]) {
+              top = any ? std::max(top, vv[i]) : vv[i];
+              any = true;
+            }
+          }
+          for (int64_t i = p * K; i < p * K + K; ++i) vv[i] = ref_support[i] ? vv[i] - top : 0.0;
+        }
+        double* w = pol.data();
+#pragma omp simd
+        for (int64_t i = 0; i < PK; ++i) w[i] = std::exp(vv[i]);
+        for (int64_t p = 0; p < P; ++p) {
+          double acc = 0.0;
+          for (int64_t i = p * K; i < p * K + K; ++i) {
+            w[i] = ref_support[i] ? w[i] : 0.0;
+            acc += w[i];
+          }
+          total[p] = acc;
+        }
+        for (int64_t p = 0; p < P; ++p) {
+          const double lt = std::log(total[p]);
+          for (int64_t i = p * K; i < p * K + K; ++i) {
+            logpol[i] = vv[i] - lt;
+            w[i] /= total[p];
+          }
+        }
+      } else {
+        for (int64_t p = 0; p < P; ++p) {
+          const double* vp = vv + p * K;
+          double top = vp[0];
+          for (int64_t a = 1; a < K; ++a) top = std::max(top, vp[a]);
+          const double cut = top - tie * std::max(1.0, std::abs(top));
+          double count = 0.0;
+          for (int64_t a = 0; a < K; ++a) count += vp[a] >= cut ? 1.0 : 0.0;
+          const double lc = std::log(count);
+          for (int64_t a = 0; a < K; ++a) {
+            pol[p * K + a] = vp[a] >= cut ? 1.0 / count : 0.0;
+            logpol[p * K + a] = -lc;
+          }
+        }
+      }
+      double* o = out + r * P;
+      for (int64_t p = 0; p < P; ++p) {
+        double reg = 0.0;
+        if (measure_beta > 0.0) {
+          bool outside = false;
+          for (int64_t i = p * K; i < p * K + K; ++i) {
+            if (pol[i] > 0.0) {
+              if (!opt_support[i]) outside = true;
+              else reg += pol[i] * (logpol[i] - target[i]);
+            }
+          }
+          reg = outside ? -1.0 : measure_beta * std::max(reg, 0.0);
+        } else {
+          for (int64_t i = p * K; i < p * K + K; ++i) reg += pol[i] * target[i];
+        }
+        o[p] = reg;
+      }
     }
   }
 }

@@ -10,7 +10,8 @@ r"""The compiled kernels of the fitting engine (``kernels.cpp``): build, cache, 
 with ``u_ri = x_ri . theta_r``, in one pass over the pairs (margins, transcendental functions, gradient
 and the Hessian's distinct entries fused), which batched BLAS products cannot do. Every logistic VR
 objective has this form (``fitting._kernel_terms``). ``margins`` and ``cluster_moments`` form the
-cluster sandwich of any loss (``fitting._meat``).
+cluster sandwich of any loss (``fitting._meat``). ``policy_regret`` fuses the rewards, the greedy or KL
+policy and its regret per prompt (``policies.theta_regret``), without the ``(R, P, K)`` tables.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) for this
 machine's processor and cached under ``$ROBUST_RLHF_KERNEL_DIR`` (default
@@ -35,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "cluster_moments", "logistic_eval", "margins", "transpose", "unavailable_reason"]
+__all__ = ["available", "cluster_moments", "logistic_eval", "margins", "policy_regret", "transpose",
+           "unavailable_reason"]
 
 _LOG = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -43,7 +45,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # the shared object does not link crtfastmath (which would flush denormals in the whole process).
 _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 6
+_VERSION = 8
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -114,6 +116,9 @@ def _load() -> ctypes.CDLL | None:
     lib.rr_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr,
                                        ptr]
     lib.rr_cluster_moments.restype = None
+    lib.rr_policy_regret.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, ptr,
+                                     ctypes.c_double, ctypes.c_double, ctypes.c_int, ptr]
+    lib.rr_policy_regret.restype = None
     return lib
 
 
@@ -123,8 +128,8 @@ def _lib() -> ctypes.CDLL | None:
             if "lib" not in _state:
                 lib = _load()
                 if lib is None:
-                    _LOG.warning("compiled kernels unavailable (%s): the fitting engine uses its "
-                                 "slower torch path", _state["reason"])
+                    _LOG.warning("compiled kernels unavailable (%s): the fitting engine and the policy "
+                                 "evaluations use their slower torch paths", _state["reason"])
                 _state["lib"] = lib
     return _state["lib"]  # type: ignore[return-value]
 
@@ -254,3 +259,35 @@ def cluster_moments(X: Tensor, cA: Tensor, cB: Tensor | None, X_ref: Tensor | No
                            _ptr(cR if cB is not None else None), _ptr(cluster if cB is not None else None),
                            torch.get_num_threads(), _ptr(VAA), _ptr(VAB), _ptr(VBB))
     return VAA, VAB, VBB
+
+
+def policy_regret(theta: Tensor, phi: Tensor, target: Tensor, *, tie: float, pi_ref: Tensor | None = None,
+                  policy_beta: float | None = None, opt_support: Tensor | None = None,
+                  measure_beta: float | None = None) -> Tensor:
+    r"""Per-prompt regret (R, P) of the policy of each ``theta_r`` (R, d) on features ``phi`` (P, K, d).
+
+    Policy: greedy (``policy_beta`` None; uniform over the rewards within ``tie * max(1, |max|)`` of the
+    maximum) or KL, ``pi ~ pi_ref exp(r / policy_beta)`` on ``pi_ref > 0``. Regret: with ``measure_beta``
+    None, ``sum_a pi_a target_a`` (``target = max U - U``); else ``measure_beta KL(pi || opt)`` with
+    ``log opt = target`` on ``opt_support`` (bool (P, K); ``inf`` when ``pi`` leaves it). Float64 (bool
+    for the mask) CPU tensors.
+    """
+    lib = _require()
+    R, d = theta.shape
+    P, K, _ = phi.shape
+    f64 = torch.float64
+    _check("policy_regret", theta=(theta, (R, d), f64), phi=(phi, (P, K, d), f64), target=(target, (P, K), f64),
+           pi_ref=(pi_ref, (P, K), f64), opt_support=(opt_support, (P, K), torch.bool))
+    if (policy_beta is None) != (pi_ref is None) or (measure_beta is None) != (opt_support is None):
+        raise ValueError("policy_regret: a KL policy needs pi_ref and policy_beta; a KL measure opt_support "
+                         "and measure_beta")
+    phiT = phi.reshape(P * K, d).T.contiguous()
+    ref_support = log_ref = None
+    if pi_ref is not None:
+        ref_support = pi_ref > 0
+        log_ref = torch.where(ref_support, pi_ref, 1.0).log()
+    target = torch.where(opt_support, target, 0.0) if opt_support is not None else target
+    out = torch.empty(R, P, dtype=f64)
+    lib.rr_policy_regret(R, P, K, d, _ptr(theta), _ptr(phiT), _ptr(log_ref), _ptr(ref_support), policy_beta or 0.0,
+                         _ptr(target), _ptr(opt_support), measure_beta or 0.0, tie, torch.get_num_threads(), _ptr(out))
+    return out.masked_fill_(out < 0, torch.inf)  # -1: the policy leaves the optimum's support

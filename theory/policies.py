@@ -42,6 +42,7 @@ import scipy.sparse as sp
 import torch
 from scipy import stats
 
+from . import kernels
 from .data import PairPopulation, check_probability
 from .errors import InputError
 
@@ -436,12 +437,19 @@ def theta_regret(
         if beta is None:
             raise InputError("measure='kl': the KL-regularised regret needs beta")
         ref, b = population.pi, _check_beta(beta)
-    # replications in chunks whose (r, P, K) tables stay in cache (fresh multi-megabyte temporaries are
-    # paid in page faults): 3 x faster for 500 draws on 1000 prompts
-    step = max(1, _REGRET_CHUNK // (population.size * population.K))
     _check_kind(kind, population.pi, beta)
     pol_beta = _check_beta(beta) if kind == "kl" else None
     target = _regret_target(util, ref, b)
+    if kernels.available():
+        support = torch.isfinite(target) if b is not None else None
+        per = kernels.policy_regret(
+            _tensor(th), _tensor(population.phi), target,
+            tie=TIE_RTOL, pi_ref=_tensor(population.pi) if pol_beta is not None else None, policy_beta=pol_beta,
+            opt_support=support, measure_beta=b).numpy()
+        return _prompt_mean(_unbatch(per, batched))
+    # replications in chunks whose (r, P, K) tables stay in cache (fresh multi-megabyte temporaries are
+    # paid in page faults): 3 x faster for 500 draws on 1000 prompts
+    step = max(1, _REGRET_CHUNK // (population.size * population.K))
     per = np.concatenate([_regret_rows(_policy(th[s:s + step], population.phi, kind, population.pi, pol_beta), target, b)
                           for s in range(0, th.shape[0], step)])
     return _prompt_mean(_unbatch(per, batched))

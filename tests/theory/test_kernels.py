@@ -86,6 +86,32 @@ def test_bad_arguments_are_named() -> None:
         kernels.logistic_eval(Xt, a, b, theta[:, :2].contiguous())
     with pytest.raises(ValueError, match="Xt must be"):
         kernels.logistic_eval(Xt.transpose(1, 2), a, b, theta)
+    phi, target = torch.zeros(4, 3, 2, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"phi must be .* shape \(4, 3, 2\)"):
+        kernels.policy_regret(torch.zeros(5, 2, dtype=torch.float64), phi[..., :1], target, tie=0.0)
+    with pytest.raises(ValueError, match="a KL policy needs pi_ref and policy_beta"):
+        kernels.policy_regret(torch.zeros(5, 2, dtype=torch.float64), phi, target, tie=0.0, policy_beta=1.0)
+
+
+def test_policy_regret_closed_form() -> None:
+    """One prompt, K = 3, rewards (1, 1, 0) at theta = 1: the greedy policy splits over the tie, the KL
+    policy is ``pi_ref e^{r / beta} / Z``; a greedy response off the optimum's support costs ``inf``."""
+    phi = torch.tensor([[[1.0], [1.0], [0.0]]], dtype=torch.float64)
+    theta = torch.ones(1, 1, dtype=torch.float64)
+    gap = torch.tensor([[0.0, 2.0, 4.0]], dtype=torch.float64)
+    assert float(kernels.policy_regret(theta, phi, gap, tie=1e-12)) == pytest.approx(1.0, rel=1e-15)
+    ref = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)
+    z = 0.5 * np.e + 0.25 * np.e + 0.25
+    pol = np.array([0.5 * np.e, 0.25 * np.e, 0.25]) / z
+    got = kernels.policy_regret(theta, phi, gap, tie=1e-12, pi_ref=ref, policy_beta=1.0)
+    assert float(got) == pytest.approx(pol @ [0.0, 2.0, 4.0], rel=1e-14)
+    log_opt = torch.log(torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64))
+    kl = kernels.policy_regret(theta, phi, log_opt, tie=1e-12, pi_ref=ref, policy_beta=1.0,
+                               opt_support=torch.ones(1, 3, dtype=torch.bool), measure_beta=2.0)
+    assert float(kl) == pytest.approx(2.0 * float(pol @ (np.log(pol) - np.log([0.2, 0.3, 0.5]))), rel=1e-13)
+    off = kernels.policy_regret(theta, phi, log_opt, tie=1e-12, opt_support=torch.tensor([[True, False, True]]),
+                                measure_beta=2.0)
+    assert float(off) == np.inf
 
 
 @pytest.fixture(scope="module")

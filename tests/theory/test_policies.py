@@ -189,6 +189,7 @@ def test_regret_chunks_change_nothing(chunk: int, monkeypatch: pytest.MonkeyPatc
     """``theta_regret`` takes the replications in chunks of ``_REGRET_CHUNK`` table entries (one
     replication per chunk up to all at once): the same numbers up to rounding (the matrix product of the
     rewards may sum in another order for another shape)."""
+    monkeypatch.setattr(pl.kernels, "available", lambda: False)  # the chunks are the torch path's
     pop, theta_star = _random_population(5)
     thetas = theta_star + np.random.default_rng(1).normal(size=(9, pop.d))
     want = {kind: pl.theta_regret(thetas, pop, kind=kind, beta=beta) for kind, beta in (("greedy", None), ("kl", 0.5))}
@@ -197,6 +198,30 @@ def test_regret_chunks_change_nothing(chunk: int, monkeypatch: pytest.MonkeyPatc
         got = pl.theta_regret(thetas, pop, kind=kind, beta=beta)
         np.testing.assert_allclose(got.mean, want[kind].mean, rtol=1e-13, atol=1e-16)
         np.testing.assert_allclose(got.se, want[kind].se, rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.skipif(not pl.kernels.available(), reason="no compiled kernels")
+@given(seed=st.integers(0, 2**16), R=st.integers(1, 7), P=st.integers(1, 40), K=st.integers(1, 6),
+       d=st.integers(1, 5), beta=st.sampled_from([1e-3, 0.5, 7.0]), ties=st.booleans())
+def test_compiled_regret_matches_torch_path(seed: int, R: int, P: int, K: int, d: int, beta: float, ties: bool) -> None:
+    """``theta_regret`` through ``kernels.policy_regret`` and through the torch tables: every policy class
+    and measure, exact ties (integer features and rewards), reference policies with zeros (a greedy
+    policy off their support has an infinite KL regret) and nearly deterministic KL policies."""
+    rng = np.random.default_rng(seed)
+    phi = rng.integers(-2, 3, size=(P, K, d)).astype(float) if ties else rng.normal(size=(P, K, d))
+    pi = rng.dirichlet(np.ones(K), size=P) * (rng.uniform(size=(P, K)) < 0.7)
+    pi[np.arange(P), rng.integers(0, K, P)] += 0.1  # every prompt keeps some support
+    pi /= pi.sum(1, keepdims=True)
+    util = rng.integers(-2, 3, size=(P, K)).astype(float) if ties else rng.normal(size=(P, K))
+    pop = PairPopulation(phi, pi, rng.uniform(size=(P, K, K)), util)
+    thetas = rng.integers(-1, 2, size=(R, d)).astype(float) if ties else rng.normal(size=(R, d))
+    for kind, measure in itertools.product(("greedy", "kl"), ("value", "kl", "preference")):
+        compiled = pl.theta_regret(thetas, pop, kind=kind, beta=beta, measure=measure)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pl.kernels, "available", lambda: False)
+            want = pl.theta_regret(thetas, pop, kind=kind, beta=beta, measure=measure)
+        np.testing.assert_allclose(compiled.mean, want.mean, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(compiled.se, want.se, rtol=1e-9, atol=1e-14)
 
 
 @given(
