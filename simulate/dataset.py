@@ -186,33 +186,34 @@ class PreferenceData:
         """
         feats = self.pair_features() if features else (None, None)
         has_ref = self.g_hat is not None and self.n_ref > 0
-        dphi_ref, g_ref, weight, rows, feats_ref = self.dphi_ref, self.ref_g_hat, self.ref_weight, self.ref_row, feats[1]
-        if has_ref and self.M == "exact" and not features:
-            dphi_ref, g_ref, weight, rows = self._merged_exact(dphi_ref, g_ref, weight, rows)
+        ref = (None, None, None, None)
+        if has_ref:
+            merged = self._merged_exact() if self.M == "exact" and not features else None
+            ref = merged or (self.dphi_ref, self.ref_g_hat, self.ref_weight, self.ref_row)
+        dphi_ref, g_ref, weight, rows = ref
         return PairData(
-            dphi=self.dphi, z=self.z.astype(np.float64),
-            g=self.g_hat if has_ref else None,
-            dphi_ref=dphi_ref if has_ref else None,
-            g_ref=g_ref if has_ref else None,
-            ref_weight=weight if has_ref else None,
-            ref_row=rows if has_ref else None,
-            features=feats[0], features_ref=feats_ref if has_ref else None,
+            dphi=self.dphi, z=self.z.astype(np.float64), g=self.g_hat if has_ref else None,
+            dphi_ref=dphi_ref, g_ref=g_ref, ref_weight=weight, ref_row=rows,
+            features=feats[0], features_ref=feats[1] if has_ref else None,
             swap_features=self.swap_pair_features if features else None,
         )
 
-    def _merged_exact(self, dphi_ref, g_ref, weight, rows):
+    def _merged_exact(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(dphi_ref, g_ref, weight, ref_row)`` of the merged exact design (see ``to_pair_data``), or None
+        when ``g_hat`` is not antisymmetric; differences are formed for the kept pairs only."""
         K = self.scenario.K
         R, P = self.reps, self.n + self.n_unlabelled
-        g = g_ref.reshape(R, P, K, K)
+        g = self.ref_g_hat.reshape(R, P, K, K)
         if np.abs(g + np.swapaxes(g, -1, -2) - 1.0).max() > 1e-12:  # e.g. a position-biased judge
-            return dphi_ref, g_ref, weight, rows
+            return None
         a, b = np.triu_indices(K, 1)
-        w = weight.reshape(R, P, K, K)
+        w = self.ref_weight.reshape(R, P, K, K)
         upper = a * K + b
         keep = np.concatenate([upper, [0]])  # the pair (0, 0) stands for the whole diagonal
         w_new = np.concatenate([(w[..., a, b] + w[..., b, a]), np.trace(w, axis1=-2, axis2=-1)[..., None]], axis=-1)
         m = keep.size
-        return (dphi_ref.reshape(R, P, K * K, -1)[:, :, keep].reshape(R, P * m, -1),
+        pairs = self.ref_phi_pair.reshape(R, P, K * K, 2, -1)[:, :, keep]
+        return ((pairs[..., 0, :] - pairs[..., 1, :]).reshape(R, P * m, -1),
                 g.reshape(R, P, K * K)[:, :, keep].reshape(R, P * m),
                 w_new.reshape(R, P * m), np.repeat(np.arange(P), m))
 

@@ -44,9 +44,13 @@ def sample_responses(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     Index ``a`` is returned when ``F(a-1) <= u < F(a)`` with ``F`` the cumulative probabilities.
     """
     cdf = np.cumsum(probs, axis=-1)
-    cdf[..., -1] = 1.0  # guard the last bin against rounding
-    idx = (uniforms[..., :, None] >= cdf[..., None, :]).sum(axis=-1)
-    return np.minimum(idx, probs.shape[-1] - 1)
+    # count the bins passed, one comparison per inner bin boundary (the last bin takes the rest, so a
+    # rounded F(K-1) < 1 cannot push an index past K - 1); K - 1 passes over (..., m) beat one reduction
+    # over a (..., m, K) array
+    idx = np.zeros(uniforms.shape, dtype=np.intp)
+    for k in range(probs.shape[-1] - 1):
+        idx += uniforms >= cdf[..., k:k + 1]
+    return idx
 
 
 REFERENCE_POLICIES = ("uniform", "softmax")

@@ -333,7 +333,8 @@ void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* 
   const int64_t PK = P * K;
 #pragma omp parallel num_threads(threads) if (R > 1 && R * PK > 16384 && threads > 1)
   {
-    std::vector<double> v(PK), pol(PK), logpol(PK), total(P);
+    std::vector<double> v(PK), pol(PK), logpol(PK), total(P), log_total(P), log_count(K + 1);
+    for (int64_t c = 1; c <= K; ++c) log_count[c] = std::log(static_cast<double>(c));
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       const double* th = theta + r * d;
@@ -370,11 +371,14 @@ void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* 
           }
           total[p] = acc;
         }
+        const double* tot = total.data();
+        double* lt = log_total.data();
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) lt[p] = std::log(tot[p]);
         for (int64_t p = 0; p < P; ++p) {
-          const double lt = std::log(total[p]);
           for (int64_t i = p * K; i < p * K + K; ++i) {
-            logpol[i] = vv[i] - lt;
-            w[i] /= total[p];
+            logpol[i] = vv[i] - lt[p];
+            w[i] /= tot[p];
           }
         }
       } else {
@@ -383,12 +387,12 @@ void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* 
           double top = vp[0];
           for (int64_t a = 1; a < K; ++a) top = std::max(top, vp[a]);
           const double cut = top - tie * std::max(1.0, std::abs(top));
-          double count = 0.0;
-          for (int64_t a = 0; a < K; ++a) count += vp[a] >= cut ? 1.0 : 0.0;
-          const double lc = std::log(count);
+          int64_t count = 0;
+          for (int64_t a = 0; a < K; ++a) count += vp[a] >= cut;
+          const double share = 1.0 / static_cast<double>(count);
           for (int64_t a = 0; a < K; ++a) {
-            pol[p * K + a] = vp[a] >= cut ? 1.0 / count : 0.0;
-            logpol[p * K + a] = -lc;
+            pol[p * K + a] = vp[a] >= cut ? share : 0.0;
+            logpol[p * K + a] = -log_count[count];
           }
         }
       }
