@@ -8,44 +8,41 @@
 - ``symbolic``: sympy derivations of the key formulas.
 """
 
-from .asymptotics import (
-    AsymptoticCovariance,
-    LambdaChoice,
-    Target,
-    VarianceRatio,
-    bread,
-    mle_covariance,
-    optimal_lambda,
-    population_target,
-    variance_ratio,
-    vr_covariance,
-)
-from .data import PairData, PairPopulation
-from .errors import InputError, SeparableDataError
-from .fitting import METHODS, FitResult, fit
-from .io import load_pair_data
-from .losses import (
-    LOSSES,
-    Hinge,
-    Logistic,
-    MarginLoss,
-    Squared,
-    TruncatedHinge,
-    get_loss,
-    pair_loss,
-    robust_pair_loss,
-    vr_derivatives,
-    vr_objective,
-    vr_terms,
-)
-from .policies import (
-    greedy_policy,
-    kl_policy,
-    optimal_policy,
-    pessimistic_policy,
-    preference_gap,
-    regret,
-    theta_regret,
-    value,
-)
-from .bounds import estimation_radius, gaussian_plugin_regret, kl_regret_delta_method, pessimistic_regret_bound
+import importlib
+
+# Public names and their modules, imported on first access (PEP 562): ``import robust_rlhf.theory.errors``
+# or ``theory.data`` does not pull in torch, cvxpy and sympy, so the commands' ``--help`` starts at once.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "asymptotics": ("AsymptoticCovariance", "LambdaChoice", "Target", "VarianceRatio", "bread", "mle_covariance",
+                    "optimal_lambda", "population_target", "variance_ratio", "vr_covariance"),
+    "data": ("PairData", "PairPopulation"),
+    "errors": ("InputError", "SeparableDataError"),
+    "fitting": ("METHODS", "FitResult", "fit"),
+    "io": ("load_pair_data",),
+    "losses": ("LOSSES", "Hinge", "Logistic", "MarginLoss", "Squared", "TruncatedHinge", "get_loss", "pair_loss",
+               "robust_pair_loss", "vr_derivatives", "vr_objective", "vr_terms"),
+    "policies": ("greedy_policy", "kl_policy", "optimal_policy", "pessimistic_policy", "preference_gap", "regret",
+                 "theta_regret", "value"),
+    "bounds": ("estimation_radius", "gaussian_plugin_regret", "kl_regret_delta_method", "pessimistic_regret_bound"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+_SUBMODULES = ("asymptotics", "bounds", "crossfit", "data", "errors", "fitting", "io", "kernels", "losses", "policies",
+               "symbolic")
+
+
+def __getattr__(name: str) -> object:
+    if name in _SUBMODULES:  # ``theory.fitting`` after ``import robust_rlhf.theory``
+        return importlib.import_module(f".{name}", __name__)
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -28,6 +28,23 @@ def test_help_lists_every_subcommand(capsys) -> None:
         assert "usage:" in text and len(text) > 200, name
 
 
+def test_help_starts_without_the_numerical_stack() -> None:
+    """``--help`` of every command imports neither torch, cvxpy nor sympy (``theory`` exports lazily),
+    while ``robust_rlhf.theory``'s public names and submodules still resolve."""
+    probe = ("import sys\n"
+             "from robust_rlhf.cli.main import build_parser, main\n"
+             "for args in (['--help'], ['simulate', '--help'], ['fit', '--help'], ['validate', '--help']):\n"
+             "    try:\n"
+             "        main(args)\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "print(sorted(m for m in ('torch', 'cvxpy', 'sympy') if m in sys.modules))\n"
+             "import robust_rlhf.theory as t\n"
+             "print(t.fit is t.fitting.fit, t.InputError.__module__, 'vr_covariance' in dir(t))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-2:] == ["[]", "True robust_rlhf.theory.errors True"]
+
+
 def test_list_and_describe(capsys) -> None:
     assert main(["simulate", "--list"]) == 0
     out = capsys.readouterr().out
