@@ -39,9 +39,12 @@ def _save(fig, table: pd.DataFrame, out: Path, name: str, study: Study) -> Path:
     with atomic_path(out / f"{name}.meta.json") as tmp:
         tmp.write_text(json.dumps({"figure": name, "study": study.spec.to_dict(), "seed": study.spec.seed,
                                    "fingerprint": study.spec.fingerprint(), "folder": str(study.folder)}, indent=1))
+    # the tight bounding box (legends outside the axes included) once, for both formats: "tight" would lay
+    # the figure out again in each savefig
+    bbox = fig.get_tightbbox().padded(0.1)
     for ext in ("png", "pdf"):
         with atomic_path(out / f"{name}.{ext}") as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches=bbox)
     with atomic_path(out / f"{name}.csv") as tmp:
         table.to_csv(tmp, index=False)
     import matplotlib.pyplot as plt
