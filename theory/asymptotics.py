@@ -423,7 +423,7 @@ def _group_means(
         if not derivs:
             continue
         # m'_g(u) = g l'(u) - (1-g) l'(-u), m''_g(u) = g l''(u) + (1-g) l''(-u), in the loss's closed form
-        _, mp, mpp = loss.pair_derivatives(U, gg)
+        mp, mpp = loss.pair_slopes(U, gg)
         Gp = _first(w * mp, phi)
         add("grad", Gp)
         if "gg" in what:

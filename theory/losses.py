@@ -83,6 +83,10 @@ class MarginLoss(ABC):
         (lp, d1p, d2p), (lm, d1m, d2m) = self.derivatives_pm(z)
         return g * lp + (1.0 - g) * lm, g * d1p - (1.0 - g) * d1m, g * d2p + (1.0 - g) * d2m
 
+    def pair_slopes(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor]:
+        """``(m_g', m_g'')`` of ``pair_derivatives`` (a loss may skip the value's work)."""
+        return self.pair_derivatives(z, g)[1:]
+
     def pair_derivatives_many(self, z: Tensor, gs: tuple[Tensor | float, ...]) -> list[tuple[Tensor, Tensor, Tensor]]:
         """``[pair_derivatives(z, g) for g in gs]``; a loss may share the work on ``z`` between them."""
         return [self.pair_derivatives(z, g) for g in gs]
@@ -140,8 +144,11 @@ class Logistic(MarginLoss):
     def pair_derivatives(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """By ``l(z) - l(-z) = -z``: ``m_g = softplus(z) - g z``, ``m_g' = sigmoid(z) - g``,
         ``m_g'' = sigmoid(z) sigmoid(-z)``."""
+        return F.softplus(z, threshold=_SOFTPLUS_THRESHOLD) - g * z, *self.pair_slopes(z, g)
+
+    def pair_slopes(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor]:
         s = torch.sigmoid(z)
-        return F.softplus(z, threshold=_SOFTPLUS_THRESHOLD) - g * z, s - g, s * (1.0 - s)
+        return s - g, s * (1.0 - s)
 
     def recession(self) -> MarginLoss:
         return Recession()

@@ -420,7 +420,9 @@ def theta_regret(
     ``kind``: ``greedy`` or ``kl`` (with ``beta``; the reference is ``population.pi``). ``measure``:
     ``value`` (``J(argmax U) - J(pi_theta)``), ``kl`` (``J_beta`` regret, needs ``beta``) or
     ``preference`` (the preference gap). Default: ``kl`` for a KL policy, ``value`` for greedy, and
-    ``preference`` when the population has no utility.
+    ``preference`` when the population has no utility. Computed by ``kernels.policy_regret`` when the
+    compiled kernels are built (no ``(R, P, K)`` tables), else by the policies' torch tables; the two
+    agree to rounding.
     """
     if not isinstance(population, PairPopulation):
         raise InputError(f"population: expected a PairPopulation, got {type(population).__name__}")

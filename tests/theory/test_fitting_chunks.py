@@ -100,3 +100,18 @@ def test_pair_derivatives_many_is_pair_derivatives(loss) -> None:
     for got, g in zip(loss.pair_derivatives_many(z, gs), gs):
         for a, b in zip(got, loss.pair_derivatives(z, g)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sizes, want", [
+    ({"index0": "48K", "index2": "1024K", "index3": "32768K"}, 16 * 2**20),  # half the L3
+    ({"index0": "48K", "index2": "1024K"}, 2**20),  # half of 1 MB, raised to the 1 MB floor
+    ({"index3": "1G"}, 32 * 2**20),  # capped at MEMORY_BUDGET
+    ({"index3": "unknown"}, 4 * 2**20),  # unreadable sizes: the default
+    ({}, 4 * 2**20),  # no cache listing (not Linux): the default
+])
+def test_cache_block_from_the_processor_caches(sizes: dict, want: int, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fitting, "MEMORY_BUDGET", 32 * 2**20)
+    for name, size in sizes.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    assert fitting._cache_block(tmp_path) == want

@@ -55,6 +55,8 @@ def test_pair_derivatives_match_autograd(loss: MarginLoss, z: np.ndarray, g: flo
     (d2,) = torch.autograd.grad(d1.sum(), t)
     for closed, auto in zip(loss.pair_derivatives(t.detach(), g), (value.detach(), d1.detach(), d2)):
         torch.testing.assert_close(closed, auto, rtol=1e-10, atol=1e-10)
+    for slope, auto in zip(loss.pair_slopes(t.detach(), g), (d1.detach(), d2)):
+        torch.testing.assert_close(slope, auto, rtol=1e-10, atol=1e-10)
 
 
 @given(z=margins)
