@@ -5,9 +5,9 @@ the kernel when freed, so every temporary array of that size pays one page fault
 is first written (about 1.3 ms for a (500, 1000) float64 temporary on the 2-core machines measured,
 several times the arithmetic done on it). Raising the mmap and trim thresholds keeps freed blocks in the
 heap for the next temporary: the default ``validate`` takes 4.5 times fewer page faults and 10-20 % less
-wall time (benchmarks/README.md). Applied to this process with ``mallopt`` and, through the environment,
-to the worker processes a study starts. Values the user set in the environment are kept; other C
-libraries are left alone.
+wall time (benchmarks/README.md). The array commands (``main.ARRAY_COMMANDS``) apply it to their process
+with ``mallopt`` and, through the environment, to the worker processes a study starts. Values the user
+set in the environment are kept; other C libraries are left alone.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ SUBCOMMANDS: tuple[str, ...] = (
     "experiment",
 )
 
+# Commands whose work is numpy/torch array arithmetic on the CPU, where glibc's default of returning
+# freed blocks to the kernel costs page faults (``_allocator``); the LLM commands keep the default.
+ARRAY_COMMANDS = frozenset({"validate", "simulate", "fit", "check", "figures"})
+
 DESCRIPTION = """\
 robust-rlhf: preference learning when the Bradley-Terry model is wrong.
 
@@ -62,12 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ._allocator import tune_allocator
 
-    tune_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command in ARRAY_COMMANDS:
+        tune_allocator()
     try:
         return int(args._module.run(args) or 0)
     except InputError as exc:

@@ -52,3 +52,19 @@ def test_users_allocator_settings_are_kept() -> None:
     out = _probe("tune", MALLOC_MMAP_THRESHOLD_="65536")
     assert out["env"]["MALLOC_MMAP_THRESHOLD_"] == "65536"
     assert out["env"]["MALLOC_TRIM_THRESHOLD_"] is not None
+
+
+def test_only_the_array_commands_tune_the_allocator() -> None:
+    """``simulate`` (an array command) sets the thresholds; ``data-check`` (an LLM data command) leaves
+    glibc's defaults."""
+    from robust_rlhf.cli.main import ARRAY_COMMANDS, SUBCOMMANDS
+
+    assert ARRAY_COMMANDS <= set(SUBCOMMANDS)
+    probe = ("import os, sys\n"
+             "from robust_rlhf.cli.main import main\n"
+             "main(sys.argv[1:])\n"
+             "print('tuned' if 'MALLOC_TRIM_THRESHOLD_' in os.environ else 'default')\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    for args, want in ((["simulate", "--list"], "tuned"), (["data-check", "/nonexistent.jsonl"], "default")):
+        out = subprocess.run([sys.executable, "-c", probe, *args], env=clean, capture_output=True, text=True)
+        assert out.stdout.splitlines()[-1] == want, (args, out.stdout, out.stderr)
