@@ -31,6 +31,7 @@ Formulas
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import warnings
@@ -702,6 +703,13 @@ class _PessimisticProgram:
 _PROGRAMS = threading.local()
 
 
+@functools.cache
+def _installed_solvers() -> tuple[str, ...]:
+    """cvxpy's installed solvers, looked up once per process (each lookup tries the solvers' imports:
+    3 ms, more than a small cone program takes to solve)."""
+    return tuple(cp.installed_solvers())
+
+
 def _program(phi: np.ndarray, per_prompt: bool) -> _PessimisticProgram:
     """The compiled program of ``phi``, kept for the next call in this thread (a study solves one per
     replication on the same population; compiling costs more than solving). The last 4 are kept."""
@@ -748,8 +756,8 @@ def pessimistic_policy(
     P, K, d = ph.shape
     th, batched = _check_theta(theta_hat, d, "theta_hat")
     R = th.shape[0]
-    if solver not in cp.installed_solvers():
-        raise InputError(f"solver: {solver!r} is not installed; available: {', '.join(cp.installed_solvers())}")
+    if solver not in _installed_solvers():
+        raise InputError(f"solver: {solver!r} is not installed; available: {', '.join(_installed_solvers())}")
     if gamma is None:
         gamma = confidence_radius(d, delta)
     S = _cov_sqrt(cov, d, R) * _check_gamma(gamma, R)[:, None, None]

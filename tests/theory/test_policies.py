@@ -259,6 +259,11 @@ def test_confidence_radius_closed_form() -> None:
     assert pl.confidence_radius(2, 0.1) == pytest.approx(math.sqrt(-2 * math.log(0.1)), rel=1e-12)
 
 
+def test_pessimistic_unknown_solver_is_named() -> None:
+    with pytest.raises(InputError, match=r"solver: 'NOPE' is not installed; available: .*CLARABEL"):
+        pl.pessimistic_policy(np.array([1.0]), np.eye(1), PHI, PI_REF, solver="NOPE")
+
+
 def test_pessimistic_gamma_zero_is_greedy() -> None:
     pop, theta_star = _random_population(6, P=8)
     cov = np.diag([0.3, 0.1, 0.2])
