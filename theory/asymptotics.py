@@ -67,8 +67,10 @@ from ``theta = 0``. A population with no unique finite minimiser raises ``InputE
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -617,7 +619,44 @@ def _newton(
     return _Fit(theta=theta, grad=grad, hess=hess, iterations=it, failed=failed)
 
 
+#: The last fits of ``_fit_groups`` by the content of their inputs: every estimator's covariance on a
+#: population needs the same target (``theta_dagger`` and its batch targets), fitted once.
+_FITS: dict[bytes, _Fit] = {}
+_FITS_LOCK = threading.Lock()
+_FITS_KEPT = 8
+
+
+def _fit_key(T: _Tensors, loss: MarginLoss, g: Tensor, groups: Tensor, G: int, theta0: Tensor, tol: float,
+             max_iter: int) -> bytes | None:
+    """A digest of everything ``_fit_groups`` reads, or None for a loss whose parameters are not plain numbers."""
+    params = sorted(vars(loss).items())
+    if not all(isinstance(v, (int, float, str, bool)) for _, v in params):
+        return None
+    h = hashlib.sha1(repr((type(loss).__name__, params, G, tol, max_iter, tuple(T.phi.shape))).encode())
+    for t in (T.phi, T.w, g, groups, theta0):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.digest()
+
+
 def _fit_groups(
+    T: _Tensors, loss: MarginLoss, g: Tensor, groups: Tensor, G: int, theta0: Tensor, tol: float, max_iter: int
+) -> _Fit:
+    """``_fit_groups_uncached``, reused for identical inputs (``_FITS``)."""
+    key = _fit_key(T, loss, g, groups, G, theta0, tol, max_iter)
+    with _FITS_LOCK:
+        hit = _FITS.get(key) if key is not None else None
+    if hit is not None:
+        return replace(hit, failed=list(hit.failed))
+    fit = _fit_groups_uncached(T, loss, g, groups, G, theta0, tol, max_iter)
+    if key is not None:
+        with _FITS_LOCK:
+            _FITS[key] = replace(fit, failed=list(fit.failed))
+            while len(_FITS) > _FITS_KEPT:
+                del _FITS[next(iter(_FITS))]
+    return fit
+
+
+def _fit_groups_uncached(
     T: _Tensors, loss: MarginLoss, g: Tensor, groups: Tensor, G: int, theta0: Tensor, tol: float, max_iter: int
 ) -> _Fit:
     """Newton per group after the existence checks; any failing check skips the fit (``failed`` says why)."""

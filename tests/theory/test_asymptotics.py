@@ -279,10 +279,41 @@ def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> No
     g_hat = _noisy(pop.g_star, 0.5, 9)
     ref = asy.vr_covariance(pop, g_hat, lam=0.8, M=3, rho=1.0)
     monkeypatch.setattr(asy, "_CHUNK_ENTRIES", 7 * 25)  # 7 prompts per chunk, not dividing P or batches
+    monkeypatch.setattr(asy, "_FITS", {})  # the targets fitted again, in the new chunks
     got = asy.vr_covariance(pop, g_hat, lam=0.8, M=3, rho=1.0)
     np.testing.assert_allclose(got.Omega, ref.Omega, rtol=1e-12)
     np.testing.assert_allclose(got.cov, ref.cov, rtol=1e-12)
     np.testing.assert_allclose(got.batch_cov, ref.batch_cov, rtol=1e-9)
+
+
+def test_target_fits_are_reused_only_for_identical_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every covariance on a population needs the same targets: the second call reuses the fits
+    (no Newton step taken) and gives the numbers of a cold call; a population changed in place, or
+    another loss, is fitted afresh."""
+    monkeypatch.setattr(asy, "_FITS", {})
+    pop = _mixture_population(3, P=40, K=4, d=2, bias=0.3)
+    g_hat = _noisy(pop.g_star, 0.3, 4)
+    first = asy.vr_covariance(pop, g_hat, lam=1.0, M=2)
+    calls = []
+    monkeypatch.setattr(asy, "_newton", lambda *a: calls.append(1) or _real_newton(*a))
+    again = asy.vr_covariance(pop, g_hat, lam=1.0, M=2)
+    assert not calls
+    monkeypatch.setattr(asy, "_FITS", {})
+    cold = asy.vr_covariance(pop, g_hat, lam=1.0, M=2)
+    assert calls
+    for got in (again, cold):
+        np.testing.assert_array_equal(got.cov, first.cov)
+        np.testing.assert_array_equal(got.batch_cov, first.batch_cov)
+    calls.clear()
+    pop.phi[0, 0, 0] += 0.5  # same object, new content
+    moved = asy.mle_covariance(pop)
+    assert calls and not np.allclose(moved.theta_dagger, first.theta_dagger)
+    calls.clear()
+    asy.mle_covariance(pop, loss=Squared())
+    assert calls
+
+
+_real_newton = asy._newton
 
 
 def test_feature_rescaling_equivariance() -> None:
