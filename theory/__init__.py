@@ -29,8 +29,7 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 __all__ = sorted(_MODULE_OF)
 
 
-_SUBMODULES = ("asymptotics", "bounds", "crossfit", "data", "errors", "fitting", "io", "kernels", "losses", "policies",
-               "symbolic")
+_SUBMODULES = frozenset(_EXPORTS) | {"crossfit", "kernels", "symbolic"}  # the modules that export no names here
 
 
 def __getattr__(name: str) -> object:

@@ -802,11 +802,16 @@ def _meat(moments: tuple[Tensor, Tensor | None, Tensor | None], lam: Tensor) -> 
 
 def _sandwich(hess: Tensor, A: Tensor, B: Tensor | None, lam: Tensor, n: int) -> Tensor:
     """``H^+ V(lam) H^+`` from the cluster sums ``A``, ``B`` (``_influence_parts``)."""
-    return _sandwich_of(hess, _moments(A, B, n), lam)
+    return _sandwich_of(_pinv(hess), _moments(A, B, n), lam)
 
 
-def _sandwich_of(hess: Tensor, moments: tuple[Tensor, Tensor | None, Tensor | None], lam: Tensor) -> Tensor:
-    Hinv = torch.linalg.pinv(hess, hermitian=True)
+def _pinv(hess: Tensor) -> Tensor:
+    """``H^+`` of each (symmetric) Hessian, the bread of the sandwich and of ``tune_lambda``."""
+    return torch.linalg.pinv(hess, hermitian=True)
+
+
+def _sandwich_of(Hinv: Tensor, moments: tuple[Tensor, Tensor | None, Tensor | None], lam: Tensor) -> Tensor:
+    """``H^+ V(lam) H^+`` (symmetrised) for ``Hinv = H^+`` and the meat's moments."""
     cov = Hinv @ _meat(moments, lam) @ Hinv
     return 0.5 * (cov + cov.transpose(1, 2))
 
@@ -821,9 +826,10 @@ def _sandwiches(loss: MarginLoss, b: _Batch, theta: Tensor, hess: Tensor, lam: T
     for sl in _memory_chunks(b, R):
         control = tune is not None or bool((lam[sl] != 0).any())
         moments = _meat_moments(loss, b.rows(sl), theta[sl], control)
-        cov[sl] = _sandwich_of(hess[sl], moments, lam[sl])
+        Hinv = _pinv(hess[sl])
+        cov[sl] = _sandwich_of(Hinv, moments, lam[sl])
         if tune is not None:
-            tuned[sl] = _tuned_lambda(hess[sl], moments, tune[0], tune[1])
+            tuned[sl] = _tuned_lambda(Hinv, moments, tune[0], tune[1])
     return cov, tuned
 
 
@@ -832,14 +838,13 @@ def tune_lambda(hess: Tensor, A: Tensor, B: Tensor, n: int, weight: int | None =
     r"""``lambda* = argmin tr(W H^{-1} V(lambda) H^{-1})`` with ``V(lambda) = V_AA + lambda (V_AB + V_BA)
     + lambda^2 V_BB``: ``lambda* = -tr(W H^-1 (V_AB + V_BA) H^-1) / (2 tr(W H^-1 V_BB H^-1))``, clipped;
     ``A``, ``B`` the cluster sums of ``_influence_parts``."""
-    return _tuned_lambda(hess, _moments(A, B, n), weight, clip)
+    return _tuned_lambda(_pinv(hess), _moments(A, B, n), weight, clip)
 
 
-def _tuned_lambda(hess: Tensor, moments: tuple[Tensor, Tensor | None, Tensor | None], weight: int | None,
+def _tuned_lambda(Hinv: Tensor, moments: tuple[Tensor, Tensor | None, Tensor | None], weight: int | None,
                   clip: tuple[float, float]) -> Tensor:
-    """``tune_lambda`` from the meat's moments."""
+    """``tune_lambda`` from ``Hinv = H^+`` and the meat's moments."""
     _, vab, vbb = moments
-    Hinv = torch.linalg.pinv(hess, hermitian=True)
     num = _weighted_trace(Hinv @ (vab + vab.transpose(1, 2)) @ Hinv, weight)
     den = 2.0 * _weighted_trace(Hinv @ vbb @ Hinv, weight)
     lam = torch.where(den > 0, -num / den.clamp_min(1e-300), torch.zeros_like(num))
