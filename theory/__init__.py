@@ -2,10 +2,13 @@
 
 - ``losses``: margin losses, the soft-labelled pair loss and the VR objective (shared with ``llm``);
 - ``data``: what the estimators consume (``PairData``, ``PairPopulation``); ``io``: reading ``.npz`` data;
-- ``fitting``: MLE, VRPO, power-tuned and cross-fitted VRPO on a leading replication axis;
+- ``fitting``: MLE, VRPO, power-tuned and cross-fitted VRPO on a leading replication axis (``crossfit``:
+  the cross-fitted auxiliary models ``g_hat``);
 - ``asymptotics``: population targets and exact asymptotic covariances;
 - ``policies`` and ``bounds``: policies from a reward estimate, regret, predictions and bounds;
-- ``symbolic``: sympy derivations of the key formulas.
+- ``symbolic``: sympy derivations of the key formulas;
+- ``kernels``: the compiled loops behind ``fitting`` and ``theta_regret`` (C++ built on first use; each
+  has a torch path that gives the same numbers).
 """
 
 import importlib
