@@ -177,6 +177,8 @@ def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
     console.print(claims)
     n_ok = sum(c["verdict"] == "confirmed" for c in report.claims)
     console.print("Each verdict is a 95% test (about 1 in 20 true claims is refuted by chance). Variance claims "
-                  "are extrapolated to n -> inf from r(n) = r + c/n; the ratio at the largest n is shown beside it.")
+                  "are extrapolated to n -> inf from r(n) = r + c/n; the ratio at the largest n is shown beside it. "
+                  "A bad g_hat's estimate has no finite-sample mean or variance (it lands far out now and then), "
+                  "so its claims use the median and the interquartile scale.")
     console.print(f"{n_ok} of {len(report.claims)} claims confirmed. Tables: {out}/results.parquet, "
                   f"{out}/cell_checks.csv, {out}/claims.csv" + (f"; figures: {out}/figures" if figures else ""))
