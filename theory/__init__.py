@@ -4,7 +4,7 @@
 - ``data``: what the estimators consume (``PairData``, ``PairPopulation``); ``io``: reading ``.npz`` data;
 - ``fitting``: MLE, VRPO, power-tuned and cross-fitted VRPO on a leading replication axis (``crossfit``:
   the cross-fitted auxiliary models ``g_hat``);
-- ``asymptotics``: population targets and exact asymptotic covariances;
+- ``asymptotics``: population targets, exact asymptotic covariances and second-order biases;
 - ``policies`` and ``bounds``: policies from a reward estimate, regret, predictions and bounds;
 - ``symbolic``: sympy derivations of the key formulas;
 - ``kernels``: the compiled loops behind ``fitting`` and ``theta_regret`` (C++ built on first use; each
@@ -16,8 +16,9 @@ import importlib
 # Public names and their modules, imported on first access (PEP 562): ``import robust_rlhf.theory.errors``
 # or ``theory.data`` does not pull in torch, cvxpy and sympy, so the commands' ``--help`` starts at once.
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "asymptotics": ("AsymptoticCovariance", "LambdaChoice", "Target", "VarianceRatio", "bread", "mle_covariance",
-                    "optimal_lambda", "population_target", "variance_ratio", "vr_covariance"),
+    "asymptotics": ("AsymptoticBias", "AsymptoticCovariance", "LambdaChoice", "Target", "VarianceRatio", "bread",
+                    "mle_covariance", "optimal_lambda", "population_target", "variance_ratio", "vr_bias",
+                    "vr_covariance"),
     "data": ("PairData", "PairPopulation"),
     "errors": ("InputError", "SeparableDataError"),
     "fitting": ("METHODS", "FitResult", "fit"),

@@ -59,6 +59,12 @@ Small batches make it conservative: on a K = 3, d = 2 test population the trace'
 about 15% too large with 20 prompts per batch and unbiased (within 2-4%) with 50 or 80, so
 ``mc_note`` flags batches of fewer than 50 prompts; pick ``n_batches`` <= P / 50.
 
+Second-order bias (``vr_bias``): ``E[theta_hat_n] = theta_dagger + b / n + o(1/n)``, from the same pair
+sums with the loss's third derivative and quadratic forms ``dphi^T A dphi = q_a + q_b - 2 phi_a^T A phi_b``
+(``q_a = phi_a^T A phi_a``), again without (P, K, K, d) arrays. Under misspecification the regret's
+gradient at ``theta_dagger`` is not zero, so ``b`` moves the expected regret at the same O(1/n) order as
+the spread does (``bounds.gaussian_plugin_regret``).
+
 Only smooth losses are accepted (the sandwich needs ``l''``); pass a smooth surrogate such as
 ``TruncatedHinge().curvature_surrogate(h)`` explicitly to study that (different) estimator. For a
 non-convex smooth loss Newton (saddle-free: ``|eigenvalues|`` of ``H``) finds a local minimiser
@@ -85,11 +91,13 @@ from .losses import Logistic, MarginLoss, get_loss, pair_loss
 __all__ = [
     "Target",
     "AsymptoticCovariance",
+    "AsymptoticBias",
     "LambdaChoice",
     "VarianceRatio",
     "population_target",
     "bread",
     "vr_covariance",
+    "vr_bias",
     "mle_covariance",
     "optimal_lambda",
     "variance_ratio",
@@ -228,6 +236,33 @@ class VarianceRatio:
     lam: float
     M: int | None
     rho: float
+
+
+@dataclass(frozen=True)
+class AsymptoticBias:
+    r"""Second-order bias: ``E[theta_hat_n] = theta_dagger + bias / n + o(1/n)``.
+
+    Attributes
+    ----------
+    theta_dagger : (d,) population target.
+    bias : (d,) ``b = H^-1 (C - T[Sigma] / 2)`` (``vr_bias``).
+    bias_se : (d,) batch-means Monte Carlo standard error of ``bias`` over prompts (NaN if unavailable).
+    cov : (d, d) the asymptotic covariance ``Sigma`` of ``sqrt(n) (theta_hat - theta_dagger)``.
+    lam, M, rho, loss : effective settings, as in ``AsymptoticCovariance``.
+    batch_bias : (B, d) the bias recomputed on each prompt batch, or None.
+    mc_note : why no Monte Carlo error is available (empty when it is).
+    """
+
+    theta_dagger: np.ndarray
+    bias: np.ndarray
+    bias_se: np.ndarray
+    cov: np.ndarray
+    lam: float
+    M: int | None
+    rho: float
+    loss: str
+    batch_bias: np.ndarray | None = None
+    mc_note: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -754,6 +789,10 @@ class _Analysis:
     M: int | None
     rho: float
     loss: MarginLoss
+    T: _Tensors
+    theta: Tensor  # (1, d) theta_dagger
+    batch_theta: Tensor | None = None  # (B, d) each batch's own target
+    groups: Tensor | None = None  # (P,) batch of each prompt
 
 
 _MOMENTS = frozenset({"grad", "hess", "moments"})
@@ -823,7 +862,86 @@ def _analyse(
         else:
             sizes = torch.bincount(groups, minlength=B).to(_DT)
             batches = _assemble(_group_means(T, lossf, T.g_star, bfit.theta, groups, sizes, _MOMENTS), has, M_, rho_)
-    return _Analysis(target=target, full=full, batches=batches, note=note, M=M_, rho=rho_, loss=lossf)
+    return _Analysis(target=target, full=full, batches=batches, note=note, M=M_, rho=rho_, loss=lossf, T=T,
+                     theta=fit.theta, batch_theta=None if batches is None else bfit.theta, groups=groups)
+
+
+# --------------------------------------------------------------------------------------------
+# second-order bias
+
+
+def _quadratic(phi: Tensor, A: Tensor) -> Tensor:
+    """``Q_ab = dphi_ab^T A dphi_ab = q_a + q_b - 2 phi_a^T A phi_b`` per prompt, ``A`` symmetric:
+    (p, K, d), (p, d, d) -> (p, K, K)."""
+    r = phi @ A @ phi.transpose(1, 2)
+    q = torch.diagonal(r, dim1=1, dim2=2)
+    return q[:, :, None] + q[:, None, :] - 2.0 * r
+
+
+def _bias_means(
+    T: _Tensors, loss: MarginLoss, theta: Tensor, Hinv: Tensor, Sig: Tensor, lam: float, groups: Tensor, sizes: Tensor
+) -> dict[str, Tensor]:
+    r"""Per-group prompt averages of the second-order terms (``vr_bias``), each group at its own
+    ``theta``, ``H^-1`` and ``Sigma``: for the labelled pair with ``alpha^(k) = m^(k)_Z - lam m^(k)_ghat``
+    (expectations over ``Z ~ Bernoulli(g*)``) and a reference pair with ``beta^(k) = m^(k)_ghat``,
+
+    ``ga = sum w E[alpha'] dphi``, ``Ja = sum w E[alpha''] dphi dphi^T``,
+    ``Caa = sum w E[alpha'' alpha'] Q_H dphi``, ``Ta = sum w E[alpha'''] Q_S dphi``, likewise ``gb``,
+    ``Jb``, ``Cbb``, ``Tb`` from ``beta``, and the per-prompt products ``Ja H^-1 gb``, ``Jb H^-1 ga``,
+    ``Jb H^-1 gb``, where ``Q_H = dphi^T H^-1 dphi``, ``Q_S = dphi^T Sigma dphi``."""
+    G = theta.shape[0]
+    acc: dict[str, Tensor] = {}
+    for sl in T.chunks():
+        phi, w, gs, rows = T.phi[sl], T.w[sl], T.g_star[sl], groups[sl]
+        runs = _runs(rows)
+
+        def add(name: str, val: Tensor, runs: list[tuple[int, int, int]] = runs) -> None:
+            _run_sum(acc, name, val, runs, G)
+
+        U = _margins(phi, theta[rows])
+        (_, d1, d2), (_, d1t, d2t) = loss.derivatives_pm(U)
+        d3, d3t = loss.third(U), loss.third(-U)
+        # m^(k)_1 = d^k/du^k l(u), m^(k)_0 = d^k/du^k l(-u); m^(k)_g = g m^(k)_1 + (1 - g) m^(k)_0
+        one, zero = (d1, d2, d3), (-d1t, d2t, -d3t)
+        if T.g_hat is not None:
+            gh = T.g_hat[sl]
+            b1, b2, b3 = (gh * x1 + (1.0 - gh) * x0 for x1, x0 in zip(one, zero))
+        else:
+            b1 = b2 = b3 = torch.zeros_like(U)
+        a1, a2, a3 = (gs * x1 + (1.0 - gs) * x0 - lam * b for x1, x0, b in zip(one, zero, (b1, b2, b3)))
+        a21 = gs * (one[1] - lam * b2) * (one[0] - lam * b1) + (1.0 - gs) * (zero[1] - lam * b2) * (zero[0] - lam * b1)
+        Hi, QH, QS = Hinv[rows], _quadratic(phi, Hinv[rows]), _quadratic(phi, Sig[rows])
+        ga, Ja = _first(w * a1, phi), _second(w * a2, phi)
+        add("ga", ga)
+        add("Ja", Ja)
+        add("Caa", _first(w * a21 * QH, phi))
+        add("Ta", _first(w * a3 * QS, phi))
+        if T.g_hat is not None:
+            gb, Jb = _first(w * b1, phi), _second(w * b2, phi)
+            add("gb", gb)
+            add("Jb", Jb)
+            add("Cbb", _first(w * b2 * b1 * QH, phi))
+            add("Tb", _first(w * b3 * QS, phi))
+            add("JaHgb", (Ja @ (Hi @ gb[:, :, None]))[:, :, 0])
+            add("JbHga", (Jb @ (Hi @ ga[:, :, None]))[:, :, 0])
+            add("JbHgb", (Jb @ (Hi @ gb[:, :, None]))[:, :, 0])
+    return {k: v / sizes.reshape((G,) + (1,) * (v.dim() - 1)) for k, v in acc.items()}
+
+
+def _bias_of(m: dict[str, Tensor], Hinv: Tensor, lam: float, M: int | None, rho: float) -> np.ndarray:
+    """``b = H^-1 (C - T[Sigma] / 2)`` (``vr_bias``) from the group means ``m``; batched over groups."""
+    mv = lambda A, x: (A @ x[..., None])[..., 0]  # noqa: E731
+    C = m["Caa"] - mv(m["Ja"], mv(Hinv, m["ga"]))
+    third = m["Ta"]
+    if "gb" in m:
+        kappa = lam / (1.0 + rho)
+        inv_M = 0.0 if M is None else 1.0 / M
+        ref = inv_M * m["Cbb"] + (1.0 - inv_M) * m["JbHgb"]  # E[J_B H^-1 B] over one prompt's reference pairs
+        EJ, EG = m["Ja"] + kappa * m["Jb"], m["ga"] + kappa * m["gb"]
+        C = (m["Caa"] + kappa * (m["JaHgb"] + m["JbHga"]) + kappa**2 * ref - mv(EJ, mv(Hinv, EG))
+             + rho * kappa**2 * (ref - mv(m["Jb"], mv(Hinv, m["gb"]))))
+        third = third + lam * m["Tb"]
+    return mv(Hinv, C - 0.5 * third).numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -986,3 +1104,54 @@ def variance_ratio(
     if an.batches is not None:
         se = _batch_se(_wtrace(an.batches, lam_, W) / _wtrace(an.batches, 0.0, W))
     return VarianceRatio(ratio=vr / mle, se=se, vr=vr, mle=mle, lam=lam_, M=an.M, rho=an.rho)
+
+
+def vr_bias(
+    pop: PairPopulation, g_hat: np.ndarray | None = None, lam: float = 0.0, M: int | None = 1, rho: float = 0.0,
+    loss: str | MarginLoss = "logistic", *, n_batches: int = 20,
+) -> AsymptoticBias:
+    r"""Second-order bias ``b`` of the VR estimator (the MLE for ``g_hat`` None or ``lam = 0``):
+    ``E[theta_hat_n - theta_dagger] = b / n + o(1/n)``, settings as in ``vr_covariance``.
+
+    The estimating equation is a sum over ``n`` labelled clusters (a labelled pair and its ``M``
+    reference pairs) and ``rho n`` unlabelled ones (``M`` reference pairs), with gradients ``G_i``,
+    Hessians ``J_i`` and third-derivative tensors ``T_i`` at ``theta_dagger``. Expanding it to second
+    order (Rilstone, Srivastava and Ullah 1996; for the logistic MLE it is Cox and Snell's bias
+    ``H^-1 E[s(1-s)(s - 1/2) dphi^T H^-1 dphi dphi]`` under BT),
+
+    .. math::
+        b = H^{-1}\Big(C - \tfrac12 T[\Sigma]\Big),\qquad
+        C = \sum_{s} \rho_s \big(E[J_s H^{-1} G_s] - E[J_s] H^{-1} E[G_s]\big),\qquad
+        T[\Sigma]_a = \sum_s \rho_s E\big[\textstyle\sum_{bc} \partial^3_{abc} \ell_s\, \Sigma_{bc}\big],
+
+    over the two samples ``s`` (``rho_s`` = 1 and ``rho``), ``Sigma = H^-1 Omega H^-1``. With the
+    pair terms of ``_bias_means`` (``kappa = lam / (1 + rho)``, ``1/M = 0`` for the exact expectation),
+    ``E[J_i H^-1 G_i] = Caa + kappa (Ja H^-1 gb + Jb H^-1 ga) + kappa^2 R``,
+    ``E[J_k H^-1 G_k] = kappa^2 R``, ``R = Cbb / M + (1 - 1/M) Jb H^-1 gb`` (a pair with itself, and
+    two pairs of one prompt, independent given it), ``E J_i = Ja + kappa Jb``, ``E G_i = ga + kappa gb``,
+    ``E J_k = kappa Jb``, ``E G_k = kappa gb``, and ``T[Sigma] = Ta + lam Tb``. This is the bias of
+    the expansion: it exists even where the finite-sample mean does not (a sample with no estimate
+    has positive probability). ``bias_se`` comes from batch means (each batch its own target,
+    ``H`` and ``Sigma``).
+    """
+    lam_ = _check_real("lam", lam)
+    an = _analyse(pop, g_hat, M, rho, loss, n_batches)
+    if g_hat is None:
+        lam_ = 0.0
+    Hinv = torch.as_tensor(np.linalg.inv(an.full.H))[None]
+    cov = an.full.cov(lam_)
+    zeros = torch.zeros(an.T.P, dtype=torch.long)
+    m = _bias_means(an.T, an.loss, an.theta, Hinv, torch.as_tensor(cov)[None], lam_, zeros,
+                    torch.tensor([float(an.T.P)], dtype=_DT))
+    bias = _bias_of(m, Hinv, lam_, an.M, an.rho)[0]
+    batch_bias, se = None, np.full(pop.d, math.nan)
+    if an.batches is not None:
+        B = an.batch_theta.shape[0]
+        Hb = torch.as_tensor(np.linalg.inv(an.batches.H))
+        sizes = torch.bincount(an.groups, minlength=B).to(_DT)
+        mb = _bias_means(an.T, an.loss, an.batch_theta, Hb, torch.as_tensor(an.batches.cov(lam_)), lam_, an.groups,
+                         sizes)
+        batch_bias = _bias_of(mb, Hb, lam_, an.M, an.rho)
+        se = np.array([_batch_se(batch_bias[:, j]) for j in range(pop.d)])
+    return AsymptoticBias(theta_dagger=an.target.theta, bias=bias, bias_se=se, cov=cov, lam=lam_, M=an.M, rho=an.rho,
+                          loss=an.loss.name, batch_bias=batch_bias, mc_note=an.note)

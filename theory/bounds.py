@@ -245,8 +245,8 @@ def kl_regret_delta_method(
     i.e. ``regret(theta_dag) - grad J . b/n - tr(Hess_J Sigma)/(2n)`` with ``J = J_beta(pi_theta)`` for
     ``measure='kl'`` (regret = const - J). ``grad`` and ``Hess`` are exact (autograd on the population).
 
-    The M-estimator's ``O(1/n)`` bias ``b`` is **not** included unless ``bias`` is given (then
-    ``bias_term = grad . b / n``). When ``grad f(theta_dag) = 0`` the formula is complete without it: e.g.
+    The M-estimator's ``O(1/n)`` bias ``b`` (``asymptotics.vr_bias``) is **not** included unless ``bias``
+    is given (then ``bias_term = grad . b / n``). When ``grad f(theta_dag) = 0`` the formula is complete without it: e.g.
     ``measure='kl'`` with BT well specified and ``U = theta* . phi`` (``theta_dag = theta*`` minimises ``f``),
     or a link misspecification with elliptical features where ``theta_dag`` is parallel to ``theta*`` and
     the scale matches. ``limit = f(theta_dag)``; ``excess = bias_term + curvature_term``; the ``*_se`` are
@@ -276,7 +276,7 @@ def kl_regret_delta_method(
 
 @dataclass(frozen=True)
 class PluginRegret:
-    """Gaussian plug-in ``E regret(theta)``, ``theta ~ N(theta_dag, Sigma/n)``, with its Monte Carlo error.
+    """Gaussian plug-in ``E regret(theta)``, ``theta ~ N(theta_dag + b/n, Sigma/n)``, with its Monte Carlo error.
 
     ``se`` is the standard error over the draws of theta (it is also the error of ``excess``, since
     ``limit = regret(theta_dag)`` is fixed); the prompt set is the same for every draw.
@@ -303,14 +303,19 @@ def gaussian_plugin_regret(
     seed: int = 0,
     antithetic: bool = True,
     chunk: int = 1024,
+    bias: object = None,
 ) -> PluginRegret:
-    r"""Gaussian plug-in prediction ``E_{theta ~ N(theta_dag, Sigma/n)} regret(pi_theta)`` (greedy or KL).
+    r"""Gaussian plug-in prediction ``E_{theta ~ N(theta_dag + b/n, Sigma/n)} regret(pi_theta)`` (greedy
+    or KL), ``b`` = ``bias`` (default zero; the estimator's second-order bias, ``asymptotics.vr_bias``).
 
-    Draws ``theta = theta_dag + Sigma^{1/2} z / sqrt(n)``, ``z ~ N(0, I)`` with ``numpy`` seed ``seed``;
-    with ``antithetic`` (default) they come in pairs ``+-z`` and the Monte Carlo error is that of the pair
-    means (odd-order Taylor terms cancel within a pair). ``kind``/``beta``/``measure`` as in
-    ``theta_regret``. For a smooth ``f`` it agrees with the delta method up to ``O(n^-2)`` (Gaussian odd
-    moments vanish); for the greedy policy ``f`` is piecewise constant and only the plug-in applies.
+    Draws ``theta = theta_dag + b/n + Sigma^{1/2} z / sqrt(n)``, ``z ~ N(0, I)`` with ``numpy`` seed
+    ``seed``; with ``antithetic`` (default) they come in pairs ``+-z`` and the Monte Carlo error is that of
+    the pair means (odd-order Taylor terms cancel within a pair). ``kind``/``beta``/``measure`` as in
+    ``theta_regret``; ``limit`` is the regret at ``theta_dag``. For a smooth ``f``,
+    ``E f(theta_hat) = f + (grad f . b + tr(Hess f Sigma) / 2) / n + o(1/n)``: the mean shift matters at the
+    same order as the spread wherever ``grad f != 0`` at ``theta_dag`` (a misspecified model), so with ``b``
+    the prediction is correct to ``o(1/n)``, without it only when ``grad f = 0``. For the greedy policy
+    ``f`` is piecewise constant and only the plug-in applies.
     """
     pop = _population(population)
     nn = _n(n)
@@ -318,6 +323,13 @@ def gaussian_plugin_regret(
     if batched:
         raise InputError(f"theta_dagger: expected shape {(pop.d,)}, got {np.shape(theta_dagger)}")
     S = _psd("sigma", sigma, pop.d)
+    shift = np.zeros(pop.d)
+    if bias is not None:
+        shift, batched = _check_theta(bias, pop.d, "bias")
+        if batched:
+            raise InputError(f"bias: expected shape {(pop.d,)}, got {np.shape(bias)}")
+        shift = shift[0] / nn
+    centre = th[0] + shift
     if not (isinstance(draws, (int, np.integer)) and draws >= 2):
         raise InputError(f"draws: need an integer >= 2, got {draws!r}")
     if antithetic and draws % 2:
@@ -330,9 +342,9 @@ def gaussian_plugin_regret(
     units = []
     for start in range(0, m, max(1, int(chunk))):
         e = z[start:start + chunk] @ root.T / math.sqrt(nn)
-        plus = np.asarray(theta_regret(th[0] + e, pop, kind=kind, beta=beta, measure=measure).mean)
+        plus = np.asarray(theta_regret(centre + e, pop, kind=kind, beta=beta, measure=measure).mean)
         if antithetic:
-            minus = np.asarray(theta_regret(th[0] - e, pop, kind=kind, beta=beta, measure=measure).mean)
+            minus = np.asarray(theta_regret(centre - e, pop, kind=kind, beta=beta, measure=measure).mean)
             units.append(0.5 * (plus + minus))
         else:
             units.append(plus)

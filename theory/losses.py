@@ -78,6 +78,20 @@ class MarginLoss(ABC):
         """``derivatives(z)`` and ``derivatives(-z)`` (a loss may share work between the two)."""
         return self.derivatives(z), self.derivatives(-z)
 
+    def third(self, z: Tensor) -> Tensor:
+        """The third derivative ``l^(3)(z)`` elementwise (the second-order bias of an estimator needs
+        it), by automatic differentiation of ``__call__``; zero where ``l''`` is piecewise constant."""
+        with torch.enable_grad():
+            zz = z.detach().clone().requires_grad_(True)
+            (d1,) = torch.autograd.grad(self(zz).sum(), zz, create_graph=True)
+            if not d1.requires_grad:
+                return torch.zeros_like(z)
+            (d2,) = torch.autograd.grad(d1.sum(), zz, create_graph=True)
+            if not d2.requires_grad:
+                return torch.zeros_like(z)
+            (d3,) = torch.autograd.grad(d2.sum(), zz)
+        return d3.detach()
+
     def pair_derivatives(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """``(m_g, m_g', m_g'')`` with ``m_g' = g l'(z) - (1-g) l'(-z)`` and ``m_g'' = g l''(z) + (1-g) l''(-z)``."""
         (lp, d1p, d2p), (lm, d1m, d2m) = self.derivatives_pm(z)
@@ -140,6 +154,11 @@ class Logistic(MarginLoss):
         value = self(z)
         curv = s * (1.0 - s)
         return (value, -s, curv), (value + z, s - 1.0, curv)
+
+    def third(self, z: Tensor) -> Tensor:
+        """``l^(3) = -s (1 - s) (1 - 2 s)`` with ``s = sigmoid(-z)``."""
+        s = torch.sigmoid(-z)
+        return -s * (1.0 - s) * (1.0 - 2.0 * s)
 
     def pair_derivatives(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """By ``l(z) - l(-z) = -z``: ``m_g = softplus(z) - g z``, ``m_g' = sigmoid(z) - g``,
@@ -260,6 +279,9 @@ class Squared(MarginLoss):
     def derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``l' = 2 (z - 1/2)``, ``l'' = 2``."""
         return self(z), 2.0 * (z - 0.5), torch.full_like(z, 2.0)
+
+    def third(self, z: Tensor) -> Tensor:
+        return torch.zeros_like(z)
 
 
 LOSSES: dict[str, type[MarginLoss]] = {

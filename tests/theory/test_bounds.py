@@ -118,6 +118,30 @@ def test_gaussian_plugin_agrees_with_delta_method() -> None:
     assert abs(gp.excess - dm.excess) <= 4 * gp.se + remainder
 
 
+def test_gaussian_plugin_with_a_bias_agrees_with_delta_method() -> None:
+    # E theta_hat = theta_dag + b/n: the plug-in centres its draws there; the delta method adds grad f . b/n
+    pop, theta_star = _random_population(3)
+    beta = 0.5
+    theta_dag = theta_star + np.array([0.2, -0.3, 0.1])
+    sigma = np.diag([1.0, 0.6, 1.4])
+    b = np.array([30.0, -20.0, 10.0])
+    n, n0 = 10_000, 100
+    dm = bd.kl_regret_delta_method(theta_dag, sigma, n, pop, beta, bias=b)
+    gp = bd.gaussian_plugin_regret(theta_dag, sigma, n, pop, kind="kl", beta=beta, draws=20_000, seed=1, bias=b)
+    plain = bd.gaussian_plugin_regret(theta_dag, sigma, n, pop, kind="kl", beta=beta, draws=20_000, seed=1)
+    assert gp.limit == plain.limit == pytest.approx(dm.limit, rel=1e-12)
+    assert abs(dm.bias_term) > 20 * gp.se  # the bias moves the prediction measurably
+    # the same draws: the shift changes the excess by grad f . b / n + O(n^-2)
+    assert gp.expected - plain.expected == pytest.approx(dm.bias_term, rel=0.05)
+    # remainder C / n^2 estimated at n0 as in the test without a bias
+    dm0 = bd.kl_regret_delta_method(theta_dag, sigma, n0, pop, beta, bias=b)
+    gp0 = bd.gaussian_plugin_regret(theta_dag, sigma, n0, pop, kind="kl", beta=beta, draws=20_000, seed=1, bias=b)
+    remainder = (abs(gp0.excess - dm0.excess) + 4 * gp0.se) * (n0 / n) ** 2
+    assert abs(gp.excess - dm.excess) <= 4 * gp.se + remainder
+    with pytest.raises(InputError, match="bias"):
+        bd.gaussian_plugin_regret(theta_dag, sigma, n, pop, bias=np.zeros(2))
+
+
 def test_gaussian_plugin_greedy_closed_form() -> None:
     # one prompt, K = 2, phi = (0, 1), U = (0, 1): greedy regret 1{theta < 0}, E = Phi(-theta_dag sqrt(n/Sigma))
     pop = PairPopulation(np.array([[[0.0], [1.0]]]), np.array([[0.5, 0.5]]), np.full((1, 2, 2), 0.5),
@@ -132,6 +156,11 @@ def test_gaussian_plugin_greedy_closed_form() -> None:
     # without pairing: se = sqrt(p(1-p)/draws) up to the se estimate's own error
     assert plain.se == pytest.approx(math.sqrt(want * (1 - want) / 40_000), rel=0.05)
     assert abs(plain.expected - want) <= 4 * plain.se
+    # with a bias b the draws centre at theta_dag + b / n: E = Phi(-(theta_dag + b/n) sqrt(n / Sigma))
+    shifted = bd.gaussian_plugin_regret(np.array([theta_dag]), np.array([[sig2]]), n, pop, draws=40_000, seed=3,
+                                        bias=np.array([5.0]))
+    want = stats.norm.cdf(-(theta_dag + 5.0 / n) * math.sqrt(n / sig2))
+    assert shifted.limit == 0.0 and abs(shifted.expected - want) <= 4 * shifted.se
 
 
 # ------------------------------------------------------------------------ (b) finite-sample bound

@@ -47,6 +47,17 @@ def test_closed_form_derivatives_match_autograd(loss: MarginLoss, z: np.ndarray)
 
 
 @pytest.mark.parametrize("loss", SMOOTH, ids=repr)
+@given(z=margins)
+def test_third_derivative_matches_autograd(loss: MarginLoss, z: np.ndarray) -> None:
+    t = torch.as_tensor(z)
+    torch.testing.assert_close(loss.third(t), MarginLoss.third(loss, t), rtol=1e-9, atol=1e-12)
+    # and a central difference of the closed-form l'' (error O(h^2 l^(5)) + O(eps / h) at step h)
+    h = 1e-4
+    diff = (loss.derivatives(t + h)[2] - loss.derivatives(t - h)[2]) / (2 * h)
+    torch.testing.assert_close(loss.third(t), diff, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", SMOOTH, ids=repr)
 @given(z=margins, g=probs)
 def test_pair_derivatives_match_autograd(loss: MarginLoss, z: np.ndarray, g: float) -> None:
     t = torch.as_tensor(z).requires_grad_(True)
