@@ -16,7 +16,10 @@ Cell checks (``cell_checks``):
 - ``coverage``: share of coordinates whose nominal 95% sandwich interval covers ``theta_dagger``;
 - ``mse``: ``n E||theta_hat - theta_dagger||^2`` with its interval, and per (scenario, estimator)
   the slope of ``log MSE`` against ``log n`` (``slopes``), expected -1;
-- ``regret_greedy``, ``regret_kl``: mean regret against the Gaussian plug-in prediction.
+- ``regret_greedy``, ``regret_kl``: mean regret against the Gaussian plug-in prediction, its draws
+  centred at ``theta_dagger + b/n`` (the second-order bias, where predicted); the interval is widened
+  in quadrature by the prediction's own error (``pred_regret_*_se``: its draws, and what the prompt
+  average behind ``theta_dagger`` passes on).
 
 Named claims about *asymptotic* variances (claims 1-3) extrapolate the paired variance ratio across
 the studied ``n`` by least squares in ``r(n) = r_inf + c/n``, removing the O(1/n) finite-sample
@@ -136,6 +139,17 @@ def _interval(samples: np.ndarray, rel_extra: float = 0.0, point: float | None =
     return math.exp(centre - math.hypot(dl, widen)), math.exp(centre + math.hypot(dh, widen))
 
 
+def _finite_or_zero(x: float) -> float:
+    return float(x) if x is not None and math.isfinite(x) else 0.0
+
+
+def _widened(low: float, high: float, point: float, extra: float) -> tuple[float, float]:
+    """The interval ``[low, high]`` around ``point``, each side widened in quadrature by ``extra``."""
+    if extra <= 0 or not all(map(math.isfinite, (low, high, point))):
+        return low, high
+    return point - math.hypot(point - low, extra), point + math.hypot(high - point, extra)
+
+
 def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int = BOOTSTRAP,
             seed: int = 0, pessimism: pd.DataFrame | None = None, delta: float = 0.1) -> Report:
     """Cell checks, slopes and claims of a study's tables (see the module docstring); with a
@@ -184,7 +198,12 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
             row[f"regret_{kind}_low"], row[f"regret_{kind}_high"] = lo, hi
             row[f"pred_regret_{kind}"] = pred.get(f"pred_regret_{kind}", math.nan)
             row[f"limit_regret_{kind}"] = pred.get(f"limit_regret_{kind}", math.nan)
-            row[f"regret_{kind}_check"] = _verdict(row[f"pred_regret_{kind}"], lo, hi)
+            # the prediction's own error: its draws and the prompt average behind theta_dagger
+            pred_se = math.hypot(*(_finite_or_zero(pred.get(f"pred_regret_{kind}_{e}", math.nan))
+                                   for e in ("se", "target_se")))
+            row[f"pred_regret_{kind}_se"] = pred_se
+            row[f"regret_{kind}_check"] = _verdict(row[f"pred_regret_{kind}"],
+                                                   *_widened(lo, hi, row[f"regret_{kind}"], _Z * pred_se))
         rows.append(row)
     cells = pd.DataFrame(rows)
     _add_ratios(cells, boot_var, preds)

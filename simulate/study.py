@@ -340,19 +340,23 @@ def _predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict
 
 def _predict_regret(spec: StudySpec, scenario_name: str, pred: dict[str, Any], n: int) -> dict[str, float]:
     """Gaussian plug-in regret of the greedy and KL policies at sample size ``n``, the draws centred at
-    ``theta_dagger + b / n`` where the second-order bias ``b`` is predicted."""
+    ``theta_dagger + b / n`` where the second-order bias ``b`` is predicted, with the error that
+    ``theta_dagger``'s prompt average passes on (``target_se``)."""
     from robust_rlhf.theory.bounds import gaussian_plugin_regret
 
-    *_, evaluation = _populations(json.dumps(spec.scenario(scenario_name).spec), spec.population, spec.eval_prompts)
+    _, _, mle, evaluation = _populations(json.dumps(spec.scenario(scenario_name).spec), spec.population,
+                                         spec.eval_prompts)
     out = {}
     for kind, beta in (("greedy", None), ("kl", spec.kl_beta)):
         if pred["pred_cov"] is None:
             out[f"pred_regret_{kind}"] = out[f"limit_regret_{kind}"] = math.nan
             continue
         pr = gaussian_plugin_regret(np.asarray(pred["theta_dagger"]), np.asarray(pred["pred_cov"]), n, evaluation,
-                                    kind=kind, beta=beta, draws=1000, seed=0, bias=pred["pred_bias"])
+                                    kind=kind, beta=beta, draws=1000, seed=0, bias=pred["pred_bias"],
+                                    theta_mc_cov=mle.theta_mc_cov)
         out[f"pred_regret_{kind}"] = float(pr.expected)
         out[f"pred_regret_{kind}_se"] = float(pr.se)
+        out[f"pred_regret_{kind}_target_se"] = float(pr.target_se)
         out[f"limit_regret_{kind}"] = float(pr.limit)
     return out
 

@@ -125,6 +125,7 @@ class Target:
     theta : (d,) the minimiser.
     se : (d,) Monte Carlo standard error from averaging over the P prompt draws,
         ``sqrt(diag(H^-1 Cov_p(G_p) H^-1 / P))`` (NaN when P < 2).
+    cov : (d, d) that Monte Carlo covariance ``H^-1 Cov_p(G_p) H^-1 / P`` (NaN when P < 2).
     H : (d, d) Hessian ``E[m''_g(u) dphi dphi^T]`` at ``theta``.
     iterations : Newton steps taken.
     grad_norm : Euclidean norm of the population gradient at ``theta``.
@@ -141,6 +142,7 @@ class Target:
     objective: float
     loss: str
     prompts: int
+    cov: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class AsymptoticCovariance:
     ----------
     theta_dagger : (d,) population target (of ``g*``).
     theta_se : (d,) its delta-method Monte Carlo standard error over prompts (see ``Target.se``).
+    theta_mc_cov : (d, d) the Monte Carlo covariance behind ``theta_se`` (``Target.cov``).
     H : (d, d) bread ``E[m''_{g*}(u) dphi dphi^T]``.
     Omega : (d, d) meat ``Omega(lam) = O_0 - lam (X + X^T) + lam^2 Y`` (module docstring).
     cov : (d, d) ``H^-1 Omega H^-1``.
@@ -175,6 +178,7 @@ class AsymptoticCovariance:
     loss: str
     batch_cov: np.ndarray | None = None
     mc_note: str = ""
+    theta_mc_cov: np.ndarray | None = None
 
     @property
     def n_batches(self) -> int:
@@ -812,12 +816,15 @@ def _target_from_fit(
     if P >= 2:
         cov_G = (m["gg"][0].numpy() - np.outer(m["grad"][0].numpy(), m["grad"][0].numpy())) * P / (P - 1)
         Hinv = np.linalg.inv(H)
-        se = np.sqrt(np.clip(np.diag(Hinv @ cov_G @ Hinv) / P, 0.0, None))
+        mc = Hinv @ cov_G @ Hinv / P
+        mc = 0.5 * (mc + mc.T)
+        se = np.sqrt(np.clip(np.diag(mc), 0.0, None))
     else:
+        mc = np.full((T.d, T.d), math.nan)
         se = np.full(T.d, math.nan)
     return Target(
         theta=fit.theta[0].numpy().copy(), se=se, H=H, iterations=fit.iterations,
-        grad_norm=float(np.linalg.norm(grad)), objective=float(m["obj"][0]), loss=loss.name, prompts=P,
+        grad_norm=float(np.linalg.norm(grad)), objective=float(m["obj"][0]), loss=loss.name, prompts=P, cov=mc,
     )
 
 
@@ -1019,7 +1026,7 @@ def vr_covariance(
     return AsymptoticCovariance(
         theta_dagger=an.target.theta, theta_se=an.target.se, H=an.full.H, Omega=an.full.omega(lam_), cov=cov,
         trace=float(np.trace(cov)), trace_se=trace_se, lam=lam_, M=an.M, rho=an.rho, loss=an.loss.name,
-        batch_cov=batch_cov, mc_note=an.note,
+        batch_cov=batch_cov, mc_note=an.note, theta_mc_cov=an.target.cov,
     )
 
 

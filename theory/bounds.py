@@ -279,7 +279,9 @@ class PluginRegret:
     """Gaussian plug-in ``E regret(theta)``, ``theta ~ N(theta_dag + b/n, Sigma/n)``, with its Monte Carlo error.
 
     ``se`` is the standard error over the draws of theta (it is also the error of ``excess``, since
-    ``limit = regret(theta_dag)`` is fixed); the prompt set is the same for every draw.
+    ``limit = regret(theta_dag)`` is fixed); the prompt set is the same for every draw. ``target_se``
+    is the error that ``theta_dag``'s own Monte Carlo error passes on to ``expected`` (NaN unless its
+    covariance was given).
     """
 
     expected: float
@@ -288,6 +290,7 @@ class PluginRegret:
     excess: float
     draws: int
     antithetic: bool
+    target_se: float = math.nan
 
 
 def gaussian_plugin_regret(
@@ -304,6 +307,7 @@ def gaussian_plugin_regret(
     antithetic: bool = True,
     chunk: int = 1024,
     bias: object = None,
+    theta_mc_cov: object = None,
 ) -> PluginRegret:
     r"""Gaussian plug-in prediction ``E_{theta ~ N(theta_dag + b/n, Sigma/n)} regret(pi_theta)`` (greedy
     or KL), ``b`` = ``bias`` (default zero; the estimator's second-order bias, ``asymptotics.vr_bias``).
@@ -316,6 +320,11 @@ def gaussian_plugin_regret(
     same order as the spread wherever ``grad f != 0`` at ``theta_dag`` (a misspecified model), so with ``b``
     the prediction is correct to ``o(1/n)``, without it only when ``grad f = 0``. For the greedy policy
     ``f`` is piecewise constant and only the plug-in applies.
+
+    ``theta_mc_cov`` (d, d), the Monte Carlo covariance ``C`` of a ``theta_dag`` computed on a finite
+    population (``AsymptoticCovariance.theta_mc_cov``), gives ``target_se``: the prediction's standard
+    error from it, ``sqrt(g^T C g)`` with ``g`` the gradient of the prediction in ``theta_dag``, by
+    central differences ``+-sqrt(lambda_k) v_k`` along the eigenvectors of ``C`` on the same draws.
     """
     pop = _population(population)
     nn = _n(n)
@@ -334,26 +343,38 @@ def gaussian_plugin_regret(
         raise InputError(f"draws: need an integer >= 2, got {draws!r}")
     if antithetic and draws % 2:
         raise InputError(f"draws: must be even with antithetic pairs, got {draws}")
+    C = None if theta_mc_cov is None else _psd("theta_mc_cov", theta_mc_cov, pop.d)
     evals, evecs = np.linalg.eigh(S)
     root = evecs * np.sqrt(np.clip(evals, 0.0, None))  # root @ root.T = Sigma
     rng = np.random.default_rng(seed)
     m = draws // 2 if antithetic else draws
     z = rng.standard_normal((m, pop.d))
-    units = []
-    for start in range(0, m, max(1, int(chunk))):
-        e = z[start:start + chunk] @ root.T / math.sqrt(nn)
-        plus = np.asarray(theta_regret(centre + e, pop, kind=kind, beta=beta, measure=measure).mean)
-        if antithetic:
-            minus = np.asarray(theta_regret(centre - e, pop, kind=kind, beta=beta, measure=measure).mean)
-            units.append(0.5 * (plus + minus))
-        else:
-            units.append(plus)
-    u = np.concatenate(units)
+
+    def units_at(c: np.ndarray) -> np.ndarray:
+        """The draws' regrets (pair means with ``antithetic``) around the centre ``c``."""
+        units = []
+        for start in range(0, m, max(1, int(chunk))):
+            e = z[start:start + chunk] @ root.T / math.sqrt(nn)
+            plus = np.asarray(theta_regret(c + e, pop, kind=kind, beta=beta, measure=measure).mean)
+            if antithetic:
+                minus = np.asarray(theta_regret(c - e, pop, kind=kind, beta=beta, measure=measure).mean)
+                units.append(0.5 * (plus + minus))
+            else:
+                units.append(plus)
+        return np.concatenate(units)
+
+    u = units_at(centre)
     limit = float(theta_regret(th[0], pop, kind=kind, beta=beta, measure=measure).mean)
     mean = float(u.mean())
+    target_se = math.nan
+    if C is not None:
+        cvals, cvecs = np.linalg.eigh(C)
+        steps = [math.sqrt(v) * cvecs[:, k] for k, v in enumerate(cvals) if v > 0]
+        target_se = math.sqrt(sum((0.5 * (units_at(centre + h).mean() - units_at(centre - h).mean())) ** 2
+                                  for h in steps))
     return PluginRegret(
         expected=mean, se=float(u.std(ddof=1) / math.sqrt(u.size)), limit=limit, excess=mean - limit,
-        draws=int(draws), antithetic=bool(antithetic),
+        draws=int(draws), antithetic=bool(antithetic), target_se=target_se,
     )
 
 

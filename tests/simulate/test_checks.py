@@ -122,3 +122,21 @@ def test_robust_trace_of_a_normal_sample_and_extrapolation() -> None:
     y = 3.0 + 50.0 / ns  # y(n) = y_inf + c / n exactly
     assert _extrapolate(ns, y[:, None])[0] == pytest.approx(3.0, rel=1e-12)
     assert _extrapolate(ns[:1], y[:1, None])[0] == y[0]
+
+
+def test_regret_check_counts_the_predictions_own_error() -> None:
+    results, predictions = _tables()
+    rng = np.random.default_rng(2)
+    noisy = rng.normal(0.1, 0.01, size=len(results))  # the mean of 400 is known to 0.0005
+    results["regret_greedy"] = np.where(results.separable, np.nan, noisy)
+    predictions["pred_regret_greedy"] = 0.103  # 6 standard errors above every cell's mean
+    predictions["pred_regret_greedy_se"] = 1e-4
+
+    def fails(preds: pd.DataFrame) -> int:
+        return int((analyse(results, preds).cells.regret_greedy_check == "fail").sum())
+
+    assert fails(predictions) == len(predictions)
+    # a theta_dagger whose prompt average moves the prediction by 0.002 (sd) covers the 0.003 gap
+    assert fails(predictions.assign(pred_regret_greedy_target_se=0.002)) == 0
+    cells = analyse(results, predictions.assign(pred_regret_greedy_target_se=0.002)).cells
+    assert cells.pred_regret_greedy_se.iloc[0] == pytest.approx(np.hypot(1e-4, 0.002))

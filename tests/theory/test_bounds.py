@@ -142,6 +142,24 @@ def test_gaussian_plugin_with_a_bias_agrees_with_delta_method() -> None:
         bd.gaussian_plugin_regret(theta_dag, sigma, n, pop, bias=np.zeros(2))
 
 
+def test_plugin_target_se_is_the_delta_method_through_theta_dagger() -> None:
+    # the error a Monte Carlo theta_dag passes on: sqrt(g^T C g), g the prediction's gradient in theta_dag;
+    # at n = 1e6 the prediction is f(theta_dag) + O(1/n), so g = grad f(theta_dag) (autograd) to O(1/n)
+    pop, theta_star = _random_population(3)
+    theta_dag = theta_star + np.array([0.2, -0.3, 0.1])
+    A = np.array([[1.0, 0.3, 0.0], [0.0, 0.8, -0.2], [0.1, 0.0, 1.2]])
+    C = 1e-4 * A @ A.T
+    gp = bd.gaussian_plugin_regret(theta_dag, np.eye(3), 1e6, pop, kind="kl", beta=0.5, draws=200, seed=1,
+                                   theta_mc_cov=C)
+    g = bd.kl_regret_delta_method(theta_dag, np.eye(3), 1e6, pop, 0.5).gradient
+    # central differences at steps of 0.01: error O(0.01^2) relative
+    assert gp.target_se == pytest.approx(math.sqrt(g @ C @ g), rel=1e-3)
+    assert math.isnan(bd.gaussian_plugin_regret(theta_dag, np.eye(3), 1e6, pop, kind="kl", beta=0.5,
+                                                draws=200).target_se)
+    with pytest.raises(InputError, match="theta_mc_cov"):
+        bd.gaussian_plugin_regret(theta_dag, np.eye(3), 100, pop, theta_mc_cov=-np.eye(3))
+
+
 def test_gaussian_plugin_greedy_closed_form() -> None:
     # one prompt, K = 2, phi = (0, 1), U = (0, 1): greedy regret 1{theta < 0}, E = Phi(-theta_dag sqrt(n/Sigma))
     pop = PairPopulation(np.array([[[0.0], [1.0]]]), np.array([[0.5, 0.5]]), np.full((1, 2, 2), 0.5),
