@@ -50,6 +50,10 @@ __all__ = ["EstimatorSetting", "StudySpec", "Cell", "run_study", "load_study", "
            "ESTIMATORS"]
 
 _TUNABLE = ("vrpo", "vrpo_crossfit")
+# The version of what a finished cell holds; bumped when a change alters a cell's numbers (2: regret
+# predictions centred at theta_dagger + b/n, with the error of theta_dagger). A rerun recomputes the
+# cells of another version instead of mixing them into one table; reading a folder accepts them.
+CELL_VERSION = 2
 _METHODS = ("mle", "vrpo", "vrpo_tuned", "vrpo_crossfit")
 
 
@@ -451,9 +455,11 @@ def _write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=1, default=float))
 
 
-def _readable(table: Path, record: Path | None = None, key: str | None = None) -> bool:
-    """Whether a finished cell's files exist and can be read. Writes are atomic, so an unreadable file
-    was damaged after the fact: it is not trusted but recomputed, with a warning."""
+def _readable(table: Path, record: Path | None = None, key: str | None = None, current: bool = False) -> bool:
+    """Whether a finished cell's files exist and can be read (and, with ``current``, its record is of
+    ``CELL_VERSION``). Writes are atomic, so an unreadable file was damaged after the fact: it is not
+    trusted but recomputed, with a warning; a cell of another version is recomputed too (``run_study``
+    says how many)."""
     if not table.exists() or (record is not None and not record.exists()):
         return False
     import pyarrow
@@ -469,11 +475,11 @@ def _readable(table: Path, record: Path | None = None, key: str | None = None) -
         warnings.warn(f"{table.parent}: the result of cell {key or table.stem} is unreadable ({exc}); "
                       "it is recomputed", UserWarning, stacklevel=3)
         return False
-    return True
+    return not (current and record is not None and content.get("version", 1) != CELL_VERSION)
 
 
-def _cell_done(out: Path, cell: Cell) -> bool:
-    return _readable(out / "cells" / f"{cell.key}.parquet", out / "cells" / f"{cell.key}.json", cell.key)
+def _cell_done(out: Path, cell: Cell, current: bool = False) -> bool:
+    return _readable(out / "cells" / f"{cell.key}.parquet", out / "cells" / f"{cell.key}.json", cell.key, current)
 
 
 def _pessimism_path(out: Path, key: str) -> Path:
@@ -516,7 +522,7 @@ def _compute_and_store(spec: StudySpec, cells: list[Cell], out: Path) -> list[st
         seconds = time.perf_counter() - start
         with atomic_path(out / "cells" / f"{cell.key}.parquet") as tmp:
             table.to_parquet(tmp, index=False)
-        record = {"cell": cell.key, "scenario": cell.scenario, "n": cell.n, "estimator": cell.estimator.name,
+        record = {"cell": cell.key, "version": CELL_VERSION, "scenario": cell.scenario, "n": cell.n, "estimator": cell.estimator.name,
                   "seconds": seconds, **pred, **_predict_regret(spec, cell.scenario, pred, cell.n)}
         _write_json(out / "cells" / f"{cell.key}.json", record)  # written last: marks the cell finished
     return [c.key for c in cells]
@@ -554,7 +560,12 @@ def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str =
     _write_json(out / "study.json", {"fingerprint": spec.fingerprint(), "spec": spec.to_dict(),
                                      "seed": spec.seed, "versions": _versions()})
     cells = spec.cells()
-    todo = [c for c in cells if not _cell_done(out, c)]
+    todo = [c for c in cells if not _cell_done(out, c, current=True)]
+    stale = [c for c in todo if _cell_done(out, c)]
+    if stale:
+        warnings.warn(f"{out}: {len(stale)} finished cell(s) were computed by another version of robust-rlhf "
+                      f"(cell version other than {CELL_VERSION}, e.g. {stale[0].key}); they are recomputed",
+                      UserWarning, stacklevel=2)
     groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in todo:
         groups.setdefault((cell.scenario, cell.estimator.name), []).append(cell)

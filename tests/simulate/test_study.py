@@ -10,7 +10,7 @@ import pytest
 
 from robust_rlhf.simulate import SpecError
 from robust_rlhf.simulate.checks import analyse
-from robust_rlhf.simulate.study import DEFAULT_STUDY, ESTIMATORS, StudySpec, load_study, run_study
+from robust_rlhf.simulate.study import CELL_VERSION, DEFAULT_STUDY, ESTIMATORS, StudySpec, load_study, run_study
 from robust_rlhf.theory.errors import InputError
 
 TINY = dict(name="tiny", scenarios=["intransitive"], n=[100, 200], estimators=["mle", "vrpo_M4", "vrpo_tuned_M4"],
@@ -59,6 +59,19 @@ def test_interrupted_sweep_resumes_to_the_identical_table(tiny, tmp_path) -> Non
     # a stray temporary file from a killed write is ignored
     (out / "cells" / ".x.parquet.tmp").write_bytes(b"garbage")
     pd.testing.assert_frame_equal(load_study(out).results, tiny.results)
+    # a cell finished by another version of the package is read, but recomputed by a rerun, not mixed in
+    record = next((out / "cells").glob("*.json"))
+    content = json.loads(record.read_text())
+    assert content["version"] == CELL_VERSION
+    record.write_text(json.dumps({**content, "version": CELL_VERSION - 1, "pred_regret_kl": -1.0}))
+    assert (load_study(out).predictions.pred_regret_kl == -1.0).sum() == 1
+    seen.clear()
+    with pytest.warns(UserWarning, match="1 finished cell.*another version.*recomputed"):
+        rerun = run_study(spec, out, progress=lambda done, total: seen.append(done))
+    assert seen[0] == len(spec.cells()) - 1
+    assert json.loads(record.read_text())["version"] == CELL_VERSION
+    pd.testing.assert_frame_equal(rerun.results, tiny.results)
+    pd.testing.assert_frame_equal(rerun.predictions.drop(columns="seconds"), tiny.predictions.drop(columns="seconds"))
 
 
 def test_results_do_not_depend_on_workers_or_chunks(tiny, tmp_path) -> None:
