@@ -455,11 +455,9 @@ def _write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=1, default=float))
 
 
-def _readable(table: Path, record: Path | None = None, key: str | None = None, current: bool = False) -> bool:
-    """Whether a finished cell's files exist and can be read (and, with ``current``, its record is of
-    ``CELL_VERSION``). Writes are atomic, so an unreadable file was damaged after the fact: it is not
-    trusted but recomputed, with a warning; a cell of another version is recomputed too (``run_study``
-    says how many)."""
+def _readable(table: Path, record: Path | None = None, key: str | None = None) -> bool:
+    """Whether a finished cell's files exist and can be read. Writes are atomic, so an unreadable file
+    was damaged after the fact: it is not trusted but recomputed, with a warning."""
     if not table.exists() or (record is not None and not record.exists()):
         return False
     import pyarrow
@@ -475,11 +473,16 @@ def _readable(table: Path, record: Path | None = None, key: str | None = None, c
         warnings.warn(f"{table.parent}: the result of cell {key or table.stem} is unreadable ({exc}); "
                       "it is recomputed", UserWarning, stacklevel=3)
         return False
-    return not (current and record is not None and content.get("version", 1) != CELL_VERSION)
+    return True
 
 
-def _cell_done(out: Path, cell: Cell, current: bool = False) -> bool:
-    return _readable(out / "cells" / f"{cell.key}.parquet", out / "cells" / f"{cell.key}.json", cell.key, current)
+def _cell_done(out: Path, cell: Cell) -> bool:
+    return _readable(out / "cells" / f"{cell.key}.parquet", out / "cells" / f"{cell.key}.json", cell.key)
+
+
+def _cell_version(out: Path, cell: Cell) -> int:
+    """The ``CELL_VERSION`` a finished (readable) cell was computed at; 1 before versions were recorded."""
+    return int(json.loads((out / "cells" / f"{cell.key}.json").read_text()).get("version", 1))
 
 
 def _pessimism_path(out: Path, key: str) -> Path:
@@ -560,8 +563,10 @@ def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str =
     _write_json(out / "study.json", {"fingerprint": spec.fingerprint(), "spec": spec.to_dict(),
                                      "seed": spec.seed, "versions": _versions()})
     cells = spec.cells()
-    todo = [c for c in cells if not _cell_done(out, c, current=True)]
-    stale = [c for c in todo if _cell_done(out, c)]
+    finished = {c.key for c in cells if _cell_done(out, c)}
+    stale = [c for c in cells if c.key in finished and _cell_version(out, c) != CELL_VERSION]
+    current = finished - {c.key for c in stale}
+    todo = [c for c in cells if c.key not in current]
     if stale:
         warnings.warn(f"{out}: {len(stale)} finished cell(s) were computed by another version of robust-rlhf "
                       f"(cell version other than {CELL_VERSION}, e.g. {stale[0].key}); they are recomputed",
