@@ -308,6 +308,7 @@ def gaussian_plugin_regret(
     chunk: int = 1024,
     bias: object = None,
     theta_mc_cov: object = None,
+    target_draws: int = 100,
 ) -> PluginRegret:
     r"""Gaussian plug-in prediction ``E_{theta ~ N(theta_dag + b/n, Sigma/n)} regret(pi_theta)`` (greedy
     or KL), ``b`` = ``bias`` (default zero; the estimator's second-order bias, ``asymptotics.vr_bias``).
@@ -324,7 +325,9 @@ def gaussian_plugin_regret(
     ``theta_mc_cov`` (d, d), the Monte Carlo covariance ``C`` of a ``theta_dag`` computed on a finite
     population (``AsymptoticCovariance.theta_mc_cov``), gives ``target_se``: the prediction's standard
     error from it, ``sqrt(g^T C g)`` with ``g`` the gradient of the prediction in ``theta_dag``, by
-    central differences ``+-sqrt(lambda_k) v_k`` along the eigenvectors of ``C`` on the same draws.
+    central differences ``+-sqrt(lambda_k) v_k`` along the eigenvectors of ``C`` on the first
+    ``target_draws`` of the same draws (common random numbers: on the study's scenarios 100 draws give it
+    within 20% of 4000 draws, enough for an error bar's own error).
     """
     pop = _population(population)
     nn = _n(n)
@@ -350,11 +353,11 @@ def gaussian_plugin_regret(
     m = draws // 2 if antithetic else draws
     z = rng.standard_normal((m, pop.d))
 
-    def units_at(c: np.ndarray) -> np.ndarray:
-        """The draws' regrets (pair means with ``antithetic``) around the centre ``c``."""
+    def units_at(c: np.ndarray, m: int = m) -> np.ndarray:
+        """The first ``m`` draws' regrets (pair means with ``antithetic``) around the centre ``c``."""
         units = []
         for start in range(0, m, max(1, int(chunk))):
-            e = z[start:start + chunk] @ root.T / math.sqrt(nn)
+            e = z[start:min(start + chunk, m)] @ root.T / math.sqrt(nn)
             plus = np.asarray(theta_regret(c + e, pop, kind=kind, beta=beta, measure=measure).mean)
             if antithetic:
                 minus = np.asarray(theta_regret(c - e, pop, kind=kind, beta=beta, measure=measure).mean)
@@ -368,9 +371,12 @@ def gaussian_plugin_regret(
     mean = float(u.mean())
     target_se = math.nan
     if C is not None:
+        if not (isinstance(target_draws, (int, np.integer)) and target_draws >= 2):
+            raise InputError(f"target_draws: need an integer >= 2, got {target_draws!r}")
+        k = min(m, target_draws // 2 if antithetic else target_draws)
         cvals, cvecs = np.linalg.eigh(C)
-        steps = [math.sqrt(v) * cvecs[:, k] for k, v in enumerate(cvals) if v > 0]
-        target_se = math.sqrt(sum((0.5 * (units_at(centre + h).mean() - units_at(centre - h).mean())) ** 2
+        steps = [math.sqrt(v) * cvecs[:, j] for j, v in enumerate(cvals) if v > 0]
+        target_se = math.sqrt(sum((0.5 * (units_at(centre + h, k).mean() - units_at(centre - h, k).mean())) ** 2
                                   for h in steps))
     return PluginRegret(
         expected=mean, se=float(u.std(ddof=1) / math.sqrt(u.size)), limit=limit, excess=mean - limit,
