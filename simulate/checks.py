@@ -16,6 +16,9 @@ Cell checks (``cell_checks``):
 - ``coverage``: share of coordinates whose nominal 95% sandwich interval covers ``theta_dagger``;
 - ``mse``: ``n E||theta_hat - theta_dagger||^2`` with its interval, and per (scenario, estimator)
   the slope of ``log MSE`` against ``log n`` (``slopes``), expected -1;
+- ``bias``: ``n ||mean error||`` beside ``||b||``, the second-order bias (``asymptotics.vr_bias``; not
+  for power-tuned or learned ``g_hat``); the check covers every coordinate's ``b_k / n`` by its
+  mean error's interval (Bonferroni over coordinates), widened by ``theta_dagger``'s Monte Carlo error;
 - ``regret_greedy``, ``regret_kl``: mean regret against the Gaussian plug-in prediction, its draws
   centred at ``theta_dagger + b/n`` (the second-order bias, where predicted); the interval is widened
   in quadrature by the prediction's own error (``pred_regret_*_se``: its draws, and what the prompt
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -139,6 +143,31 @@ def _interval(samples: np.ndarray, rel_extra: float = 0.0, point: float | None =
     return math.exp(centre - math.hypot(dl, widen)), math.exp(centre + math.hypot(dh, widen))
 
 
+def _bias_check(theta: np.ndarray, pred: pd.Series, n: int, idx: np.ndarray) -> tuple[float, float, str]:
+    """``n ||mean error||`` against the second-order bias ``||b||``, and whether every coordinate's mean
+    error (bootstrap interval, Bonferroni over coordinates, widened in quadrature by ``theta_dagger``'s
+    Monte Carlo error) covers ``b_k / n``; n/a where no bias is predicted."""
+    b = pred.get("pred_bias")
+    if not isinstance(b, (list, tuple, np.ndarray)):
+        return math.nan, math.nan, "n/a"
+    b = np.asarray(b, dtype=float) / n
+    err = theta - np.asarray(pred["theta_dagger"], dtype=float)
+    ok = ~np.isnan(err)
+    x, m = np.where(ok, err, 0.0)[idx], ok[idx]
+    with np.errstate(invalid="ignore"):
+        boot = x.sum(axis=1) / m.sum(axis=1)
+    mean = np.nanmean(err, axis=0)
+    alpha = 0.05 / err.shape[1]
+    lo, hi = np.nanpercentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    se = pred.get("theta_se")
+    se = np.nan_to_num(np.asarray(se, dtype=float)) if isinstance(se, (list, tuple, np.ndarray)) else 0.0
+    extra = NormalDist().inv_cdf(1 - alpha / 2) * se
+    lo = mean - np.hypot(mean - lo, extra)
+    hi = mean + np.hypot(hi - mean, extra)
+    verdict = "pass" if bool(((lo <= b) & (b <= hi)).all()) else "fail"
+    return float(n * np.linalg.norm(mean)), float(n * np.linalg.norm(b)), verdict
+
+
 def _finite_or_zero(x: float) -> float:
     return float(x) if x is not None and math.isfinite(x) else 0.0
 
@@ -191,6 +220,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
                                                                 row["var_ratio_to_pred"])
         row["var_check"] = _verdict(1.0, row["var_ratio_low"], row["var_ratio_high"])
         row["coverage_check"] = _verdict(0.95, row["coverage_low"], row["coverage_high"])
+        row["bias"], row["pred_bias"], row["bias_check"] = _bias_check(theta, pred, n, idx)
         for kind in ("greedy", "kl"):
             values = g[f"regret_{kind}"].to_numpy()
             row[f"regret_{kind}"] = float(np.nanmean(values))

@@ -316,7 +316,8 @@ def _predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict
 
     scenario, pop, mle, _ = _populations(json.dumps(spec.scenario(scenario_name).spec), spec.population,
                                          spec.eval_prompts)
-    out: dict[str, Any] = {"theta_dagger": mle.theta_dagger.tolist(), "mle_trace": mle.trace}
+    out: dict[str, Any] = {"theta_dagger": mle.theta_dagger.tolist(), "theta_se": mle.theta_se.tolist(),
+                           "mle_trace": mle.trace}
     cov, lam, bias = None, 0.0, None
     if est.method == "mle":
         cov, trace, trace_se = mle.cov, mle.trace, mle.trace_se
@@ -633,8 +634,9 @@ def _assemble(spec: StudySpec, out: Path) -> Study:
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
     flat = preds.drop(columns=["pred_cov"]).assign(theta_dagger=preds.theta_dagger.map(json.dumps))
-    if "pred_bias" in flat:
-        flat["pred_bias"] = flat.pred_bias.map(json.dumps)
+    for col in ("pred_bias", "theta_se"):
+        if col in flat:
+            flat[col] = flat[col].map(json.dumps)
     with atomic_path(out / "predictions.csv") as tmp:
         flat.to_csv(tmp, index=False)
     pessimism = None

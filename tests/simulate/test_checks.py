@@ -140,3 +140,24 @@ def test_regret_check_counts_the_predictions_own_error() -> None:
     assert fails(predictions.assign(pred_regret_greedy_target_se=0.002)) == 0
     cells = analyse(results, predictions.assign(pred_regret_greedy_target_se=0.002)).cells
     assert cells.pred_regret_greedy_se.iloc[0] == pytest.approx(np.hypot(1e-4, 0.002))
+
+
+def test_bias_check_against_the_second_order_bias() -> None:
+    # 400 normal estimates per cell, centred so that their mean error is exactly b/n: the check passes for
+    # b and fails for b_2 + 10, i.e. b_2 / n off by 10 / n: 5 to 10 standard errors sqrt(1 / (n R)) of the mean
+    results, predictions = _tables(outliers=0.0, failed_at_400=0.0)
+    b = np.array([2.0, -1.0, 0.5])
+    theta_cols = [f"theta_{j}" for j in range(3)]
+    cell_mean = results.groupby(["n", "estimator"])[theta_cols].transform("mean").to_numpy()
+    results[theta_cols] = results[theta_cols].to_numpy() - cell_mean + THETA + b / results.n.to_numpy()[:, None]
+    preds = predictions.assign(pred_bias=[list(b)] * len(predictions), theta_se=[[0.0] * 3] * len(predictions))
+    cells = analyse(results, preds).cells.set_index(["estimator", "n"])
+    assert (cells.loc["mle"].bias_check == "pass").all()
+    assert cells.loc[("mle", 400)].pred_bias == pytest.approx(400 * np.linalg.norm(b / 400))
+    wrong = preds.assign(pred_bias=[list(b + np.array([0.0, 0.0, 0.025 * 400]))] * len(preds))
+    assert (analyse(results, wrong).cells.set_index("estimator").loc["mle"].bias_check == "fail").all()
+    # theta_dagger's own Monte Carlo error widens the interval: an error of 0.025 per coordinate covers it
+    loose = wrong.assign(theta_se=[[0.025] * 3] * len(preds))
+    assert (analyse(results, loose).cells.set_index("estimator").loc["mle"].bias_check == "pass").all()
+    # no prediction (power-tuned VRPO, a learned g_hat): n/a
+    assert (analyse(results, predictions).cells.bias_check == "n/a").all()
