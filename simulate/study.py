@@ -526,8 +526,8 @@ def _compute_and_store(spec: StudySpec, cells: list[Cell], out: Path) -> list[st
         seconds = time.perf_counter() - start
         with atomic_path(out / "cells" / f"{cell.key}.parquet") as tmp:
             table.to_parquet(tmp, index=False)
-        record = {"cell": cell.key, "version": CELL_VERSION, "scenario": cell.scenario, "n": cell.n, "estimator": cell.estimator.name,
-                  "seconds": seconds, **pred, **_predict_regret(spec, cell.scenario, pred, cell.n)}
+        record = {"cell": cell.key, "version": CELL_VERSION, "scenario": cell.scenario, "n": cell.n,
+                  "estimator": cell.estimator.name, "seconds": seconds, **pred, **_predict_regret(spec, cell.scenario, pred, cell.n)}
         _write_json(out / "cells" / f"{cell.key}.json", record)  # written last: marks the cell finished
     return [c.key for c in cells]
 

@@ -125,7 +125,7 @@ class Target:
     theta : (d,) the minimiser.
     se : (d,) Monte Carlo standard error from averaging over the P prompt draws,
         ``sqrt(diag(H^-1 Cov_p(G_p) H^-1 / P))`` (NaN when P < 2).
-    cov : (d, d) that Monte Carlo covariance ``H^-1 Cov_p(G_p) H^-1 / P`` (NaN when P < 2).
+    mc_cov : (d, d) that Monte Carlo covariance ``H^-1 Cov_p(G_p) H^-1 / P`` (NaN when P < 2).
     H : (d, d) Hessian ``E[m''_g(u) dphi dphi^T]`` at ``theta``.
     iterations : Newton steps taken.
     grad_norm : Euclidean norm of the population gradient at ``theta``.
@@ -142,7 +142,7 @@ class Target:
     objective: float
     loss: str
     prompts: int
-    cov: np.ndarray | None = None
+    mc_cov: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class AsymptoticCovariance:
     ----------
     theta_dagger : (d,) population target (of ``g*``).
     theta_se : (d,) its delta-method Monte Carlo standard error over prompts (see ``Target.se``).
-    theta_mc_cov : (d, d) the Monte Carlo covariance behind ``theta_se`` (``Target.cov``).
+    theta_mc_cov : (d, d) the Monte Carlo covariance behind ``theta_se`` (``Target.mc_cov``).
     H : (d, d) bread ``E[m''_{g*}(u) dphi dphi^T]``.
     Omega : (d, d) meat ``Omega(lam) = O_0 - lam (X + X^T) + lam^2 Y`` (module docstring).
     cov : (d, d) ``H^-1 Omega H^-1``.
@@ -824,7 +824,7 @@ def _target_from_fit(
         se = np.full(T.d, math.nan)
     return Target(
         theta=fit.theta[0].numpy().copy(), se=se, H=H, iterations=fit.iterations,
-        grad_norm=float(np.linalg.norm(grad)), objective=float(m["obj"][0]), loss=loss.name, prompts=P, cov=mc,
+        grad_norm=float(np.linalg.norm(grad)), objective=float(m["obj"][0]), loss=loss.name, prompts=P, mc_cov=mc,
     )
 
 
@@ -1026,7 +1026,7 @@ def vr_covariance(
     return AsymptoticCovariance(
         theta_dagger=an.target.theta, theta_se=an.target.se, H=an.full.H, Omega=an.full.omega(lam_), cov=cov,
         trace=float(np.trace(cov)), trace_se=trace_se, lam=lam_, M=an.M, rho=an.rho, loss=an.loss.name,
-        batch_cov=batch_cov, mc_note=an.note, theta_mc_cov=an.target.cov,
+        batch_cov=batch_cov, mc_note=an.note, theta_mc_cov=an.target.mc_cov,
     )
 
 

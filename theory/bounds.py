@@ -246,11 +246,11 @@ def kl_regret_delta_method(
     ``measure='kl'`` (regret = const - J). ``grad`` and ``Hess`` are exact (autograd on the population).
 
     The M-estimator's ``O(1/n)`` bias ``b`` (``asymptotics.vr_bias``) is **not** included unless ``bias``
-    is given (then ``bias_term = grad . b / n``). When ``grad f(theta_dag) = 0`` the formula is complete without it: e.g.
-    ``measure='kl'`` with BT well specified and ``U = theta* . phi`` (``theta_dag = theta*`` minimises ``f``),
-    or a link misspecification with elliptical features where ``theta_dag`` is parallel to ``theta*`` and
-    the scale matches. ``limit = f(theta_dag)``; ``excess = bias_term + curvature_term``; the ``*_se`` are
-    Monte Carlo errors of these prompt averages.
+    is given (then ``bias_term = grad . b / n``). When ``grad f(theta_dag) = 0`` the formula is complete
+    without it: e.g. ``measure='kl'`` with BT well specified and ``U = theta* . phi`` (``theta_dag = theta*``
+    minimises ``f``), or a link misspecification with elliptical features where ``theta_dag`` is parallel
+    to ``theta*`` and the scale matches. ``limit = f(theta_dag)``; ``excess = bias_term + curvature_term``;
+    the ``*_se`` are Monte Carlo errors of these prompt averages.
     """
     pop = _population(population)
     nn = _n(n)
