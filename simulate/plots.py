@@ -201,7 +201,8 @@ def regret_vs_n(study: Study, report: Report, out: Path) -> Path:
             ax.set_ylabel("regret" if study.spec.scenario(scenario).has_utility else "regret (preference gap)")
     fig.tight_layout()
     _legend_right(fig, axes[0][-1])
-    fig.suptitle("regret against n: measured (solid, 95% band) and Gaussian plug-in prediction (dashed)", y=1.02)
+    fig.suptitle(r"regret against n: measured (solid, 95% band) and Gaussian plug-in prediction at "
+                 r"$\theta^\dagger + b/n$ (dashed)", y=1.02)
     cols = ["scenario", "estimator", "n"] + [f"{p}regret_{k}{s}" for k in ("greedy", "kl")
                                                for p, s in (("", ""), ("", "_low"), ("", "_high"), ("pred_", ""))]
     return _save(fig, cells[cols], out, "regret_vs_n", study)
