@@ -17,6 +17,8 @@ and exposes every result as a :class:`Formula`: the sympy expression together wi
    MLE/VRPO variance difference and ratio in closed form.
 4. :func:`optimal_lambda_closed_form`: ``lam* = tr(W' X) / tr(W' Y)`` from ``Omega(lam)`` being a convex
    quadratic, and ``lam*`` in the two-type scenario (general auxiliary model, ``M``, ``rho``).
+5. :func:`second_order_bias`: ``E theta_hat - theta_dagger = H^-1 (C - T[Sigma] / 2) / n + o(1/n)`` from the
+   stochastic expansion of an M-estimator's estimating equation (``asymptotics.vr_bias``).
 
 Every derivation is cached (``functools.lru_cache``) and takes at most a few seconds. The numerical
 functions are direct translations of the expressions, meant for checking, not for fitting: the
@@ -54,6 +56,8 @@ __all__ = [
     "optimal_lambda_closed_form",
     "two_type_population",
     "two_type_auxiliary",
+    "SecondOrderBias",
+    "second_order_bias",
 ]
 
 
@@ -988,3 +992,103 @@ def two_type_auxiliary(counts: tuple[int, int], h: tuple[float, float], k: tuple
     g[:, 0, 1] = np.repeat(vals["h"], [n0, n1])
     g[:, 1, 0] = np.repeat(vals["k"], [n0, n1])
     return g
+
+
+# --------------------------------------------------------------------------------------------
+# 5. the second-order bias of an M-estimator
+
+
+@dataclass(frozen=True)
+class SecondOrderBias:
+    r"""The O(1/n) bias of an M-estimator, derived from its stochastic expansion (``d`` parameters).
+
+    The estimating equation at ``theta_dagger + delta`` is, to second order,
+    ``0 = eps W + (H + eps V) delta + T[delta, delta] / 2`` with ``eps = n^{-1/2}``: ``W`` the scaled
+    noise of the mean gradient (``E W = 0``, ``E W W^T = Omega``), ``V`` that of the mean Hessian
+    (``E V = 0``, ``E[V_ij W_k] = K_ijk = Cov(J_ij, G_k)`` per observation) and ``T`` the third-derivative
+    tensor. Solving order by order, ``delta = eps d1 + eps^2 d2`` with ``d1 = -H^-1 W`` and
+    ``d2 = -H^-1 (V d1 + T[d1, d1] / 2)``; taking expectations,
+
+    .. math::
+        E[\hat\theta] - \theta^\dagger = \frac{1}{n} H^{-1}\Big(C - \tfrac12 T[\Sigma]\Big),\quad
+        C_i = \sum_{jk} K_{ijk} (H^{-1})_{jk},\quad \Sigma = H^{-1} \Omega H^{-1},
+
+    the closed form ``asymptotics.vr_bias`` evaluates (there ``C = E[J H^-1 G] - E J H^-1 E G``).
+
+    Attributes
+    ----------
+    d : number of parameters.
+    d1, d2 : the expansion's terms (sympy, in the symbols of ``W``, ``V``, ``H``, ``T``).
+    bias : Formula of ``(H, T, Omega, K)`` (``d x d``, ``d x d x d`` as a ``d x d^2`` matrix ``T[i, j d + k]``,
+        ``d x d``, and ``K[i, j d + k] = K_ijk``): the derived ``E[d2]``.
+    residual : derived minus the stated closed form (zero).
+    """
+
+    d: int
+    d1: Any
+    d2: Any
+    bias: Formula
+    residual: Any
+
+    @property
+    def proven(self) -> bool:
+        """Whether the residual is identically zero."""
+        return _is_zero(self.residual)
+
+
+def second_order_bias(d: int = 2) -> SecondOrderBias:
+    """Derive the second-order bias ``H^-1 (C - T[Sigma] / 2) / n`` from the stochastic expansion
+    (``d <= 2``: about a second; ``d = 3`` takes minutes, the symbolic inverse dominates)."""
+    return _second_order_bias(_check_size("d", d, 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _second_order_bias(d: int) -> SecondOrderBias:
+    eps = sp.Symbol("eps", positive=True)
+    idx = range(d)
+    H = sp.Matrix(d, d, lambda i, j: sp.Symbol(f"H_{min(i, j)}_{max(i, j)}", real=True))
+    T = {(i, j, k): sp.Symbol("T_" + "_".join(map(str, sorted((i, j, k)))), real=True)
+         for i in idx for j in idx for k in idx}
+    W = sp.Matrix(d, 1, lambda i, _: sp.Symbol(f"W_{i}", real=True))
+    V = sp.Matrix(d, d, lambda i, j: sp.Symbol(f"V_{i}_{j}", real=True))
+    a = sp.Matrix(d, 1, lambda i, _: sp.Symbol(f"a_{i}", real=True))  # unknown d1
+    b = sp.Matrix(d, 1, lambda i, _: sp.Symbol(f"b_{i}", real=True))  # unknown d2
+    delta = eps * a + eps**2 * b
+    quad = sp.Matrix(d, 1, lambda i, _: sum(T[i, j, k] * delta[j] * delta[k] for j in idx for k in idx))
+    eq = (eps * W + (H + eps * V) * delta + quad / 2).applyfunc(sp.expand)
+    first = sp.solve([e.coeff(eps, 1) for e in eq], list(a), dict=True)[0]
+    second = sp.solve([e.coeff(eps, 2).subs(first) for e in eq], list(b), dict=True)[0]
+    d1 = a.subs(first).applyfunc(sp.simplify)
+    d2 = b.subs(second)
+    # E[.] of a polynomial in the noise: E W_j W_k = Omega_jk, E V_ij W_k = K_ijk, E W = E V = 0
+    Om = sp.Matrix(d, d, lambda i, j: sp.Symbol(f"Omega_{min(i, j)}_{max(i, j)}", real=True))
+    K = {(i, j, k): sp.Symbol(f"K_{i}_{j}_{k}", real=True) for i in idx for j in idx for k in idx}
+    noise = [*W, *V]
+
+    def expect(expr: Any) -> Any:
+        poly = sp.Poly(sp.expand(sp.together(expr) * sp.denom(sp.together(expr))), *noise)
+        out = 0
+        for powers, coef in poly.terms():
+            used = [s for s, p in zip(noise, powers) for _ in range(p)]
+            if len(used) != 2:  # E of one noise term is zero; the expansion has no higher ones at this order
+                continue
+            s, t = used
+            if s in W and t in W:
+                out += coef * Om[list(W).index(s), list(W).index(t)]
+            else:
+                v, w = (s, t) if s in V else (t, s)
+                i, j = divmod(list(V).index(v), d)
+                out += coef * K[i, j, list(W).index(w)]
+        return out / sp.denom(sp.together(expr))
+
+    derived = d2.applyfunc(expect)
+    Hinv = H.inv()
+    Sigma = Hinv * Om * Hinv
+    C = sp.Matrix(d, 1, lambda i, _: sum(K[i, j, k] * Hinv[j, k] for j in idx for k in idx))
+    TS = sp.Matrix(d, 1, lambda i, _: sum(T[i, j, k] * Sigma[j, k] for j in idx for k in idx))
+    closed = Hinv * (C - TS / 2)
+    residual = _residual(derived, closed)
+    Tm = sp.Matrix(d, d * d, lambda i, jk: T[i, jk // d, jk % d])
+    Km = sp.Matrix(d, d * d, lambda i, jk: K[i, jk // d, jk % d])
+    fn = _formula(closed, [H.tolist(), Tm.tolist(), Om.tolist(), Km.tolist()], ["H", "T", "Omega", "K"])
+    return SecondOrderBias(d=d, d1=d1, d2=d2, bias=fn, residual=residual)

@@ -696,12 +696,13 @@ def test_covariance_matches_simulated_estimators_long() -> None:
 # ------------------------------------------------------------------------------------------ second-order bias
 
 
-def _enumerated_bias(pop: PairPopulation, loss, g_hat: np.ndarray, lam: float, M: int | None,
-                     rho: float) -> np.ndarray:
+def _enumerated_moments(pop: PairPopulation, loss, g_hat: np.ndarray, lam: float, M: int | None,
+                        rho: float) -> dict[str, np.ndarray]:
     """The second-order bias from the definition, by brute force: every outcome of a labelled cluster
     (prompt, labelled pair, label, ``M`` reference pairs; the exact expectation for M None) and of an
     unlabelled one, the cluster loss differentiated by torch.func (gradient G, Hessian J, third
-    derivative tensor T), and ``b = H^-1 (sum_s rho_s [E(J H^-1 G) - E J H^-1 E G] - T[Sigma] / 2)``."""
+    derivative tensor T), and ``b = H^-1 (sum_s rho_s [E(J H^-1 G) - E J H^-1 E G] - T[Sigma] / 2)``; also
+    the pooled moments ``H``, ``Omega``, ``T = sum_s rho_s E T_s`` and ``K_ijk = sum_s rho_s Cov_s(J_ij, G_k)``."""
     import itertools
 
     P, K, d = pop.phi.shape
@@ -752,7 +753,15 @@ def _enumerated_bias(pop: PairPopulation, loss, g_hat: np.ndarray, lam: float, M
     C = sum(wt * (torch.einsum("n,nij,jk,nk->i", pr, J, Hi, G) - torch.einsum("n,nij->ij", pr, J) @ Hi @ eg)
             for (wt, pr, G, J, _), eg in zip(moments, EG))
     T3 = sum(wt * torch.einsum("n,nijk,jk->i", pr, T, Sigma) for wt, pr, _, _, T in moments)
-    return (Hi @ (C - 0.5 * T3)).numpy()
+    Tm = sum(wt * torch.einsum("n,nijk->ijk", pr, T) for wt, pr, _, _, T in moments)
+    K = sum(wt * (torch.einsum("n,nij,nk->ijk", pr, J, G) - torch.einsum("n,nij->ij", pr, J)[:, :, None] * eg)
+            for (wt, pr, G, J, _), eg in zip(moments, EG))
+    return {"bias": (Hi @ (C - 0.5 * T3)).numpy(), "H": H.numpy(), "Omega": Omega.numpy(), "T": Tm.numpy(),
+            "K": K.numpy()}
+
+
+def _enumerated_bias(*args) -> np.ndarray:
+    return _enumerated_moments(*args)["bias"]
 
 
 @pytest.mark.parametrize("loss", [Logistic(), SmoothedTruncatedHinge(s=-math.inf, bandwidth=0.4)], ids=repr)

@@ -335,3 +335,35 @@ def test_population_builders() -> None:
 def test_bad_input_raises_input_error(call, match: str) -> None:
     with pytest.raises(InputError, match=match):
         call()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. second-order bias
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_second_order_bias_is_proven(d: int) -> None:
+    res = sy.second_order_bias(d)
+    assert res.proven, res.residual
+    # d1 = -H^-1 W: linear in the gradient noise, free of the Hessian noise (so its mean is zero)
+    for e in res.d1:
+        num = sp.together(e).as_numer_denom()[0]
+        assert not any(x.name.startswith("V_") for x in num.free_symbols)
+        assert sp.Poly(num, *[x for x in num.free_symbols if x.name.startswith("W_")]).total_degree() == 1
+
+
+def test_second_order_bias_formula_is_the_engines() -> None:
+    """The derived formula on the pooled moments of a brute-force enumeration (two prompts, K = 3, d = 2,
+    a noisy g_hat, labelled and unlabelled clusters) equals ``asymptotics.vr_bias``."""
+    from test_asymptotics import _enumerated_moments, _mixture_population, _noisy
+
+    from robust_rlhf.theory.losses import Logistic
+
+    pop = _mixture_population(5, P=2, K=3, d=2, sharp=2.0, bias=0.1)
+    g_hat = _noisy(pop.g_star, 0.7, 6)
+    m = _enumerated_moments(pop, Logistic(), g_hat, 0.8, 2, 1.5)
+    got = sy.second_order_bias(2).bias(H=m["H"], T=m["T"].reshape(2, 4), Omega=m["Omega"], K=m["K"].reshape(2, 4))
+    np.testing.assert_allclose(got, m["bias"], rtol=1e-10)
+    np.testing.assert_allclose(got, asy.vr_bias(pop, g_hat, lam=0.8, M=2, rho=1.5).bias, rtol=1e-8)
+    with pytest.raises(InputError, match="d"):
+        sy.second_order_bias(3)
