@@ -299,13 +299,13 @@ _EVAL_SEED = 20_250_404
 
 @functools.lru_cache(maxsize=8)
 def _populations(scenario_json: str, size: int, eval_size: int):
-    """The prediction population, its MLE asymptotics and the evaluation population of a scenario
-    (cached per process: every estimator and n of a scenario share them)."""
-    from robust_rlhf.theory.asymptotics import mle_covariance
+    """The prediction population, its MLE asymptotics (with the second-order bias) and the evaluation
+    population of a scenario (cached per process: every estimator and n of a scenario share them)."""
+    from robust_rlhf.theory.asymptotics import vr_bias
 
     scenario = Scenario.from_spec(json.loads(scenario_json))
     pop = scenario.population(size=size, seed=_POP_SEED)
-    return scenario, pop, mle_covariance(pop), scenario.population(size=eval_size, seed=_EVAL_SEED)
+    return scenario, pop, vr_bias(pop), scenario.population(size=eval_size, seed=_EVAL_SEED)
 
 
 def _predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict[str, Any]:
@@ -320,8 +320,7 @@ def _predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict
                            "mle_trace": mle.trace}
     cov, lam, bias = None, 0.0, None
     if est.method == "mle":
-        cov, trace, trace_se = mle.cov, mle.trace, mle.trace_se
-        bias = vr_bias(pop).bias
+        cov, trace, trace_se, bias = mle.cov, mle.trace, mle.trace_se, mle.bias
     elif est.g_hat_is_fixed:
         g_hat = aux_population(scenario, est.aux, spec.population, _POP_SEED)
         M = None if est.M == "exact" else est.M
@@ -329,10 +328,10 @@ def _predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict
             lam = optimal_lambda(pop, g_hat, M=M, rho=est.unlabelled).lam
         else:
             lam = 1.0 if est.lam is None else float(est.lam)
-        vr = vr_covariance(pop, g_hat=g_hat, lam=lam, M=M, rho=est.unlabelled)
-        cov, trace, trace_se = vr.cov, vr.trace, vr.trace_se
-        if est.method == "vrpo":
-            bias = vr_bias(pop, g_hat=g_hat, lam=lam, M=M, rho=est.unlabelled).bias
+        # the bias at a fixed lam only: vrpo_tuned's estimated lam adds its own O(1/n) term
+        asymptotics = vr_bias if est.method == "vrpo" else vr_covariance
+        vr = asymptotics(pop, g_hat=g_hat, lam=lam, M=M, rho=est.unlabelled)
+        cov, trace, trace_se, bias = vr.cov, vr.trace, vr.trace_se, vr.bias
     out["pred_bias"] = None if bias is None else np.asarray(bias).tolist()
     if cov is None:  # a learned g_hat has no fixed population law: no exact prediction
         out.update(pred_trace=math.nan, pred_trace_se=math.nan, pred_ratio=math.nan, pred_lam=math.nan,

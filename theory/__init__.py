@@ -16,9 +16,8 @@ import importlib
 # Public names and their modules, imported on first access (PEP 562): ``import robust_rlhf.theory.errors``
 # or ``theory.data`` does not pull in torch, cvxpy and sympy, so the commands' ``--help`` starts at once.
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "asymptotics": ("AsymptoticBias", "AsymptoticCovariance", "LambdaChoice", "Target", "VarianceRatio", "bread",
-                    "mle_covariance", "optimal_lambda", "population_target", "variance_ratio", "vr_bias",
-                    "vr_covariance"),
+    "asymptotics": ("AsymptoticCovariance", "LambdaChoice", "Target", "VarianceRatio", "bread", "mle_covariance",
+                    "optimal_lambda", "population_target", "variance_ratio", "vr_bias", "vr_covariance"),
     "data": ("PairData", "PairPopulation"),
     "errors": ("InputError", "SeparableDataError"),
     "fitting": ("METHODS", "FitResult", "fit"),

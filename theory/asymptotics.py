@@ -91,7 +91,6 @@ from .losses import Logistic, MarginLoss, get_loss, pair_loss
 __all__ = [
     "Target",
     "AsymptoticCovariance",
-    "AsymptoticBias",
     "LambdaChoice",
     "VarianceRatio",
     "population_target",
@@ -163,6 +162,9 @@ class AsymptoticCovariance:
     loss : name of the margin loss.
     batch_cov : (B, d, d) the covariance recomputed on each prompt batch, or None.
     mc_note : why no Monte Carlo error is available (empty when it is).
+    bias : (d,) the second-order bias ``b`` of ``E[theta_hat_n] = theta_dagger + b / n + o(1/n)``, filled
+        by ``vr_bias`` (None from ``vr_covariance``); bias_se : (d,) its batch-means Monte Carlo error
+        (NaN if unavailable); batch_bias : (B, d) the bias recomputed on each prompt batch, or None.
     """
 
     theta_dagger: np.ndarray
@@ -179,6 +181,9 @@ class AsymptoticCovariance:
     batch_cov: np.ndarray | None = None
     mc_note: str = ""
     theta_mc_cov: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    bias_se: np.ndarray | None = None
+    batch_bias: np.ndarray | None = None
 
     @property
     def n_batches(self) -> int:
@@ -240,33 +245,6 @@ class VarianceRatio:
     lam: float
     M: int | None
     rho: float
-
-
-@dataclass(frozen=True)
-class AsymptoticBias:
-    r"""Second-order bias: ``E[theta_hat_n] = theta_dagger + bias / n + o(1/n)``.
-
-    Attributes
-    ----------
-    theta_dagger : (d,) population target.
-    bias : (d,) ``b = H^-1 (C - T[Sigma] / 2)`` (``vr_bias``).
-    bias_se : (d,) batch-means Monte Carlo standard error of ``bias`` over prompts (NaN if unavailable).
-    cov : (d, d) the asymptotic covariance ``Sigma`` of ``sqrt(n) (theta_hat - theta_dagger)``.
-    lam, M, rho, loss : effective settings, as in ``AsymptoticCovariance``.
-    batch_bias : (B, d) the bias recomputed on each prompt batch, or None.
-    mc_note : why no Monte Carlo error is available (empty when it is).
-    """
-
-    theta_dagger: np.ndarray
-    bias: np.ndarray
-    bias_se: np.ndarray
-    cov: np.ndarray
-    lam: float
-    M: int | None
-    rho: float
-    loss: str
-    batch_bias: np.ndarray | None = None
-    mc_note: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1016,16 +994,24 @@ def vr_covariance(
     ``g_hat`` None (or ``lam = 0``) gives the MLE, ``Omega = E[E[m'_Z(u)^2 | pair] dphi dphi^T]``.
     ``trace_se`` is the batch-means error over ``n_batches`` contiguous prompt batches.
     """
+    return _covariance(*_analysis_at(pop, g_hat, lam, M, rho, loss, n_batches))
+
+
+def _analysis_at(pop: PairPopulation, g_hat: object, lam: object, M: object, rho: object, loss: str | MarginLoss,
+                 n_batches: object) -> tuple[_Analysis, float]:
+    """The analysis of the settings and the effective ``lam`` (0 without an auxiliary model)."""
     lam_ = _check_real("lam", lam)
     an = _analyse(pop, g_hat, M, rho, loss, n_batches)
-    if g_hat is None:
-        lam_ = 0.0
-    cov = an.full.cov(lam_)
-    batch_cov = None if an.batches is None else an.batches.cov(lam_)
+    return an, (0.0 if g_hat is None else lam_)
+
+
+def _covariance(an: _Analysis, lam: float) -> AsymptoticCovariance:
+    cov = an.full.cov(lam)
+    batch_cov = None if an.batches is None else an.batches.cov(lam)
     trace_se = math.nan if batch_cov is None else _batch_se(np.trace(batch_cov, axis1=1, axis2=2))
     return AsymptoticCovariance(
-        theta_dagger=an.target.theta, theta_se=an.target.se, H=an.full.H, Omega=an.full.omega(lam_), cov=cov,
-        trace=float(np.trace(cov)), trace_se=trace_se, lam=lam_, M=an.M, rho=an.rho, loss=an.loss.name,
+        theta_dagger=an.target.theta, theta_se=an.target.se, H=an.full.H, Omega=an.full.omega(lam), cov=cov,
+        trace=float(np.trace(cov)), trace_se=trace_se, lam=lam, M=an.M, rho=an.rho, loss=an.loss.name,
         batch_cov=batch_cov, mc_note=an.note, theta_mc_cov=an.target.mc_cov,
     )
 
@@ -1100,10 +1086,7 @@ def variance_ratio(
 
     Below 1: VRPO with these settings is asymptotically more efficient than the MLE in the ``W`` norm.
     """
-    lam_ = _check_real("lam", lam)
-    an = _analyse(pop, g_hat, M, rho, loss, n_batches)
-    if g_hat is None:
-        lam_ = 0.0
+    an, lam_ = _analysis_at(pop, g_hat, lam, M, rho, loss, n_batches)
     W = _weight_matrix(weight, pop.d)
     vr = float(_wtrace(an.full, lam_, W))
     mle = float(_wtrace(an.full, 0.0, W))
@@ -1116,9 +1099,9 @@ def variance_ratio(
 def vr_bias(
     pop: PairPopulation, g_hat: np.ndarray | None = None, lam: float = 0.0, M: int | None = 1, rho: float = 0.0,
     loss: str | MarginLoss = "logistic", *, n_batches: int = 20,
-) -> AsymptoticBias:
-    r"""Second-order bias ``b`` of the VR estimator (the MLE for ``g_hat`` None or ``lam = 0``):
-    ``E[theta_hat_n - theta_dagger] = b / n + o(1/n)``, settings as in ``vr_covariance``.
+) -> AsymptoticCovariance:
+    r"""``vr_covariance`` with the second-order bias ``b`` of the VR estimator filled in (the MLE for
+    ``g_hat`` None or ``lam = 0``): ``E[theta_hat_n - theta_dagger] = b / n + o(1/n)``.
 
     The estimating equation is a sum over ``n`` labelled clusters (a labelled pair and its ``M``
     reference pairs) and ``rho n`` unlabelled ones (``M`` reference pairs), with gradients ``G_i``,
@@ -1141,14 +1124,11 @@ def vr_bias(
     has positive probability). ``bias_se`` comes from batch means (each batch its own target,
     ``H`` and ``Sigma``).
     """
-    lam_ = _check_real("lam", lam)
-    an = _analyse(pop, g_hat, M, rho, loss, n_batches)
-    if g_hat is None:
-        lam_ = 0.0
+    an, lam_ = _analysis_at(pop, g_hat, lam, M, rho, loss, n_batches)
+    res = _covariance(an, lam_)
     Hinv = torch.as_tensor(np.linalg.inv(an.full.H))[None]
-    cov = an.full.cov(lam_)
     zeros = torch.zeros(an.T.P, dtype=torch.long)
-    m = _bias_means(an.T, an.loss, an.theta, Hinv, torch.as_tensor(cov)[None], lam_, zeros,
+    m = _bias_means(an.T, an.loss, an.theta, Hinv, torch.as_tensor(res.cov)[None], lam_, zeros,
                     torch.tensor([float(an.T.P)], dtype=_DT))
     bias = _bias_of(m, Hinv, lam_, an.M, an.rho)[0]
     batch_bias, se = None, np.full(pop.d, math.nan)
@@ -1156,9 +1136,7 @@ def vr_bias(
         B = an.batch_theta.shape[0]
         Hb = torch.as_tensor(np.linalg.inv(an.batches.H))
         sizes = torch.bincount(an.groups, minlength=B).to(_DT)
-        mb = _bias_means(an.T, an.loss, an.batch_theta, Hb, torch.as_tensor(an.batches.cov(lam_)), lam_, an.groups,
-                         sizes)
+        mb = _bias_means(an.T, an.loss, an.batch_theta, Hb, torch.as_tensor(res.batch_cov), lam_, an.groups, sizes)
         batch_bias = _bias_of(mb, Hb, lam_, an.M, an.rho)
         se = np.array([_batch_se(batch_bias[:, j]) for j in range(pop.d)])
-    return AsymptoticBias(theta_dagger=an.target.theta, bias=bias, bias_se=se, cov=cov, lam=lam_, M=an.M, rho=an.rho,
-                          loss=an.loss.name, batch_bias=batch_bias, mc_note=an.note)
+    return replace(res, bias=bias, bias_se=se, batch_bias=batch_bias)
