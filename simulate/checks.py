@@ -81,11 +81,12 @@ def _theta_columns(frame: pd.DataFrame) -> list[str]:
     return sorted((c for c in frame.columns if c.startswith("theta_")), key=lambda c: int(c.split("_")[1]))
 
 
-def _boot_mean(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Mean of the non-NaN entries of ``values[idx[b]]`` for every resample ``b`` (values: (R, ...));
-    NaN where a resample has none. All resamples at once (one array op, not a Python loop)."""
+def _boot_mean(values: np.ndarray, idx: np.ndarray, per_column: bool = False) -> np.ndarray:
+    """Mean of the non-NaN entries of ``values[idx[b]]`` for every resample ``b`` (values: (R, ...)), or
+    with ``per_column`` of each column of ``values`` (R, d) -> (B, d); NaN where a resample has none.
+    All resamples at once (one array op, not a Python loop)."""
     x = values[idx]
-    axes = tuple(range(1, x.ndim))
+    axes = (1,) if per_column else tuple(range(1, x.ndim))
     ok = ~np.isnan(x)
     count = ok.sum(axis=axes)
     total = np.where(ok, x, 0.0).sum(axis=axes)
@@ -152,18 +153,13 @@ def _bias_check(theta: np.ndarray, pred: pd.Series, n: int, idx: np.ndarray) -> 
         return math.nan, math.nan, "n/a"
     b = np.asarray(b, dtype=float) / n
     err = theta - np.asarray(pred["theta_dagger"], dtype=float)
-    ok = ~np.isnan(err)
-    x, m = np.where(ok, err, 0.0)[idx], ok[idx]
-    with np.errstate(invalid="ignore"):
-        boot = x.sum(axis=1) / m.sum(axis=1)
+    boot = _boot_mean(err, idx, per_column=True)
     mean = np.nanmean(err, axis=0)
     alpha = 0.05 / err.shape[1]
     lo, hi = np.nanpercentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
     se = pred.get("theta_se")
     se = np.nan_to_num(np.asarray(se, dtype=float)) if isinstance(se, (list, tuple, np.ndarray)) else 0.0
-    extra = NormalDist().inv_cdf(1 - alpha / 2) * se
-    lo = mean - np.hypot(mean - lo, extra)
-    hi = mean + np.hypot(hi - mean, extra)
+    lo, hi = _widened(lo, hi, mean, NormalDist().inv_cdf(1 - alpha / 2) * se)
     verdict = "pass" if bool(((lo <= b) & (b <= hi)).all()) else "fail"
     return float(n * np.linalg.norm(mean)), float(n * np.linalg.norm(b)), verdict
 
@@ -172,11 +168,15 @@ def _finite_or_zero(x: float) -> float:
     return float(x) if x is not None and math.isfinite(x) else 0.0
 
 
-def _widened(low: float, high: float, point: float, extra: float) -> tuple[float, float]:
-    """The interval ``[low, high]`` around ``point``, each side widened in quadrature by ``extra``."""
-    if extra <= 0 or not all(map(math.isfinite, (low, high, point))):
-        return low, high
-    return point - math.hypot(point - low, extra), point + math.hypot(high - point, extra)
+def _widened(low: Any, high: Any, point: Any, extra: Any) -> tuple[Any, Any]:
+    """The interval ``[low, high]`` around ``point``, each side widened in quadrature by ``extra`` (numbers
+    or arrays, elementwise); unchanged where ``extra <= 0`` or an input is not finite."""
+    low, high, point, extra = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (low, high, point, extra)))
+    keep = (extra <= 0) | ~(np.isfinite(low) & np.isfinite(high) & np.isfinite(point))
+    with np.errstate(invalid="ignore"):
+        lo = np.where(keep, low, point - np.hypot(point - low, extra))
+        hi = np.where(keep, high, point + np.hypot(high - point, extra))
+    return (float(lo), float(hi)) if lo.ndim == 0 else (lo, hi)
 
 
 def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int = BOOTSTRAP,
