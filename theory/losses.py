@@ -64,15 +64,7 @@ class MarginLoss(ABC):
         Losses on hot paths override this with closed forms; the tests check every override against
         this automatic derivative, so the two cannot drift.
         """
-        with torch.enable_grad():
-            zz = z.detach().clone().requires_grad_(True)
-            value = self(zz)
-            (d1,) = torch.autograd.grad(value.sum(), zz, create_graph=True)
-            if d1.requires_grad:
-                (d2,) = torch.autograd.grad(d1.sum(), zz)
-            else:  # piecewise-linear loss: the second derivative is zero almost everywhere
-                d2 = torch.zeros_like(zz)
-        return value.detach(), d1.detach(), d2.detach()
+        return tuple(self._autograd(z, 2))  # type: ignore[return-value]
 
     def derivatives_pm(self, z: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
         """``derivatives(z)`` and ``derivatives(-z)`` (a loss may share work between the two)."""
@@ -80,17 +72,23 @@ class MarginLoss(ABC):
 
     def third(self, z: Tensor) -> Tensor:
         """The third derivative ``l^(3)(z)`` elementwise (the second-order bias of an estimator needs
-        it), by automatic differentiation of ``__call__``; zero where ``l''`` is piecewise constant."""
+        it), by automatic differentiation of ``__call__``; closed forms override it as for ``derivatives``."""
+        return self._autograd(z, 3)[3]
+
+    def _autograd(self, z: Tensor, order: int) -> list[Tensor]:
+        """``[l, l', ..., l^(order)]`` at ``z`` by repeated automatic differentiation of ``__call__``; a
+        derivative of a piecewise-polynomial loss whose graph ends (e.g. ``l''`` of a hinge) is zero almost
+        everywhere, and so are the ones after it."""
         with torch.enable_grad():
             zz = z.detach().clone().requires_grad_(True)
-            (d1,) = torch.autograd.grad(self(zz).sum(), zz, create_graph=True)
-            if not d1.requires_grad:
-                return torch.zeros_like(z)
-            (d2,) = torch.autograd.grad(d1.sum(), zz, create_graph=True)
-            if not d2.requires_grad:
-                return torch.zeros_like(z)
-            (d3,) = torch.autograd.grad(d2.sum(), zz)
-        return d3.detach()
+            out = [self(zz)]
+            for k in range(order):
+                if out[-1].requires_grad:
+                    (nxt,) = torch.autograd.grad(out[-1].sum(), zz, create_graph=k + 1 < order)
+                else:
+                    nxt = torch.zeros_like(zz)
+                out.append(nxt)
+        return [t.detach() for t in out]
 
     def pair_derivatives(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """``(m_g, m_g', m_g'')`` with ``m_g' = g l'(z) - (1-g) l'(-z)`` and ``m_g'' = g l''(z) + (1-g) l''(-z)``."""
