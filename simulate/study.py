@@ -526,7 +526,8 @@ def _compute_and_store(spec: StudySpec, cells: list[Cell], out: Path) -> list[st
         with atomic_path(out / "cells" / f"{cell.key}.parquet") as tmp:
             table.to_parquet(tmp, index=False)
         record = {"cell": cell.key, "version": CELL_VERSION, "scenario": cell.scenario, "n": cell.n,
-                  "estimator": cell.estimator.name, "seconds": seconds, **pred, **_predict_regret(spec, cell.scenario, pred, cell.n)}
+                  "estimator": cell.estimator.name, "seconds": seconds, **pred,
+                  **_predict_regret(spec, cell.scenario, pred, cell.n)}
         _write_json(out / "cells" / f"{cell.key}.json", record)  # written last: marks the cell finished
     return [c.key for c in cells]
 
@@ -632,8 +633,8 @@ def _assemble(spec: StudySpec, out: Path) -> Study:
         results.to_parquet(tmp, index=False)
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
-    flat = preds.drop(columns=["pred_cov"]).assign(theta_dagger=preds.theta_dagger.map(json.dumps))
-    for col in ("pred_bias", "theta_se"):
+    flat = preds.drop(columns=["pred_cov"])
+    for col in ("theta_dagger", "pred_bias", "theta_se"):  # vectors, as JSON (older cells lack the last two)
         if col in flat:
             flat[col] = flat[col].map(json.dumps)
     with atomic_path(out / "predictions.csv") as tmp:
