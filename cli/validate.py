@@ -164,7 +164,8 @@ def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
                 "coverage", "failed"):
         table.add_column(col, overflow="fold", justify="left" if col in ("scenario", "estimator") else "right")
     for r in cells[cells.n == n_max].itertuples():
-        table.add_row(r.scenario, r.estimator, f"{r.var:.3g}", f"{r.pred_var:.3g}",
+        table.add_row(r.scenario, r.estimator, f"{r.var:.3g}" + (" (IQR)" if r.scale == "interquartile" else ""),
+                      f"{r.pred_var:.3g}",
                       f"{r.ratio:.3f} ({r.ratio_low:.3f}-{r.ratio_high:.3f})", f"{r.pred_ratio:.3f}",
                       f"{r.coverage:.3f}", str(r.failed))
     console.print(table)
@@ -179,6 +180,6 @@ def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
     console.print("Each verdict is a 95% test (about 1 in 20 true claims is refuted by chance). Variance claims "
                   "are extrapolated to n -> inf from r(n) = r + c/n; the ratio at the largest n is shown beside it. "
                   "A bad g_hat's estimate has no finite-sample mean or variance (it lands far out now and then), "
-                  "so its claims use the median and the interquartile scale.")
+                  "so its claims and cell checks use the median and the interquartile scale (IQR).")
     console.print(f"{n_ok} of {len(report.claims)} claims confirmed. Tables: {out}/results.parquet, "
                   f"{out}/cell_checks.csv, {out}/claims.csv" + (f"; figures: {out}/figures" if figures else ""))

@@ -11,8 +11,10 @@ seed), widened in quadrature on the log scale by the Monte Carlo error of the pr
 Cell checks (``cell_checks``):
 
 - ``var``: ``n tr Cov(theta_hat)`` over replications against the predicted ``tr(cov)``, as a ratio;
-- ``ratio``: ``tr Cov(theta_hat)`` of the estimator over that of the MLE (paired), against the
-  predicted variance ratio;
+  for a bad ``g_hat`` (see below) the interquartile scale ``n sum_k (IQR_k / 1.349)^2`` instead
+  (column ``scale``: ``sample`` or ``interquartile``);
+- ``ratio``: ``tr Cov(theta_hat)`` of the estimator over that of the MLE (paired, both on the cell's
+  scale), against the predicted variance ratio;
 - ``coverage``: share of coordinates whose nominal 95% sandwich interval covers ``theta_dagger``;
 - ``mse``: ``n E||theta_hat - theta_dagger||^2`` with its interval, and per (scenario, estimator)
   the slope of ``log MSE`` against ``log n`` (``slopes``), expected -1;
@@ -104,11 +106,6 @@ def _trace_vars(theta: np.ndarray) -> np.ndarray:
     return np.where(count[..., 0] >= 2, var, np.nan)
 
 
-def _trace_var(theta: np.ndarray) -> float:
-    """``tr Cov`` of the rows of ``theta`` (R, d) that exist (NaN rows dropped)."""
-    return float(_trace_vars(theta))
-
-
 def _row_quantiles(theta: np.ndarray, q: float) -> np.ndarray:
     """``np.nanquantile(theta, q, axis=-2)`` (linear interpolation) for ``theta`` (..., R, d), by one
     sort of all the columns at once (numpy loops over the columns in Python when NaNs are present)."""
@@ -127,6 +124,28 @@ def _robust_trace_vars(theta: np.ndarray) -> np.ndarray:
     for every leading index: ``tr Cov`` of a normal limit, unmoved by a few far-out estimates."""
     iqr = _row_quantiles(theta, 0.75) - _row_quantiles(theta, 0.25)
     return ((iqr / _IQR_NORMAL) ** 2).sum(axis=-1)
+
+
+def _bad_ghat(info: dict[str, str]) -> bool:
+    """Whether an estimator is VRPO with a bad ``g_hat`` (not the oracle or a noisy oracle): judged on its
+    limit distribution's median and interquartile scale (module docstring)."""
+    return info["method"] == "vrpo" and info["aux"] not in ("oracle", "noisy_oracle")
+
+
+class _Spreads:
+    """``n tr Cov(theta_hat)`` of a cell (or, ``robust``, its interquartile counterpart
+    ``n sum_k (IQR_k / 1.349)^2``) and its bootstrap resamples (B,), computed once per cell and scale."""
+
+    def __init__(self, by_cell: dict, cols: list[str], idx: np.ndarray) -> None:
+        self._by_cell, self._cols, self._idx = by_cell, cols, idx
+        self._cache: dict[tuple, tuple[float, np.ndarray]] = {}
+
+    def __call__(self, key: tuple, robust: bool = False) -> tuple[float, np.ndarray]:
+        if (key, robust) not in self._cache:
+            theta = self._by_cell[key][self._cols].to_numpy()
+            of = _robust_trace_vars if robust else _trace_vars
+            self._cache[(key, robust)] = (key[1] * float(of(theta)), key[1] * of(theta[self._idx]))
+        return self._cache[(key, robust)]
 
 
 def _interval(samples: np.ndarray, rel_extra: float = 0.0, point: float | None = None) -> tuple[float, float]:
@@ -189,7 +208,8 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
     d = len(cols)
     preds = predictions.set_index(["scenario", "n", "estimator"])
     by_cell = {key: g.sort_values("rep") for key, g in results.groupby(["scenario", "n", "estimator"], sort=False)}
-    boot_var: dict[tuple, np.ndarray] = {}
+    meta = results_meta(by_cell)
+    spread = _Spreads(by_cell, cols, idx)
     rows = []
     for key, g in by_cell.items():
         scenario, n, est = key
@@ -197,9 +217,8 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         theta = g[cols].to_numpy()
         if len(theta) != reps:
             raise ValueError(f"cell {key} has {len(theta)} replications, expected {reps}")
-        bv = n * _trace_vars(theta[idx])
-        boot_var[key] = bv
-        var = n * _trace_var(theta)
+        robust = _bad_ghat(meta[(scenario, est)])
+        var, bv = spread(key, robust)
         failed = int(g["separable"].sum())
         covered = g[[f"covered_{j}" for j in range(d)]].to_numpy(dtype=float)
         cov_rate = float(np.nanmean(covered)) if np.isfinite(covered).any() else math.nan
@@ -211,7 +230,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
             "var": var, "pred_var": pred["pred_trace"],
             "mse": float(np.nanmean(mse)), "mse_low": mse_lo, "mse_high": mse_hi,
             "coverage": cov_rate, **dict(zip(("coverage_low", "coverage_high"), _interval(cov_boot))),
-            "lam": float(g["lam"].mean()),
+            "lam": float(g["lam"].mean()), "scale": "interquartile" if robust else "sample",
         }
         rel = pred["pred_trace_se"] / pred["pred_trace"] if pred["pred_trace"] > 0 else 0.0
         vr = bv / pred["pred_trace"]
@@ -236,9 +255,9 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
                                                    *_widened(lo, hi, row[f"regret_{kind}"], _Z * pred_se))
         rows.append(row)
     cells = pd.DataFrame(rows)
-    _add_ratios(cells, boot_var, preds)
+    _add_ratios(cells, spread, preds)
     slopes = _slopes(results, idx, cols)
-    claims = _claims(cells, by_cell, boot_var, idx, preds, cols)
+    claims = _claims(cells, by_cell, spread, idx, preds, cols)
     pess = None
     if pessimism is not None and len(pessimism):
         pess, pess_claims = _pessimism(pessimism, delta, bootstrap, seed)
@@ -293,21 +312,24 @@ def _verdict(predicted: float, low: float, high: float) -> str:
     return "pass" if low <= predicted <= high else "fail"
 
 
-def _add_ratios(cells: pd.DataFrame, boot_var: dict, preds: pd.DataFrame) -> None:
-    """Paired variance ratio of every estimator against the MLE of its (scenario, n)."""
+def _add_ratios(cells: pd.DataFrame, spread: _Spreads, preds: pd.DataFrame) -> None:
+    """Paired variance ratio of every estimator against the MLE of its (scenario, n), both on the cell's
+    scale."""
     mle_name = _mle_name(preds)
     out = {k: [] for k in ("ratio", "ratio_low", "ratio_high", "pred_ratio", "ratio_check")}
+    keys = set(zip(cells.scenario, cells.n, cells.estimator))
     for row in cells.itertuples():
         base = (row.scenario, row.n, mle_name)
         pred = preds.loc[(row.scenario, row.n, row.estimator), "pred_ratio"]
-        if mle_name is None or base not in boot_var:
+        if mle_name is None or base not in keys:
             for k, v in zip(out, (math.nan, math.nan, math.nan, pred, "n/a")):
                 out[k].append(v)
             continue
-        ratio = row.var / cells.loc[(cells.scenario == row.scenario) & (cells.n == row.n)
-                                    & (cells.estimator == mle_name), "var"].iloc[0]
-        lo, hi = _interval(boot_var[(row.scenario, row.n, row.estimator)] / boot_var[base])
-        out["ratio"].append(ratio)
+        robust = row.scale == "interquartile"
+        own, own_boot = spread((row.scenario, row.n, row.estimator), robust)
+        ref, ref_boot = spread(base, robust)
+        lo, hi = _interval(own_boot / ref_boot)
+        out["ratio"].append(own / ref)
         out["ratio_low"].append(lo)
         out["ratio_high"].append(hi)
         out["pred_ratio"].append(pred)
@@ -356,7 +378,7 @@ def _claim(name: str, scenario: str, estimator: str, n: int, predicted: float, m
             "text": f"{text}: predicted {predicted:.3g}, measured {measured:.3g} (95% CI {low:.3g}-{high:.3g}): {verdict}"}
 
 
-def _claims(cells: pd.DataFrame, by_cell: dict, boot_var: dict, idx: np.ndarray, preds: pd.DataFrame,
+def _claims(cells: pd.DataFrame, by_cell: dict, spread: _Spreads, idx: np.ndarray, preds: pd.DataFrame,
             cols: list[str]) -> list[dict[str, Any]]:
     claims: list[dict[str, Any]] = []
     mle = _mle_name(preds)
@@ -370,9 +392,8 @@ def _claims(cells: pd.DataFrame, by_cell: dict, boot_var: dict, idx: np.ndarray,
         if est == mle or not math.isfinite(row.pred_ratio):
             continue
         tag = f"{est} ({info['method']}, M = {info['M']}, g_hat {info['aux']})"
-        good_aux = info["aux"] in ("oracle", "noisy_oracle")
-        if info["method"] in ("vrpo", "vrpo_tuned") and good_aux:
-            point, lo, hi, span = _extrapolated_ratio(cells, boot_var, scenario, est, mle)
+        if info["method"] in ("vrpo", "vrpo_tuned") and info["aux"] in ("oracle", "noisy_oracle"):
+            point, lo, hi, span = _extrapolated_ratio(cells, spread, scenario, est, mle)
             where = f"{span}; at n = {n_max}: {row.ratio:.3g}"
             if info["method"] == "vrpo_tuned":
                 claims.append(_claim("3_tuned_never_worse", scenario, est, n_max, 1.0, point, lo, hi,
@@ -385,10 +406,10 @@ def _claims(cells: pd.DataFrame, by_cell: dict, boot_var: dict, idx: np.ndarray,
             else:
                 claims.append(_claim("2_gain_grows_with_M", scenario, est, n_max, row.pred_ratio, point, lo, hi,
                                      f"variance reduction of {tag} over the MLE under {scenario} ({where})"))
-        elif info["method"] == "vrpo":
-            claims += _bad_ghat_claims(cells, by_cell, idx, preds, cols, scenario, est, mle, tag)
+        elif _bad_ghat(info):
+            claims += _bad_ghat_claims(cells, by_cell, spread, idx, preds, cols, scenario, est, mle, tag)
         elif info["method"] == "vrpo_tuned":
-            point, lo, hi, span = _extrapolated_ratio(cells, boot_var, scenario, est, mle)
+            point, lo, hi, span = _extrapolated_ratio(cells, spread, scenario, est, mle)
             claims.append(_claim("3_tuned_never_worse", scenario, est, n_max, 1.0, point, lo, hi,
                                  f"variance of {tag} over the MLE under {scenario} is at most 1 "
                                  f"({span}; at n = {n_max}: {row.ratio:.3g})", confirmed=lo <= 1.0))
@@ -410,7 +431,7 @@ def _span(ns: np.ndarray) -> str:
     return f"n = {ns[0]}" if ns.size == 1 else f"extrapolated to n -> inf from n = {ns[0]}..{ns[-1]}"
 
 
-def _extrapolated_ratio(cells: pd.DataFrame, boot_var: dict, scenario: str, est: str,
+def _extrapolated_ratio(cells: pd.DataFrame, spread: _Spreads, scenario: str, est: str,
                         mle: str) -> tuple[float, float, float, str]:
     """The variance ratio as ``n -> infinity``: least squares of ``r(n) = r_inf + c / n`` over the
     studied ``n`` (the O(1/n) finite-sample excess removed), with a bootstrap interval; with one ``n``,
@@ -418,7 +439,7 @@ def _extrapolated_ratio(cells: pd.DataFrame, boot_var: dict, scenario: str, est:
     ns = np.sort(cells[cells.scenario == scenario].n.unique())
     point = np.array([cells[(cells.scenario == scenario) & (cells.n == n) & (cells.estimator == est)].ratio.iloc[0]
                       for n in ns])
-    boot = np.stack([boot_var[(scenario, n, est)] / boot_var[(scenario, n, mle)] for n in ns], axis=1)
+    boot = np.stack([spread((scenario, n, est))[1] / spread((scenario, n, mle))[1] for n in ns], axis=1)
     ok = np.isfinite(boot).all(axis=1)
     limit = _extrapolate(ns, boot[ok][..., None])[:, 0]
     lo, hi = _interval(limit)
@@ -433,8 +454,8 @@ def results_meta(by_cell: dict) -> dict[tuple[str, str], dict[str, str]]:
     return out
 
 
-def _bad_ghat_claims(cells: pd.DataFrame, by_cell: dict, idx: np.ndarray, preds: pd.DataFrame, cols: list[str],
-                     scenario: str, est: str, mle: str, tag: str) -> list[dict[str, Any]]:
+def _bad_ghat_claims(cells: pd.DataFrame, by_cell: dict, spread: _Spreads, idx: np.ndarray, preds: pd.DataFrame,
+                     cols: list[str], scenario: str, est: str, mle: str, tag: str) -> list[dict[str, Any]]:
     """Claim 3 for a bad ``g_hat``, on the limit distribution (module docstring): the median error is
     zero (every coordinate's bootstrap interval, Bonferroni over coordinates, contains zero; reported as
     ``||median error|| / ||theta_dagger||`` with the range of norms over the box of those intervals),
@@ -467,15 +488,17 @@ def _bad_ghat_claims(cells: pd.DataFrame, by_cell: dict, idx: np.ndarray, preds:
                   f"relative median error ||med theta_hat - theta_dagger|| / ||theta_dagger|| of {tag} under "
                   f"{scenario} ({where}; interval from {100 - 5 / len(cols):.4g}% intervals per coordinate)")
     # the interquartile-scale variance ratio to the MLE (paired resamples)
-    base = {n: by_cell[(scenario, n, mle)][cols].to_numpy() for n in ns}
-    ratio = np.array([[_robust_trace_vars(theta[n]) / _robust_trace_vars(base[n])] for n in ns])
-    boot = np.stack([_robust_trace_vars(theta[n][idx]) / _robust_trace_vars(base[n][idx]) for n in ns], axis=1)
+    own = [spread((scenario, n, est), robust=True) for n in ns]
+    ref = [spread((scenario, n, mle), robust=True) for n in ns]
+    ratio = np.array([[a[0] / b[0]] for a, b in zip(own, ref)])
+    boot = np.stack([a[1] / b[1] for a, b in zip(own, ref)], axis=1)
     boot = boot[np.isfinite(boot).all(axis=1)]
     lo, hi = _interval(_extrapolate(ns, boot[..., None])[:, 0])
+    sample = spread((scenario, n_max, est))[0] / spread((scenario, n_max, mle))[0]
     variance = _claim("3_bad_ghat_variance", scenario, est, n_max, float(last.pred_ratio),
                       float(_extrapolate(ns, ratio)[0]), float(lo), float(hi),
                       f"variance of {tag} over the MLE under {scenario}, interquartile scale ({where}; "
-                      f"sample-variance ratio at n = {n_max}: {last.ratio:.3g})")
+                      f"sample-variance ratio at n = {n_max}: {sample:.3g})")
     return [bias, variance]
 
 

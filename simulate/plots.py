@@ -126,7 +126,8 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
 def variance_ratio(study: Study, report: Report, out: Path) -> Path:
     """Predicted against measured variance ratio over the MLE, one point per cell with its 95% CI, on
     the diagonal when the theory holds: left, the cells whose predicted ratio is at most 1 (linear
-    axes); right, every cell (log axes, points far above their prediction named off scale)."""
+    axes); right, every cell (log axes, points far above their prediction named off scale). Hollow
+    markers: a bad ``g_hat``'s cells, on the interquartile scale."""
     plt, _ = _setup()
     cells = report.cells[(report.cells.estimator != "mle") & np.isfinite(report.cells.pred_ratio)].copy()
     scenarios = list(dict.fromkeys(cells.scenario))
@@ -146,10 +147,10 @@ def variance_ratio(study: Study, report: Report, out: Path) -> Path:
             lo = min(float(sub.pred_ratio.min()), float(sub.ratio_low.min())) - 0.03
             hi = max(float(sub.pred_ratio.max()), float(sub.ratio_high.max())) + 0.03
             hi = min(hi, 1.0 + 3.0 * (1.0 - lo)) if hi > 2 else hi
-        for (scenario, n), g in sub.groupby(["scenario", "n"]):
+        for (scenario, n, scale), g in sub.groupby(["scenario", "n", "scale"]):
             ax.errorbar(g.pred_ratio, g.ratio.clip(upper=hi), yerr=[(g.ratio - g.ratio_low).clip(lower=0),
                         (g.ratio_high - g.ratio).clip(lower=0)], fmt=markers[n], color=colors[scenario], ms=5,
-                        lw=0.8, capsize=2, alpha=0.85)
+                        lw=0.8, capsize=2, alpha=0.85, mfc="none" if scale == "interquartile" else None)
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         if log:
             ax.set_xscale("log")
@@ -165,10 +166,13 @@ def variance_ratio(study: Study, report: Report, out: Path) -> Path:
         axes[1].plot([], [], "o", color=colors[scenario], label=scenario)
     for n, m in markers.items():
         axes[1].plot([], [], m, color="gray", label=f"n = {n}")
+    if (cells.scale == "interquartile").any():
+        axes[1].plot([], [], "o", color="gray", mfc="none", label="bad g_hat:\ninterquartile scale")
     axes[1].legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("variance ratio over the MLE: theory against simulation (paired, 95% bootstrap CI)", y=1.01)
     fig.tight_layout()
-    table = cells[["scenario", "estimator", "n", "pred_ratio", "ratio", "ratio_low", "ratio_high", "ratio_check"]]
+    table = cells[["scenario", "estimator", "n", "scale", "pred_ratio", "ratio", "ratio_low", "ratio_high",
+                   "ratio_check"]]
     return _save(fig, table, out, "variance_ratio", study)
 
 

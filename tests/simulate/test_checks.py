@@ -161,3 +161,21 @@ def test_bias_check_against_the_second_order_bias() -> None:
     assert (analyse(results, loose).cells.set_index("estimator").loc["mle"].bias_check == "pass").all()
     # no prediction (power-tuned VRPO, a learned g_hat): n/a
     assert (analyse(results, predictions).cells.bias_check == "n/a").all()
+
+
+def test_bad_ghat_cells_are_checked_on_the_interquartile_scale() -> None:
+    # the same far-out estimates: a sample variance beyond 1e6 x the limit, while the interquartile trace
+    # of 400 replications is known to about 7% (the ratio to the MLE's to about 10%), so both cell checks
+    # pass at the right prediction and fail at three times it (about 11 standard errors on the log scale)
+    results, predictions = _tables()
+    cells = analyse(results, predictions).cells.set_index(["estimator", "n"])
+    assert (cells.loc["mle"].scale == "sample").all() and (cells.loc["vrpo_reversed_M4"].scale == "interquartile").all()
+    bad = cells.loc["vrpo_reversed_M4"]
+    assert (bad.var_check == "pass").all() and (bad.ratio_check == "pass").all()
+    np.testing.assert_allclose(bad["var"], 3 * V_BAD, rtol=0.3)
+    np.testing.assert_allclose(bad["ratio"], V_BAD / V_MLE, rtol=0.4)
+    sample = results[(results.estimator == "vrpo_reversed_M4") & (results.n == 1600)]
+    assert 1600 * np.nansum(np.nanvar(sample[[f"theta_{j}" for j in range(3)]], axis=0)) > 1e6
+    wrong = predictions.assign(pred_trace=3 * predictions.pred_trace, pred_ratio=3 * predictions.pred_ratio)
+    wrong_cells = analyse(results, wrong).cells.set_index("estimator").loc["vrpo_reversed_M4"]
+    assert (wrong_cells.var_check == "fail").all() and (wrong_cells.ratio_check == "fail").all()

@@ -190,7 +190,7 @@ def test_bad_pessimism_specs(change: dict, match: str) -> None:
 def test_bootstrap_statistics_match_their_loops() -> None:
     """The verdicts' vectorised bootstrap equals the per-resample loop it replaced: ``tr Cov`` of the
     rows without NaN (NaN below 2 rows) and the mean of the non-NaN entries (NaN when there is none)."""
-    from robust_rlhf.simulate.checks import _boot_mean, _trace_var, _trace_vars
+    from robust_rlhf.simulate.checks import _boot_mean, _trace_vars
 
     rng = np.random.default_rng(0)
     theta = rng.normal(size=(30, 3))
@@ -203,7 +203,7 @@ def test_bootstrap_statistics_match_their_loops() -> None:
         return float(np.var(t[ok], axis=0, ddof=1).sum()) if ok.sum() >= 2 else np.nan
 
     np.testing.assert_allclose(_trace_vars(theta[idx]), [loop_var(theta[i]) for i in idx], rtol=1e-13)
-    assert _trace_var(theta) == pytest.approx(loop_var(theta), rel=1e-13)
+    assert float(_trace_vars(theta)) == pytest.approx(loop_var(theta), rel=1e-13)
     values = rng.normal(size=(30, 2))
     values[values > 1.2] = np.nan
     with np.errstate(invalid="ignore"):
