@@ -17,7 +17,8 @@ import importlib
 # or ``theory.data`` does not pull in torch, cvxpy and sympy, so the commands' ``--help`` starts at once.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "asymptotics": ("AsymptoticCovariance", "LambdaChoice", "Target", "VarianceRatio", "bread", "mle_covariance",
-                    "optimal_lambda", "population_target", "variance_ratio", "vr_bias", "vr_covariance"),
+                    "optimal_lambda", "population_target", "tuned_bias", "variance_ratio", "vr_bias",
+                    "vr_covariance"),
     "data": ("PairData", "PairPopulation"),
     "errors": ("InputError", "SeparableDataError"),
     "fitting": ("METHODS", "FitResult", "fit"),

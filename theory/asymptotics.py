@@ -97,6 +97,7 @@ __all__ = [
     "bread",
     "vr_covariance",
     "vr_bias",
+    "tuned_bias",
     "mle_covariance",
     "optimal_lambda",
     "variance_ratio",
@@ -728,6 +729,7 @@ class _Moments:
     O0: np.ndarray
     X: np.ndarray
     Y: np.ndarray
+    eb: np.ndarray | None = None  # (..., d) E[m'_ghat(u) dphi], with g_hat
 
     def omega(self, lam: float) -> np.ndarray:
         """``Omega(lam) = O_0 - lam (X + X^T) + lam^2 Y``."""
@@ -759,7 +761,7 @@ def _assemble(m: dict[str, Tensor], has_ghat: bool, M: int | None, rho: float) -
         X = torch.zeros_like(O0)
         Y = torch.zeros_like(O0)
     sym = lambda A: (0.5 * (A + A.transpose(-1, -2))).numpy()  # noqa: E731
-    return _Moments(H=sym(m["hess"]), O0=sym(O0), X=X.numpy(), Y=sym(Y))
+    return _Moments(H=sym(m["hess"]), O0=sym(O0), X=X.numpy(), Y=sym(Y), eb=m["bbar"].numpy() if has_ghat else None)
 
 
 @dataclass
@@ -834,7 +836,7 @@ def _analyse(
     )
     target = _target_from_fit(T, lossf, T.g_star, fit, m)
     full = _assemble(m, has, M_, rho_)
-    full = _Moments(H=full.H[0], O0=full.O0[0], X=full.X[0], Y=full.Y[0])
+    full = _Moments(H=full.H[0], O0=full.O0[0], X=full.X[0], Y=full.Y[0], eb=None if full.eb is None else full.eb[0])
 
     groups, B, note = _batch_groups(T.P, B_req)
     batches = None
@@ -864,10 +866,10 @@ def _quadratic(phi: Tensor, A: Tensor) -> Tensor:
 
 
 def _bias_means(
-    T: _Tensors, loss: MarginLoss, theta: Tensor, Hinv: Tensor, Sig: Tensor, lam: float, groups: Tensor, sizes: Tensor
+    T: _Tensors, loss: MarginLoss, theta: Tensor, Hinv: Tensor, Sig: Tensor, lam: Tensor, groups: Tensor, sizes: Tensor
 ) -> dict[str, Tensor]:
     r"""Per-group prompt averages of the second-order terms (``vr_bias``), each group at its own
-    ``theta``, ``H^-1`` and ``Sigma``: for the labelled pair with ``alpha^(k) = m^(k)_Z - lam m^(k)_ghat``
+    ``theta``, ``H^-1``, ``Sigma`` and ``lam`` (G,): for the labelled pair with ``alpha^(k) = m^(k)_Z - lam m^(k)_ghat``
     (expectations over ``Z ~ Bernoulli(g*)``) and a reference pair with ``beta^(k) = m^(k)_ghat``,
 
     ``ga = sum w E[alpha'] dphi``, ``Ja = sum w E[alpha''] dphi dphi^T``,
@@ -893,8 +895,9 @@ def _bias_means(
             b1, b2, b3 = (gh * x1 + (1.0 - gh) * x0 for x1, x0 in zip(one, zero))
         else:
             b1 = b2 = b3 = torch.zeros_like(U)
-        a1, a2, a3 = (gs * x1 + (1.0 - gs) * x0 - lam * b for x1, x0, b in zip(one, zero, (b1, b2, b3)))
-        a21 = gs * (one[1] - lam * b2) * (one[0] - lam * b1) + (1.0 - gs) * (zero[1] - lam * b2) * (zero[0] - lam * b1)
+        lr = lam[rows][:, None, None]
+        a1, a2, a3 = (gs * x1 + (1.0 - gs) * x0 - lr * b for x1, x0, b in zip(one, zero, (b1, b2, b3)))
+        a21 = gs * (one[1] - lr * b2) * (one[0] - lr * b1) + (1.0 - gs) * (zero[1] - lr * b2) * (zero[0] - lr * b1)
         Hi, QH, QS = Hinv[rows], _quadratic(phi, Hinv[rows]), _quadratic(phi, Sig[rows])
         ga, Ja = _first(w * a1, phi), _second(w * a2, phi)
         add("ga", ga)
@@ -913,20 +916,129 @@ def _bias_means(
     return {k: v / sizes.reshape((G,) + (1,) * (v.dim() - 1)) for k, v in acc.items()}
 
 
-def _bias_of(m: dict[str, Tensor], Hinv: Tensor, lam: float, M: int | None, rho: float) -> np.ndarray:
-    """``b = H^-1 (C - T[Sigma] / 2)`` (``vr_bias``) from the group means ``m``; batched over groups."""
-    mv = lambda A, x: (A @ x[..., None])[..., 0]  # noqa: E731
+def _mv(A: Tensor, x: Tensor) -> Tensor:
+    """``A x`` batched: (..., d, d), (..., d) -> (..., d)."""
+    return (A @ x[..., None])[..., 0]
+
+
+def _bias_of(m: dict[str, Tensor], Hinv: Tensor, lam: Tensor, M: int | None, rho: float) -> np.ndarray:
+    """``b = H^-1 (C - T[Sigma] / 2)`` (``vr_bias``) from the group means ``m`` and each group's ``lam``
+    (G,); batched over groups."""
+    mv = _mv
+    lam = lam[:, None]
     C = m["Caa"] - mv(m["Ja"], mv(Hinv, m["ga"]))
     third = m["Ta"]
     if "gb" in m:
         kappa = lam / (1.0 + rho)
         inv_M = 0.0 if M is None else 1.0 / M
         ref = inv_M * m["Cbb"] + (1.0 - inv_M) * m["JbHgb"]  # E[J_B H^-1 B] over one prompt's reference pairs
-        EJ, EG = m["Ja"] + kappa * m["Jb"], m["ga"] + kappa * m["gb"]
+        EJ, EG = m["Ja"] + kappa[..., None] * m["Jb"], m["ga"] + kappa * m["gb"]
         C = (m["Caa"] + kappa * (m["JaHgb"] + m["JbHga"]) + kappa**2 * ref - mv(EJ, mv(Hinv, EG))
              + rho * kappa**2 * (ref - mv(m["Jb"], mv(Hinv, m["gb"]))))
         third = third + lam * m["Tb"]
     return mv(Hinv, C - 0.5 * third).numpy()
+
+
+def _tuning_means(
+    T: _Tensors, loss: MarginLoss, theta: Tensor, Wp: Tensor, Kq: Tensor, nu: Tensor, eb: Tensor, rho: float,
+    M: int | None, groups: Tensor, sizes: Tensor,
+) -> dict[str, Tensor]:
+    r"""Per-group prompt averages (each group at its own ``theta``, ``W' = Wp``, ``K = Kq``, ``nu``,
+    ``e_b``) of the third-order terms of ``tuned_bias``. With ``beta = m'_ghat(u) dphi`` on the labelled
+    pair, ``a = m'_Z(u) dphi``, ``R`` the mean of the reference pairs' ``r = m'_ghat dphi``, ``c = 1/(1+rho)``
+    and the centred control terms ``B~ = -beta + nu + c R`` (labelled) and ``c (R - e_b)`` (unlabelled):
+
+    ``S1 = E[(a^T W' B~) B~]``, ``S2L``/``S2U = E[(B~^T W' B~) B~]``, ``S3 = E[m''_Z Q_K B~]``,
+    ``G1_k = E[B~^T W' d_k a]``, ``G2_k = E[a^T W' d_k B~]``, ``G3L``/``G3U_k = E[B~^T W' d_k B~]``,
+    ``G4_k = E[m'''_Z d_k Q_K]`` (``d_k`` the derivative along ``theta_k``, ``Q_A = dphi^T A dphi``). The
+    labelled pair and the reference pairs are independent given the prompt, so each is a polynomial in
+    the prompt's pair sums: ``m = E[r|x]``, ``E[r r^T|x]``, ``E[(r^T W' r) r|x]`` and their labelled
+    counterparts, with ``E[R R^T|x] = m m^T + C / M``, ``E[(R^T W' R) R|x] = (m^T W' m) m +
+    (tr(W' C) m + 2 C W' m) / M + k3 / M^2`` (``C``, ``k3`` the conditional covariance and third moment
+    of one ``r``; ``1/M = 0`` for the exact expectation)."""
+    G = theta.shape[0]
+    inv_M = 0.0 if M is None else 1.0 / M
+    c = 1.0 / (1.0 + rho)
+    acc: dict[str, Tensor] = {}
+    tr = lambda A, B: torch.einsum("pij,pji->p", A, B)[:, None]  # noqa: E731
+    dot = lambda x, y: (x * y).sum(-1, keepdim=True)  # noqa: E731
+    for sl in T.chunks():
+        phi, w, gs, gh, rows = T.phi[sl], T.w[sl], T.g_star[sl], T.g_hat[sl], groups[sl]
+        runs = _runs(rows)
+        U = _margins(phi, theta[rows])
+        (_, d1, d2), (_, d1t, d2t) = loss.derivatives_pm(U)
+        one, zero = (d1, d2, loss.third(U)), (-d1t, d2t, -loss.third(-U))
+        b1, b2 = (gh * x1 + (1.0 - gh) * x0 for x1, x0 in zip(one[:2], zero[:2]))
+        a1, h, t3 = (gs * x1 + (1.0 - gs) * x0 for x1, x0 in zip(one, zero))  # E over Z (linear in Z)
+        W, v, e = Wp[rows], nu[rows], eb[rows]
+        QW, QK = _quadratic(phi, W), _quadratic(phi, Kq[rows])
+        Wv = lambda x: _mv(W, x)  # noqa: E731
+        m, abar = _first(w * b1, phi), _first(w * a1, phi)
+        Mbb, Mba = _second(w * b1 * b1, phi), _second(w * b1 * a1, phi)
+        Jh, Jg = _second(w * h, phi), _second(w * b2, phi)
+        Cr = Mbb - _outer(m, m)
+        Sr = _outer(m, m) + inv_M * Cr
+        c3b = _first(w * b1 ** 3 * QW, phi)
+        lin = tr(W, Cr) * m + 2.0 * _mv(Cr, Wv(m))
+        c3R = dot(m, Wv(m)) * m + inv_M * lin + inv_M ** 2 * (c3b - dot(m, Wv(m)) * m - lin)
+
+        def cubic(EL: Tensor, ELL: Tensor, c3L: Tensor) -> Tensor:
+            """``E[(V^T W' V) V | x]`` for ``V = L + c R``, ``L`` independent of ``R`` given ``x``."""
+            return (c3L + c * tr(W, ELL) * m + 2.0 * c * _mv(ELL, Wv(m)) + 2.0 * c * c * _mv(Sr, Wv(EL))
+                    + c * c * tr(W, Sr) * EL + c ** 3 * c3R)
+
+        # labelled: L = -beta + nu
+        vWv = dot(v, Wv(v))
+        ELL = Mbb - _outer(m, v) - _outer(v, m) + _outer(v, v)
+        c3L = -c3b + tr(W, Mbb) * v + 2.0 * _mv(Mbb, Wv(v)) - 2.0 * dot(m, Wv(v)) * v - vWv * m + vWv * v
+        _run_sum(acc, "S2L", cubic(v - m, ELL, c3L), runs, G)
+        ell = -c * e  # unlabelled: L = -c e_b
+        _run_sum(acc, "S2U", cubic(ell, _outer(ell, ell), dot(ell, Wv(ell)) * ell), runs, G)
+        aWv, trWMba = dot(abar, Wv(v)), tr(W, Mba)
+        S1 = (_first(w * a1 * b1 * b1 * QW, phi) - trWMba * v - _mv(Mba, Wv(v)) + aWv * v
+              + c * (aWv - trWMba) * m + c * _mv(_outer(v, abar) - Mba, Wv(m)) + c * c * _mv(Sr, Wv(abar)))
+        _run_sum(acc, "S1", S1, runs, G)
+        hQK = (w * h * QK).sum((1, 2))[:, None]
+        _run_sum(acc, "S3", -_first(w * h * QK * b1, phi) + hQK * (v + c * m), runs, G)
+        _run_sum(acc, "G1", -_first(w * b1 * h * QW, phi) + _mv(Jh, Wv(v + c * m)), runs, G)
+        _run_sum(acc, "G2", -_first(w * a1 * b2 * QW, phi) + c * _mv(Jg, Wv(abar)), runs, G)
+        f12 = _first(w * b1 * b2 * QW, phi)
+        refs = c * c * (inv_M * f12 + (1.0 - inv_M) * _mv(Jg, Wv(m)))  # E[c R^T W' d_k (c R) | x]
+        _run_sum(acc, "G3L", f12 - _mv(Jg, Wv(v)) + c * _mv(Jg, Wv(v - 2.0 * m)) + refs, runs, G)
+        _run_sum(acc, "G3U", refs - c * c * _mv(Jg, Wv(e)), runs, G)
+        _run_sum(acc, "G4", _first(w * t3 * QK, phi), runs, G)
+    return {k: val / sizes[:, None] for k, val in acc.items()}
+
+
+def _tuning_bias(an: _Analysis, mo: _Moments, theta: Tensor, lam_u: np.ndarray, clip: tuple[float, float] | None,
+                 W: np.ndarray, groups: Tensor, sizes: Tensor) -> np.ndarray:
+    r"""``b_lam = -H^-1 (Q / D + X^T H^-1 g)`` of ``tuned_bias`` per group (G, d) at each group's unclipped
+    ``lam*`` (``lam_u``); 0 where ``clip`` cuts it, half where it lies on a bound, NaN where ``tr(W' Y) = 0``.
+    ``mo``: the groups' moments (batched, or the full population's for one group)."""
+    G = theta.shape[0]
+    H, X, Y = (np.broadcast_to(a, (G,) + a.shape[-2:]) for a in (mo.H, mo.X, mo.Y))
+    Hinv = np.linalg.inv(H)
+    Wp = np.broadcast_to(_w_prime(mo, W), H.shape)
+    D = np.einsum("gij,gji->g", Wp, Y)
+    ls = lam_u[:, None, None]
+    E = 0.5 * (X + np.swapaxes(X, 1, 2)) - ls * Y
+    Kq = Wp @ E @ Hinv + Hinv @ E @ Wp
+    rho = an.rho
+    eb = np.broadcast_to(mo.eb, (G, H.shape[-1]))
+    nu = rho / (1.0 + rho) * eb
+    t = lambda a: torch.tensor(np.array(a), dtype=_DT)  # noqa: E731
+    m = {k: v.numpy() for k, v in _tuning_means(an.T, an.loss, theta, t(Wp), t(Kq), t(nu), t(eb), rho, an.M,
+                                                 groups, sizes).items()}
+    lv, Dv = lam_u[:, None], D[:, None]
+    Q = -m["S1"] - lv * (m["S2L"] + rho * m["S2U"]) - m["S3"]
+    grad = (-m["G1"] - m["G2"] - 2.0 * lv * (m["G3L"] + rho * m["G3U"]) - m["G4"]) / Dv
+    inner = Q / Dv + np.einsum("gji,gjk,gk->gi", X, Hinv, grad)
+    out = -np.einsum("gij,gj->gi", Hinv, inner)
+    if clip is not None:
+        on_bound = np.isclose(lam_u[:, None], np.array(clip), rtol=0.0, atol=1e-9).any(axis=1)
+        out *= np.where(on_bound, 0.5, np.where(_clipped(lam_u, clip) != lam_u, 0.0, 1.0))[:, None]
+    out[np.broadcast_to(_flat(mo, _w_prime(mo, W)), (G,))] = math.nan
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1005,9 +1117,11 @@ def _analysis_at(pop: PairPopulation, g_hat: object, lam: object, M: object, rho
     return an, (0.0 if g_hat is None else lam_)
 
 
-def _covariance(an: _Analysis, lam: float) -> AsymptoticCovariance:
+def _covariance(an: _Analysis, lam: float, batch_lam: np.ndarray | None = None) -> AsymptoticCovariance:
+    """The covariance at ``lam``; each batch's at ``batch_lam`` (B,) when given, else at ``lam``."""
     cov = an.full.cov(lam)
-    batch_cov = None if an.batches is None else an.batches.cov(lam)
+    at = lam if batch_lam is None else batch_lam[:, None, None]
+    batch_cov = None if an.batches is None else an.batches.cov(at)
     trace_se = math.nan if batch_cov is None else _batch_se(np.trace(batch_cov, axis1=1, axis2=2))
     return AsymptoticCovariance(
         theta_dagger=an.target.theta, theta_se=an.target.se, H=an.full.H, Omega=an.full.omega(lam), cov=cov,
@@ -1028,13 +1142,39 @@ def mle_covariance(
 
 def _lam_star(mo: _Moments, W: np.ndarray) -> np.ndarray:
     """``tr(W' X) / tr(W' Y)``, ``W' = H^-1 W H^-1`` (0 where ``tr(W' Y) = 0``); batched."""
-    Hinv = np.linalg.inv(mo.H)
-    Wp = Hinv @ W @ Hinv
+    Wp = _w_prime(mo, W)
     num = np.einsum("...ij,...ji->...", Wp, mo.X)
     den = np.einsum("...ij,...ji->...", Wp, mo.Y)
-    scale = np.abs(np.einsum("...ij,...ji->...", Wp, mo.O0)) + 1e-300
-    flat = den <= 1e-13 * scale
+    flat = _flat(mo, Wp)
     return np.where(flat, 0.0, num / np.where(flat, 1.0, den))
+
+
+def _w_prime(mo: _Moments, W: np.ndarray) -> np.ndarray:
+    """``W' = H^-1 W H^-1``; batched."""
+    Hinv = np.linalg.inv(mo.H)
+    return Hinv @ W @ Hinv
+
+
+def _flat(mo: _Moments, Wp: np.ndarray) -> np.ndarray:
+    """Where ``tr(W' Y) = 0`` relative to ``tr(W' O_0)``: the weighted trace does not depend on ``lam``."""
+    den = np.einsum("...ij,...ji->...", Wp, mo.Y)
+    return den <= 1e-13 * (np.abs(np.einsum("...ij,...ji->...", Wp, mo.O0)) + 1e-300)
+
+
+def _check_clip(clip: object) -> tuple[float, float] | None:
+    if clip is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise InputError(f"clip: expected None or a pair (low, high), got {clip!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise InputError(f"clip: need finite low <= high, got {clip!r}")
+    return lo, hi
+
+
+def _clipped(lam: np.ndarray, clip: tuple[float, float] | None) -> np.ndarray:
+    return lam if clip is None else np.clip(lam, clip[0], clip[1])
 
 
 def _wtrace(mo: _Moments, lam: float, W: np.ndarray) -> np.ndarray:
@@ -1054,18 +1194,11 @@ def optimal_lambda(
     """
     if g_hat is None:
         raise InputError("g_hat: optimal_lambda needs an auxiliary model (got None)")
-    if clip is not None:
-        try:
-            lo, hi = (float(v) for v in clip)
-        except (TypeError, ValueError):
-            raise InputError(f"clip: expected None or a pair (low, high), got {clip!r}") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-            raise InputError(f"clip: need finite low <= high, got {clip!r}")
-        clip = (lo, hi)
+    clip = _check_clip(clip)
     an = _analyse(pop, g_hat, M, rho, loss, n_batches)
     W = _weight_matrix(weight, pop.d)
     lam_u = float(_lam_star(an.full, W))
-    lam = lam_u if clip is None else float(np.clip(lam_u, clip[0], clip[1]))
+    lam = float(_clipped(lam_u, clip))
     value = float(_wtrace(an.full, lam, W))
     value_mle = float(_wtrace(an.full, 0.0, W))
     lam_se = ratio_se = math.nan
@@ -1125,18 +1258,78 @@ def vr_bias(
     ``H`` and ``Sigma``).
     """
     an, lam_ = _analysis_at(pop, g_hat, lam, M, rho, loss, n_batches)
-    res = _covariance(an, lam_)
+    return _with_bias(an, lam_)
+
+
+def _with_bias(an: _Analysis, lam: float, batch_lam: np.ndarray | None = None,
+               extra: tuple[np.ndarray, np.ndarray | None] | None = None) -> AsymptoticCovariance:
+    """``_covariance`` with ``vr_bias``'s ``b`` filled in, plus ``extra = (full, per batch)`` terms;
+    each batch at ``batch_lam`` (B,) when given."""
+    res = _covariance(an, lam, batch_lam)
     Hinv = torch.as_tensor(np.linalg.inv(an.full.H))[None]
     zeros = torch.zeros(an.T.P, dtype=torch.long)
-    m = _bias_means(an.T, an.loss, an.theta, Hinv, torch.as_tensor(res.cov)[None], lam_, zeros,
+    full_lam = torch.tensor([lam], dtype=_DT)
+    m = _bias_means(an.T, an.loss, an.theta, Hinv, torch.as_tensor(res.cov)[None], full_lam, zeros,
                     torch.tensor([float(an.T.P)], dtype=_DT))
-    bias = _bias_of(m, Hinv, lam_, an.M, an.rho)[0]
-    batch_bias, se = None, np.full(pop.d, math.nan)
+    bias = _bias_of(m, Hinv, full_lam, an.M, an.rho)[0]
+    if extra is not None:
+        bias = bias + extra[0]
+    batch_bias, se = None, np.full(an.T.d, math.nan)
     if an.batches is not None:
         B = an.batch_theta.shape[0]
+        lam_b = torch.as_tensor(np.full(B, lam) if batch_lam is None else batch_lam, dtype=_DT)
         Hb = torch.as_tensor(np.linalg.inv(an.batches.H))
         sizes = torch.bincount(an.groups, minlength=B).to(_DT)
-        mb = _bias_means(an.T, an.loss, an.batch_theta, Hb, torch.as_tensor(res.batch_cov), lam_, an.groups, sizes)
-        batch_bias = _bias_of(mb, Hb, lam_, an.M, an.rho)
-        se = np.array([_batch_se(batch_bias[:, j]) for j in range(pop.d)])
+        mb = _bias_means(an.T, an.loss, an.batch_theta, Hb, torch.as_tensor(res.batch_cov), lam_b, an.groups, sizes)
+        batch_bias = _bias_of(mb, Hb, lam_b, an.M, an.rho)
+        if extra is not None:
+            batch_bias = batch_bias + extra[1]
+        se = np.array([_batch_se(batch_bias[:, j]) for j in range(an.T.d)])
     return replace(res, bias=bias, bias_se=se, batch_bias=batch_bias)
+
+
+def tuned_bias(
+    pop: PairPopulation, g_hat: np.ndarray, M: int | None = 1, rho: float = 0.0,
+    weight: np.ndarray | int | None = None, clip: tuple[float, float] | None = (0.0, 1.0),
+    loss: str | MarginLoss = "logistic", *, n_batches: int = 20,
+) -> AsymptoticCovariance:
+    r"""``vr_bias`` of power-tuned VRPO (``fitting``'s ``vrpo_tuned``): the covariance at ``lam*``
+    (``optimal_lambda``) and the second-order bias ``b = b(lam*) + b_lam`` of ``E theta_hat_n =
+    theta_dagger + b / n + o(1/n)``, where ``b(lam*)`` is the bias at the fixed ``lam*`` and ``b_lam`` that
+    of estimating it.
+
+    The fit plugs ``lam_hat = tr(W' X_hat) / tr(W' Y_hat)`` into the VR equation ``Psi_n(theta) + lam
+    S_n(theta) = 0`` (``S_n`` its ``lam``-derivative, ``E S_n = 0`` and ``E dS_n/dtheta = 0`` at
+    ``theta_dagger``; ``X_hat``, ``Y_hat`` the cluster covariances and ``H_hat`` the Hessian, all at the MLE), so
+    ``theta_hat(lam_hat) - theta_hat(lam*) = -H^-1 S_n (lam_hat - lam*) + O_p(n^{-3/2})`` and, with the
+    influence function ``psi`` of ``lam_hat`` over labelled (L) and unlabelled (U) clusters,
+
+    .. math::
+        b_\lambda = -H^{-1}\big(E_L[\psi \tilde B] + \rho E_U[\psi \tilde B]\big)
+                  = -H^{-1}\big(Q / D + X^T H^{-1} g\big), \qquad D = tr(W' Y),
+
+    ``psi = (tr(W' dX) - lam* tr(W' dY) - tr(dH K)) / D - g^T H^-1 a`` with ``K = W' E H^-1 + H^-1 E W'``,
+    ``E = (X + X^T)/2 - lam* Y``, ``g = d lam* / d theta`` through the MLE, and ``Q = -S1 - lam* (S2L +
+    rho S2U) - S3``, ``D g = -G1 - G2 - 2 lam* (G3L + rho G3U) - G4`` (``_tuning_means``). Where ``clip``
+    cuts ``lam*``, ``b_lam = 0`` (``lam_hat`` sits at the bound with probability -> 1); where ``lam*`` lies on
+    a bound (the oracle with the exact expectation: ``lam* = 1``) it is half the formula (``lam_hat - lam*
+    = min(delta, 0)`` with ``delta`` asymptotically normal, and ``E[S_n min(delta, 0)] = Cov(S_n, delta) / 2``);
+    where ``tr(W' Y) = 0`` (an oracle ``g_hat`` under BT: ``lam_hat`` has no limit) the bias is NaN.
+    ``bias_se`` from batch means, each batch with its own ``lam*``.
+    """
+    if g_hat is None:
+        raise InputError("g_hat: tuned_bias needs an auxiliary model (got None)")
+    clip = _check_clip(clip)
+    an = _analyse(pop, g_hat, M, rho, loss, n_batches)
+    W = _weight_matrix(weight, pop.d)
+    lam_u = np.atleast_1d(_lam_star(an.full, W))
+    lam = _clipped(lam_u, clip)
+    zeros = torch.zeros(an.T.P, dtype=torch.long)
+    full = _tuning_bias(an, an.full, an.theta, lam_u, clip, W, zeros, torch.tensor([float(an.T.P)], dtype=_DT))[0]
+    batch_lam, extra = None, None
+    if an.batches is not None:
+        lam_ub = _lam_star(an.batches, W)
+        batch_lam = _clipped(lam_ub, clip)
+        sizes = torch.bincount(an.groups, minlength=lam_ub.shape[0]).to(_DT)
+        extra = _tuning_bias(an, an.batches, an.batch_theta, lam_ub, clip, W, an.groups, sizes)
+    return _with_bias(an, float(lam[0]), batch_lam, (full, extra))
