@@ -18,8 +18,9 @@ Cell checks (``cell_checks``):
 - ``coverage``: share of coordinates whose nominal 95% sandwich interval covers ``theta_dagger``;
 - ``mse``: ``n E||theta_hat - theta_dagger||^2`` with its interval, and per (scenario, estimator)
   the slope of ``log MSE`` against ``log n`` (``slopes``), expected -1;
-- ``bias``: ``n ||mean error||`` beside ``||b||``, the second-order bias (``asymptotics.vr_bias``; not
-  for power-tuned or learned ``g_hat``); the check covers every coordinate's ``b_k / n`` by its
+- ``bias``: ``n ||mean error||`` beside ``||b||``, the second-order bias (``asymptotics.vr_bias``, for
+  power-tuned VRPO ``asymptotics.tuned_bias``; not for a learned ``g_hat``, nor where the tuned ``lam``
+  has no limit, as with an oracle ``g_hat`` under BT); the check covers every coordinate's ``b_k / n`` by its
   mean error's interval (Bonferroni over coordinates), widened by ``theta_dagger``'s Monte Carlo error;
 - ``regret_greedy``, ``regret_kl``: mean regret against the Gaussian plug-in prediction, its draws
   centred at ``theta_dagger + b/n`` (the second-order bias, where predicted); the interval is widened

@@ -51,9 +51,10 @@ __all__ = ["EstimatorSetting", "StudySpec", "Cell", "run_study", "load_study", "
 
 _TUNABLE = ("vrpo", "vrpo_crossfit")
 # The version of what a finished cell holds; bumped when a change alters a cell's numbers (2: regret
-# predictions centred at theta_dagger + b/n, with the error of theta_dagger). A rerun recomputes the
-# cells of another version instead of mixing them into one table; reading a folder accepts them.
-CELL_VERSION = 2
+# predictions centred at theta_dagger + b/n, with the error of theta_dagger; 3: power-tuned VRPO's b and
+# its covariance's batch-means error with each batch's own lam*). A rerun recomputes the cells of another
+# version instead of mixing them into one table; reading a folder accepts them.
+CELL_VERSION = 3
 _METHODS = ("mle", "vrpo", "vrpo_tuned", "vrpo_crossfit")
 
 
@@ -310,9 +311,9 @@ def _populations(scenario_json: str, size: int, eval_size: int):
 
 def _predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict[str, Any]:
     """Exact asymptotic predictions of one estimator in one scenario (they do not depend on n): the
-    covariance and, at a fixed ``lam`` (not for ``vrpo_tuned``, whose estimated ``lam`` adds its own
-    O(1/n) bias), the second-order bias ``b`` of ``E theta_hat = theta_dagger + b / n``."""
-    from robust_rlhf.theory.asymptotics import optimal_lambda, vr_bias, vr_covariance
+    covariance and the second-order bias ``b`` of ``E theta_hat = theta_dagger + b / n`` (``vrpo_tuned``:
+    with the term of its estimated ``lam``; none where ``lam_hat`` has no limit)."""
+    from robust_rlhf.theory.asymptotics import tuned_bias, vr_bias
 
     scenario, pop, mle, _ = _populations(json.dumps(spec.scenario(scenario_name).spec), spec.population,
                                          spec.eval_prompts)
@@ -325,14 +326,12 @@ def _predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict
         g_hat = aux_population(scenario, est.aux, spec.population, _POP_SEED)
         M = None if est.M == "exact" else est.M
         if est.method == "vrpo_tuned":
-            lam = optimal_lambda(pop, g_hat, M=M, rho=est.unlabelled).lam
+            vr = tuned_bias(pop, g_hat, M=M, rho=est.unlabelled)
         else:
-            lam = 1.0 if est.lam is None else float(est.lam)
-        # the bias at a fixed lam only: vrpo_tuned's estimated lam adds its own O(1/n) term
-        asymptotics = vr_bias if est.method == "vrpo" else vr_covariance
-        vr = asymptotics(pop, g_hat=g_hat, lam=lam, M=M, rho=est.unlabelled)
-        cov, trace, trace_se, bias = vr.cov, vr.trace, vr.trace_se, vr.bias
-    out["pred_bias"] = None if bias is None else np.asarray(bias).tolist()
+            vr = vr_bias(pop, g_hat=g_hat, lam=1.0 if est.lam is None else float(est.lam), M=M, rho=est.unlabelled)
+        cov, trace, trace_se, bias, lam = vr.cov, vr.trace, vr.trace_se, vr.bias, vr.lam
+    finite = bias is not None and bool(np.isfinite(bias).all())
+    out["pred_bias"] = np.asarray(bias).tolist() if finite else None
     if cov is None:  # a learned g_hat has no fixed population law: no exact prediction
         out.update(pred_trace=math.nan, pred_trace_se=math.nan, pred_ratio=math.nan, pred_lam=math.nan,
                    pred_cov=None)
