@@ -454,14 +454,16 @@ def _write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=1, default=float))
 
 
-def _readable(table: Path, record: Path | None = None, key: str | None = None) -> bool:
+def _readable(table: Path, record: Path | None = None, key: str | None = None) -> dict | None:
     """Whether a finished cell's files exist and can be read. Writes are atomic, so an unreadable file
-    was damaged after the fact: it is not trusted but recomputed, with a warning."""
+    was damaged after the fact: it is not trusted but recomputed, with a warning. Returns the parsed
+    ``record`` (``{}`` without one), or None when not finished or unreadable."""
     if not table.exists() or (record is not None and not record.exists()):
-        return False
+        return None
     import pyarrow
     import pyarrow.parquet as pq
 
+    content: dict = {}
     try:
         pq.read_metadata(table)
         if record is not None:
@@ -471,17 +473,14 @@ def _readable(table: Path, record: Path | None = None, key: str | None = None) -
     except (OSError, ValueError, pyarrow.ArrowException) as exc:
         warnings.warn(f"{table.parent}: the result of cell {key or table.stem} is unreadable ({exc}); "
                       "it is recomputed", UserWarning, stacklevel=3)
-        return False
-    return True
+        return None
+    return content
 
 
-def _cell_done(out: Path, cell: Cell) -> bool:
+def _cell_record(out: Path, cell: Cell) -> dict | None:
+    """A finished cell's record (its ``version``: the ``CELL_VERSION`` it was computed at, 1 before
+    versions were recorded), or None."""
     return _readable(out / "cells" / f"{cell.key}.parquet", out / "cells" / f"{cell.key}.json", cell.key)
-
-
-def _cell_version(out: Path, cell: Cell) -> int:
-    """The ``CELL_VERSION`` a finished (readable) cell was computed at; 1 before versions were recorded."""
-    return int(json.loads((out / "cells" / f"{cell.key}.json").read_text()).get("version", 1))
 
 
 def _pessimism_path(out: Path, key: str) -> Path:
@@ -489,7 +488,7 @@ def _pessimism_path(out: Path, key: str) -> Path:
 
 
 def _pessimism_done(out: Path, key: str) -> bool:
-    return _readable(_pessimism_path(out, key))
+    return _readable(_pessimism_path(out, key)) is not None
 
 
 def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path) -> list[str]:
@@ -563,9 +562,9 @@ def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str =
     _write_json(out / "study.json", {"fingerprint": spec.fingerprint(), "spec": spec.to_dict(),
                                      "seed": spec.seed, "versions": _versions()})
     cells = spec.cells()
-    finished = {c.key for c in cells if _cell_done(out, c)}
-    stale = [c for c in cells if c.key in finished and _cell_version(out, c) != CELL_VERSION]
-    current = finished - {c.key for c in stale}
+    finished = {c.key: record for c in cells if (record := _cell_record(out, c)) is not None}
+    stale = [c for c in cells if c.key in finished and finished[c.key].get("version", 1) != CELL_VERSION]
+    current = set(finished) - {c.key for c in stale}
     todo = [c for c in cells if c.key not in current]
     if stale:
         warnings.warn(f"{out}: {len(stale)} finished cell(s) were computed by another version of robust-rlhf "
@@ -661,7 +660,7 @@ def load_study(out: str | Path) -> Study:
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{meta}: unreadable study record (no spec); rerun the study into a new folder") from None
     spec = StudySpec.from_dict(spec_dict)
-    missing = [c.key for c in spec.cells() if not _cell_done(out, c)]
+    missing = [c.key for c in spec.cells() if _cell_record(out, c) is None]
     if spec.pessimism is not None:
         missing += [k for k in (spec.pessimism.key(n, e) for n, e in spec.pessimism.cells())
                     if not _pessimism_done(out, k)]
