@@ -65,6 +65,10 @@ sums with the loss's third derivative and quadratic forms ``dphi^T A dphi = q_a 
 gradient at ``theta_dagger`` is not zero, so ``b`` moves the expected regret at the same O(1/n) order as
 the spread does (``bounds.gaussian_plugin_regret``).
 
+Power-tuned VRPO (``tuned_bias``) adds to ``b(lam*)`` the bias of estimating ``lam*``: the covariance of
+the influence function of ``lam_hat`` (a ratio of cluster covariances at the MLE) with the ``lam``-derivative
+of the estimating equation, again from pair sums (third moments of the cluster terms given the prompt).
+
 Only smooth losses are accepted (the sandwich needs ``l''``); pass a smooth surrogate such as
 ``TruncatedHinge().curvature_surrogate(h)`` explicitly to study that (different) estimator. For a
 non-convex smooth loss Newton (saddle-free: ``|eigenvalues|`` of ``H``) finds a local minimiser
@@ -1019,7 +1023,8 @@ def _tuning_bias(an: _Analysis, mo: _Moments, theta: Tensor, lam_u: np.ndarray, 
     H, X, Y = (np.broadcast_to(a, (G,) + a.shape[-2:]) for a in (mo.H, mo.X, mo.Y))
     Hinv = np.linalg.inv(H)
     Wp = np.broadcast_to(_w_prime(mo, W), H.shape)
-    D = np.einsum("gij,gji->g", Wp, Y)
+    flat = np.broadcast_to(_flat(mo, Wp), (G,))
+    D = np.where(flat, 1.0, np.einsum("gij,gji->g", Wp, Y))
     ls = lam_u[:, None, None]
     E = 0.5 * (X + np.swapaxes(X, 1, 2)) - ls * Y
     Kq = Wp @ E @ Hinv + Hinv @ E @ Wp
@@ -1037,7 +1042,7 @@ def _tuning_bias(an: _Analysis, mo: _Moments, theta: Tensor, lam_u: np.ndarray, 
     if clip is not None:
         on_bound = np.isclose(lam_u[:, None], np.array(clip), rtol=0.0, atol=1e-9).any(axis=1)
         out *= np.where(on_bound, 0.5, np.where(_clipped(lam_u, clip) != lam_u, 0.0, 1.0))[:, None]
-    out[np.broadcast_to(_flat(mo, _w_prime(mo, W)), (G,))] = math.nan
+    out[flat] = math.nan
     return out
 
 
