@@ -139,6 +139,8 @@ def _save_report(report, out: Path) -> None:
     from robust_rlhf.theory.io import atomic_path
 
     frames = [("cell_checks.csv", report.cells), ("slopes.csv", report.slopes), ("claims.csv", report.claims_frame())]
+    if report.bias is not None:
+        frames.append(("bias_checks.csv", report.bias))
     if report.pessimism is not None:
         frames.append(("pessimism_checks.csv", report.pessimism))
     for name, frame in frames:

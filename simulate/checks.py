@@ -20,8 +20,10 @@ Cell checks (``cell_checks``):
   the slope of ``log MSE`` against ``log n`` (``slopes``), expected -1;
 - ``bias``: ``n ||mean error||`` beside ``||b||``, the second-order bias (``asymptotics.vr_bias``, for
   power-tuned VRPO ``asymptotics.tuned_bias``; not for a learned ``g_hat``, nor where the tuned ``lam``
-  has no limit, as with an oracle ``g_hat`` under BT); the check covers every coordinate's ``b_k / n`` by its
-  mean error's interval (Bonferroni over coordinates), widened by ``theta_dagger``'s Monte Carlo error;
+  has no limit, as with an oracle ``g_hat`` under BT, nor for a bad ``g_hat``, whose estimate has no
+  finite-sample mean); the check covers every coordinate's ``b_k / n`` by its mean error's interval
+  (Bonferroni over coordinates), widened by ``theta_dagger``'s Monte Carlo error. The intervals, one row
+  per cell and coordinate on the scale ``n (theta_hat - theta_dagger)``, are ``Report.bias``;
 - ``regret_greedy``, ``regret_kl``: mean regret against the Gaussian plug-in prediction, its draws
   centred at ``theta_dagger + b/n`` (the second-order bias, where predicted); the interval is widened
   in quadrature by the prediction's own error (``pred_regret_*_se``: its draws, and what the prompt
@@ -69,12 +71,14 @@ _EXISTS = 0.99  # the share of replications whose estimate must exist for a cell
 
 @dataclass(frozen=True)
 class Report:
-    """Cell checks, log-MSE slopes, the pessimism bound's checks and named claims of a study."""
+    """Cell checks, log-MSE slopes, the pessimism bound's checks and named claims of a study; ``bias``:
+    per cell and coordinate, ``n`` times the mean error with its interval against the second-order bias."""
 
     cells: pd.DataFrame
     slopes: pd.DataFrame
     claims: list[dict[str, Any]]
     pessimism: pd.DataFrame | None = None
+    bias: pd.DataFrame | None = None
 
     def claims_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.claims)
@@ -164,24 +168,24 @@ def _interval(samples: np.ndarray, rel_extra: float = 0.0, point: float | None =
     return math.exp(centre - math.hypot(dl, widen)), math.exp(centre + math.hypot(dh, widen))
 
 
-def _bias_check(theta: np.ndarray, pred: pd.Series, n: int, idx: np.ndarray) -> tuple[float, float, str]:
-    """``n ||mean error||`` against the second-order bias ``||b||``, and whether every coordinate's mean
-    error (bootstrap interval, Bonferroni over coordinates, widened in quadrature by ``theta_dagger``'s
-    Monte Carlo error) covers ``b_k / n``; n/a where no bias is predicted."""
+def _bias_check(theta: np.ndarray, pred: pd.Series, n: int, idx: np.ndarray) -> pd.DataFrame | None:
+    """Per coordinate, on the scale ``n (theta_hat - theta_dagger)``: the mean error with its bootstrap
+    interval (Bonferroni over coordinates, widened in quadrature by ``theta_dagger``'s Monte Carlo error)
+    against the second-order bias ``b_k``; None where no bias is predicted."""
     b = pred.get("pred_bias")
     if not isinstance(b, (list, tuple, np.ndarray)):
-        return math.nan, math.nan, "n/a"
-    b = np.asarray(b, dtype=float) / n
-    err = theta - np.asarray(pred["theta_dagger"], dtype=float)
+        return None
+    b = np.asarray(b, dtype=float)
+    err = n * (theta - np.asarray(pred["theta_dagger"], dtype=float))
     boot = _boot_mean(err, idx, per_column=True)
     mean = np.nanmean(err, axis=0)
     alpha = 0.05 / err.shape[1]
     lo, hi = np.nanpercentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
     se = pred.get("theta_se")
     se = np.nan_to_num(np.asarray(se, dtype=float)) if isinstance(se, (list, tuple, np.ndarray)) else 0.0
-    lo, hi = _widened(lo, hi, mean, NormalDist().inv_cdf(1 - alpha / 2) * se)
-    verdict = "pass" if bool(((lo <= b) & (b <= hi)).all()) else "fail"
-    return float(n * np.linalg.norm(mean)), float(n * np.linalg.norm(b)), verdict
+    lo, hi = _widened(lo, hi, mean, NormalDist().inv_cdf(1 - alpha / 2) * n * se)
+    return pd.DataFrame({"coordinate": np.arange(b.size), "measured": mean, "low": lo, "high": hi,
+                         "predicted": b, "covered": (lo <= b) & (b <= hi)})
 
 
 def _finite_or_zero(x: float) -> float:
@@ -211,7 +215,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
     by_cell = {key: g.sort_values("rep") for key, g in results.groupby(["scenario", "n", "estimator"], sort=False)}
     meta = results_meta(by_cell)
     spread = _Spreads(by_cell, cols, idx)
-    rows = []
+    rows, bias_rows = [], []
     for key, g in by_cell.items():
         scenario, n, est = key
         pred = preds.loc[key]
@@ -240,7 +244,12 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
                                                                 row["var_ratio_to_pred"])
         row["var_check"] = _verdict(1.0, row["var_ratio_low"], row["var_ratio_high"])
         row["coverage_check"] = _verdict(0.95, row["coverage_low"], row["coverage_high"])
-        row["bias"], row["pred_bias"], row["bias_check"] = _bias_check(theta, pred, n, idx)
+        coords = None if robust else _bias_check(theta, pred, n, idx)
+        row["bias"], row["pred_bias"], row["bias_check"] = math.nan, math.nan, "n/a"
+        if coords is not None:
+            row["bias"], row["pred_bias"] = np.linalg.norm(coords.measured), np.linalg.norm(coords.predicted)
+            row["bias_check"] = "pass" if coords.covered.all() else "fail"
+            bias_rows.append(coords.assign(scenario=scenario, n=n, estimator=est))
         for kind in ("greedy", "kl"):
             values = g[f"regret_{kind}"].to_numpy()
             row[f"regret_{kind}"] = float(np.nanmean(values))
@@ -263,7 +272,11 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
     if pessimism is not None and len(pessimism):
         pess, pess_claims = _pessimism(pessimism, delta, bootstrap, seed)
         claims = sorted(claims + pess_claims, key=lambda c: (c["name"], c["scenario"], c["estimator"]))
-    return Report(cells=cells, slopes=slopes, claims=claims, pessimism=pess)
+    bias = None
+    if bias_rows:
+        bias = pd.concat(bias_rows, ignore_index=True)
+        bias = bias[["scenario", "n", "estimator", "coordinate", "measured", "low", "high", "predicted", "covered"]]
+    return Report(cells=cells, slopes=slopes, claims=claims, pessimism=pess, bias=bias)
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:

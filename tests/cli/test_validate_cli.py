@@ -33,7 +33,7 @@ def test_json_output(study_dir, capsys, tmp_path) -> None:
     for claim in out["claims"]:
         assert set(claim) >= {"name", "scenario", "predicted", "measured", "ci_low", "ci_high", "verdict"}
         assert claim["verdict"] in ("confirmed", "refuted")
-    for name in ("cell_checks.csv", "slopes.csv", "claims.csv", "claims.json", "predictions.csv"):
+    for name in ("cell_checks.csv", "slopes.csv", "claims.csv", "claims.json", "predictions.csv", "bias_checks.csv"):
         assert (study_dir / name).exists()
 
 
@@ -43,7 +43,7 @@ def test_human_report_and_figures(study_dir, capsys, tmp_path) -> None:
     assert main(["validate", "--config", str(spec), *SMALL, "--out", str(study_dir)]) == 0
     out = capsys.readouterr().out
     assert "claims confirmed" in out and "variance against theory" in out
-    for name in ("mse_vs_n", "variance_ratio", "regret_vs_n", "coverage_vs_n"):
+    for name in ("mse_vs_n", "variance_ratio", "regret_vs_n", "coverage_vs_n", "second_order_bias"):
         for ext in ("png", "pdf", "csv"):
             assert (study_dir / "figures" / f"{name}.{ext}").stat().st_size > 0
     figs = tmp_path / "figs"

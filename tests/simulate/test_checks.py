@@ -151,16 +151,25 @@ def test_bias_check_against_the_second_order_bias() -> None:
     cell_mean = results.groupby(["n", "estimator"])[theta_cols].transform("mean").to_numpy()
     results[theta_cols] = results[theta_cols].to_numpy() - cell_mean + THETA + b / results.n.to_numpy()[:, None]
     preds = predictions.assign(pred_bias=[list(b)] * len(predictions), theta_se=[[0.0] * 3] * len(predictions))
-    cells = analyse(results, preds).cells.set_index(["estimator", "n"])
+    report = analyse(results, preds)
+    cells = report.cells.set_index(["estimator", "n"])
     assert (cells.loc["mle"].bias_check == "pass").all()
     assert cells.loc[("mle", 400)].pred_bias == pytest.approx(400 * np.linalg.norm(b / 400))
+    # per coordinate on the scale n (theta_hat - theta_dagger): the mean error is b exactly here
+    table = report.bias.set_index(["estimator", "n", "coordinate"])
+    assert len(table) == 3 * len(NS) and table.covered.all()
+    np.testing.assert_allclose(table.loc[("mle", 800)].measured, b, rtol=1e-9)
+    np.testing.assert_allclose(table.loc[("mle", 800)].predicted, b, rtol=1e-15)
+    # the reversed g_hat's estimate has no finite-sample mean: no bias check
+    assert (cells.loc["vrpo_reversed_M4"].bias_check == "n/a").all()
     wrong = preds.assign(pred_bias=[list(b + np.array([0.0, 0.0, 0.025 * 400]))] * len(preds))
     assert (analyse(results, wrong).cells.set_index("estimator").loc["mle"].bias_check == "fail").all()
     # theta_dagger's own Monte Carlo error widens the interval: an error of 0.025 per coordinate covers it
     loose = wrong.assign(theta_se=[[0.025] * 3] * len(preds))
     assert (analyse(results, loose).cells.set_index("estimator").loc["mle"].bias_check == "pass").all()
-    # no prediction (power-tuned VRPO, a learned g_hat): n/a
+    # no prediction (a learned g_hat, a tuned lam without a limit): n/a
     assert (analyse(results, predictions).cells.bias_check == "n/a").all()
+    assert analyse(results, predictions).bias is None
 
 
 def test_bad_ghat_cells_are_checked_on_the_interquartile_scale() -> None:
