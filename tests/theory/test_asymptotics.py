@@ -966,3 +966,20 @@ def test_tuned_bias_without_a_limit_of_lam_is_nan_and_checks_input() -> None:
         asy.tuned_bias(pop, None)
     with pytest.raises(InputError, match="clip"):
         asy.tuned_bias(pop, pop.g_star, clip=(1.0, 0.0))
+
+
+@given(seed=st.integers(0, 10_000), M=st.sampled_from([1, 3, None]), rho=st.sampled_from([0.0, 2.0]))
+def test_tuned_bias_is_equivariant_under_a_change_of_features(seed: int, M: int | None, rho: float) -> None:
+    # phi -> phi A: theta -> A^-1 theta, and with the weight W -> A^T W A the tuned lam* is unchanged, so
+    # every term of the bias is a vector in theta's coordinates: b -> A^-1 b. A missing or extra H^-1 (a
+    # term in the wrong coordinates) breaks it; the brute-force test above catches the rest.
+    rng = np.random.default_rng(seed)
+    pop = _mixture_population(seed, P=30, K=3, d=2, sharp=2.0, bias=0.1)
+    g_hat = _noisy(pop.g_star, 0.6, seed + 1)
+    A = rng.normal(size=(2, 2)) + 2.0 * np.eye(2)
+    W = np.diag([1.0, 0.5])
+    moved = PairPopulation(pop.phi @ A, pop.pi, pop.g_star)
+    base = asy.tuned_bias(pop, g_hat, M=M, rho=rho, weight=W, clip=None, n_batches=2)
+    other = asy.tuned_bias(moved, g_hat, M=M, rho=rho, weight=A.T @ W @ A, clip=None, n_batches=2)
+    assert other.lam == pytest.approx(base.lam, rel=1e-8, abs=1e-10)
+    np.testing.assert_allclose(A @ other.bias, base.bias, rtol=1e-7, atol=1e-8 * np.abs(base.bias).max())
