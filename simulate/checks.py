@@ -16,8 +16,9 @@ Cell checks (``cell_checks``):
 - ``ratio``: ``tr Cov(theta_hat)`` of the estimator over that of the MLE (paired, both on the cell's
   scale), against the predicted variance ratio;
 - ``coverage``: share of coordinates whose nominal 95% sandwich interval covers ``theta_dagger``;
-- ``mse``: ``n E||theta_hat - theta_dagger||^2`` with its interval, and per (scenario, estimator)
-  the slope of ``log MSE`` against ``log n`` (``slopes``), expected -1;
+- ``mse``: ``n E||theta_hat - theta_dagger||^2`` with its interval (for a bad ``g_hat`` its
+  normal-consistent counterpart ``n (||median error||^2 + sum_k (IQR_k / 1.349)^2)``), and per (scenario,
+  estimator) the slope of ``log MSE`` against ``log n`` (``slopes``), expected -1;
 - ``bias``: ``n ||mean error||`` beside ``||b||``, the second-order bias (``asymptotics.vr_bias``, for
   power-tuned VRPO ``asymptotics.tuned_bias``; not for a learned ``g_hat``, nor where the tuned ``lam``
   has no limit, as with an oracle ``g_hat`` under BT, nor for a bad ``g_hat``, whose estimate has no
@@ -138,19 +139,34 @@ def _bad_ghat(info: dict[str, str]) -> bool:
 
 
 class _Spreads:
-    """``n tr Cov(theta_hat)`` of a cell (or, ``robust``, its interquartile counterpart
-    ``n sum_k (IQR_k / 1.349)^2``) and its bootstrap resamples (B,), computed once per cell and scale."""
+    """Per cell, with its bootstrap resamples (B,), computed once per cell and scale: the spread
+    ``n tr Cov(theta_hat)`` (``robust``: the interquartile ``n sum_k (IQR_k / 1.349)^2``) and, by ``mse``,
+    ``n E||theta_hat - theta_dagger||^2`` (``robust``: ``n (||median error||^2 + sum_k (IQR_k / 1.349)^2)``,
+    the normal-consistent counterpart)."""
 
     def __init__(self, by_cell: dict, cols: list[str], idx: np.ndarray) -> None:
         self._by_cell, self._cols, self._idx = by_cell, cols, idx
         self._cache: dict[tuple, tuple[float, np.ndarray]] = {}
 
     def __call__(self, key: tuple, robust: bool = False) -> tuple[float, np.ndarray]:
-        if (key, robust) not in self._cache:
+        if ("var", key, robust) not in self._cache:
             theta = self._by_cell[key][self._cols].to_numpy()
             of = _robust_trace_vars if robust else _trace_vars
-            self._cache[(key, robust)] = (key[1] * float(of(theta)), key[1] * of(theta[self._idx]))
-        return self._cache[(key, robust)]
+            self._cache[("var", key, robust)] = (key[1] * float(of(theta)), key[1] * of(theta[self._idx]))
+        return self._cache[("var", key, robust)]
+
+    def mse(self, key: tuple, robust: bool, theta_dagger: np.ndarray) -> tuple[float, np.ndarray]:
+        if ("mse", key, robust) not in self._cache:
+            g = self._by_cell[key]
+            if robust:
+                err = g[self._cols].to_numpy() - theta_dagger
+                of = lambda e: (_row_quantiles(e, 0.5) ** 2).sum(-1) + _robust_trace_vars(e)  # noqa: E731
+                point, boot = float(of(err)), of(err[self._idx])
+            else:
+                sq = g["sq_error"].where(~g["separable"]).to_numpy()
+                point, boot = float(np.nanmean(sq)), _boot_mean(sq, self._idx)
+            self._cache[("mse", key, robust)] = (key[1] * point, key[1] * boot)
+        return self._cache[("mse", key, robust)]
 
 
 def _interval(samples: np.ndarray, rel_extra: float = 0.0, point: float | None = None) -> tuple[float, float]:
@@ -228,12 +244,12 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         covered = g[[f"covered_{j}" for j in range(d)]].to_numpy(dtype=float)
         cov_rate = float(np.nanmean(covered)) if np.isfinite(covered).any() else math.nan
         cov_boot = _boot_mean(covered, idx)
-        mse = n * g["sq_error"].where(~g["separable"]).to_numpy()
-        mse_lo, mse_hi = _interval(_boot_mean(mse, idx))
+        mse, mse_boot = spread.mse(key, robust, np.asarray(pred["theta_dagger"], dtype=float))
+        mse_lo, mse_hi = _interval(mse_boot)
         row = {
             "scenario": scenario, "n": n, "estimator": est, "reps": reps, "failed": failed,
             "var": var, "pred_var": pred["pred_trace"],
-            "mse": float(np.nanmean(mse)), "mse_low": mse_lo, "mse_high": mse_hi,
+            "mse": mse, "mse_low": mse_lo, "mse_high": mse_hi,
             "coverage": cov_rate, **dict(zip(("coverage_low", "coverage_high"), _interval(cov_boot))),
             "lam": float(g["lam"].mean()), "scale": "interquartile" if robust else "sample",
         }
@@ -266,7 +282,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         rows.append(row)
     cells = pd.DataFrame(rows)
     _add_ratios(cells, spread, preds)
-    slopes = _slopes(results, idx, cols)
+    slopes = _slopes(cells, spread, preds)
     claims = _claims(cells, by_cell, spread, idx, preds, cols)
     pess = None
     if pessimism is not None and len(pessimism):
@@ -357,27 +373,36 @@ def _mle_name(preds: pd.DataFrame) -> str | None:
     return "mle" if "mle" in names else None
 
 
-def _slopes(results: pd.DataFrame, idx: np.ndarray, cols: list[str]) -> pd.DataFrame:
-    """Least-squares slope of ``log mean ||theta_hat - theta_dagger||^2`` on ``log n``, bootstrap CI."""
+def _slopes(cells: pd.DataFrame, spread: _Spreads, preds: pd.DataFrame) -> pd.DataFrame:
+    """Least-squares slope of ``log MSE`` on ``log n`` (on each cell's scale) with a bootstrap CI over the
+    paired resamples, over the ``n`` at which at least 99% of the estimates exist (below that the
+    surviving estimates are a conditioned sample; n/a when fewer than two such ``n`` remain)."""
     rows = []
-    for (scenario, est), g in results.groupby(["scenario", "estimator"], sort=False):
-        ns = np.sort(g["n"].unique())
-        if ns.size < 2:
+    for (scenario, est), g in cells.groupby(["scenario", "estimator"], sort=False):
+        if g.n.nunique() < 2:
             continue
-        sq = np.stack([g[g.n == n].sort_values("rep")["sq_error"].where(~g[g.n == n].sort_values("rep")["separable"])
-                       .to_numpy() for n in ns], axis=1)  # (R, n values)
-        x = np.log(ns)
-
-        def slope(block: np.ndarray) -> float:
-            y = np.log(np.nanmean(block, axis=0))
-            return float(np.polyfit(x, y, 1)[0])
-
-        point = slope(sq)
-        lo, hi = np.percentile([slope(sq[i]) for i in idx], [2.5, 97.5])
+        ns = np.sort(g[1.0 - g.failed / g.reps >= _EXISTS].n.unique())
+        if ns.size < 2:
+            rows.append({"scenario": scenario, "estimator": est, "n_min": math.nan, "n_max": math.nan,
+                         "scale": g.scale.iloc[0], "slope": math.nan, "slope_low": math.nan,
+                         "slope_high": math.nan, "slope_check": "n/a"})
+            continue
+        robust = g.scale.iloc[0] == "interquartile"
+        stats = [spread.mse((scenario, n, est), robust, np.asarray(preds.loc[(scenario, n, est), "theta_dagger"]))
+                 for n in ns]
+        x = np.log(ns) - np.log(ns).mean()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = np.log(np.array([p for p, _ in stats]) / ns)
+            boot = np.log(np.stack([b for _, b in stats], axis=1) / ns)  # (B, n values)
+        slope = lambda v: (v - v.mean(-1, keepdims=True)) @ x / (x @ x)  # noqa: E731
+        point = float(slope(y))
+        boot = slope(boot)
+        lo, hi = np.percentile(boot[np.isfinite(boot)], [2.5, 97.5])
         rows.append({"scenario": scenario, "estimator": est, "n_min": int(ns[0]), "n_max": int(ns[-1]),
-                     "slope": point, "slope_low": float(lo), "slope_high": float(hi),
+                     "scale": g.scale.iloc[0], "slope": point, "slope_low": float(lo), "slope_high": float(hi),
                      "slope_check": "pass" if lo <= -1 <= hi else "fail"})
-    return pd.DataFrame(rows)
+    columns = ["scenario", "estimator", "n_min", "n_max", "scale", "slope", "slope_low", "slope_high", "slope_check"]
+    return pd.DataFrame(rows, columns=columns).astype({"n_min": "Int64", "n_max": "Int64"})
 
 
 # --- named claims -------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ def _off_scale(ax, sub: pd.DataFrame, value: str, top: float) -> None:
 
 def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
     """``E||theta_hat - theta_dagger||^2`` against n (log-log) with 95% bootstrap bands, the predicted
-    ``tr(cov)/n`` (dashed) and a slope -1 guide, one panel per scenario."""
+    ``tr(cov)/n`` (dashed) and a slope -1 guide, one panel per scenario; a bad ``g_hat`` on the
+    interquartile scale (``checks``), marked in the legend."""
     plt, _ = _setup()
     cells = report.cells.copy()
     for col in ("mse", "mse_low", "mse_high", "pred_var"):
@@ -101,7 +102,8 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
         sub = cells[cells.scenario == scenario]
         for est in ests:
             e = sub[sub.estimator == est].sort_values("n")
-            ax.plot(e.n, e.mse_per_n, "o-", color=colors[est], label=est, lw=1.4, ms=4)
+            label = est + (" (IQR scale)" if (e.scale == "interquartile").any() else "")
+            ax.plot(e.n, e.mse_per_n, "o-", color=colors[est], label=label, lw=1.4, ms=4)
             ax.fill_between(e.n, e.mse_low_per_n, e.mse_high_per_n, color=colors[est], alpha=0.15, lw=0)
             if np.isfinite(e.pred_var_per_n).all():
                 ax.plot(e.n, e.pred_var_per_n, "--", color=colors[est], lw=0.9, alpha=0.8)
@@ -119,7 +121,8 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
         ax.set_ylabel(r"MSE  $E\|\hat\theta - \theta^\dagger\|^2$")
     _legend_right(fig, axes[0][0])
     fig.suptitle("MSE against n: measured (solid, 95% band) and predicted tr(cov)/n (dashed)", y=1.02)
-    table = cells[["scenario", "estimator", "n", "mse_per_n", "mse_low_per_n", "mse_high_per_n", "pred_var_per_n"]]
+    table = cells[["scenario", "estimator", "n", "scale", "mse_per_n", "mse_low_per_n", "mse_high_per_n",
+                   "pred_var_per_n"]]
     return _save(fig, table.rename(columns=lambda c: c.replace("_per_n", "").replace("pred_var", "pred_mse")),
                  out, "mse_vs_n", study)
 

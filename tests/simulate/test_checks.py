@@ -100,6 +100,9 @@ def test_with_failures_at_every_n_the_largest_n_is_used_and_said() -> None:
     claims = _bad_ghat_claims(results, predictions)
     assert "(n = 1600" in claims["3_bad_ghat_variance"]["text"]
     assert "they exist in only 95% of replications" in claims["3_bad_ghat_variance"]["text"]
+    # no n with 99% of the estimates: no slope
+    slope = analyse(results, predictions).slopes.set_index("estimator").loc["vrpo_reversed_M4"]
+    assert slope.slope_check == "n/a" and np.isnan(slope.slope)
 
 
 @given(arrays(np.float64, st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(1, 3)),
@@ -188,3 +191,10 @@ def test_bad_ghat_cells_are_checked_on_the_interquartile_scale() -> None:
     wrong = predictions.assign(pred_trace=3 * predictions.pred_trace, pred_ratio=3 * predictions.pred_ratio)
     wrong_cells = analyse(results, wrong).cells.set_index("estimator").loc["vrpo_reversed_M4"]
     assert (wrong_cells.var_check == "fail").all() and (wrong_cells.ratio_check == "fail").all()
+    # the MSE on the same scale, n (||median error||^2 + interquartile trace): the limit's trace, and its
+    # slope in n is -1 over the n at which 99% of the estimates exist (800 and 1600 here)
+    np.testing.assert_allclose(bad["mse"], 3 * V_BAD, rtol=0.3)
+    slopes = analyse(results, predictions).slopes.set_index("estimator")
+    assert slopes.loc["vrpo_reversed_M4", "scale"] == "interquartile"
+    assert slopes.loc["vrpo_reversed_M4", "n_min"] == 800 and slopes.loc["vrpo_reversed_M4", "slope_check"] == "pass"
+    assert slopes.loc["mle", "n_min"] == 400 and slopes.loc["mle", "slope_check"] == "pass"
