@@ -295,7 +295,8 @@ def second_order_bias(study: Study, report: Report, out: Path) -> Path | None:
         pad = 0.05 * (hi - lo)
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1)
         ax.axhline(0.0, color="gray", lw=0.6)
-        ax.set_xlim(1.1 * min(float(sub.predicted.min()), 0.0) - width, 1.1 * max(float(sub.predicted.max()), 0.0) + width)
+        ax.set_xlim(1.1 * min(float(sub.predicted.min()), 0.0) - width,
+                    1.1 * max(float(sub.predicted.max()), 0.0) + width)
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_title(scenario)
         ax.set_xlabel(r"predicted second-order bias $b_k$")
