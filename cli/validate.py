@@ -156,6 +156,20 @@ def _figures(study, report, out: Path) -> list[Path]:
     return plots.study_figures(study, report, out / "figures")
 
 
+def _cell_summary(report) -> str:
+    """One line: how many cells pass each check (of those where it applies)."""
+    names = {"var": "variance", "ratio": "ratio to MLE", "coverage": "coverage", "bias": "bias b/n",
+             "regret_greedy": "greedy regret", "regret_kl": "KL regret"}
+    parts = []
+    for key, name in names.items():
+        verdicts = report.cells[f"{key}_check"]
+        judged = verdicts[verdicts != "n/a"]
+        if len(judged):
+            parts.append(f"{name} {int((judged == 'pass').sum())}/{len(judged)}")
+    return ("Cell checks passed (one 95% test per cell; cells of a scenario share data, and the variance "
+            "checks compare each n with the n -> inf limit): " + ", ".join(parts) + ".")
+
+
 def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
     from rich.table import Table
 
@@ -178,6 +192,7 @@ def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
         style = "green" if c["verdict"] == "confirmed" else "red"
         claims.add_row(c["text"].rsplit(":", 1)[0], f"[{style}]{c['verdict']}[/{style}]")
     console.print(claims)
+    console.print(_cell_summary(report))
     n_ok = sum(c["verdict"] == "confirmed" for c in report.claims)
     console.print("Each verdict is a 95% test (about 1 in 20 true claims is refuted by chance). Variance claims "
                   "are extrapolated to n -> inf from r(n) = r + c/n; the ratio at the largest n is shown beside it. "

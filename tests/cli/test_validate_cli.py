@@ -43,6 +43,14 @@ def test_human_report_and_figures(study_dir, capsys, tmp_path) -> None:
     assert main(["validate", "--config", str(spec), *SMALL, "--out", str(study_dir)]) == 0
     out = capsys.readouterr().out
     assert "claims confirmed" in out and "variance against theory" in out
+    # the cells' verdicts in one line, counted from cell_checks.csv
+    import pandas as pd
+
+    checks = pd.read_csv(study_dir / "cell_checks.csv", keep_default_na=False)
+    summary = " ".join(out.split())
+    assert f"variance {(checks.var_check == 'pass').sum()}/{len(checks)}" in summary
+    judged = checks[checks.bias_check != "n/a"]
+    assert f"bias b/n {(judged.bias_check == 'pass').sum()}/{len(judged)}" in summary
     for name in ("mse_vs_n", "variance_ratio", "regret_vs_n", "coverage_vs_n", "second_order_bias"):
         for ext in ("png", "pdf", "csv"):
             assert (study_dir / "figures" / f"{name}.{ext}").stat().st_size > 0
