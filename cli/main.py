@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # light subcommands never pay for torch/transformers imports they do not need.
 SUBCOMMANDS: tuple[str, ...] = (
     "validate",
+    "predict",
     "simulate",
     "fit",
     "check",
@@ -29,7 +30,7 @@ SUBCOMMANDS: tuple[str, ...] = (
 
 # Commands whose work is numpy/torch array arithmetic on the CPU, where glibc's default of returning
 # freed blocks to the kernel costs page faults (``_allocator``); the LLM commands keep the default.
-ARRAY_COMMANDS = frozenset({"validate", "simulate", "fit", "check", "figures"})
+ARRAY_COMMANDS = frozenset({"validate", "predict", "simulate", "fit", "check", "figures"})
 
 DESCRIPTION = """\
 robust-rlhf: preference learning when the Bradley-Terry model is wrong.

@@ -16,7 +16,7 @@ A study is a grid: scenarios x sample sizes n x estimators x replications. For e
 the estimators on simulated data, compares the measured variance, variance ratio against the MLE,
 MSE, CI coverage and regret with the exact asymptotic predictions, and reports a verdict with a 95%
 bootstrap confidence interval. With no arguments it runs the default study (BT control, a
-context-dependent link and intransitive preferences; MLE, VRPO with M = 1, 8 and the exact
+context-dependent link and intransitive preferences; MLE, VRPO with M = 1, 4 and the exact
 expectation, power-tuned VRPO, and VRPO with a reversed g_hat; n = 200..1600; 200 replications;
 plus the pessimism bound on label flips with tanh features, n = 1600..25600).
 

@@ -46,8 +46,8 @@ from .pessimism import PessimismSpec, run_pessimism
 from .registry import SCENARIOS, get_scenario
 from .scenario import Scenario, SpecError
 
-__all__ = ["EstimatorSetting", "StudySpec", "Cell", "run_study", "load_study", "DEFAULT_STUDY", "Study",
-           "ESTIMATORS"]
+__all__ = ["EstimatorSetting", "StudySpec", "Cell", "run_study", "load_study", "predict", "predict_regret",
+           "DEFAULT_STUDY", "Study", "ESTIMATORS"]
 
 _TUNABLE = ("vrpo", "vrpo_crossfit")
 # The version of what a finished cell holds; bumped when a change alters a cell's numbers (2: regret
@@ -309,7 +309,7 @@ def _populations(scenario_json: str, size: int, eval_size: int):
     return scenario, pop, vr_bias(pop), scenario.population(size=eval_size, seed=_EVAL_SEED)
 
 
-def _predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict[str, Any]:
+def predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict[str, Any]:
     """Exact asymptotic predictions of one estimator in one scenario (they do not depend on n): the
     covariance and the second-order bias ``b`` of ``E theta_hat = theta_dagger + b / n`` (``vrpo_tuned``:
     with the term of its estimated ``lam``; none where ``lam_hat`` has no limit)."""
@@ -341,7 +341,7 @@ def _predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict
     return out
 
 
-def _predict_regret(spec: StudySpec, scenario_name: str, pred: dict[str, Any], n: int) -> dict[str, float]:
+def predict_regret(spec: StudySpec, scenario_name: str, pred: dict[str, Any], n: int) -> dict[str, float]:
     """Gaussian plug-in regret of the greedy and KL policies at sample size ``n``, the draws centred at
     ``theta_dagger + b / n`` where the second-order bias ``b`` is predicted, with the error that
     ``theta_dagger``'s prompt average passes on (``target_se``)."""
@@ -516,7 +516,7 @@ def _compute_and_store(spec: StudySpec, cells: list[Cell], out: Path) -> list[st
 
         torch.set_num_threads(1)
     first = cells[0]
-    pred = _predict(spec, first.scenario, first.estimator)
+    pred = predict(spec, first.scenario, first.estimator)
     for cell in cells:
         start = time.perf_counter()
         table = _run_cell(spec, cell, pred)
@@ -525,7 +525,7 @@ def _compute_and_store(spec: StudySpec, cells: list[Cell], out: Path) -> list[st
             table.to_parquet(tmp, index=False)
         record = {"cell": cell.key, "version": CELL_VERSION, "scenario": cell.scenario, "n": cell.n,
                   "estimator": cell.estimator.name, "seconds": seconds, **pred,
-                  **_predict_regret(spec, cell.scenario, pred, cell.n)}
+                  **predict_regret(spec, cell.scenario, pred, cell.n)}
         _write_json(out / "cells" / f"{cell.key}.json", record)  # written last: marks the cell finished
     return [c.key for c in cells]
 
