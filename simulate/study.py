@@ -319,9 +319,9 @@ def predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict[
                                          spec.eval_prompts)
     out: dict[str, Any] = {"theta_dagger": mle.theta_dagger.tolist(), "theta_se": mle.theta_se.tolist(),
                            "mle_trace": mle.trace}
-    cov, lam, bias = None, 0.0, None
+    cov, lam, bias, bias_se = None, 0.0, None, None
     if est.method == "mle":
-        cov, trace, trace_se, bias = mle.cov, mle.trace, mle.trace_se, mle.bias
+        cov, trace, trace_se, bias, bias_se = mle.cov, mle.trace, mle.trace_se, mle.bias, mle.bias_se
     elif est.g_hat_is_fixed:
         g_hat = aux_population(scenario, est.aux, spec.population, _POP_SEED)
         M = None if est.M == "exact" else est.M
@@ -329,9 +329,10 @@ def predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict[
             vr = tuned_bias(pop, g_hat, M=M, rho=est.unlabelled)
         else:
             vr = vr_bias(pop, g_hat=g_hat, lam=1.0 if est.lam is None else float(est.lam), M=M, rho=est.unlabelled)
-        cov, trace, trace_se, bias, lam = vr.cov, vr.trace, vr.trace_se, vr.bias, vr.lam
+        cov, trace, trace_se, bias, bias_se, lam = vr.cov, vr.trace, vr.trace_se, vr.bias, vr.bias_se, vr.lam
     finite = bias is not None and bool(np.isfinite(bias).all())
     out["pred_bias"] = np.asarray(bias).tolist() if finite else None
+    out["pred_bias_se"] = np.asarray(bias_se).tolist() if finite else None
     if cov is None:  # a learned g_hat has no fixed population law: no exact prediction
         out.update(pred_trace=math.nan, pred_trace_se=math.nan, pred_ratio=math.nan, pred_lam=math.nan,
                    pred_cov=None)
@@ -632,7 +633,7 @@ def _assemble(spec: StudySpec, out: Path) -> Study:
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
     flat = preds.drop(columns=["pred_cov"])
-    for col in ("theta_dagger", "pred_bias", "theta_se"):  # vectors, as JSON (older cells lack the last two)
+    for col in ("theta_dagger", "pred_bias", "pred_bias_se", "theta_se"):  # vectors, as JSON (older cells lack some)
         if col in flat:
             flat[col] = flat[col].map(json.dumps)
     with atomic_path(out / "predictions.csv") as tmp:

@@ -40,6 +40,7 @@ def test_json_rows_are_the_theory(spec_file, capsys) -> None:
     np.testing.assert_allclose(rows["vrpo_M4"]["bias"], vr.bias, rtol=1e-9)
     assert rows["vrpo_tuned_M4"]["lam"] == pytest.approx(optimal_lambda(pop, g_hat, M=4).lam, rel=1e-12)
     np.testing.assert_allclose(rows["vrpo_tuned_M4"]["bias"], tuned.bias, rtol=1e-9)
+    np.testing.assert_allclose(rows["vrpo_tuned_M4"]["bias_se"], tuned.bias_se, rtol=1e-9)
     np.testing.assert_allclose(rows["mle"]["theta_dagger"], mle.theta_dagger, rtol=1e-12)
     # regret predictions fall with n towards the limit
     for row in rows.values():
