@@ -782,6 +782,14 @@ class _Analysis:
     batch_theta: Tensor | None = None  # (B, d) each batch's own target
     groups: Tensor | None = None  # (P,) batch of each prompt
 
+    def whole(self) -> tuple[Tensor, Tensor]:
+        """Every prompt in one group: ``(groups, sizes)`` for the per-group means."""
+        return torch.zeros(self.T.P, dtype=torch.long), torch.tensor([float(self.T.P)], dtype=_DT)
+
+    def batch_sizes(self) -> Tensor:
+        """Prompts per batch (B,)."""
+        return torch.bincount(self.groups, minlength=self.batch_theta.shape[0]).to(_DT)
+
 
 _MOMENTS = frozenset({"grad", "hess", "moments"})
 
@@ -869,6 +877,18 @@ def _quadratic(phi: Tensor, A: Tensor) -> Tensor:
     return q[:, :, None] + q[:, None, :] - 2.0 * r
 
 
+def _orders(loss: MarginLoss, U: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """``(m^(k)_1)_k`` and ``(m^(k)_0)_k``, k = 1, 2, 3: the derivatives in ``u`` of ``l(u)`` and of ``l(-u)``,
+    so that ``m^(k)_g = g m^(k)_1 + (1 - g) m^(k)_0`` (``_mixed``)."""
+    (_, d1, d2), (_, d1t, d2t) = loss.derivatives_pm(U)
+    return (d1, d2, loss.third(U)), (-d1t, d2t, -loss.third(-U))
+
+
+def _mixed(g: Tensor, one: tuple[Tensor, ...], zero: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``m^(k)_g = g m^(k)_1 + (1 - g) m^(k)_0`` for each order given."""
+    return tuple(g * x1 + (1.0 - g) * x0 for x1, x0 in zip(one, zero))
+
+
 def _bias_means(
     T: _Tensors, loss: MarginLoss, theta: Tensor, Hinv: Tensor, Sig: Tensor, lam: Tensor, groups: Tensor, sizes: Tensor
 ) -> dict[str, Tensor]:
@@ -890,17 +910,13 @@ def _bias_means(
             _run_sum(acc, name, val, runs, G)
 
         U = _margins(phi, theta[rows])
-        (_, d1, d2), (_, d1t, d2t) = loss.derivatives_pm(U)
-        d3, d3t = loss.third(U), loss.third(-U)
-        # m^(k)_1 = d^k/du^k l(u), m^(k)_0 = d^k/du^k l(-u); m^(k)_g = g m^(k)_1 + (1 - g) m^(k)_0
-        one, zero = (d1, d2, d3), (-d1t, d2t, -d3t)
+        one, zero = _orders(loss, U)
         if T.g_hat is not None:
-            gh = T.g_hat[sl]
-            b1, b2, b3 = (gh * x1 + (1.0 - gh) * x0 for x1, x0 in zip(one, zero))
+            b1, b2, b3 = _mixed(T.g_hat[sl], one, zero)
         else:
             b1 = b2 = b3 = torch.zeros_like(U)
         lr = lam[rows][:, None, None]
-        a1, a2, a3 = (gs * x1 + (1.0 - gs) * x0 - lr * b for x1, x0, b in zip(one, zero, (b1, b2, b3)))
+        a1, a2, a3 = (x - lr * b for x, b in zip(_mixed(gs, one, zero), (b1, b2, b3)))
         a21 = gs * (one[1] - lr * b2) * (one[0] - lr * b1) + (1.0 - gs) * (zero[1] - lr * b2) * (zero[0] - lr * b1)
         Hi, QH, QS = Hinv[rows], _quadratic(phi, Hinv[rows]), _quadratic(phi, Sig[rows])
         ga, Ja = _first(w * a1, phi), _second(w * a2, phi)
@@ -969,11 +985,9 @@ def _tuning_means(
     for sl in T.chunks():
         phi, w, gs, gh, rows = T.phi[sl], T.w[sl], T.g_star[sl], T.g_hat[sl], groups[sl]
         runs = _runs(rows)
-        U = _margins(phi, theta[rows])
-        (_, d1, d2), (_, d1t, d2t) = loss.derivatives_pm(U)
-        one, zero = (d1, d2, loss.third(U)), (-d1t, d2t, -loss.third(-U))
-        b1, b2 = (gh * x1 + (1.0 - gh) * x0 for x1, x0 in zip(one[:2], zero[:2]))
-        a1, h, t3 = (gs * x1 + (1.0 - gs) * x0 for x1, x0 in zip(one, zero))  # E over Z (linear in Z)
+        one, zero = _orders(loss, _margins(phi, theta[rows]))
+        b1, b2 = _mixed(gh, one[:2], zero[:2])
+        a1, h, t3 = _mixed(gs, one, zero)  # E over Z (linear in Z)
         W, v, e = Wp[rows], nu[rows], eb[rows]
         QW, QK = _quadratic(phi, W), _quadratic(phi, Kq[rows])
         Wv = lambda x: _mv(W, x)  # noqa: E731
@@ -1272,10 +1286,8 @@ def _with_bias(an: _Analysis, lam: float, batch_lam: np.ndarray | None = None,
     each batch at ``batch_lam`` (B,) when given."""
     res = _covariance(an, lam, batch_lam)
     Hinv = torch.as_tensor(np.linalg.inv(an.full.H))[None]
-    zeros = torch.zeros(an.T.P, dtype=torch.long)
     full_lam = torch.tensor([lam], dtype=_DT)
-    m = _bias_means(an.T, an.loss, an.theta, Hinv, torch.as_tensor(res.cov)[None], full_lam, zeros,
-                    torch.tensor([float(an.T.P)], dtype=_DT))
+    m = _bias_means(an.T, an.loss, an.theta, Hinv, torch.as_tensor(res.cov)[None], full_lam, *an.whole())
     bias = _bias_of(m, Hinv, full_lam, an.M, an.rho)[0]
     if extra is not None:
         bias = bias + extra[0]
@@ -1284,8 +1296,8 @@ def _with_bias(an: _Analysis, lam: float, batch_lam: np.ndarray | None = None,
         B = an.batch_theta.shape[0]
         lam_b = torch.as_tensor(np.full(B, lam) if batch_lam is None else batch_lam, dtype=_DT)
         Hb = torch.as_tensor(np.linalg.inv(an.batches.H))
-        sizes = torch.bincount(an.groups, minlength=B).to(_DT)
-        mb = _bias_means(an.T, an.loss, an.batch_theta, Hb, torch.as_tensor(res.batch_cov), lam_b, an.groups, sizes)
+        mb = _bias_means(an.T, an.loss, an.batch_theta, Hb, torch.as_tensor(res.batch_cov), lam_b, an.groups,
+                         an.batch_sizes())
         batch_bias = _bias_of(mb, Hb, lam_b, an.M, an.rho)
         if extra is not None:
             batch_bias = batch_bias + extra[1]
@@ -1329,12 +1341,10 @@ def tuned_bias(
     W = _weight_matrix(weight, pop.d)
     lam_u = np.atleast_1d(_lam_star(an.full, W))
     lam = _clipped(lam_u, clip)
-    zeros = torch.zeros(an.T.P, dtype=torch.long)
-    full = _tuning_bias(an, an.full, an.theta, lam_u, clip, W, zeros, torch.tensor([float(an.T.P)], dtype=_DT))[0]
+    full = _tuning_bias(an, an.full, an.theta, lam_u, clip, W, *an.whole())[0]
     batch_lam, extra = None, None
     if an.batches is not None:
         lam_ub = _lam_star(an.batches, W)
         batch_lam = _clipped(lam_ub, clip)
-        sizes = torch.bincount(an.groups, minlength=lam_ub.shape[0]).to(_DT)
-        extra = _tuning_bias(an, an.batches, an.batch_theta, lam_ub, clip, W, an.groups, sizes)
+        extra = _tuning_bias(an, an.batches, an.batch_theta, lam_ub, clip, W, an.groups, an.batch_sizes())
     return _with_bias(an, float(lam[0]), batch_lam, (full, extra))
