@@ -144,8 +144,8 @@ class _Spreads:
     ``n E||theta_hat - theta_dagger||^2`` (``robust``: ``n (||median error||^2 + sum_k (IQR_k / 1.349)^2)``,
     the normal-consistent counterpart)."""
 
-    def __init__(self, by_cell: dict, cols: list[str], idx: np.ndarray) -> None:
-        self._by_cell, self._cols, self._idx = by_cell, cols, idx
+    def __init__(self, by_cell: dict, cols: list[str], idx: np.ndarray, preds: pd.DataFrame) -> None:
+        self._by_cell, self._cols, self._idx, self._preds = by_cell, cols, idx, preds
         self._cache: dict[tuple, tuple[float, np.ndarray]] = {}
 
     def __call__(self, key: tuple, robust: bool = False) -> tuple[float, np.ndarray]:
@@ -155,11 +155,11 @@ class _Spreads:
             self._cache[("var", key, robust)] = (key[1] * float(of(theta)), key[1] * of(theta[self._idx]))
         return self._cache[("var", key, robust)]
 
-    def mse(self, key: tuple, robust: bool, theta_dagger: np.ndarray) -> tuple[float, np.ndarray]:
+    def mse(self, key: tuple, robust: bool) -> tuple[float, np.ndarray]:
         if ("mse", key, robust) not in self._cache:
             g = self._by_cell[key]
             if robust:
-                err = g[self._cols].to_numpy() - theta_dagger
+                err = g[self._cols].to_numpy() - np.asarray(self._preds.loc[key, "theta_dagger"], dtype=float)
                 of = lambda e: (_row_quantiles(e, 0.5) ** 2).sum(-1) + _robust_trace_vars(e)  # noqa: E731
                 point, boot = float(of(err)), of(err[self._idx])
             else:
@@ -184,7 +184,7 @@ def _interval(samples: np.ndarray, rel_extra: float = 0.0, point: float | None =
     return math.exp(centre - math.hypot(dl, widen)), math.exp(centre + math.hypot(dh, widen))
 
 
-def _bias_check(theta: np.ndarray, pred: pd.Series, n: int, idx: np.ndarray) -> pd.DataFrame | None:
+def _bias_table(theta: np.ndarray, pred: pd.Series, n: int, idx: np.ndarray) -> pd.DataFrame | None:
     """Per coordinate, on the scale ``n (theta_hat - theta_dagger)``: the mean error with its bootstrap
     interval (Bonferroni over coordinates, widened in quadrature by ``theta_dagger``'s Monte Carlo error)
     against the second-order bias ``b_k``; None where no bias is predicted."""
@@ -230,7 +230,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
     preds = predictions.set_index(["scenario", "n", "estimator"])
     by_cell = {key: g.sort_values("rep") for key, g in results.groupby(["scenario", "n", "estimator"], sort=False)}
     meta = results_meta(by_cell)
-    spread = _Spreads(by_cell, cols, idx)
+    spread = _Spreads(by_cell, cols, idx, preds)
     rows, bias_rows = [], []
     for key, g in by_cell.items():
         scenario, n, est = key
@@ -244,7 +244,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         covered = g[[f"covered_{j}" for j in range(d)]].to_numpy(dtype=float)
         cov_rate = float(np.nanmean(covered)) if np.isfinite(covered).any() else math.nan
         cov_boot = _boot_mean(covered, idx)
-        mse, mse_boot = spread.mse(key, robust, np.asarray(pred["theta_dagger"], dtype=float))
+        mse, mse_boot = spread.mse(key, robust)
         mse_lo, mse_hi = _interval(mse_boot)
         row = {
             "scenario": scenario, "n": n, "estimator": est, "reps": reps, "failed": failed,
@@ -260,7 +260,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
                                                                 row["var_ratio_to_pred"])
         row["var_check"] = _verdict(1.0, row["var_ratio_low"], row["var_ratio_high"])
         row["coverage_check"] = _verdict(0.95, row["coverage_low"], row["coverage_high"])
-        coords = None if robust else _bias_check(theta, pred, n, idx)
+        coords = None if robust else _bias_table(theta, pred, n, idx)
         row["bias"], row["pred_bias"], row["bias_check"] = math.nan, math.nan, "n/a"
         if coords is not None:
             row["bias"], row["pred_bias"] = np.linalg.norm(coords.measured), np.linalg.norm(coords.predicted)
@@ -282,7 +282,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         rows.append(row)
     cells = pd.DataFrame(rows)
     _add_ratios(cells, spread, preds)
-    slopes = _slopes(cells, spread, preds)
+    slopes = _slopes(cells, spread)
     claims = _claims(cells, by_cell, spread, idx, preds, cols)
     pess = None
     if pessimism is not None and len(pessimism):
@@ -373,7 +373,7 @@ def _mle_name(preds: pd.DataFrame) -> str | None:
     return "mle" if "mle" in names else None
 
 
-def _slopes(cells: pd.DataFrame, spread: _Spreads, preds: pd.DataFrame) -> pd.DataFrame:
+def _slopes(cells: pd.DataFrame, spread: _Spreads) -> pd.DataFrame:
     """Least-squares slope of ``log MSE`` on ``log n`` (on each cell's scale) with a bootstrap CI over the
     paired resamples, over the ``n`` at which at least 99% of the estimates exist (below that the
     surviving estimates are a conditioned sample; n/a when fewer than two such ``n`` remain)."""
@@ -388,8 +388,7 @@ def _slopes(cells: pd.DataFrame, spread: _Spreads, preds: pd.DataFrame) -> pd.Da
                          "slope_high": math.nan, "slope_check": "n/a"})
             continue
         robust = g.scale.iloc[0] == "interquartile"
-        stats = [spread.mse((scenario, n, est), robust, np.asarray(preds.loc[(scenario, n, est), "theta_dagger"]))
-                 for n in ns]
+        stats = [spread.mse((scenario, n, est), robust) for n in ns]
         x = np.log(ns) - np.log(ns).mean()
         with np.errstate(divide="ignore", invalid="ignore"):
             y = np.log(np.array([p for p, _ in stats]) / ns)
