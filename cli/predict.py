@@ -71,13 +71,10 @@ def run(args: argparse.Namespace) -> int:
 def _sizes(text: str | None) -> list[int]:
     from robust_rlhf.simulate.scenario import SpecError
 
-    if not text:
-        return []
-    try:
-        ns = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SpecError(f"--n: expected comma-separated integers, got {text!r}") from None
-    if not ns or min(ns) < 1:
+    from .validate import sizes
+
+    ns = list(sizes(text)) if text else []
+    if text and (not ns or min(ns) < 1):
         raise SpecError(f"--n: sample sizes must be integers >= 1, got {text!r}")
     return ns
 

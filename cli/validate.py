@@ -70,9 +70,18 @@ def _split(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
+def sizes(text: str) -> tuple[int, ...]:
+    """The sample sizes of ``--n`` (comma-separated integers)."""
+    from robust_rlhf.simulate.scenario import SpecError
+
+    try:
+        return tuple(int(v) for v in _split(text))
+    except ValueError:
+        raise SpecError(f"--n: expected comma-separated integers, got {text!r}") from None
+
+
 def build_spec(args: argparse.Namespace):
     """The study spec from --config and the overriding options."""
-    from robust_rlhf.simulate.scenario import SpecError
     from robust_rlhf.simulate.study import DEFAULT_STUDY, StudySpec
 
     spec = StudySpec.from_file(args.config) if args.config else DEFAULT_STUDY
@@ -82,10 +91,7 @@ def build_spec(args: argparse.Namespace):
     if args.estimators:
         changes["estimators"] = tuple(_split(args.estimators))
     if args.n:
-        try:
-            changes["n"] = tuple(int(v) for v in _split(args.n))
-        except ValueError:
-            raise SpecError(f"--n: expected comma-separated integers, got {args.n!r}") from None
+        changes["n"] = sizes(args.n)
     if args.reps is not None:
         changes["reps"] = args.reps
     if args.seed is not None:
