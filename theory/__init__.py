@@ -5,6 +5,7 @@
 - ``fitting``: MLE, VRPO, power-tuned and cross-fitted VRPO on a leading replication axis (``crossfit``:
   the cross-fitted auxiliary models ``g_hat``);
 - ``asymptotics``: population targets, exact asymptotic covariances and second-order biases;
+  ``second_order``: the O(1/n) term of the covariance;
 - ``policies`` and ``bounds``: policies from a reward estimate, regret, predictions and bounds;
 - ``symbolic``: sympy derivations of the key formulas;
 - ``kernels``: the compiled loops behind ``fitting`` and ``theta_regret`` (C++ built on first use; each
@@ -19,6 +20,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "asymptotics": ("AsymptoticCovariance", "LambdaChoice", "Target", "VarianceRatio", "bread", "mle_covariance",
                     "optimal_lambda", "population_target", "tuned_bias", "variance_ratio", "vr_bias",
                     "vr_covariance"),
+    "second_order": ("vr_second_order",),
     "data": ("PairData", "PairPopulation"),
     "errors": ("InputError", "SeparableDataError"),
     "fitting": ("METHODS", "FitResult", "fit"),

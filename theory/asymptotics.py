@@ -170,6 +170,8 @@ class AsymptoticCovariance:
     bias : (d,) the second-order bias ``b`` of ``E[theta_hat_n] = theta_dagger + b / n + o(1/n)``, filled
         by ``vr_bias`` (None from ``vr_covariance``); bias_se : (d,) its batch-means Monte Carlo error
         (NaN if unavailable); batch_bias : (B, d) the bias recomputed on each prompt batch, or None.
+    second : (d, d) the second-order term ``C`` of ``n Cov(theta_hat_n) = cov + C / n + o(1/n)``, filled by
+        ``second_order.vr_second_order`` (None otherwise); batch_second : (B, d, d) it on each prompt batch.
     """
 
     theta_dagger: np.ndarray
@@ -189,24 +191,39 @@ class AsymptoticCovariance:
     bias: np.ndarray | None = None
     bias_se: np.ndarray | None = None
     batch_bias: np.ndarray | None = None
+    second: np.ndarray | None = None
+    batch_second: np.ndarray | None = None
 
     @property
     def n_batches(self) -> int:
         """Number of prompt batches behind ``trace_se`` (0 when not estimated)."""
         return 0 if self.batch_cov is None else int(self.batch_cov.shape[0])
 
-    def weighted_trace(self, weight: np.ndarray | int | None = None) -> float:
-        """``tr(W cov)``; ``weight`` None is ``W = I``, an int ``j`` is ``e_j e_j^T``, or a PSD (d, d) array."""
-        W = _weight_matrix(weight, self.cov.shape[0])
-        return float(np.trace(W @ self.cov))
+    def _at(self, n: int | None, batched: bool) -> np.ndarray | None:
+        """``cov`` (``n`` None) or ``cov + C / n``; per batch when ``batched``."""
+        cov = self.batch_cov if batched else self.cov
+        if n is None or cov is None:
+            return cov
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"n: expected a sample size >= 1, got {n!r}")
+        second = self.batch_second if batched else self.second
+        if self.second is None:
+            raise InputError("n: this covariance has no second-order term (see second_order.vr_second_order)")
+        return None if second is None else cov + second / n
 
-    def weighted_trace_se(self, weight: np.ndarray | int | None = None) -> float:
-        """Batch-means standard error of ``tr(W cov)``: ``sd_b(tr(W cov_b)) / sqrt(B)``."""
-        if self.batch_cov is None:
-            return math.nan
+    def weighted_trace(self, weight: np.ndarray | int | None = None, n: int | None = None) -> float:
+        """``tr(W cov)``, or with ``n`` the finite-sample ``tr(W (cov + C / n))`` (needs ``second``);
+        ``weight`` None is ``W = I``, an int ``j`` is ``e_j e_j^T``, or a PSD (d, d) array."""
         W = _weight_matrix(weight, self.cov.shape[0])
-        vals = np.einsum("ij,bji->b", W, self.batch_cov)
-        return _batch_se(vals)
+        return float(np.trace(W @ self._at(n, False)))
+
+    def weighted_trace_se(self, weight: np.ndarray | int | None = None, n: int | None = None) -> float:
+        """Batch-means standard error of ``weighted_trace(weight, n)``: ``sd_b(tr(W cov_b)) / sqrt(B)``."""
+        W = _weight_matrix(weight, self.cov.shape[0])
+        batch = self._at(n, True)
+        if batch is None:
+            return math.nan
+        return _batch_se(np.einsum("ij,bji->b", W, batch))
 
 
 @dataclass(frozen=True)

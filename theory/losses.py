@@ -75,6 +75,11 @@ class MarginLoss(ABC):
         it), by automatic differentiation of ``__call__``; closed forms override it as for ``derivatives``."""
         return self._autograd(z, 3)[3]
 
+    def fourth(self, z: Tensor) -> Tensor:
+        """The fourth derivative ``l^(4)(z)`` elementwise (the second-order covariance of an estimator needs
+        it), by automatic differentiation of ``__call__``; closed forms override it as for ``derivatives``."""
+        return self._autograd(z, 4)[4]
+
     def _autograd(self, z: Tensor, order: int) -> list[Tensor]:
         """``[l, l', ..., l^(order)]`` at ``z`` by repeated automatic differentiation of ``__call__``; a
         derivative of a piecewise-polynomial loss whose graph ends (e.g. ``l''`` of a hinge) is zero almost
@@ -157,6 +162,11 @@ class Logistic(MarginLoss):
         """``l^(3) = -s (1 - s) (1 - 2 s)`` with ``s = sigmoid(-z)``."""
         s = torch.sigmoid(-z)
         return -s * (1.0 - s) * (1.0 - 2.0 * s)
+
+    def fourth(self, z: Tensor) -> Tensor:
+        """``l^(4) = s (1 - s) (1 - 6 s + 6 s^2)`` with ``s = sigmoid(-z)``."""
+        s = torch.sigmoid(-z)
+        return s * (1.0 - s) * (1.0 - 6.0 * s * (1.0 - s))
 
     def pair_derivatives(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """By ``l(z) - l(-z) = -z``: ``m_g = softplus(z) - g z``, ``m_g' = sigmoid(z) - g``,
@@ -279,6 +289,9 @@ class Squared(MarginLoss):
         return self(z), 2.0 * (z - 0.5), torch.full_like(z, 2.0)
 
     def third(self, z: Tensor) -> Tensor:
+        return torch.zeros_like(z)
+
+    def fourth(self, z: Tensor) -> Tensor:
         return torch.zeros_like(z)
 
 

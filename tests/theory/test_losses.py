@@ -58,6 +58,16 @@ def test_third_derivative_matches_autograd(loss: MarginLoss, z: np.ndarray) -> N
 
 
 @pytest.mark.parametrize("loss", SMOOTH, ids=repr)
+@given(z=margins)
+def test_fourth_derivative_matches_autograd(loss: MarginLoss, z: np.ndarray) -> None:
+    t = torch.as_tensor(z)
+    torch.testing.assert_close(loss.fourth(t), MarginLoss.fourth(loss, t), rtol=1e-9, atol=1e-12)
+    h = 1e-4  # a central difference of the closed-form third derivative
+    torch.testing.assert_close(loss.fourth(t), (loss.third(t + h) - loss.third(t - h)) / (2 * h), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", SMOOTH, ids=repr)
 @given(z=margins, g=probs)
 def test_pair_derivatives_match_autograd(loss: MarginLoss, z: np.ndarray, g: float) -> None:
     t = torch.as_tensor(z).requires_grad_(True)
