@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             pred = predict(spec, scenario, est)
             row = {"scenario": scenario, "estimator": est.name, "lam": pred["pred_lam"],
                    "trace": pred["pred_trace"], "trace_se": pred["pred_trace_se"], "ratio": pred["pred_ratio"],
+                   "second": pred["pred_second"], "second_se": pred["pred_second_se"],
                    "bias": pred["pred_bias"], "bias_se": pred["pred_bias_se"], "theta_dagger": pred["theta_dagger"],
                    "theta_se": pred["theta_se"]}
             for n in ns:
@@ -88,12 +89,14 @@ def _print(rows: list[dict], ns: list[int], spec) -> None:
     from rich.table import Table
 
     table = Table(title=f"exact asymptotic predictions (study {spec.name}, {spec.population} prompts)")
-    columns = ["scenario", "estimator", "lam", "n tr Cov (MC error)", "ratio to MLE", "bias b (MC error)",
+    columns = ["scenario", "estimator", "lam", "n tr Cov (MC error)", "tr C, n tr Cov = trace + tr C / n", "ratio to MLE",
+               "bias b (MC error)",
                *(f"regret at n = {n}: greedy / KL" for n in ns)]
     for col in columns:
         table.add_column(col, overflow="fold", justify="left" if col in ("scenario", "estimator") else "right")
     for r in rows:
-        cells = [r["scenario"], r["estimator"], f"{r['lam']:.3g}", f"{r['trace']:.4g} ({r['trace_se']:.2g})",
+        second = "n/a" if not math.isfinite(r["second"]) else f"{r['second']:.4g} ({r['second_se']:.2g})"
+        cells = [r["scenario"], r["estimator"], f"{r['lam']:.3g}", f"{r['trace']:.4g} ({r['trace_se']:.2g})", second,
                  f"{r['ratio']:.3f}", _vector(r["bias"]) + ("" if r["bias"] is None else f" ({_vector(r['bias_se'])})")]
         cells += [f"{r[f'regret_at_{n}']['greedy']:.3g} / {r[f'regret_at_{n}']['kl']:.3g}" for n in ns]
         table.add_row(*cells)

@@ -10,11 +10,14 @@ seed), widened in quadrature on the log scale by the Monte Carlo error of the pr
 
 Cell checks (``cell_checks``):
 
-- ``var``: ``n tr Cov(theta_hat)`` over replications against the predicted ``tr(cov)``, as a ratio;
-  for a bad ``g_hat`` (see below) the interquartile scale ``n sum_k (IQR_k / 1.349)^2`` instead
-  (column ``scale``: ``sample`` or ``interquartile``);
+- ``var``: ``n tr Cov(theta_hat)`` over replications against ``pred_var``, as a ratio: for the MLE and
+  VRPO at a fixed ``lam`` the second-order ``tr(cov) + tr(C) / n`` (``second_order.vr_second_order``,
+  ``pred_order`` 2), else the limit ``tr(cov)`` (``pred_var_limit``, ``pred_order`` 1); for a bad ``g_hat``
+  (see below) the interquartile scale ``n sum_k (IQR_k / 1.349)^2`` against the limit (column ``scale``:
+  ``sample`` or ``interquartile``);
 - ``ratio``: ``tr Cov(theta_hat)`` of the estimator over that of the MLE (paired, both on the cell's
-  scale), against the predicted variance ratio;
+  scale), against the predicted variance ratio at ``n`` (``pred_ratio_n``: of the second-order variances
+  where both are predicted; ``pred_ratio`` is the limit);
 - ``coverage``: share of coordinates whose nominal 95% sandwich interval covers ``theta_dagger``;
 - ``mse``: ``n E||theta_hat - theta_dagger||^2`` with its interval (for a bad ``g_hat`` its
   normal-consistent counterpart ``n (||median error||^2 + sum_k (IQR_k / 1.349)^2)``), and per (scenario,
@@ -248,14 +251,14 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         mse_lo, mse_hi = _interval(mse_boot)
         row = {
             "scenario": scenario, "n": n, "estimator": est, "reps": reps, "failed": failed,
-            "var": var, "pred_var": pred["pred_trace"],
+            "var": var, **_predicted_var(pred, n, robust),
             "mse": mse, "mse_low": mse_lo, "mse_high": mse_hi,
             "coverage": cov_rate, **dict(zip(("coverage_low", "coverage_high"), _interval(cov_boot))),
             "lam": float(g["lam"].mean()), "scale": "interquartile" if robust else "sample",
         }
-        rel = pred["pred_trace_se"] / pred["pred_trace"] if pred["pred_trace"] > 0 else 0.0
-        vr = bv / pred["pred_trace"]
-        row["var_ratio_to_pred"] = var / pred["pred_trace"]
+        rel = row["pred_var_se"] / row["pred_var"] if row["pred_var"] > 0 else 0.0
+        vr = bv / row["pred_var"]
+        row["var_ratio_to_pred"] = var / row["pred_var"]
         row["var_ratio_low"], row["var_ratio_high"] = _interval(vr, rel if np.isfinite(rel) else 0.0,
                                                                 row["var_ratio_to_pred"])
         row["var_check"] = _verdict(1.0, row["var_ratio_low"], row["var_ratio_high"])
@@ -342,17 +345,41 @@ def _verdict(predicted: float, low: float, high: float) -> str:
     return "pass" if low <= predicted <= high else "fail"
 
 
+def _second(pred: pd.Series | dict, key: str) -> float:
+    """A second-order term of the predictions (NaN where not predicted, or in a folder written before)."""
+    value = pred.get(key, math.nan)
+    return float(value) if value is not None else math.nan
+
+
+def _predicted_var(pred: pd.Series, n: int, robust: bool) -> dict[str, Any]:
+    """``pred_var`` at ``n``: ``tr cov + tr C / n`` (second order, ``pred_order`` 2) where ``C`` is predicted
+    and the cell is on the sample scale, else the limit ``tr cov`` (``pred_var_limit``); ``pred_var_se`` its
+    Monte Carlo error (the two terms' errors added: they share the prompt batches)."""
+    limit, second = float(pred["pred_trace"]), _second(pred, "pred_second")
+    if robust or not math.isfinite(second):
+        return {"pred_var": limit, "pred_var_limit": limit, "pred_var_se": float(pred["pred_trace_se"]),
+                "pred_order": 1}
+    se = _finite_or_zero(pred["pred_trace_se"]) + _finite_or_zero(_second(pred, "pred_second_se")) / n
+    return {"pred_var": limit + second / n, "pred_var_limit": limit, "pred_var_se": se, "pred_order": 2}
+
+
 def _add_ratios(cells: pd.DataFrame, spread: _Spreads, preds: pd.DataFrame) -> None:
     """Paired variance ratio of every estimator against the MLE of its (scenario, n), both on the cell's
-    scale."""
+    scale, against ``pred_ratio_n``: the ratio of the second-order variances at ``n`` where both are
+    predicted (``pred_order`` 2), else the limit ``pred_ratio``."""
     mle_name = _mle_name(preds)
-    out = {k: [] for k in ("ratio", "ratio_low", "ratio_high", "pred_ratio", "ratio_check")}
+    out = {k: [] for k in ("ratio", "ratio_low", "ratio_high", "pred_ratio", "pred_ratio_n", "ratio_check")}
     keys = set(zip(cells.scenario, cells.n, cells.estimator))
     for row in cells.itertuples():
         base = (row.scenario, row.n, mle_name)
-        pred = preds.loc[(row.scenario, row.n, row.estimator), "pred_ratio"]
+        p = preds.loc[(row.scenario, row.n, row.estimator)]
+        pred = p["pred_ratio"]
+        mle_second = _second(p, "mle_second")
+        pred_n = pred
+        if row.pred_order == 2 and math.isfinite(mle_second):
+            pred_n = row.pred_var / (p["mle_trace"] + mle_second / row.n)
         if mle_name is None or base not in keys:
-            for k, v in zip(out, (math.nan, math.nan, math.nan, pred, "n/a")):
+            for k, v in zip(out, (math.nan, math.nan, math.nan, pred, pred_n, "n/a")):
                 out[k].append(v)
             continue
         robust = row.scale == "interquartile"
@@ -363,7 +390,8 @@ def _add_ratios(cells: pd.DataFrame, spread: _Spreads, preds: pd.DataFrame) -> N
         out["ratio_low"].append(lo)
         out["ratio_high"].append(hi)
         out["pred_ratio"].append(pred)
-        out["ratio_check"].append(_verdict(pred, lo, hi))
+        out["pred_ratio_n"].append(pred_n)
+        out["ratio_check"].append(_verdict(pred_n, lo, hi))
     for k, v in out.items():
         cells[k] = v
 

@@ -87,12 +87,15 @@ def _off_scale(ax, sub: pd.DataFrame, value: str, top: float) -> None:
 
 
 def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
-    """``E||theta_hat - theta_dagger||^2`` against n (log-log) with 95% bootstrap bands, the predicted
-    ``tr(cov)/n`` (dashed) and a slope -1 guide, one panel per scenario; a bad ``g_hat`` on the
-    interquartile scale (``checks``), marked in the legend."""
+    """``E||theta_hat - theta_dagger||^2`` against n (log-log) with 95% bootstrap bands, the predicted MSE
+    (dashed: ``(tr(cov) + (tr C + ||b||^2) / n) / n`` to second order where ``C`` is predicted, else
+    ``tr(cov)/n``) and a slope -1 guide, one panel per scenario; a bad ``g_hat`` on the interquartile scale
+    (``checks``), marked in the legend."""
     plt, _ = _setup()
     cells = report.cells.copy()
-    for col in ("mse", "mse_low", "mse_high", "pred_var"):
+    second = (cells.pred_order == 2) & np.isfinite(cells.pred_bias.astype(float))
+    cells["pred_mse"] = cells.pred_var + np.where(second, cells.pred_bias.astype(float) ** 2 / cells.n, 0.0)
+    for col in ("mse", "mse_low", "mse_high", "pred_mse"):
         cells[f"{col}_per_n"] = cells[col] / cells.n
     scenarios = list(dict.fromkeys(cells.scenario))
     ests = list(dict.fromkeys(cells.estimator))
@@ -105,14 +108,14 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
             label = est + (" (IQR scale)" if (e.scale == "interquartile").any() else "")
             ax.plot(e.n, e.mse_per_n, "o-", color=colors[est], label=label, lw=1.4, ms=4)
             ax.fill_between(e.n, e.mse_low_per_n, e.mse_high_per_n, color=colors[est], alpha=0.15, lw=0)
-            if np.isfinite(e.pred_var_per_n).all():
-                ax.plot(e.n, e.pred_var_per_n, "--", color=colors[est], lw=0.9, alpha=0.8)
+            if np.isfinite(e.pred_mse_per_n).all():
+                ax.plot(e.n, e.pred_mse_per_n, "--", color=colors[est], lw=0.9, alpha=0.8)
         ns = np.sort(sub.n.unique())
-        anchor = float(sub[sub.n == ns[0]].pred_var_per_n.median())
+        anchor = float(sub[sub.n == ns[0]].pred_mse_per_n.median())
         ax.plot(ns, anchor * ns[0] / ns, ":", color="black", lw=1.4, label="slope -1")
         _n_axis(ax, ns)
         ax.set_yscale("log")
-        finite = sub.pred_var_per_n[np.isfinite(sub.pred_var_per_n)]
+        finite = sub.pred_mse_per_n[np.isfinite(sub.pred_mse_per_n)]
         top = 4.0 * float(finite.max()) if len(finite) else float(sub.mse_high_per_n.max())
         bottom = 0.4 * float(min(finite.min() if len(finite) else np.inf, sub.mse_low_per_n.min()))
         ax.set_ylim(bottom, top)
@@ -120,10 +123,11 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
         ax.set_title(scenario)
         ax.set_ylabel(r"MSE  $E\|\hat\theta - \theta^\dagger\|^2$")
     _legend_right(fig, axes[0][0])
-    fig.suptitle("MSE against n: measured (solid, 95% band) and predicted tr(cov)/n (dashed)", y=1.02)
+    fig.suptitle("MSE against n: measured (solid, 95% band) and predicted (dashed; second order where "
+                 "predicted)", y=1.02)
     table = cells[["scenario", "estimator", "n", "scale", "mse_per_n", "mse_low_per_n", "mse_high_per_n",
-                   "pred_var_per_n"]]
-    return _save(fig, table.rename(columns=lambda c: c.replace("_per_n", "").replace("pred_var", "pred_mse")),
+                   "pred_mse_per_n"]]
+    return _save(fig, table.rename(columns=lambda c: c.replace("_per_n", "")),
                  out, "mse_vs_n", study)
 
 

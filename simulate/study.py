@@ -52,9 +52,9 @@ __all__ = ["EstimatorSetting", "StudySpec", "Cell", "run_study", "load_study", "
 _TUNABLE = ("vrpo", "vrpo_crossfit")
 # The version of what a finished cell holds; bumped when a change alters a cell's numbers (2: regret
 # predictions centred at theta_dagger + b/n, with the error of theta_dagger; 3: power-tuned VRPO's b and
-# its covariance's batch-means error with each batch's own lam*). A rerun recomputes the cells of another
+# its covariance's batch-means error with each batch's own lam*; 4: the second-order covariance). A rerun recomputes the cells of another
 # version instead of mixing them into one table; reading a folder accepts them.
-CELL_VERSION = 3
+CELL_VERSION = 4
 _METHODS = ("mle", "vrpo", "vrpo_tuned", "vrpo_crossfit")
 
 
@@ -300,36 +300,44 @@ _EVAL_SEED = 20_250_404
 
 @functools.lru_cache(maxsize=8)
 def _populations(scenario_json: str, size: int, eval_size: int):
-    """The prediction population, its MLE asymptotics (with the second-order bias) and the evaluation
-    population of a scenario (cached per process: every estimator and n of a scenario share them)."""
-    from robust_rlhf.theory.asymptotics import vr_bias
+    """The prediction population, its MLE asymptotics (with the second-order bias and covariance) and the
+    evaluation population of a scenario (cached per process: every estimator and n of a scenario share them)."""
+    from robust_rlhf.theory.second_order import vr_second_order
 
     scenario = Scenario.from_spec(json.loads(scenario_json))
     pop = scenario.population(size=size, seed=_POP_SEED)
-    return scenario, pop, vr_bias(pop), scenario.population(size=eval_size, seed=_EVAL_SEED)
+    return scenario, pop, vr_second_order(pop), scenario.population(size=eval_size, seed=_EVAL_SEED)
 
 
 def predict(spec: StudySpec, scenario_name: str, est: EstimatorSetting) -> dict[str, Any]:
     """Exact asymptotic predictions of one estimator in one scenario (they do not depend on n): the
-    covariance and the second-order bias ``b`` of ``E theta_hat = theta_dagger + b / n`` (``vrpo_tuned``:
-    with the term of its estimated ``lam``; none where ``lam_hat`` has no limit)."""
-    from robust_rlhf.theory.asymptotics import tuned_bias, vr_bias
+    covariance, the second-order bias ``b`` of ``E theta_hat = theta_dagger + b / n`` (``vrpo_tuned``:
+    with the term of its estimated ``lam``; none where ``lam_hat`` has no limit) and, for the MLE and VRPO
+    at a fixed ``lam``, the second-order covariance: ``pred_second = tr C`` of ``n tr Cov = pred_trace +
+    pred_second / n`` (``mle_second`` the MLE's; NaN where not predicted)."""
+    from robust_rlhf.theory.asymptotics import tuned_bias
+    from robust_rlhf.theory.second_order import vr_second_order
 
     scenario, pop, mle, _ = _populations(json.dumps(spec.scenario(scenario_name).spec), spec.population,
                                          spec.eval_prompts)
     out: dict[str, Any] = {"theta_dagger": mle.theta_dagger.tolist(), "theta_se": mle.theta_se.tolist(),
-                           "mle_trace": mle.trace}
-    cov, lam, bias, bias_se = None, 0.0, None, None
+                           "mle_trace": mle.trace, "mle_second": float(np.trace(mle.second))}
+    cov, lam, bias, bias_se, res = None, 0.0, None, None, None
     if est.method == "mle":
-        cov, trace, trace_se, bias, bias_se = mle.cov, mle.trace, mle.trace_se, mle.bias, mle.bias_se
+        res = mle
     elif est.g_hat_is_fixed:
         g_hat = aux_population(scenario, est.aux, spec.population, _POP_SEED)
         M = None if est.M == "exact" else est.M
         if est.method == "vrpo_tuned":
-            vr = tuned_bias(pop, g_hat, M=M, rho=est.unlabelled)
+            res = tuned_bias(pop, g_hat, M=M, rho=est.unlabelled)
         else:
-            vr = vr_bias(pop, g_hat=g_hat, lam=1.0 if est.lam is None else float(est.lam), M=M, rho=est.unlabelled)
-        cov, trace, trace_se, bias, bias_se, lam = vr.cov, vr.trace, vr.trace_se, vr.bias, vr.bias_se, vr.lam
+            res = vr_second_order(pop, g_hat=g_hat, lam=1.0 if est.lam is None else float(est.lam), M=M,
+                                  rho=est.unlabelled)
+    if res is not None:
+        cov, trace, trace_se, bias, bias_se, lam = res.cov, res.trace, res.trace_se, res.bias, res.bias_se, res.lam
+    second = res is not None and res.second is not None
+    out["pred_second"] = float(np.trace(res.second)) if second else math.nan
+    out["pred_second_se"] = res.weighted_second_se() if second else math.nan
     finite = bias is not None and bool(np.isfinite(bias).all())
     out["pred_bias"] = np.asarray(bias).tolist() if finite else None
     out["pred_bias_se"] = np.asarray(bias_se).tolist() if finite else None

@@ -225,6 +225,12 @@ class AsymptoticCovariance:
             return math.nan
         return _batch_se(np.einsum("ij,bji->b", W, batch))
 
+    def weighted_second_se(self, weight: np.ndarray | int | None = None) -> float:
+        """Batch-means standard error of ``tr(W C)``, the second-order term (NaN without it or batches)."""
+        if self.batch_second is None:
+            return math.nan
+        return _batch_se(np.einsum("ij,bji->b", _weight_matrix(weight, self.cov.shape[0]), self.batch_second))
+
 
 @dataclass(frozen=True)
 class LambdaChoice:

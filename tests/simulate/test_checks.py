@@ -198,3 +198,28 @@ def test_bad_ghat_cells_are_checked_on_the_interquartile_scale() -> None:
     assert slopes.loc["vrpo_reversed_M4", "scale"] == "interquartile"
     assert slopes.loc["vrpo_reversed_M4", "n_min"] == 800 and slopes.loc["vrpo_reversed_M4", "slope_check"] == "pass"
     assert slopes.loc["mle", "n_min"] == 400 and slopes.loc["mle", "slope_check"] == "pass"
+
+
+def test_variance_checks_use_the_second_order_prediction_where_given() -> None:
+    # the MLE's estimates carry an O(1/n) excess: n Var = V (1 + c / n) per coordinate, doubled at n = 400.
+    # With tr C = 3 V c the checks compare each n with that; without it, with the limit, which the excess
+    # puts outside the interval at n = 400. The bad g_hat's cells stay on the limit (interquartile scale).
+    c = 400.0
+    results, predictions = _tables()
+    mle = results.estimator == "mle"
+    cols = [f"theta_{j}" for j in range(3)]
+    inflate = np.sqrt(1.0 + c / results.loc[mle, "n"].to_numpy())[:, None]
+    results.loc[mle, cols] = THETA + (results.loc[mle, cols].to_numpy() - THETA) * inflate
+    results.loc[mle, "sq_error"] = ((results.loc[mle, cols].to_numpy() - THETA) ** 2).sum(1)
+    second = predictions.assign(pred_second=predictions.pred_trace * c, pred_second_se=0.0,
+                                mle_trace=3 * V_MLE, mle_second=3 * V_MLE * c)
+    cells = analyse(results, second).cells.set_index(["estimator", "n"])
+    for n in NS:
+        row = cells.loc[("mle", n)]
+        assert row.pred_order == 2 and row.pred_var == pytest.approx(3 * V_MLE * (1 + c / n))
+        assert row.pred_var_limit == 3 * V_MLE and row.var_check == "pass"
+        bad = cells.loc[("vrpo_reversed_M4", n)]
+        assert bad.pred_order == 1 and bad.pred_var == 3 * V_BAD
+        assert bad.pred_ratio_n == pytest.approx(V_BAD / V_MLE)
+    limit = analyse(results, predictions).cells.set_index(["estimator", "n"])
+    assert limit.loc[("mle", 400)].pred_order == 1 and limit.loc[("mle", 400)].var_check == "fail"
