@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ def test_json_rows_are_the_theory(spec_file, capsys) -> None:
     from robust_rlhf.simulate.auxiliary import aux_population
     from robust_rlhf.simulate.study import _POP_SEED
     from robust_rlhf.theory.asymptotics import mle_covariance, optimal_lambda, tuned_bias, vr_bias
+    from robust_rlhf.theory.second_order import vr_second_order
 
     assert main(["predict", "--config", str(spec_file), *SMALL, "--n", "100,400", "--json"]) == 0
     rows = {r["estimator"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
@@ -42,6 +44,10 @@ def test_json_rows_are_the_theory(spec_file, capsys) -> None:
     np.testing.assert_allclose(rows["vrpo_tuned_M4"]["bias"], tuned.bias, rtol=1e-9)
     np.testing.assert_allclose(rows["vrpo_tuned_M4"]["bias_se"], tuned.bias_se, rtol=1e-9)
     np.testing.assert_allclose(rows["mle"]["theta_dagger"], mle.theta_dagger, rtol=1e-12)
+    second = vr_second_order(pop, g_hat, lam=1.0, M=4)
+    assert rows["vrpo_M4"]["second"] == pytest.approx(np.trace(second.second), rel=1e-9)
+    assert rows["vrpo_M4"]["second_se"] == pytest.approx(second.weighted_second_se(), rel=1e-9)
+    assert math.isnan(rows["vrpo_tuned_M4"]["second"])  # power tuning: not predicted
     # regret predictions fall with n towards the limit
     for row in rows.values():
         assert row["regret_at_400"]["greedy"] < row["regret_at_100"]["greedy"]
