@@ -89,8 +89,8 @@ def _print(rows: list[dict], ns: list[int], spec) -> None:
     from rich.table import Table
 
     table = Table(title=f"exact asymptotic predictions (study {spec.name}, {spec.population} prompts)")
-    columns = ["scenario", "estimator", "lam", "n tr Cov (MC error)", "tr C, n tr Cov = trace + tr C / n", "ratio to MLE",
-               "bias b (MC error)",
+    columns = ["scenario", "estimator", "lam", "n tr Cov (MC error)", "tr C, n tr Cov = trace + tr C / n",
+               "ratio to MLE", "bias b (MC error)",
                *(f"regret at n = {n}: greedy / KL" for n in ns)]
     for col in columns:
         table.add_column(col, overflow="fold", justify="left" if col in ("scenario", "estimator") else "right")

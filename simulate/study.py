@@ -52,8 +52,8 @@ __all__ = ["EstimatorSetting", "StudySpec", "Cell", "run_study", "load_study", "
 _TUNABLE = ("vrpo", "vrpo_crossfit")
 # The version of what a finished cell holds; bumped when a change alters a cell's numbers (2: regret
 # predictions centred at theta_dagger + b/n, with the error of theta_dagger; 3: power-tuned VRPO's b and
-# its covariance's batch-means error with each batch's own lam*; 4: the second-order covariance). A rerun recomputes the cells of another
-# version instead of mixing them into one table; reading a folder accepts them.
+# its covariance's batch-means error with each batch's own lam*; 4: the second-order covariance). A rerun
+# recomputes the cells of another version instead of mixing them into one table; reading a folder accepts them.
 CELL_VERSION = 4
 _METHODS = ("mle", "vrpo", "vrpo_tuned", "vrpo_crossfit")
 

@@ -200,16 +200,15 @@ class AsymptoticCovariance:
         return 0 if self.batch_cov is None else int(self.batch_cov.shape[0])
 
     def _at(self, n: int | None, batched: bool) -> np.ndarray | None:
-        """``cov`` (``n`` None) or ``cov + C / n``; per batch when ``batched``."""
-        cov = self.batch_cov if batched else self.cov
-        if n is None or cov is None:
+        """``cov`` (``n`` None) or ``cov + C / n``; per batch when ``batched`` (None without batches)."""
+        cov, second = (self.batch_cov, self.batch_second) if batched else (self.cov, self.second)
+        if n is None:
             return cov
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise InputError(f"n: expected a sample size >= 1, got {n!r}")
-        second = self.batch_second if batched else self.second
         if self.second is None:
             raise InputError("n: this covariance has no second-order term (see second_order.vr_second_order)")
-        return None if second is None else cov + second / n
+        return None if cov is None or second is None else cov + second / n
 
     def weighted_trace(self, weight: np.ndarray | int | None = None, n: int | None = None) -> float:
         """``tr(W cov)``, or with ``n`` the finite-sample ``tr(W (cov + C / n))`` (needs ``second``);
@@ -219,17 +218,17 @@ class AsymptoticCovariance:
 
     def weighted_trace_se(self, weight: np.ndarray | int | None = None, n: int | None = None) -> float:
         """Batch-means standard error of ``weighted_trace(weight, n)``: ``sd_b(tr(W cov_b)) / sqrt(B)``."""
-        W = _weight_matrix(weight, self.cov.shape[0])
-        batch = self._at(n, True)
-        if batch is None:
-            return math.nan
-        return _batch_se(np.einsum("ij,bji->b", W, batch))
+        return self._batch_trace_se(weight, self._at(n, True))
 
     def weighted_second_se(self, weight: np.ndarray | int | None = None) -> float:
         """Batch-means standard error of ``tr(W C)``, the second-order term (NaN without it or batches)."""
-        if self.batch_second is None:
+        return self._batch_trace_se(weight, self.batch_second)
+
+    def _batch_trace_se(self, weight: np.ndarray | int | None, batch: np.ndarray | None) -> float:
+        """``sd_b(tr(W X_b)) / sqrt(B)`` over per-batch matrices ``X_b`` (NaN when there are none)."""
+        if batch is None:
             return math.nan
-        return _batch_se(np.einsum("ij,bji->b", _weight_matrix(weight, self.cov.shape[0]), self.batch_second))
+        return _batch_se(np.einsum("ij,bji->b", _weight_matrix(weight, self.cov.shape[0]), batch))
 
 
 @dataclass(frozen=True)
@@ -389,8 +388,10 @@ class _Tensors:
     def d(self) -> int:
         return self.phi.shape[2]
 
-    def chunks(self) -> Iterator[slice]:
-        step = max(1, _CHUNK_ENTRIES // (self.K * self.K))
+    def chunks(self, per_prompt: int | None = None, budget: int = _CHUNK_ENTRIES) -> Iterator[slice]:
+        """Slices of prompts whose largest intermediate, ``per_prompt`` entries per prompt (default ``K^2``),
+        has at most ``budget`` entries."""
+        step = max(1, budget // (per_prompt or self.K * self.K))
         for start in range(0, self.P, step):
             yield slice(start, min(start + step, self.P))
 
@@ -1314,7 +1315,7 @@ def _with_bias(an: _Analysis, lam: float, batch_lam: np.ndarray | None = None,
     bias = _bias_of(m, Hinv, full_lam, an.M, an.rho)[0]
     if extra is not None:
         bias = bias + extra[0]
-    batch_bias, se = None, np.full(an.T.d, math.nan)
+    batch_bias = None
     if an.batches is not None:
         B = an.batch_theta.shape[0]
         lam_b = torch.as_tensor(np.full(B, lam) if batch_lam is None else batch_lam, dtype=_DT)
@@ -1324,7 +1325,14 @@ def _with_bias(an: _Analysis, lam: float, batch_lam: np.ndarray | None = None,
         batch_bias = _bias_of(mb, Hb, lam_b, an.M, an.rho)
         if extra is not None:
             batch_bias = batch_bias + extra[1]
-        se = np.array([_batch_se(batch_bias[:, j]) for j in range(an.T.d)])
+    return _bias_filled(res, bias, batch_bias)
+
+
+def _bias_filled(res: AsymptoticCovariance, bias: np.ndarray, batch_bias: np.ndarray | None) -> AsymptoticCovariance:
+    """``res`` with the bias, its per-batch values and their batch-means error per coordinate."""
+    se = np.full(bias.shape[0], math.nan)
+    if batch_bias is not None:
+        se = np.array([_batch_se(batch_bias[:, j]) for j in range(bias.shape[0])])
     return replace(res, bias=bias, bias_se=se, batch_bias=batch_bias)
 
 

@@ -60,7 +60,8 @@ import torch
 from torch import Tensor
 
 from .asymptotics import (
-    _DT, AsymptoticCovariance, _Analysis, _analysis_at, _Tensors, _margins, _mixed, _orders, _run_sum, _runs, _with_bias,
+    _DT, AsymptoticCovariance, _Analysis, _analysis_at, _bias_filled, _covariance, _margins, _mixed, _orders, _run_sum,
+    _runs, _Tensors,
 )
 from .data import PairPopulation
 from .losses import MarginLoss
@@ -68,7 +69,7 @@ from .losses import MarginLoss
 __all__ = ["vr_second_order"]
 
 _LETTERS = "abcd"
-# per-prompt entries of the largest per-chunk intermediate (outcomes x d^4)
+# entries of the largest per-chunk intermediate (prompts x outcomes x d^4)
 _CHUNK_ENTRIES = 1 << 21
 # the moments the formula needs, by factor names: s (score), V (Jacobian), W (second derivative)
 _FIRST = (("s",), ("V",), ("W",))
@@ -111,7 +112,6 @@ class _MeanOf:
         if k == 2:
             mm = _place(2, ((0,), m[0]), ((1,), m[1]))
             return mm + self.inv_M * (one.moment(names) - mm)
-        a, b, c = names
         mmm = _place(3, ((0,), m[0]), ((1,), m[1]), ((2,), m[2]))
         e2 = {pos: one.moment((names[pos[0]], names[pos[1]])) for pos in ((0, 1), (0, 2), (1, 2))}
         rest = {(0, 1): (2,), (0, 2): (1,), (1, 2): (0,)}
@@ -160,9 +160,7 @@ def _moment_means(an: _Analysis, T: _Tensors, lam: float, theta: Tensor, groups:
     inv_M = 0.0 if an.M is None else 1.0 / an.M
     unlabelled = an.rho > 0.0 and kappa != 0.0 and T.g_hat is not None
     acc: dict[str, Tensor] = {}
-    step = max(1, _CHUNK_ENTRIES // (2 * K * K * d ** 4))
-    for start in range(0, T.P, step):
-        sl = slice(start, min(start + step, T.P))
+    for sl in T.chunks(2 * K * K * d ** 4, _CHUNK_ENTRIES):
         phi, gs, rows = T.phi[sl], T.g_star[sl], groups[sl]
         p = phi.shape[0]
         runs = _runs(rows)
@@ -203,7 +201,8 @@ def _central(raw: dict[str, Tensor], prefix: str, names: tuple[str, ...]) -> Ten
         return get(*names) - _place(2, ((0,), mu[0]), ((1,), mu[1]))
     a, b, c = names
     return (get(*names) - _place(3, ((0,), mu[0]), ((1, 2), get(b, c))) - _place(3, ((1,), mu[1]), ((0, 2), get(a, c)))
-            - _place(3, ((2,), mu[2]), ((0, 1), get(a, b))) + 2.0 * _place(3, ((0,), mu[0]), ((1,), mu[1]), ((2,), mu[2])))
+            - _place(3, ((2,), mu[2]), ((0, 1), get(a, b)))
+            + 2.0 * _place(3, ((0,), mu[0]), ((1,), mu[1]), ((2,), mu[2])))
 
 
 def _pooled(raw: dict[str, Tensor], rho: float, d: int) -> dict[str, np.ndarray]:
@@ -230,8 +229,8 @@ def _pooled(raw: dict[str, Tensor], rho: float, d: int) -> dict[str, np.ndarray]
 def second_order_terms(m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``Sigma``, the bias ``b`` and the second-order term ``C`` (module docstring) from the pooled moments
     (batched over a leading axis): ``H``, ``T``, ``F`` (means of the cluster's derivatives), ``Om`` =
-    ``E[s s^T]``, ``Vs`` = ``E[V (x) s]``, ``VV`` = ``E[V (x) V]``, ``Ws`` = ``E[W (x) s]``, ``sss`` = ``E[s (x) s (x) s]``,
-    ``sVs`` = ``E[s (x) V (x) s]`` (central, in ``theta`` coordinates)."""
+    ``E[s s^T]``, ``Vs`` = ``E[V (x) s]``, ``VV`` = ``E[V (x) V]``, ``Ws`` = ``E[W (x) s]``,
+    ``sss`` = ``E[s (x) s (x) s]``, ``sVs`` = ``E[s (x) V (x) s]`` (central, in ``theta`` coordinates)."""
     e = np.einsum
     A = np.linalg.inv(m["H"])
     S = A @ m["Om"] @ A
@@ -269,7 +268,8 @@ def _second_order(an: _Analysis, lam: float, theta: Tensor, groups: Tensor, size
     raw = _moment_means(an, white, lam, theta @ torch.linalg.inv(Li), groups, sizes)
     out = second_order_terms(_pooled(raw, an.rho, an.T.d))
     back = Li.T.numpy()
-    return {"Sigma": back @ out["Sigma"] @ back.T, "bias": out["bias"] @ back.T, "second": back @ out["second"] @ back.T}
+    return {"Sigma": back @ out["Sigma"] @ back.T, "bias": out["bias"] @ back.T,
+            "second": back @ out["second"] @ back.T}
 
 
 def vr_second_order(
@@ -281,9 +281,10 @@ def vr_second_order(
     ``g_hat`` None or ``lam = 0``, else VRPO at the fixed ``lam`` (module docstring).
     ``weighted_trace(weight, n)`` gives ``tr(W (cov + C / n))``."""
     an, lam_ = _analysis_at(pop, g_hat, lam, M, rho, loss, n_batches)
-    res = _with_bias(an, lam_)
-    second = _second_order(an, lam_, an.theta, *an.whole())["second"][0]
+    full = _second_order(an, lam_, an.theta, *an.whole())
     batch = None
     if an.batches is not None:
-        batch = _second_order(an, lam_, an.batch_theta, an.groups, an.batch_sizes())["second"]
-    return replace(res, second=second, batch_second=batch)
+        batch = _second_order(an, lam_, an.batch_theta, an.groups, an.batch_sizes())
+    # the bias from the same moments: vr_bias's b without a second pass (the tests check they agree)
+    res = _bias_filled(_covariance(an, lam_), full["bias"][0], None if batch is None else batch["bias"])
+    return replace(res, second=full["second"][0], batch_second=None if batch is None else batch["second"])
