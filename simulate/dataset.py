@@ -48,8 +48,10 @@ def _swap_pair_features(features: np.ndarray, d: int) -> np.ndarray:
                            features[..., 3 * d:]], axis=-1)
 
 
-def _rng(seed: int, namespace: str, rep: int, stream: str) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, _NAMESPACES[namespace]],
+def _rng(seed: int, namespace: str, rep: int, stream: str, extra: int = 0) -> np.random.Generator:
+    """Replication ``rep``'s generator of ``stream``; ``extra`` (an auxiliary model's own seed) is further
+    entropy: 0 gives the stream without it."""
+    return np.random.default_rng(np.random.SeedSequence([seed, _NAMESPACES[namespace], extra],
                                                         spawn_key=(rep, STREAMS[stream])))
 
 
@@ -170,7 +172,7 @@ class PreferenceData:
         g_hat = np.empty(self.z.shape)
         ref_g_hat = np.empty((self.reps, self.n_ref))
         for r in range(self.reps):
-            rng = _rng(self.seed, "data", self.first_rep + r, "crossfit")
+            rng = _rng(self.seed, "data", self.first_rep + r, "crossfit", spec.seed)
             g_hat[r], ref_g_hat[r] = crossfit_predict(
                 lab[r], self.z[r], ref[r], self.ref_row, folds=spec.folds, seed=int(rng.integers(2**31)),
                 swap=self.swap_pair_features)
@@ -255,6 +257,8 @@ def sample(
     seed = _check_int("seed", seed, 0)
     first_rep = _check_int("first_rep", first_rep, 0)
     N = _check_int("unlabelled", unlabelled, 0)
+    if namespace not in _NAMESPACES:
+        raise SpecError(f"namespace {namespace!r} is unknown; allowed: {', '.join(_NAMESPACES)}")
     exact = M == "exact"
     if not exact:
         M = _check_int("M", M, 0)
@@ -335,6 +339,9 @@ def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1,
     if M and g_hat is None:
         raise SpecError("sample_population: reference pairs (M >= 1) need g_hat")
     P, K = pop.pi.shape
+    if g_hat is not None and np.shape(g_hat) != (P, K, K):
+        raise SpecError(f"sample_population: g_hat must have the population's shape (P, K, K) = {(P, K, K)}, "
+                        f"got {np.shape(g_hat)}")
     R = reps
     draws = [_rng(seed, "data", r, "prompts") for r in range(first_rep, first_rep + R)]
     rows = np.stack([g.integers(0, P, n) for g in draws])  # (R, n)

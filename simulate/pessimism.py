@@ -60,13 +60,14 @@ class PessimismSpec:
     def __post_init__(self) -> None:
         from .registry import SCENARIOS
         from .scenario import Scenario
-        from .study import EstimatorSetting
+        from .study import EstimatorSetting, _safe_name
 
         if isinstance(self.scenario, str):
             if self.scenario not in SCENARIOS:
                 raise SpecError(f"study field 'pessimism.scenario': unknown scenario {self.scenario!r}")
         else:
             object.__setattr__(self, "scenario", Scenario.from_spec(self.scenario).spec)
+        _safe_name("pessimism.scenario.name", self.scenario_name)
         if isinstance(self.estimators, (str, bytes)) or not isinstance(self.estimators, (list, tuple)):
             raise SpecError(f"study field 'pessimism.estimators' = {self.estimators!r} must be a list of estimators")
         ests = tuple(e if isinstance(e, EstimatorSetting) else EstimatorSetting.parse(e) for e in self.estimators)

@@ -146,9 +146,10 @@ class AnnotatorMixture(PreferenceModel):
     thetas: np.ndarray = None  # (k, d)
     weights: np.ndarray = None  # (k,)
     link: str = "logistic"
+    df: float = 2.0
 
     def prob(self, x, phi_a, phi_b):
-        F = link_function(self.link)
+        F = link_function(self.link, self.df)
         return F(_margin(self.thetas.T, phi_a, phi_b)) @ self.weights
 
     def utility(self, x, phi):
@@ -165,13 +166,14 @@ class Intransitive(PreferenceModel):
     theta: np.ndarray = None
     skew: np.ndarray = None  # (d, d), skew-symmetric
     link: str = "logistic"
+    df: float = 2.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "has_utility", False)
 
     def prob(self, x, phi_a, phi_b):
         bilinear = np.einsum("...i,ij,...j->...", phi_a, self.skew, phi_b)
-        return link_function(self.link)(_margin(self.theta, phi_a, phi_b) + bilinear)
+        return link_function(self.link, self.df)(_margin(self.theta, phi_a, phi_b) + bilinear)
 
 
 @dataclass(frozen=True)

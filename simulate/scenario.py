@@ -181,6 +181,7 @@ PREFERENCE_MODELS: dict[str, dict[str, Any]] = {
             "spread": Param(2.0, _nonneg, "theta_k = theta* + spread * xi_k (xi_k ~ N(0, I), fixed)"),
             "thetas": Param(None, None, "explicit annotator rewards (k x d); overrides spread"),
             "link": Param("logistic", _link, "link of every annotator"),
+            "df": Param(2.0, _positive, "degrees of freedom of the student_t link (> 0; other links ignore it)"),
         },
     },
     "intransitive": {
@@ -188,6 +189,7 @@ PREFERENCE_MODELS: dict[str, dict[str, Any]] = {
         "params": {
             "strength": Param(1.0, _nonneg, "A = strength * (G - G^T)/sqrt(2d), G ~ N(0,1) fixed"),
             "link": Param("logistic", _link, "link"),
+            "df": Param(2.0, _positive, "degrees of freedom of the student_t link (> 0; other links ignore it)"),
         },
     },
     "near_deterministic": {
@@ -501,12 +503,13 @@ def _build_preference(pref: dict[str, Any], theta: np.ndarray, d: int, p: int, s
                 thetas = np.full(1, np.nan)
             if thetas.shape != (weights.size, d) or not np.isfinite(thetas).all():
                 raise SpecError(f"field 'preference.thetas' must be {weights.size} x {d} finite numbers (one row per weight)")
-        return AnnotatorMixture(thetas=thetas, weights=weights, link=pref["link"])
+        return AnnotatorMixture(thetas=thetas, weights=weights, link=pref["link"], df=pref["df"])
     if model == "intransitive":
         if d < 2:
             raise SpecError("preference model 'intransitive' needs d >= 2 (a skew-symmetric term is zero in 1-d)")
         G = rng.standard_normal((d, d))
-        return Intransitive(theta=theta, skew=pref["strength"] * (G - G.T) / np.sqrt(2 * d), link=pref["link"])
+        return Intransitive(theta=theta, skew=pref["strength"] * (G - G.T) / np.sqrt(2 * d), link=pref["link"],
+                            df=pref["df"])
     if model == "near_deterministic":
         v = rng.standard_normal(p)
         return ContextDependent(theta=theta, direction=v / np.linalg.norm(v), scale=pref["scale"], spread=pref["spread"])

@@ -52,9 +52,10 @@ __all__ = ["EstimatorSetting", "StudySpec", "Cell", "run_study", "load_study", "
 _TUNABLE = ("vrpo", "vrpo_crossfit")
 # The version of what a finished cell holds; bumped when a change alters a cell's numbers (2: regret
 # predictions centred at theta_dagger + b/n, with the error of theta_dagger; 3: power-tuned VRPO's b and
-# its covariance's batch-means error with each batch's own lam*; 4: the second-order covariance). A rerun
-# recomputes the cells of another version instead of mixing them into one table; reading a folder accepts them.
-CELL_VERSION = 4
+# its covariance's batch-means error with each batch's own lam*; 4: the second-order covariance; 5: cross-fitted
+# VRPO fits the g_hat cross-fitted by `sample` with the setting's folds and seed). A rerun recomputes the cells
+# of another version instead of mixing them into one table; reading a folder accepts them.
+CELL_VERSION = 5
 _METHODS = ("mle", "vrpo", "vrpo_tuned", "vrpo_crossfit")
 
 
@@ -100,13 +101,14 @@ class EstimatorSetting:
             raise SpecError(f"study field '{where}method' = {self.method!r} is unknown; allowed: {', '.join(_METHODS)}")
         if self.M != "exact":
             _int(where + "M", self.M, 1)
-        if not (isinstance(self.unlabelled, (int, float)) and math.isfinite(self.unlabelled) and self.unlabelled >= 0):
+        if isinstance(self.unlabelled, bool) or not (isinstance(self.unlabelled, (int, float))
+                                                     and math.isfinite(self.unlabelled) and self.unlabelled >= 0):
             raise SpecError(f"study field '{where}unlabelled' = {self.unlabelled!r} must be a number >= 0 (a multiple of n)")
         object.__setattr__(self, "aux", AuxSpec.parse(self.aux).to_dict())
         if self.lam is not None:
             if self.method not in _TUNABLE:
                 raise SpecError(f"study field '{where}lam' applies to methods {', '.join(_TUNABLE)}, not {self.method}")
-            if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam)):
+            if isinstance(self.lam, bool) or not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam)):
                 raise SpecError(f"study field '{where}lam' = {self.lam!r} must be a finite number")
         if self.method == "vrpo_crossfit" and self.aux["kind"] != "learned":
             object.__setattr__(self, "aux", AuxSpec("learned").to_dict())
@@ -393,10 +395,12 @@ def _run_cell(spec: StudySpec, cell: Cell, pred: dict[str, Any]) -> pd.DataFrame
                       M=est.M if est.uses_reference else 0,
                       unlabelled=int(round(est.unlabelled * cell.n)) if est.uses_reference else 0,
                       aux=est.aux if est.uses_reference else None)
+        # `sample` has cross-fitted a learned g_hat with the setting's folds and seed: `vrpo` on it is
+        # `vrpo_crossfit`, without cross-fitting a second time
+        method = "vrpo" if est.method == "vrpo_crossfit" else est.method
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # recorded per replication in `separable`
-            res = fit(data.to_pair_data(features=est.method == "vrpo_crossfit"), est.method, lam=est.lam,
-                      on_separable="warn", seed=spec.seed + start)
+            res = fit(data.to_pair_data(), method, lam=est.lam, on_separable="warn")
         ok = ~res.separable
         err = res.theta - theta_dag
         se = res.se

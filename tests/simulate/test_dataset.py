@@ -165,6 +165,7 @@ def test_aux_spec_validation() -> None:
     ({"n": 0}, r"'n' = 0 must be an integer >= 1"), ({"n": -5}, "'n' = -5"), ({"n": 2.5}, "'n' = 2.5"),
     ({"n": 5, "reps": 0}, "'reps' = 0"), ({"n": 5, "M": -1}, "'M' = -1"), ({"n": 5, "M": "all"}, "'M' = 'all'"),
     ({"n": 5, "M": 0, "unlabelled": 3}, "need reference pairs"), ({"n": 5, "seed": -1}, "'seed' = -1"),
+    ({"n": 5, "namespace": "foo"}, "namespace 'foo' is unknown; allowed: data, auxiliary"),
 ])
 def test_bad_sampling_parameters(kwargs: dict, match: str) -> None:
     with pytest.raises(SpecError, match=match):
@@ -215,3 +216,15 @@ def test_exact_design_is_merged_without_changing_the_estimates() -> None:
         np.testing.assert_allclose(a.cov, b.cov, rtol=1e-10)
     # a position-biased judge is not antisymmetric: nothing is merged
     assert sample(get_scenario("position_bias"), 20, seed=0, M="exact").to_pair_data().n_ref == 20 * 16
+
+
+def test_population_sampling_checks_the_shape_of_g_hat() -> None:
+    from robust_rlhf.simulate.dataset import sample_population
+
+    pop = get_scenario("bt").population(30, seed=0)
+    P, K = pop.pi.shape
+    ok = sample_population(pop, 20, M=2, g_hat=np.full((P, K, K), 0.5))
+    assert ok.g_ref.shape == (1, 40)
+    for shape in ((P + 10, K, K), (P, K + 1, K + 1), (P, K, 7), (K, K)):
+        with pytest.raises(SpecError, match=rf"g_hat must have the population's shape \(P, K, K\) = \({P}, {K}, {K}\)"):
+            sample_population(pop, 20, M=2, g_hat=np.full(shape, 0.5))

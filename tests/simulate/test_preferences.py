@@ -85,6 +85,14 @@ def test_mixture_intransitive_and_context_dependent_formulas() -> None:
     dphi = a - b
     np.testing.assert_allclose(mix.preference.prob(x, a, b), 0.3 * expit(dphi[:, 0]) + 0.7 * expit(-2 * dphi[:, 2]))
     np.testing.assert_allclose(mix.preference.utility(x, mix.phi(x)), mix.phi(x) @ np.array([0.3, 0, -1.4]))
+    # a Student-t link takes the spec's degrees of freedom, for the mixture and the intransitive model
+    mix_t = Scenario.from_spec({"preference": {"model": "annotator_mixture", "weights": [0.3, 0.7], "link": "student_t",
+                                               "df": 5.0, "thetas": [[1, 0, 0], [0, 0, -2]]}})
+    np.testing.assert_allclose(mix_t.preference.prob(x, a, b),
+                               0.3 * student.cdf(dphi[:, 0], 5.0) + 0.7 * student.cdf(-2 * dphi[:, 2], 5.0))
+    intr_t = get_scenario("intransitive", preference={"model": "intransitive", "link": "student_t", "df": 7.0})
+    np.testing.assert_allclose(intr_t.preference.prob(x, a, b), student.cdf(
+        dphi @ intr_t.theta_star + np.einsum("mi,ij,mj->m", a, intr_t.preference.skew, b), 7.0))
 
     intr = get_scenario("intransitive")
     A = intr.preference.skew

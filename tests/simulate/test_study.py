@@ -111,6 +111,8 @@ def test_folder_of_another_spec_is_refused(tiny, tmp_path) -> None:
     ({"reps": 0}, "'reps' = 0 must be an integer >= 2"),
     ({"scenarios": []}, "at least one scenario"),
     ({"kl_beta": 0}, "'kl_beta' = 0 must be a number > 0"),
+    ({"estimators": [{"name": "x", "method": "vrpo", "unlabelled": True}]}, "'estimators.x.unlabelled' = True"),
+    ({"estimators": [{"name": "x", "method": "vrpo", "lam": True}]}, "'estimators.x.lam' = True"),
     ({"scenarios": [{"name": "mine", "preference": {"model": "label_flip", "eps": 0.9}}]},
      r"'preference.eps' = 0.9 is outside the allowed range"),
 ])
@@ -181,10 +183,34 @@ def test_pessimism_bound_is_checked(tmp_path) -> None:
     ({"pessimism": {"delta": 1.5}}, r"'pessimism.delta' = 1.5 must be in \(0, 1\)"),
     ({"pessimism": {"colour": 1}}, "unknown study field 'pessimism.colour'"),
     ({"pessimism": {"n": [0]}}, "'pessimism.n'"),
+    # its name becomes file names: no way out of the study's folder
+    ({"pessimism": {"scenario": {"name": "../../escaped", "d": 2, "K": 3}}}, "'pessimism.scenario.name'"),
+    ({"pessimism": {"scenario": {"name": "a/b", "d": 2, "K": 3}}}, "'pessimism.scenario.name'"),
 ])
 def test_bad_pessimism_specs(change: dict, match: str) -> None:
     with pytest.raises(SpecError, match=match):
         StudySpec.from_dict({**TINY, **change})
+
+
+def test_crossfit_cells_use_the_settings_folds_and_seed(tmp_path) -> None:
+    """A ``vrpo_crossfit`` cell fits VRPO on the g_hat that ``sample`` cross-fitted with the setting's
+    ``folds`` and ``seed``: the same estimates as doing so by hand, and other estimates for other folds."""
+    from robust_rlhf.simulate import get_scenario, sample
+    from robust_rlhf.theory import fit
+
+    def cell(aux: dict) -> np.ndarray:
+        est = {"name": "cf", "method": "vrpo_crossfit", "M": 2, "aux": aux}
+        spec = StudySpec.from_dict({**TINY, "scenarios": ["near_deterministic"], "n": [120], "reps": 3,
+                                    "estimators": [est], "chunk": 3})
+        res = run_study(spec, tmp_path / "-".join(map(str, aux.values()))).results
+        return res.sort_values("rep")[["theta_0", "theta_1", "theta_2"]].to_numpy()
+
+    aux = {"kind": "learned", "folds": 3, "seed": 2}
+    data = sample(get_scenario("near_deterministic"), 120, seed=TINY["seed"], reps=3, M=2, aux=aux)
+    by_hand = fit(data.to_pair_data(), "vrpo", on_separable="warn").theta
+    np.testing.assert_allclose(cell(aux), by_hand, rtol=1e-12, atol=1e-12)
+    assert not np.allclose(cell({**aux, "folds": 6}), by_hand)
+    assert not np.allclose(cell({**aux, "seed": 3}), by_hand)
 
 
 def test_bootstrap_statistics_match_their_loops() -> None:
