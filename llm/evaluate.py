@@ -40,7 +40,7 @@ from scipy import stats
 from robust_rlhf.theory.errors import InputError
 
 from .logprobs import model_sequence_logps
-from .references import GenerationOptions
+from .references import GenerationOptions, sample_tokens
 from .tokenization import TokenizeOptions, prompt_token_ids, render_prompt
 
 __all__ = [
@@ -192,6 +192,7 @@ def win_rate(
     if q.shape != s.shape or not ((q >= 0) & (q <= 1)).all():
         raise InputError("soft win probabilities must be one value in [0, 1] per comparison")
     qm, qlo, qhi = mean_interval(q, level, "bootstrap" if ci == "bootstrap" else "normal", seed)
+    qlo, qhi = max(qlo, 0.0), min(qhi, 1.0)  # a mean of values in [0, 1]: the normal interval can overshoot
     return WinRate(
         win_rate=w,
         ci_low=lo,
@@ -299,43 +300,20 @@ def sample_policy(
         raise InputError("no prompts to sample from")
     tok_opts = TokenizeOptions(max_prompt_length=options.max_prompt_length)
     eos = tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     texts: list[str] = []
     ids_out: list[list[int]] = []
     pids_out: list[list[int]] = []
-    try:
-        for start in range(0, len(prompts), options.batch_size):
-            chunk = list(prompts[start : start + options.batch_size])
-            seqs = [prompt_token_ids(render_prompt(p, tokenizer), tokenizer, tok_opts) for p in chunk]
-            L = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), L), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), L), dtype=torch.long)
-            for i, s in enumerate(seqs):
-                ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
-                mask[i, L - len(s) :] = 1
-            torch.manual_seed(options.seed + seed + start)
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=True,
-                max_new_tokens=options.max_new_tokens,
-                min_new_tokens=options.min_new_tokens,
-                temperature=options.temperature,
-                top_p=options.top_p,
-                top_k=options.top_k,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos,
-            )
-            for s, row in zip(seqs, out[:, L:].tolist()):
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos) + 1]
-                ids_out.append(row)
-                pids_out.append(s)
-                texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
+    for start in range(0, len(prompts), options.batch_size):
+        chunk = list(prompts[start : start + options.batch_size])
+        seqs = [prompt_token_ids(render_prompt(p, tokenizer), tokenizer, tok_opts) for p in chunk]
+        torch.manual_seed(options.seed + seed + start)
+        new = sample_tokens(model, seqs, 1, options, tokenizer.pad_token_id, eos)
+        for s, row in zip(seqs, new.tolist()):
+            if eos is not None and eos in row:
+                row = row[: row.index(eos) + 1]
+            ids_out.append(row)
+            pids_out.append(s)
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
     return Samples(list(prompts), texts, ids_out, pids_out)
 
 

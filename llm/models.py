@@ -7,6 +7,7 @@ id in their config so the score is read at the last non-padding token.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -41,9 +42,13 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype | str:
 
 
 def _load(fn: Any, name: str, what: str, **kwargs: Any) -> Any:
+    """``fn(name)``; a path that is no folder, or a folder without the files, is an ``InputError`` naming it."""
+    folder = os.path.expanduser(name)
+    if (os.path.isabs(folder) or name.startswith((".", "~"))) and not os.path.isdir(folder):
+        raise InputError(f"cannot load the {what} {name!r}: no such folder")
     try:
         return fn(name, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a missing file; a folder of another kind, or a malformed hub name
         raise InputError(f"cannot load the {what} {name!r}: {exc}".splitlines()[0]) from None
 
 

@@ -150,8 +150,11 @@ def prepare_g_hat(
     return out, infer_schema(out[0].keys())
 
 
-def _ref_cache_path(cache_dir: str, dataset: Any, model_args: ModelArguments, pref: PreferenceArguments) -> Path:
-    """Cache file of the reference log-probs, keyed by the token ids of every response and the reference."""
+def _ref_cache_path(
+    cache_dir: str, dataset: Any, responses: list[str], model_args: ModelArguments, pref: PreferenceArguments
+) -> Path:
+    """Cache file of the reference log-probs, keyed by the reference model and the token ids of the prompt
+    and of the ``responses`` scored (the labelled pair, and for VRPO the reference responses)."""
     h = hashlib.sha256()
     h.update(
         json.dumps(
@@ -165,7 +168,8 @@ def _ref_cache_path(cache_dir: str, dataset: Any, model_args: ModelArguments, pr
             ]
         ).encode()
     )
-    id_columns = sorted(c for c in dataset.column_names if c.endswith("_input_ids"))
+    id_columns = [f"{c}_input_ids" for c in ("prompt", *responses)]
+    h.update(json.dumps(id_columns).encode())
     for batch in dataset.select_columns(id_columns).iter(batch_size=1024):
         h.update(json.dumps([batch[c] for c in id_columns]).encode())
     return Path(cache_dir) / f"ref_logps-{h.hexdigest()[:16]}.json"
@@ -242,10 +246,14 @@ def run_finetune(
             model_args.attn_implementation,
         )
         ref_model = None
-        ref_path = _ref_cache_path(cache_dir, train_ds, model_args, pref)
+        # the MLE baselines score the labelled pair only (PreferenceTrainer drops the reference responses)
+        scored = schema.response_columns if objective.uses_control_variate else schema.response_columns[:2]
+        ref_path = _ref_cache_path(cache_dir, train_ds, scored, model_args, pref)
+        cached = False
         if pref.precompute_ref_log_probs and ref_path.exists():
             values = json.loads(ref_path.read_text())
-            if len(values) == len(train_ds):
+            cached = len(values) == len(train_ds) and all(len(v) == len(scored) for v in values)
+            if cached:
                 common["train_dataset"] = train_ds.add_column(REF_LOGPS, values)
         if model_args.ref_model_name_or_path and (
             not pref.precompute_ref_log_probs
@@ -278,7 +286,7 @@ def run_finetune(
             length_groups=pref.length_groups,
             **common,
         )
-        if pref.precompute_ref_log_probs and not ref_path.exists() and train_args.process_index == 0:
+        if pref.precompute_ref_log_probs and not cached and train_args.process_index == 0:
             ref_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = ref_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(list(trainer.train_dataset[REF_LOGPS])))

@@ -6,13 +6,19 @@ asked for), then is appended to the output JSONL and synced to disk. Batch ``b``
 seed ``seed + b * batch_size`` (its first row), so a run interrupted after any batch and started again
 writes the same file as an uninterrupted run (with the same ``batch_size``). Earlier ``a_k`` and
 ``a_k_preference`` columns are replaced (new responses invalidate old probabilities).
+
+Draws come from the model's own distribution at the given temperature and truncation: the settings of a
+checkpoint's ``generation_config.json`` (a repetition penalty, ...) are not applied. ``min_new_tokens``
+(default 1) and the redraw of responses that decode to blank text condition ``pi_ref`` on a non-blank
+response, which the data format requires.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,7 @@ from robust_rlhf.theory.errors import InputError
 from .data import PROMPT, _REF_PREF_RE, _REF_RE, read_rows, reference_column, write_jsonl
 from .tokenization import TokenizeOptions, prompt_token_ids, render_prompt
 
-__all__ = ["GenerationOptions", "sample_responses", "generate_references", "vllm_available"]
+__all__ = ["GenerationOptions", "sample_tokens", "sample_responses", "generate_references", "vllm_available"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,60 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+@contextmanager
+def _model_distribution(model: torch.nn.Module) -> Iterator[None]:
+    """Sample from the model's own next-token distribution (at the options' temperature and truncation): a
+    checkpoint's ``generation_config.json`` (a repetition penalty, ``min_p``, ...) would reshape it, and
+    ``generate`` fills every setting left unset from it. Draws from ``pi_ref`` and the KL estimate need it
+    unshaped, so the model's defaults are blank during the call."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
+    from transformers import GenerationConfig
+
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], n: int, options: GenerationOptions, pad_id: int,
+    eos_id: int | None,
+) -> torch.Tensor:
+    """New token ids ``(len(prompt_ids) n, T)`` (pad after the end): ``n`` samples per prompt, the prompts
+    left-padded so that generation continues each at the same column, one ``generate`` call from the
+    model's own distribution (``_model_distribution``); seed the torch generator before calling."""
+    L = max(len(s) for s in prompt_ids)
+    ids = torch.full((len(prompt_ids), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), L), dtype=torch.long)
+    for i, s in enumerate(prompt_ids):
+        ids[i, L - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, L - len(s) :] = 1
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with _model_distribution(model):
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=True,
+                num_return_sequences=n,
+                max_new_tokens=options.max_new_tokens,
+                min_new_tokens=options.min_new_tokens,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                top_k=options.top_k,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+            )
+    finally:
+        model.train(was_training)
+    return out[:, L:]
+
+
 @torch.no_grad()
 def sample_responses(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Any], n: int, options: GenerationOptions, seed: int
@@ -73,34 +133,8 @@ def sample_responses(
     """
     tok_opts = TokenizeOptions(max_prompt_length=options.max_prompt_length)
     seqs = [prompt_token_ids(render_prompt(p, tokenizer), tokenizer, tok_opts) for p in prompts]
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):  # left padding: generation continues every prompt at the same column
-        ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, L - len(s) :] = 1
-    enc = {"input_ids": ids, "attention_mask": mask}
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     torch.manual_seed(seed)
-    try:
-        out = model.generate(
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=enc["attention_mask"].to(device),
-            do_sample=True,
-            num_return_sequences=n,
-            max_new_tokens=options.max_new_tokens,
-            min_new_tokens=options.min_new_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            top_k=options.top_k,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    finally:
-        model.train(was_training)
-    new = out[:, enc["input_ids"].shape[1] :]
+    new = sample_tokens(model, seqs, n, options, tokenizer.pad_token_id, tokenizer.eos_token_id)
     decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
     return [decoded[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -126,6 +160,33 @@ def _vllm_sampler(
         return [[c.text for c in o.outputs] for o in outs]
 
     return sample
+
+
+_REDRAWS = 5
+
+
+def _redraw_blank(
+    sampler: Callable[[Sequence[Any], int, int], list[list[str]]], prompts: Sequence[Any], samples: list[list[str]],
+    n: int, seed: int, first_row: int,
+) -> list[list[str]]:
+    """``samples`` with every response that decodes to blank text (special tokens only, whitespace) drawn
+    again, up to ``_REDRAWS`` times: the data format needs a non-blank response, so the draws are from
+    ``pi_ref`` given a non-blank response, as ``min_new_tokens`` already conditions on a non-empty one.
+    Redraw ``t`` is seeded ``seed + t``: ``seed`` lies beyond every batch's seed, so resuming redraws alike."""
+    samples = [list(texts) for texts in samples]
+    for t in range(_REDRAWS):
+        rows = [i for i, texts in enumerate(samples) if any(not x.strip() for x in texts)]
+        if not rows:
+            return samples
+        fresh = sampler([prompts[i] for i in rows], n, seed + t)
+        for i, new in zip(rows, fresh):
+            usable = iter(x for x in new if x.strip())
+            samples[i] = [x if x.strip() else next(usable, x) for x in samples[i]]
+    i, k = next((i, k) for i, texts in enumerate(samples) for k, x in enumerate(texts) if not x.strip())
+    raise InputError(
+        f"row {first_row + i + 1}, column {reference_column(k + 1)}: the reference policy gave a blank response "
+        f"{_REDRAWS + 1} times (special tokens or whitespace only); raise min_new_tokens or check the tokenizer"
+    )
 
 
 def _as_response(prompt: Any, text: str) -> Any:
@@ -197,7 +258,10 @@ def generate_references(
         if max_batches is not None and batches >= max_batches:
             break
         chunk = rows[start : start + options.batch_size]
-        samples = sampler([r[PROMPT] for r in chunk], n_resp, options.seed + start)
+        prompts = [r[PROMPT] for r in chunk]
+        samples = sampler(prompts, n_resp, options.seed + start)
+        redraw_seed = options.seed + len(rows) + start * _REDRAWS
+        samples = _redraw_blank(sampler, prompts, samples, n_resp, redraw_seed, start)
         new_rows = []
         for r, texts in zip(chunk, samples):
             row = {k: v for k, v in r.items() if not (_REF_RE.match(k) or _REF_PREF_RE.match(k))}

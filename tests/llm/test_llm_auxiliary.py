@@ -213,3 +213,68 @@ def test_rl_step_needs_trl_and_uses_its_public_api(tokenizer: Any, monkeypatch: 
     )
     with pytest.raises(InputError, match="no GRPOTrainer"):
         train_rl_policy("grpo", "policy-path", scorer, ["ds"], "out")
+
+
+def test_sampling_ignores_the_checkpoints_generation_defaults(tokenizer: Any, tmp_path: Any) -> None:
+    """Draws from pi_ref and the KL need the model's own distribution: a checkpoint's repetition penalty,
+    n-gram ban or min_p must not reshape it (``generate`` fills unset settings from the checkpoint)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from robust_rlhf.llm.evaluate import sample_policy
+    from robust_rlhf.llm.references import sample_tokens
+
+    plain = make_causal_lm(tokenizer, seed=0)
+    plain.save_pretrained(tmp_path / "m")
+    GenerationConfig(do_sample=True, repetition_penalty=3.0, no_repeat_ngram_size=1, min_p=0.3, top_k=5).save_pretrained(tmp_path / "m")
+    shaped = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert shaped.generation_config.repetition_penalty == 3.0
+    opts = GenerationOptions(max_new_tokens=12, min_new_tokens=12)
+    prompts = [[tokenizer.bos_token_id, 5, 6], [tokenizer.bos_token_id, 7]]
+    draws = []
+    for model in (plain, shaped):
+        torch.manual_seed(0)
+        draws.append(sample_tokens(model, prompts, 3, opts, tokenizer.pad_token_id, None))
+    assert torch.equal(draws[0], draws[1])
+    assert shaped.generation_config.repetition_penalty == 3.0  # the checkpoint's settings are restored
+    # the checkpoint's settings would have changed the draws (the n-gram ban: no token twice)
+    torch.manual_seed(0)
+    banned = shaped.generate(input_ids=torch.tensor([prompts[0]]), do_sample=True, max_new_tokens=12, min_new_tokens=12,
+                             pad_token_id=tokenizer.pad_token_id)[0, 3:]
+    assert len(set(banned.tolist())) == 12 and not torch.equal(banned, draws[0][0])
+    rows = make_rows(3, n_pairs=0, seed=50)
+    texts = [sample_policy(m, tokenizer, [r["prompt"] for r in rows], opts, seed=1).texts for m in (plain, shaped)]
+    assert texts[0] == texts[1]
+
+
+def test_blank_reference_responses_are_drawn_again(tokenizer: Any, tmp_path: Any, monkeypatch: Any) -> None:
+    """A response that decodes to blank text is drawn again (the data format needs one); one that stays
+    blank fails with its row and column named, before the batch is written."""
+    import robust_rlhf.llm.references as refs
+
+    calls: list[int] = []
+
+    def blank_at_first(model: Any, tok: Any, prompts: Any, n: int, options: Any, seed: int) -> list[list[str]]:
+        calls.append(seed)
+        return [["" if len(calls) == 1 and k == 1 else f"r{seed}-{k}" for k in range(n)] for _ in prompts]
+
+    monkeypatch.setattr(refs, "sample_responses", blank_at_first)
+    rows = make_rows(3, n_pairs=0, seed=51)
+    opts = GenerationOptions(n_pairs=1, batch_size=2, seed=0)
+    assert generate_references(rows, tmp_path / "a.jsonl", opts, model=object(), tokenizer=tokenizer) == 3
+    out = read_rows(tmp_path / "a.jsonl")
+    assert calls == [0, 3, 2]  # batch 0, its redraw (seed beyond every batch's), batch 1
+    assert [r["a_2"] for r in out] == ["r3-0", "r3-0", "r2-1"] and out[0]["a_1"] == "r0-0"
+    monkeypatch.setattr(refs, "sample_responses", lambda *a: [["", " \n"] for _ in a[2]])
+    with pytest.raises(InputError, match="row 1, column a_1: the reference policy gave a blank response 6 times"):
+        generate_references(rows, tmp_path / "b.jsonl", opts, model=object(), tokenizer=tokenizer)
+    assert not (tmp_path / "b.jsonl").exists() or read_rows(tmp_path / "b.jsonl") == []
+
+
+def test_model_paths_that_hold_no_model_are_named(tokenizer: Any, tmp_path: Any) -> None:
+    from robust_rlhf.llm.models import load_causal_lm, load_tokenizer
+
+    with pytest.raises(InputError, match=f"cannot load the tokenizer '{tmp_path / 'nope'}': no such folder"):
+        load_tokenizer(str(tmp_path / "nope"))
+    tokenizer.save_pretrained(tmp_path / "tok_only")
+    with pytest.raises(InputError, match=f"cannot load the causal LM '{tmp_path / 'tok_only'}'"):
+        load_causal_lm(str(tmp_path / "tok_only"))

@@ -131,6 +131,12 @@ def test_finetune_one_stage_from_yaml_with_overrides_and_resume(cli: Any, tmp_pa
     assert status == 0, err
     assert json.loads(out.strip().splitlines()[-1])["global_step"] == 3
     assert list((run / "cache").glob("ref_logps-*.json")) == caches  # the cache was hit, not rewritten
+    # DPO on the same file scores the labelled pair only: its cache entry is its own, not VRPO's 4 columns
+    status, out, err = cli("finetune", "--config", str(cfg), "--set", "method=mle", "--set", "max_steps=1",
+                           "--set", f"output_dir={tmp_path / 'dpo'}", "--set", f"cache_dir={run / 'cache'}")
+    assert status == 0, err
+    widths = sorted(len(json.loads(f.read_text())[0]) for f in (run / "cache").glob("ref_logps-*.json"))
+    assert widths == [2, 4]
 
 
 def test_finetune_config_errors(cli: Any, tmp_path: Path, tiny_model_dir: Path) -> None:

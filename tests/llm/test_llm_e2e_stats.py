@@ -97,6 +97,8 @@ def test_win_rate_counts_ties_as_half() -> None:
     boot = win_rate(s, np.full(8, 0.6), ci="bootstrap", seed=2)
     assert boot.ci_method == "bootstrap" and boot.soft == pytest.approx(0.6)
     assert (boot.soft_ci_low, boot.soft_ci_high) == pytest.approx((0.6, 0.6))
+    near_one = win_rate([1, 1, 0.5, 0])  # the normal interval of the soft mean 0.625 would reach 1.09
+    assert 0.0 <= near_one.soft_ci_low < near_one.soft < near_one.soft_ci_high == 1.0
     with pytest.raises(InputError, match="outcomes"):
         win_rate([1, 0.3])
     with pytest.raises(InputError, match="ci"):
