@@ -23,7 +23,7 @@ from robust_rlhf.cli.main import main
 from robust_rlhf.simulate import Scenario, get_scenario, load_spec, sample, save
 from robust_rlhf.simulate.auxiliary import AuxSpec
 from robust_rlhf.simulate.study import ESTIMATORS, StudySpec, load_study, run_study
-from robust_rlhf.theory.data import PairData
+from robust_rlhf.theory.data import PairData, PairPopulation
 from robust_rlhf.theory.errors import InputError
 from robust_rlhf.theory.fitting import fit
 from robust_rlhf.theory.io import atomic_path, load_pair_data
@@ -222,6 +222,29 @@ API = [
     ("PairData: reference features without reference pairs",
      lambda t: PairData(dphi=np.ones((1, 5, 2)), z=np.zeros((1, 5)), features_ref=np.ones((1, 4, 3))),
      "features_ref is given without dphi_ref"),
+    ("PairData: reference weights without reference pairs",
+     lambda t: PairData(dphi=np.ones((1, 5, 2)), z=np.zeros((1, 5)), ref_weight=[2.0, -1.0]),
+     "ref_weight is given without dphi_ref"),
+    ("PairData: learner features on the labelled pairs only",
+     lambda t: PairData(dphi=np.ones((1, 5, 2)), z=np.zeros((1, 5)), g=np.full((1, 5), 0.5),
+                        dphi_ref=np.ones((1, 4, 2)), g_ref=np.full((1, 4), 0.5), features=np.ones((1, 5, 2))),
+     "features is given without features_ref: the learner of g_hat needs the same features"),
+    ("PairData: learner features of two widths",
+     lambda t: PairData(dphi=np.ones((1, 5, 2)), z=np.zeros((1, 5)), g=np.full((1, 5), 0.5),
+                        dphi_ref=np.ones((1, 4, 2)), g_ref=np.full((1, 4), 0.5), features=np.ones((1, 5, 2)),
+                        features_ref=np.ones((1, 4, 3))),
+     "features_ref: 3 features per pair, features has 2"),
+    ("PairPopulation: NaN features",
+     lambda t: PairPopulation(phi=np.where(np.eye(2)[None] > 0, np.nan, 0.0), pi=np.full((1, 2), 0.5),
+                              g_star=np.full((1, 2, 2), 0.5)),
+     "phi: entry (0, 0, 0) is nan"),
+    ("PairPopulation: no prompts",
+     lambda t: PairPopulation(phi=np.ones((0, 2, 2)), pi=np.ones((0, 2)), g_star=np.ones((0, 2, 2))),
+     "need at least one prompt, one response and one feature"),
+    ("PairPopulation: infinite utility",
+     lambda t: PairPopulation(phi=np.ones((1, 2, 2)), pi=np.full((1, 2), 0.5), g_star=np.full((1, 2, 2), 0.5),
+                              utility=[[0.0, np.inf]]),
+     "utility: entry (0, 1) is inf"),
     ("load_spec: unreadable", lambda t: load_spec(_text(t / "s.yaml", "a: [1, 2")), "cannot parse the spec"),
     ("Scenario: not a mapping", lambda t: Scenario.from_spec(42), "must be a mapping of fields"),
     ("AuxSpec: a number", lambda t: AuxSpec.parse(3.5), "auxiliary model 3.5 must be a name"),

@@ -88,7 +88,7 @@ import torch
 from scipy.optimize import linprog
 from torch import Tensor
 
-from .data import PairPopulation, check_probability
+from .data import PairPopulation, check_clip, check_probability
 from .errors import InputError
 from .losses import Logistic, MarginLoss, get_loss, pair_loss
 
@@ -1204,18 +1204,6 @@ def _flat(mo: _Moments, Wp: np.ndarray) -> np.ndarray:
     return den <= 1e-13 * (np.abs(np.einsum("...ij,...ji->...", Wp, mo.O0)) + 1e-300)
 
 
-def _check_clip(clip: object) -> tuple[float, float] | None:
-    if clip is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in clip)
-    except (TypeError, ValueError):
-        raise InputError(f"clip: expected None or a pair (low, high), got {clip!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
-        raise InputError(f"clip: need finite low <= high, got {clip!r}")
-    return lo, hi
-
-
 def _clipped(lam: np.ndarray, clip: tuple[float, float] | None) -> np.ndarray:
     return lam if clip is None else np.clip(lam, clip[0], clip[1])
 
@@ -1237,7 +1225,7 @@ def optimal_lambda(
     """
     if g_hat is None:
         raise InputError("g_hat: optimal_lambda needs an auxiliary model (got None)")
-    clip = _check_clip(clip)
+    clip = check_clip("clip", clip)
     an = _analyse(pop, g_hat, M, rho, loss, n_batches)
     W = _weight_matrix(weight, pop.d)
     lam_u = float(_lam_star(an.full, W))
@@ -1367,7 +1355,7 @@ def tuned_bias(
     """
     if g_hat is None:
         raise InputError("g_hat: tuned_bias needs an auxiliary model (got None)")
-    clip = _check_clip(clip)
+    clip = check_clip("clip", clip)
     an = _analyse(pop, g_hat, M, rho, loss, n_batches)
     W = _weight_matrix(weight, pop.d)
     lam_u = np.atleast_1d(_lam_star(an.full, W))

@@ -11,8 +11,11 @@ Two symmetries of the data are kept exactly, so that the estimator built on ``g_
   canonical orientation, decided by the antisymmetric part ``v = f - swap(f)``: taking its coordinates
   in decreasing order of their ranks of ``|v|`` over all pairs, the first group of equal rank whose
   signs do not cancel must sum to a positive sign. The learner sees and predicts canonical pairs
-  (labels flipped with the orientation); a pair equal to its own reverse (``v = 0``, such as a response
-  against itself) is left out of the training and gets ``g_hat = 1/2``.
+  (labels flipped with the orientation). Where the signs cancel in every group (a pair that a
+  permutation of the coordinates maps to its reverse, common for symmetric or one-hot features) no
+  orientation is invariant: the learner sees such a pair both ways, ``(f, z)`` and ``(swap(f), 1 - z)``,
+  and predicts ``(p(f) + 1 - p(swap(f))) / 2``. A pair equal to its own reverse (``v = 0``, such as a
+  response against itself) is left out of the training and gets ``g_hat = 1/2``.
 * rows in another order get the same ``g_hat``: folds are assigned from the content of the rows (a
   seeded hash of the ranks of each canonical row's ``|f|`` and of its prompt's reference pairs), not
   from their positions, and the learner sees its training rows in an order set by the same keys.
@@ -157,8 +160,12 @@ def crossfit_predict(
     ``g_hat(b, a) = 1 - g_hat(a, b)`` exactly (see the module docstring).
     """
     n = features.shape[0]
-    sign = orientation(np.concatenate([features, features_ref]), swap)
+    both = np.concatenate([features, features_ref])
+    sign = orientation(both, swap)
+    # no invariant orientation, yet not its own reverse: learnt and predicted both ways
+    two_way = (sign == 0) & (both != swap(both)).any(axis=1) if swap is not None else np.zeros(sign.size, bool)
     sign_lab, sign_ref = sign[:n], sign[n:]
+    two_lab, two_ref = two_way[:n], two_way[n:]
     lab, refs = _orient(features, sign_lab, swap), _orient(features_ref, sign_ref, swap)
     rows, ref = fold_ids(lab, refs, ref_row, folds, seed)
     z_canon = np.where(sign_lab < 0, 1.0 - z, z)
@@ -167,16 +174,26 @@ def crossfit_predict(
     g_ref = np.full(features_ref.shape[0], 0.5)
     for k in range(folds):
         train = np.flatnonzero((rows != k) & (sign_lab != 0))
-        train = train[np.lexsort((z_canon[train], keys[train]))]
-        X, y = lab[train], z_canon[train]
+        two = np.flatnonzero((rows != k) & two_lab)
+        X = np.concatenate([lab[train], features[two], swap(features[two]) if two.size else features[two]])
+        y = np.concatenate([z_canon[train], z[two], 1.0 - z[two]])
+        order = np.lexsort((y, np.concatenate([keys[train], keys[two], keys[two]])))
+        X, y = X[order], y[order]
         held, held_ref = (rows == k) & (sign_lab != 0), (ref == k) & (sign_ref != 0)
+        held2, held2_ref = (rows == k) & two_lab, (ref == k) & two_ref
         if y.size == 0 or y.min() == y.max():  # one class only in the training folds: predict its rate
             rate = 0.5 if y.size == 0 else y[0]
             g[held], g_ref[held_ref] = rate, rate
-        else:
-            model = learner(seed + k).fit(X, y.astype(int))
-            col = list(model.classes_).index(1)
-            g[held] = model.predict_proba(lab[held])[:, col]
-            if held_ref.any():
-                g_ref[held_ref] = model.predict_proba(refs[held_ref])[:, col]
+            g[held2], g_ref[held2_ref] = 0.5, 0.5
+            continue
+        model = learner(seed + k).fit(X, y.astype(int))
+        col = list(model.classes_).index(1)
+
+        def prob(f: np.ndarray) -> np.ndarray:
+            return model.predict_proba(f)[:, col] if f.shape[0] else np.zeros(0)
+
+        g[held], g_ref[held_ref] = prob(lab[held]), prob(refs[held_ref])
+        for out, f, mask in ((g, features, held2), (g_ref, features_ref, held2_ref)):
+            if mask.any():
+                out[mask] = 0.5 * (prob(f[mask]) + 1.0 - prob(swap(f[mask])))
     return np.where(sign_lab < 0, 1.0 - g, g), np.where(sign_ref < 0, 1.0 - g_ref, g_ref)

@@ -29,6 +29,19 @@ def check_probability(name: str, values: np.ndarray) -> None:
         raise InputError(f"{name}: entry {idx} is {float(values[idx])!r}, but probabilities must lie in [0, 1]")
 
 
+def check_clip(name: str, clip: object) -> tuple[float, float] | None:
+    """``clip``: None (no clipping), or a pair of finite numbers ``low <= high``."""
+    if clip is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: expected None or a pair (low, high), got {clip!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+        raise InputError(f"{name}: need finite low <= high, got {clip!r}")
+    return lo, hi
+
+
 def rank_deficient(dphi: np.ndarray) -> dict[int, int]:
     """``{r: rank}`` for every replication whose ``dphi_r`` (n x d) has rank below ``d``, so that ``theta``
     is not identified (a duplicated, all-zero or linearly dependent feature, or ``n < d``).
@@ -135,8 +148,9 @@ class PairData:
             check_probability("g", g)
             object.__setattr__(self, "g", g)
         if self.dphi_ref is None:
-            if self.g_ref is not None:
-                raise InputError("g_ref is given without dphi_ref")
+            for name in ("g_ref", "ref_weight", "ref_row", "features_ref"):
+                if getattr(self, name) is not None:
+                    raise InputError(f"{name} is given without dphi_ref")
         else:
             dref = _as_float("dphi_ref", self.dphi_ref, 3)
             if dref.shape[0] != R or dref.shape[2] != d:
@@ -169,8 +183,10 @@ class PairData:
             if (rows < -1).any():
                 raise InputError(f"ref_row: entry {int(np.argmax(rows < -1))} is below -1")
             object.__setattr__(self, "ref_row", rows.astype(np.int64))
-        if self.features_ref is not None and self.dphi_ref is None:
-            raise InputError("features_ref is given without dphi_ref")
+        if self.dphi_ref is not None and (self.features is None) != (self.features_ref is None):
+            given, missing = ("features", "features_ref") if self.features_ref is None else ("features_ref", "features")
+            raise InputError(f"{given} is given without {missing}: the learner of g_hat needs the same features on "
+                             "the labelled and the reference pairs")
         for name, rows in (("features", n), ("features_ref", self.n_ref)):
             val = getattr(self, name)
             if val is not None:
@@ -179,6 +195,9 @@ class PairData:
                     raise InputError(f"{name}: expected shape (R={R}, {rows}, q) to match the pairs, got {arr.shape}")
                 _bounded(name, arr)
                 object.__setattr__(self, name, arr)
+        if self.features_ref is not None and self.features_ref.shape[2] != self.features.shape[2]:
+            raise InputError(f"features_ref: {self.features_ref.shape[2]} features per pair, features has "
+                             f"{self.features.shape[2]}")
 
     @property
     def reps(self) -> int:
@@ -237,7 +256,10 @@ class PairPopulation:
 
     def __post_init__(self) -> None:
         phi = _as_float("phi", self.phi, 3)
-        P, K, _ = phi.shape
+        P, K, d = phi.shape
+        if P < 1 or K < 1 or d < 1:
+            raise InputError(f"phi: need at least one prompt, one response and one feature, got shape {phi.shape}")
+        _bounded("phi", phi)
         pi = _as_float("pi", self.pi, 2)
         gs = _as_float("g_star", self.g_star, 3)
         if pi.shape != (P, K):
@@ -255,6 +277,7 @@ class PairPopulation:
             u = _as_float("utility", self.utility, 2)
             if u.shape != (P, K):
                 raise InputError(f"utility: expected shape {(P, K)}, got {u.shape}")
+            _finite("utility", u)
             object.__setattr__(self, "utility", u)
 
     @property

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .data import PairData, rank_deficient
+from .data import PairData, check_clip, rank_deficient
 from .errors import InputError, SeparableDataError
 from .losses import Logistic, MarginLoss, VRDerivatives, get_loss, vr_derivatives, vr_objective
 
@@ -907,7 +907,8 @@ def _constrained(loss: MarginLoss, data: PairData, g, g_ref, lam: np.ndarray, bo
 
 def _convex_program(loss: MarginLoss, lam: np.ndarray) -> bool:
     """Whether the norm-constrained problem is convex (and solved by cvxpy)."""
-    return (loss.name == "logistic" and bool((lam <= 1).all())) or (loss.name == "hinge" and bool((lam == 0).all()))
+    return (loss.name == "logistic" and bool(((lam >= 0) & (lam <= 1)).all())) \
+        or (loss.name == "hinge" and bool((lam == 0).all()))
 
 
 def fit(
@@ -918,7 +919,7 @@ def fit(
     lam: float | None = None,
     bound: float | None = None,
     weight: int | None = None,
-    lam_clip: tuple[float, float] = (0.0, 1.0),
+    lam_clip: tuple[float, float] | None = (0.0, 1.0),
     folds: int = 5,
     seed: int = 0,
     tol: float = 1e-8,
@@ -928,8 +929,9 @@ def fit(
     r"""Fit ``method`` (``mle``, ``vrpo``, ``vrpo_tuned``, ``vrpo_crossfit``) on every replication.
 
     ``lam`` overrides the control-variate weight of ``vrpo``/``vrpo_crossfit`` (default 1);
-    ``weight`` picks the tuning target of ``vrpo_tuned`` (None: trace; ``j``: coordinate ``j``);
-    ``bound`` adds ``||theta|| <= bound`` (cvxpy for the convex cases: logistic with ``lam <= 1``,
+    ``weight`` picks the tuning target of ``vrpo_tuned`` (None: trace; ``j``: coordinate ``j``), whose
+    ``lam`` is clipped to ``lam_clip`` (None: not clipped);
+    ``bound`` adds ``||theta|| <= bound`` (cvxpy for the convex cases: logistic with ``0 <= lam <= 1``,
     hinge MLE; a ball-constrained Newton method otherwise). The truncated hinge is bounded, so its empirical risk
     keeps decreasing as ``theta`` grows: it needs ``bound``. A replication whose MLE does not exist
     (separable labels) or whose objective is unbounded raises ``SeparableDataError``
@@ -953,6 +955,14 @@ def fit(
         raise InputError(f"lam cannot be set for method {method!r}")
     if lam is not None and not math.isfinite(lam):
         raise InputError(f"lam must be a finite number, got {lam}")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, np.integer))
+                               or not 0 <= weight < data.d):
+        raise InputError(f"weight must be None (the trace) or a coordinate index in [0, {data.d}), got {weight!r}")
+    lam_clip = check_clip("lam_clip", lam_clip) or (-math.inf, math.inf)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
+        raise InputError(f"tol must be a positive number, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise InputError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     loss = get_loss(loss)
     if not loss.convex and bound is None:
         raise InputError(f"the {loss.name} loss is bounded, so a linear fit drifts to infinite scale: "
@@ -1026,12 +1036,15 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
             lam_t = torch.full((R,), 1.0 if lam is None else float(lam), dtype=_DTYPE)
         pg_bound = None if bound is None or _convex_program(loss, lam_t.numpy()) else bound
         state = _minimise(loss, lam_t, b, mle.theta, tol, max_iter, True, theta_max, pg_bound)
-        state.separable |= mle.separable & ~state.converged
+        # the tuned lam is a function of the MLE: without it the tuned estimate does not exist either
+        state.separable |= mle.separable & (~state.converged if method != "vrpo_tuned" else True)
         hess = _bread_hessian(loss, lam_t, b, state)
         cov_t, _ = _sandwiches(loss, b, state.theta, hess, lam_t, data.n)
     theta = state.theta.numpy().copy()
     cov = cov_t.numpy()
     cov_mle = None if method == "mle" else cov_mle_t.numpy()
+    if cov_mle is not None:
+        cov_mle[mle.separable.numpy()] = np.nan  # no MLE to compare with (its sandwich at a stopped iterate)
     separable = state.separable.numpy().copy()
     converged = state.converged.numpy().copy()
     lam_np = lam_t.numpy().copy()
@@ -1062,6 +1075,11 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         theta[separable] = np.nan
         cov[separable] = np.nan
+    no_mle = np.flatnonzero(mle.separable.numpy() & ~separable) if cov_mle is not None else np.zeros(0, int)
+    if no_mle.size:
+        warnings.warn(f"{no_mle.size} of {R} replication(s) (replication {no_mle[0]}) have separable labelled pairs: "
+                      f"the {method} estimate exists but the MLE does not, so cov_mle and the variance ratios are "
+                      "NaN there", RuntimeWarning, stacklevel=3)
     stuck = np.flatnonzero(~converged & ~separable)
     if stuck.size:
         r = stuck[np.argmax(state.grad_norm.numpy()[stuck])]

@@ -156,13 +156,17 @@ def _check_distribution(name: str, values: object, K: int | None = None, P: int 
     return arr
 
 
-def _check_beta(beta: object) -> float:
+def _check_beta(beta: object, weight: bool = False) -> float:
+    """``beta > 0``; ``inf`` only for a policy (``pi_ref``), not as the ``weight`` of a value or regret."""
     try:
         b = float(beta)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise InputError(f"beta: must be a positive number, got {beta!r}") from None
     if not b > 0:  # also rejects NaN
         raise InputError(f"beta: the KL weight must be > 0, got {beta!r}")
+    if weight and np.isinf(b):
+        raise InputError("beta: a KL-regularised value or regret needs a finite weight (beta = inf weighs a KL of 0 "
+                         "by infinity); use the greedy measure, or a finite beta")
     return b
 
 
@@ -355,7 +359,7 @@ def kl_value(policy: object, utility: object, pi_ref: object | None, beta: float
     util, ref = _utility_target(utility, pi_ref)
     if ref is None:
         raise InputError("kl_value: pi_ref is needed")
-    b = _check_beta(beta)
+    b = _check_beta(beta, weight=True)
     pol = _check_distribution("policy", policy, util.shape[1], util.shape[0])
     kl = _kl_rows(pol, _log_ref(ref)[1])
     return _prompt_mean((pol * util).sum(axis=-1) - b * kl)
@@ -390,7 +394,7 @@ def regret(policy: object, target: object, *, beta: float | None = None, pi_ref:
     if beta is not None:
         if ref is None:
             raise InputError("regret with beta: pi_ref is needed")
-        beta = _check_beta(beta)
+        beta = _check_beta(beta, weight=True)
     return _prompt_mean(_regret_rows(pol, _regret_target(util, ref, beta), beta))
 
 
@@ -439,7 +443,7 @@ def theta_regret(
     if meas == "kl":
         if beta is None:
             raise InputError("measure='kl': the KL-regularised regret needs beta")
-        ref, b = population.pi, _check_beta(beta)
+        ref, b = population.pi, _check_beta(beta, weight=True)
     _check_kind(kind, population.pi, beta)
     pol_beta = _check_beta(beta) if kind == "kl" else None
     target = _regret_target(util, ref, b)

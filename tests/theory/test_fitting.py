@@ -307,16 +307,71 @@ def test_crossfit_method(mixture: PairData) -> None:
     assert np.isfinite(res.cov).all()
 
 
+def test_crossfit_learns_pairs_without_an_invariant_orientation() -> None:
+    """With |dphi_1| = |dphi_0| a coordinate swap maps about half the pairs to their reverse: no orientation
+    of theirs is invariant, so they are learnt both ways and predicted symmetrised (they got 1/2 before),
+    keeping ``g_hat(b, a) = 1 - g_hat(a, b)`` exactly; pairs equal to their reverse get 1/2."""
+    from robust_rlhf.theory.crossfit import crossfit_predict, negate, orientation
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 2))
+    X[:, 1] = np.abs(X[:, 0]) * np.sign(X[:, 1])
+    X[:3] = 0.0  # equal to their own reverse
+    g_star = expit(X @ np.array([2.0, 1.0]))
+    z = (rng.random(400) < g_star).astype(float)
+    R = X[rng.integers(3, 400, 30)]
+    row = rng.integers(0, 400, 30)
+    two_way = (orientation(X, negate) == 0) & (X != 0).any(axis=1)
+    assert two_way.sum() > 150
+    g, g_ref = crossfit_predict(X, z, R, row, folds=5, swap=negate)
+    assert (g[:3] == 0.5).all() and (g == 0.5).sum() < 10  # else 1/2 only where p(f) = p(swap(f)) by chance
+    assert np.mean((g - g_star)[two_way] ** 2) < 0.75 * np.mean((0.5 - g_star)[two_way] ** 2)  # 1.0 when 1/2
+    flip = rng.random(400) < 0.5
+    g2, g2_ref = crossfit_predict(np.where(flip[:, None], -X, X), np.where(flip, 1 - z, z), -R, row, folds=5,
+                                  swap=negate)
+    np.testing.assert_allclose(np.where(flip, 1 - g2, g2), g, atol=1e-15)
+    np.testing.assert_allclose(1 - g2_ref, g_ref, atol=1e-15)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"method": "bogus"}, "unknown method 'bogus'; allowed: mle, vrpo"),
     ({"method": "mle", "lam": 0.5}, "lam cannot be set for method 'mle'"),
     ({"method": "vrpo", "bound": -1.0}, "bound must be a positive number"),
     ({"method": "vrpo", "lam": math.nan}, "lam must be a finite number"),
     ({"method": "mle", "loss": "nope"}, "unknown loss 'nope'"),
+    ({"method": "vrpo_tuned", "weight": 5}, r"weight must be None \(the trace\) or a coordinate index in \[0, 3\)"),
+    ({"method": "vrpo_tuned", "weight": 1.5}, "weight must be None"),
+    ({"method": "vrpo_tuned", "weight": -1}, "weight must be None"),
+    ({"method": "vrpo_tuned", "lam_clip": (0.8, 0.2)}, r"lam_clip: need finite low <= high"),
+    ({"method": "vrpo_tuned", "lam_clip": (math.nan, 1.0)}, r"lam_clip: need finite low <= high"),
+    ({"method": "mle", "tol": -1.0}, "tol must be a positive number"),
+    ({"method": "mle", "tol": math.nan}, "tol must be a positive number"),
+    ({"method": "mle", "max_iter": 0}, "max_iter must be an integer >= 1"),
 ])
 def test_bad_arguments(mixture: PairData, kwargs: dict, match: str) -> None:
     with pytest.raises(InputError, match=match):
         fit(mixture, **kwargs)
+
+
+def test_vrpo_where_the_mle_does_not_exist() -> None:
+    """Separable labels: VRPO's objective can still have a minimiser, but there is no MLE to compare with
+    (cov_mle and the ratios NaN, with a warning), and the tuned lam, a function of the MLE, has no value."""
+    rng = np.random.default_rng(1)
+    X, Xr = rng.normal(size=(1, 15, 2)), rng.normal(size=(1, 2000, 2))
+    th = np.array([1.0, -0.5])
+    data = PairData(X, (X @ np.array([1.0, 2.0]) > 0).astype(float), expit(X @ th), Xr, expit(Xr @ th))
+    with pytest.warns(RuntimeWarning, match="the vrpo estimate exists but the MLE does not"):
+        res = fit(data, "vrpo")
+    assert res.converged.all() and np.isfinite(res.theta).all() and np.isfinite(res.cov).all()
+    assert np.isnan(res.cov_mle).all() and np.isnan(res.variance_ratio()).all()
+    with pytest.raises(SeparableDataError):
+        fit(data, "vrpo_tuned")
+
+
+def test_norm_bound_with_a_negative_lam_uses_the_ball_newton(mixture: PairData) -> None:
+    """lam < 0 makes the reference term concave: not a cvxpy program, the ball-constrained Newton fit."""
+    res = fit(mixture, "vrpo", lam=-0.5, bound=0.1)
+    assert res.converged.all() and (np.linalg.norm(res.theta, axis=1) <= 0.1 + 1e-9).all()
 
 
 def test_vr_needs_reference_pairs() -> None:

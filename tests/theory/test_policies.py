@@ -98,6 +98,12 @@ def test_values_and_regret_closed_form() -> None:
     # KL(pi || pi_ref) by hand on prompt 0: pi = (e, 1)/(1 + e), pi_ref uniform
     kl0 = E / (1 + E) * math.log(2 * E / (1 + E)) + 1 / (1 + E) * math.log(2 / (1 + E))
     assert pl.kl_divergence(pi, PI_REF)[0] == pytest.approx(kl0, rel=1e-13)
+    # beta = inf is a policy (pi_ref), not a weight: a value or regret weighing KL = 0 by inf is refused
+    np.testing.assert_allclose(pl.kl_policy(np.array([1.0]), PHI, PI_REF, math.inf), PI_REF)
+    for call in (lambda: pl.regret(pi, pop, beta=math.inf), lambda: pl.kl_value(pi, pop, None, math.inf),
+                 lambda: pl.theta_regret(np.array([1.0]), pop, kind="kl", beta=math.inf)):
+        with pytest.raises(InputError, match="needs a finite weight"):
+            call()
 
 
 def test_kl_regret_infinite_outside_reference_support() -> None:
