@@ -196,14 +196,16 @@ def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
     claims.add_column("claim", overflow="fold")
     claims.add_column("verdict")
     for c in report.claims:
-        style = "green" if c["verdict"] == "confirmed" else "red"
+        style = {"confirmed": "green", "refuted": "red"}.get(c["verdict"], "yellow")
         claims.add_row(c["text"].rsplit(":", 1)[0], f"[{style}]{c['verdict']}[/{style}]")
     console.print(claims)
     console.print(_cell_summary(report))
     n_ok = sum(c["verdict"] == "confirmed" for c in report.claims)
+    n_none = sum(c["verdict"] == "inconclusive" for c in report.claims)
     console.print("Each verdict is a 95% test (about 1 in 20 true claims is refuted by chance). Variance claims "
                   "are extrapolated to n -> inf from r(n) = r + c/n; the ratio at the largest n is shown beside it. "
                   "A bad g_hat's estimate has no finite-sample mean or variance (it lands far out now and then), "
                   "so its claims and cell checks use the median and the interquartile scale (IQR).")
-    console.print(f"{n_ok} of {len(report.claims)} claims confirmed. Tables: {out}/results.parquet, "
+    none = f" ({n_none} inconclusive: no estimate to measure, e.g. every replication separable)" if n_none else ""
+    console.print(f"{n_ok} of {len(report.claims)} claims confirmed{none}. Tables: {out}/results.parquet, "
                   f"{out}/cell_checks.csv, {out}/claims.csv" + (f"; figures: {out}/figures" if figures else ""))

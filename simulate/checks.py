@@ -37,7 +37,8 @@ Named claims about *asymptotic* variances (claims 1-3) extrapolate the paired va
 the studied ``n`` by least squares in ``r(n) = r_inf + c/n``, removing the O(1/n) finite-sample
 excess that the paired design is precise enough to detect at any single ``n``; the report gives the
 ratio at the largest ``n`` beside it. Each verdict is a 95% test: about one true claim in twenty is
-refuted by chance.
+refuted by chance. A claim with nothing to measure (no estimate exists, e.g. every replication is
+separable) is ``inconclusive``, as a cell check is ``n/a``.
 
 The claims about a bad ``g_hat`` (claim 3: consistent for ``theta_dagger``, at the predicted variance)
 are about the limit distribution, measured by its median and its normal-consistent interquartile scale
@@ -88,8 +89,9 @@ class Report:
         return pd.DataFrame(self.claims)
 
 
-def _theta_columns(frame: pd.DataFrame) -> list[str]:
-    return sorted((c for c in frame.columns if c.startswith("theta_")), key=lambda c: int(c.split("_")[1]))
+def _cell_columns(preds: pd.DataFrame, key: tuple) -> list[str]:
+    """``theta_0 .. theta_{d-1}`` of a cell: its scenario's dimension (a study may mix dimensions)."""
+    return [f"theta_{j}" for j in range(len(preds.loc[key, "theta_dagger"]))]
 
 
 def _boot_mean(values: np.ndarray, idx: np.ndarray, per_column: bool = False) -> np.ndarray:
@@ -147,13 +149,13 @@ class _Spreads:
     ``n E||theta_hat - theta_dagger||^2`` (``robust``: ``n (||median error||^2 + sum_k (IQR_k / 1.349)^2)``,
     the normal-consistent counterpart)."""
 
-    def __init__(self, by_cell: dict, cols: list[str], idx: np.ndarray, preds: pd.DataFrame) -> None:
-        self._by_cell, self._cols, self._idx, self._preds = by_cell, cols, idx, preds
+    def __init__(self, by_cell: dict, idx: np.ndarray, preds: pd.DataFrame) -> None:
+        self._by_cell, self._idx, self._preds = by_cell, idx, preds
         self._cache: dict[tuple, tuple[float, np.ndarray]] = {}
 
     def __call__(self, key: tuple, robust: bool = False) -> tuple[float, np.ndarray]:
         if ("var", key, robust) not in self._cache:
-            theta = self._by_cell[key][self._cols].to_numpy()
+            theta = self._by_cell[key][_cell_columns(self._preds, key)].to_numpy()
             of = _robust_trace_vars if robust else _trace_vars
             self._cache[("var", key, robust)] = (key[1] * float(of(theta)), key[1] * of(theta[self._idx]))
         return self._cache[("var", key, robust)]
@@ -162,7 +164,8 @@ class _Spreads:
         if ("mse", key, robust) not in self._cache:
             g = self._by_cell[key]
             if robust:
-                err = g[self._cols].to_numpy() - np.asarray(self._preds.loc[key, "theta_dagger"], dtype=float)
+                err = g[_cell_columns(self._preds, key)].to_numpy() - np.asarray(self._preds.loc[key, "theta_dagger"],
+                                                                                 dtype=float)
                 of = lambda e: (_row_quantiles(e, 0.5) ** 2).sum(-1) + _robust_trace_vars(e)  # noqa: E731
                 point, boot = float(of(err)), of(err[self._idx])
             else:
@@ -228,16 +231,16 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
     ``pessimism`` table, the bound's coverage at level ``1 - delta`` too."""
     reps = int(results["rep"].max()) + 1
     idx = np.random.default_rng(seed).integers(0, reps, size=(bootstrap, reps))
-    cols = _theta_columns(results)
-    d = len(cols)
     preds = predictions.set_index(["scenario", "n", "estimator"])
     by_cell = {key: g.sort_values("rep") for key, g in results.groupby(["scenario", "n", "estimator"], sort=False)}
     meta = results_meta(by_cell)
-    spread = _Spreads(by_cell, cols, idx, preds)
+    spread = _Spreads(by_cell, idx, preds)
     rows, bias_rows = [], []
     for key, g in by_cell.items():
         scenario, n, est = key
         pred = preds.loc[key]
+        cols = _cell_columns(preds, key)
+        d = len(cols)
         theta = g[cols].to_numpy()
         if len(theta) != reps:
             raise ValueError(f"cell {key} has {len(theta)} replications, expected {reps}")
@@ -267,7 +270,8 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         row["bias"], row["pred_bias"], row["bias_check"] = math.nan, math.nan, "n/a"
         if coords is not None:
             row["bias"], row["pred_bias"] = np.linalg.norm(coords.measured), np.linalg.norm(coords.predicted)
-            row["bias_check"] = "pass" if coords.covered.all() else "fail"
+            measured = np.isfinite(coords[["measured", "low", "high"]].to_numpy()).all()
+            row["bias_check"] = ("pass" if coords.covered.all() else "fail") if measured else "n/a"
             bias_rows.append(coords.assign(scenario=scenario, n=n, estimator=est))
         for kind in ("greedy", "kl"):
             values = g[f"regret_{kind}"].to_numpy()
@@ -286,7 +290,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
     cells = pd.DataFrame(rows)
     _add_ratios(cells, spread, preds)
     slopes = _slopes(cells, spread)
-    claims = _claims(cells, by_cell, spread, idx, preds, cols)
+    claims = _claims(cells, by_cell, spread, idx, preds)
     pess = None
     if pessimism is not None and len(pessimism):
         pess, pess_claims = _pessimism(pessimism, delta, bootstrap, seed)
@@ -439,13 +443,15 @@ def _claim(name: str, scenario: str, estimator: str, n: int, predicted: float, m
     if confirmed is None:
         confirmed = low <= predicted <= high
     verdict = "confirmed" if confirmed else "refuted"
+    if not all(map(math.isfinite, (measured, low, high))):  # no estimate to measure (e.g. every replication separable)
+        verdict = "inconclusive"
     return {"name": name, "scenario": scenario, "estimator": estimator, "n": int(n), "predicted": float(predicted),
             "measured": float(measured), "ci_low": float(low), "ci_high": float(high), "verdict": verdict,
             "text": f"{text}: predicted {predicted:.3g}, measured {measured:.3g} (95% CI {low:.3g}-{high:.3g}): {verdict}"}
 
 
-def _claims(cells: pd.DataFrame, by_cell: dict, spread: _Spreads, idx: np.ndarray, preds: pd.DataFrame,
-            cols: list[str]) -> list[dict[str, Any]]:
+def _claims(cells: pd.DataFrame, by_cell: dict, spread: _Spreads, idx: np.ndarray,
+            preds: pd.DataFrame) -> list[dict[str, Any]]:
     claims: list[dict[str, Any]] = []
     mle = _mle_name(preds)
     if mle is None:
@@ -473,7 +479,7 @@ def _claims(cells: pd.DataFrame, by_cell: dict, spread: _Spreads, idx: np.ndarra
                 claims.append(_claim("2_gain_grows_with_M", scenario, est, n_max, row.pred_ratio, point, lo, hi,
                                      f"variance reduction of {tag} over the MLE under {scenario} ({where})"))
         elif _bad_ghat(info):
-            claims += _bad_ghat_claims(cells, by_cell, spread, idx, preds, cols, scenario, est, mle, tag)
+            claims += _bad_ghat_claims(cells, by_cell, spread, idx, preds, scenario, est, mle, tag)
         elif info["method"] == "vrpo_tuned":
             point, lo, hi, span = _extrapolated_ratio(cells, spread, scenario, est, mle)
             claims.append(_claim("3_tuned_never_worse", scenario, est, n_max, 1.0, point, lo, hi,
@@ -521,7 +527,7 @@ def results_meta(by_cell: dict) -> dict[tuple[str, str], dict[str, str]]:
 
 
 def _bad_ghat_claims(cells: pd.DataFrame, by_cell: dict, spread: _Spreads, idx: np.ndarray, preds: pd.DataFrame,
-                     cols: list[str], scenario: str, est: str, mle: str, tag: str) -> list[dict[str, Any]]:
+                     scenario: str, est: str, mle: str, tag: str) -> list[dict[str, Any]]:
     """Claim 3 for a bad ``g_hat``, on the limit distribution (module docstring): the median error is
     zero (every coordinate's bootstrap interval, Bonferroni over coordinates, contains zero; reported as
     ``||median error|| / ||theta_dagger||`` with the range of norms over the box of those intervals),
@@ -532,6 +538,7 @@ def _bad_ghat_claims(cells: pd.DataFrame, by_cell: dict, spread: _Spreads, idx: 
     exists = {n: 1.0 - by_cell[(scenario, n, est)]["separable"].mean() for n in ns_all}
     ns = np.array([n for n in ns_all if exists[n] >= _EXISTS] or [ns_all[-1]])
     n_max = int(ns_all[-1])
+    cols = _cell_columns(preds, (scenario, n_max, est))
     theta = {n: by_cell[(scenario, n, est)][cols].to_numpy() for n in ns}
     target = {n: np.asarray(preds.loc[(scenario, n, est), "theta_dagger"], dtype=float) for n in ns}
     scale = float(np.linalg.norm(target[ns[-1]]))
@@ -592,7 +599,8 @@ def _regret_claims(cells: pd.DataFrame, by_cell: dict, idx: np.ndarray, mle: str
             if not np.percentile(base_boot, 2.5) > 0:  # the MLE's excess is not measurably positive
                 continue
             boot = np.array([np.nanmean(a[i]) / np.nanmean(b[i]) for i in idx])
-            lo, hi = np.percentile(boot[np.isfinite(boot)], [2.5, 97.5])
+            boot = boot[np.isfinite(boot)]
+            lo, hi = np.percentile(boot, [2.5, 97.5]) if boot.size else (math.nan, math.nan)
             out.append(_claim("4_regret_follows_variance", scenario, best, n, pred,
                               float(np.nanmean(a) / np.nanmean(b)), lo, hi,
                               f"excess {kind} regret of {best} over the MLE under {scenario}, n = {n}"))

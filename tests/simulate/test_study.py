@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -155,6 +156,18 @@ def test_checks_report_claims_and_can_fail(tiny) -> None:
     # and the same tables give the same report
     again = analyse(tiny.results, tiny.predictions)
     pd.testing.assert_frame_equal(again.cells, report.cells)
+    # an estimator with no estimate in any replication: nothing to measure, so no verdict
+    none = tiny.results.copy()
+    gone = none.estimator == "vrpo_M4"
+    none.loc[gone, [c for c in none.columns if c.startswith(("theta_", "se_", "covered_", "regret_"))] + ["sq_error"]] = np.nan
+    none.loc[gone, "separable"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's means of empty slices
+        empty = analyse(none, tiny.predictions)
+    claims = [c for c in empty.claims if c["estimator"] == "vrpo_M4"]
+    assert claims and all(c["verdict"] == "inconclusive" for c in claims)
+    cells = empty.cells[empty.cells.estimator == "vrpo_M4"]
+    assert (cells.failed == 24).all() and (cells[["var_check", "bias_check", "coverage_check"]] == "n/a").all().all()
 
 
 def test_pessimism_bound_is_checked(tmp_path) -> None:
@@ -236,3 +249,15 @@ def test_bootstrap_statistics_match_their_loops() -> None:
         want = [np.nanmean(values[i]) if (~np.isnan(values[i])).any() else np.nan for i in idx]
     np.testing.assert_allclose(_boot_mean(values, idx), want, rtol=1e-13)
     assert np.isnan(_boot_mean(np.full(30, np.nan), idx)).all()
+
+
+def test_a_study_may_mix_feature_dimensions(tmp_path) -> None:
+    """Each cell is analysed in its own scenario's dimension (the table holds theta_0 .. theta_4 for both)."""
+    spec = StudySpec.from_dict({**TINY, "scenarios": ["intransitive", {"name": "wide", "d": 5,
+                                                                      "preference": {"model": "probit"}}],
+                                "n": [150], "estimators": ["mle", "vrpo_M4"], "reps": 6})
+    study = run_study(spec, tmp_path / "mixed")
+    report = analyse(study.results, study.predictions)
+    bias = report.bias.groupby("scenario").coordinate.max()
+    assert bias.to_dict() == {"intransitive": 2, "wide": 4}
+    assert set(report.cells.var_check) <= {"pass", "fail"} and np.isfinite(report.cells["var"]).all()
