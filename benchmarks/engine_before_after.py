@@ -48,7 +48,7 @@ def load_old_engine(rev: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rev", default="HEAD", help="git revision of the 'before' engine (default HEAD)")
     p.add_argument("--reps", type=int, default=1000)
     p.add_argument("--n", type=int, default=2000)

@@ -295,9 +295,8 @@ def run_validate() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See the module docstring and benchmarks/README.md for what is timed and counted.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="benchmarks/README.md holds the measured figures.")
     p.add_argument("--reps", type=int, default=1000, help="replications R (default 1000)")
     p.add_argument("--n", type=int, default=2000, help="labelled pairs per replication (default 2000)")
     p.add_argument("--d", type=int, default=10, help="features (default 10)")

@@ -218,7 +218,7 @@ CONFIGS = ("ours_dpo", "ours_vrpo_M1", "ours_vrpo_M4", "trl_dpo", "trl_dpo_live_
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--model", default="tiny", help="tiny (GPT-2, 4 x 128) or qwen0.5b")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

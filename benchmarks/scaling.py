@@ -70,7 +70,7 @@ def _exponent(xs: list[float], ys: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small grid (n <= 1e5, d <= 50, R <= 100)")
     p.add_argument("--runs", type=int, default=3, help="fits per point, median taken (default 3)")
     p.add_argument("--methods", default="mle,vrpo", help="comma-separated methods (default mle,vrpo)")

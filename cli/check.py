@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from . import _json
 
 NAME = "check"
 HELP = "property-test your estimator (MODULE:FUNCTION): invariances, consistency, variance, coverage"
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
                                             alpha=args.alpha, seed=args.seed, max_examples=args.examples,
                                             shrink_budget=args.shrink_budget)
     if args.json:
-        print(json.dumps({
+        print(_json.dumps({
             "subject": result.subject, "passed": result.passed, "error_rate": result.error_rate,
             "results": [{"name": r.name, "verdict": r.verdict, "summary": r.summary, "null_hypothesis": r.null_hypothesis,
                          "error_rate": r.error_rate, "statistic": r.statistic, "threshold": r.threshold,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from . import _json
 
 NAME = "data-check"
 HELP = "validate a preference data file (every row) without training"
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         write_jsonl(rows, args.output)
         info["written"] = args.output
     if args.json:
-        print(json.dumps(info))
+        print(_json.dumps(info))
     else:
         print(f"{args.file}: OK")
         for key, value in info.items():

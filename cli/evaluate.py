@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from . import _json
 
 NAME = "evaluate"
 HELP = "win rate of a policy over a baseline under a judge, with its 95 percent interval, mean true reward and KL"
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         keys = ("prompts", "policy", "baseline", "outcome", "soft")
         write_jsonl([dict(zip(keys, row)) for row in zip(*(samples[k] for k in keys))], args.samples)
     if args.json:
-        print(json.dumps(result))
+        print(_json.dumps(result))
         return 0
     pct = int(round(result["level"] * 100))
     print(f"win rate of {args.policy} over {args.baseline} ({result['judge']}, {result['decision']}, n={result['n']}):")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from . import _json
 
 NAME = "finetune"
 HELP = "fine-tune a policy (DPO-style, VRPO, ...) or a reward model from a YAML config"
@@ -38,13 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="after `--`: --key value flags of the config dataclasses")
 
 
-def _merged_config(path: str, sets: list[str]) -> dict:
+def _merged_config(path: str, sets: list[str]) -> tuple[dict, dict[str, str]]:
+    """The config file's values with the ``--set`` ones over them, and where each came from."""
     import yaml
 
     from robust_rlhf.llm.config import _load_yaml
     from robust_rlhf.theory.errors import InputError
 
     values = _load_yaml(path)
+    origin = dict.fromkeys(values, str(path))
     for item in sets:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -53,14 +56,15 @@ def _merged_config(path: str, sets: list[str]) -> dict:
             values[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise InputError(f"--set {key}: value is not valid YAML ({exc})") from None
-    return values
+        origin[key.strip()] = "--set"
+    return values, origin
 
 
 def run(args: argparse.Namespace) -> int:
     from robust_rlhf.llm.config import parse_config
 
-    values = _merged_config(args.config, args.set)
-    model_args, data_args, pref_args, train_args = parse_config(values, args.overrides)
+    values, origin = _merged_config(args.config, args.set)
+    model_args, data_args, pref_args, train_args = parse_config(values, args.overrides, origin)
     if args.dry_run:
         from robust_rlhf.llm.data import prepare_rows, summary
         from robust_rlhf.llm.pipeline import build_objective
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             require_preferences=objective.uses_control_variate and pref_args.g_source == "columns",
         )
         print(
-            json.dumps(
+            _json.dumps(
                 {
                     "objective": f"{objective.method}/{objective.loss!r}",
                     "stage": pref_args.stage,
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         PartialState().destroy_process_group()
     if train_args.process_index == 0:
         print(
-            json.dumps(
+            _json.dumps(
                 {k: v for k, v in result.items() if k != "metrics"} | {"metrics": result["metrics"]}, default=str
             )
         )

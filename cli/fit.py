@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
+
+from . import _json
 
 NAME = "fit"
 HELP = "fit MLE / VRPO / power-tuned VRPO to your own pairwise data"
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         "at_bound": None if res.at_bound is None else bool(res.at_bound[0]),
     }
     if args.json:
-        print(json.dumps(out, allow_nan=True))
+        print(_json.dumps(out))
         return 0
     console = Console()
     table = Table(title=f"{method} ({args.loss} loss) on {data.n} labelled and {data.n_ref} reference pairs")

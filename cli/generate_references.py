@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+
+from . import _json
 
 NAME = "generate-references"
 HELP = "sample reference pairs a_1 .. a_2M per prompt from pi_ref (resumable)"
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         max_batches=args.max_batches,
     )
     print(
-        json.dumps(
+        _json.dumps(
             {
                 "output": args.output,
                 "rows_written": done,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
+
+from . import _json
 
 NAME = "predict"
 HELP = "what the theory predicts for a study's estimators (no simulation): variance, ratio, lam, bias, regret"
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                 row[f"regret_at_{n}"] = {k: regret.get(f"pred_regret_{k}", math.nan) for k in ("greedy", "kl")}
             rows.append(row)
             if args.json:
-                print(json.dumps(row, default=float), flush=True)
+                print(_json.dumps(row, default=float), flush=True)
     if not args.json:
         _print(rows, ns, spec)
     return 0

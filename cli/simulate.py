@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from . import _json
 
 NAME = "simulate"
 HELP = "draw preference data under a named misspecification"
@@ -14,7 +15,8 @@ Draw a preference data set from a scenario and write it to a file.
 Each labelled row is a prompt x ~ N(0, I), two responses drawn from the reference policy, and a
 label Z ~ Bernoulli(g*(x, y1, y2)) from the scenario's preference model. Reference pairs (M per
 prompt, or all K x K pairs with --M exact) and the auxiliary model g_hat are added for VRPO.
-The output (.npz or .parquet) is what `robust-rlhf fit --data FILE` reads.
+An .npz output is what `robust-rlhf fit --data FILE` reads; a .parquet output is the tidy table of
+the same draws (one row per labelled pair, for analysis elsewhere).
 
 examples:
   robust-rlhf simulate --list
@@ -43,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auxiliary model g_hat: oracle, noisy_oracle, constant, reversed, random, bt_plugin, "
                         "learned, with parameters, e.g. noisy_oracle:noise=0.5 (default: oracle)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE",
-                   help="output .npz or .parquet (default: results/simulate/SCENARIO_nN_seedS.npz)")
+                   help="output .npz (read by `fit`) or .parquet (a tidy table) "
+                        "(default: results/simulate/SCENARIO_nN_seedS.npz)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(data)
     summary["path"] = str(out)
     if args.json:
-        print(json.dumps(summary))
+        print(_json.dumps(summary))
         return 0
     table = Table(title=f"{scenario.name}: {scenario.spec['description']}", show_header=False)
     table.add_column("quantity")

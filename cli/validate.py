@@ -7,6 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from . import _json
+
 NAME = "validate"
 HELP = "check the estimators' theory against simulation, with confidence intervals"
 DESCRIPTION = """\
@@ -90,6 +92,10 @@ def build_spec(args: argparse.Namespace):
         changes["scenarios"] = tuple(_split(args.scenario))
     if args.estimators:
         changes["estimators"] = tuple(_split(args.estimators))
+        if spec.pessimism is not None:  # the bound's sub-study keeps only the estimators asked for
+            pess = spec.pessimism.to_dict()
+            kept = [e for e in pess["estimators"] if e["name"] in changes["estimators"]]
+            changes["pessimism"] = {**pess, "estimators": kept} if kept else None
     if args.n:
         changes["n"] = sizes(args.n)
     if args.reps is not None:
@@ -133,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     _save_report(report, out)
     figures = [] if args.no_figures else _figures(study, report, out)
     if args.json:
-        print(json.dumps({"study": spec.name, "fingerprint": spec.fingerprint(), "out": str(out),
+        print(_json.dumps({"study": spec.name, "fingerprint": spec.fingerprint(), "out": str(out),
                           "results": str(out / "results.parquet"), "figures": [str(f) for f in figures],
                           "claims": report.claims}, default=float))
         return 0
@@ -153,7 +159,7 @@ def _save_report(report, out: Path) -> None:
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
     with atomic_path(out / "claims.json") as tmp:
-        tmp.write_text(json.dumps(report.claims, indent=1, default=float))
+        tmp.write_text(_json.dumps(report.claims, indent=1, default=float))
 
 
 def _figures(study, report, out: Path) -> list[Path]:

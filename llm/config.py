@@ -7,6 +7,7 @@ one of ``ModelArguments``, ``DataArguments``, ``PreferenceArguments`` or transfo
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -149,9 +150,13 @@ def _load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def parse_config(
-    config: str | os.PathLike[str] | dict[str, Any] | None, overrides: Sequence[str] = ()
+    config: str | os.PathLike[str] | dict[str, Any] | None,
+    overrides: Sequence[str] = (),
+    origin: dict[str, str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, PreferenceArguments, Any]:
-    """``(model, data, preference, training)`` arguments from a YAML file (or dict) and ``--key value`` overrides."""
+    """``(model, data, preference, training)`` arguments from a YAML file (or dict) and ``--key value`` overrides.
+
+    ``origin``: where each key of a dict ``config`` came from (a file, ``--set``), named when its value is bad."""
     from transformers import HfArgumentParser
 
     values = dict(config) if isinstance(config, dict) else (_load_yaml(config) if config else {})
@@ -163,6 +168,7 @@ def parse_config(
     values.setdefault("report_to", ["tensorboard"] if _tensorboard_available() else "none")
     values.setdefault("remove_unused_columns", False)
     parser = HfArgumentParser(types)
+    parser.exit_on_error = False  # a bad value is an InputError naming it, not a usage dump and an exit
     # YAML values become the defaults, so command-line flags override them
     for action in parser._actions:
         if action.dest in values:
@@ -170,6 +176,13 @@ def parse_config(
             action.required = False
     try:
         parsed, remaining = parser.parse_known_args(list(overrides))
+    except argparse.ArgumentError as exc:
+        flags = (exc.argument_name or "").split("/")  # "--learning_rate/--learning-rate"
+        given = any(o == f or o.startswith(f + "=") for o in overrides for f in flags) if flags[0] else bool(overrides)
+        key = flags[0].lstrip("-")
+        where = "command-line override" if given or not config else \
+            ((origin or {}).get(key, "config") if isinstance(config, dict) else str(config))
+        raise InputError(f"{where}: option {key or '?'}: {exc.message}") from None
     except SystemExit:
         raise InputError(f"bad command-line override in {' '.join(overrides)}") from None
     if remaining:

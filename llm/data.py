@@ -241,8 +241,8 @@ def row_problems(
     elif conversational.get(PROMPT) and isinstance(row.get(PROMPT), (list, tuple)):
         if row[PROMPT][-1].get("role") == "assistant":
             out.append(RowProblem(rnum, PROMPT, "a chat prompt must not end with an assistant message"))
-    if tol < 0:
-        raise InputError(f"tol must be >= 0, got {tol}")
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise InputError(f"tol must be a finite number >= 0, got {tol}")
     for first, second in _pairs_with_probabilities(schema):
         pf, ps = preference_column(first), preference_column(second)
         p, q = row.get(pf), row.get(ps)

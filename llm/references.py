@@ -4,7 +4,8 @@ Rows are processed in batches of ``batch_size`` prompts; each batch samples ``2M
 prompt with one batched ``generate`` call (or vLLM's offline ``LLM.generate`` when installed and
 asked for), then is appended to the output JSONL and synced to disk. Batch ``b`` is sampled with the
 seed ``seed + b * batch_size`` (its first row), so a run interrupted after any batch and started again
-writes the same file as an uninterrupted run (with the same ``batch_size``). Earlier ``a_k`` and
+writes the same file as an uninterrupted run; the settings are recorded beside the output
+(``OUTPUT.settings.json``) and a resumed run with other settings is refused. Earlier ``a_k`` and
 ``a_k_preference`` columns are replaced (new responses invalidate old probabilities).
 
 Draws come from the model's own distribution at the given temperature and truncation: the settings of a
@@ -16,16 +17,18 @@ response, which the data format requires.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from robust_rlhf.theory.errors import InputError
+from robust_rlhf.theory.io import atomic_path
 
 from .data import PROMPT, _REF_PREF_RE, _REF_RE, read_rows, reference_column, write_jsonl
 from .tokenization import TokenizeOptions, prompt_token_ids, render_prompt
@@ -218,8 +221,19 @@ def generate_references(
     if tokenizer is None:
         raise InputError("generate_references needs the reference policy's tokenizer")
     out = Path(output)
+    use_vllm = options.backend == "vllm" or (options.backend == "auto" and vllm_available() and model_path is not None)
+    settings = json.loads(json.dumps({**asdict(options), "backend": "vllm" if use_vllm else "transformers",
+                                      "model": model_path}))
+    record = out.with_name(out.name + ".settings.json")
     done = 0
     if resume and out.exists():
+        if record.exists():
+            old = json.loads(record.read_text())
+            changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                       if old.get(k) != settings.get(k)]
+            if changed:
+                raise InputError(f"{out} was started with other settings ({'; '.join(changed)}): resume with those, "
+                                 "or start afresh (--no-resume)")
         existing = read_rows(out)
         done = len(existing)
         if done > len(rows):
@@ -238,7 +252,8 @@ def generate_references(
             )
     elif out.exists():
         out.unlink()
-    use_vllm = options.backend == "vllm" or (options.backend == "auto" and vllm_available() and model_path is not None)
+    with atomic_path(record) as tmp:  # what the rows were drawn with, checked when a run resumes
+        tmp.write_text(json.dumps(settings, indent=1))
     if use_vllm:
         if model_path is None:
             raise InputError("backend vllm needs model_path (a hub name or folder)")

@@ -336,7 +336,11 @@ class Scenario:
     def from_spec(cls, spec: Mapping[str, Any] | str | Path) -> "Scenario":
         """Validate and build a scenario from a spec mapping or a YAML/JSON file path."""
         if isinstance(spec, (str, Path)):
-            spec = load_spec(spec)
+            path = spec
+            try:
+                return cls.from_spec(load_spec(path))
+            except SpecError as exc:
+                raise SpecError(str(exc) if str(exc).startswith(f"{path}:") else f"{path}: {exc}") from None
         if not isinstance(spec, Mapping):
             raise SpecError(f"a scenario spec must be a mapping of fields (or a registered name), got {spec!r}")
         spec = dict(spec)

@@ -213,10 +213,14 @@ class StudySpec:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "StudySpec":
-        """Read a study spec from YAML or JSON."""
+        """Read a study spec from YAML or JSON (errors name the file)."""
         from .scenario import load_spec
 
-        return cls.from_dict(load_spec(path))
+        spec = load_spec(path)
+        try:
+            return cls.from_dict(spec)
+        except SpecError as exc:
+            raise SpecError(f"{path}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Canonical JSON-ready form (what the fingerprint hashes)."""

@@ -88,6 +88,10 @@ SIMULATE = [
     Row("spec is a list", lambda t: ["simulate", "--spec", _text(t / "s.yaml", "- 1\n- 2\n")],
         "the spec must be a mapping of fields, got list"),
     Row("spec is a folder", lambda t: ["simulate", "--spec", str(t)], "is a folder, not a spec file"),
+    Row("a field's error names the file", lambda t: ["simulate", "--spec", _text(t / "s.yaml", "features: {map: tanhh}")],
+        "s.yaml: field 'features.map' = 'tanhh' is unknown"),
+    Row("a study field's error names the file", lambda t: ["validate", "--config", _text(t / "c.yaml", "reps: 1\n"),
+                                                           "--out", str(t / "o")], "c.yaml: study field 'reps' = 1"),
     Row("features of the wrong type", lambda t: ["simulate", "--spec", _text(t / "s.yaml", "features: 5\n")],
         "field 'features' = 5 must be a map name or a mapping"),
     Row("reference of the wrong type", lambda t: ["simulate", "--spec", _text(t / "s.yaml", "reference: [1]\n")],
@@ -160,6 +164,8 @@ FIT = [
     Row("negative bound", lambda t: ["fit", "--data", _npz(t / "d.npz"), "--bound", "-1"],
         "bound must be a positive number"),
     Row("NaN bound", lambda t: ["fit", "--data", _npz(t / "d.npz"), "--bound", "nan"], "bound must be a positive number"),
+    Row("a parquet table", lambda t: ["fit", "--data", _text(t / "d.parquet", b"PAR1")],
+        "pairwise data are read from an .npz archive of arrays, not a .parquet file"),
 ]
 
 VALIDATE = [
@@ -195,6 +201,10 @@ OTHERS = [
     Row("figures: unknown script", lambda t: ["figures", "--only", "nope"], "no figure script 'nope'"),
     Row("check: not MODULE:FUNCTION", lambda t: ["check", "estimator"], "expected MODULE:FUNCTION"),
     Row("check: missing file", lambda t: ["check", str(t / "nope.py") + ":f"], "file not found"),
+    Row("data-check: NaN tolerance", lambda t: ["data-check", _text(t / "d.jsonl", '{"prompt": "p", "chosen": "a", '
+                                                '"rejected": "b"}\n'), "--tol", "nan"], "tol must be a finite number"),
+    Row("experiment: seeds not a list", lambda t: ["experiment", "--preset", "test", "--set", "seeds=abc",
+                                                   "--dry-run"], "seeds: need a list of integers >= 0, got 'abc'"),
 ]
 
 ROWS = [*(("simulate", r) for r in SIMULATE), *(("fit", r) for r in FIT), *(("validate", r) for r in VALIDATE),
@@ -361,3 +371,28 @@ def test_fit_detects_separation_despite_uninformative_pairs() -> None:
 
     with pytest.raises(SeparableDataError):
         fit(PairData(dphi=x, z=z))
+
+
+def test_json_output_is_strict_and_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`--json` prints null for a missing number (bare NaN is not JSON), and output piped into a reader that
+    stops early (`| head`) ends quietly with status 141, as shell tools do, not with a traceback."""
+    import subprocess
+    import sys
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    cmd = [sys.executable, "-m", "robust_rlhf.cli.main"]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd + ["predict", "--scenario", "bt", "--estimators", "vrpo_tuned_M8", "--json"],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    row = strict(out.splitlines()[0])
+    assert row["estimator"] == "vrpo_tuned_M8" and row["second"] is None  # not predicted for tuned VRPO
+    script = ("import sys; from robust_rlhf.cli import main as m; import robust_rlhf.cli.simulate as s\n"
+              "def run(args):\n    [print('x' * 1000) for _ in range(1000)]\n    return 0\n"
+              "s.run = run\nsys.exit(m.main(['simulate', '--list']))")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == b""

@@ -1068,7 +1068,7 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         reps = np.flatnonzero(separable)
         shown = ", ".join(map(str, reps[:10])) + (" ..." if reps.size > 10 else "")
         msg = (f"{reps.size} of {R} replication(s) have separable labelled pairs or an unbounded objective "
-               f"(replication {shown}): the unconstrained estimate does not exist; pass bound=B for a "
+               f"(replication {shown}): the unconstrained estimate does not exist; pass bound=B (--bound B) for a "
                f"norm-constrained fit")
         if on_separable == "raise":
             raise SeparableDataError(msg)

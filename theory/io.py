@@ -79,6 +79,9 @@ def load_pair_data(path: str | Path) -> PairData:
         raise InputError(f"{path}: is a folder, not an .npz file")
     if not path.is_file():
         raise FileNotFoundError(2, "No such file", str(path))
+    if path.suffix.lower() in (".parquet", ".csv", ".json", ".jsonl"):
+        raise InputError(f"{path}: pairwise data are read from an .npz archive of arrays, not a {path.suffix} file "
+                         "(`robust-rlhf simulate --out FILE.npz` writes one)")
     try:
         with open(path, "rb") as fh:  # our handle: numpy leaves its own open when a damaged archive fails to load
             loaded = np.load(fh, allow_pickle=False)

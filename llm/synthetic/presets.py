@@ -154,6 +154,10 @@ class ExperimentConfig:
             raise InputError(f"baseline {self.baseline!r} is not one of the methods ({', '.join(names)})")
         if "reference" not in [m.kind for m in self.methods]:
             raise InputError("methods: need the reference (kind: reference) to compare with")
+        if isinstance(self.seeds, (str, bytes)) or not isinstance(self.seeds, (list, tuple)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds
+        ):
+            raise InputError(f"seeds: need a list of integers >= 0, got {self.seeds!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise InputError(f"seeds: need distinct seeds, got {self.seeds}")
         for name in ("n_train", "n_eval", "max_new_tokens", "generation_batch_size", "batch_size", "prompt_words"):

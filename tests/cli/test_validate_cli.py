@@ -91,3 +91,14 @@ def test_list_estimators(capsys) -> None:
 def test_figures_needs_a_known_script(capsys) -> None:
     assert main(["figures", "--only", "nope"]) == 2
     assert "no figure script 'nope'" in capsys.readouterr().err
+
+
+def test_estimators_asked_for_also_restrict_the_pessimism_sub_study() -> None:
+    import argparse
+
+    from robust_rlhf.cli.validate import build_spec
+
+    args = argparse.Namespace(config=None, scenario="bt", estimators="mle", n=None, reps=None, seed=None)
+    assert [e.name for e in build_spec(args).pessimism.estimators] == ["mle"]
+    args.estimators = "vrpo_exact"  # the bound does not cover it: no sub-study
+    assert build_spec(args).pessimism is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import types
@@ -138,6 +139,11 @@ def test_generate_references_resumes_to_the_same_file(tokenizer: Any, tmp_path: 
     assert generate_references(rows, full, opts, model=model, tokenizer=tokenizer) == 5
     part = tmp_path / "part.jsonl"
     assert generate_references(rows, part, opts, model=model, tokenizer=tokenizer, max_batches=1) == 2
+    # resuming with other settings would mix two samplers in one file
+    for other, change in ((dict(n_pairs=3), "n_pairs: 2 -> 3"), (dict(seed=7), "seed: 3 -> 7")):
+        with pytest.raises(InputError, match=rf"was started with other settings \({change}\)"):
+            generate_references(rows, part, GenerationOptions(**{**dataclasses.asdict(opts), **other}), model=model,
+                                tokenizer=tokenizer)
     assert generate_references(rows, part, opts, model=model, tokenizer=tokenizer) == 5
     assert part.read_text() == full.read_text()
     out = read_rows(full)

@@ -156,6 +156,15 @@ def test_finetune_config_errors(cli: Any, tmp_path: Path, tiny_model_dir: Path) 
     bad = _jsonl(tmp_path / "bad.jsonl", rows)
     status, _, err = cli("finetune", "--config", str(cfg), "--set", f"train_data={bad}")
     assert status == 2 and "row 3, field 'chosen': missing (null)" in err
+    # a value of the wrong type: one line naming where it came from, not argparse's usage dump
+    typed = _config(tmp_path, tiny_model_dir, data, lam="abc")
+    status, _, err = cli("finetune", "--config", str(typed), "--dry-run")
+    assert status == 2 and err == f"robust-rlhf finetune: error: {typed}: option lam: invalid float value: 'abc'\n"
+    status, _, err = cli("finetune", "--config", str(cfg), "--set", "lam=xyz", "--dry-run")
+    assert status == 2 and err.endswith("error: --set: option lam: invalid float value: 'xyz'\n")
+    status, _, err = cli("finetune", "--config", str(cfg), "--dry-run", "--", "--learning_rate", "fast")
+    assert status == 2 and "command-line override: option learning_rate: invalid float value: 'fast'" in err
+    assert err.count("\n") == 1
 
 
 def test_finetune_reward_model_with_cross_fitted_g_hat(cli: Any, tmp_path: Path, tiny_reward_dir: Path) -> None:
