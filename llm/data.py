@@ -426,17 +426,22 @@ def prepare_rows(
     columns: dict[str, None] = {}
     for r in rows:
         columns.update(dict.fromkeys(r))
-    schema = infer_schema(columns)
-    if require_references and schema.n_ref_pairs == 0:
-        raise InputError("this method needs reference pairs: columns a_1, a_2 (and a_3, a_4, ... for more pairs)")
-    if require_preferences and not schema.has_preferences:
-        raise InputError(
-            "this method needs g_hat columns chosen_preference, rejected_preference and a_k_preference for "
-            "every reference response (or another g_hat source)"
-        )
-    if fix:
-        rows = [symmetrize_preferences(r, schema) for r in rows]
-    check_rows(rows, schema, tol)
+    try:  # a problem names its file (train or eval data)
+        schema = infer_schema(columns)
+        if require_references and schema.n_ref_pairs == 0:
+            raise InputError("this method needs reference pairs: columns a_1, a_2 (and a_3, a_4, ... for more pairs)")
+        if require_preferences and not schema.has_preferences:
+            raise InputError(
+                "this method needs g_hat columns chosen_preference, rejected_preference and a_k_preference for "
+                "every reference response (or another g_hat source)"
+            )
+        if fix:
+            rows = [symmetrize_preferences(r, schema) for r in rows]
+        check_rows(rows, schema, tol)
+    except InputError as exc:
+        if not isinstance(source, (str, os.PathLike)):
+            raise
+        raise InputError(f"{source}: {exc}") from None
     return rows, schema
 
 

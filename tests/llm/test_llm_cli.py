@@ -155,7 +155,7 @@ def test_finetune_config_errors(cli: Any, tmp_path: Path, tiny_model_dir: Path) 
     rows[2]["chosen"] = None
     bad = _jsonl(tmp_path / "bad.jsonl", rows)
     status, _, err = cli("finetune", "--config", str(cfg), "--set", f"train_data={bad}")
-    assert status == 2 and "row 3, field 'chosen': missing (null)" in err
+    assert status == 2 and f"{bad}: 1 bad field(s) in the preference data: row 3, field 'chosen'" in err
     # a value of the wrong type: one line naming where it came from, not argparse's usage dump
     typed = _config(tmp_path, tiny_model_dir, data, lam="abc")
     status, _, err = cli("finetune", "--config", str(typed), "--dry-run")
