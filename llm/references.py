@@ -77,9 +77,9 @@ def _model_distribution(model: torch.nn.Module) -> Iterator[None]:
     checkpoint's ``generation_config.json`` (a repetition penalty, ``min_p``, ...) would reshape it, and
     ``generate`` fills every setting left unset from it. Draws from ``pi_ref`` and the KL estimate need it
     unshaped, so the model's defaults are blank during the call."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
     from transformers import GenerationConfig
 
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's model
     saved = inner.generation_config
     inner.generation_config = GenerationConfig()
     try:
