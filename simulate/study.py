@@ -504,8 +504,17 @@ def _pessimism_path(out: Path, key: str) -> Path:
     return out / "pessimism" / f"{key}.parquet"
 
 
+#: columns a finished pessimism cell must hold (a cell written before they existed is recomputed)
+_PESSIMISM_COLUMNS = ("in_radius", "informative", "certain")
+
+
 def _pessimism_done(out: Path, key: str) -> bool:
-    return _readable(_pessimism_path(out, key)) is not None
+    path = _pessimism_path(out, key)
+    if _readable(path) is None:
+        return False
+    import pyarrow.parquet as pq
+
+    return set(_PESSIMISM_COLUMNS) <= set(pq.read_schema(path).names)
 
 
 def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path) -> list[str]:

@@ -527,6 +527,7 @@ class EstimationRadius:
     radius: float
     matrix: np.ndarray
     kappa: float
+    certain: float
     score_bound: float
     noise_term: float
     design_term: float
@@ -539,6 +540,12 @@ class EstimationRadius:
     L: float
     mu: float
     lam: float
+
+    @property
+    def informative(self) -> bool:
+        """Whether the radius is below the one that holds with certainty (``2 B sqrt(lambda_max(M))``):
+        only then can ``||theta_hat - theta_dag||_M <= radius`` fail."""
+        return self.radius < self.certain
 
     @property
     def cov(self) -> np.ndarray:
@@ -592,6 +599,8 @@ def estimation_radius(
     ``G = ||grad L_n(theta_dag)||_{M^-1}``. With ``||Delta|| <= 2B``,
     ``t^2 = ||Delta||_M^2 <= (2G/kappa) t + 4 mu B^2``, hence
     ``t <= Gamma = (a + sqrt(a^2 + 16 mu B^2)) / 2`` with ``a = 2 G_bound / kappa`` for any ``G <= G_bound``.
+    Both ends lie in the ball, so ``t <= 2 B sqrt(lambda_max(M))`` always (``certain``): ``Gamma`` is capped
+    there, and where the cap binds the statement holds with certainty (``informative`` is False).
 
     **Step 3 (score).** ``l'(z) = sigmoid(z) - 1`` gives ``-grad L_n(theta_dag) = (1/n) sum_i psi_i`` with
     ``psi_i = (Z_i - g_i) x_i + psi_des_i``, ``psi_des_i = (m_i - lam e_i) x_i + lam mean_{j in i}(e_j x_j)``,
@@ -624,7 +633,7 @@ def estimation_radius(
     ``mu >= 0`` (``M`` must be positive definite). The misspecification price enters through ``c``
     (``m = g* - s_dag``) and, for VRPO, through ``lam e`` (the control variate's error).
     """
-    nn = int(n) if isinstance(n, (int, np.integer)) else None
+    nn = int(n) if isinstance(n, (int, np.integer)) and not isinstance(n, bool) else None
     if nn is None or nn < 1:
         raise InputError(f"n: the number of labelled pairs must be a positive integer, got {n!r}")
     B_ = _positive("B", B)
@@ -680,10 +689,11 @@ def estimation_radius(
         r = design.c_design * math.sqrt(2.0 * math.log(2.0 / d2) / nn)
         design_term = math.inf if eps >= 1.0 else r / math.sqrt(1.0 - eps)
     score = noise + design_term
-    a = 2.0 * score / kappa
-    radius = math.inf if math.isinf(a) else 0.5 * (a + math.sqrt(a * a + 16.0 * mu_ * B_ * B_))
+    certain = 2.0 * B_ * math.sqrt(float(evals_M.max()))
+    a = 2.0 * score / kappa if kappa > 0 else math.inf  # kappa underflows to 0 for 2LB beyond ~745
+    radius = certain if math.isinf(a) else min(certain, 0.5 * (a + math.sqrt(a * a + 16.0 * mu_ * B_ * B_)))
     return EstimationRadius(
-        radius=radius, matrix=Mmat, kappa=kappa, score_bound=score, noise_term=noise, design_term=design_term,
+        radius=radius, matrix=Mmat, kappa=kappa, certain=certain, score_bound=score, noise_term=noise, design_term=design_term,
         chernoff_eps=eps, delta_noise=d1, delta_design=d2, delta_chernoff=d3, n=float(nn), B=B_, L=L_, mu=mu_,
         lam=lam_,
     )

@@ -172,19 +172,30 @@ def test_checks_report_claims_and_can_fail(tiny) -> None:
 
 def test_pessimism_bound_is_checked(tmp_path) -> None:
     """The explicit bound holds (it must, with probability >= 1 - delta) and the report says whether
-    it is vacuous; the certified policy never does better than the bound allows."""
+    it is vacuous; the certified policy never does better than the bound allows. The claim is tested
+    where the radius event can fail (the radius below the certain 2 B sqrt(lambda_max(M))): at n = 25600
+    here, not at n = 200, where alone it is inconclusive."""
     spec = StudySpec.from_dict({**TINY, "estimators": ["mle"], "n": [150],
-                                "pessimism": {"n": [200, 800], "reps": 4, "prompts": 12, "delta": 0.2}})
+                                "pessimism": {"n": [200, 25600], "reps": 4, "prompts": 12, "delta": 0.2}})
     study = run_study(spec, tmp_path / "p")
     pess = study.pessimism
     assert len(pess) == 2 * 2 * 4 and set(pess.estimator) == {"mle", "vrpo_M4"}
     assert (pess.regret_dagger <= pess.bound_dagger + 1e-9).all() and pess.held.all()
-    assert (pess.radius[pess.n == 800].mean() < pess.radius[pess.n == 200].mean())  # shrinks with n
+    assert (pess.radius[pess.n == 25600].mean() < pess.radius[pess.n == 200].mean())  # shrinks with n
+    assert (pess.radius <= pess.certain).all() and (pess.informative == (pess.n == 25600)).all()
+    assert pess.in_radius.all()
     report = analyse(study.results, study.predictions, pessimism=pess, delta=0.2)
     claims = [c for c in report.claims if c["name"] == "6_bound_holds"]
     assert len(claims) == 2 and all(c["verdict"] == "confirmed" for c in claims)
-    assert all("largest possible regret" in c["text"] for c in claims)
-    assert set(report.pessimism.columns) >= {"held", "held_low", "bound", "max_regret", "regret_pessimistic"}
+    assert all("4 of 8 replications, at n = 25600" in c["text"] and "largest possible regret" in c["text"]
+               for c in claims)
+    assert set(report.pessimism.columns) >= {"held", "held_low", "bound", "max_regret", "regret_pessimistic",
+                                             "informative", "in_radius"}
+    # where it cannot fail there is no verdict; where it fails too often it is refuted
+    small = analyse(study.results, study.predictions, pessimism=pess[pess.n == 200], delta=0.2)
+    assert {c["verdict"] for c in small.claims if c["name"] == "6_bound_holds"} == {"inconclusive"}
+    bad = analyse(study.results, study.predictions, pessimism=pess.assign(in_radius=~pess.informative), delta=0.2)
+    assert {c["verdict"] for c in bad.claims if c["name"] == "6_bound_holds"} == {"refuted"}
     assert (tmp_path / "p" / "pessimism.csv").exists()
 
 

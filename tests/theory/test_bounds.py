@@ -266,9 +266,14 @@ def test_design_constants_by_enumeration() -> None:
     assert eps + (1 - eps) * math.log(1 - eps) == pytest.approx(R * math.log(2 / (delta / 3)), rel=1e-10)
     assert rad.design_term == pytest.approx(c * math.sqrt(2 * math.log(6 / delta) / n) / math.sqrt(1 - eps), rel=1e-10)
     assert rad.delta_noise == rad.delta_design == rad.delta_chernoff == pytest.approx(delta / 3)
-    # too few pairs for the matrix Chernoff step: the bound is vacuous, not wrong
-    assert bd.estimation_radius(sigma, 5, B=2.0, L=1.0, mu=mu, delta=delta, lam=lam, sigma_ref=sigma,
-                                design=dc).radius == math.inf
+    # too few pairs for the matrix Chernoff step: the radius is the one that holds with certainty (both in
+    # the ball: 2 B sqrt(lambda_max(M))), not informative, not wrong
+    few = bd.estimation_radius(sigma, 5, B=2.0, L=1.0, mu=mu, delta=delta, lam=lam, sigma_ref=sigma, design=dc)
+    assert few.design_term == math.inf and not few.informative
+    assert few.radius == few.certain == pytest.approx(2 * 2.0 * math.sqrt(np.linalg.eigvalsh(few.matrix).max()))
+    # a curvature that underflows (2LB beyond ~745) gives the certain radius, not a division by zero
+    flat = bd.estimation_radius(sigma, n, B=400.0, L=1.0, mu=mu, delta=delta)
+    assert flat.kappa == 0.0 and flat.radius == flat.certain and not flat.informative
 
 
 def test_hkz_noise_term_holds_at_rate() -> None:
