@@ -37,9 +37,12 @@ def _save(fig, table: pd.DataFrame, out: Path, name: str, study: Study) -> Path:
     from robust_rlhf.theory.io import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
+    record = study.folder / "study.json"  # the package versions that computed the study
+    versions = json.loads(record.read_text()).get("versions", {}) if record.exists() else {}
     with atomic_path(out / f"{name}.meta.json") as tmp:
         tmp.write_text(json.dumps({"figure": name, "study": study.spec.to_dict(), "seed": study.spec.seed,
-                                   "fingerprint": study.spec.fingerprint(), "folder": str(study.folder)}, indent=1))
+                                   "fingerprint": study.spec.fingerprint(), "folder": str(study.folder),
+                                   "versions": versions}, indent=1))
     # the tight bounding box (legends outside the axes included) once, for both formats: "tight" would lay
     # the figure out again in each savefig
     bbox = fig.get_tightbbox().padded(0.1)
@@ -108,6 +111,8 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
             label = est + (" (IQR scale)" if (e.scale == "interquartile").any() else "")
             ax.plot(e.n, e.mse_per_n, "o-", color=colors[est], label=label, lw=1.4, ms=4)
             ax.fill_between(e.n, e.mse_low_per_n, e.mse_high_per_n, color=colors[est], alpha=0.15, lw=0)
+            gone = e.failed / e.reps > 0.01  # the rest are conditioned on existing: hollow
+            ax.plot(e.n[gone], e.mse_per_n[gone], "o", mfc="white", mec=colors[est], ms=4, lw=0)
             if np.isfinite(e.pred_mse_per_n).all():
                 ax.plot(e.n, e.pred_mse_per_n, "--", color=colors[est], lw=0.9, alpha=0.8)
         ns = np.sort(sub.n.unique())
@@ -122,43 +127,50 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
         _off_scale(ax, sub.rename(columns={"mse_per_n": "MSE"}), "MSE", top)
         ax.set_title(scenario)
         ax.set_ylabel(r"MSE  $E\|\hat\theta - \theta^\dagger\|^2$")
+    if (cells.failed / cells.reps > 0.01).any():
+        axes[0][0].plot([], [], "o", mfc="white", mec="gray", ms=4, lw=0, label="hollow: > 1% of the\nestimates "
+                        "do not exist")
     _legend_right(fig, axes[0][0])
     fig.suptitle("MSE against n: measured (solid, 95% band) and predicted (dashed; second order where "
                  "predicted)", y=1.02)
     table = cells[["scenario", "estimator", "n", "scale", "mse_per_n", "mse_low_per_n", "mse_high_per_n",
-                   "pred_mse_per_n"]]
+                   "pred_mse_per_n", "reps", "failed"]]
     return _save(fig, table.rename(columns=lambda c: c.replace("_per_n", "")),
                  out, "mse_vs_n", study)
 
 
 def variance_ratio(study: Study, report: Report, out: Path) -> Path:
     """Predicted against measured variance ratio over the MLE, one point per cell with its 95% CI, on
-    the diagonal when the theory holds: left, the cells whose predicted ratio is at most 1 (linear
-    axes); right, every cell (log axes, points far above their prediction named off scale). Hollow
-    markers: a bad ``g_hat``'s cells, on the interquartile scale."""
+    the diagonal when the theory holds: the prediction at the cell's n (``pred_ratio_n``: second order
+    where predicted, else the limit; what ``ratio_check`` judges). Left, the cells whose predicted ratio is
+    at most 1 (linear axes); right, every cell (log axes, points far above their prediction named off
+    scale). Hollow markers: a bad ``g_hat``'s cells, on the interquartile scale; faded: cells where more
+    than 1% of the estimates do not exist (the rest are conditioned on existing)."""
     plt, _ = _setup()
-    cells = report.cells[(report.cells.estimator != "mle") & np.isfinite(report.cells.pred_ratio)].copy()
+    cells = report.cells[(report.cells.estimator != "mle") & np.isfinite(report.cells.pred_ratio_n)].copy()
+    cells["missing"] = cells.failed / cells.reps
     scenarios = list(dict.fromkeys(cells.scenario))
     colors = _palette(scenarios)
     markers = dict(zip(sorted(cells.n.unique()), "ovs^DP*X"))
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.8))
-    panels = ((axes[0], cells[cells.pred_ratio <= 1.0 + 1e-9], False, "cells with predicted ratio <= 1"),
+    panels = ((axes[0], cells[cells.pred_ratio_n <= 1.0 + 1e-9], False, "cells with predicted ratio <= 1"),
               (axes[1], cells, True, "every cell"))
     for ax, sub, log, title in panels:
         if sub.empty:
             ax.set_visible(False)
             continue
         if log:
-            lo = 0.7 * float(sub.pred_ratio.min())
-            hi = 20.0 * float(sub.pred_ratio.max())
+            lo = 0.7 * float(sub.pred_ratio_n.min())
+            hi = 20.0 * float(sub.pred_ratio_n.max())
         else:
-            lo = min(float(sub.pred_ratio.min()), float(sub.ratio_low.min())) - 0.03
-            hi = max(float(sub.pred_ratio.max()), float(sub.ratio_high.max())) + 0.03
+            lo = min(float(sub.pred_ratio_n.min()), float(sub.ratio_low.min())) - 0.03
+            hi = max(float(sub.pred_ratio_n.max()), float(sub.ratio_high.max())) + 0.03
             hi = min(hi, 1.0 + 3.0 * (1.0 - lo)) if hi > 2 else hi
-        for (scenario, n, scale), g in sub.groupby(["scenario", "n", "scale"]):
-            ax.errorbar(g.pred_ratio, g.ratio.clip(upper=hi), yerr=[(g.ratio - g.ratio_low).clip(lower=0),
+        for (scenario, n, scale, faded), g in sub.groupby(["scenario", "n", "scale", sub.missing > 0.01]):
+            ax.errorbar(g.pred_ratio_n, g.ratio.clip(upper=hi), yerr=[(g.ratio - g.ratio_low).clip(lower=0),
                         (g.ratio_high - g.ratio).clip(lower=0)], fmt=markers[n], color=colors[scenario], ms=5,
-                        lw=0.8, capsize=2, alpha=0.85, mfc="none" if scale == "interquartile" else None)
+                        lw=0.8, capsize=2, alpha=0.3 if faded else 0.85,
+                        mfc="none" if scale == "interquartile" else None)
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         if log:
             ax.set_xscale("log")
@@ -166,7 +178,7 @@ def variance_ratio(study: Study, report: Report, out: Path) -> Path:
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         _off_scale(ax, sub.rename(columns={"ratio": "ratio_measured"}), "ratio_measured", hi)
-        ax.set_xlabel("predicted variance ratio (estimator / MLE)")
+        ax.set_xlabel("predicted variance ratio at n (estimator / MLE)")
         ax.set_ylabel("measured variance ratio (95% CI)")
         ax.set_title(title)
     axes[1].plot([], [], "k--", lw=1, label="measured = predicted")
@@ -176,11 +188,13 @@ def variance_ratio(study: Study, report: Report, out: Path) -> Path:
         axes[1].plot([], [], m, color="gray", label=f"n = {n}")
     if (cells.scale == "interquartile").any():
         axes[1].plot([], [], "o", color="gray", mfc="none", label="bad g_hat:\ninterquartile scale")
+    if (cells.missing > 0.01).any():
+        axes[1].plot([], [], "o", color="gray", alpha=0.3, label="faded: > 1% of the\nestimates do not exist")
     axes[1].legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("variance ratio over the MLE: theory against simulation (paired, 95% bootstrap CI)", y=1.01)
     fig.tight_layout()
-    table = cells[["scenario", "estimator", "n", "scale", "pred_ratio", "ratio", "ratio_low", "ratio_high",
-                   "ratio_check"]]
+    table = cells[["scenario", "estimator", "n", "scale", "pred_ratio", "pred_ratio_n", "ratio", "ratio_low",
+                   "ratio_high", "ratio_check", "reps", "failed"]]
     return _save(fig, table, out, "variance_ratio", study)
 
 
@@ -248,7 +262,8 @@ def coverage_vs_n(study: Study, report: Report, out: Path) -> Path:
 
 def pessimism_bound(study: Study, report: Report, out: Path) -> Path | None:
     """The explicit regret bound of the pessimistic policy against n, beside the largest possible
-    regret, the regret of the policy it certifies and of the asymptotic-ellipsoid pessimistic policy."""
+    regret, the regret of the policy it certifies, of ``pi_ref`` (what a vacuous radius certifies) and of
+    the asymptotic-ellipsoid pessimistic policy, all under the utility ``theta_dagger . phi``."""
     if report.pessimism is None:
         return None
     plt, _ = _setup()
@@ -263,9 +278,10 @@ def pessimism_bound(study: Study, report: Report, out: Path) -> Path | None:
         ax.plot(e.n, e.regret_pessimistic, "o-", color=colors[est], label=f"{est}: asymptotic pessimism", lw=1.4, ms=4)
         ax.fill_between(e.n, e.regret_pessimistic_low, e.regret_pessimistic_high, color=colors[est], alpha=0.15, lw=0)
     ax.axhline(float(table.max_regret.mean()), color="black", lw=1.2, ls="-.", label="largest possible regret")
+    ax.axhline(float(table.regret_reference.mean()), color="gray", lw=1.0, ls=":", label=r"$\pi_{ref}$ itself")
     _n_axis(ax, table.n.unique())
     ax.set_yscale("log")
-    ax.set_ylabel(r"regret under $\theta^\dagger \cdot \phi$ (true utility for asymptotic)")
+    ax.set_ylabel(r"regret under $\theta^\dagger \cdot \phi$")
     ax.set_title(f"pessimistic policy on {table.scenario.iloc[0]}: bound against regret")
     ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(fig, table, out, "pessimism_bound", study)

@@ -505,7 +505,7 @@ def _pessimism_path(out: Path, key: str) -> Path:
 
 
 #: columns a finished pessimism cell must hold (a cell written before they existed is recomputed)
-_PESSIMISM_COLUMNS = ("in_radius", "informative", "certain")
+_PESSIMISM_COLUMNS = ("in_radius", "informative", "certain", "regret_reference", "regret_pessimistic_dagger")
 
 
 def _pessimism_done(out: Path, key: str) -> bool:
