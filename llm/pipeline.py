@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from transformers import set_seed
+
 from robust_rlhf.theory.errors import InputError
 
 from .auxiliary import (
@@ -40,6 +42,13 @@ from .trainers import PreferenceTrainer, RewardTrainer
 __all__ = ["build_objective", "prepare_g_hat", "fit_reward_scorer", "run_finetune"]
 
 
+#: the training arguments a cross-fitted reward model's fit depends on (part of its g_hat cache key)
+_FIT_SETTINGS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "bf16", "fp16",
+)
+
+
 def build_objective(pref: PreferenceArguments) -> PreferenceObjective:
     """The ``PreferenceObjective`` named by the config."""
     return PreferenceObjective.from_names(
@@ -55,8 +64,11 @@ def fit_reward_scorer(
     train_args: Any,
     output_dir: str,
     init: str,
+    seed: int,
 ) -> RewardModelScorer:
-    """A reward model initialised from ``init`` and fitted by the logistic MLE on ``rows``' labelled pairs."""
+    """A reward model initialised from ``init`` and fitted by the logistic MLE on ``rows``' labelled pairs
+    (its new score head drawn with ``seed``, not with whatever the process drew before)."""
+    set_seed(seed)
     model = load_reward_model(
         init, tokenizer.pad_token_id, model_args.dtype, model_args.revision, model_args.trust_remote_code
     )
@@ -71,6 +83,10 @@ def fit_reward_scorer(
     args.output_dir = output_dir
     args.save_strategy = "no"
     args.report_to = []
+    # a fit on the training rows alone: no evaluation set, best-model tracking or upload
+    args.eval_strategy = "no"
+    args.load_best_model_at_end = False
+    args.push_to_hub = False
     trainer = RewardTrainer(
         model,
         args,
@@ -135,6 +151,7 @@ def prepare_g_hat(
                     train_args,
                     os.path.join(train_args.output_dir, f"g_hat_fold{_count[0]}"),
                     path,
+                    train_args.seed + _count[0],
                 )
 
             compute = lambda: cross_fit(rows, schema, folds, fit, seed=train_args.seed)  # noqa: E731
@@ -146,6 +163,10 @@ def prepare_g_hat(
             scorer = RewardModelScorer(g_model.to(train_args.device), g_tok)
             compute = lambda: annotate(rows, schema, scorer)  # noqa: E731
         key = f"{pref.g_source}:{path}:folds={folds}:seed={train_args.seed}"
+        if folds:  # the fitted reward models depend on how they are trained
+            fitting = {k: getattr(train_args, k, None) for k in _FIT_SETTINGS}
+            key += ":" + json.dumps({**fitting, "dtype": model_args.dtype, "dropout": pref.disable_dropout},
+                                    sort_keys=True, default=str)
     out = cached_annotate(rows, schema, compute, os.path.join(cache_dir, tag), key)
     return out, infer_schema(out[0].keys())
 
@@ -292,6 +313,7 @@ def run_finetune(
             tmp.write_text(json.dumps(list(trainer.train_dataset[REF_LOGPS])))
             os.replace(tmp, ref_path)
     else:
+        set_seed(train_args.seed)  # the reward model's new score head
         model = load_reward_model(
             model_args.model_name_or_path,
             tokenizer.pad_token_id,

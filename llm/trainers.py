@@ -63,6 +63,9 @@ TRAINER_STATE_FILE = "vrpo_state.json"
 FROZEN_WEIGHTS_FILE = "frozen_g_model.safetensors"
 
 
+_ROWS = "_rows"  # the rows behind a batch's metrics, their weight when logged
+
+
 class _PairwiseTrainer(Trainer, ABC):
     """Shared machinery: batch -> margins -> theory loss, g_hat, lambda tuning, gathered metrics."""
 
@@ -117,7 +120,8 @@ class _PairwiseTrainer(Trainer, ABC):
         self.g_source = g_source
         self.frozen_refresh_steps = frozen_refresh_steps
         self.lambda_estimator = LambdaEstimator(objective.lam, lambda_ema) if objective.method == "vrpo_tuned" else None
-        self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._stored: dict[str, dict[str, list[tuple[float, float]]]] = {"train": defaultdict(list),
+                                                                         "eval": defaultdict(list)}
         super().__init__(
             model=model,
             args=args,
@@ -249,6 +253,7 @@ class _PairwiseTrainer(Trainer, ABC):
         rows = self._gather(torch.stack([c.detach().float() for c in cols], dim=-1))
         rc, rr = rows[:, 0], rows[:, 1]
         m = {
+            _ROWS: float(rows.shape[0]),
             "rewards/chosen": rc.mean().item(),
             "rewards/rejected": rr.mean().item(),
             "rewards/margins": (rc - rr).mean().item(),
@@ -300,15 +305,19 @@ class _PairwiseTrainer(Trainer, ABC):
         return loss.detach(), None, None
 
     def _store(self, metrics: dict[str, float], mode: str) -> None:
+        """Each batch's values with their weight: its rows for a mean, its rows - 1 for a within-batch
+        variance (pooled; a one-row batch has none)."""
+        rows = metrics.pop(_ROWS, 1.0)
         for key, value in metrics.items():
-            self._stored[mode][key].append(float(value))
+            self._stored[mode][key].append((float(value), rows - 1.0 if "/var_" in key else rows))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         prefix = "eval_" if mode == "eval" else ""
         for key, values in self._stored[mode].items():
-            if values:
-                logs[f"{prefix}{key}"] = sum(values) / len(values)
+            weight = sum(w for _, w in values)
+            if weight > 0:  # the metric over every row since the last log, not a mean of batch means
+                logs[f"{prefix}{key}"] = sum(v * w for v, w in values) / weight
         self._stored[mode].clear()
         super().log(logs, start_time)
 

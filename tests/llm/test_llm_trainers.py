@@ -407,6 +407,45 @@ def test_metrics_are_trl_names_and_gathered_variances(tokenizer: Any, tmp_path: 
     assert log["loss"] == pytest.approx((A - lam * C).mean().item(), abs=1e-5)
 
 
+def test_evaluation_metrics_are_over_rows_not_batch_means(tokenizer: Any, tmp_path: Any) -> None:
+    """5 evaluation rows in batches of 4 and 1: every logged mean is over the 5 rows (a mean of the two
+    batch means would weigh the lone row 4 times), as Trainer's own eval_loss is."""
+    tds, schema = _data(tokenizer, n=4, n_pairs=1, seed=25)
+    eds, _ = _data(tokenizer, n=5, n_pairs=1, seed=26)
+    model = make_causal_lm(tokenizer, seed=0)
+    tr = PreferenceTrainer(model, _args(tmp_path), objective=PreferenceObjective.from_names("vrpo", "logistic"),
+                           schema=schema, beta=BETA, ref_model=make_causal_lm(tokenizer, seed=4), train_dataset=tds,
+                           eval_dataset=eds, processing_class=tokenizer)
+    metrics = tr.evaluate()
+    batch = tr.data_collator([tr.eval_dataset[i] for i in range(5)])
+    with torch.no_grad():
+        s = tr._scores(model, batch)
+    margin = s["margin"].double()
+    assert metrics["eval_rewards/margins"] == pytest.approx(margin.mean().item(), abs=1e-5)
+    assert metrics["eval_rewards/accuracies"] == pytest.approx((margin > 0).double().mean().item(), abs=1e-9)
+    assert metrics["eval_vrpo/g_labelled"] == pytest.approx(batch["g"].mean().item(), abs=1e-6)
+
+
+def test_reward_model_head_does_not_depend_on_earlier_draws(tokenizer: Any, tmp_path: Any) -> None:
+    """The score head a reward model gets is drawn with the run's seed: the fit is the same whatever the
+    process drew before (an interrupted experiment resumes to the same numbers)."""
+    from robust_rlhf.llm.config import ModelArguments, PreferenceArguments
+    from robust_rlhf.llm.pipeline import fit_reward_scorer
+
+    init = tmp_path / "init"
+    make_reward_model(tokenizer, seed=0).base_model.save_pretrained(init)
+    tokenizer.save_pretrained(init)
+    rows = make_rows(6, n_pairs=0, seed=27)
+    scores = []
+    for draw in (1, 2):
+        torch.manual_seed(draw)
+        scorer = fit_reward_scorer(rows, ModelArguments(model_name_or_path=str(init)), PreferenceArguments(),
+                                   tokenizer, _args(tmp_path / str(draw), max_steps=1), str(tmp_path / str(draw)),
+                                   str(init), seed=5)
+        scores.append([p.detach() for p in scorer.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*scores))
+
+
 def test_resume_after_interruption_gives_the_same_final_loss(tokenizer: Any, tmp_path: Any) -> None:
     """6 steps straight vs 4 steps, stop, resume from checkpoint-4: same losses, same weights.
 
