@@ -220,15 +220,23 @@ def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
+_RETURN_HINT = ("return theta as an array ((R, d), or (d,) for one replication), or an object with attributes "
+                ".theta and .cov (cov optional)")
+
+
 def _as_array(value: Any, what: str, fn: Any) -> np.ndarray:
     try:
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise EstimatorError(f"{_name(fn)} returned a {what} that is not an array of numbers ({exc})") from None
+        raise EstimatorError(f"{_name(fn)} returned a {what} that is not an array of numbers ({exc}); "
+                             f"{_RETURN_HINT}") from None
 
 
 def _normalise(out: Any, reps: int, d: int, fn: Any) -> Estimate | None:
     """``Estimate`` from an estimator's output; None when it returned one (d,) vector for R > 1."""
+    if out is None or isinstance(out, Mapping):
+        raise EstimatorError(f"{_name(fn)} returned {'None' if out is None else 'a ' + type(out).__name__}; "
+                             f"{_RETURN_HINT}")
     has_theta = hasattr(out, "theta")
     theta = _as_array(out.theta if has_theta else out, "theta", fn)
     cov = getattr(out, "cov", None) if has_theta else None
@@ -530,6 +538,11 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return 0.0 if diff == 0.0 else diff / max(scale, 1e-300)
 
 
+def _no_estimate(outcome: _Outcome) -> bool:
+    """The estimator raised, or returned no finite estimate."""
+    return outcome.error is not None or not np.isfinite(outcome.estimate.theta).any()
+
+
 def _compare(a: _Outcome, b: _Outcome, A_inv: np.ndarray | None, rtol: float, rtol_cov: float) -> str | None:
     """Why outcome ``b`` (transformed data) is not outcome ``a`` mapped by ``theta -> theta A^-1``."""
     if a.error or b.error:
@@ -550,7 +563,10 @@ def _compare(a: _Outcome, b: _Outcome, A_inv: np.ndarray | None, rtol: float, rt
         return "a covariance is returned on one data set only"
     if ca is not None:
         ce = ca if A_inv is None else A_inv.T @ ca @ A_inv
-        ok = np.isfinite(ce).all(axis=(1, 2)) & np.isfinite(cb).all(axis=(1, 2))
+        fe, fc = np.isfinite(ce).all(axis=(1, 2)), np.isfinite(cb).all(axis=(1, 2))
+        if not np.array_equal(fe, fc):
+            return "a finite covariance is returned on one data set only"
+        ok = fe & fc
         rel = _relative(ce[ok], cb[ok])
         if rel > rtol_cov:
             return (f"cov changed (relative difference {rel:.3g} > {rtol_cov:g}): expected diagonal "
@@ -578,10 +594,23 @@ def _invariance(fit_fn: FitFn, transform: str, *, cases: Any, maps: str, seed: i
     budget = _budget(shrink_budget)
     strategy = _case_strategy(transform, cases, maps, with_theta=False, budget=budget)
 
+    seen = {"calls": 0, "vacuous": 0, "error": None}
+
     def violation(case: _Case) -> str | None:
         pairs = case.data.pair_data()
         A_inv = None if transform != "equivariance" else np.linalg.inv(np.asarray(case.detail))
-        return _compare(_attempt(fit_fn, pairs), _attempt(fit_fn, case.apply(pairs)), A_inv, rtol, rtol_cov)
+        first = _attempt(fit_fn, pairs)
+        why = _compare(first, _attempt(fit_fn, case.apply(pairs)), A_inv, rtol, rtol_cov)
+        seen["calls"] += 1
+        if why is None and _no_estimate(first):  # nothing was compared: both raised or neither estimated
+            seen["vacuous"] += 1
+            seen["error"] = seen["error"] or first.error or "non-finite estimates"
+        if why is not None:  # before blaming the transform: is the estimator a function of its data?
+            again = _attempt(fit_fn, pairs)
+            if _compare(first, again, None, rtol, rtol_cov) is not None:
+                return (f"the estimator is not deterministic: two calls on the same data differ "
+                        f"({_compare(first, again, None, rtol, rtol_cov)})")
+        return why
 
     null = _INVARIANCE_NULLS[transform].format(maps=maps)
     name = _PROPERTY_OF[transform]
@@ -590,11 +619,17 @@ def _invariance(fit_fn: FitFn, transform: str, *, cases: Any, maps: str, seed: i
     except Unsatisfiable as exc:
         return PropertyResult(name, "skip", null, 0.0, math.nan, rtol, f"no valid example could be drawn ({exc})",
                               seed=seed)
+    evidence = {"examples": calls, "rtol": rtol, "rtol_cov": rtol_cov, "without_estimate": seen["vacuous"],
+                "evaluated": seen["calls"]}
+    if found is None and seen["calls"] and seen["vacuous"] == seen["calls"]:
+        return PropertyResult(name, "skip", null, 0.0, math.nan, rtol, f"nothing compared: the estimator gave no "
+                              f"estimate on any of {calls} examples ({seen['error']})", evidence, seed=seed)
     if found is None:
-        return PropertyResult(name, "pass", null, 0.0, 0.0, rtol, f"no counterexample in {calls} examples",
-                              {"examples": calls, "rtol": rtol, "rtol_cov": rtol_cov}, seed=seed)
-    return PropertyResult(name, "fail", null, 0.0, math.inf, rtol, message,
-                          {"examples": calls, "rtol": rtol, "rtol_cov": rtol_cov},
+        unused = (f"; no estimate on {seen['vacuous']} of {seen['calls']} data sets, e.g. {seen['error']}"
+                  if seen["vacuous"] else "")
+        return PropertyResult(name, "pass", null, 0.0, 0.0, rtol, f"no counterexample in {calls} examples{unused}",
+                              evidence, seed=seed)
+    return PropertyResult(name, "fail", null, 0.0, math.inf, rtol, message, evidence,
                           counterexample=f"{found.describe()}\nviolation: {message}", seed=seed)
 
 
@@ -888,9 +923,13 @@ def _baseline(design: Design, n: int, baseline: FitFn | None) -> Estimate:
 
 
 def check_variance(fit_fn: FitFn | None = None, design: Design | None = None, *, run: MonteCarloRun | None = None,
-                   baseline: FitFn | None = None, alpha: float = 0.01, tolerance: float = 0.0,
+                   baseline: FitFn | None = None, alpha: float = 0.01, tolerance: float = 1e-3,
                    max_failed: float = 0.02) -> PropertyResult:
     r"""``tr Cov(theta_hat) <= (1 + tolerance) tr Cov(theta_baseline)`` at the largest ``n`` (one-sided).
+
+    The default ``tolerance`` of 0.1% treats the baseline's own estimate, reached by another optimiser, as
+    equal: paired over the same data sets, an optimiser's precision (1e-7 here) is otherwise a significant
+    excess.
 
     Paired over replications: ``a_r = ||theta_hat_r - mean||^2``, ``b_r`` likewise for the baseline
     (default: the logistic MLE of ``theory.fitting``), ``log V = log(abar / bbar)`` with the
@@ -925,7 +964,9 @@ def check_variance(fit_fn: FitFn | None = None, design: Design | None = None, *,
     evidence = {"n": n, "replications": int(ok.sum()), "ratio": ratio, "ratio_se_log": se,
                 "ratio_interval": [lo, hi], "trace": float(a.mean() * ok.sum() / (ok.sum() - 1)),
                 "baseline_trace": float(b.mean() * ok.sum() / (ok.sum() - 1))}
-    summary = f"variance ratio to {base_name} at n = {n}: {ratio:.4f} ({1 - 2 * alpha:.0%} interval {lo:.4f}-{hi:.4f})"
+    digits = 4 if hi - lo > 1e-3 else 7  # enough to tell the ratio from 1
+    summary = (f"variance ratio to {base_name} at n = {n}: {ratio:.{digits}f} ({1 - 2 * alpha:.0%} interval "
+               f"{lo:.{digits}f}-{hi:.{digits}f}; allowed up to {1 + tolerance:g})")
     if t <= z:
         return PropertyResult("variance", "pass", null, alpha, t, z, summary, evidence, seed=design.seed)
     ce = (f"tr Cov(theta_hat) = {evidence['trace']:.5g} against {evidence['baseline_trace']:.5g} for {base_name} over "
@@ -958,6 +999,13 @@ def check_coverage(fit_fn: FitFn | None = None, design: Design | None = None, *,
     theta_t, se_t, how = _target(design, target)
     d = theta_t.size
     var = np.diagonal(est.cov, axis1=1, axis2=2)
+    invalid = np.isfinite(est.theta).all(axis=1) & ~(np.isfinite(var) & (var >= 0)).all(axis=1)
+    if invalid.sum() > max_failed * invalid.size:
+        r = int(np.argmax(invalid))
+        msg = (f"cov has NaN, infinite or negative variances in {int(invalid.sum())} of {invalid.size} replications "
+               f"whose theta_hat exists (replication {r}: diagonal {var[r].tolist()})")
+        return PropertyResult("coverage", "fail", null, alpha, math.inf, 0.0, msg,
+                              counterexample=f"{msg}\ndata: {design.code(n)}", seed=design.seed)
     ok = np.isfinite(est.theta) & np.isfinite(var) & (var >= 0)
     half = float(stats.norm.ppf((1 + level) / 2)) * np.sqrt(np.where(ok, var, 0.0))
     covered = (np.abs(est.theta - theta_t) <= half) & ok
@@ -1222,7 +1270,7 @@ def _unknown(given: Sequence[str], allowed: Sequence[str]) -> None:
 def check_estimator(fit_fn: FitFn, *, properties: Sequence[str] | None = None, design: Design | None = None,
                     maps: str = "invertible", cases: Any = None, target: Any = None, baseline: FitFn | None = None,
                     alpha: float = 0.01, seed: int = 0, max_examples: int | None = None, rtol: float = 1e-5,
-                    rtol_cov: float = 1e-4, shrink_budget: int = 200, variance_tolerance: float = 0.0,
+                    rtol_cov: float = 1e-4, shrink_budget: int = 200, variance_tolerance: float = 1e-3,
                     coverage_tolerance: float = 0.05) -> BatteryResult:
     """The estimator battery (``PROPERTIES``, or the chosen ``properties``) on ``fit_fn``.
 

@@ -113,6 +113,10 @@ def test_outputs_are_normalised(small: PairData) -> None:
         P.estimate(lambda d: np.zeros((3, 2)), small)
     with pytest.raises(P.EstimatorError, match="not an array of numbers"):
         P.estimate(lambda d: "theta", small)
+    for out, what in ((None, "returned None"), ({"theta": 1}, "returned a dict"),
+                      ((np.zeros((2, 3)), np.zeros((2, 3, 3))), "not an array of numbers")):
+        with pytest.raises(P.EstimatorError, match=rf"{what}.*or an object with attributes .theta and .cov"):
+            P.estimate(lambda d, out=out: out, small)
 
 
 # --- the kit catches broken estimators ----------------------------------------------------------
@@ -188,6 +192,40 @@ def test_dropping_the_reference_term_is_caught() -> None:
     assert result.verdict == "fail" and "E[L(theta; g_hat) - L(theta; g_0)]" in result.counterexample
     assert P.check_control_variate(P.fitting_objective("logistic", 1.0), reps=400).verdict == "pass"
     assert P.check_control_variate(P.fitting_objective("logistic", 0.0), reps=400).verdict == "skip"
+
+
+def test_the_kit_is_not_fooled_by_crashes_noise_or_broken_covariances() -> None:
+    """An estimator that never estimates is not 'invariant' (nothing was compared: skip), one that raises on
+    some data says so; a non-deterministic one is named as such, not as breaking the transform; NaN or
+    negative covariances fail the coverage check; an MLE reached by another optimiser (relative 1e-7) is
+    not worse than the MLE."""
+    def never(data):
+        raise ValueError("no")
+
+    def small_only(data):
+        if data.n >= 60:
+            raise ValueError("too many pairs")
+        return fit(data, "mle", on_separable="warn").theta
+
+    skip = P.check_swap_invariance(never, max_examples=5, shrink_budget=0)
+    assert skip.verdict == "skip" and "no estimate on any of" in skip.summary and "ValueError: no" in skip.summary
+    some = P.check_swap_invariance(small_only, max_examples=8, shrink_budget=0)
+    assert some.verdict == "pass" and "too many pairs" in some.summary and some.evidence["without_estimate"] > 0
+    rng = np.random.default_rng(0)
+    noisy = P.check_swap_invariance(lambda d: fit(d, "mle", on_separable="warn").theta + 1e-3 * rng.normal(
+        size=(d.reps, d.d)), max_examples=5, shrink_budget=0)
+    assert noisy.verdict == "fail" and "the estimator is not deterministic" in noisy.summary
+
+    def negative(data):
+        res = fit(data, "mle", on_separable="warn")
+        return replace(res, cov=-res.cov)
+
+    design = P.Design()
+    bad = P.check_coverage(negative, design)
+    assert bad.verdict == "fail" and "cov has NaN, infinite or negative variances in 100 of 100" in bad.summary
+    again = P.simulate_estimates(lambda d: fit(d, "mle", on_separable="warn").theta * (1 + 1e-7), design)
+    assert P.check_variance(run=again).verdict == "pass"
+    assert P.check_variance(run=again, tolerance=0.0).verdict == "fail"  # an excess of 2e-7, known exactly
 
 
 def test_checks_are_deterministic_under_a_seed() -> None:
@@ -312,6 +350,7 @@ MODULE = textwrap.dedent("""
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "my_estimators.py").write_text(MODULE)
+    (tmp_path / "broken_module.py").write_text("raise RuntimeError('half-written module')\n")
     monkeypatch.chdir(tmp_path)
     yield "my_estimators"
     sys.modules.pop("my_estimators", None)
@@ -333,7 +372,8 @@ def test_cli_check(user_module, capsys) -> None:
                           ([f"{user_module}:fit_vrpo", "--properties", "speed"], "unknown property speed"),
                           ([f"{user_module}:fit_vrpo", "--maps", "affine"], "unknown family 'affine'"),
                           ([f"{user_module}:fit_vrpo", "--n", "10,x"], "--n: expected comma-separated integers"),
-                          ([f"{user_module}:np"], "is a module, not a callable")):
+                          ([f"{user_module}:np"], "is a module, not a callable"),
+                          (["broken_module:f"], "cannot import 'broken_module': RuntimeError while importing it")):
         assert main(["check", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
