@@ -92,6 +92,8 @@ def load_callable(target: str, factory: bool = False) -> Any:
         raise InputError(f"cannot import {module_name!r}: {exc}") from None
     except SyntaxError as exc:
         raise InputError(f"cannot import {module_name!r}: syntax error at line {exc.lineno}: {exc.msg}") from None
+    except FileNotFoundError:
+        raise
     except Exception as exc:  # the module itself fails while it is imported: the user's input, not a check
         raise InputError(f"cannot import {module_name!r}: {type(exc).__name__} while importing it: {exc}") from None
     finally:

@@ -130,8 +130,11 @@ def mean_interval(
     return m, m - half, m + half
 
 
-def seed_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """``(mean, low, high)`` across ``k`` seeds: Student's t, ``mean +- t_{k-1, (1+level)/2} sd / sqrt(k)``."""
+def seed_interval(
+    values: Sequence[float] | np.ndarray, level: float = 0.95, bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> tuple[float, float, float]:
+    """``(mean, low, high)`` across ``k`` seeds: Student's t, ``mean +- t_{k-1, (1+level)/2} sd / sqrt(k)``,
+    cut to the quantity's range ``bounds`` (a KL is >= 0, a win rate in [0, 1])."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
@@ -141,7 +144,7 @@ def seed_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> 
         return m, float("nan"), float("nan")
     _z(level)
     half = float(stats.t.ppf(0.5 + level / 2.0, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size)
-    return m, m - half, m + half
+    return m, max(m - half, bounds[0]), min(m + half, bounds[1])
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,8 @@ VALIDATE = [
 OTHERS = [
     Row("figures: not a study folder", lambda t: ["figures", "--study", str(t / "typo")], "not a study folder"),
     Row("figures: unknown script", lambda t: ["figures", "--only", "nope"], "no figure script 'nope'"),
+    Row("figures: not an LLM experiment", lambda t: ["figures", "--llm-results", str(t / "typo")],
+        "not an experiment folder (no results.csv)"),
     Row("check: not MODULE:FUNCTION", lambda t: ["check", "estimator"], "expected MODULE:FUNCTION"),
     Row("check: missing file", lambda t: ["check", str(t / "nope.py") + ":f"], "file not found"),
     Row("data-check: NaN tolerance", lambda t: ["data-check", _text(t / "d.jsonl", '{"prompt": "p", "chosen": "a", '

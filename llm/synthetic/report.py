@@ -2,7 +2,7 @@ r"""Across-seed summaries of an experiment and its Markdown report; every number
 
 ``summarise(results)``: for each (scenario, method) and each metric, the mean over the seeds and the 95%
 Student-t interval across seeds (``llm.evaluate.seed_interval``: ``mean +- t_{k-1} sd / sqrt(k)``, ``k``
-seeds; NaN with one seed). Metrics: the win rate and soft win probability over the baseline and over the
+seeds, cut to the metric's range: a KL is >= 0, a win rate in [0, 1]; NaN with one seed). Metrics: the win rate and soft win probability over the baseline and over the
 reference (primary judge; with a true reward also the deterministic true-reward comparison), the mean
 true reward, the KL to the reference, and VRPO's training diagnostics (mean ``lambda``, the ratio of the
 per-row variances with and without the control variate, its prediction from DESIGN.md 3.5 at the
@@ -55,6 +55,15 @@ def load_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     return pd.read_csv(out / "results.csv"), json.loads((out / "experiment.json").read_text())
 
 
+_ANY = (-math.inf, math.inf)
+#: the range of a metric, which its interval across seeds does not leave
+_RANGES: dict[str, tuple[float, float]] = {
+    **{m: (0.0, 1.0) for m in SUMMARY_METRICS if m.endswith(("_win_rate", "_soft"))},
+    "kl": (0.0, math.inf), "var_grad_ratio": (0.0, math.inf),
+    "var_grad_ratio_theory": (0.0, math.inf), "var_loss_ratio": (0.0, math.inf),
+}
+
+
 def summarise(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """One row per (scenario, method): ``{metric}``, ``{metric}_ci_low``, ``{metric}_ci_high`` across seeds, ``seeds``."""
     rows = []
@@ -66,7 +75,7 @@ def summarise(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
         for metric in SUMMARY_METRICS:
             if metric not in grp:
                 continue
-            m, lo, hi = seed_interval(grp[metric].to_numpy(dtype=float), level)
+            m, lo, hi = seed_interval(grp[metric].to_numpy(dtype=float), level, _RANGES.get(metric, _ANY))
             row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = m, lo, hi
         rows.append(row)
     table = pd.DataFrame(rows)

@@ -160,6 +160,12 @@ def test_figures_from_the_results(exp: SimpleNamespace, tmp_path: Path, monkeypa
                                       "--study", "ignored"])
     runpy.run_path(str(script), run_name="__main__")
     assert (tmp_path / "fig" / "llm_reward_kl.pdf").exists()
+    # and through `robust-rlhf figures`, pointed at this experiment
+    from robust_rlhf.cli.main import main
+
+    assert main(["figures", "--dir", str(ROOT / "paper_figures"), "--only", "llm_win_rates",
+                 "--llm-results", str(exp.out), "--out", str(tmp_path / "cli")]) == 0
+    assert pd.read_csv(tmp_path / "cli" / "llm_win_rates.csv").equals(table)
 
 
 def _eval_prompts(exp: SimpleNamespace, path: Path) -> Path:

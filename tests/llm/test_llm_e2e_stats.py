@@ -72,6 +72,9 @@ def test_mean_and_seed_intervals_closed_form() -> None:
     assert (m, lo, hi) == pytest.approx((0.55, 0.55 - half, 0.55 + half))
     assert all(math.isnan(x) for x in seed_interval([0.4])[1:])
     assert seed_interval([0.4, float("nan"), 0.6])[0] == pytest.approx(0.5)
+    # a KL across three seeds: the t interval would reach -0.86; the KL's range cuts it at 0
+    m, lo, hi = seed_interval([1.68, 0.37, 0.58], bounds=(0.0, math.inf))
+    assert lo == 0.0 and hi == pytest.approx(seed_interval([1.68, 0.37, 0.58])[2])
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean() -> None:
