@@ -653,6 +653,11 @@ def estimation_radius(
         SR = _psd("sigma_ref", sigma_ref, d)
     else:
         SR = np.zeros((d, d))
+    for name, S_ in (("sigma_d", SD), ("sigma_ref", SR)):  # ||dphi|| <= 2L bounds every second moment
+        top = float(np.linalg.eigvalsh(S_).max())
+        if top > 4.0 * L_ * L_ * (1 + 1e-9):
+            raise InputError(f"{name}: largest eigenvalue {top:.6g} exceeds 4 L^2 = {4 * L_ * L_:.6g}, so the pairs' "
+                             f"differences are not bounded by 2L (||phi|| <= L = {L_:g}); pass the features' bound L")
     if design is not None:
         if design.sigma.shape != (d, d):
             raise InputError(f"design: built for d={design.sigma.shape[0]}, but sigma_d has d={d}")

@@ -70,10 +70,13 @@ _C_RHO = sp.Symbol("c_rho", positive=True)
 
 
 def _to_inv_m(name: str, value: Any) -> Any:
+    if isinstance(value, bool):
+        raise InputError(f"{name}: reference pairs per prompt must be a number, got {value!r}")
     arr = np.asarray(value, dtype=np.float64)
-    if not (arr >= 1.0).all():
+    if not ((arr >= 1.0) & ((arr == np.floor(arr)) | np.isposinf(arr))).all():
         raise InputError(
-            f"{name}: reference pairs per prompt must be >= 1 (math.inf for the exact expectation), got {value!r}"
+            f"{name}: reference pairs per prompt must be an integer >= 1 (math.inf for the exact expectation), "
+            f"got {value!r}"
         )
     out = 1.0 / arr
     return float(out) if out.ndim == 0 else out
@@ -88,6 +91,8 @@ def _to_c_rho(name: str, value: Any) -> Any:
 
 
 _TRANSFORMS: dict[str, Callable[[str, Any], Any]] = {"M": _to_inv_m, "rho": _to_c_rho}
+#: the scenario's arguments that are probabilities (a type's share, the reference policy, g* and g_hat)
+_PROBABILITIES = frozenset({"q", "r", "p0", "p1", "h0", "k0", "h1", "k1"})
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,11 @@ class Formula:
             raise InputError(
                 f"Formula: expected {len(self.names)} arguments ({', '.join(self.names)}), got {len(values)}"
             )
+        for name, v in zip(self.names, values):
+            if name in _PROBABILITIES and not isinstance(v, (sp.Basic,)):
+                arr = np.asarray(v, dtype=np.float64)
+                if not ((arr >= 0.0) & (arr <= 1.0)).all():
+                    raise InputError(f"Formula: {name} is a probability and must lie in [0, 1], got {v!r}")
         values = tuple(
             _TRANSFORMS[name](name, v) if name in self.transformed else v for name, v in zip(self.names, values)
         )

@@ -468,6 +468,10 @@ def test_bad_input_raises_input_error() -> None:
         bd.estimation_radius(np.diag([1.0, 0.0]), 10, B=1.0, L=1.0, mu=0.0, delta=0.1)
     with pytest.raises(InputError, match="n"):
         bd.estimation_radius(np.eye(2), 0, B=1.0, L=1.0, mu=0.1, delta=0.1)
+    with pytest.raises(InputError, match="n: the number of labelled pairs"):
+        bd.estimation_radius(np.eye(2), True, B=1.0, L=1.0, mu=0.1, delta=0.1)
+    with pytest.raises(InputError, match=r"sigma_d: largest eigenvalue 100 exceeds 4 L\^2 = 4"):
+        bd.estimation_radius(100 * np.eye(2), 10, B=1.0, L=1.0, mu=0.1, delta=0.1)
     with pytest.raises(InputError, match="B"):
         dc = bd.design_constants(pop, theta_dag, mu=0.01)
         bd.estimation_radius(np.eye(2), 10, B=1.0, L=1.0, mu=0.01, delta=0.1, design=dc)

@@ -331,6 +331,12 @@ def test_population_builders() -> None:
     (lambda: sy.two_type_scenario().H(0.5, 0.5), "expected 4 arguments"),
     (lambda: sy.two_type_scenario().H(q=0.5, p0=0.5, p1=0.5), r"missing \['r'\]"),
     (lambda: sy.two_type_scenario().H(0.5, q=0.5), "either all by position"),
+    (lambda: sy.two_type_scenario().H(q=1.5, p0=0.5, p1=0.5, r=0.5), r"q is a probability and must lie in \[0, 1\]"),
+    (lambda: sy.two_type_scenario().H(q=0.5, p0=2.0, p1=0.5, r=0.5), "p0 is a probability"),
+    (lambda: sy.two_type_scenario().omega(q=0.5, p0=0.5, p1=0.5, r=0.5, h0=0.5, k0=0.5, h1=0.5, k1=0.5,
+                                          lam=1.0, M=1.5, rho=0.0), "M: reference pairs per prompt must be an integer"),
+    (lambda: sy.two_type_scenario().omega(q=0.5, p0=0.5, p1=0.5, r=0.5, h0=0.5, k0=0.5, h1=0.5, k1=0.5,
+                                          lam=1.0, M=True, rho=0.0), "M: reference pairs per prompt must be a number"),
 ])
 def test_bad_input_raises_input_error(call, match: str) -> None:
     with pytest.raises(InputError, match=match):
