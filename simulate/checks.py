@@ -59,12 +59,15 @@ every statistic and counted in ``failed``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .pessimism import NEWEST_COLUMNS
 
 __all__ = ["Report", "analyse", "BOOTSTRAP"]
 
@@ -292,7 +295,11 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
     slopes = _slopes(cells, spread)
     claims = _claims(cells, by_cell, spread, idx, preds)
     pess = None
-    if pessimism is not None and len(pessimism):
+    stale = sorted(set(NEWEST_COLUMNS) - set(pessimism.columns)) if pessimism is not None else []
+    if stale:  # a folder written before these were recorded: rerunning `validate` on it recomputes them
+        warnings.warn(f"the pessimism table lacks {', '.join(stale)} (written by an older version): its checks are "
+                      "left out; rerun `robust-rlhf validate` on the folder to recompute it", UserWarning, stacklevel=2)
+    elif pessimism is not None and len(pessimism):
         pess, pess_claims = _pessimism(pessimism, delta, bootstrap, seed)
         claims = sorted(claims + pess_claims, key=lambda c: (c["name"], c["scenario"], c["estimator"]))
     bias = None

@@ -35,7 +35,11 @@ import pandas as pd
 
 from .scenario import SpecError
 
-__all__ = ["PessimismSpec", "run_pessimism"]
+__all__ = ["PessimismSpec", "run_pessimism", "NEWEST_COLUMNS"]
+
+#: the columns the newest pessimism tables hold that older ones lack: a table without them is recomputed by
+#: a study and left out of its checks when only read
+NEWEST_COLUMNS = ("in_radius", "informative", "certain", "regret_reference", "regret_pessimistic_dagger")
 
 _PESS_SEED = 20_250_405
 

@@ -42,7 +42,7 @@ import pandas as pd
 from robust_rlhf.theory.errors import InputError
 
 from .auxiliary import AuxSpec, aux_population
-from .pessimism import PessimismSpec, run_pessimism
+from .pessimism import NEWEST_COLUMNS, PessimismSpec, run_pessimism
 from .registry import SCENARIOS, get_scenario
 from .scenario import Scenario, SpecError
 
@@ -504,8 +504,6 @@ def _pessimism_path(out: Path, key: str) -> Path:
     return out / "pessimism" / f"{key}.parquet"
 
 
-#: columns a finished pessimism cell must hold (a cell written before they existed is recomputed)
-_PESSIMISM_COLUMNS = ("in_radius", "informative", "certain", "regret_reference", "regret_pessimistic_dagger")
 
 
 def _pessimism_done(out: Path, key: str) -> bool:
@@ -514,7 +512,7 @@ def _pessimism_done(out: Path, key: str) -> bool:
         return False
     import pyarrow.parquet as pq
 
-    return set(_PESSIMISM_COLUMNS) <= set(pq.read_schema(path).names)
+    return set(NEWEST_COLUMNS) <= set(pq.read_schema(path).names)  # older cells are recomputed
 
 
 def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path) -> list[str]:
