@@ -504,15 +504,16 @@ def _pessimism_path(out: Path, key: str) -> Path:
     return out / "pessimism" / f"{key}.parquet"
 
 
-
-
-def _pessimism_done(out: Path, key: str) -> bool:
+def _pessimism_done(out: Path, key: str, current: bool = True) -> bool:
+    """Whether a pessimism cell is finished (readable) and, with ``current``, holds this version's columns
+    (``NEWEST_COLUMNS``): a study run recomputes an older cell; reading a folder accepts it (``checks``
+    then leaves its checks out), as it accepts cells of another ``CELL_VERSION``."""
     path = _pessimism_path(out, key)
     if _readable(path) is None:
         return False
     import pyarrow.parquet as pq
 
-    return set(NEWEST_COLUMNS) <= set(pq.read_schema(path).names)  # older cells are recomputed
+    return not current or set(NEWEST_COLUMNS) <= set(pq.read_schema(path).names)
 
 
 def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path) -> list[str]:
@@ -687,7 +688,7 @@ def load_study(out: str | Path) -> Study:
     missing = [c.key for c in spec.cells() if _cell_record(out, c) is None]
     if spec.pessimism is not None:
         missing += [k for k in (spec.pessimism.key(n, e) for n, e in spec.pessimism.cells())
-                    if not _pessimism_done(out, k)]
+                    if not _pessimism_done(out, k, current=False)]
     if missing:
         raise InputError(f"{out}: {len(missing)} cell(s) unfinished (e.g. {missing[0]}); rerun the study to finish them")
     return _assemble(spec, out)

@@ -196,6 +196,15 @@ def test_pessimism_bound_is_checked(tmp_path) -> None:
     assert {c["verdict"] for c in small.claims if c["name"] == "6_bound_holds"} == {"inconclusive"}
     bad = analyse(study.results, study.predictions, pessimism=pess.assign(in_radius=~pess.informative), delta=0.2)
     assert {c["verdict"] for c in bad.claims if c["name"] == "6_bound_holds"} == {"refuted"}
+    # a cell an older version wrote: reading the folder accepts it, a study run recomputes it
+    import pyarrow.parquet as pq
+
+    from robust_rlhf.simulate.study import _pessimism_path
+
+    cell = _pessimism_path(tmp_path / "p", spec.pessimism.key(200, spec.pessimism.estimators[0]))
+    pq.write_table(pq.read_table(cell).drop_columns(["in_radius", "informative"]), cell)
+    assert len(load_study(tmp_path / "p").pessimism) == len(pess)
+    assert run_study(spec, tmp_path / "p").pessimism.in_radius.notna().all()
     # a table an older version wrote: left out of the checks with a warning, not a KeyError
     with pytest.warns(UserWarning, match="the pessimism table lacks in_radius, informative"):
         old = analyse(study.results, study.predictions, pessimism=pess.drop(columns=["in_radius", "informative"]))
