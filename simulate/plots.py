@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checks import Report
+from .checks import _EXISTS, Report
 from .study import Study
 
 __all__ = ["FIGURES", "study_figures", "mse_vs_n", "variance_ratio", "regret_vs_n", "coverage_vs_n",
@@ -79,6 +79,12 @@ def _legend_right(fig, ax) -> None:
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
+def _conditioned(cells: pd.DataFrame) -> pd.Series:
+    """Cells where more than ``1 - _EXISTS`` of the estimates do not exist: the rest are a conditioned
+    sample (``checks`` leaves them out of its limit claims)."""
+    return cells.failed / cells.reps > 1.0 - _EXISTS
+
+
 def _off_scale(ax, sub: pd.DataFrame, value: str, top: float) -> None:
     """Name the points above the axis instead of letting them squash everything else."""
     off = sub[sub[value] > top]
@@ -111,7 +117,7 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
             label = est + (" (IQR scale)" if (e.scale == "interquartile").any() else "")
             ax.plot(e.n, e.mse_per_n, "o-", color=colors[est], label=label, lw=1.4, ms=4)
             ax.fill_between(e.n, e.mse_low_per_n, e.mse_high_per_n, color=colors[est], alpha=0.15, lw=0)
-            gone = e.failed / e.reps > 0.01  # the rest are conditioned on existing: hollow
+            gone = _conditioned(e)  # hollow
             ax.plot(e.n[gone], e.mse_per_n[gone], "o", mfc="white", mec=colors[est], ms=4, lw=0)
             if np.isfinite(e.pred_mse_per_n).all():
                 ax.plot(e.n, e.pred_mse_per_n, "--", color=colors[est], lw=0.9, alpha=0.8)
@@ -127,7 +133,7 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
         _off_scale(ax, sub.rename(columns={"mse_per_n": "MSE"}), "MSE", top)
         ax.set_title(scenario)
         ax.set_ylabel(r"MSE  $E\|\hat\theta - \theta^\dagger\|^2$")
-    if (cells.failed / cells.reps > 0.01).any():
+    if _conditioned(cells).any():
         axes[0][0].plot([], [], "o", mfc="white", mec="gray", ms=4, lw=0, label="hollow: > 1% of the\nestimates "
                         "do not exist")
     _legend_right(fig, axes[0][0])
@@ -148,7 +154,7 @@ def variance_ratio(study: Study, report: Report, out: Path) -> Path:
     than 1% of the estimates do not exist (the rest are conditioned on existing)."""
     plt, _ = _setup()
     cells = report.cells[(report.cells.estimator != "mle") & np.isfinite(report.cells.pred_ratio_n)].copy()
-    cells["missing"] = cells.failed / cells.reps
+    cells["conditioned"] = _conditioned(cells)
     scenarios = list(dict.fromkeys(cells.scenario))
     colors = _palette(scenarios)
     markers = dict(zip(sorted(cells.n.unique()), "ovs^DP*X"))
@@ -166,7 +172,7 @@ def variance_ratio(study: Study, report: Report, out: Path) -> Path:
             lo = min(float(sub.pred_ratio_n.min()), float(sub.ratio_low.min())) - 0.03
             hi = max(float(sub.pred_ratio_n.max()), float(sub.ratio_high.max())) + 0.03
             hi = min(hi, 1.0 + 3.0 * (1.0 - lo)) if hi > 2 else hi
-        for (scenario, n, scale, faded), g in sub.groupby(["scenario", "n", "scale", sub.missing > 0.01]):
+        for (scenario, n, scale, faded), g in sub.groupby(["scenario", "n", "scale", "conditioned"]):
             ax.errorbar(g.pred_ratio_n, g.ratio.clip(upper=hi), yerr=[(g.ratio - g.ratio_low).clip(lower=0),
                         (g.ratio_high - g.ratio).clip(lower=0)], fmt=markers[n], color=colors[scenario], ms=5,
                         lw=0.8, capsize=2, alpha=0.3 if faded else 0.85,
@@ -188,7 +194,7 @@ def variance_ratio(study: Study, report: Report, out: Path) -> Path:
         axes[1].plot([], [], m, color="gray", label=f"n = {n}")
     if (cells.scale == "interquartile").any():
         axes[1].plot([], [], "o", color="gray", mfc="none", label="bad g_hat:\ninterquartile scale")
-    if (cells.missing > 0.01).any():
+    if cells.conditioned.any():
         axes[1].plot([], [], "o", color="gray", alpha=0.3, label="faded: > 1% of the\nestimates do not exist")
     axes[1].legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("variance ratio over the MLE: theory against simulation (paired, 95% bootstrap CI)", y=1.01)
@@ -275,8 +281,10 @@ def pessimism_bound(study: Study, report: Report, out: Path) -> Path | None:
         e = table[table.estimator == est].sort_values("n")
         ax.plot(e.n, e.bound, "s--", color=colors[est], label=f"{est}: explicit bound", lw=1.2, ms=4)
         ax.plot(e.n, e.regret_certified, "^:", color=colors[est], label=f"{est}: certified policy", lw=1.0, ms=4)
-        ax.plot(e.n, e.regret_pessimistic, "o-", color=colors[est], label=f"{est}: asymptotic pessimism", lw=1.4, ms=4)
-        ax.fill_between(e.n, e.regret_pessimistic_low, e.regret_pessimistic_high, color=colors[est], alpha=0.15, lw=0)
+        ax.plot(e.n, e.regret_pessimistic_dagger, "o-", color=colors[est], label=f"{est}: asymptotic pessimism",
+                lw=1.4, ms=4)
+        ax.fill_between(e.n, e.regret_pessimistic_dagger_low, e.regret_pessimistic_dagger_high, color=colors[est],
+                        alpha=0.15, lw=0)
     ax.axhline(float(table.max_regret.mean()), color="black", lw=1.2, ls="-.", label="largest possible regret")
     ax.axhline(float(table.regret_reference.mean()), color="gray", lw=1.0, ls=":", label=r"$\pi_{ref}$ itself")
     _n_axis(ax, table.n.unique())

@@ -606,10 +606,9 @@ def _invariance(fit_fn: FitFn, transform: str, *, cases: Any, maps: str, seed: i
             seen["vacuous"] += 1
             seen["error"] = seen["error"] or first.error or "non-finite estimates"
         if why is not None:  # before blaming the transform: is the estimator a function of its data?
-            again = _attempt(fit_fn, pairs)
-            if _compare(first, again, None, rtol, rtol_cov) is not None:
-                return (f"the estimator is not deterministic: two calls on the same data differ "
-                        f"({_compare(first, again, None, rtol, rtol_cov)})")
+            drift = _compare(first, _attempt(fit_fn, pairs), None, rtol, rtol_cov)
+            if drift is not None:
+                return f"the estimator is not deterministic: two calls on the same data differ ({drift})"
         return why
 
     null = _INVARIANCE_NULLS[transform].format(maps=maps)

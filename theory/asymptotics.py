@@ -968,19 +968,18 @@ def _mv(A: Tensor, x: Tensor) -> Tensor:
 def _bias_of(m: dict[str, Tensor], Hinv: Tensor, lam: Tensor, M: int | None, rho: float) -> np.ndarray:
     """``b = H^-1 (C - T[Sigma] / 2)`` (``vr_bias``) from the group means ``m`` and each group's ``lam``
     (G,); batched over groups."""
-    mv = _mv
     lam = lam[:, None]
-    C = m["Caa"] - mv(m["Ja"], mv(Hinv, m["ga"]))
+    C = m["Caa"] - _mv(m["Ja"], _mv(Hinv, m["ga"]))
     third = m["Ta"]
     if "gb" in m:
         kappa = lam / (1.0 + rho)
         inv_M = 0.0 if M is None else 1.0 / M
         ref = inv_M * m["Cbb"] + (1.0 - inv_M) * m["JbHgb"]  # E[J_B H^-1 B] over one prompt's reference pairs
         EJ, EG = m["Ja"] + kappa[..., None] * m["Jb"], m["ga"] + kappa * m["gb"]
-        C = (m["Caa"] + kappa * (m["JaHgb"] + m["JbHga"]) + kappa**2 * ref - mv(EJ, mv(Hinv, EG))
-             + rho * kappa**2 * (ref - mv(m["Jb"], mv(Hinv, m["gb"]))))
+        C = (m["Caa"] + kappa * (m["JaHgb"] + m["JbHga"]) + kappa**2 * ref - _mv(EJ, _mv(Hinv, EG))
+             + rho * kappa**2 * (ref - _mv(m["Jb"], _mv(Hinv, m["gb"]))))
         third = third + lam * m["Tb"]
-    return mv(Hinv, C - 0.5 * third).numpy()
+    return _mv(Hinv, C - 0.5 * third).numpy()
 
 
 def _tuning_means(
