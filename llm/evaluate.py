@@ -112,9 +112,11 @@ def bootstrap_interval(
 
 
 def mean_interval(
-    values: Sequence[float] | np.ndarray, level: float = 0.95, method: str = "normal", seed: int = 0
+    values: Sequence[float] | np.ndarray, level: float = 0.95, method: str = "normal", seed: int = 0,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
 ) -> tuple[float, float, float]:
-    """``(mean, low, high)``: normal ``mean +- z sd/sqrt(n)`` or (``method="bootstrap"``) the percentile bootstrap."""
+    """``(mean, low, high)``: normal ``mean +- z sd/sqrt(n)`` or (``method="bootstrap"``) the percentile
+    bootstrap; the normal interval is cut to the quantity's range ``bounds``."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.size < 1:
         raise InputError("a mean needs a non-empty 1-d sample")
@@ -127,7 +129,7 @@ def mean_interval(
     if v.size < 2:
         return m, float("nan"), float("nan")
     half = _z(level) * float(v.std(ddof=1)) / math.sqrt(v.size)
-    return m, m - half, m + half
+    return m, max(m - half, bounds[0]), min(m + half, bounds[1])
 
 
 def seed_interval(
@@ -194,8 +196,7 @@ def win_rate(
     q = s if soft is None else np.asarray(soft, dtype=np.float64)
     if q.shape != s.shape or not ((q >= 0) & (q <= 1)).all():
         raise InputError("soft win probabilities must be one value in [0, 1] per comparison")
-    qm, qlo, qhi = mean_interval(q, level, "bootstrap" if ci == "bootstrap" else "normal", seed)
-    qlo, qhi = max(qlo, 0.0), min(qhi, 1.0)  # a mean of values in [0, 1]: the normal interval can overshoot
+    qm, qlo, qhi = mean_interval(q, level, "bootstrap" if ci == "bootstrap" else "normal", seed, bounds=(0.0, 1.0))
     return WinRate(
         win_rate=w,
         ci_low=lo,
