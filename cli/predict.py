@@ -16,6 +16,8 @@ estimator of a study (the default one, or --config / --scenario / --estimators),
 
   theta_dagger    the population target (the KL projection of g* onto the linear BT model)
   n tr Cov        the asymptotic variance of sqrt(n) (theta_hat - theta_dagger), summed over coordinates
+  tr C            its second-order term: at sample size n the variance is that trace + tr C / n + o(1/n)
+                  (the MLE and VRPO at a fixed lam; not predicted for power-tuned or cross-fitted VRPO)
   ratio           that trace over the MLE's
   lam             the control-variate weight (power-tuned VRPO: lam*)
   b               the second-order bias: E theta_hat = theta_dagger + b / n + o(1/n)

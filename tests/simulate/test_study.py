@@ -190,6 +190,7 @@ def test_pessimism_bound_is_checked(tmp_path) -> None:
     assert all("4 of 8 replications, at n = 25600" in c["text"] and "largest possible regret" in c["text"]
                for c in claims)
     assert set(report.pessimism.columns) >= {"held", "held_low", "bound", "max_regret", "regret_pessimistic",
+                                             "regret_pessimistic_dagger", "regret_pessimistic_dagger_low",
                                              "informative", "in_radius"}
     # where it cannot fail there is no verdict; where it fails too often it is refuted
     small = analyse(study.results, study.predictions, pessimism=pess[pess.n == 200], delta=0.2)
