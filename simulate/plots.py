@@ -132,7 +132,8 @@ def mse_vs_n(study: Study, report: Report, out: Path) -> Path:
         ax.set_ylim(bottom, top)
         _off_scale(ax, sub.rename(columns={"mse_per_n": "MSE"}), "MSE", top)
         ax.set_title(scenario)
-        ax.set_ylabel(r"MSE  $E\|\hat\theta - \theta^\dagger\|^2$")
+        if ax is axes[0][0]:  # one label for the row: beside the other panels it runs into their neighbours
+            ax.set_ylabel(r"MSE  $E\|\hat\theta - \theta^\dagger\|^2$")
     if _conditioned(cells).any():
         axes[0][0].plot([], [], "o", mfc="white", mec="gray", ms=4, lw=0, label="hollow: > 1% of the\nestimates "
                         "do not exist")
