@@ -59,6 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="the long Monte Carlo design (n up to 8000, 400 replications)")
     p.add_argument("--seed", type=int, default=0, help="seed of every check (default: 0)")
     p.add_argument("--alpha", type=float, default=0.01, help="level of each Monte Carlo test (default: 0.01)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="relative tolerance of the exact properties on theta_hat (default: 1e-5; objectives 1e-9)")
+    p.add_argument("--rtol-cov", type=float, default=None,
+                   help="relative tolerance of the exact properties on the covariance (default: 1e-4)")
+    p.add_argument("--variance-tolerance", type=float, default=None,
+                   help="variance: allowed excess over the MLE's tr Cov, as a fraction (default: 1e-3)")
+    p.add_argument("--coverage-tolerance", type=float, default=None,
+                   help="coverage: allowed shortfall below the nominal 95%% (default: 0.05)")
     p.add_argument("--examples", type=int, default=None,
                    help="hypothesis examples per exact property (default: the active hypothesis profile's)")
     p.add_argument("--shrink-budget", type=int, default=200, metavar="K",
@@ -160,15 +168,21 @@ def run(args: argparse.Namespace) -> int:
     if args.shrink_budget < 0:
         raise InputError(f"--shrink-budget must be >= 0, got {args.shrink_budget}")
     chosen = None if args.properties is None else [p.strip() for p in args.properties.split(",") if p.strip()]
+    given = {"rtol": args.rtol, "rtol_cov": args.rtol_cov, "variance_tolerance": args.variance_tolerance,
+             "coverage_tolerance": args.coverage_tolerance}
+    tolerances = {k: v for k, v in given.items() if v is not None}
+    if args.objective and set(tolerances) - {"rtol"}:
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(set(tolerances) - {"rtol"}))
+        raise InputError(f"{flags}: estimator options; an objective (--objective) takes only --rtol")
     subject = load_callable(args.target, args.factory)
     if args.objective:
         result = properties.check_objective(subject, properties=chosen, maps=args.maps, alpha=args.alpha,
                                             seed=args.seed, max_examples=args.examples,
-                                            shrink_budget=args.shrink_budget)
+                                            shrink_budget=args.shrink_budget, **tolerances)
     else:
         result = properties.check_estimator(subject, properties=chosen, design=_design(args), maps=args.maps,
                                             alpha=args.alpha, seed=args.seed, max_examples=args.examples,
-                                            shrink_budget=args.shrink_budget)
+                                            shrink_budget=args.shrink_budget, **tolerances)
     if args.json:
         print(_json.dumps({
             "subject": result.subject, "passed": result.passed, "error_rate": result.error_rate,

@@ -1260,10 +1260,29 @@ def fitting_estimator(method: str = "mle", loss: str = "logistic", **kwargs: Any
 
 # --- batteries ---------------------------------------------------------------------------------
 
-def _unknown(given: Sequence[str], allowed: Sequence[str]) -> None:
+def _tolerances(**values: float) -> None:
+    """Tolerances are finite numbers >= 0 (a NaN would pass every comparison); the coverage one is below 1."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise InputError(f"{name}: expected a finite number >= 0, got {v!r}")
+    if values.get("coverage_tolerance", 0.0) >= 1:
+        raise InputError(f"coverage_tolerance: expected a number below 1, got {values['coverage_tolerance']!r}")
+
+
+def _chosen(given: Sequence[str] | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """The properties to check: all for None; an empty or unknown choice is an error (an empty battery
+    would pass without checking anything)."""
+    if given is None:
+        return allowed
+    if isinstance(given, str):
+        given = (given,)
+    given = tuple(given)
+    if not given:
+        raise InputError(f"properties: none chosen; name at least one of {', '.join(allowed)} (or None for all)")
     bad = [p for p in given if p not in allowed]
     if bad:
         raise InputError(f"unknown propert{'y' if len(bad) == 1 else 'ies'} {', '.join(bad)}; allowed: {', '.join(allowed)}")
+    return given
 
 
 def check_estimator(fit_fn: FitFn, *, properties: Sequence[str] | None = None, design: Design | None = None,
@@ -1276,8 +1295,9 @@ def check_estimator(fit_fn: FitFn, *, properties: Sequence[str] | None = None, d
     The exact properties search ``cases`` (default ``strategies.data_cases()``) with seed ``seed``;
     the Monte Carlo ones share one ``simulate_estimates`` run on ``design`` (default ``Design()``).
     """
-    properties = PROPERTIES if properties is None else tuple(properties)
-    _unknown(properties, PROPERTIES)
+    properties = _chosen(properties, PROPERTIES)
+    _tolerances(rtol=rtol, rtol_cov=rtol_cov, variance_tolerance=variance_tolerance,
+                coverage_tolerance=coverage_tolerance)
     results = []
     common = dict(cases=cases, seed=seed, max_examples=max_examples, rtol=rtol, rtol_cov=rtol_cov,
                   shrink_budget=shrink_budget)
@@ -1304,8 +1324,8 @@ def check_objective(objective_fn: ObjectiveFn, *, properties: Sequence[str] | No
                     rtol: float = 1e-9, shrink_budget: int = 200, **control_variate: Any) -> BatteryResult:
     """The objective battery (``OBJECTIVE_PROPERTIES``): the control variate's zero mean and the
     objective-level invariances; ``control_variate`` passes options to ``check_control_variate``."""
-    properties = OBJECTIVE_PROPERTIES if properties is None else tuple(properties)
-    _unknown(properties, OBJECTIVE_PROPERTIES)
+    properties = _chosen(properties, OBJECTIVE_PROPERTIES)
+    _tolerances(rtol=rtol)
     results = []
     if "control_variate" in properties:
         results.append(check_control_variate(objective_fn, alpha=alpha, seed=seed, **control_variate))

@@ -29,8 +29,8 @@ def _setup():
 
 
 def _save(fig, table: pd.DataFrame, out: Path, name: str, meta: dict | None = None) -> Path:
-    """PNG, PDF, the plotted table as CSV and, given ``meta`` (the experiment's config, seeds and folder),
-    ``NAME.meta.json``."""
+    """PNG, PDF, the plotted table as CSV and, given ``meta`` (the experiment's config, seeds, folder and the
+    package versions that ran it), ``NAME.meta.json``."""
     import json
 
     import matplotlib.pyplot as plt
@@ -99,7 +99,8 @@ def win_rates(summary: pd.DataFrame, out: Path, baseline: str = "dpo", meta: dic
 
 
 def reward_vs_kl(summary: pd.DataFrame, out: Path, meta: dict | None = None) -> Path:
-    """Mean true reward against KL to the reference, one panel per scenario, 95% intervals across seeds."""
+    """Mean true reward against KL to the reference, one panel per scenario, 95% intervals across seeds;
+    open markers where the KL is best-of-n's formula (``kl_method``), not a measurement."""
     plt, sns = _setup()
     scenarios = list(dict.fromkeys(summary["scenario"]))
     methods = list(dict.fromkeys(summary["method"]))
@@ -109,17 +110,20 @@ def reward_vs_kl(summary: pd.DataFrame, out: Path, meta: dict | None = None) -> 
         sub = summary[summary["scenario"] == scenario]
         for _, row in sub.iterrows():
             one = sub[sub["method"] == row["method"]]
+            formula = row.get("kl_method") == "best_of_n_formula"
+            colour = palette[row["method"]]
             ax.errorbar(row["kl"], row["mean_reward"], xerr=_errors(one, "kl"), yerr=_errors(one, "mean_reward"),
-                        fmt="o", capsize=3, color=palette[row["method"]], label=row["method"])
+                        fmt="D" if formula else "o", capsize=3, color=colour, mfc="none" if formula else colour,
+                        label=f"{row['method']} (KL: formula)" if formula else row["method"])
         ax.set_title(scenario)
         ax.set_xlabel("KL(pi || pi_ref) (nats)")
         ax.set_ylabel("mean true reward")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title="method")
     fig.tight_layout()
-    cols = ["scenario", "method", "seeds", "kl", "kl_ci_low", "kl_ci_high", "mean_reward", "mean_reward_ci_low",
-            "mean_reward_ci_high"]
-    return _save(fig, summary[cols], out, "llm_reward_kl", meta)
+    cols = ["scenario", "method", "seeds", "kl", "kl_ci_low", "kl_ci_high", "kl_method", "mean_reward",
+            "mean_reward_ci_low", "mean_reward_ci_high"]
+    return _save(fig, summary[[c for c in cols if c in summary]], out, "llm_reward_kl", meta)
 
 
 def variance_reduction(summary: pd.DataFrame, out: Path, meta: dict | None = None) -> Path:
@@ -186,7 +190,7 @@ def experiment_figure(name: str, results_dir: str | Path, out: str | Path) -> Pa
     results, info = load_results(results_dir)
     summary = summarise(results)
     meta = {"experiment": info["config"], "seeds": info["config"]["seeds"], "corpus": info.get("corpus"),
-            "folder": str(Path(results_dir).resolve())}
+            "folder": str(Path(results_dir).resolve()), "versions": info.get("versions", {})}
     fn = FIGURES[name]
     if name in ("llm_win_rates", "llm_results_table"):
         return fn(summary, Path(out), baseline=info["config"]["baseline"], meta=meta)

@@ -2,7 +2,10 @@ r"""Across-seed summaries of an experiment and its Markdown report; every number
 
 ``summarise(results)``: for each (scenario, method) and each metric, the mean over the seeds and the 95%
 Student-t interval across seeds (``llm.evaluate.seed_interval``: ``mean +- t_{k-1} sd / sqrt(k)``, ``k``
-seeds, cut to the metric's range: a KL is >= 0, a win rate in [0, 1]; NaN with one seed). Metrics: the win rate and soft win probability over the baseline and over the
+seeds, cut to the metric's range: a KL is >= 0, a win rate in [0, 1]; NaN with one seed; over the seeds
+where the metric is finite, and ``partial_seeds`` names each metric finite in some seeds only, as
+``metric: k of K``). ``kl_method`` says how the KL was obtained (``samples``; ``zero`` for the reference;
+``best_of_n_formula``: ``log n - (n - 1)/n``, not measured). Metrics: the win rate and soft win probability over the baseline and over the
 reference (primary judge; with a true reward also the deterministic true-reward comparison), the mean
 true reward, the KL to the reference, and VRPO's training diagnostics (mean ``lambda``, the ratio of the
 per-row variances with and without the control variate, its prediction from DESIGN.md 3.5 at the
@@ -20,9 +23,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from robust_rlhf.theory.errors import InputError
+from robust_rlhf.theory.io import atomic_path
 
 from ..evaluate import seed_interval
 
@@ -72,11 +77,19 @@ def summarise(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     for (scenario, method), grp in results.groupby(["scenario", "method"], sort=False):
         row: dict[str, Any] = {"scenario": scenario, "method": method, "kind": grp["kind"].iloc[0],
                                "seeds": int(grp["seed"].nunique())}
+        if "kl_method" in grp:
+            row["kl_method"] = "+".join(sorted(set(grp["kl_method"].dropna().astype(str))))
+        partial = []
         for metric in SUMMARY_METRICS:
             if metric not in grp:
                 continue
-            m, lo, hi = seed_interval(grp[metric].to_numpy(dtype=float), level, _RANGES.get(metric, _ANY))
+            values = grp[metric].to_numpy(dtype=float)
+            finite = int(np.isfinite(values).sum())
+            if 0 < finite < len(values):
+                partial.append(f"{metric}: {finite} of {len(values)}")
+            m, lo, hi = seed_interval(values, level, _RANGES.get(metric, _ANY))
             row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = m, lo, hi
+        row["partial_seeds"] = "; ".join(partial)
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
@@ -134,7 +147,8 @@ def write_report(out_dir: str | Path, level: float = 0.95) -> Path:
     out = Path(out_dir)
     results, info = load_results(out)
     summary = summarise(results, level)
-    summary.to_csv(out / "summary.csv", index=False)
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
     cfg = info["config"]
     baseline = cfg["baseline"]
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else []
@@ -187,6 +201,13 @@ def write_report(out_dir: str | Path, level: float = 0.95) -> Path:
             lines += ["", "| method | " + " | ".join(h for _, h in _DIAGNOSTICS) + " |", "|---" * (len(_DIAGNOSTICS) + 1) + "|"]
             for _, row in diag.iterrows():
                 lines.append(f"| {row['method']} | " + " | ".join(_cell(row, m) for m, _ in _DIAGNOSTICS) + " |")
+        notes = [f"- `{row['method']}`: KL is the formula log n - (n - 1)/n (exact for a reward without ties, "
+                 "an upper bound otherwise), not measured" for _, row in grp.iterrows()
+                 if row.get("kl_method") == "best_of_n_formula"]
+        notes += [f"- `{row['method']}`: means over fewer seeds where a value was not finite ({row['partial_seeds']})"
+                  for _, row in grp.iterrows() if row.get("partial_seeds")]
+        if notes:
+            lines += ["", *notes]
         lines += ["", f"Over `{baseline}` ({int(level * 100)}% intervals across seeds; the soft win probability is "
                   "the judge's mean probability, without the noise of drawn outcomes):", ""]
         for _, row in grp.iterrows():
@@ -201,5 +222,6 @@ def write_report(out_dir: str | Path, level: float = 0.95) -> Path:
             lines.append(f"- `{row['method']}`: " + "; ".join(parts))
     lines += ["", "Per-seed values with their per-comparison intervals: `results.csv`; this table: `summary.csv`.", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
     return path

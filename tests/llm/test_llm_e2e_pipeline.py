@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
+import torch
 import pytest
 import yaml
 from llm_helpers import make_rows
@@ -139,6 +140,10 @@ def test_report_numbers_come_from_the_results(exp: SimpleNamespace) -> None:
     dpo_line = next(line for line in section.splitlines() if line.startswith("| dpo |"))
     assert f"{dpo_bt:.3f} [" in dpo_line
     assert re.search(r"`vrpo_m2`: win rate [0-9.]+ \[[-0-9.]+, [0-9.]+\]: (above|below|not)", section)
+    for m in exp.cfg.methods:  # best-of-n's KL is the formula, and the report says so
+        said = f"- `{m.name}`: KL is the formula log n - (n - 1)/n" in section
+        assert said == (m.kind == "best_of_n"), m.name
+    assert "means over fewer seeds" not in text  # every metric is finite in every seed here
 
 
 def test_figures_from_the_results(exp: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -150,6 +155,11 @@ def test_figures_from_the_results(exp: SimpleNamespace, tmp_path: Path, monkeypa
         assert png.name == f"{name}.png"
         meta = json.loads((tmp_path / f"{name}.meta.json").read_text())
         assert meta["figure"] == name and meta["seeds"] == list(exp.cfg.seeds)
+        assert meta["versions"]["torch"] == torch.__version__ and "transformers" in meta["versions"]
+    kl = pd.read_csv(tmp_path / "llm_reward_kl.csv")
+    bon = kl[kl["method"].isin([m.name for m in exp.cfg.methods if m.kind == "best_of_n"])]
+    assert len(bon) and (bon["kl_method"] == "best_of_n_formula").all()
+    assert set(kl.loc[~kl.index.isin(bon.index), "kl_method"]) <= {"samples", "zero"}
     table = pd.read_csv(tmp_path / "llm_win_rates.csv")
     summary = summarise(pd.read_csv(exp.out / "results.csv"))
     assert table["vs_baseline_win_rate"].dropna().tolist() == pytest.approx(

@@ -77,6 +77,32 @@ def test_mean_and_seed_intervals_closed_form() -> None:
     assert lo == 0.0 and hi == pytest.approx(seed_interval([1.68, 0.37, 0.58])[2])
 
 
+def test_summary_names_metrics_missing_in_some_seeds(tmp_path) -> None:
+    import json
+
+    import pandas as pd
+
+    from robust_rlhf.llm.synthetic.report import summarise, write_report
+
+    rows = [{"scenario": "bt", "method": m, "kind": k, "seed": s, "kl": kl, "kl_method": how,
+             "mean_reward": r, "lambda_mean": lam}
+            for m, k, how in (("dpo", "policy", "samples"), ("rm_best_of_4", "best_of_n", "best_of_n_formula"))
+            for s, kl, r, lam in ((0, 0.3, 1.0, 0.9), (1, float("nan"), 2.0, 0.8), (2, 0.5, 3.0, float("nan")))]
+    summary = summarise(pd.DataFrame(rows)).set_index("method")
+    assert summary.loc["dpo", "kl"] == pytest.approx(0.4)  # over the two seeds where it is finite
+    assert summary.loc["dpo", "partial_seeds"] == "kl: 2 of 3; lambda_mean: 2 of 3"
+    assert summary.loc["dpo", "seeds"] == 3 and summary.loc["dpo", "mean_reward"] == pytest.approx(2.0)
+    assert summary.loc["rm_best_of_4", "kl_method"] == "best_of_n_formula"
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    cfg = {"name": "t", "baseline": "dpo", "n_train": 1, "n_eval": 1, "seeds": [0, 1, 2], "beta": 0.1,
+           "learning_rate": 0.1, "epochs": 1, "batch_size": 1, "judge": "true_reward", "ci": "wilson"}
+    (tmp_path / "experiment.json").write_text(json.dumps({"config": cfg}))
+    text = write_report(tmp_path).read_text()
+    assert "- `dpo`: means over fewer seeds where a value was not finite (kl: 2 of 3; lambda_mean: 2 of 3)" in text
+    assert "- `rm_best_of_4`: KL is the formula log n - (n - 1)/n" in text
+    assert "- `dpo`: KL is the formula" not in text
+
+
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean() -> None:
     rng = np.random.default_rng(3)
     v = rng.normal(size=200)

@@ -344,6 +344,9 @@ MODULE = textwrap.dedent("""
         ones = np.ones((*data.dphi.shape[:2], 1))
         aug = PairData(dphi=np.concatenate([data.dphi, ones], axis=-1), z=data.z)
         return fit(aug, "mle", on_separable="warn").theta[:, :-1]
+
+    def jittered(data):  # off by up to 1e-4 relative when the pairs are swapped
+        return fit(data, "mle", on_separable="warn").theta * (1 + 1e-4 * data.z.mean(axis=1, keepdims=True))
 """)
 
 
@@ -371,12 +374,35 @@ def test_cli_check(user_module, capsys) -> None:
                           (["no_such_module:f"], "cannot import 'no_such_module'"),
                           ([f"{user_module}:fit_vrpo", "--properties", "speed"], "unknown property speed"),
                           ([f"{user_module}:fit_vrpo", "--maps", "affine"], "unknown family 'affine'"),
+                          ([f"{user_module}:fit_vrpo", "--properties", " , "], "properties: none chosen"),
+                          ([f"{user_module}:fit_vrpo", "--rtol", "nan"], "rtol: expected a finite number >= 0"),
+                          ([f"{user_module}:fit_vrpo", "--coverage-tolerance", "1.5"], "coverage_tolerance: expected"),
+                          ([f"{user_module}:fit_vrpo", "--objective", "--rtol-cov", "1e-3"],
+                           "--rtol-cov: estimator options"),
                           ([f"{user_module}:fit_vrpo", "--n", "10,x"], "--n: expected comma-separated integers"),
                           ([f"{user_module}:np"], "is a module, not a callable"),
                           (["broken_module:f"], "cannot import 'broken_module': RuntimeError while importing it")):
         assert main(["check", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_cli_check_tolerances(user_module, capsys) -> None:
+    argv = ["check", f"{user_module}:jittered", "--properties", "swap_invariance", "--examples", "20",
+            "--shrink-budget", "0", "--json"]
+    assert main(argv) == 1  # 1e-4 relative exceeds the default rtol 1e-5
+    assert "> rtol 1e-05" in json.loads(capsys.readouterr().out)["results"][0]["summary"]
+    assert main([*argv, "--rtol", "1e-3"]) == 0
+    out = json.loads(capsys.readouterr().out)["results"][0]
+    assert out["verdict"] == "pass" and out["evidence"]["rtol"] == 1e-3
+
+
+def test_an_empty_battery_is_refused() -> None:
+    for chooser in (P.check_estimator, P.check_objective):
+        with pytest.raises(InputError, match="properties: none chosen"):
+            chooser(lambda data: None, properties=[])
+    with pytest.raises(InputError, match="variance_tolerance: expected a finite number >= 0"):
+        P.check_estimator(lambda data: None, properties=["variance"], variance_tolerance=-0.1)
 
 
 def test_pytest_plugin(pytester) -> None:
