@@ -537,10 +537,11 @@ def _run_method(
     start = time.perf_counter()
     if spec.kind == "reference":
         ref_samples = ctx.out / "eval" / f"seed{seed}-reference.jsonl"
-        if not ref_samples.exists():
+        stats_path = ref_samples.with_suffix(".json")
+        if not stats_path.exists():  # written after the samples: an interrupt between them redraws both
             stats = _sample_and_score(ctx, ctx.ref_model, _stable_seed("eval", seed, spec.name), ref_samples)
-            _write_json(ref_samples.with_suffix(".json"), stats)
-        stats = json.loads(ref_samples.with_suffix(".json").read_text())
+            _write_json(stats_path, stats)
+        stats = json.loads(stats_path.read_text())
         samples.parent.mkdir(parents=True, exist_ok=True)
         samples.write_text(ref_samples.read_text())
         record.update(stats)

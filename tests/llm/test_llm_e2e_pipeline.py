@@ -125,6 +125,20 @@ def test_a_second_run_resumes_without_retraining(exp: SimpleNamespace) -> None:
     pd.testing.assert_frame_equal(table.reset_index(drop=True), exp.table.reset_index(drop=True))
 
 
+def test_an_interrupt_after_the_reference_samples_resumes(exp: SimpleNamespace) -> None:
+    # the reference's samples were written, its stats and its run's record not: the resumed run redraws
+    # the same samples (seeded) and gives the same table
+    samples = exp.out / "eval" / "seed1-reference.jsonl"
+    before = samples.read_text()
+    samples.with_suffix(".json").unlink()
+    for scenario in exp.cfg.scenarios:
+        (exp.out / "runs" / scenario / "seed1" / "reference" / "result.json").unlink()
+    table = run_experiment(exp.cfg, exp.out, exp.cache, log=lambda s: None)
+    assert samples.read_text() == before and samples.with_suffix(".json").exists()
+    cols = [c for c in table.columns if not c.endswith("seconds")]
+    pd.testing.assert_frame_equal(table[cols].reset_index(drop=True), exp.table[cols].reset_index(drop=True))
+
+
 def test_report_numbers_come_from_the_results(exp: SimpleNamespace) -> None:
     path = write_report(exp.out)
     text = path.read_text()
