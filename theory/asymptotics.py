@@ -88,7 +88,7 @@ import torch
 from scipy.optimize import linprog
 from torch import Tensor
 
-from .data import PairPopulation, check_clip, check_probability
+from .data import PairPopulation, check_clip, check_probability, check_weight
 from .errors import InputError
 from .losses import Logistic, MarginLoss, get_loss, pair_loss
 
@@ -213,7 +213,7 @@ class AsymptoticCovariance:
     def weighted_trace(self, weight: np.ndarray | int | None = None, n: int | None = None) -> float:
         """``tr(W cov)``, or with ``n`` the finite-sample ``tr(W (cov + C / n))`` (needs ``second``);
         ``weight`` None is ``W = I``, an int ``j`` is ``e_j e_j^T``, or a PSD (d, d) array."""
-        W = _weight_matrix(weight, self.cov.shape[0])
+        W = check_weight("weight", weight, self.cov.shape[0])
         return float(np.trace(W @ self._at(n, False)))
 
     def weighted_trace_se(self, weight: np.ndarray | int | None = None, n: int | None = None) -> float:
@@ -228,7 +228,7 @@ class AsymptoticCovariance:
         """``sd_b(tr(W X_b)) / sqrt(B)`` over per-batch matrices ``X_b`` (NaN when there are none)."""
         if batch is None:
             return math.nan
-        return _batch_se(np.einsum("ij,bji->b", _weight_matrix(weight, self.cov.shape[0]), batch))
+        return _batch_se(np.einsum("ij,bji->b", check_weight("weight", weight, self.cov.shape[0]), batch))
 
 
 @dataclass(frozen=True)
@@ -335,34 +335,6 @@ def _check_batches(n_batches: object) -> int:
     if isinstance(n_batches, bool) or not isinstance(n_batches, (int, np.integer)) or n_batches < 2:
         raise InputError(f"n_batches: need an integer >= 2, got {n_batches!r}")
     return int(n_batches)
-
-
-def _weight_matrix(weight: np.ndarray | int | None, d: int) -> np.ndarray:
-    """``W``: identity for None, ``e_j e_j^T`` for an int ``j``, else a symmetric PSD (d, d) array."""
-    if weight is None:
-        return np.eye(d)
-    if isinstance(weight, (int, np.integer)) and not isinstance(weight, bool):
-        if not 0 <= weight < d:
-            raise InputError(f"weight: coordinate index must be in [0, {d}), got {weight}")
-        W = np.zeros((d, d))
-        W[weight, weight] = 1.0
-        return W
-    try:
-        W = np.asarray(weight, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"weight: cannot be read as numbers ({exc})") from None
-    if W.shape != (d, d) or not np.isfinite(W).all():
-        raise InputError(
-            f"weight: expected None, a coordinate index or a finite ({d}, {d}) matrix, got shape {W.shape}"
-        )
-    scale = max(float(np.abs(W).max()), 1e-300)
-    if not np.allclose(W, W.T, rtol=0.0, atol=1e-12 * scale):
-        raise InputError("weight: the matrix must be symmetric")
-    if np.linalg.eigvalsh(W).min() < -1e-10 * scale:
-        raise InputError("weight: the matrix must be positive semi-definite")
-    if not np.any(W):
-        raise InputError("weight: the matrix is zero")
-    return W
 
 
 # --------------------------------------------------------------------------------------------
@@ -1226,7 +1198,7 @@ def optimal_lambda(
         raise InputError("g_hat: optimal_lambda needs an auxiliary model (got None)")
     clip = check_clip("clip", clip)
     an = _analyse(pop, g_hat, M, rho, loss, n_batches)
-    W = _weight_matrix(weight, pop.d)
+    W = check_weight("weight", weight, pop.d)
     lam_u = float(_lam_star(an.full, W))
     lam = float(_clipped(lam_u, clip))
     value = float(_wtrace(an.full, lam, W))
@@ -1250,7 +1222,7 @@ def variance_ratio(
     Below 1: VRPO with these settings is asymptotically more efficient than the MLE in the ``W`` norm.
     """
     an, lam_ = _analysis_at(pop, g_hat, lam, M, rho, loss, n_batches)
-    W = _weight_matrix(weight, pop.d)
+    W = check_weight("weight", weight, pop.d)
     vr = float(_wtrace(an.full, lam_, W))
     mle = float(_wtrace(an.full, 0.0, W))
     se = math.nan
@@ -1356,7 +1328,7 @@ def tuned_bias(
         raise InputError("g_hat: tuned_bias needs an auxiliary model (got None)")
     clip = check_clip("clip", clip)
     an = _analyse(pop, g_hat, M, rho, loss, n_batches)
-    W = _weight_matrix(weight, pop.d)
+    W = check_weight("weight", weight, pop.d)
     lam_u = np.atleast_1d(_lam_star(an.full, W))
     lam = _clipped(lam_u, clip)
     full = _tuning_bias(an, an.full, an.theta, lam_u, clip, W, *an.whole())[0]

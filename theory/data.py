@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["PairData", "PairPopulation", "check_probability", "rank_deficient"]
+__all__ = ["PairData", "PairPopulation", "check_probability", "check_weight", "rank_deficient"]
 
 
 def check_probability(name: str, values: np.ndarray) -> None:
@@ -40,6 +40,35 @@ def check_clip(name: str, clip: object) -> tuple[float, float] | None:
     if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
         raise InputError(f"{name}: need finite low <= high, got {clip!r}")
     return lo, hi
+
+
+def check_weight(name: str, weight: object, d: int) -> np.ndarray:
+    """``W`` of a weighted trace ``tr(W Cov)``: the identity for None, ``e_j e_j^T`` for a coordinate index
+    ``j``, else a nonzero symmetric positive semi-definite (d, d) array."""
+    if weight is None:
+        return np.eye(d)
+    if isinstance(weight, (int, np.integer)) and not isinstance(weight, bool):
+        if not 0 <= weight < d:
+            raise InputError(f"{name}: coordinate index must be in [0, {d}), got {weight}")
+        W = np.zeros((d, d))
+        W[weight, weight] = 1.0
+        return W
+    if isinstance(weight, (bool, float, str)):
+        raise InputError(f"{name}: expected None, a coordinate index or a ({d}, {d}) matrix, got {weight!r}")
+    try:
+        W = np.asarray(weight, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name}: cannot be read as numbers ({exc})") from None
+    if W.shape != (d, d) or not np.isfinite(W).all():
+        raise InputError(f"{name}: expected None, a coordinate index or a finite ({d}, {d}) matrix, got shape {W.shape}")
+    scale = max(float(np.abs(W).max()), 1e-300)
+    if not np.allclose(W, W.T, rtol=0.0, atol=1e-12 * scale):
+        raise InputError(f"{name}: the matrix must be symmetric")
+    if np.linalg.eigvalsh(W).min() < -1e-10 * scale:
+        raise InputError(f"{name}: the matrix must be positive semi-definite")
+    if not np.any(W):
+        raise InputError(f"{name}: the matrix is zero")
+    return W
 
 
 def rank_deficient(dphi: np.ndarray) -> dict[int, int]:

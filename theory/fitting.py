@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .data import PairData, check_clip, rank_deficient
+from .data import PairData, check_clip, check_weight, rank_deficient
 from .errors import InputError, SeparableDataError
 from .losses import Logistic, MarginLoss, VRDerivatives, get_loss, vr_derivatives, vr_objective
 
@@ -88,17 +88,29 @@ class FitResult:
         """Standard errors ``sqrt(diag(cov))``, (R, d)."""
         return np.sqrt(np.clip(np.diagonal(self.cov, axis1=-2, axis2=-1), 0.0, None))
 
-    def variance_ratio(self, weight: int | None = None) -> np.ndarray:
-        """Estimated ``tr(W cov) / tr(W cov_mle)`` (``W = I``, or coordinate ``weight``), (R,)."""
+    def variance_ratio(self, weight: int | np.ndarray | None = None) -> np.ndarray:
+        """Estimated ``tr(W cov) / tr(W cov_mle)`` (``W = I``, ``e_j e_j^T`` for a coordinate ``weight = j``,
+        or a PSD matrix ``weight``), (R,)."""
+        weight = _weight(weight, self.theta.shape[1])
         if self.cov_mle is None:
             return np.ones(self.theta.shape[0])
         return _weighted_trace(self.cov, weight) / _weighted_trace(self.cov_mle, weight)
 
 
-def _weighted_trace(cov: np.ndarray | Tensor, weight: int | None):
+def _weight(weight: object, d: int) -> int | np.ndarray | None:
+    """A checked ``weight``: None or a coordinate index as given, else its (d, d) matrix."""
+    W = check_weight("weight", weight, d)
+    return weight if weight is None or isinstance(weight, (int, np.integer)) else W
+
+
+def _weighted_trace(cov: np.ndarray | Tensor, weight: int | np.ndarray | None):
+    """``tr(W cov)`` over the last two axes: ``W = I`` (None), ``e_j e_j^T`` (an index) or a symmetric matrix."""
     if weight is None:
         return cov.diagonal(0, -2, -1).sum(-1)
-    return cov[..., weight, weight]
+    if isinstance(weight, (int, np.integer)):
+        return cov[..., weight, weight]
+    W = torch.as_tensor(weight, dtype=cov.dtype) if isinstance(cov, Tensor) else np.asarray(weight)
+    return (cov * W).sum((-2, -1))
 
 
 # --- tensors and clusters ---------------------------------------------------------------------
@@ -833,7 +845,7 @@ def _sandwiches(loss: MarginLoss, b: _Batch, theta: Tensor, hess: Tensor, lam: T
     return cov, tuned
 
 
-def tune_lambda(hess: Tensor, A: Tensor, B: Tensor, n: int, weight: int | None = None,
+def tune_lambda(hess: Tensor, A: Tensor, B: Tensor, n: int, weight: int | np.ndarray | None = None,
                 clip: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     r"""``lambda* = argmin tr(W H^{-1} V(lambda) H^{-1})`` with ``V(lambda) = V_AA + lambda (V_AB + V_BA)
     + lambda^2 V_BB``: ``lambda* = -tr(W H^-1 (V_AB + V_BA) H^-1) / (2 tr(W H^-1 V_BB H^-1))``, clipped;
@@ -841,7 +853,7 @@ def tune_lambda(hess: Tensor, A: Tensor, B: Tensor, n: int, weight: int | None =
     return _tuned_lambda(_pinv(hess), _moments(A, B, n), weight, clip)
 
 
-def _tuned_lambda(Hinv: Tensor, moments: tuple[Tensor, Tensor | None, Tensor | None], weight: int | None,
+def _tuned_lambda(Hinv: Tensor, moments: tuple[Tensor, Tensor | None, Tensor | None], weight: int | np.ndarray | None,
                   clip: tuple[float, float]) -> Tensor:
     """``tune_lambda`` from ``Hinv = H^+`` and the meat's moments."""
     _, vab, vbb = moments
@@ -918,7 +930,7 @@ def fit(
     *,
     lam: float | None = None,
     bound: float | None = None,
-    weight: int | None = None,
+    weight: int | np.ndarray | None = None,
     lam_clip: tuple[float, float] | None = (0.0, 1.0),
     folds: int = 5,
     seed: int = 0,
@@ -929,7 +941,8 @@ def fit(
     r"""Fit ``method`` (``mle``, ``vrpo``, ``vrpo_tuned``, ``vrpo_crossfit``) on every replication.
 
     ``lam`` overrides the control-variate weight of ``vrpo``/``vrpo_crossfit`` (default 1);
-    ``weight`` picks the tuning target of ``vrpo_tuned`` (None: trace; ``j``: coordinate ``j``), whose
+    ``weight`` picks the tuning target ``tr(W Cov)`` of ``vrpo_tuned`` (None: the trace; ``j``: coordinate ``j``;
+    a symmetric PSD (d, d) matrix ``W``, e.g. the Hessian of a regret), whose
     ``lam`` is clipped to ``lam_clip`` (None: not clipped);
     ``bound`` adds ``||theta|| <= bound`` (cvxpy for the convex cases: logistic with ``0 <= lam <= 1``,
     hinge MLE; a ball-constrained Newton method otherwise). The truncated hinge is bounded, so its empirical risk
@@ -955,9 +968,7 @@ def fit(
         raise InputError(f"lam cannot be set for method {method!r}")
     if lam is not None and not math.isfinite(lam):
         raise InputError(f"lam must be a finite number, got {lam}")
-    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, np.integer))
-                               or not 0 <= weight < data.d):
-        raise InputError(f"weight must be None (the trace) or a coordinate index in [0, {data.d}), got {weight!r}")
+    weight = _weight(weight, data.d)
     lam_clip = check_clip("lam_clip", lam_clip) or (-math.inf, math.inf)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
         raise InputError(f"tol must be a positive number, got {tol!r}")
@@ -1004,7 +1015,7 @@ def _unit_scale(rms: float) -> float:
 
 
 def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound: float | None,
-         weight: int | None, lam_clip: tuple[float, float], folds: int, seed: int, tol: float, max_iter: int,
+         weight: int | np.ndarray | None, lam_clip: tuple[float, float], folds: int, seed: int, tol: float, max_iter: int,
          on_separable: str, rms: float) -> FitResult:
     """``fit`` on validated arguments and features of unit scale (root mean square ``rms``)."""
     R, d = data.reps, data.d

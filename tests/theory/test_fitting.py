@@ -124,6 +124,20 @@ def test_tuned_lambda_minimises_the_estimated_trace(mixture: PairData) -> None:
     assert torch.allclose(lam, best, atol=5e-3)  # grid spacing 2.5e-3
     res = fit(mixture, "vrpo_tuned")
     assert ((res.lam >= 0) & (res.lam <= 1)).all()
+    # a matrix weight: the argmin of tr(W Cov(lam)) on the grid; e_j e_j^T is coordinate j, I the trace
+    W = np.array([[2.0, 0.5, 0.0], [0.5, 1.0, -0.3], [0.0, -0.3, 0.2]])
+    lam_W = tune_lambda(hess, A, B, mixture.n, weight=W, clip=(-10.0, 10.0))
+    traces = torch.stack([(_sandwich(hess, A, B, torch.full((mixture.reps,), float(x), dtype=torch.float64),
+                                     mixture.n) * torch.as_tensor(W)).sum((-2, -1)) for x in grid])
+    assert torch.allclose(lam_W, grid[traces.argmin(0)], atol=5e-3)
+    assert not torch.allclose(lam_W, lam, atol=0.05)  # another target, another lam
+    e1 = np.zeros((3, 3))
+    e1[1, 1] = 1.0
+    assert torch.equal(tune_lambda(hess, A, B, mixture.n, weight=e1), tune_lambda(hess, A, B, mixture.n, weight=1))
+    np.testing.assert_allclose(fit(mixture, "vrpo_tuned", weight=np.eye(3)).lam, res.lam, rtol=1e-12)
+    byW = fit(mixture, "vrpo_tuned", weight=W)
+    np.testing.assert_allclose(byW.variance_ratio(W), np.einsum("ij,rji->r", W, byW.cov)
+                               / np.einsum("ij,rji->r", W, byW.cov_mle), rtol=1e-12)
 
 
 def test_constant_g_vrpo_targets_the_mle_target() -> None:
@@ -339,9 +353,11 @@ def test_crossfit_learns_pairs_without_an_invariant_orientation() -> None:
     ({"method": "vrpo", "bound": -1.0}, "bound must be a positive number"),
     ({"method": "vrpo", "lam": math.nan}, "lam must be a finite number"),
     ({"method": "mle", "loss": "nope"}, "unknown loss 'nope'"),
-    ({"method": "vrpo_tuned", "weight": 5}, r"weight must be None \(the trace\) or a coordinate index in \[0, 3\)"),
-    ({"method": "vrpo_tuned", "weight": 1.5}, "weight must be None"),
-    ({"method": "vrpo_tuned", "weight": -1}, "weight must be None"),
+    ({"method": "vrpo_tuned", "weight": 5}, r"weight: coordinate index must be in \[0, 3\), got 5"),
+    ({"method": "vrpo_tuned", "weight": 1.5}, r"weight: expected None, a coordinate index or a \(3, 3\) matrix"),
+    ({"method": "vrpo_tuned", "weight": -1}, r"weight: coordinate index must be in \[0, 3\)"),
+    ({"method": "vrpo_tuned", "weight": np.ones((2, 2))}, r"finite \(3, 3\) matrix, got shape \(2, 2\)"),
+    ({"method": "vrpo_tuned", "weight": -np.eye(3)}, "weight: the matrix must be positive semi-definite"),
     ({"method": "vrpo_tuned", "lam_clip": (0.8, 0.2)}, r"lam_clip: need finite low <= high"),
     ({"method": "vrpo_tuned", "lam_clip": (math.nan, 1.0)}, r"lam_clip: need finite low <= high"),
     ({"method": "mle", "tol": -1.0}, "tol must be a positive number"),
