@@ -4,12 +4,14 @@ Fixed models (a function of the prompt and the two responses, independent of the
 
 - ``oracle``: ``g_hat = g*``;
 - ``noisy_oracle``: ``g_hat = sigmoid(logit g* + noise * (eta(x,a) - eta(x,b)) / sqrt 2)``, where
-  ``eta(x, a) = v_a . x`` with fixed random orthonormal ``v_a`` (when ``K <= p``) is standard normal
-  over prompts and independent across responses, so the logit error of distinct responses is
-  ``N(0, noise^2)`` and ``g_hat`` stays antisymmetric whenever ``g*`` is;
+  ``eta(x, a)`` is a fixed pseudo-random function of the prompt's bits and the response (a keyed
+  hash turned into a normal draw): over prompts it is standard normal, independent across responses
+  and independent of ``g*``, for every ``K`` and prompt dimension. The logit error of distinct
+  responses is ``N(0, noise^2)`` and ``g_hat`` stays antisymmetric whenever ``g*`` is;
 - ``constant``: ``g_hat = value`` (1/2 by default);
 - ``reversed``: ``g_hat = 1 - g*``;
-- ``random``: ``g_hat = sigmoid(scale * (eta'(x,a) - eta'(x,b)) / sqrt 2)``, unrelated to ``g*``;
+- ``random``: ``g_hat = sigmoid(scale * (eta'(x,a) - eta'(x,b)) / sqrt 2)`` with ``eta'`` another such
+  function: independent of ``g*`` (a control with no information);
 - ``bt_plugin``: ``g_hat = sigmoid(theta_aux . dphi)`` with ``theta_aux`` the BT MLE on a separate
   sample of ``n_fit`` labelled pairs (seeded by ``seed``).
 
@@ -31,7 +33,7 @@ from .scenario import SpecError, structure_rng
 if TYPE_CHECKING:
     from .scenario import Scenario
 
-__all__ = ["AuxSpec", "AUX_MODELS", "FixedAux", "build_aux", "aux_population"]
+__all__ = ["AuxSpec", "AUX_MODELS", "FixedAux", "build_aux", "aux_population", "prompt_normals"]
 
 AUX_MODELS: dict[str, str] = {
     "oracle": "the true preference probability g*",
@@ -107,11 +109,11 @@ class FixedAux:
 
     scenario: "Scenario"
     spec: AuxSpec
-    directions: np.ndarray | None = None  # (K, p) unit vectors of the random functions eta
+    key: int | None = None  # the key of the pseudo-random functions eta
     theta: np.ndarray | None = None  # bt_plugin's fitted reward
 
     def _eta(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.directions.T  # (..., K)
+        return prompt_normals(x, self.scenario.K, self.key)  # (..., K)
 
     def matrix(self, x: np.ndarray, phi: np.ndarray) -> np.ndarray:
         """``g_hat(x, a, b)`` for every ordered pair, ``(..., K, K)``."""
@@ -161,17 +163,41 @@ class FixedAux:
         return (np.take_along_axis(eta, y[..., :1], -1) - np.take_along_axis(eta, y[..., 1:], -1))[..., 0] / np.sqrt(2.0)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser: a bijection of uint64 whose output bits all depend on every input bit."""
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def prompt_normals(x: np.ndarray, K: int, key: int) -> np.ndarray:
+    """``eta(x, a)``, a = 0..K-1: standard normal draws that are a fixed function of the bits of the prompt
+    ``x`` (..., p), the response ``a`` and ``key`` (Box-Muller on two hashed uniforms). Distinct prompts
+    give (pseudo-)independent draws, so over a continuous prompt law they are i.i.d. N(0, 1). (..., K)."""
+    x = np.ascontiguousarray(x, dtype=np.float64) + 0.0  # -0.0 -> 0.0: equal prompts, equal bits
+    bits = x.reshape(-1, x.shape[-1]).view(np.uint64)
+    with np.errstate(over="ignore"):
+        h = np.full(bits.shape[0], np.uint64(key))
+        for j in range(bits.shape[1]):
+            h = _mix(h ^ (bits[:, j] + _GOLDEN * np.uint64(j + 1)))
+        a = np.arange(1, 2 * K + 1, dtype=np.uint64) * _GOLDEN
+        u = (_mix(h[:, None] + a[None, :]) >> np.uint64(11)).astype(np.float64)
+    u = (u + 0.5) * 2.0**-53  # in (0, 1)
+    z = np.sqrt(-2.0 * np.log(u[:, 0::2])) * np.cos(2.0 * np.pi * u[:, 1::2])
+    return z.reshape(*x.shape[:-1], K)
+
+
 def build_aux(scenario: "Scenario", spec: AuxSpec) -> FixedAux | None:
     """The fixed model for ``spec`` (None for ``learned``, which is fitted per data set)."""
     if spec.kind == "learned":
         return None
-    directions = theta = None
+    key = theta = None
     if spec.kind in ("noisy_oracle", "random"):
-        v = structure_rng(scenario.spec["structure_seed"], "auxiliary", spec.seed, int(spec.kind == "random"))
-        v = v.standard_normal((scenario.K, scenario.prompt_dim))
-        if scenario.K <= scenario.prompt_dim:  # orthonormal: eta(x, a), a = 0..K-1, are independent N(0, 1)
-            v = np.linalg.qr(v.T)[0].T
-        directions = v / np.linalg.norm(v, axis=1, keepdims=True)
+        rng = structure_rng(scenario.spec["structure_seed"], "auxiliary", spec.seed, int(spec.kind == "random"))
+        key = int(rng.integers(2**63))
     if spec.kind == "bt_plugin":
         from robust_rlhf.theory.fitting import fit
 
@@ -179,7 +205,7 @@ def build_aux(scenario: "Scenario", spec: AuxSpec) -> FixedAux | None:
 
         aux_data = sample(scenario, n=spec.n_fit, seed=spec.seed, aux=None, M=0, namespace="auxiliary")
         theta = fit(aux_data.to_pair_data(), method="mle").theta[0]
-    return FixedAux(scenario=scenario, spec=spec, directions=directions, theta=theta)
+    return FixedAux(scenario=scenario, spec=spec, key=key, theta=theta)
 
 
 def aux_population(scenario: "Scenario", spec: AuxSpec | str | dict, size: int, seed: int) -> np.ndarray | None:

@@ -15,6 +15,7 @@ from scipy.special import expit, logit
 from scipy.stats import chi2, spearmanr
 
 from robust_rlhf.simulate import AUX_MODELS, AuxSpec, Scenario, SpecError, get_scenario, sample, save, scenario_names
+from robust_rlhf.simulate.auxiliary import build_aux
 from robust_rlhf.theory.io import load_pair_data
 
 scenarios = st.builds(
@@ -109,6 +110,29 @@ def test_exact_reference_weights() -> None:
     np.testing.assert_array_equal(data.ref_row, np.repeat(np.arange(6), 9))
 
 
+@pytest.mark.parametrize("spec", [{"d": 3, "K": 4, "features": {"map": "tanh"}},  # K > prompt dimension
+                                  {"d": 2, "K": 5, "features": {"map": "linear"}}])
+def test_noisy_and_random_models_have_their_noise_for_any_K(spec: dict) -> None:
+    # over N prompts, the logit error of each ordered pair a != b is N(0, noise^2); pairs sharing no
+    # response are uncorrelated; `random` is uncorrelated with g* pair by pair. Sample sds are within
+    # 5 relative standard errors (1 / sqrt(2N)), correlations within 5 / sqrt(N).
+    sc = Scenario.from_spec(spec)
+    N = 20_000
+    x = sc.prompts(np.random.default_rng(4), (N,))
+    phi = sc.phi(x)
+    gs = sc.g_star_matrix(x, phi)
+    a, b = np.triu_indices(sc.K, 1)
+    err = (logit(build_aux(sc, AuxSpec("noisy_oracle", noise=1.5)).matrix(x, phi)) - logit(gs))[:, a, b]
+    assert np.abs(err.std(0) / 1.5 - 1).max() < 5 / math.sqrt(2 * N), err.std(0)
+    disjoint = [(i, j) for i in range(len(a)) for j in range(len(a)) if not {a[i], b[i]} & {a[j], b[j]}]
+    corr = np.corrcoef(err.T)
+    assert disjoint and max(abs(corr[i, j]) for i, j in disjoint) < 5 / math.sqrt(N)
+    rnd = logit(build_aux(sc, AuxSpec("random", scale=2.0)).matrix(x, phi))[:, a, b]
+    assert np.abs(rnd.std(0) / 2.0 - 1).max() < 5 / math.sqrt(2 * N)
+    lg = logit(gs)[:, a, b]
+    assert max(abs(np.corrcoef(rnd[:, k], lg[:, k])[0, 1]) for k in range(len(a))) < 5 / math.sqrt(N)
+
+
 def test_auxiliary_models() -> None:
     scenario = get_scenario("probit")
     base = sample(scenario, 4000, seed=1, M=1, aux=None)
@@ -118,7 +142,7 @@ def test_auxiliary_models() -> None:
     noisy = base.with_aux({"kind": "noisy_oracle", "noise": 0.8})
     distinct = base.y[..., 0] != base.y[..., 1]
     err = (logit(noisy.g_hat) - logit(gs))[distinct]
-    # logit error = 0.8 (eta_a - eta_b)/sqrt 2 ~ N(0, 0.64) exactly (orthonormal directions):
+    # logit error = 0.8 (eta_a - eta_b)/sqrt 2 ~ N(0, 0.64) exactly (eta i.i.d. N(0, 1) over responses):
     # the sample sd of ~3000 draws is within 5% (its relative se is 1/sqrt(2 * 3000) = 1.3%)
     assert np.std(err) == pytest.approx(0.8, rel=0.05) and abs(np.mean(err)) < 4 * 0.8 / math.sqrt(err.size)
     rnd = base.with_aux("random")
