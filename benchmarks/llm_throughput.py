@@ -22,8 +22,11 @@ rotated from run to run; the figures are medians. Time is measured from ``on_tra
 ``on_train_end`` (the reference pass before training is timed separately as ``ref_pass_s``).
 Tokens are the non-padding tokens the policy processes: for every sequence scored, prompt plus
 response (a DPO row scores 2 sequences, VRPO with M pairs ``2 + 2M``). ``us_per_token`` is the time per
-processed token; ``ratio_to_trl`` = tokens/s over ``trl_dpo``'s. Peak memory is the resident-memory
-peak above its level at ``on_train_begin`` (CPU) or ``torch.cuda.max_memory_allocated`` (GPU).
+processed token; ``ratio_to_trl`` = tokens/s over ``trl_dpo``'s, each trainer counting the tokens of its
+own tokenisation of the same texts (they differ by the special tokens each adds), and
+``pairs_ratio_to_trl`` = pairs/s over ``trl_dpo``'s (the same rows: the like-for-like ratio for DPO).
+Peak memory is the peak of the heap in use (glibc ``mallinfo2``, sampled every 5 ms) above its level at
+``on_train_begin`` (CPU), or ``torch.cuda.max_memory_allocated`` above it (GPU).
 MFU (GPU only): ``6 N tokens/s / peak``, ``N`` the non-embedding parameters (the usual forward plus
 backward estimate; attention's ``O(L^2)`` term ignored: state the sequence length with it).
 """
@@ -96,12 +99,14 @@ def make_rows(n: int, n_pairs: int, seed: int, prompt_len: tuple[int, int], resp
 
     rows = []
     for _ in range(n):
-        row: dict[str, Any] = {"prompt": sentence(prompt_len), "chosen": sentence(resp_len),
-                               "rejected": sentence(resp_len)}
+        # responses start with a space: TRL joins prompt + response as text, which must not merge the
+        # prompt's last word with the response's first (ours tokenizes them apart: the space is dropped)
+        row: dict[str, Any] = {"prompt": sentence(prompt_len), "chosen": " " + sentence(resp_len),
+                               "rejected": " " + sentence(resp_len)}
         p = round(rng.uniform(0.05, 0.95), 3)
         row["chosen_preference"], row["rejected_preference"] = p, round(1 - p, 3)
         for j in range(n_pairs):
-            row[f"a_{2 * j + 1}"], row[f"a_{2 * j + 2}"] = sentence(resp_len), sentence(resp_len)
+            row[f"a_{2 * j + 1}"], row[f"a_{2 * j + 2}"] = " " + sentence(resp_len), " " + sentence(resp_len)
             q = round(rng.uniform(0.05, 0.95), 3)
             row[f"a_{2 * j + 1}_preference"], row[f"a_{2 * j + 2}_preference"] = q, round(1 - q, 3)
         rows.append(row)
@@ -277,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in table.values():
         if trl:
             row["ratio_to_trl"] = row["tokens_per_s"] / trl["tokens_per_s"]
+            row["pairs_ratio_to_trl"] = row["pairs_per_s"] / trl["pairs_per_s"]
             row["memory_ratio_to_trl"] = row["peak_memory_mb"] / max(trl["peak_memory_mb"], 1e-9)
         if dpo:
             row["cost_per_token_vs_our_dpo"] = row["us_per_token"] / dpo["us_per_token"]
@@ -291,12 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{a.model} on {a.device} ({a.dtype}, {a.attn}), {a.rows} rows, batch {a.batch_size}, "
           f"{a.runs} runs (median); torch threads {out['torch_threads']}; load {load} -> {out['load_after']}")
-    print("| config | tokens/s | pairs/s | us/token | vs our DPO (per token) | ratio to TRL | peak MB | ref pass s |"
-          + (" MFU |" if a.device == "cuda" and a.peak_tflops else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if a.device == "cuda" and a.peak_tflops else ""))
+    print("| config | tokens/s | pairs/s | us/token | vs our DPO (per token) | tokens/s vs TRL | pairs/s vs TRL | "
+          "peak MB | ref pass s |" + (" MFU |" if a.device == "cuda" and a.peak_tflops else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if a.device == "cuda" and a.peak_tflops else ""))
     for c, r in table.items():
         print(f"| {c} | {r['tokens_per_s']:.0f} | {r['pairs_per_s']:.1f} | {r['us_per_token']:.1f} | "
               f"{r.get('cost_per_token_vs_our_dpo', float('nan')):.2f} | {r.get('ratio_to_trl', float('nan')):.2f} | "
+              f"{r.get('pairs_ratio_to_trl', float('nan')):.2f} | "
               f"{r['peak_memory_mb']:.0f} | {r['ref_pass_s']:.2f} |"
               + (f" {r['mfu']:.3f} |" if "mfu" in r else ""))
     return 0
