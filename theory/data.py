@@ -250,7 +250,11 @@ class PairData:
 
     def replication(self, r: int) -> "PairData":
         """The ``r``-th replication as a one-replication data set."""
-        sl = slice(r, r + 1)
+        return self.replications(slice(r, r + 1))
+
+    def replications(self, idx: slice | np.ndarray) -> "PairData":
+        """The replications ``idx`` (a slice or an index array) as a data set."""
+        sl = idx
         take = lambda a: None if a is None else a[sl]  # noqa: E731
         return replace(
             self, dphi=self.dphi[sl], z=self.z[sl], g=take(self.g), dphi_ref=take(self.dphi_ref),

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -869,7 +869,8 @@ def _bread_bandwidth(b: _Batch, theta: Tensor) -> Tensor:
     """Rule-of-thumb bandwidth ``1.06 sd(y u) n^{-1/5}`` of each replication (R, 1), from its label-oriented
     margins ``y_i u_i`` (``y = 2Z - 1``): unchanged when a pair is presented the other way round."""
     yu = (2.0 * b.z - 1.0) * _margins(b.dphi, theta)
-    return 1.06 * yu.std(dim=1, keepdim=True).clamp_min(1e-3) * b.dphi.shape[1] ** -0.2
+    sd = yu.std(dim=1, keepdim=True) if yu.shape[1] > 1 else torch.zeros_like(yu[:, :1])  # one pair: no spread
+    return 1.06 * sd.clamp_min(1e-3) * b.dphi.shape[1] ** -0.2
 
 
 def _minimise(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float, max_iter: int,
@@ -950,13 +951,17 @@ def fit(
     (separable labels) or whose objective is unbounded raises ``SeparableDataError``
     (``on_separable="raise"``) or is flagged in ``separable`` with NaN estimates and a warning naming
     it (``"warn"``); with ``bound`` the constrained fit is returned instead. At the boundary the
-    sandwich does not apply: ``cov`` is NaN where ``at_bound``.
+    sandwich does not apply: ``cov`` is NaN where ``at_bound``, and where the Hessian at the estimate is
+    singular (``theta`` not identified in some direction), with a warning. For the non-smooth losses,
+    separated labels (certified by the logistic fit that starts the continuation) leave an unbounded set
+    of minimisers: no estimate without ``bound``, as for the logistic loss.
 
     ``dphi`` must identify ``theta`` (rank ``d`` on every replication), else ``InputError``. The
     estimators are equivariant under ``dphi -> c Q dphi`` (``Q`` orthogonal; ``theta -> Q theta / c``,
     ``cov -> Q cov Q^T / c^2``, bound ``c B``, gradient ``c Q grad``), and so is the stopping rule: a
     replication has converged when ``||grad|| < tol * rms(dphi)``, the gradient tolerance ``tol`` of the
-    same problem with features of unit root mean square. Features whose root mean square lies outside
+    same problem with features of unit root mean square (replications whose scales differ by more than a
+factor 2 are fitted in separate groups, each at its own scale). Features whose root mean square lies outside
     ``[2^-10, 2^10]`` are also rescaled by the power of two nearest to it (exact in floating point) for
     the solve, and the results mapped back. ``grad_norm`` is the gradient in the caller's units.
     """
@@ -989,6 +994,11 @@ def fit(
             if data.reps > 1 else ""
         raise InputError(f"dphi{where} has rank {rank} < d = {data.d}: a feature is duplicated, all zero or a "
                          "combination of others (or n < d), so theta is not identifiable; drop it")
+    groups = _scale_groups(data.dphi)
+    if len(groups) > 1:  # each group's stopping rule and rescaling at its own scale
+        parts = [fit(data.replications(idx), method, loss, lam=lam, bound=bound, weight=weight, lam_clip=lam_clip,
+                     folds=folds, seed=seed, tol=tol, max_iter=max_iter, on_separable=on_separable) for idx in groups]
+        return _stitch(parts, groups)
     rms = _rms(data.dphi)
     s = _unit_scale(rms)
     try:
@@ -1002,6 +1012,38 @@ def fit(
                        cov_mle=None if res.cov_mle is None else res.cov_mle / s**2)
     finally:
         _SCRATCH.buf = None
+
+
+def _scale_groups(dphi: np.ndarray) -> list[np.ndarray]:
+    """Replications in groups whose features' root mean squares lie within a factor 2 of each other (in
+    order of scale): one group for the replications of one design, several where scales differ."""
+    R, n, d = dphi.shape
+    flat = dphi.reshape(R, -1)
+    log_rms = np.log2(np.sqrt(np.einsum("ri,ri->r", flat, flat) / (n * d)))
+    order = np.argsort(log_rms, kind="stable")
+    cuts = [0]
+    for k in range(1, R):
+        if log_rms[order[k]] - log_rms[order[cuts[-1]]] > 1.0:
+            cuts.append(k)
+    return [np.sort(order[a:b]) for a, b in zip(cuts, cuts[1:] + [R])]
+
+
+def _stitch(parts: list[FitResult], groups: list[np.ndarray]) -> FitResult:
+    """One ``FitResult`` from the fits of replication groups ``groups``."""
+    R = sum(len(g) for g in groups)
+    first = parts[0]
+
+    def join(name: str) -> np.ndarray | None:
+        values = [getattr(p, name) for p in parts]
+        if values[0] is None:
+            return None
+        out = np.empty((R, *values[0].shape[1:]), dtype=values[0].dtype)
+        for idx, v in zip(groups, values):
+            out[idx] = v
+        return out
+
+    arrays = {f.name: join(f.name) for f in fields(FitResult) if isinstance(getattr(first, f.name), np.ndarray)}
+    return replace(first, **arrays)
 
 
 def _rms(dphi: np.ndarray) -> float:
@@ -1031,10 +1073,16 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
     lam0 = torch.zeros(R, dtype=_DTYPE)
     # The MLE first: the estimate of `mle`, the warm start and the reference covariance of the others.
     start = torch.zeros(R, d, dtype=_DTYPE)
+    logistic = None
     if not loss.smooth:  # start the continuation at the logistic fit
-        start = _newton(Logistic(), lam0, b, start, tol, max_iter, True, theta_max).theta
+        logistic = _newton(Logistic(), lam0, b, start, tol, max_iter, True, theta_max)
+        start = logistic.theta
     pg_bound = None if bound is None or _convex_program(loss, np.zeros(1)) else bound
     mle = _minimise(loss, lam0, b, start, tol, max_iter, True, theta_max, pg_bound)
+    if logistic is not None:
+        # separated labels (the logistic fit's certificate): a non-smooth loss's minimisers are unbounded too
+        mle.separable |= logistic.separable
+        mle.converged &= ~logistic.separable
     mle_hess = _bread_hessian(loss, lam0, b, mle)
     tune = (weight, lam_clip) if method == "vrpo_tuned" else None
     cov_mle_t, lam_tuned = _sandwiches(loss, b, mle.theta, mle_hess, lam0, data.n, tune)
@@ -1049,10 +1097,18 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         state = _minimise(loss, lam_t, b, mle.theta, tol, max_iter, True, theta_max, pg_bound)
         # the tuned lam is a function of the MLE: without it the tuned estimate does not exist either
         state.separable |= mle.separable & (~state.converged if method != "vrpo_tuned" else True)
+        state.converged &= ~state.separable
         hess = _bread_hessian(loss, lam_t, b, state)
         cov_t, _ = _sandwiches(loss, b, state.theta, hess, lam_t, data.n)
     theta = state.theta.numpy().copy()
     cov = cov_t.numpy()
+    flat = _flat_bread(hess if method != "mle" else mle_hess)
+    if flat.any():  # a direction the objective does not curve in: theta is not identified there
+        cov[flat] = np.nan
+        warnings.warn(f"{int(flat.sum())} of {R} replication(s) have a singular Hessian at the estimate (first: "
+                      f"{int(np.flatnonzero(flat)[0])}): theta is not identified in some direction (e.g. lam = 1 "
+                      "with g_hat = z leaves only the reference pairs, which do not span the features); cov is NaN "
+                      "there", RuntimeWarning, stacklevel=3)
     cov_mle = None if method == "mle" else cov_mle_t.numpy()
     if cov_mle is not None:
         cov_mle[mle.separable.numpy()] = np.nan  # no MLE to compare with (its sandwich at a stopped iterate)
@@ -1104,6 +1160,16 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
                      bound=bound, at_bound=at_bound, cov_mle=cov_mle)
 
 
+def _flat_bread(hess: Tensor) -> np.ndarray:
+    """(R,) whether a finite bread is singular where ``_pinv`` takes it to be: an eigenvalue of modulus at
+    most ``d eps`` times the largest (the directions ``H^+`` drops, so the sandwich would report zero
+    variance in them)."""
+    d = hess.shape[-1]
+    ok = torch.isfinite(hess).all(dim=(1, 2))
+    ev = torch.linalg.eigvalsh(torch.where(ok[:, None, None], hess, torch.eye(d, dtype=hess.dtype))).abs()
+    return (ok & (ev.min(1).values <= d * torch.finfo(hess.dtype).eps * ev.max(1).values)).numpy()
+
+
 def _bread_hessian(loss: MarginLoss, lam: Tensor, b: _Batch, state: _NewtonState) -> Tensor:
     """The sandwich bread: the Hessian of a smooth loss, else that of its Gaussian smoothing with each
     replication's own ``_bread_bandwidth``."""
@@ -1126,6 +1192,6 @@ def _crossfit(data: PairData, folds: int, seed: int) -> tuple[np.ndarray, np.nda
     g = np.empty((data.reps, data.n))
     g_ref = np.empty((data.reps, data.n_ref))
     for r in range(data.reps):
-        g[r], g_ref[r] = crossfit_predict(feats[r], data.z[r], feats_ref[r], data.ref_row, folds=folds, seed=seed + r,
+        g[r], g_ref[r] = crossfit_predict(feats[r], data.z[r], feats_ref[r], data.ref_row, folds=folds, seed=seed,
                                           swap=swap)
     return g, g_ref

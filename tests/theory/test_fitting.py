@@ -411,3 +411,68 @@ def test_vr_needs_reference_pairs() -> None:
 def test_pair_data_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(InputError, match=match):
         PairData(**kwargs)
+
+
+def _bt_labels(rng: np.random.Generator, X: np.ndarray) -> np.ndarray:
+    return (rng.uniform(size=X.shape[:2]) < 1 / (1 + np.exp(-(X[..., 0] - X[..., 1])))) * 1.0
+
+
+def test_replications_of_different_scales_are_fitted_at_their_own() -> None:
+    # one replication at 1e-7 the scale of the other: the batch's stopping rule used to stop it after one
+    # Newton step (27% off, `converged`); each is now what it is alone
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3, 300, 2))
+    z = _bt_labels(rng, X)
+    X[0] *= 1e-7
+    X[2] *= 3e4
+    both = fit(PairData(dphi=X, z=z), "mle")
+    for r in range(3):
+        alone = fit(PairData(dphi=X[r:r + 1], z=z[r:r + 1]), "mle")
+        np.testing.assert_array_equal(both.theta[r], alone.theta[0])
+        np.testing.assert_array_equal(both.cov[r], alone.cov[0])
+        assert both.converged[r] and both.n_iter[r] == alone.n_iter[0]
+
+
+def test_crossfit_does_not_depend_on_the_other_replications() -> None:
+    data = sample(get_scenario("annotator_mixture"), n=200, seed=2, reps=3, M=2, aux="oracle").to_pair_data()
+    whole = fit(data, "vrpo_crossfit")
+    perm = np.array([2, 0, 1])
+    permuted = fit(data.replications(perm), "vrpo_crossfit")
+    np.testing.assert_allclose(permuted.theta, whole.theta[perm], rtol=1e-12)
+    np.testing.assert_allclose(fit(data.replication(1), "vrpo_crossfit").theta[0], whole.theta[1], rtol=1e-12)
+
+
+def test_hinge_on_separated_labels_has_no_estimate() -> None:
+    # the logistic start certifies separation; the hinge's minimisers are then unbounded (it returned an
+    # arbitrary theta with standard error 0, converged)
+    X = np.random.default_rng(0).normal(size=(1, 200, 2))
+    data = PairData(dphi=X, z=(X[..., 0] > 0) * 1.0)
+    with pytest.raises(SeparableDataError):
+        fit(data, "mle", "hinge")
+    with pytest.warns(RuntimeWarning, match="separable"):
+        res = fit(data, "mle", "hinge", on_separable="warn")
+    assert res.separable.all() and not res.converged.any() and np.isnan(res.theta).all()
+    # one pair: the bread's bandwidth needs no spread (it was NaN); every theta in [1, 2] minimises
+    with pytest.warns(RuntimeWarning, match="singular Hessian"):
+        one = fit(PairData(dphi=np.ones((1, 1, 1)), z=np.ones((1, 1))), "mle", "hinge", bound=2.0)
+    assert 1.0 - 1e-6 <= one.theta[0, 0] <= 2.0
+
+
+def test_tuned_without_an_mle_is_not_converged() -> None:
+    X = np.random.default_rng(1).normal(size=(1, 40, 2))
+    data = PairData(dphi=X, z=(X[..., 0] > 0) * 1.0, g=np.full((1, 40), 0.5), dphi_ref=X[:, :10],
+                    g_ref=np.full((1, 10), 0.5))
+    with pytest.warns(RuntimeWarning):
+        res = fit(data, "vrpo_tuned", on_separable="warn")
+    assert res.separable.all() and not res.converged.any()
+
+
+def test_an_unidentified_objective_has_no_covariance() -> None:
+    # lam = 1 with g_hat = z: the labelled term vanishes and two reference pairs do not span d = 3
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1, 100, 3))
+    z = (rng.uniform(size=(1, 100)) < 0.5) * 1.0
+    data = PairData(dphi=X, z=z, g=z.copy(), dphi_ref=rng.normal(size=(1, 2, 3)), g_ref=np.array([[0.7, 0.4]]))
+    with pytest.warns(RuntimeWarning, match="singular Hessian"):
+        res = fit(data, "vrpo", on_separable="warn")
+    assert np.isnan(res.cov).all()  # the standard errors were about 1e-8
