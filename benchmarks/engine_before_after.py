@@ -31,8 +31,12 @@ def load_old_engine(rev: str):
     """``fit`` of revision ``rev``: its fitting.py with its own losses.py, as a standalone module."""
     tmp = Path(tempfile.mkdtemp(prefix="engine_"))
     for name in ("fitting", "losses"):
-        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:theory/{name}.py"], check=True,
-                              capture_output=True, text=True).stdout
+        got = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:theory/{name}.py"], capture_output=True,
+                             text=True)
+        if got.returncode != 0:
+            raise SystemExit(f"--rev {rev}: cannot read theory/{name}.py at that revision (a git checkout of the "
+                             f"repository is needed): {got.stderr.strip()}")
+        text = got.stdout
         (tmp / f"{name}.py").write_text(text)
     modules = {}
     for name in ("losses", "fitting"):

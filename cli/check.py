@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 from . import _json
@@ -75,51 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_callable(target: str, factory: bool = False) -> Any:
-    """The callable named ``module:attr`` or ``path.py:attr`` (``attr`` may be dotted), imported with the
-    current directory on ``sys.path``; with ``factory`` the result of calling it with no arguments."""
-    from robust_rlhf.theory.errors import InputError
+    """The callable named ``module:attr`` or ``path.py:attr`` (``theory.io.load_callable``)."""
+    from robust_rlhf.theory.io import load_callable as load
 
-    module_name, sep, attr = target.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise InputError(f"{target!r}: expected MODULE:FUNCTION (or path/to/file.py:FUNCTION)")
-    cwd = str(Path.cwd())
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise FileNotFoundError(2, "No such file", str(path))
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InputError(f"cannot import {module_name!r}: {exc}") from None
-    except SyntaxError as exc:
-        raise InputError(f"cannot import {module_name!r}: syntax error at line {exc.lineno}: {exc.msg}") from None
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # the module itself fails while it is imported: the user's input, not a check
-        raise InputError(f"cannot import {module_name!r}: {type(exc).__name__} while importing it: {exc}") from None
-    finally:
-        if added:
-            sys.path.remove(cwd)
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise InputError(f"{module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if factory:
-        try:
-            obj = obj()
-        except TypeError as exc:
-            raise InputError(f"--factory: calling {attr} with no arguments failed ({exc})") from None
-    if not callable(obj):
-        raise InputError(f"{target!r} is a {type(obj).__name__}, not a callable")
-    return obj
+    return load(target, factory=factory)
 
 
 def _design(args: argparse.Namespace):

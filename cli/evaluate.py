@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from robust_rlhf.llm.auxiliary import load_callable
+    from robust_rlhf.theory.io import load_callable
     from robust_rlhf.llm.evaluate import build_judge, evaluate_policies
     from robust_rlhf.llm.models import load_causal_lm, load_reward_model, load_tokenizer
     from robust_rlhf.llm.references import GenerationOptions
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         reward=reward,
         judge_model=judge_model,
         judge_tokenizer=judge_tok,
-        judge_callable=load_callable(args.judge_callable) if args.judge_callable else None,
+        judge_callable=load_callable(args.judge_callable, name="--judge-callable") if args.judge_callable else None,
     )
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, top_k=0)
     result = evaluate_policies(

@@ -15,7 +15,7 @@ seed, evaluate them (win rates with 95% CIs, mean true reward, KL) and write OUT
 OUT/summary.csv, OUT/results.csv and the figures in OUT/figures/. Interrupted runs continue where
 they stopped; finished steps are never redone.
 
-presets: test (toy, < 2 min), tiny-cpu (2 CPU cores, ~15 min), tiny-cpu-diagnostic (M up to 16,
+presets: test (toy, about a minute), tiny-cpu (2 CPU cores, ~15 min), tiny-cpu-diagnostic (M up to 16,
 5 seeds), tiny-cpu-fortunes (real short English), gpu-small and gpu-hh (one GPU; runtimes are
 estimates, not measured here); --list shows each one's settings.
 
@@ -27,7 +27,8 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="test, tiny-cpu, gpu-small or gpu-hh")
+    p.add_argument("--preset", default=None,
+                   help="test, tiny-cpu, tiny-cpu-diagnostic, tiny-cpu-fortunes, gpu-small or gpu-hh (--list)")
     p.add_argument("--config", type=Path, default=None, help="a YAML experiment config (instead of a preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field (YAML value; section.key for corpus/model/pretrain; methods=a,b keeps those)")

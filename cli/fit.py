@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if data.reps != 1:
         raise InputError(f"{args.data}: holds {data.reps} replications; `fit` takes one data set "
                          "(use robust_rlhf.theory.fit for batches)")
+    if args.weight is not None and method != "vrpo_tuned":
+        raise InputError("--weight J picks the target of power tuning: it needs --lam auto")
     if args.weight is not None and not 0 <= args.weight < data.d:
         raise InputError(f"--weight {args.weight}: must be a coordinate in [0, {data.d})")
     res = fit(data, method, args.loss, lam=lam, bound=args.bound, weight=args.weight)

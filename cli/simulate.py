@@ -16,7 +16,8 @@ Each labelled row is a prompt x ~ N(0, I), two responses drawn from the referenc
 label Z ~ Bernoulli(g*(x, y1, y2)) from the scenario's preference model. Reference pairs (M per
 prompt, or all K x K pairs with --M exact) and the auxiliary model g_hat are added for VRPO.
 An .npz output is what `robust-rlhf fit --data FILE` reads; a .parquet output is the tidy table of
-the same draws (one row per labelled pair, for analysis elsewhere).
+the same draws (one row per pair, labelled and reference, told apart by its `kind` column, for
+analysis elsewhere).
 
 examples:
   robust-rlhf simulate --list

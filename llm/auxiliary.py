@@ -21,7 +21,6 @@ source) and reads it back on the next run.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -84,18 +83,11 @@ class CallableScorer:
 
 
 def load_callable(spec: str) -> Callable[..., Any]:
-    """Import ``module:function`` (the config's ``g_callable``)."""
-    if ":" not in spec:
-        raise InputError(f"g_callable: expected 'module:function', got {spec!r}")
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InputError(f"g_callable: cannot import {module_name!r} ({exc})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise InputError(f"g_callable: {module_name!r} has no callable {attr!r}")
-    return fn
+    """Import ``module:function`` or ``file.py:function`` from the current directory (the config's
+    ``g_callable``; ``theory.io.load_callable``)."""
+    from robust_rlhf.theory.io import load_callable as load
+
+    return load(spec, name="g_callable")
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

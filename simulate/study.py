@@ -634,6 +634,18 @@ def _check_backend(backend: str, jobs: int) -> None:
                              + ("'robust-rlhf[cluster]'" if backend == "dask" else "'ray[default]'"))
     if not isinstance(jobs, int) or jobs == 0 or jobs < -1:
         raise InputError(f"jobs = {jobs!r}: use a positive number of workers or -1 for all cores")
+    if backend == "dask":
+        import os
+
+        from distributed import Client, default_client
+
+        try:
+            default_client()
+        except ValueError:
+            if not os.environ.get("DASK_SCHEDULER_ADDRESS"):
+                raise InputError("backend 'dask' runs on a dask cluster: start a scheduler and set "
+                                 "DASK_SCHEDULER_ADDRESS=tcp://HOST:PORT (or create a distributed.Client first)") from None
+            Client()  # connects to the scheduler at DASK_SCHEDULER_ADDRESS
 
 
 def _parallel(backend: str, jobs: int, tasks):

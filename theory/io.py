@@ -11,19 +11,23 @@ leading replication axis R. ``g``, ``dphi_ref`` and ``g_ref`` may all be absent 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
+import sys
 import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .data import PairData
 from .errors import InputError
 
-__all__ = ["atomic_path", "load_pair_data", "NPZ_KEYS", "EXTRA_KEYS"]
+__all__ = ["atomic_path", "load_callable", "load_pair_data", "NPZ_KEYS", "EXTRA_KEYS"]
 
 NPZ_KEYS = ("dphi", "z", "g", "dphi_ref", "g_ref", "ref_row", "ref_weight")
 #: arrays that ``simulate.save`` writes beside the format's (provenance; ignored by ``load_pair_data``)
@@ -129,3 +133,52 @@ def load_pair_data(path: str | Path) -> PairData:
         )
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
+
+
+def load_callable(target: str, name: str = "", factory: bool = False) -> Any:
+    """The callable named ``module:attr`` or ``path.py:attr`` (``attr`` may be dotted), imported with the
+    current directory on ``sys.path``; with ``factory`` the result of calling it with no arguments.
+    ``name`` (the option or field that gave ``target``) starts every error message."""
+    where = f"{name}: " if name else ""
+
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise InputError(f"{where}{target!r}: expected MODULE:FUNCTION (or path/to/file.py:FUNCTION)")
+    cwd = str(Path.cwd())
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise InputError(f"{where}{str(path)!r}: file not found")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"{where}cannot import {module_name!r}: {exc}") from None
+    except SyntaxError as exc:
+        raise InputError(f"{where}cannot import {module_name!r}: syntax error at line {exc.lineno}: {exc.msg}") from None
+    except InputError:
+        raise
+    except Exception as exc:  # the module itself fails while it is imported: the user's input, not a check
+        raise InputError(f"{where}cannot import {module_name!r}: {type(exc).__name__} while importing it: {exc}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"{where}{module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if factory:
+        try:
+            obj = obj()
+        except TypeError as exc:
+            raise InputError(f"{where}--factory: calling {attr} with no arguments failed ({exc})") from None
+    if not callable(obj):
+        raise InputError(f"{where}{target!r} is a {type(obj).__name__}, not a callable")
+    return obj

@@ -145,6 +145,13 @@ class ExperimentConfig:
             raise InputError("data=synthetic needs a true reward (reward: vader, classifier:PATH, ...)")
         if self.data == "synthetic" and not self.scenarios:
             raise InputError("scenarios: need at least one")
+        if self.data == "synthetic":
+            from .scenarios import TEXT_SCENARIOS
+
+            unknown = [s for s in self.scenarios if s not in TEXT_SCENARIOS]
+            if unknown:
+                raise InputError(f"scenarios: unknown {', '.join(map(repr, unknown))}; allowed: "
+                                 f"{', '.join(TEXT_SCENARIOS)}")
         if not self.methods:
             raise InputError("methods: need at least one")
         names = [m.name for m in self.methods]

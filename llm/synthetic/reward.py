@@ -17,7 +17,6 @@ component ``primary`` is *the* true reward ``r*(x, y)`` that evaluation reports 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -202,13 +201,7 @@ def get_reward(spec: str) -> TrueReward:
         path, _, label = rest.partition("@")
         return ClassifierReward(path, label=label or None)
     if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise InputError(f"reward: cannot import {module_name!r} ({exc})") from None
-        fn = getattr(module, attr, None)
-        if not callable(fn):
-            raise InputError(f"reward: {module_name!r} has no callable {attr!r}")
-        return CallableReward(fn)
+        from robust_rlhf.theory.io import load_callable
+
+        return CallableReward(load_callable(spec, name="reward"))
     raise InputError(f"reward: unknown {spec!r}; use vader, vader:FIELDS, classifier:PATH[@LABEL] or module:function")

@@ -99,6 +99,7 @@ def test_other_user_errors(tmp_path, capsys) -> None:
                           (["--lam", "auto", "--method", "mle"], "--lam auto selects vrpo_tuned"),
                           (["--lam", "0.5", "--method", "mle"], "applies to --method vrpo"),
                           (["--weight", "7", "--lam", "auto"], "--weight 7: must be a coordinate in [0, 2)"),
+                          (["--weight", "1"], "--weight J picks the target of power tuning: it needs --lam auto"),
                           (["--loss", "truncated_hinge"], "give a norm bound"),
                           (["--method", "vrpo", "--bound", "-1"], "bound must be a positive number")):
         assert main(["fit", "--data", good, *argv]) == 2, argv

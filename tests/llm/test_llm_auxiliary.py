@@ -121,14 +121,22 @@ def test_cached_annotate_computes_once(tmp_path: Any) -> None:
     assert len(calls) == 2
 
 
-def test_load_callable() -> None:
+def test_load_callable(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_callable("math:sqrt")(4.0) == 2.0
-    with pytest.raises(InputError, match="module:function"):
+    with pytest.raises(InputError, match="g_callable: 'math.sqrt': expected MODULE:FUNCTION"):
         load_callable("math.sqrt")
-    with pytest.raises(InputError, match="cannot import"):
+    with pytest.raises(InputError, match="g_callable: cannot import 'no_such_module_xyz'"):
         load_callable("no_such_module_xyz:f")
-    with pytest.raises(InputError, match="no callable"):
+    with pytest.raises(InputError, match="has no attribute 'no_such_fn'"):
         load_callable("math:no_such_fn")
+    # a module in the current directory, by name or by file, as `robust-rlhf check` finds it
+    (tmp_path / "my_judge_mod.py").write_text("def judge(p, a, b):\n    return 0.25\n")
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert load_callable("my_judge_mod:judge")("p", "a", "b") == 0.25
+        assert load_callable("my_judge_mod.py:judge")("p", "a", "b") == 0.25
+    finally:
+        sys.modules.pop("my_judge_mod", None)
 
 
 def test_generate_references_resumes_to_the_same_file(tokenizer: Any, tmp_path: Any) -> None:

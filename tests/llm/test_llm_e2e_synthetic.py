@@ -219,6 +219,7 @@ def test_presets_validate_and_override() -> None:
         (["methods=zzz"], "unknown"),
         (["judge=human"], "judge"),
         (["seeds=[1, 1]"], "distinct"),
+        (["scenarios=[probt]"], "scenarios: unknown 'probt'; allowed: bt, probit"),  # before any work
         (["baseline=ghost"], "baseline"),
         (["data=dataset"], "preference_data"),
         (["x"], "KEY=VALUE"),
