@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import sys
 from typing import Any
 
 from . import _json
@@ -131,14 +133,17 @@ def run(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(set(tolerances) - {"rtol"}))
         raise InputError(f"{flags}: estimator options; an objective (--objective) takes only --rtol")
     subject = load_callable(args.target, args.factory)
-    if args.objective:
-        result = properties.check_objective(subject, properties=chosen, maps=args.maps, alpha=args.alpha,
-                                            seed=args.seed, max_examples=args.examples,
-                                            shrink_budget=args.shrink_budget, **tolerances)
-    else:
-        result = properties.check_estimator(subject, properties=chosen, design=_design(args), maps=args.maps,
-                                            alpha=args.alpha, seed=args.seed, max_examples=args.examples,
-                                            shrink_budget=args.shrink_budget, **tolerances)
+    design = None if args.objective else _design(args)
+    # stdout is the report (or one JSON object): what hypothesis or the estimator prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        if args.objective:
+            result = properties.check_objective(subject, properties=chosen, maps=args.maps, alpha=args.alpha,
+                                                seed=args.seed, max_examples=args.examples,
+                                                shrink_budget=args.shrink_budget, **tolerances)
+        else:
+            result = properties.check_estimator(subject, properties=chosen, design=design, maps=args.maps,
+                                                alpha=args.alpha, seed=args.seed, max_examples=args.examples,
+                                                shrink_budget=args.shrink_budget, **tolerances)
     if args.json:
         print(_json.dumps({
             "subject": result.subject, "passed": result.passed, "error_rate": result.error_rate,

@@ -50,7 +50,13 @@ def run(args: argparse.Namespace) -> int:
     columns: dict[str, None] = {}
     for r in rows:
         columns.update(dict.fromkeys(r))
-    schema = infer_schema(columns)
+    try:
+        schema = infer_schema(columns)
+    except InputError as exc:  # the union of the rows' columns: name the file, and a row that brings a column
+        first = {c: next(i for i, r in enumerate(rows, start=1) if c in r) for c in columns}
+        late = [(i, c) for c, i in first.items() if i > 1]
+        where = f" (row {late[0][0]} is the first with column {late[0][1]!r})" if late else ""
+        raise InputError(f"{args.file}: {exc}{where}") from None
     if args.require_references and schema.n_ref_pairs == 0:
         raise InputError(f"{args.file}: no reference pairs (columns a_1, a_2, ...)")
     if args.require_preferences and not schema.has_preferences:

@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--judge reward-model needs --judge-model PATH")
     if judge_name == "callable" and not args.judge_callable:
         raise InputError("--judge callable needs --judge-callable module:function")
+    if args.samples is not None and (args.samples.is_dir() or not args.samples.parent.is_dir()):
+        # checked before the sampling and judging, which would otherwise be lost
+        raise InputError(f"--samples {args.samples}: " + ("is a folder" if args.samples.is_dir()
+                                                           else f"its folder {args.samples.parent} does not exist"))
     prompts = _prompts(args.prompts, args.n)
 
     import torch

@@ -306,9 +306,13 @@ def _is_datasets_folder(path: Path) -> bool:
 
 
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open("r", encoding="utf-8") as fh:
+    with path.open("rb") as fh:
         record = 0
-        for lineno, line in enumerate(fh, start=1):
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}: line {lineno} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
             record += 1
@@ -347,7 +351,12 @@ def read_rows(source: str | os.PathLike[str], split: str = "train") -> list[dict
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist()
+            import pyarrow
+
+            try:
+                return pq.read_table(path).to_pylist()
+            except (OSError, pyarrow.ArrowException) as exc:
+                raise InputError(f"{path}: not a readable parquet file ({exc})") from None
         raise InputError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .parquet")
     if path.is_dir():
         if not _is_datasets_folder(path):

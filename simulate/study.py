@@ -23,6 +23,7 @@ predicted regret (``theory.bounds``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -426,10 +427,20 @@ def _run_cell(spec: StudySpec, cell: Cell, pred: dict[str, Any]) -> pd.DataFrame
     return pd.concat(frames, ignore_index=True)
 
 
-def _in_worker() -> bool:
-    import multiprocessing
+@contextlib.contextmanager
+def _one_thread():
+    """Compute a cell on one thread (torch, BLAS and OpenMP), in a worker or not: a sum's order, and so its
+    last bits, depends on the thread count, and a cell's table must not depend on who ran it."""
+    import torch
+    from threadpoolctl import threadpool_limits
 
-    return multiprocessing.current_process().name != "MainProcess"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- storage ------------------------------------------------------------------------------------
@@ -483,7 +494,7 @@ def _readable(table: Path, record: Path | None = None, key: str | None = None) -
 
     content: dict = {}
     try:
-        pq.read_metadata(table)
+        pq.read_table(table)  # the whole table: a page damaged inside passes a footer check
         if record is not None:
             content = json.loads(record.read_text())
             if not isinstance(content, dict) or content.get("cell") != key:
@@ -521,11 +532,7 @@ def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path
     """One pessimism cell (``simulate.pessimism``), written atomically."""
     from robust_rlhf.theory.io import atomic_path
 
-    if _in_worker():
-        import torch
-
-        torch.set_num_threads(1)
-    with warnings.catch_warnings():
+    with _one_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # separable fits and solver accuracy notes are recorded per row
         table = run_pessimism(spec.pessimism, n, est, spec.seed)
     with atomic_path(_pessimism_path(out, spec.pessimism.key(n, est))) as tmp:
@@ -537,21 +544,20 @@ def _compute_and_store(spec: StudySpec, cells: list[Cell], out: Path) -> list[st
     """Run the unfinished ``cells`` of one (scenario, estimator), sharing its predictions."""
     from robust_rlhf.theory.io import atomic_path
 
-    if _in_worker():
-        import torch
-
-        torch.set_num_threads(1)
     first = cells[0]
-    pred = predict(spec, first.scenario, first.estimator)
+    with _one_thread():
+        pred = predict(spec, first.scenario, first.estimator)
     for cell in cells:
         start = time.perf_counter()
-        table = _run_cell(spec, cell, pred)
+        with _one_thread():
+            table = _run_cell(spec, cell, pred)
         seconds = time.perf_counter() - start
         with atomic_path(out / "cells" / f"{cell.key}.parquet") as tmp:
             table.to_parquet(tmp, index=False)
+        with _one_thread():
+            regret = predict_regret(spec, cell.scenario, pred, cell.n)
         record = {"cell": cell.key, "version": CELL_VERSION, "scenario": cell.scenario, "n": cell.n,
-                  "estimator": cell.estimator.name, "seconds": seconds, **pred,
-                  **predict_regret(spec, cell.scenario, pred, cell.n)}
+                  "estimator": cell.estimator.name, "seconds": seconds, **pred, **regret}
         _write_json(out / "cells" / f"{cell.key}.json", record)  # written last: marks the cell finished
     return [c.key for c in cells]
 

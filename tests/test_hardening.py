@@ -347,6 +347,14 @@ def test_damaged_study_cells_are_recomputed_not_trusted(tmp_path: Path) -> None:
     assert len(record) == 2
     assert again.results.drop(columns=[c for c in again.results if "second" in c]).equals(
         first.results.drop(columns=[c for c in first.results if "second" in c]))
+    # damaged inside, footer intact: the metadata reads, the pages do not (it crashed the assembly)
+    raw = bytearray(cell.read_bytes())
+    raw[200:1200] = b"A" * 1000
+    cell.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="is unreadable"):
+        third = run_study(spec, tmp_path / "s")
+    assert third.results.drop(columns=[c for c in third.results if "second" in c]).equals(
+        first.results.drop(columns=[c for c in first.results if "second" in c]))
 
 
 # --- theory.fitting: designs that pass the loaders but not the estimators ---------------------------

@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 
 from robust_rlhf.theory.errors import InputError
+from robust_rlhf.theory.io import atomic_path
 
 from .. import evaluate as ev
 from ..auxiliary import RewardModelScorer
@@ -105,10 +106,8 @@ def _quiet(log_file: Path | None = None):
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
 
 
 @dataclass
@@ -138,6 +137,31 @@ class ExperimentContext:
         )
 
 
+# settings that only choose which (seed, scenario, method) runs exist, or how fast they run
+_FREE = ("name", "description", "seeds", "scenarios", "methods", "threads")
+
+
+def _check_same_config(out: Path, config: ExperimentConfig) -> None:
+    """A folder holds the runs of one configuration: a rerun may add or drop seeds, scenarios and methods,
+    but a changed setting (beta, learning rate, judge, ...) or a method of the same name with other settings
+    would mix runs of two experiments in one table, so it is refused."""
+    record = out / "experiment.json"
+    if not record.exists():
+        return
+    try:
+        old = json.loads(record.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{record}: unreadable ({exc}); remove it to start the experiment afresh") from None
+    new = json.loads(json.dumps(config.as_dict(), default=str))
+    changed = sorted(k for k in set(old) | set(new) if k not in _FREE and old.get(k) != new.get(k))
+    old_methods = {m["name"]: m for m in old.get("methods", [])}
+    changed += [f"method {m['name']}" for m in new.get("methods", [])
+                if m["name"] in old_methods and old_methods[m["name"]] != m]
+    if changed:
+        raise InputError(f"{out}: holds an experiment with other settings ({', '.join(changed)}); use another "
+                         "--out folder, or the same settings (seeds, scenarios and methods may be added)")
+
+
 def prepare(
     config: ExperimentConfig,
     out_dir: str | os.PathLike[str],
@@ -151,6 +175,7 @@ def prepare(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out, config)
     ctx = ExperimentContext(config, out, Path(cache_dir) if cache_dir else default_cache_dir(), log)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -706,7 +731,8 @@ def analyse(ctx: ExperimentContext) -> pd.DataFrame:
                 records.append(row)
     table = pd.DataFrame.from_records(records)
     if len(table):
-        table.to_csv(ctx.out / "results.csv", index=False)
+        with atomic_path(ctx.out / "results.csv") as tmp:
+            table.to_csv(tmp, index=False)
     return table
 
 

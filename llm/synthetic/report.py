@@ -57,7 +57,22 @@ def load_results(out_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     out = Path(out_dir)
     if not (out / "results.csv").exists() or not (out / "experiment.json").exists():
         raise InputError(f"{out}: no experiment results (results.csv, experiment.json); run robust-rlhf experiment")
-    return pd.read_csv(out / "results.csv"), json.loads((out / "experiment.json").read_text())
+    try:
+        info = json.loads((out / "experiment.json").read_text())
+        cfg = info["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{out / 'experiment.json'}: unreadable ({exc}); rerun robust-rlhf experiment") from None
+    try:
+        results = pd.read_csv(out / "results.csv")
+        have = set(zip(results["seed"].astype(int), results["method"].astype(str)))
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
+        raise InputError(f"{out / 'results.csv'}: unreadable ({exc}); rerun robust-rlhf experiment") from None
+    missing = [(s, m["name"]) for s in cfg.get("seeds", []) for m in cfg.get("methods", []) if (s, m["name"]) not in have]
+    if missing:
+        raise InputError(f"{out / 'results.csv'}: no row for {len(missing)} (seed, method) run(s) of the experiment, "
+                         f"e.g. seed {missing[0][0]} of {missing[0][1]} (truncated or unfinished): rerun robust-rlhf "
+                         "experiment")
+    return results, info
 
 
 _ANY = (-math.inf, math.inf)

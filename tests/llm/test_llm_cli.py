@@ -61,6 +61,13 @@ def test_data_check_lists_every_bad_row(cli: Any, tmp_path: Path) -> None:
     assert "3 bad field(s) in 3 of 6 rows" in out
 
 
+def test_data_check_names_the_row_that_brings_a_stray_column(cli: Any, tmp_path: Path) -> None:
+    rows = make_rows(6, n_pairs=1, seed=63)
+    rows[4]["a_3"] = "a stray response"
+    status, _, err = cli("data-check", str(_jsonl(tmp_path / "stray.jsonl", rows)))
+    assert status == 2 and "stray.jsonl: " in err and "row 5 is the first with column 'a_3'" in err, err
+
+
 def test_data_check_fix_symmetrises(cli: Any, tmp_path: Path) -> None:
     rows = make_rows(3, n_pairs=1, seed=62)
     rows[0]["chosen_preference"], rows[0]["rejected_preference"] = 0.9, 0.3

@@ -132,6 +132,17 @@ def test_load_errors(tmp_path) -> None:
     bad.write_text(json.dumps(good[0]) + "\n{not json\n")
     with pytest.raises(InputError, match="row 2 \\(line 2\\) is not valid JSON"):
         read_rows(bad)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes((json.dumps(good[0]) + "\n").encode() + b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(InputError, match="latin.jsonl: line 2 is not UTF-8 text"):
+        read_rows(latin)
+    cut = tmp_path / "cut.parquet"
+    import pandas as pd
+
+    pd.DataFrame(good).to_parquet(cut)
+    cut.write_bytes(cut.read_bytes()[:-40])
+    with pytest.raises(InputError, match="cut.parquet: not a readable parquet file"):
+        read_rows(cut)
     with pytest.raises(FileNotFoundError):
         read_rows(tmp_path / "missing.jsonl")
     nan = tmp_path / "nan.jsonl"

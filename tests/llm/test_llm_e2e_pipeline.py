@@ -27,6 +27,7 @@ from robust_rlhf.llm.synthetic.experiment import run_experiment
 from robust_rlhf.llm.synthetic.plots import FIGURES, experiment_figure
 from robust_rlhf.llm.synthetic.presets import get_preset, override
 from robust_rlhf.llm.synthetic.report import summarise, write_report
+from robust_rlhf.theory.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,6 +140,18 @@ def test_an_interrupt_after_the_reference_samples_resumes(exp: SimpleNamespace) 
     pd.testing.assert_frame_equal(table[cols].reset_index(drop=True), exp.table[cols].reset_index(drop=True))
 
 
+def test_a_folder_holds_one_configuration(exp: SimpleNamespace, tmp_path: Path) -> None:
+    # a rerun with another beta reused every run and relabelled the report with the new beta
+    with pytest.raises(InputError, match=r"holds an experiment with other settings \(beta, learning_rate\)"):
+        run_experiment(override(exp.cfg, ["beta=0.5", "learning_rate=0.01"]), exp.out, exp.cache, log=lambda s: None)
+    # a truncated results.csv is refused, not summarised over the rows left
+    (tmp_path / "experiment.json").write_text((exp.out / "experiment.json").read_text())
+    lines = (exp.out / "results.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "results.csv").write_text("".join(lines[: len(lines) * 6 // 10]))
+    with pytest.raises(InputError, match=r"results.csv: no row for \d+ \(seed, method\) run"):
+        write_report(tmp_path)
+
+
 def test_report_numbers_come_from_the_results(exp: SimpleNamespace) -> None:
     path = write_report(exp.out)
     text = path.read_text()
@@ -242,6 +255,10 @@ def test_evaluate_command_hostile_input(exp: SimpleNamespace, cli: Any, tmp_path
         (["--policy", ref, "--baseline", ref, "--prompts", str(prompts), "--judge", "oracle"], "scenario"),
         (["--policy", ref, "--baseline", ref, "--prompts", str(prompts), "--judge", "reward-model"], "--judge-model"),
         (["--policy", ref, "--baseline", ref, "--prompts", str(prompts), "--ci", "exact"], "--ci"),
+        (["--policy", ref, "--baseline", ref, "--prompts", str(prompts), "--judge", "true-reward", "--samples",
+          str(tmp_path)], "is a folder"),
+        (["--policy", ref, "--baseline", ref, "--prompts", str(prompts), "--judge", "true-reward", "--samples",
+          str(tmp_path / "nodir" / "s.jsonl")], "does not exist"),
     ]
     for argv, needle in cases:
         status, _, err = cli("evaluate", *argv)
