@@ -961,7 +961,7 @@ def fit(
     ``cov -> Q cov Q^T / c^2``, bound ``c B``, gradient ``c Q grad``), and so is the stopping rule: a
     replication has converged when ``||grad|| < tol * rms(dphi)``, the gradient tolerance ``tol`` of the
     same problem with features of unit root mean square (replications whose scales differ by more than a
-factor 2 are fitted in separate groups, each at its own scale). Features whose root mean square lies outside
+    factor 2 are fitted in separate groups, each at its own scale). Features whose root mean square lies outside
     ``[2^-10, 2^10]`` are also rescaled by the power of two nearest to it (exact in floating point) for
     the solve, and the results mapped back. ``grad_norm`` is the gradient in the caller's units.
     """
@@ -994,24 +994,24 @@ factor 2 are fitted in separate groups, each at its own scale). Features whose r
             if data.reps > 1 else ""
         raise InputError(f"dphi{where} has rank {rank} < d = {data.d}: a feature is duplicated, all zero or a "
                          "combination of others (or n < d), so theta is not identifiable; drop it")
-    groups = _scale_groups(data.dphi)
-    if len(groups) > 1:  # each group's stopping rule and rescaling at its own scale
-        parts = [fit(data.replications(idx), method, loss, lam=lam, bound=bound, weight=weight, lam_clip=lam_clip,
-                     folds=folds, seed=seed, tol=tol, max_iter=max_iter, on_separable=on_separable) for idx in groups]
-        return _stitch(parts, groups)
-    rms = _rms(data.dphi)
-    s = _unit_scale(rms)
+    groups = _scale_groups(data.dphi)  # each group's stopping rule and rescaling at its own scale
+    parts = []
     try:
-        if s == 1.0:
-            return _fit(data, method, loss, lam, bound, weight, lam_clip, folds, seed, tol, max_iter, on_separable,
-                        rms)
-        scaled = replace(data, dphi=data.dphi / s, dphi_ref=None if data.dphi_ref is None else data.dphi_ref / s)
-        res = _fit(scaled, method, loss, lam, None if bound is None else bound * s, weight, lam_clip, folds, seed,
-                   tol, max_iter, on_separable, rms / s)
-        return replace(res, theta=res.theta / s, cov=res.cov / s**2, grad_norm=res.grad_norm * s, bound=bound,
-                       cov_mle=None if res.cov_mle is None else res.cov_mle / s**2)
+        for rows in groups:
+            part = data if len(groups) == 1 else data.replications(rows)
+            rms = _rms(part.dphi)
+            s = _unit_scale(rms)
+            if s != 1.0:
+                part = replace(part, dphi=part.dphi / s, dphi_ref=None if part.dphi_ref is None else part.dphi_ref / s)
+            res = _fit(part, method, loss, lam, None if bound is None else bound * s, weight, lam_clip, folds, seed,
+                       tol, max_iter, on_separable, rms / s, rows, data.reps)
+            if s != 1.0:
+                res = replace(res, theta=res.theta / s, cov=res.cov / s**2, grad_norm=res.grad_norm * s, bound=bound,
+                              cov_mle=None if res.cov_mle is None else res.cov_mle / s**2)
+            parts.append(res)
     finally:
         _SCRATCH.buf = None
+    return parts[0] if len(parts) == 1 else _stitch(parts, groups)
 
 
 def _scale_groups(dphi: np.ndarray) -> list[np.ndarray]:
@@ -1058,8 +1058,9 @@ def _unit_scale(rms: float) -> float:
 
 def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound: float | None,
          weight: int | np.ndarray | None, lam_clip: tuple[float, float], folds: int, seed: int, tol: float, max_iter: int,
-         on_separable: str, rms: float) -> FitResult:
-    """``fit`` on validated arguments and features of unit scale (root mean square ``rms``)."""
+         on_separable: str, rms: float, rows: np.ndarray, total: int) -> FitResult:
+    """``fit`` on validated arguments and features of unit scale (root mean square ``rms``); the data are the
+    replications ``rows`` of ``total`` (the numbers the warnings give)."""
     R, d = data.reps, data.d
     g, g_ref = data.g, data.g_ref
     if method != "mle":
@@ -1105,8 +1106,8 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
     flat = _flat_bread(hess if method != "mle" else mle_hess)
     if flat.any():  # a direction the objective does not curve in: theta is not identified there
         cov[flat] = np.nan
-        warnings.warn(f"{int(flat.sum())} of {R} replication(s) have a singular Hessian at the estimate (first: "
-                      f"{int(np.flatnonzero(flat)[0])}): theta is not identified in some direction (e.g. lam = 1 "
+        warnings.warn(f"{int(flat.sum())} of {total} replication(s) have a singular Hessian at the estimate (first: "
+                      f"{int(rows[np.flatnonzero(flat)[0]])}): theta is not identified in some direction (e.g. lam = 1 "
                       "with g_hat = z leaves only the reference pairs, which do not span the features); cov is NaN "
                       "there", RuntimeWarning, stacklevel=3)
     cov_mle = None if method == "mle" else cov_mle_t.numpy()
@@ -1132,9 +1133,9 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         at_bound = np.linalg.norm(theta, axis=1) >= bound * (1 - 1e-6)
         cov[at_bound] = np.nan
     if separable.any():
-        reps = np.flatnonzero(separable)
+        reps = rows[np.flatnonzero(separable)]
         shown = ", ".join(map(str, reps[:10])) + (" ..." if reps.size > 10 else "")
-        msg = (f"{reps.size} of {R} replication(s) have separable labelled pairs or an unbounded objective "
+        msg = (f"{reps.size} of {total} replication(s) have separable labelled pairs or an unbounded objective "
                f"(replication {shown}): the unconstrained estimate does not exist; pass bound=B (--bound B) for a "
                f"norm-constrained fit")
         if on_separable == "raise":
@@ -1144,14 +1145,14 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         cov[separable] = np.nan
     no_mle = np.flatnonzero(mle.separable.numpy() & ~separable) if cov_mle is not None else np.zeros(0, int)
     if no_mle.size:
-        warnings.warn(f"{no_mle.size} of {R} replication(s) (replication {no_mle[0]}) have separable labelled pairs: "
+        warnings.warn(f"{no_mle.size} of {total} replication(s) (replication {rows[no_mle[0]]}) have separable labelled pairs: "
                       f"the {method} estimate exists but the MLE does not, so cov_mle and the variance ratios are "
                       "NaN there", RuntimeWarning, stacklevel=3)
     stuck = np.flatnonzero(~converged & ~separable)
     if stuck.size:
         r = stuck[np.argmax(state.grad_norm.numpy()[stuck])]
-        warnings.warn(f"{stuck.size} of {R} replication(s) did not reach the gradient tolerance "
-                      f"tol x rms(dphi) = {tol:.3g} (replication {r}: gradient norm "
+        warnings.warn(f"{stuck.size} of {total} replication(s) did not reach the gradient tolerance "
+                      f"tol x rms(dphi) = {tol:.3g} (replication {rows[r]}: gradient norm "
                       f"{float(state.grad_norm[r]):.3g} after {int(state.n_iter[r])} of max_iter = {max_iter} "
                       "iterations): their estimates are returned with converged = False", RuntimeWarning,
                       stacklevel=3)

@@ -431,6 +431,14 @@ def test_replications_of_different_scales_are_fitted_at_their_own() -> None:
         np.testing.assert_array_equal(both.theta[r], alone.theta[0])
         np.testing.assert_array_equal(both.cov[r], alone.cov[0])
         assert both.converged[r] and both.n_iter[r] == alone.n_iter[0]
+    # warnings name the replication in the whole batch, not in its scale group
+    labels = z.copy()
+    z[2] = (X[2, :, 0] > 0) * 1.0
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 replication\(s\) have separable .*\(replication 2\)"):
+        fit(PairData(dphi=X, z=z), "mle", on_separable="warn")
+    ref = np.random.default_rng(3).normal(size=(3, 40, 2)) * np.array([1e-7, 1.0, 3e4])[:, None, None]
+    mixed = PairData(dphi=X, z=labels, g=np.full((3, 300), 0.5), dphi_ref=ref, g_ref=np.full((3, 40), 0.5))
+    assert np.isfinite(fit(mixed, "vrpo_tuned", lam_clip=None).lam).all()  # the unclipped lam, group by group
 
 
 def test_crossfit_does_not_depend_on_the_other_replications() -> None:
