@@ -97,6 +97,11 @@ def sample_tokens(
     left-padded so that generation continues each at the same column, one ``generate`` call from the
     model's own distribution (``_model_distribution``); seed the torch generator before calling."""
     L = max(len(s) for s in prompt_ids)
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if isinstance(limit, int) and L + options.max_new_tokens > limit:
+        raise InputError(f"prompts of up to {L} tokens plus max_new_tokens = {options.max_new_tokens} exceed the "
+                         f"model's {limit} positions: lower --max-new-tokens or shorten the prompts")
     ids = torch.full((len(prompt_ids), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompt_ids), L), dtype=torch.long)
     for i, s in enumerate(prompt_ids):

@@ -145,6 +145,10 @@ def test_generate_references_resumes_to_the_same_file(tokenizer: Any, tmp_path: 
     opts = GenerationOptions(n_pairs=2, max_new_tokens=4, batch_size=2, seed=3)
     full = tmp_path / "full.jsonl"
     assert generate_references(rows, full, opts, model=model, tokenizer=tokenizer) == 5
+    # past the model's 128 learned positions: one clear line (it was an IndexError inside the model)
+    with pytest.raises(InputError, match=r"plus max_new_tokens = 500 exceed the model's 128 positions"):
+        generate_references(rows, tmp_path / "long.jsonl", GenerationOptions(n_pairs=1, max_new_tokens=500),
+                            model=model, tokenizer=tokenizer)
     part = tmp_path / "part.jsonl"
     assert generate_references(rows, part, opts, model=model, tokenizer=tokenizer, max_batches=1) == 2
     # resuming with other settings would mix two samplers in one file
