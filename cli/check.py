@@ -73,13 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 
 
-def load_callable(target: str, factory: bool = False) -> Any:
-    """The callable named ``module:attr`` or ``path.py:attr`` (``theory.io.load_callable``)."""
-    from robust_rlhf.theory.io import load_callable as load
-
-    return load(target, factory=factory)
-
-
 def _design(args: argparse.Namespace):
     from robust_rlhf.simulate.properties import Design
     from robust_rlhf.simulate.scenario import SpecError
@@ -116,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("the property-testing kit needs hypothesis: pip install 'robust-rlhf[test]'")
     from robust_rlhf.simulate import properties
     from robust_rlhf.simulate.strategies import MAP_FAMILIES
+    from robust_rlhf.theory.io import load_callable
 
     if args.maps not in MAP_FAMILIES:
         raise InputError(f"--maps: unknown family {args.maps!r}; allowed: {', '.join(MAP_FAMILIES)}")
@@ -132,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.objective and set(tolerances) - {"rtol"}:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(set(tolerances) - {"rtol"}))
         raise InputError(f"{flags}: estimator options; an objective (--objective) takes only --rtol")
-    subject = load_callable(args.target, args.factory)
+    subject = load_callable(args.target, factory=args.factory)
     design = None if args.objective else _design(args)
     # stdout is the report (or one JSON object): what hypothesis or the estimator prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr):

@@ -547,18 +547,16 @@ def _compute_and_store(spec: StudySpec, cells: list[Cell], out: Path) -> list[st
     first = cells[0]
     with _one_thread():
         pred = predict(spec, first.scenario, first.estimator)
-    for cell in cells:
-        start = time.perf_counter()
-        with _one_thread():
+        for cell in cells:
+            start = time.perf_counter()
             table = _run_cell(spec, cell, pred)
-        seconds = time.perf_counter() - start
-        with atomic_path(out / "cells" / f"{cell.key}.parquet") as tmp:
-            table.to_parquet(tmp, index=False)
-        with _one_thread():
-            regret = predict_regret(spec, cell.scenario, pred, cell.n)
-        record = {"cell": cell.key, "version": CELL_VERSION, "scenario": cell.scenario, "n": cell.n,
-                  "estimator": cell.estimator.name, "seconds": seconds, **pred, **regret}
-        _write_json(out / "cells" / f"{cell.key}.json", record)  # written last: marks the cell finished
+            seconds = time.perf_counter() - start
+            with atomic_path(out / "cells" / f"{cell.key}.parquet") as tmp:
+                table.to_parquet(tmp, index=False)
+            record = {"cell": cell.key, "version": CELL_VERSION, "scenario": cell.scenario, "n": cell.n,
+                      "estimator": cell.estimator.name, "seconds": seconds, **pred,
+                      **predict_regret(spec, cell.scenario, pred, cell.n)}
+            _write_json(out / "cells" / f"{cell.key}.json", record)  # written last: marks the cell finished
     return [c.key for c in cells]
 
 

@@ -994,12 +994,13 @@ def fit(
             if data.reps > 1 else ""
         raise InputError(f"dphi{where} has rank {rank} < d = {data.d}: a feature is duplicated, all zero or a "
                          "combination of others (or n < d), so theta is not identifiable; drop it")
-    groups = _scale_groups(data.dphi)  # each group's stopping rule and rescaling at its own scale
+    mean_squares = _mean_squares(data.dphi)
+    groups = _scale_groups(mean_squares)  # each group's stopping rule and rescaling at its own scale
     parts = []
     try:
         for rows in groups:
             part = data if len(groups) == 1 else data.replications(rows)
-            rms = _rms(part.dphi)
+            rms = math.sqrt(float(mean_squares[rows].mean()))
             s = _unit_scale(rms)
             if s != 1.0:
                 part = replace(part, dphi=part.dphi / s, dphi_ref=None if part.dphi_ref is None else part.dphi_ref / s)
@@ -1014,12 +1015,18 @@ def fit(
     return parts[0] if len(parts) == 1 else _stitch(parts, groups)
 
 
-def _scale_groups(dphi: np.ndarray) -> list[np.ndarray]:
-    """Replications in groups whose features' root mean squares lie within a factor 2 of each other (in
-    order of scale): one group for the replications of one design, several where scales differ."""
-    R, n, d = dphi.shape
-    flat = dphi.reshape(R, -1)
-    log_rms = np.log2(np.sqrt(np.einsum("ri,ri->r", flat, flat) / (n * d)))
+def _mean_squares(dphi: np.ndarray) -> np.ndarray:
+    """``mean(dphi_r^2)`` of each replication, (R,)."""
+    flat = dphi.reshape(dphi.shape[0], -1)
+    return np.einsum("ri,ri->r", flat, flat) / flat.shape[1]
+
+
+def _scale_groups(mean_squares: np.ndarray) -> list[np.ndarray]:
+    """Replications in groups whose features' root mean squares (from ``mean_squares``) lie within a factor
+    2 of each other (in order of scale): one group for the replications of one design, several where
+    scales differ."""
+    R = mean_squares.size
+    log_rms = 0.5 * np.log2(mean_squares)
     order = np.argsort(log_rms, kind="stable")
     cuts = [0]
     for k in range(1, R):
@@ -1047,7 +1054,8 @@ def _stitch(parts: list[FitResult], groups: list[np.ndarray]) -> FitResult:
 
 
 def _rms(dphi: np.ndarray) -> float:
-    return math.sqrt(float(np.vdot(dphi.ravel(), dphi.ravel())) / dphi.size)
+    """Root mean square of all of ``dphi`` (what ``fit`` scales the tolerance by for one scale group)."""
+    return math.sqrt(float(_mean_squares(dphi).mean()))
 
 
 def _unit_scale(rms: float) -> float:
