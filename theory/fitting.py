@@ -312,6 +312,17 @@ def _margins(X: Tensor, theta: Tensor) -> Tensor:
     return torch.bmm(theta.unsqueeze(1), X.transpose(1, 2)).squeeze(1)
 
 
+MARGIN_MAX = 1e6
+
+
+def _saturated(b: _Batch, theta: Tensor, with_ref: bool) -> Tensor:
+    """(R,) whether some margin ``|x . theta|`` of a pair the objective reads passes ``MARGIN_MAX``: an
+    iterate running off along a (quasi-)separating or recession direction, where every loss is flat."""
+    u, u_ref = b.margins(theta)
+    big = u.abs().amax(1) > MARGIN_MAX
+    return big | (u_ref.abs().amax(1) > MARGIN_MAX) if with_ref and u_ref is not None else big
+
+
 def _uses_ref(b: _Batch, lam: Tensor) -> bool:
     """Whether the reference pairs enter the objective: with ``lam = 0`` on every replication they are
     multiplied by zero (the MLE), so they are not read at all."""
@@ -575,6 +586,7 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
     hess_out = torch.zeros(R, d, d, dtype=_DTYPE)
     active = torch.arange(R)
     with_ref = _uses_ref(b, lam)
+    plain = b
     b = b.with_kernel(loss, lam)
     sub = b
     # The VR objective's recession certificate costs about a tenth of a VRPO fit when evaluated at every
@@ -593,6 +605,9 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
         separable[active[sep]] = True
         done = done | sep
         blown = theta[active].norm(dim=1) > theta_max
+        if blown.any():  # a large norm alone is a finite MLE of mis-scaled or nearly collinear features
+            far = active[blown]
+            blown[blown.clone()] = _saturated(plain.subset(far, with_ref), theta[far], with_ref)
         separable[active[blown & ~done]] = True
         converged[active[done & ~separable[active]]] = True
         keep = ~(done | blown) & (n_iter[active] < max_iter)
@@ -1088,6 +1103,8 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         start = logistic.theta
     pg_bound = None if bound is None or _convex_program(loss, np.zeros(1)) else bound
     mle = _minimise(loss, lam0, b, start, tol, max_iter, True, theta_max, pg_bound)
+    if loss.recession() is not None:
+        _check_overlap(b, logistic if logistic is not None else mle)
     if logistic is not None:
         # separated labels (the logistic fit's certificate): a non-smooth loss's minimisers are unbounded too
         mle.separable |= logistic.separable
@@ -1167,6 +1184,44 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
     return FitResult(theta=theta, cov=cov, lam=lam_np, converged=converged, n_iter=state.n_iter.numpy().copy(),
                      grad_norm=state.grad_norm.numpy().copy(), separable=separable, method=method, loss=loss.name,
                      bound=bound, at_bound=at_bound, cov_mle=cov_mle)
+
+
+FLAT_CURVATURE = 1e-6
+
+
+def _check_overlap(b: _Batch, state: _NewtonState) -> None:
+    """Flag ``state``'s converged MLEs that do not exist: labels separated except on pairs where the
+    separating margin is zero (quasi-complete separation) stop the Newton iterations by a vanishing
+    gradient, with no certificate at the iterate. There the Hessian has almost no curvature along the
+    separating direction ``w``: ``min_v v'Hv / v'Sv`` with ``S = X'X / n`` is below ``FLAT_CURVATURE``
+    (about ``tol``); such replications are settled by ``_separating_direction``."""
+    idx = torch.nonzero(state.converged & ~state.separable).squeeze(1)
+    if not idx.numel():
+        return
+    X = b.dphi[idx]
+    S = torch.bmm(X.transpose(1, 2), X) / X.shape[1]
+    ev, V = torch.linalg.eigh(S)
+    P = V * ev.clamp_min(1e-12 * ev[:, -1:]).rsqrt()[:, None, :]
+    least = torch.linalg.eigvalsh(P.transpose(1, 2) @ state.hess[idx] @ P)[:, 0]
+    for r in idx[least < FLAT_CURVATURE].tolist():
+        if _separating_direction(b.dphi[r].numpy(), b.z[r].numpy()):
+            state.separable[r], state.converged[r] = True, False
+
+
+def _separating_direction(X: np.ndarray, z: np.ndarray) -> bool:
+    """Whether some ``w`` has ``y_i x_i . w >= 0`` on every pair with a sure label (``y = 2z - 1``,
+    ``x_i . w = 0`` where ``0 < z_i < 1``) and ``> 0`` on one: then no logistic MLE exists (Albert and
+    Anderson 1984). The linear program maximises ``sum_i y_i x_i . w`` over ``|w|_inf <= 1``."""
+    from scipy.optimize import linprog
+
+    sure = (z == 0) | (z == 1)
+    A = -(2.0 * z[sure] - 1.0)[:, None] * X[sure]
+    if not sure.any():
+        return False
+    soft = X[~sure] if not sure.all() else None
+    res = linprog(A.sum(0), A_ub=A, b_ub=np.zeros(len(A)), A_eq=soft,
+                  b_eq=None if soft is None else np.zeros(len(soft)), bounds=(-1, 1), method="highs")
+    return res.status == 0 and -res.fun > 1e-6 * np.abs(A).sum()
 
 
 def _flat_bread(hess: Tensor) -> np.ndarray:

@@ -254,6 +254,48 @@ def test_separable_data_is_detected() -> None:
     np.testing.assert_allclose(bounded.theta[[0, 2]], res.theta[[0, 2]])
 
 
+def _whitened_scipy_mle(X: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """The logistic MLE by trust-exact on whitened features ``X V / s`` (a well-conditioned problem
+    whatever the scales and collinearity of ``X``), mapped back."""
+    _, sv, Vt = np.linalg.svd(X / math.sqrt(len(X)), full_matrices=False)
+    Xs = X @ (Vt.T / sv)
+    ref = minimize(lambda t: np.sum(np.logaddexp(0, Xs @ t) - z * (Xs @ t)), np.zeros(X.shape[1]),
+                   jac=lambda t: Xs.T @ (expit(Xs @ t) - z),
+                   hess=lambda t: (Xs * (expit(Xs @ t) * expit(-(Xs @ t)))[:, None]).T @ Xs,
+                   method="trust-exact", options={"gtol": 1e-12})
+    return (Vt.T / sv) @ ref.x
+
+
+@pytest.mark.parametrize("kind", ["mis-scaled", "nearly collinear"])
+def test_a_finite_mle_with_a_large_norm_is_not_called_separable(kind: str) -> None:
+    """Newton's iterates pass a norm of 1e6 / rms(dphi) while every margin stays small: the MLE exists."""
+    rng = np.random.default_rng(0)
+    x1 = rng.normal(size=2000)
+    x2 = 1e-7 * rng.normal(size=2000) if kind == "mis-scaled" else x1 + 1e-7 * rng.normal(size=2000)
+    X = np.stack([x1, x2], 1)
+    z = (rng.random(2000) < expit(x1 + (3e6 * X[:, 1] if kind == "mis-scaled" else 0.0))).astype(float)
+    res = fit(PairData(dphi=X[None], z=z[None]))
+    assert res.converged[0] and not res.separable[0]
+    # in the near-null direction of X'X the gradient tolerance leaves ~1e-5 of theta: measure in standard errors
+    se = np.sqrt(np.diag(res.cov[0]))
+    assert np.abs(res.theta[0] - _whitened_scipy_mle(X, z)).max() < 1e-4 * se.min()
+
+
+@pytest.mark.parametrize("loss", ["logistic", "hinge"])
+def test_quasi_separated_labels_are_detected(loss: str) -> None:
+    """Labels separated by x_1 = 0 except on pairs lying on it, which carry both labels: no minimiser
+    (Newton stops at a vanishing gradient with theta_1 ~ 1e4 and no certificate at the iterate)."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(2, 200, 2))
+    X[:, :20, 0] = 0.0
+    z = (X[..., 0] > 0).astype(float)
+    z[:, :10] = 1.0
+    z[1] = rng.random(200) < expit(X[1] @ np.array([1.0, -1.0]))  # replication 1 overlaps
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 replication\(s\).*replication 0\)"):
+        res = fit(PairData(dphi=X, z=z), loss=loss, on_separable="warn")
+    assert res.separable.tolist() == [True, False] and res.converged.tolist() == [False, True]
+
+
 def test_bounded_logistic_fit_matches_a_direct_solution(mixture: PairData) -> None:
     res = fit(mixture, "vrpo", bound=0.3, lam=0.5)
     assert (np.linalg.norm(res.theta, axis=1) <= 0.3 + 1e-7).all()
