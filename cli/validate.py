@@ -178,6 +178,10 @@ def _cell_summary(report) -> str:
         judged = verdicts[verdicts != "n/a"]
         if len(judged):
             parts.append(f"{name} {int((judged == 'pass').sum())}/{len(judged)}")
+    if not parts:
+        from ..simulate.checks import MIN_ESTIMATES
+
+        return f"No cell checks: every cell is n/a (no estimates, or fewer than {MIN_ESTIMATES} in a cell)."
     return ("Cell checks passed (one 95% test per cell; cells of a scenario share data, and the variance "
             "checks compare each n with the second-order prediction at n, or with the n -> inf limit where that is not "
             "predicted: power-tuned and cross-fitted VRPO, a bad g_hat): " + ", ".join(parts) + ".")
@@ -185,6 +189,8 @@ def _cell_summary(report) -> str:
 
 def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
     from rich.table import Table
+
+    from ..simulate.checks import MIN_ESTIMATES
 
     cells = report.cells
     n_max = cells.n.max()
@@ -212,6 +218,7 @@ def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
                   "are extrapolated to n -> inf from r(n) = r + c/n; the ratio at the largest n is shown beside it. "
                   "A bad g_hat's estimate has no finite-sample mean or variance (it lands far out now and then), "
                   "so its claims and cell checks use the median and the interquartile scale (IQR).")
-    none = f" ({n_none} inconclusive: no estimate to measure, e.g. every replication separable)" if n_none else ""
+    none = (f" ({n_none} inconclusive: no estimate to measure, e.g. every replication separable, or fewer than "
+            f"{MIN_ESTIMATES} estimates in a cell)") if n_none else ""
     console.print(f"{n_ok} of {len(report.claims)} claims confirmed{none}. Tables: {out}/results.parquet, "
                   f"{out}/cell_checks.csv, {out}/claims.csv" + (f"; figures: {out}/figures" if figures else ""))

@@ -69,12 +69,15 @@ import pandas as pd
 
 from .pessimism import NEWEST_COLUMNS
 
-__all__ = ["Report", "analyse", "BOOTSTRAP"]
+__all__ = ["Report", "analyse", "BOOTSTRAP", "MIN_ESTIMATES"]
 
 BOOTSTRAP = 400
 _Z = 1.959963984540054
 _IQR_NORMAL = 1.3489795003921634  # the interquartile range of N(0, 1)
 _EXISTS = 0.99  # the share of replications whose estimate must exist for a cell to enter a limit claim
+#: the fewest estimates a cell's bootstrap intervals are read from: a percentile interval over fewer falls short
+#: of its level (over 2 it is a point), so such cells' checks are n/a and their scenario's claims inconclusive
+MIN_ESTIMATES = 20
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,13 @@ class Report:
 def _cell_columns(preds: pd.DataFrame, key: tuple) -> list[str]:
     """``theta_0 .. theta_{d-1}`` of a cell: its scenario's dimension (a study may mix dimensions)."""
     return [f"theta_{j}" for j in range(len(preds.loc[key, "theta_dagger"]))]
+
+
+def _nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """``np.nanmean``, NaN without a warning where nothing exists (a cell whose every estimate failed)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+        return np.nanmean(values, axis=axis)
 
 
 def _boot_mean(values: np.ndarray, idx: np.ndarray, per_column: bool = False) -> np.ndarray:
@@ -173,7 +183,7 @@ class _Spreads:
                 point, boot = float(of(err)), of(err[self._idx])
             else:
                 sq = g["sq_error"].where(~g["separable"]).to_numpy()
-                point, boot = float(np.nanmean(sq)), _boot_mean(sq, self._idx)
+                point, boot = float(_nanmean(sq)), _boot_mean(sq, self._idx)
             self._cache[("mse", key, robust)] = (key[1] * point, key[1] * boot)
         return self._cache[("mse", key, robust)]
 
@@ -203,7 +213,7 @@ def _bias_table(theta: np.ndarray, pred: pd.Series, n: int, idx: np.ndarray) -> 
     b = np.asarray(b, dtype=float)
     err = n * (theta - np.asarray(pred["theta_dagger"], dtype=float))
     boot = _boot_mean(err, idx, per_column=True)
-    mean = np.nanmean(err, axis=0)
+    mean = _nanmean(err, axis=0)
     alpha = 0.05 / err.shape[1]
     lo, hi = np.nanpercentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
     se = pred.get("theta_se")
@@ -251,7 +261,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         var, bv = spread(key, robust)
         failed = int(g["separable"].sum())
         covered = g[[f"covered_{j}" for j in range(d)]].to_numpy(dtype=float)
-        cov_rate = float(np.nanmean(covered)) if np.isfinite(covered).any() else math.nan
+        cov_rate = float(_nanmean(covered)) if np.isfinite(covered).any() else math.nan
         cov_boot = _boot_mean(covered, idx)
         mse, mse_boot = spread.mse(key, robust)
         mse_lo, mse_hi = _interval(mse_boot)
@@ -278,7 +288,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
             bias_rows.append(coords.assign(scenario=scenario, n=n, estimator=est))
         for kind in ("greedy", "kl"):
             values = g[f"regret_{kind}"].to_numpy()
-            row[f"regret_{kind}"] = float(np.nanmean(values))
+            row[f"regret_{kind}"] = float(_nanmean(values))
             lo, hi = _interval(_boot_mean(values, idx))
             row[f"regret_{kind}_low"], row[f"regret_{kind}_high"] = lo, hi
             row[f"pred_regret_{kind}"] = pred.get(f"pred_regret_{kind}", math.nan)
@@ -291,9 +301,19 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
                                                    *_widened(lo, hi, row[f"regret_{kind}"], _Z * pred_se))
         rows.append(row)
     cells = pd.DataFrame(rows)
-    _add_ratios(cells, spread, preds)
-    slopes = _slopes(cells, spread)
-    claims = _claims(cells, by_cell, spread, idx, preds)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a resample without spread: NaN, left out of intervals
+        _add_ratios(cells, spread, preds)
+        slopes = _slopes(cells, spread)
+        claims = _claims(cells, by_cell, spread, idx, preds)
+    few = cells.reps - cells.failed < MIN_ESTIMATES
+    if few.any():
+        cells.loc[few, [c for c in cells.columns if c.endswith("_check")]] = "n/a"
+        thin = set(cells.scenario[few])
+        slopes.loc[slopes.scenario.isin(thin), "slope_check"] = "n/a"
+        for c in claims:
+            if c["scenario"] in thin:
+                c["verdict"] = "inconclusive"
+                c["text"] = c["text"].rsplit(": ", 1)[0] + f", fewer than {MIN_ESTIMATES} estimates in a cell: inconclusive"
     pess = None
     stale = sorted(set(NEWEST_COLUMNS) - set(pessimism.columns)) if pessimism is not None else []
     if stale:  # a folder written before these were recorded: rerunning `validate` on it recomputes them
@@ -331,17 +351,17 @@ def _pessimism(table: pd.DataFrame, delta: float, bootstrap: int, seed: int) -> 
         held = int(g.held.sum())
         lo, hi = _wilson(held, len(g))
         asym = g.regret_pessimistic_dagger.to_numpy()
-        boot = [np.nanmean(asym[rng.integers(0, len(asym), len(asym))]) for _ in range(bootstrap)]
+        boot = [_nanmean(asym[rng.integers(0, len(asym), len(asym))]) for _ in range(bootstrap)]
         rows.append({"scenario": scenario, "n": n, "estimator": est, "reps": len(g), "held": held / len(g),
                      "held_low": lo, "held_high": hi, "informative": float(g.informative.mean()),
                      "in_radius": float(g.in_radius.mean()), "bound": float(g.bound_dagger.mean()),
                      "max_regret": float(g.max_regret.mean()), "radius": float(g.radius.mean()),
                      "regret_certified": float(g.regret_dagger.mean()),
                      "regret_reference": float(g.regret_reference.mean()),
-                     "regret_pessimistic_dagger": float(np.nanmean(asym)),
+                     "regret_pessimistic_dagger": float(_nanmean(asym)),
                      "regret_pessimistic_dagger_low": float(np.nanpercentile(boot, 2.5)),
                      "regret_pessimistic_dagger_high": float(np.nanpercentile(boot, 97.5)),
-                     "regret_pessimistic": float(np.nanmean(g.regret_pessimistic))})
+                     "regret_pessimistic": float(_nanmean(g.regret_pessimistic))})
     summary = pd.DataFrame(rows)
     for (scenario, est), g in table.groupby(["scenario", "estimator"], sort=False):
         can_fail = g[g.informative.astype(bool)]
@@ -613,14 +633,14 @@ def _regret_claims(cells: pd.DataFrame, by_cell: dict, idx: np.ndarray, mle: str
             pred = (row[f"pred_regret_{kind}"] - limit) / (base[f"pred_regret_{kind}"] - limit)
             a = by_cell[(scenario, n, best)][f"regret_{kind}"].to_numpy() - limit
             b = by_cell[(scenario, n, mle)][f"regret_{kind}"].to_numpy() - limit
-            base_boot = np.array([np.nanmean(b[i]) for i in idx])
+            base_boot = np.array([_nanmean(b[i]) for i in idx])
             if not np.percentile(base_boot, 2.5) > 0:  # the MLE's excess is not measurably positive
                 continue
-            boot = np.array([np.nanmean(a[i]) / np.nanmean(b[i]) for i in idx])
+            boot = np.array([_nanmean(a[i]) / _nanmean(b[i]) for i in idx])
             boot = boot[np.isfinite(boot)]
             lo, hi = np.percentile(boot, [2.5, 97.5]) if boot.size else (math.nan, math.nan)
             out.append(_claim("4_regret_follows_variance", scenario, best, n, pred,
-                              float(np.nanmean(a) / np.nanmean(b)), lo, hi,
+                              float(_nanmean(a) / _nanmean(b)), lo, hi,
                               f"excess {kind} regret of {best} over the MLE under {scenario}, n = {n}"))
     return out
 

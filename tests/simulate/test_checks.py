@@ -223,3 +223,22 @@ def test_variance_checks_use_the_second_order_prediction_where_given() -> None:
         assert bad.pred_ratio_n == pytest.approx(V_BAD / V_MLE)
     limit = analyse(results, predictions).cells.set_index(["estimator", "n"])
     assert limit.loc[("mle", 400)].pred_order == 1 and limit.loc[("mle", 400)].var_check == "fail"
+
+
+@pytest.mark.parametrize("kept", [2, 19])
+def test_cells_with_too_few_estimates_have_no_verdict(kept: int) -> None:
+    """A percentile bootstrap over two estimates is a point (the wrong variance below was "refuted" at
+    95% with the interval 3.9-3.9): below MIN_ESTIMATES a cell's checks are n/a and its scenario's claims
+    inconclusive, whatever the data say."""
+    results, predictions = _tables()
+    wrong = predictions.assign(pred_ratio=np.where(predictions.estimator == "mle", 1.0, 3 * V_BAD / V_MLE))
+    last = lambda k: results[results.rep >= R - k].assign(rep=lambda f: f.rep - (R - k))  # noqa: E731 (none failed)
+    report = analyse(last(kept), wrong)
+    checks = report.cells[[c for c in report.cells.columns if c.endswith("_check")]]
+    assert (checks == "n/a").all().all() and (report.slopes.slope_check == "n/a").all()
+    assert report.claims and {c["verdict"] for c in report.claims} == {"inconclusive"}
+    assert all(c["text"].endswith("fewer than 20 estimates in a cell: inconclusive") for c in report.claims)
+    # at MIN_ESTIMATES the same prediction is tested
+    enough = analyse(last(20), wrong)
+    assert "n/a" not in set(enough.cells.var_check)
+    assert _bad_ghat_claims(last(20), wrong)["3_bad_ghat_variance"]["verdict"] != "inconclusive"

@@ -277,10 +277,11 @@ def test_bootstrap_statistics_match_their_loops() -> None:
 
 
 def test_a_study_may_mix_feature_dimensions(tmp_path) -> None:
-    """Each cell is analysed in its own scenario's dimension (the table holds theta_0 .. theta_4 for both)."""
+    """Each cell is analysed in its own scenario's dimension (the table holds theta_0 .. theta_4 for both);
+    20 replications, the fewest a cell is checked with (MIN_ESTIMATES)."""
     spec = StudySpec.from_dict({**TINY, "scenarios": ["intransitive", {"name": "wide", "d": 5,
                                                                       "preference": {"model": "probit"}}],
-                                "n": [150], "estimators": ["mle", "vrpo_M4"], "reps": 6})
+                                "n": [150], "estimators": ["mle", "vrpo_M4"], "reps": 20})
     study = run_study(spec, tmp_path / "mixed")
     report = analyse(study.results, study.predictions)
     bias = report.bias.groupby("scenario").coordinate.max()
