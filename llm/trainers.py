@@ -39,17 +39,20 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import warnings
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
 from robust_rlhf.theory.errors import InputError
+from robust_rlhf.theory.io import atomic_path
 
 from .data import PreferenceSchema
 from .logprobs import model_sequence_logps
@@ -334,17 +337,20 @@ class _PairwiseTrainer(Trainer, ABC):
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, TRAINER_STATE_FILE), "w", encoding="utf-8") as fh:
-            json.dump(self._extra_state(), fh)
         if self.frozen_model is not None:
             from safetensors.torch import save_model
 
             save_model(self.frozen_model, os.path.join(folder, FROZEN_WEIGHTS_FILE))
+        # written last and atomically: its presence marks the checkpoint complete (see _last_complete_checkpoint)
+        with atomic_path(os.path.join(folder, TRAINER_STATE_FILE)) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self._extra_state(), fh)
 
     def _load_extra_state(self, folder: str) -> None:
         path = os.path.join(folder, TRAINER_STATE_FILE)
         if not os.path.exists(path):
-            return
+            raise InputError(f"resume_from_checkpoint: {folder} is incomplete (no {TRAINER_STATE_FILE}, written when "
+                             "a checkpoint is finished: its save was interrupted); resume from an earlier checkpoint, "
+                             "or pass 'last' for the newest complete one")
         with open(path, encoding="utf-8") as fh:
             state = json.load(fh)
         if self.lambda_estimator is not None and state.get("lambda") is not None:
@@ -357,16 +363,59 @@ class _PairwiseTrainer(Trainer, ABC):
             load_model(self.frozen_model, weights, device=str(next(self.frozen_model.parameters()).device))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-        """``Trainer.train``, restoring the lambda estimate and the frozen ``g_hat`` copy on resume."""
+        """``Trainer.train``, restoring the lambda estimate and the frozen ``g_hat`` copy on resume; a resumed
+        run's ``training_loss`` is the whole run's mean (``_whole_run_loss``)."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = _last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise InputError(f"no checkpoint found in {self.args.output_dir} to resume from")
+                raise InputError(f"no complete checkpoint found in {self.args.output_dir} to resume from")
         if isinstance(resume_from_checkpoint, str):
             if not os.path.isdir(resume_from_checkpoint):
                 raise InputError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a folder")
             self._load_extra_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return self._whole_run_loss(out, resume_from_checkpoint) if isinstance(resume_from_checkpoint, str) else out
+
+    def _whole_run_loss(self, out: Any, checkpoint: str) -> Any:
+        """``out`` with ``training_loss`` over every step, not only those after ``checkpoint`` (Trainer's):
+        ``(sum_k len_k loss_k + (T - t0) loss_resumed) / T`` over the losses logged up to the checkpoint's
+        step ``t0``, each the mean of the ``len_k`` steps since the previous log. Where those logs stop short
+        of ``t0`` (the losses in between were never logged), Trainer's value stays and a warning says so."""
+        from transformers import TrainerState
+
+        start = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step
+        total = self.state.global_step
+        logged = [(e["step"], e["loss"]) for e in self.state.log_history if "loss" in e and e["step"] <= start]
+        last = logged[-1][0] if logged else 0
+        if start == 0 or total <= start:
+            return out
+        if last != start:
+            warnings.warn(f"training_loss averages steps {start + 1}..{total} only: the losses of steps {last + 1}.."
+                          f"{start} before {os.path.basename(checkpoint)} were not logged (logging_steps does not "
+                          "divide save_steps)", RuntimeWarning, stacklevel=3)
+            return out
+        steps = np.diff([0] + [s for s, _ in logged])
+        loss = (float(steps @ np.array([v for _, v in logged])) + (total - start) * out.training_loss) / total
+        out.metrics["train_loss"] = loss
+        return type(out)(out.global_step, loss, out.metrics)
+
+
+def _last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose save finished (it holds ``TRAINER_STATE_FILE``,
+    written last); newer unfinished ones are named in a warning and left alone."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = sorted((int(m.group(1)), name) for name in names
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name)))
+    skipped, found = [], None
+    for _, name in reversed(steps):
+        if os.path.exists(os.path.join(output_dir, name, TRAINER_STATE_FILE)):
+            found = os.path.join(output_dir, name)
+            break
+        skipped.append(name)
+    if skipped:
+        warnings.warn(f"{output_dir}: {', '.join(skipped)} unfinished (its save was interrupted); resuming from "
+                      f"{found or 'nothing'}", RuntimeWarning, stacklevel=3)
+    return found
 
 
 def _to_device(batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:

@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,18 @@ def _quiet(log_file: Path | None = None):
 def _write_json(path: Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=str))
+
+
+def _cached_json(path: Path) -> Any | None:
+    """What ``_write_json`` left at ``path``, or None when there is nothing to reuse: no file, or one that
+    does not parse (damaged after the atomic write; named in a warning, and its stage is redone)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        warnings.warn(f"{path} is unreadable ({exc}): its stage is computed again", RuntimeWarning, stacklevel=2)
+        return None
 
 
 @dataclass
@@ -550,8 +563,9 @@ def _run_method(
 
     run_dir = ctx.out / "runs" / scenario / f"seed{seed}" / spec.name
     done = run_dir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    cached = _cached_json(done)
+    if cached is not None:
+        return cached
     samples = ctx.out / "eval" / scenario / f"seed{seed}" / f"{spec.name}.jsonl"
     record: dict[str, Any] = {
         "scenario": scenario, "seed": seed, "method": spec.name, "kind": spec.kind, "M": spec.M,
@@ -563,10 +577,10 @@ def _run_method(
     if spec.kind == "reference":
         ref_samples = ctx.out / "eval" / f"seed{seed}-reference.jsonl"
         stats_path = ref_samples.with_suffix(".json")
-        if not stats_path.exists():  # written after the samples: an interrupt between them redraws both
+        stats = _cached_json(stats_path)
+        if stats is None:  # written after the samples: an interrupt between them redraws both
             stats = _sample_and_score(ctx, ctx.ref_model, _stable_seed("eval", seed, spec.name), ref_samples)
             _write_json(stats_path, stats)
-        stats = json.loads(stats_path.read_text())
         samples.parent.mkdir(parents=True, exist_ok=True)
         samples.write_text(ref_samples.read_text())
         record.update(stats)
@@ -592,15 +606,16 @@ def _run_method(
         del policy
     else:  # best of n from the reference, scored by a reward model fitted on the labelled pairs
         rm_dir = ctx.out / "runs" / scenario / f"seed{seed}" / "_reward_model"
-        if not (rm_dir / "model" / "trainer_state.json").exists():
+        rm_info = _cached_json(rm_dir / "result.json")  # written after the model: without it, the model is retrained
+        if rm_info is None:
             data = ctx.out / "data" / f"seed{seed}" / scenario / "labelled.jsonl"
             data.parent.mkdir(parents=True, exist_ok=True)
             write_jsonl([{PROMPT: r[PROMPT], CHOSEN: r[CHOSEN], REJECTED: r[REJECTED]} for r in rows], data)
             t0 = time.perf_counter()
             result = _finetune(_finetune_config(ctx, None, data, rm_dir / "model", seed, shared_cache), rm_dir / "train.log")
-            _write_json(rm_dir / "result.json", {"train_seconds": time.perf_counter() - t0, "train_loss": result["train_loss"],
-                                                 "steps": result["global_step"]})
-        rm_info = json.loads((rm_dir / "result.json").read_text())
+            rm_info = {"train_seconds": time.perf_counter() - t0, "train_loss": result["train_loss"],
+                       "steps": result["global_step"]}
+            _write_json(rm_dir / "result.json", rm_info)
         record.update(rm_info)
         from ..policy import best_of_n
 
@@ -647,7 +662,7 @@ def run_experiment(
                 )
     ctx.timings["total"] = time.perf_counter() - wall
     timings_path = ctx.out / "timings.json"
-    previous = json.loads(timings_path.read_text()) if timings_path.exists() else []
+    previous = _cached_json(timings_path) or []
     _write_json(timings_path, previous + [ctx.timings | {"finished": time.strftime("%Y-%m-%d %H:%M:%S")}])
     return analyse(ctx)
 
@@ -696,9 +711,9 @@ def analyse(ctx: ExperimentContext) -> pd.DataFrame:
             base = ctx.out / "eval" / scenario / f"seed{seed}"
             loaded = {}
             for spec in c.methods:
-                rec_path = ctx.out / "runs" / scenario / f"seed{seed}" / spec.name / "result.json"
-                if rec_path.exists() and (base / f"{spec.name}.jsonl").exists():
-                    loaded[spec.name] = (json.loads(rec_path.read_text()), *_load_samples(base / f"{spec.name}.jsonl"))
+                rec = _cached_json(ctx.out / "runs" / scenario / f"seed{seed}" / spec.name / "result.json")
+                if rec is not None and (base / f"{spec.name}.jsonl").exists():
+                    loaded[spec.name] = (rec, *_load_samples(base / f"{spec.name}.jsonl"))
             if not loaded:
                 continue
             phi_of: dict[tuple[str, str], np.ndarray] = {}

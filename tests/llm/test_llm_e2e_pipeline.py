@@ -140,6 +140,20 @@ def test_an_interrupt_after_the_reference_samples_resumes(exp: SimpleNamespace) 
     pd.testing.assert_frame_equal(table[cols].reset_index(drop=True), exp.table[cols].reset_index(drop=True))
 
 
+def test_damaged_records_are_recomputed(exp: SimpleNamespace) -> None:
+    # a record cut short after its atomic write (a disk fault, a hand edit): named, its stage redone (the reward
+    # model behind best of n retrained and best of n redone, a reference record re-read from its samples): the same
+    # table
+    bon = next(m.name for m in exp.cfg.methods if m.kind == "best_of_n")
+    records = [exp.out / "runs" / "bt" / "seed1" / name / "result.json" for name in ("_reward_model", bon, "reference")]
+    for path in records:
+        path.write_text(path.read_text()[:10])
+    with pytest.warns(RuntimeWarning, match=r"_reward_model/result.json is unreadable"):
+        table = run_experiment(exp.cfg, exp.out, exp.cache, log=lambda s: None)
+    assert all(json.loads(p.read_text()) for p in records)
+    cols = [c for c in table.columns if not c.endswith("seconds")]
+    pd.testing.assert_frame_equal(table[cols].reset_index(drop=True), exp.table[cols].reset_index(drop=True))
+
 def test_a_folder_holds_one_configuration(exp: SimpleNamespace, tmp_path: Path) -> None:
     # a rerun with another beta reused every run and relabelled the report with the new beta
     with pytest.raises(InputError, match=r"holds an experiment with other settings \(beta, learning_rate\)"):

@@ -479,7 +479,8 @@ def test_resume_after_interruption_gives_the_same_final_loss(tokenizer: Any, tmp
         )
 
     straight = build(tmp_path / "straight")
-    full = _train(straight)
+    full_loss = straight.train().training_loss
+    full = [h["loss"] for h in straight.state.log_history if "loss" in h]
 
     class StopAt4(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
@@ -490,10 +491,18 @@ def test_resume_after_interruption_gives_the_same_final_loss(tokenizer: Any, tmp
     interrupted = build(tmp_path / "resumed", callbacks=[StopAt4()])
     first = _train(interrupted)
     assert len(first) == 4
+    # a save killed half-way through its weights: 'last' passes over it, naming it; asked for, it is refused
+    partial = tmp_path / "resumed" / "checkpoint-5"
+    partial.mkdir()
+    weights = (tmp_path / "resumed" / "checkpoint-4" / "model.safetensors").read_bytes()
+    (partial / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(InputError, match=r"checkpoint-5 is incomplete \(no vrpo_state.json"):
+        build(tmp_path / "resumed").train(resume_from_checkpoint=str(partial))
     resumed = build(tmp_path / "resumed")
-    second = [
-        h["loss"] for h in (resumed.train(resume_from_checkpoint=True) and resumed.state.log_history) if "loss" in h
-    ]
+    with pytest.warns(RuntimeWarning, match=r"checkpoint-5 unfinished .* resuming from .*checkpoint-4"):
+        resumed_loss = resumed.train(resume_from_checkpoint=True).training_loss
+    assert resumed_loss == pytest.approx(full_loss, abs=1e-6)  # the whole run's mean, not steps 5-6's
+    second = [h["loss"] for h in resumed.state.log_history if "loss" in h]
     assert first + second[-2:] == pytest.approx(full, abs=1e-6)
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
