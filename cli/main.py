@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # Subcommand modules, in the order ``--help`` lists them. Imported lazily so that ``--help`` and
 # light subcommands never pay for torch/transformers imports they do not need.
@@ -81,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"robust-rlhf {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
-        print(f"robust-rlhf {args.command}: error: file not found: {exc.filename or exc}", file=sys.stderr)
+        name = exc.filename
+        folder = Path(name).parent if name else None
+        what = f"file not found: {name or exc}" + (
+            f" (its folder {folder} does not exist)" if folder is not None and not folder.is_dir() else "")
+        print(f"robust-rlhf {args.command}: error: {what}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"robust-rlhf {args.command}: interrupted", file=sys.stderr)

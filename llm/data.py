@@ -467,7 +467,9 @@ def summary(rows: Sequence[Mapping[str, Any]], schema: PreferenceSchema) -> dict
 
 
 def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str], append: bool = False) -> None:
-    """Write rows as JSON lines (``append`` adds to an existing file); flushed and synced to disk."""
+    """Write rows as JSON lines (``append`` adds to an existing file; missing folders are made); flushed and
+    synced to disk."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a" if append else "w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -485,7 +485,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _readable(table: Path, record: Path | None = None, key: str | None = None) -> dict | None:
     """Whether a finished cell's files exist and can be read. Writes are atomic, so an unreadable file
-    was damaged after the fact: it is not trusted but recomputed, with a warning. Returns the parsed
+    was damaged after the fact: it is not trusted (a run recomputes it), with a warning. Returns the parsed
     ``record`` (``{}`` without one), or None when not finished or unreadable."""
     if not table.exists() or (record is not None and not record.exists()):
         return None
@@ -500,8 +500,8 @@ def _readable(table: Path, record: Path | None = None, key: str | None = None) -
             if not isinstance(content, dict) or content.get("cell") != key:
                 raise ValueError("not this cell's record")
     except (OSError, ValueError, pyarrow.ArrowException) as exc:
-        warnings.warn(f"{table.parent}: the result of cell {key or table.stem} is unreadable ({exc}); "
-                      "it is recomputed", UserWarning, stacklevel=3)
+        warnings.warn(f"{table.parent}: the result of cell {key or table.stem} is unreadable ({exc}); it is not "
+                      "used (running the study recomputes it)", UserWarning, stacklevel=3)
         return None
     return content
 
@@ -707,5 +707,6 @@ def load_study(out: str | Path) -> Study:
         missing += [k for k in (spec.pessimism.key(n, e) for n, e in spec.pessimism.cells())
                     if not _pessimism_done(out, k, current=False)]
     if missing:
-        raise InputError(f"{out}: {len(missing)} cell(s) unfinished (e.g. {missing[0]}); rerun the study to finish them")
+        raise InputError(f"{out}: {len(missing)} cell(s) unfinished or unreadable (e.g. {missing[0]}); rerun the study "
+                         "to compute them")
     return _assemble(spec, out)

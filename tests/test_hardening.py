@@ -351,6 +351,9 @@ def test_damaged_study_cells_are_recomputed_not_trusted(tmp_path: Path) -> None:
     raw = bytearray(cell.read_bytes())
     raw[200:1200] = b"A" * 1000
     cell.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=r"(?s)is unreadable .*it is not used \(running the study recomputes it\)"):
+        with pytest.raises(InputError, match=r"1 cell\(s\) unfinished or unreadable \(e.g. bt__n60__mle\)"):
+            load_study(tmp_path / "s")  # what it said: "is recomputed", then "unfinished"
     with pytest.warns(UserWarning, match="is unreadable"):
         third = run_study(spec, tmp_path / "s")
     assert third.results.drop(columns=[c for c in third.results if "second" in c]).equals(

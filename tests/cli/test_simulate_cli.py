@@ -116,3 +116,19 @@ def test_console_script_runs(tmp_path) -> None:
     assert "wrote" in proc.stdout
     bad = subprocess.run([exe, "simulate", "--scenario", "nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "unknown scenario 'nope'" in bad.stderr
+
+
+def test_a_missing_folder_is_named(tmp_path, capsys, monkeypatch) -> None:
+    """A file the OS cannot find because its folder is missing: the folder is named (it said only "file not
+    found" for an output path, whose file is not expected to exist)."""
+    import robust_rlhf.cli.simulate as command
+
+    target = tmp_path / "nope" / "out.json"
+
+    def run(args):
+        open(target, "w")
+
+    monkeypatch.setattr(command, "run", run)
+    assert main(["simulate"]) == 2
+    assert capsys.readouterr().err.strip() == (f"robust-rlhf simulate: error: file not found: {target} "
+                                               f"(its folder {target.parent} does not exist)")

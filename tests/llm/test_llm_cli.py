@@ -206,7 +206,7 @@ def test_finetune_reward_model_with_cross_fitted_g_hat(cli: Any, tmp_path: Path,
 
 def test_generate_references_cli_resumes(cli: Any, tmp_path: Path, tiny_model_dir: Path) -> None:
     prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in make_rows(5, n_pairs=0, seed=66)])
-    out = tmp_path / "refs.jsonl"
+    out = tmp_path / "new" / "refs.jsonl"  # a folder that does not exist yet is made (the batch was lost)
     common = [
         "generate-references",
         "--model",
