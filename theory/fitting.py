@@ -1135,7 +1135,14 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
                       f"{int(rows[np.flatnonzero(flat)[0]])}): theta is not identified in some direction (e.g. lam = 1 "
                       "with g_hat = z leaves only the reference pairs, which do not span the features); cov is NaN "
                       "there", RuntimeWarning, stacklevel=3)
+    if b.n_clusters <= d:  # the cluster scores sum to zero at the estimate: the meat has rank < d
+        cov[:] = np.nan
+        warnings.warn(f"{b.n_clusters} independent cluster(s) (pairs, or prompts with reference pairs) for d = {d} "
+                      "coordinates: the sandwich needs more than d (its meat has rank at most clusters - 1), so cov is "
+                      "NaN", RuntimeWarning, stacklevel=3)
     cov_mle = None if method == "mle" else cov_mle_t.numpy()
+    if cov_mle is not None and data.n <= d:
+        cov_mle[:] = np.nan
     if cov_mle is not None:
         cov_mle[mle.separable.numpy()] = np.nan  # no MLE to compare with (its sandwich at a stopped iterate)
     separable = state.separable.numpy().copy()

@@ -526,3 +526,19 @@ def test_an_unidentified_objective_has_no_covariance() -> None:
     with pytest.warns(RuntimeWarning, match="singular Hessian"):
         res = fit(data, "vrpo", on_separable="warn")
     assert np.isnan(res.cov).all()  # the standard errors were about 1e-8
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_no_sandwich_from_d_or_fewer_pairs(n: int) -> None:
+    """With n <= d pairs IPO's least squares fit them exactly: every score is zero and the sandwich was 0
+    (a standard error of 0 from one pair). Its meat has rank at most n - 1 < d: cov is NaN, with a warning."""
+    rng = np.random.default_rng(0)
+    d = 3 if n == 3 else 1
+    data = PairData(dphi=rng.normal(size=(1, n, d)), z=np.ones((1, n)))
+    with pytest.warns(RuntimeWarning, match=rf"{n} independent cluster\(s\) .* for d = {d} coordinates"):
+        res = fit(data, loss="ipo")
+    assert res.converged[0] and np.isfinite(res.theta).all() and np.isnan(res.cov).all()
+    more = PairData(dphi=rng.normal(size=(1, d + 1, d)), z=np.ones((1, d + 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(fit(more, loss="ipo").cov).all()
