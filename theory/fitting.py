@@ -965,9 +965,12 @@ def fit(
     keeps decreasing as ``theta`` grows: it needs ``bound``. A replication whose MLE does not exist
     (separable labels) or whose objective is unbounded raises ``SeparableDataError``
     (``on_separable="raise"``) or is flagged in ``separable`` with NaN estimates and a warning naming
-    it (``"warn"``); with ``bound`` the constrained fit is returned instead. At the boundary the
-    sandwich does not apply: ``cov`` is NaN where ``at_bound``, and where the Hessian at the estimate is
-    singular (``theta`` not identified in some direction), with a warning. For the non-smooth losses,
+    it (``"warn"``); with ``bound`` the constrained fit is returned instead. Non-existence is certified at an
+    iterate, by a margin above ``MARGIN_MAX``, or, for quasi-complete separation (where Newton stops at a
+    vanishing gradient), by a linear program run where the MLE's Hessian is flat in some direction. At the
+    boundary the sandwich does not apply: ``cov`` is NaN where ``at_bound``, where the Hessian at the estimate
+    is singular (``theta`` not identified in some direction), and with ``d`` or fewer independent clusters (the
+    meat's rank is below ``d``), with a warning. For the non-smooth losses,
     separated labels (certified by the logistic fit that starts the continuation) leave an unbounded set
     of minimisers: no estimate without ``bound``, as for the logistic loss.
 
@@ -1104,7 +1107,7 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
     pg_bound = None if bound is None or _convex_program(loss, np.zeros(1)) else bound
     mle = _minimise(loss, lam0, b, start, tol, max_iter, True, theta_max, pg_bound)
     if loss.recession() is not None:
-        _check_overlap(b, logistic if logistic is not None else mle)
+        _check_overlap(b, logistic if logistic is not None else mle, max(FLAT_CURVATURE, 100 * tol / rms))
     if logistic is not None:
         # separated labels (the logistic fit's certificate): a non-smooth loss's minimisers are unbounded too
         mle.separable |= logistic.separable
@@ -1193,24 +1196,25 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
                      bound=bound, at_bound=at_bound, cov_mle=cov_mle)
 
 
+#: the least relative curvature ``_check_overlap`` takes for flat (at the default tolerance; 100 tol above it)
 FLAT_CURVATURE = 1e-6
 
 
-def _check_overlap(b: _Batch, state: _NewtonState) -> None:
+def _check_overlap(b: _Batch, state: _NewtonState, flat: float) -> None:
     """Flag ``state``'s converged MLEs that do not exist: labels separated except on pairs where the
     separating margin is zero (quasi-complete separation) stop the Newton iterations by a vanishing
-    gradient, with no certificate at the iterate. There the Hessian has almost no curvature along the
-    separating direction ``w``: ``min_v v'Hv / v'Sv`` with ``S = X'X / n`` is below ``FLAT_CURVATURE``
-    (about ``tol``); such replications are settled by ``_separating_direction``."""
+    gradient, with no certificate at the iterate. There the separated pairs' weights ``s'(u_i)`` are of the
+    order of the gradient tolerance, so the Hessian has almost no curvature along the separating direction
+    ``w``: ``min_v v'Hv / v'Sv`` with ``S = X'X / n`` is below ``flat``. Such replications (rare otherwise)
+    are settled by ``_separating_direction``."""
     idx = torch.nonzero(state.converged & ~state.separable).squeeze(1)
     if not idx.numel():
         return
-    X = b.dphi[idx]
-    S = torch.bmm(X.transpose(1, 2), X) / X.shape[1]
+    S = torch.bmm(b.dphi.transpose(1, 2), b.dphi)[idx] / b.dphi.shape[1]  # (R, d, d): no copy of the pairs
     ev, V = torch.linalg.eigh(S)
     P = V * ev.clamp_min(1e-12 * ev[:, -1:]).rsqrt()[:, None, :]
     least = torch.linalg.eigvalsh(P.transpose(1, 2) @ state.hess[idx] @ P)[:, 0]
-    for r in idx[least < FLAT_CURVATURE].tolist():
+    for r in idx[least < flat].tolist():
         if _separating_direction(b.dphi[r].numpy(), b.z[r].numpy()):
             state.separable[r], state.converged[r] = True, False
 
