@@ -17,12 +17,16 @@ and identical responses are always a tie. The win rate is ``W = mean(s_i)`` (tie
   variance ``Var(s)`` is at most ``W (1 - W)``, so the interval is conservative.
 * bootstrap: percentile interval of the mean of ``s`` over ``n_boot`` resamples of the prompts.
 * the soft win probability ``mean(q_i)``, the mean true reward and the KL use the normal interval
-  ``mean +- z sd / sqrt(n)`` (``sd`` with ``n - 1``), or the bootstrap when asked.
+  ``mean +- z sd / sqrt(n)`` (``sd`` with ``n - 1``), or the bootstrap when asked; a hard judge's ``q_i``
+  (only 0, 1/2, 1: the outcome itself) gets Wilson's.
 * across seeds (``seed_interval``): Student's t, ``mean +- t_{k-1} sd / sqrt(k)``.
 
 **KL to the reference.** ``KL(pi || pi_ref) = E_{x, y ~ pi}[log pi(y|x) - log pi_ref(y|x)]``, estimated
 on the policy's own samples (token ids as generated, end-of-sequence included), valid when sampling at
-temperature 1 without top-k/top-p truncation. For best-of-``n`` from the reference the exact value
+temperature 1 without top-k/top-p truncation. ``generate``'s ``min_new_tokens = k`` (1 by default: a
+non-empty response) bars EOS at the first ``k`` steps, so both log-probabilities are those of the laws it
+samples (``sequence_logprobs``): the KL between the policy and the reference as generated, the law
+best-of-``n`` draws its candidates from. For best-of-``n`` from the reference the exact value
 for a continuous reward, ``log n - (n - 1)/n`` (an upper bound otherwise), is ``best_of_n_kl``.
 """
 
@@ -113,16 +117,16 @@ def bootstrap_interval(
 
 def mean_interval(
     values: Sequence[float] | np.ndarray, level: float = 0.95, method: str = "normal", seed: int = 0,
-    bounds: tuple[float, float] = (-math.inf, math.inf),
+    bounds: tuple[float, float] = (-math.inf, math.inf), n_boot: int = 2000,
 ) -> tuple[float, float, float]:
     """``(mean, low, high)``: normal ``mean +- z sd/sqrt(n)`` or (``method="bootstrap"``) the percentile
-    bootstrap; the normal interval is cut to the quantity's range ``bounds``."""
+    bootstrap over ``n_boot`` resamples; the normal interval is cut to the quantity's range ``bounds``."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.size < 1:
         raise InputError("a mean needs a non-empty 1-d sample")
     m = float(v.mean())
     if method == "bootstrap":
-        lo, hi = bootstrap_interval(v, level, seed=seed)
+        lo, hi = bootstrap_interval(v, level, n_boot, seed)
         return m, lo, hi
     if method != "normal":
         raise InputError(f"interval method: unknown {method!r}; allowed: normal, bootstrap")
@@ -196,7 +200,11 @@ def win_rate(
     q = s if soft is None else np.asarray(soft, dtype=np.float64)
     if q.shape != s.shape or not ((q >= 0) & (q <= 1)).all():
         raise InputError("soft win probabilities must be one value in [0, 1] per comparison")
-    qm, qlo, qhi = mean_interval(q, level, "bootstrap" if ci == "bootstrap" else "normal", seed, bounds=(0.0, 1.0))
+    if ci == "wilson" and np.isin(q, (0.0, 0.5, 1.0)).all():  # a hard judge: q is an outcome, Wald undercovers
+        qm, (qlo, qhi) = float(q.mean()), wilson_interval(float(q.sum()), n, level)
+    else:
+        qm, qlo, qhi = mean_interval(q, level, "bootstrap" if ci == "bootstrap" else "normal", seed, bounds=(0.0, 1.0),
+                                     n_boot=n_boot)
     return WinRate(
         win_rate=w,
         ci_low=lo,
@@ -324,11 +332,18 @@ def sample_policy(
 @torch.no_grad()
 def sequence_logprobs(
     model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]], pad_id: int,
-    batch_size: int = 32,
+    batch_size: int = 32, *, eos_id: int | None = None, min_new_tokens: int = 0,
 ) -> np.ndarray:
-    """``log pi(y|x) = sum_t log pi(y_t | x, y_<t)`` for each (prompt ids, response ids), float64."""
+    """``log pi(y|x) = sum_t log pi(y_t | x, y_<t)`` for each (prompt ids, response ids), float64.
+
+    With ``min_new_tokens = k`` (and ``eos_id``) the log-probability under the distribution ``generate``
+    samples from with that setting, which bars EOS at the first ``k`` steps and renormalises:
+    ``log q(y|x) = log pi(y|x) - sum_{t < min(k, |y|)} log(1 - pi(EOS | x, y_<t))``. A KL estimate from such
+    samples needs it for both policies (scored under ``pi`` alone it is biased: the samples are not ``pi``'s)."""
     if len(prompt_ids) != len(token_ids):
         raise InputError("sequence_logprobs: one response per prompt")
+    if min_new_tokens > 0 and eos_id is None:
+        raise InputError("sequence_logprobs: min_new_tokens > 0 needs the eos_id it bars")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -348,9 +363,37 @@ def sequence_logprobs(
                 comp[i, len(p) : len(seq)] = 1
             batch = {"input_ids": ids.to(device), "attention_mask": att.to(device), "completion_mask": comp.to(device)}
             out.extend(model_sequence_logps(model, batch).double().cpu().tolist())
+        logp = np.asarray(out, dtype=np.float64)
+        if min_new_tokens > 0:
+            logp -= _barred_eos_mass(model, prompt_ids, token_ids, pad_id, batch_size, eos_id, min_new_tokens)
     finally:
         model.train(was_training)
-    return np.asarray(out, dtype=np.float64)
+    return logp
+
+
+@torch.no_grad()
+def _barred_eos_mass(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]],
+                     pad_id: int, batch_size: int, eos_id: int, k: int) -> np.ndarray:
+    """``sum_{t < min(k, |y|)} log(1 - pi(EOS | x, y_<t))`` per response: one forward pass over the prompt and
+    the response's first ``k - 1`` tokens (right-padded), read at the ``k`` positions that predict ``y_0 ..``."""
+    device = next(model.parameters()).device
+    out = np.zeros(len(token_ids))
+    for start in range(0, len(token_ids), batch_size):
+        ps, ys = prompt_ids[start : start + batch_size], token_ids[start : start + batch_size]
+        steps = [min(k, len(y)) for y in ys]
+        seqs = [list(p) + list(y[: t - 1]) if t > 0 else list(p) for p, y, t in zip(ps, ys, steps)]
+        L = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+        att = torch.zeros((len(seqs), L), dtype=torch.long)
+        for i, q in enumerate(seqs):
+            ids[i, : len(q)] = torch.tensor(q, dtype=torch.long)
+            att[i, : len(q)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.double()
+        eos = torch.log_softmax(logits, dim=-1)[..., eos_id].cpu()
+        for i, (p, t) in enumerate(zip(ps, steps)):
+            at = eos[i, len(p) - 1 : len(p) - 1 + t]
+            out[start + i] = float(torch.log(-torch.expm1(at)).sum())
+    return out
 
 
 def kl_estimate(
@@ -475,8 +518,10 @@ def evaluate_policies(
         ref_model, ref_tok = reference
         if ref_tok.get_vocab() != tok.get_vocab():
             raise InputError(f"KL to the reference needs the {tag}'s tokenizer to be the reference's")
-        lp = sequence_logprobs(model, smp.prompt_ids, smp.token_ids, tok.pad_token_id)
-        lr = lp if ref_model is model else sequence_logprobs(ref_model, smp.prompt_ids, smp.token_ids, tok.pad_token_id)
+        barred = {"eos_id": tok.eos_token_id, "min_new_tokens": options.min_new_tokens if tok.eos_token_id is not None else 0}
+        lp = sequence_logprobs(model, smp.prompt_ids, smp.token_ids, tok.pad_token_id, **barred)
+        lr = lp if ref_model is model else sequence_logprobs(ref_model, smp.prompt_ids, smp.token_ids,
+                                                              tok.pad_token_id, **barred)
         k, lo, hi = kl_estimate(lp, lr, level)
         out[f"{prefix}kl"], out[f"{prefix}kl_ci_low"], out[f"{prefix}kl_ci_high"] = k, lo, hi
     out["samples"] = {

@@ -46,6 +46,9 @@ def best_of_n(
         flat_p = [p for p, cands in zip(chunk, samples) for _ in cands]
         flat_y = [y for cands in samples for y in cands]
         rewards = scorer.rewards(flat_p, flat_y).view(len(chunk), n)
+        bad = torch.isnan(rewards).any(1)
+        if bad.any():  # argmax would pick the NaN
+            raise InputError(f"best-of-n: the reward model gave NaN for a response to prompt {start + int(bad.nonzero()[0]) + 1}")
         for p, cands, r in zip(chunk, samples, rewards):
             best = int(torch.argmax(r))
             out.append(

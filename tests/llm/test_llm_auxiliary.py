@@ -195,6 +195,15 @@ def test_best_of_n_picks_the_highest_reward(tokenizer: Any) -> None:
         assert r.tolist() == pytest.approx(o["rewards"], abs=1e-5)
         assert o["reward"] == pytest.approx(max(o["rewards"])) and o["response"] == o["candidates"][int(r.argmax())]
 
+    class NaNScorer:  # torch.argmax takes a NaN for the largest reward: it was picked
+        def rewards(self, prompts: Any, responses: Any) -> Any:
+            r = scorer.rewards(prompts, responses)
+            r[5] = float("nan")
+            return r
+
+    with pytest.raises(InputError, match="NaN for a response to prompt 2"):
+        best_of_n(prompts, policy, tokenizer, NaNScorer(), n=4, options=GenerationOptions(max_new_tokens=4, batch_size=2))
+
 
 def test_rl_step_needs_trl_and_uses_its_public_api(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from robust_rlhf.llm.policy import train_rl_policy

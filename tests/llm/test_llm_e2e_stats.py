@@ -126,7 +126,9 @@ def test_win_rate_counts_ties_as_half() -> None:
     boot = win_rate(s, np.full(8, 0.6), ci="bootstrap", seed=2)
     assert boot.ci_method == "bootstrap" and boot.soft == pytest.approx(0.6)
     assert (boot.soft_ci_low, boot.soft_ci_high) == pytest.approx((0.6, 0.6))
-    near_one = win_rate([1, 1, 0.5, 0])  # the normal interval of the soft mean 0.625 would reach 1.09
+    hard = win_rate([1, 1, 0.5, 0])  # q = s: Wilson's interval, not the normal one (which reached 1.09 here)
+    assert (hard.soft_ci_low, hard.soft_ci_high) == wilson_interval(2.5, 4)
+    near_one = win_rate([1, 1, 1, 0], [1, 1, 0.9, 0.2])  # the normal interval of the soft mean 0.775 reaches 1.15
     assert 0.0 <= near_one.soft_ci_low < near_one.soft < near_one.soft_ci_high == 1.0
     with pytest.raises(InputError, match="outcomes"):
         win_rate([1, 0.3])
@@ -201,3 +203,56 @@ def test_best_of_n_formula_matches_a_continuous_simulation() -> None:
     # standard error: sd(log ratio)/sqrt(R) = (n - 1) sd(log F)/sqrt(R), sd(log F) = 1/n for Beta(n, 1); 4 SEs
     se = (n - 1) * (1 / n) / math.sqrt(f.size)
     assert abs(log_ratio.mean() - best_of_n_kl(n)) < 4 * se
+
+
+def _eos_model(seed: int, eos_bias: float):
+    """A one-layer GPT-2 on 4 tokens (0 = EOS, 3 = pad) whose EOS logit is shifted by ``eos_bias``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=4, n_positions=16, n_embd=8, n_layer=1, n_head=1, bos_token_id=1,
+                                       eos_token_id=0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)
+    model.lm_head.register_forward_hook(lambda mod, i, o: o + torch.tensor([eos_bias, 0.0, 0.0, -1e9]))
+    return model.eval()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_logprobs_under_min_new_tokens_are_the_sampled_law(k: int) -> None:
+    """``generate`` with ``min_new_tokens = k`` bars EOS at the first k steps, so its samples follow
+    ``q(y) = pi(y) / prod_{t<k} (1 - pi(EOS | y_<t))``, not ``pi``: scored under ``pi`` the KL estimate of a
+    policy that ends at once with probability 0.68 was 0.20 against 1.29. Enumerating every response of up
+    to 3 tokens: exp(log q) sums to 1 over what can be sampled, and for k = 1 equals pi given a first
+    token other than EOS."""
+    import itertools
+
+    from robust_rlhf.llm.evaluate import sequence_logprobs
+
+    T, pad = 3, 3
+    ys = [list(t) for L in range(1, T + 1) for t in itertools.product(range(3), repeat=L)
+          if 0 not in t[:-1] and (L == T or t[-1] == 0) and 0 not in t[:k]]
+    prompts = [[1, 2]] * len(ys)
+    for model in (_eos_model(0, 1.5), _eos_model(1, -1.0)):
+        # the model's logits are float32: each of a response's <= 3 + k log-probs carries ~1e-7 (eps 1.2e-7)
+        q = np.exp(sequence_logprobs(model, prompts, ys, pad, eos_id=0, min_new_tokens=k))
+        assert q.sum() == pytest.approx(1.0, abs=6 * 1.2e-7)
+        if k == 1:
+            p = np.exp(sequence_logprobs(model, prompts, ys, pad))
+            np.testing.assert_allclose(q, p / p.sum(), rtol=6 * 1.2e-7)
+    with pytest.raises(InputError, match="needs the eos_id"):
+        sequence_logprobs(_eos_model(0, 0.0), prompts, ys, pad, min_new_tokens=1)
+
+
+def test_soft_intervals_of_a_hard_judge_and_their_resamples() -> None:
+    """A hard judge's q is the outcome itself: its soft interval is Wilson's (the normal one was [1, 1] for 10
+    wins of 10, and covered 64% at n = 20, p = 0.95). The bootstrap's ``n_boot`` reaches the soft interval."""
+    s = np.ones(10)
+    wr = win_rate(s, s)
+    assert (wr.soft_ci_low, wr.soft_ci_high) == wilson_interval(10.0, 10) == (wr.ci_low, wr.ci_high)
+    q = np.random.default_rng(0).random(40)
+    s = (q > 0.5).astype(float)
+    for n_boot in (50, 5000):
+        wr = win_rate(s, q, ci="bootstrap", n_boot=n_boot, seed=3)
+        assert (wr.soft_ci_low, wr.soft_ci_high) == bootstrap_interval(q, 0.95, n_boot, 3)
