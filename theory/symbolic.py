@@ -1048,7 +1048,9 @@ class SecondOrderBias:
 
 def second_order_bias(d: int = 2) -> SecondOrderBias:
     """Derive the second-order bias ``H^-1 (C - T[Sigma] / 2) / n`` from the stochastic expansion
-    (``d <= 2``: about a second; ``d = 3`` takes minutes, the symbolic inverse dominates)."""
+    (``d`` = 1 or 2, about a second; larger ``d`` is refused: the symbolic inverse takes minutes). ``H``, ``Omega``
+    and ``T`` are symmetric symbols (``T`` fully), as the moments they stand for are: an asymmetric numeric
+    input is read from one triangle only."""
     return _second_order_bias(_check_size("d", d, 2))
 
 
