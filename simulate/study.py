@@ -57,8 +57,7 @@ _TUNABLE = ("vrpo", "vrpo_crossfit")
 # VRPO fits the g_hat cross-fitted by `sample` with the setting's folds and seed; 6: the noisy_oracle and random
 # g_hat draw their noise from a hash of the prompt, i.i.d. N(0, 1) for every K; 7: fit flags quasi-separated
 # labels, which stopped at a vanishing gradient as converged, and its cov is NaN with d or fewer clusters). A rerun
-# recomputes the cells
-# of another version instead of mixing them into one table; reading a folder accepts them.
+# recomputes the cells of another version instead of mixing them into one table; reading a folder accepts them.
 CELL_VERSION = 7
 _METHODS = ("mle", "vrpo", "vrpo_tuned", "vrpo_crossfit")
 
