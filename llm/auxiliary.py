@@ -44,7 +44,7 @@ from .data import (
     read_rows,
     write_jsonl,
 )
-from .tokenization import TokenizeOptions, tokenize_example
+from .tokenization import TokenizeOptions, right_pad, tokenize_example
 
 __all__ = [
     "PreferenceScorer",
@@ -95,12 +95,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
+    ids, mask = right_pad(seqs, pad_id)
     return ids.to(device), mask.to(device)
 
 

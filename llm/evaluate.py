@@ -45,7 +45,7 @@ from robust_rlhf.theory.errors import InputError
 
 from .logprobs import model_sequence_logps
 from .references import GenerationOptions, sample_tokens
-from .tokenization import TokenizeOptions, prompt_token_ids, render_prompt
+from .tokenization import TokenizeOptions, prompt_token_ids, render_prompt, right_pad
 
 __all__ = [
     "CI_METHODS",
@@ -352,15 +352,10 @@ def sequence_logprobs(
         for start in range(0, len(token_ids), batch_size):
             ps = prompt_ids[start : start + batch_size]
             ys = token_ids[start : start + batch_size]
-            L = max(len(p) + len(y) for p, y in zip(ps, ys))
-            ids = torch.full((len(ps), L), pad_id, dtype=torch.long)
-            att = torch.zeros((len(ps), L), dtype=torch.long)
-            comp = torch.zeros((len(ps), L), dtype=torch.long)
+            ids, att = right_pad([list(p) + list(y) for p, y in zip(ps, ys)], pad_id)
+            comp = torch.zeros_like(att)
             for i, (p, y) in enumerate(zip(ps, ys)):
-                seq = list(p) + list(y)
-                ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                att[i, : len(seq)] = 1
-                comp[i, len(p) : len(seq)] = 1
+                comp[i, len(p) : len(p) + len(y)] = 1
             batch = {"input_ids": ids.to(device), "attention_mask": att.to(device), "completion_mask": comp.to(device)}
             out.extend(model_sequence_logps(model, batch).double().cpu().tolist())
         logp = np.asarray(out, dtype=np.float64)
@@ -382,12 +377,7 @@ def _barred_eos_mass(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]]
         ps, ys = prompt_ids[start : start + batch_size], token_ids[start : start + batch_size]
         steps = [min(k, len(y)) for y in ys]
         seqs = [list(p) + list(y[: t - 1]) if t > 0 else list(p) for p, y, t in zip(ps, ys, steps)]
-        L = max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-        att = torch.zeros((len(seqs), L), dtype=torch.long)
-        for i, q in enumerate(seqs):
-            ids[i, : len(q)] = torch.tensor(q, dtype=torch.long)
-            att[i, : len(q)] = 1
+        ids, att = right_pad(seqs, pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.double()
         eos = torch.log_softmax(logits, dim=-1)[..., eos_id].cpu()
         for i, (p, t) in enumerate(zip(ps, steps)):

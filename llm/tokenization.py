@@ -57,6 +57,18 @@ class TokenizeOptions:
                 raise InputError(f"{name} must be >= 1 or None, got {v}")
 
 
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id sequences as ``(input_ids, attention_mask)`` ``(N, L)``, padded on the right with ``pad_id`` to
+    ``length`` (default: the longest)."""
+    L = max(len(s) for s in seqs) if length is None else length
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def render_prompt(prompt: str | Sequence[Mapping[str, str]], tokenizer: Any) -> str:
     """The prompt as text: itself, or the chat template with the generation prompt appended."""
     if isinstance(prompt, str):
@@ -163,13 +175,9 @@ class PreferenceCollator:
         L = max(len(s) for s in seqs)
         if self.pad_to_multiple_of:
             L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        n = len(seqs)
-        input_ids = torch.full((n, L), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((n, L), dtype=torch.long)
-        completion = torch.zeros((n, L), dtype=torch.long)
+        input_ids, attention = right_pad(seqs, self.pad_token_id, L)
+        completion = torch.zeros_like(attention)
         for r, (s, pl) in enumerate(zip(seqs, prompt_lens)):
-            input_ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-            attention[r, : len(s)] = 1
             completion[r, pl : len(s)] = 1
         batch: dict[str, torch.Tensor] = {
             "input_ids": input_ids,

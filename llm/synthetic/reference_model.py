@@ -27,6 +27,7 @@ import torch
 
 from robust_rlhf.theory.errors import InputError
 
+from ..tokenization import right_pad
 from .cache import cached_folder
 
 __all__ = ["ModelConfig", "PretrainConfig", "build_model", "pretrain", "pretrained_reference", "heldout_loss"]
@@ -91,12 +92,7 @@ def _encode(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list[
 
 
 def _batch(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
+    ids, mask = right_pad(seqs, pad_id)
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
