@@ -261,7 +261,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         var, bv = spread(key, robust)
         failed = int(g["separable"].sum())
         covered = g[[f"covered_{j}" for j in range(d)]].to_numpy(dtype=float)
-        cov_rate = float(_nanmean(covered)) if np.isfinite(covered).any() else math.nan
+        cov_rate = float(_nanmean(covered))
         cov_boot = _boot_mean(covered, idx)
         mse, mse_boot = spread.mse(key, robust)
         mse_lo, mse_hi = _interval(mse_boot)
@@ -312,8 +312,7 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
         slopes.loc[slopes.scenario.isin(thin), "slope_check"] = "n/a"
         for c in claims:
             if c["scenario"] in thin:
-                c["verdict"] = "inconclusive"
-                c["text"] = c["text"].rsplit(": ", 1)[0] + f", fewer than {MIN_ESTIMATES} estimates in a cell: inconclusive"
+                _make_inconclusive(c, f"fewer than {MIN_ESTIMATES} estimates in a cell")
     pess = None
     stale = sorted(set(NEWEST_COLUMNS) - set(pessimism.columns)) if pessimism is not None else []
     if stale:  # a folder written before these were recorded: rerunning `validate` on it recomputes them
@@ -486,6 +485,12 @@ def _claim(name: str, scenario: str, estimator: str, n: int, predicted: float, m
     return {"name": name, "scenario": scenario, "estimator": estimator, "n": int(n), "predicted": float(predicted),
             "measured": float(measured), "ci_low": float(low), "ci_high": float(high), "verdict": verdict,
             "text": f"{text}: predicted {predicted:.3g}, measured {measured:.3g} (95% CI {low:.3g}-{high:.3g}): {verdict}"}
+
+
+def _make_inconclusive(claim: dict[str, Any], why: str) -> None:
+    """Turn a ``_claim`` record's verdict into ``inconclusive``, saying ``why`` before it in the text."""
+    claim["verdict"] = "inconclusive"
+    claim["text"] = f"{claim['text'].rsplit(': ', 1)[0]}, {why}: inconclusive"
 
 
 def _claims(cells: pd.DataFrame, by_cell: dict, spread: _Spreads, idx: np.ndarray,
