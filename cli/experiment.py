@@ -15,7 +15,7 @@ seed, evaluate them (win rates with 95% CIs, mean true reward, KL) and write OUT
 OUT/summary.csv, OUT/results.csv and the figures in OUT/figures/. Interrupted runs continue where
 they stopped; finished steps are never redone.
 
-presets: test (toy, about a minute), tiny-cpu (2 CPU cores, ~15 min), tiny-cpu-diagnostic (M up to 16,
+presets: test (toy, about a minute), tiny-cpu (2 CPU cores, ~9 min), tiny-cpu-diagnostic (M up to 16,
 5 seeds), tiny-cpu-fortunes (real short English), gpu-small and gpu-hh (one GPU; runtimes are
 estimates, not measured here); --list shows each one's settings.
 

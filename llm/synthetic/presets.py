@@ -11,9 +11,9 @@ Presets:
 
 * ``test``: the pipeline end to end in well under two minutes on two cores (the test suite's run); checks
   the plumbing, not the statistics.
-* ``tiny-cpu``: the statistical run on two CPU cores (about 15 minutes, measured; see the README), on
-  generated review-like sentences, where the reference's samples carry sentiment words often enough for
-  a few hundred labelled pairs to teach DPO something.
+* ``tiny-cpu``: the statistical run on two CPU cores (9 minutes measured, the reference pre-training
+  included; see the README), on generated review-like sentences, where the reference's samples carry
+  sentiment words often enough for a few hundred labelled pairs to teach DPO something.
 * ``tiny-cpu-diagnostic``: ``M`` up to 16 and 5 seeds: which condition limits VRPO's gain.
 * ``tiny-cpu-fortunes``: the same on Debian's fortunes (real short English). Their continuations are
   neutral for VADER two times in three, so it needs more pairs (1024) and sharper labels to learn at all.
