@@ -56,9 +56,11 @@ _TUNABLE = ("vrpo", "vrpo_crossfit")
 # its covariance's batch-means error with each batch's own lam*; 4: the second-order covariance; 5: cross-fitted
 # VRPO fits the g_hat cross-fitted by `sample` with the setting's folds and seed; 6: the noisy_oracle and random
 # g_hat draw their noise from a hash of the prompt, i.i.d. N(0, 1) for every K; 7: fit flags quasi-separated
-# labels, which stopped at a vanishing gradient as converged, and its cov is NaN with d or fewer clusters). A rerun
-# recomputes the cells of another version instead of mixing them into one table; reading a folder accepts them.
-CELL_VERSION = 7
+# labels, which stopped at a vanishing gradient as converged, and its cov is NaN with d or fewer clusters; 8: the
+# pessimism radius spends no delta on a design part that is 0 up to rounding, and pessimism cells record their
+# version). A rerun recomputes the cells of another version instead of mixing them into one table; reading a folder
+# accepts them.
+CELL_VERSION = 8
 _METHODS = ("mle", "vrpo", "vrpo_tuned", "vrpo_crossfit")
 
 
@@ -517,16 +519,23 @@ def _pessimism_path(out: Path, key: str) -> Path:
     return out / "pessimism" / f"{key}.parquet"
 
 
+#: the parquet schema metadata key of a pessimism cell's ``CELL_VERSION`` (1 where absent)
+_VERSION_KEY = b"robust_rlhf.cell_version"
+
+
 def _pessimism_done(out: Path, key: str, current: bool = True) -> bool:
-    """Whether a pessimism cell is finished (readable) and, with ``current``, holds this version's columns
-    (``NEWEST_COLUMNS``): a study run recomputes an older cell; reading a folder accepts it (``checks``
-    then leaves its checks out), as it accepts cells of another ``CELL_VERSION``."""
+    """Whether a pessimism cell is finished (readable) and, with ``current``, was computed at this
+    ``CELL_VERSION`` and holds this version's columns (``NEWEST_COLUMNS``): a study run recomputes an older
+    cell; reading a folder accepts it (``checks`` leaves out the checks whose columns it lacks), as it
+    accepts cells of another ``CELL_VERSION``."""
     path = _pessimism_path(out, key)
     if _readable(path) is None:
         return False
     import pyarrow.parquet as pq
 
-    return not current or set(NEWEST_COLUMNS) <= set(pq.read_schema(path).names)
+    schema = pq.read_schema(path)
+    version = int((schema.metadata or {}).get(_VERSION_KEY, b"1"))
+    return not current or (version == CELL_VERSION and set(NEWEST_COLUMNS) <= set(schema.names))
 
 
 def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path) -> list[str]:
@@ -536,8 +545,13 @@ def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path
     with _one_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # separable fits and solver accuracy notes are recorded per row
         table = run_pessimism(spec.pessimism, n, est, spec.seed)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _VERSION_KEY: str(CELL_VERSION).encode()})
     with atomic_path(_pessimism_path(out, spec.pessimism.key(n, est))) as tmp:
-        table.to_parquet(tmp, index=False)
+        pq.write_table(arrow, tmp)
     return [spec.pessimism.key(n, est)]
 
 

@@ -31,6 +31,7 @@ from .policies import (
     REGRET_MEASURES,
     _check_distribution,
     _check_phi,
+    _check_table,
     _check_theta,
     _gibbs,
     _prompt_mean,
@@ -94,8 +95,8 @@ def _psd(name: str, matrix: object, d: int | None = None) -> np.ndarray:
         m = np.asarray(matrix, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{name}: cannot be read as numbers ({exc})") from None
-    if m.ndim != 2 or m.shape[0] != m.shape[1] or (d is not None and m.shape[0] != d):
-        want = "a square matrix" if d is None else f"shape {(d, d)}"
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0 or (d is not None and m.shape[0] != d):
+        want = "a non-empty square matrix" if d is None else f"shape {(d, d)}"
         raise InputError(f"{name}: expected {want}, got shape {m.shape}")
     if not np.isfinite(m).all():
         raise InputError(f"{name}: all entries must be finite")
@@ -433,7 +434,8 @@ class DesignConstants:
 
     ``sigma = E[dphi dphi^T]`` over the pair law (prompt uniform over the ``P`` draws, ``a, b ~ pi_ref``);
     ``lam_min`` its smallest eigenvalue; ``rho = max ||dphi||^2_{(sigma + mu I)^-1}`` over pairs of positive
-    probability; ``c_design`` the almost-sure bound on ``||psi_des||_{(sigma + mu I)^-1}``;
+    probability; ``c_design`` the almost-sure bound on ``||psi_des||_{(sigma + mu I)^-1}`` and ``c_design_l2``
+    that on ``||psi_des||_2``; ``max_dphi = max ||dphi||_2`` (at most ``2 L``);
     ``first_order_norm = ||E[(g* - s_dag) dphi]||_{(sigma + mu I)^-1}`` (0 at the population minimiser).
     """
 
@@ -444,6 +446,8 @@ class DesignConstants:
     lam_min: float
     rho: float
     c_design: float
+    c_design_l2: float
+    max_dphi: float
     first_order_norm: float
 
 
@@ -463,7 +467,8 @@ def design_constants(
     ``psi_des = (m - lam e) x + lam mean_j(e_j x_j)`` and
 
     ``c_design = max |m - lam e| ||x||_{Sigma_mu^-1} + lam max |e| ||x||_{Sigma_mu^-1}``,
-    ``Sigma_mu = E[x x^T] + mu I`` (maxima over pairs of positive probability).
+    ``Sigma_mu = E[x x^T] + mu I`` (maxima over pairs of positive probability), and ``c_design_l2`` the same
+    with the Euclidean norm ``||x||_2``.
 
     ``theta_dag`` must be the (unconstrained) minimiser of the population logistic loss, so that
     ``E[m x] = 0``; this is checked (``first_order_norm <= tol``) and an ``InputError`` raised otherwise.
@@ -508,10 +513,14 @@ def design_constants(
     norms = np.sqrt(np.einsum("pabi,ij,pabj->pab", x, inv, x))
     support = w > 0
     rho = float((norms[support] ** 2).max())
-    c = float((np.abs(m - lam_ * e) * norms)[support].max() + lam_ * (np.abs(e) * norms)[support].max())
+    lengths = np.linalg.norm(x, axis=-1)
+
+    def bound(nrm: np.ndarray) -> float:
+        return float((np.abs(m - lam_ * e) * nrm)[support].max() + lam_ * (np.abs(e) * nrm)[support].max())
+
     return DesignConstants(
-        theta_dagger=th[0], mu=mu_, lam=lam_, sigma=sigma, lam_min=lam_min, rho=rho, c_design=c,
-        first_order_norm=fo,
+        theta_dagger=th[0], mu=mu_, lam=lam_, sigma=sigma, lam_min=lam_min, rho=rho, c_design=bound(norms),
+        c_design_l2=bound(lengths), max_dphi=float(lengths[support].max()), first_order_norm=fo,
     )
 
 
@@ -560,7 +569,18 @@ def _chernoff_eps(tau: float) -> float:
     if tau <= 0.0:
         return 0.0
     f = lambda e: e + (1.0 - e) * math.log1p(-e) - tau  # noqa: E731  increasing from -tau to 1 - tau
-    return float(optimize.brentq(f, 0.0, 1.0 - 1e-15, xtol=1e-15, rtol=1e-14))
+    top = 1.0 - 1e-15
+    if f(top) < 0.0:  # tau within rounding of 1: the root is 1 to double precision
+        return 1.0
+    return float(optimize.brentq(f, 0.0, top, xtol=1e-15, rtol=1e-14))
+
+
+def _noise_bound(s_eig: np.ndarray, delta_1: float, n: int) -> float:
+    """Hsu, Kakade and Zhang's bound on the noise part (``estimation_radius``) from the eigenvalues of ``S``."""
+    t1 = math.log(1.0 / delta_1)
+    return math.sqrt(
+        (s_eig.sum() + 2.0 * math.sqrt(float((s_eig ** 2).sum()) * t1) + 2.0 * s_eig.max() * t1) / (4.0 * n)
+    )
 
 
 def estimation_radius(
@@ -621,14 +641,20 @@ def estimation_radius(
       ``Y_i = Sigma_mu^{-1/2}[(1-lam) x_i x_i^T + lam mean_j x_j x_j^T + mu I] Sigma_mu^{-1/2} / n`` (sum with
       mean ``I``, ``lambda_max(Y_i) <= R = (rho + mu/(lam_min + mu)) / n``) gives, with probability
       >= ``1 - delta_3``, ``M >= (1 - eps) Sigma_mu`` where ``eps + (1-eps) log(1-eps) = R log(d/delta_3)``
-      (bound vacuous, radius ``inf``, when the right side is >= 1). Then ``||v||_{M^-1} <= ||v||_{Sigma_mu^-1}
-      / sqrt(1 - eps)`` and ``design <= c sqrt(2 log(2/delta_2)/n) / sqrt(1 - eps)``.
+      (no such ``eps < 1`` when the right side is >= 1: this bound is then infinite). Then ``||v||_{M^-1} <=
+      ||v||_{Sigma_mu^-1} / sqrt(1 - eps)`` and ``design <= c sqrt(2 log(2/delta_2)/n) / sqrt(1 - eps)``.
+    * *Design part, surely.* ``M >= mu I``, so ``design <= max ||psi_des||_2 / sqrt(mu) <= c_design_l2 /
+      sqrt(mu)`` on every sample (0 when ``c_design_l2 = 0``, and about 1e-16 under BT with ``lam = 0``),
+      and the noise part gets the whole ``delta``. Of the two, the one with the smaller ``G_bound`` at the
+      population design (``Sigma_D = Sigma_ref = E[x x^T]``) is used: a choice made from population
+      constants only, never from the data, so that the level stays ``delta``.
 
     ``G_bound = noise + design``. Without ``design`` (``lam = 0`` only) the design part is taken as zero:
     that is exact when BT is well specified with ``theta_dag = theta*`` (then ``m = 0``), or for a fixed
     design with the design-conditional target; then ``delta_1 = delta`` and the bound holds conditionally
-    on any design. With ``design``, ``delta_1 = delta_2 = delta_3 = delta/3`` (union bound), unless
-    ``c_design = 0`` (design part identically 0: ``delta_1 = delta``).
+    on any design. With ``design`` and its high-probability bound, ``delta_1 = delta_2 = delta_3 = delta/3``
+    (union bound); with its sure bound, ``delta_1 = delta``. Where the design term is infinite, so is
+    ``Gamma`` before the cap: the radius is ``certain``.
 
     ``mu >= 0`` (``M`` must be positive definite). The misspecification price enters through ``c``
     (``m = g* - s_dag``) and, for VRPO, through ``lam e`` (the control variate's error).
@@ -659,6 +685,11 @@ def estimation_radius(
             raise InputError(f"{name}: largest eigenvalue {top:.6g} exceeds 4 L^2 = {4 * L_ * L_:.6g}, so the pairs' "
                              f"differences are not bounded by 2L (||phi|| <= L = {L_:g}); pass the features' bound L")
     if design is not None:
+        if not isinstance(design, DesignConstants):
+            raise InputError(f"design: expected the DesignConstants of design_constants, got {type(design).__name__}")
+        if design.max_dphi > 2.0 * L_ * (1 + 1e-9):
+            raise InputError(f"L: the population's pairs have ||dphi|| up to {design.max_dphi:.6g} > 2 L = "
+                             f"{2 * L_:.6g}; pass the features' bound L (||phi|| <= L)")
         if design.sigma.shape != (d, d):
             raise InputError(f"design: built for d={design.sigma.shape[0]}, but sigma_d has d={d}")
         if abs(design.mu - mu_) > 1e-12 * max(1.0, mu_) or abs(design.lam - lam_) > 1e-12:
@@ -674,25 +705,27 @@ def estimation_radius(
         raise InputError("mu: M = Sigma_VR + mu I is singular; use mu > 0")
     kappa = logistic_curvature(B_, L_)
 
-    with_design = design is not None and design.c_design > 0
+    eps = 0.0
+    design_term = 0.0
+    with_design = False  # the design part's high-probability bound, which takes 2 delta / 3
+    if design is not None:
+        sure = 0.0 if design.c_design_l2 == 0.0 else (design.c_design_l2 / math.sqrt(mu_) if mu_ > 0 else math.inf)
+        R = (design.rho + mu_ / (design.lam_min + mu_)) / nn
+        eps_hp = _chernoff_eps(R * math.log(d / (dl / 3.0)))
+        likely = (math.inf if eps_hp >= 1.0
+                  else design.c_design * math.sqrt(2.0 * math.log(6.0 / dl) / nn) / math.sqrt(1.0 - eps_hp))
+        # chosen at the population design (S with eigenvalues s / (s + mu)), never from the data: a choice
+        # made from the data would not keep the level delta
+        s_pop = np.clip(np.linalg.eigvalsh(design.sigma), 0.0, None)
+        s_pop = s_pop / (s_pop + mu_) if mu_ > 0 else (s_pop > 0).astype(float)
+        with_design = _noise_bound(s_pop, dl / 3.0, nn) + likely < _noise_bound(s_pop, dl, nn) + sure
+        design_term, eps = (likely, eps_hp) if with_design else (sure, 0.0)
     d1 = dl / 3.0 if with_design else dl
     d2 = d3 = dl / 3.0 if with_design else 0.0
 
     inv_half = evecs_M @ np.diag(evals_M ** -0.5) @ evecs_M.T
     Smat = inv_half @ SD @ inv_half
-    s_eig = np.clip(np.linalg.eigvalsh(0.5 * (Smat + Smat.T)), 0.0, None)
-    t1 = math.log(1.0 / d1)
-    noise = math.sqrt(
-        (s_eig.sum() + 2.0 * math.sqrt(float((s_eig ** 2).sum()) * t1) + 2.0 * s_eig.max() * t1) / (4.0 * nn)
-    )
-    eps = 0.0
-    design_term = 0.0
-    if with_design:
-        assert design is not None
-        R = (design.rho + mu_ / (design.lam_min + mu_)) / nn
-        eps = _chernoff_eps(R * math.log(d / d3))
-        r = design.c_design * math.sqrt(2.0 * math.log(2.0 / d2) / nn)
-        design_term = math.inf if eps >= 1.0 else r / math.sqrt(1.0 - eps)
+    noise = _noise_bound(np.clip(np.linalg.eigvalsh(0.5 * (Smat + Smat.T)), 0.0, None), d1, nn)
     score = noise + design_term
     certain = 2.0 * B_ * math.sqrt(float(evals_M.max()))
     a = 2.0 * score / kappa if kappa > 0 else math.inf  # kappa underflows to 0 for 2LB beyond ~745
@@ -783,14 +816,10 @@ def pessimistic_regret_bound(
     th, batched = _check_theta(theta_dagger, d, "theta_dagger")
     if batched:
         raise InputError(f"theta_dagger: expected shape {(d,)}, got {np.shape(theta_dagger)}")
-    util = np.asarray(utility, dtype=np.float64)
-    if util.shape != (P, K) or not np.isfinite(util).all():
-        raise InputError(f"utility: expected a finite array of shape {(P, K)}, got {util.shape}")
+    util = _check_table("utility", utility, P, K)
     r_dag = ph @ th[0]
     if scale is not None:
         c = _positive("scale", scale, allow_zero=True)
-    elif math.isinf(bound_dag):
-        c = 0.0
     else:
         # min_{c >= 0, t} c bound_dag + mean_p t_p  s.t.  t_p >= alpha_pa + c beta_pa  (all p, a)
         alpha = (pc * util).sum(axis=1, keepdims=True) - util

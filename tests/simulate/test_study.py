@@ -206,6 +206,17 @@ def test_pessimism_bound_is_checked(tmp_path) -> None:
     pq.write_table(pq.read_table(cell).drop_columns(["in_radius", "informative"]), cell)
     assert len(load_study(tmp_path / "p").pessimism) == len(pess)
     assert run_study(spec, tmp_path / "p").pessimism.in_radius.notna().all()
+    # a cell with every column but another version (CELL_VERSION 7 recorded none) is recomputed, a current
+    # one is left alone
+    from robust_rlhf.simulate.study import CELL_VERSION
+
+    stale = _pessimism_path(tmp_path / "p", spec.pessimism.key(25600, spec.pessimism.estimators[0]))
+    kept = _pessimism_path(tmp_path / "p", spec.pessimism.key(25600, spec.pessimism.estimators[1]))
+    pq.write_table(pq.read_table(stale).replace_schema_metadata({}), stale)
+    before = kept.stat().st_mtime_ns
+    run_study(spec, tmp_path / "p")
+    assert pq.read_schema(stale).metadata[b"robust_rlhf.cell_version"] == str(CELL_VERSION).encode()
+    assert kept.stat().st_mtime_ns == before
     # a table an older version wrote: left out of the checks with a warning, not a KeyError
     with pytest.warns(UserWarning, match="the pessimism table lacks in_radius, informative"):
         old = analyse(study.results, study.predictions, pessimism=pess.drop(columns=["in_radius", "informative"]))

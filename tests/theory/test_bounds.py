@@ -254,9 +254,14 @@ def test_design_constants_by_enumeration() -> None:
     s = [float(_sigmoid(xi @ theta_dag)) for xi, _, _ in pairs]
     c = max(abs((g - si) - lam * (gh - si)) * nr for (_, g, gh), si, nr in zip(pairs, s, nrm)) \
         + lam * max(abs(gh - si) * nr for (_, _, gh), si, nr in zip(pairs, s, nrm))
+    lengths = [float(np.linalg.norm(xi)) for xi, _, _ in pairs]
+    c2 = max(abs((g - si) - lam * (gh - si)) * ln for (_, g, gh), si, ln in zip(pairs, s, lengths)) \
+        + lam * max(abs(gh - si) * ln for (_, _, gh), si, ln in zip(pairs, s, lengths))
     np.testing.assert_allclose(dc.sigma, sigma, rtol=1e-13)
     assert dc.rho == pytest.approx(max(nr**2 for nr in nrm), rel=1e-12)
     assert dc.c_design == pytest.approx(c, rel=1e-12)
+    assert dc.c_design_l2 == pytest.approx(c2, rel=1e-12)
+    assert dc.max_dphi == pytest.approx(max(lengths), rel=1e-14)
     assert dc.first_order_norm < 1e-12
     # design term: c sqrt(2 log(2/(delta/3)) / n) / sqrt(1 - eps), eps from the matrix Chernoff equation
     n, delta = 2000, 0.1
@@ -266,11 +271,17 @@ def test_design_constants_by_enumeration() -> None:
     assert eps + (1 - eps) * math.log(1 - eps) == pytest.approx(R * math.log(2 / (delta / 3)), rel=1e-10)
     assert rad.design_term == pytest.approx(c * math.sqrt(2 * math.log(6 / delta) / n) / math.sqrt(1 - eps), rel=1e-10)
     assert rad.delta_noise == rad.delta_design == rad.delta_chernoff == pytest.approx(delta / 3)
-    # too few pairs for the matrix Chernoff step: the radius is the one that holds with certainty (both in
-    # the ball: 2 B sqrt(lambda_max(M))), not informative, not wrong
+    # too few pairs for the matrix Chernoff step: the design part's sure bound c_l2 / sqrt(mu) (M >= mu I),
+    # with the whole delta for the noise; here the radius is the one that holds with certainty (both in the
+    # ball: 2 B sqrt(lambda_max(M))), not informative, not wrong
     few = bd.estimation_radius(sigma, 5, B=2.0, L=1.0, mu=mu, delta=delta, lam=lam, sigma_ref=sigma, design=dc)
-    assert few.design_term == math.inf and not few.informative
+    assert few.design_term == pytest.approx(c2 / math.sqrt(mu), rel=1e-14) and few.delta_noise == delta
+    assert few.delta_design == few.delta_chernoff == 0.0 and not few.informative
     assert few.radius == few.certain == pytest.approx(2 * 2.0 * math.sqrt(np.linalg.eigvalsh(few.matrix).max()))
+    # with mu = 0 there is no sure bound: the design term is infinite
+    dc0 = bd.design_constants(pop, theta_dag, mu=0.0, lam=lam, g_hat=g_hat)
+    none = bd.estimation_radius(sigma, 5, B=2.0, L=1.0, mu=0.0, delta=delta, lam=lam, sigma_ref=sigma, design=dc0)
+    assert none.design_term == math.inf and none.radius == none.certain
     # a curvature that underflows (2LB beyond ~745) gives the certain radius, not a division by zero
     flat = bd.estimation_radius(sigma, n, B=400.0, L=1.0, mu=mu, delta=delta)
     assert flat.kappa == 0.0 and flat.radius == flat.certain and not flat.informative
@@ -452,6 +463,34 @@ def test_pessimistic_regret_bound_ingredients() -> None:
 # ------------------------------------------------------------------------------------------ bad input
 
 
+def test_design_part_of_a_well_specified_bt_population_costs_no_delta() -> None:
+    """Under BT with lam = 0 the design part is 0 up to rounding (``c_design`` about 1e-16): its sure
+    bound is used, the noise part gets the whole delta, and the radius is the one without ``design``
+    (before, an exact ``c_design > 0`` test split delta in three: a radius 13% larger)."""
+    pop0, _, x = _mixture_population()
+    theta_star = np.array([0.8, -0.5])
+    pop = PairPopulation(pop0.phi, pop0.pi, _sigmoid(x @ theta_star), pop0.phi @ theta_star)
+    theta_dag = _population_target(pop)
+    np.testing.assert_allclose(theta_dag, theta_star, atol=1e-13)
+    mu, n, delta = 1e-3, 2000, 0.1
+    dc = bd.design_constants(pop, theta_dag, mu=mu)
+    assert 0.0 <= dc.c_design_l2 < 1e-14
+    kw = dict(B=1.5, L=1.0, mu=mu, delta=delta)
+    with_design = bd.estimation_radius(dc.sigma, n, design=dc, **kw)
+    without = bd.estimation_radius(dc.sigma, n, **kw)
+    assert with_design.delta_noise == delta and with_design.design_term == pytest.approx(0.0, abs=1e-12)
+    assert with_design.radius == pytest.approx(without.radius, rel=1e-12)
+
+
+def test_chernoff_eps_near_one() -> None:
+    for tau in (1 - 3e-14, 1 - 1e-15):  # the root is 1 to double precision; brentq's bracket used to fail
+        assert bd._chernoff_eps(tau) == 1.0
+    eps = bd._chernoff_eps(1 - 1e-13)
+    # brentq finds eps to xtol + rtol eps = 1.1e-14; the equation's slope there is -log(1 - eps), about 30
+    tol = -math.log1p(-eps) * 1.1e-14
+    assert eps < 1.0 and eps + (1 - eps) * math.log1p(-eps) == pytest.approx(1 - 1e-13, abs=tol)
+
+
 def test_bad_input_raises_input_error() -> None:
     pop, theta_dag, _ = _mixture_population()
     with pytest.raises(InputError, match="theta_dagger"):
@@ -477,6 +516,23 @@ def test_bad_input_raises_input_error() -> None:
         bd.estimation_radius(np.eye(2), 10, B=1.0, L=1.0, mu=0.01, delta=0.1, design=dc)
     with pytest.raises(InputError, match="sigma_d"):
         bd.estimation_radius(np.array([[1.0, 2.0], [0.0, 1.0]]), 10, B=1.0, L=1.0, mu=0.1, delta=0.1)
+    with pytest.raises(InputError, match="sigma_d: expected a non-empty square matrix"):
+        bd.estimation_radius(np.zeros((0, 0)), 10, B=1.0, L=1.0, mu=0.1, delta=0.1)
+    with pytest.raises(InputError, match="design: expected the DesignConstants"):
+        bd.estimation_radius(np.eye(2), 10, B=1.0, L=1.0, mu=0.1, delta=0.1, design="x")
+    dc = bd.design_constants(pop, theta_dag, mu=0.01)
+    # the population's pairs reach ||dphi|| = dc.max_dphi > 2 L: the curvature constant would be wrong
+    with pytest.raises(InputError, match=r"L: the population's pairs have \|\|dphi\|\| up to"):
+        bd.estimation_radius(0.01 * np.eye(2), 10, B=5.0, L=0.45 * dc.max_dphi, mu=0.01, delta=0.1, design=dc)
+    rad = bd.estimation_radius(np.eye(2) / 4, 100, B=5.0, L=1.0, mu=0.01, delta=0.1, design=dc)
+    pi_comp = np.full((pop.size, pop.K), 1.0 / pop.K)
+    utility = np.zeros((pop.size, pop.K))
+    utility[2, 1] = np.nan
+    with pytest.raises(InputError, match="utility"):
+        bd.pessimistic_regret_bound(rad, pop.phi, pi_comp, pi_ref=pop.pi, utility=utility, theta_dagger=theta_dag)
+    with pytest.raises(InputError, match="utility"):
+        bd.pessimistic_regret_bound(rad, pop.phi, pi_comp, pi_ref=pop.pi, theta_dagger=theta_dag,
+                                    utility=np.full((pop.size, pop.K), "a"))
     with pytest.raises(InputError, match="dphi"):
         bd.empirical_design(np.array([[3.0, 0.0]]), L=1.0)
     with pytest.raises(InputError, match="sigma"):
