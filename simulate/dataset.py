@@ -235,7 +235,7 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 
 def sample(
-    scenario: Scenario,
+    scenario: Scenario | str,
     n: int,
     seed: int = 0,
     reps: int = 1,
@@ -248,10 +248,16 @@ def sample(
 ) -> PreferenceData:
     """Draw ``reps`` replications of ``n`` labelled pairs with reference pairs (see module docstring).
 
-    ``M``: reference pairs per prompt (``0`` for none) or ``"exact"``; ``unlabelled``: extra prompts
+    ``scenario``: a ``Scenario`` or a registered scenario's name. ``M``: reference pairs per prompt (``0`` for none) or ``"exact"``; ``unlabelled``: extra prompts
     carrying reference pairs; ``aux``: auxiliary model (``AuxSpec``, a name, or None); ``namespace``:
     ``"data"``, or ``"auxiliary"`` for samples that fit auxiliary models (independent of the data).
     """
+    if isinstance(scenario, str):
+        from .registry import get_scenario
+
+        scenario = get_scenario(scenario)
+    if not isinstance(scenario, Scenario):
+        raise SpecError(f"scenario: expected a Scenario or a registered name, got {type(scenario).__name__}")
     n = _check_int("n", n, 1)
     reps = _check_int("reps", reps, 1)
     seed = _check_int("seed", seed, 0)

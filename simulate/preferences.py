@@ -10,11 +10,14 @@ define misspecification for the neural experiments (rewards there come from a sc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.special import expit, logit, ndtr, stdtr
+
+from robust_rlhf.theory.errors import InputError
 
 __all__ = [
     "LINKS",
@@ -42,7 +45,7 @@ LINKS: dict[str, str] = {
 
 
 def link_function(name: str, df: float = 3.0) -> Callable[[np.ndarray], np.ndarray]:
-    """The CDF ``F`` of the named link (see ``LINKS``); ``df`` is used by ``student_t`` only."""
+    """The CDF ``F`` of the named link (see ``LINKS``); ``df`` (finite, > 0) is used by ``student_t`` only."""
     if name == "logistic":
         return expit
     if name == "probit":
@@ -50,8 +53,14 @@ def link_function(name: str, df: float = 3.0) -> Callable[[np.ndarray], np.ndarr
     if name == "cauchy":
         return _cauchy
     if name == "student_t":
+        try:
+            ok = math.isfinite(float(df)) and float(df) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(f"df: the Student-t link needs finite degrees of freedom > 0, got {df!r}")
         return lambda u: stdtr(df, u)
-    raise KeyError(name)
+    raise InputError(f"link: unknown link {name!r}; allowed: {', '.join(LINKS)}")
 
 
 def _margin(theta: np.ndarray, phi_a: np.ndarray, phi_b: np.ndarray) -> np.ndarray:
@@ -130,8 +139,13 @@ class PositionBias(PreferenceModel):
         object.__setattr__(self, "antisymmetric", self.bias == 0.0 and self.base.antisymmetric)
 
     def prob(self, x, phi_a, phi_b):
+        g = self.base.prob(x, phi_a, phi_b)
         with np.errstate(divide="ignore"):
-            return expit(logit(self.base.prob(x, phi_a, phi_b)) + self.bias)
+            if self.base.antisymmetric:  # 1 - g(a, b) is g(b, a): the log-odds without cancellation near 1
+                log_odds = np.log(g) - np.log(self.base.prob(x, phi_b, phi_a))
+            else:
+                log_odds = logit(g)
+            return expit(log_odds + self.bias)
 
     def utility(self, x, phi):
         return self.base.utility(x, phi)

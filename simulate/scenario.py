@@ -458,6 +458,8 @@ class Scenario:
         """``size`` prompt draws with exact pair structure, for the exact asymptotics of ``theory``."""
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 2:
             raise SpecError(f"population size must be an integer >= 2, got {size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise SpecError(f"population seed must be an integer >= 0, got {seed!r}")
         check_memory("the population", size * (self.prompt_dim + self.K * (self.d + self.K + 2)))
         x = self.prompts(np.random.default_rng(seed), (size,))
         phi = self.phi(x)

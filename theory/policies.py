@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import threading
 import warnings
 from typing import NamedTuple
@@ -263,8 +264,23 @@ def _gibbs(values: np.ndarray, pi_ref: np.ndarray, beta: float) -> tuple[np.ndar
     return (weights / total).numpy(), (logits - total.log()).numpy()
 
 
+def _check_reward_scale(th: np.ndarray, ph: np.ndarray, beta: float | None) -> None:
+    """Rewards ``theta . phi`` (over ``beta``, for a KL policy) that cannot overflow: ``|theta . phi| <=
+    ||theta|| ||phi||`` (Cauchy-Schwarz, which bounds every partial sum too)."""
+    with np.errstate(over="ignore"):
+        top = float(np.linalg.norm(th, axis=-1).max()) * float(np.linalg.norm(ph, axis=-1).max())
+        if beta is not None and not math.isinf(beta):
+            top /= beta
+    if not math.isfinite(top):
+        scaled = " / beta" if beta is not None and not math.isinf(beta) else ""
+        raise InputError(f"theta: the rewards theta . phi{scaled} can overflow (largest |theta| entry "
+                         f"{float(np.abs(th).max()):.3g}, largest |phi| entry {float(np.abs(ph).max()):.3g}, beta = "
+                         f"{beta!r}); rescale theta" + (" or use the greedy policy" if scaled else ""))
+
+
 def _policy(th: np.ndarray, ph: np.ndarray, kind: str, pi_ref: np.ndarray | None, beta: float | None) -> np.ndarray:
     """The ``kind`` policy (R, P, K) of checked ``th`` (R, d) on checked ``ph`` (P, K, d)."""
+    _check_reward_scale(th, ph, beta if kind == "kl" else None)
     r = _rewards(th, ph)
     return _argmax_policy(r) if kind == "greedy" else _gibbs(r, pi_ref, beta)[0]
 
@@ -433,6 +449,8 @@ def theta_regret(
         raise InputError(f"population: expected a PairPopulation, got {type(population).__name__}")
     th, batched = _check_theta(theta, population.d)
     meas = _default_measure(population, kind, measure)
+    if beta is not None:
+        _check_beta(beta)
     ref, b = None, None
     if meas == "preference":
         util = preference_utility(population)
@@ -446,6 +464,7 @@ def theta_regret(
         ref, b = population.pi, _check_beta(beta, weight=True)
     _check_kind(kind, population.pi, beta)
     pol_beta = _check_beta(beta) if kind == "kl" else None
+    _check_reward_scale(th, population.phi, pol_beta)
     target = _regret_target(util, ref, b)
     if kernels.available():
         support = torch.isfinite(target) if b is not None else None

@@ -196,6 +196,18 @@ def test_bad_sampling_parameters(kwargs: dict, match: str) -> None:
         sample(get_scenario("bt"), **kwargs)
 
 
+def test_sample_takes_a_scenario_or_its_name() -> None:
+    by_name, built = sample("label_flip", 30, seed=4, M=2), sample(get_scenario("label_flip"), 30, seed=4, M=2)
+    np.testing.assert_array_equal(by_name.z, built.z)
+    with pytest.raises(SpecError, match="unknown scenario 'nope'"):
+        sample("nope", 10)
+    with pytest.raises(SpecError, match="scenario: expected a Scenario or a registered name, got int"):
+        sample(3, 10)
+    for seed in (-1, 1.5, True):
+        with pytest.raises(SpecError, match="population seed must be an integer >= 0"):
+            get_scenario("bt").population(size=10, seed=seed)
+
+
 def test_save_npz_round_trip(tmp_path) -> None:
     data = sample(get_scenario("label_flip"), 40, seed=0, M=3, unlabelled=5, aux="noisy_oracle")
     path = save(data, tmp_path / "d.npz")

@@ -10,6 +10,7 @@ from scipy.special import expit
 from scipy.stats import norm, t as student
 
 from robust_rlhf.simulate import PREFERENCE_MODELS, Scenario, get_scenario, link_function, scenario_names
+from robust_rlhf.theory.errors import InputError
 
 FEATURES = st.integers(0, 2**31 - 1).map(lambda s: np.random.default_rng(s))
 
@@ -75,6 +76,30 @@ def test_label_flip_and_position_bias_formulas() -> None:
     np.testing.assert_allclose(pos.preference.prob(x, a, b),
                                expit(np.log(norm.cdf((a - b) @ pos.theta_star) / norm.sf((a - b) @ pos.theta_star)) + 0.7))
     assert not pos.antisymmetric and pos.has_utility
+
+
+def test_position_bias_keeps_the_log_odds_of_a_saturated_base() -> None:
+    """``sigmoid(logit(g) + bias)`` lost the logit where ``g`` rounds to 1 (a margin of 40 with bias -40 gave
+    1 instead of 1/2); an antisymmetric base's log-odds are ``log g(a,b) - log g(b,a)``."""
+    for m, bias in [(20.0, -10.0), (25.0, -15.0), (30.0, -30.0), (36.0, -36.0), (40.0, -40.0), (-40.0, 45.0)]:
+        sc = Scenario.from_spec({"d": 1, "K": 2, "theta_star": [1.0],
+                                 "preference": {"model": "position_bias", "bias": bias}})
+        g = sc.preference.prob(np.zeros(2), np.array([m]), np.array([0.0]))
+        assert g == pytest.approx(expit(m + bias), rel=1e-14)
+    # a base that is not antisymmetric (a position bias itself) keeps logit(g): the biases add
+    nested = Scenario.from_spec({"d": 1, "K": 2, "theta_star": [1.0], "preference": {
+        "model": "position_bias", "bias": 0.5, "base": {"model": "position_bias", "bias": -2.0}}})
+    u = np.linspace(-8.0, 8.0, 17)[:, None]
+    np.testing.assert_allclose(nested.preference.prob(np.zeros(2), u, np.zeros_like(u)), expit(u[:, 0] - 1.5),
+                               rtol=1e-12)
+
+
+def test_link_function_errors_name_the_problem() -> None:
+    with pytest.raises(InputError, match="link: unknown link 'gumbel'; allowed: logistic, probit"):
+        link_function("gumbel")
+    for df in (-1.0, 0.0, float("nan"), float("inf"), "three"):
+        with pytest.raises(InputError, match="df: the Student-t link needs finite degrees of freedom > 0"):
+            link_function("student_t", df=df)
 
 
 def test_mixture_intransitive_and_context_dependent_formulas() -> None:

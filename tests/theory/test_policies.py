@@ -387,6 +387,19 @@ def test_pessimistic_huge_radius_stays_at_reference_features() -> None:
 
 def test_bad_input_raises_input_error() -> None:
     pop = _tiny_population()
+    # rewards theta . phi (over beta) that overflow: NaN policies, and the compiled regret skipped the NaN
+    # entries (a regret of 0 where the torch path gave NaN)
+    with pytest.raises(InputError, match=r"theta: the rewards theta . phi / beta can overflow"):
+        pl.kl_policy(np.array([1.0]), PHI, PI_REF, 1e-320)
+    with pytest.raises(InputError, match=r"theta: the rewards theta . phi / beta can overflow"):
+        pl.theta_regret(np.ones(pop.d), pop, kind="kl", beta=1e-320)
+    with pytest.raises(InputError, match=r"theta: the rewards theta . phi can overflow"):
+        pl.theta_regret(1e308 * np.ones(pop.d), pop)
+    with pytest.raises(InputError, match=r"theta: the rewards theta . phi can overflow"):
+        pl.greedy_policy(np.array([1e308]), 1e10 * PHI)
+    for beta in (float("nan"), -3.0, "x"):  # checked although the greedy policy's value regret does not use it
+        with pytest.raises(InputError, match="beta"):
+            pl.theta_regret(np.ones(pop.d), pop, beta=beta)
     with pytest.raises(InputError, match="beta"):
         pl.kl_policy(np.array([1.0]), PHI, PI_REF, 0.0)
     with pytest.raises(InputError, match="theta"):
