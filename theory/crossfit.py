@@ -142,6 +142,42 @@ def _orient(features: np.ndarray, sign: np.ndarray, swap: Swap | None) -> np.nda
     return np.where((sign < 0)[:, None], swap(features), features)
 
 
+def _checked(features: object, z: object, features_ref: object, ref_row: object, folds: object,
+             seed: object) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``crossfit_predict``'s arguments as arrays, or an ``InputError`` naming the first bad one."""
+    def integer(name: str, value: object, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+            raise InputError(f"cross-fitting: {name} must be an integer in [{low}, {high}], got {value!r}")
+        return int(value)
+
+    folds_ = integer("folds", folds, 2, 2**31)
+    integer("seed", seed, 0, 2**32 - folds_)  # the learners get seed + k, k < folds (scikit-learn: < 2^32)
+    arrays = []
+    for name, value, ndim in (("features", features, 2), ("features_ref", features_ref, 2)):
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.ndim != ndim:
+            raise InputError(f"{name}: expected a (rows, q) array, got shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise InputError(f"{name}: entry {tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])} is "
+                             f"{arr[~np.isfinite(arr)][0]}; all values must be finite")
+        arrays.append(arr)
+    feats, refs = arrays
+    if refs.shape[1] != feats.shape[1]:
+        raise InputError(f"features_ref: {refs.shape[1]} columns, but features has {feats.shape[1]}")
+    labels = np.asarray(z, dtype=np.float64)
+    if labels.shape != (feats.shape[0],):
+        raise InputError(f"z: expected {feats.shape[0]} labels, got shape {labels.shape}")
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise InputError(f"z: entry {int(np.argmax(~np.isin(labels, (0.0, 1.0))))} is "
+                         f"{labels[~np.isin(labels, (0.0, 1.0))][0]}; labels must be 0 or 1")
+    rows = np.asarray(ref_row)
+    if rows.shape != (refs.shape[0],) or not np.issubdtype(rows.dtype, np.integer):
+        raise InputError(f"ref_row: need {refs.shape[0]} integers, got shape {rows.shape} dtype {rows.dtype}")
+    if (rows < -1).any():
+        raise InputError(f"ref_row: entry {int(np.argmax(rows < -1))} is below -1")
+    return feats, labels, refs, rows.astype(np.int64)
+
+
 def crossfit_predict(
     features: np.ndarray,
     z: np.ndarray,
@@ -159,6 +195,7 @@ def crossfit_predict(
     pair features to those of the reversed pairs (``negate`` for feature differences); with it
     ``g_hat(b, a) = 1 - g_hat(a, b)`` exactly (see the module docstring).
     """
+    features, z, features_ref, ref_row = _checked(features, z, features_ref, ref_row, folds, seed)
     n = features.shape[0]
     both = np.concatenate([features, features_ref])
     sign = orientation(both, swap)

@@ -389,6 +389,34 @@ def test_crossfit_learns_pairs_without_an_invariant_orientation() -> None:
     np.testing.assert_allclose(1 - g2_ref, g_ref, atol=1e-15)
 
 
+def test_crossfit_arguments_are_checked(mixture: PairData) -> None:
+    """Bad folds, seeds and arrays are named (they raised TypeError, AttributeError or scikit-learn's
+    errors, and a NaN feature or a label of 2 was accepted silently)."""
+    from robust_rlhf.theory.crossfit import crossfit_predict
+
+    data = sample(get_scenario("annotator_mixture"), n=40, seed=1, M=2, aux="noisy_oracle").to_pair_data()
+    for folds in (2.5, "5", 1, True):
+        with pytest.raises(InputError, match=r"cross-fitting: folds must be an integer in \[2, "):
+            fit(data, "vrpo_crossfit", folds=folds)
+    for seed in (-1, 1.5, 2**32 - 2, 2**64):
+        with pytest.raises(InputError, match=r"cross-fitting: seed must be an integer in \[0, 4294967291\]"):
+            fit(data, "vrpo_crossfit", folds=5, seed=seed)
+    rng = np.random.default_rng(0)
+    X, R = rng.normal(size=(30, 2)), rng.normal(size=(10, 2))
+    z, row = (rng.random(30) < 0.5).astype(float), rng.integers(0, 30, 10)
+    bad_X = X.copy()
+    bad_X[4, 1] = np.nan
+    cases = [((bad_X, z, R, row), r"features: entry \(4, 1\) is nan"),
+             ((X, np.where(np.arange(30) == 7, 2.0, z), R, row), "z: entry 7 is 2.0; labels must be 0 or 1"),
+             ((X, z[:-1], R, row), "z: expected 30 labels"),
+             ((X, z, R[:, :1], row), "features_ref: 1 columns, but features has 2"),
+             ((X, z, R, row - 5), "ref_row: entry .* is below -1"),
+             ((X, z, R, row[:-1]), "ref_row: need 10 integers")]
+    for args, match in cases:
+        with pytest.raises(InputError, match=match):
+            crossfit_predict(*args, folds=3)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"method": "bogus"}, "unknown method 'bogus'; allowed: mle, vrpo"),
     ({"method": "mle", "lam": 0.5}, "lam cannot be set for method 'mle'"),
