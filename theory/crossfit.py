@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from .data import _as_float, _check_labels, _check_ref_row, _finite
 from .errors import InputError
 
 __all__ = ["crossfit_predict", "fold_ids", "orientation", "default_learner", "negate"]
@@ -152,30 +153,16 @@ def _checked(features: object, z: object, features_ref: object, ref_row: object,
 
     folds_ = integer("folds", folds, 2, 2**31)
     integer("seed", seed, 0, 2**32 - folds_)  # the learners get seed + k, k < folds (scikit-learn: < 2^32)
-    arrays = []
-    for name, value, ndim in (("features", features, 2), ("features_ref", features_ref, 2)):
-        arr = np.asarray(value, dtype=np.float64)
-        if arr.ndim != ndim:
-            raise InputError(f"{name}: expected a (rows, q) array, got shape {arr.shape}")
-        if not np.isfinite(arr).all():
-            raise InputError(f"{name}: entry {tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])} is "
-                             f"{arr[~np.isfinite(arr)][0]}; all values must be finite")
-        arrays.append(arr)
-    feats, refs = arrays
+    feats, refs = _as_float("features", features, 2), _as_float("features_ref", features_ref, 2)
+    _finite("features", feats)
+    _finite("features_ref", refs)
     if refs.shape[1] != feats.shape[1]:
         raise InputError(f"features_ref: {refs.shape[1]} columns, but features has {feats.shape[1]}")
-    labels = np.asarray(z, dtype=np.float64)
+    labels = _as_float("z", z, 1)
     if labels.shape != (feats.shape[0],):
         raise InputError(f"z: expected {feats.shape[0]} labels, got shape {labels.shape}")
-    if not np.isin(labels, (0.0, 1.0)).all():
-        raise InputError(f"z: entry {int(np.argmax(~np.isin(labels, (0.0, 1.0))))} is "
-                         f"{labels[~np.isin(labels, (0.0, 1.0))][0]}; labels must be 0 or 1")
-    rows = np.asarray(ref_row)
-    if rows.shape != (refs.shape[0],) or not np.issubdtype(rows.dtype, np.integer):
-        raise InputError(f"ref_row: need {refs.shape[0]} integers, got shape {rows.shape} dtype {rows.dtype}")
-    if (rows < -1).any():
-        raise InputError(f"ref_row: entry {int(np.argmax(rows < -1))} is below -1")
-    return feats, labels, refs, rows.astype(np.int64)
+    _check_labels("z", labels)
+    return feats, labels, refs, _check_ref_row(ref_row, refs.shape[0])
 
 
 def crossfit_predict(

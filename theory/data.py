@@ -94,6 +94,24 @@ def _finite(name: str, values: np.ndarray) -> None:
         raise InputError(f"{name}: entry {idx} is {float(values[idx])!r}; all values must be finite")
 
 
+def _check_labels(name: str, z: np.ndarray) -> None:
+    """Labels in {0, 1}; the first other entry is named."""
+    bad = ~np.isin(z, (0.0, 1.0))
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"{name}: entry {idx[0] if len(idx) == 1 else idx} is {float(z[idx])!r}; labels must be 0 or 1")
+
+
+def _check_ref_row(ref_row: object, N: int) -> np.ndarray:
+    """``N`` prompt ids of reference pairs (see the module docstring) as int64."""
+    rows = np.asarray(ref_row)
+    if rows.shape != (N,) or not np.issubdtype(rows.dtype, np.integer):
+        raise InputError(f"ref_row: need {N} integers, got shape {rows.shape} dtype {rows.dtype}")
+    if (rows < -1).any():
+        raise InputError(f"ref_row: entry {int(np.argmax(rows < -1))} is below -1")
+    return rows.astype(np.int64)
+
+
 #: Largest magnitude accepted for features: squares and products of a few thousand such values stay
 #: finite in float64 (about 1.8e308), so the fits' sums of squares cannot overflow. Rescale larger data.
 MAX_FEATURE = 1e100
@@ -165,9 +183,7 @@ class PairData:
         z = _as_float("z", self.z, 2)
         if z.shape != (R, n):
             raise InputError(f"z: expected shape {(R, n)} to match dphi, got {z.shape}")
-        if not np.isin(z, (0.0, 1.0)).all():
-            idx = tuple(int(i) for i in np.argwhere(~np.isin(z, (0.0, 1.0)))[0])
-            raise InputError(f"z: entry {idx} is {float(z[idx])!r}; labels must be 0 or 1")
+        _check_labels("z", z)
         object.__setattr__(self, "dphi", dphi)
         object.__setattr__(self, "z", z)
         if self.g is not None:
@@ -206,12 +222,8 @@ class PairData:
                     or (np.abs(w.sum(axis=1) - 1.0) > 1e-8).any():
                 raise InputError(f"ref_weight: need {N} non-negative finite weights per replication summing to 1")
             object.__setattr__(self, "ref_weight", w)
-            rows = np.full(N, -1, dtype=np.int64) if self.ref_row is None else np.asarray(self.ref_row)
-            if rows.shape != (N,) or not np.issubdtype(rows.dtype, np.integer):
-                raise InputError(f"ref_row: need {N} integers, got shape {rows.shape} dtype {rows.dtype}")
-            if (rows < -1).any():
-                raise InputError(f"ref_row: entry {int(np.argmax(rows < -1))} is below -1")
-            object.__setattr__(self, "ref_row", rows.astype(np.int64))
+            rows = np.full(N, -1, dtype=np.int64) if self.ref_row is None else self.ref_row
+            object.__setattr__(self, "ref_row", _check_ref_row(rows, N))
         if self.dphi_ref is not None and (self.features is None) != (self.features_ref is None):
             given, missing = ("features", "features_ref") if self.features_ref is None else ("features_ref", "features")
             raise InputError(f"{given} is given without {missing}: the learner of g_hat needs the same features on "
