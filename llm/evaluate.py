@@ -62,6 +62,7 @@ __all__ = [
     "Samples",
     "sample_policy",
     "sequence_logprobs",
+    "generated_logprobs",
     "kl_estimate",
     "best_of_n_kl",
     "JUDGES",
@@ -366,6 +367,19 @@ def sequence_logprobs(
     return logp
 
 
+def generated_logprobs(model: torch.nn.Module, ref_model: torch.nn.Module, samples: Samples, tokenizer: Any,
+                       min_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(log q_pi(y|x), log q_ref(y|x))`` of each sample of ``model``: ``sequence_logprobs`` under the laws
+    ``generate`` samples from with ``min_new_tokens`` (EOS barred at the first steps, where the tokenizer has
+    an EOS), for the policy and for the reference (the policy's own when they are one model)."""
+    eos = tokenizer.eos_token_id
+    kw = {"eos_id": eos, "min_new_tokens": min_new_tokens if eos is not None else 0}
+    lp = sequence_logprobs(model, samples.prompt_ids, samples.token_ids, tokenizer.pad_token_id, **kw)
+    lr = lp if ref_model is model else sequence_logprobs(ref_model, samples.prompt_ids, samples.token_ids,
+                                                          tokenizer.pad_token_id, **kw)
+    return lp, lr
+
+
 @torch.no_grad()
 def _barred_eos_mass(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]],
                      pad_id: int, batch_size: int, eos_id: int, k: int) -> np.ndarray:
@@ -508,10 +522,7 @@ def evaluate_policies(
         ref_model, ref_tok = reference
         if ref_tok.get_vocab() != tok.get_vocab():
             raise InputError(f"KL to the reference needs the {tag}'s tokenizer to be the reference's")
-        barred = {"eos_id": tok.eos_token_id, "min_new_tokens": options.min_new_tokens if tok.eos_token_id is not None else 0}
-        lp = sequence_logprobs(model, smp.prompt_ids, smp.token_ids, tok.pad_token_id, **barred)
-        lr = lp if ref_model is model else sequence_logprobs(ref_model, smp.prompt_ids, smp.token_ids,
-                                                              tok.pad_token_id, **barred)
+        lp, lr = generated_logprobs(model, ref_model, smp, tok, options.min_new_tokens)
         k, lo, hi = kl_estimate(lp, lr, level)
         out[f"{prefix}kl"], out[f"{prefix}kl_ci_low"], out[f"{prefix}kl_ci_high"] = k, lo, hi
     out["samples"] = {

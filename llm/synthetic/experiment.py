@@ -546,11 +546,7 @@ def _sample_and_score(ctx: ExperimentContext, model: Any, sample_seed: int, path
     opts = ctx.generation(sample_seed)
     with _quiet():
         s = ev.sample_policy(model, ctx.tokenizer, ctx.eval_prompts, opts, seed=0)
-        pad, eos = ctx.tokenizer.pad_token_id, ctx.tokenizer.eos_token_id
-        barred = {"eos_id": eos, "min_new_tokens": opts.min_new_tokens if eos is not None else 0}
-        lp = ev.sequence_logprobs(model, s.prompt_ids, s.token_ids, pad, **barred)
-        lr = lp if model is ctx.ref_model else ev.sequence_logprobs(ctx.ref_model, s.prompt_ids, s.token_ids, pad,
-                                                                     **barred)
+        lp, lr = ev.generated_logprobs(model, ctx.ref_model, s, ctx.tokenizer, opts.min_new_tokens)
     phi = ctx.reward.components(ctx.eval_prompts, s.texts)
     _save_samples(path, ctx.eval_prompts, s.texts, phi, {"logp": lp.tolist(), "logp_ref": lr.tolist(), "token_ids": s.token_ids})
     kl, lo, hi = ev.kl_estimate(lp, lr)
