@@ -449,8 +449,7 @@ def theta_regret(
         raise InputError(f"population: expected a PairPopulation, got {type(population).__name__}")
     th, batched = _check_theta(theta, population.d)
     meas = _default_measure(population, kind, measure)
-    if beta is not None:
-        _check_beta(beta)
+    beta_ = None if beta is None else _check_beta(beta)  # checked where unused too
     ref, b = None, None
     if meas == "preference":
         util = preference_utility(population)
@@ -461,12 +460,12 @@ def theta_regret(
     if meas == "kl":
         if beta is None:
             raise InputError("measure='kl': the KL-regularised regret needs beta")
-        ref, b = population.pi, _check_beta(beta, weight=True)
+        ref, b = population.pi, _check_beta(beta_, weight=True)
     _check_kind(kind, population.pi, beta)
-    pol_beta = _check_beta(beta) if kind == "kl" else None
-    _check_reward_scale(th, population.phi, pol_beta)
+    pol_beta = beta_ if kind == "kl" else None
     target = _regret_target(util, ref, b)
     if kernels.available():
+        _check_reward_scale(th, population.phi, pol_beta)  # the torch path checks in _policy
         support = torch.isfinite(target) if b is not None else None
         per = kernels.policy_regret(
             _tensor(th), _tensor(population.phi), target,
