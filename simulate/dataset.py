@@ -248,9 +248,10 @@ def sample(
 ) -> PreferenceData:
     """Draw ``reps`` replications of ``n`` labelled pairs with reference pairs (see module docstring).
 
-    ``scenario``: a ``Scenario`` or a registered scenario's name. ``M``: reference pairs per prompt (``0`` for none) or ``"exact"``; ``unlabelled``: extra prompts
-    carrying reference pairs; ``aux``: auxiliary model (``AuxSpec``, a name, or None); ``namespace``:
-    ``"data"``, or ``"auxiliary"`` for samples that fit auxiliary models (independent of the data).
+    ``scenario``: a ``Scenario`` or a registered scenario's name. ``M``: reference pairs per prompt (``0``
+    for none) or ``"exact"``; ``unlabelled``: extra prompts carrying reference pairs; ``aux``: auxiliary
+    model (``AuxSpec``, a name, or None); ``namespace``: ``"data"``, or ``"auxiliary"`` for samples that fit
+    auxiliary models (independent of the data).
     """
     if isinstance(scenario, str):
         from .registry import get_scenario

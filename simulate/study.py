@@ -539,15 +539,15 @@ def _pessimism_done(out: Path, key: str, current: bool = True) -> bool:
 
 
 def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path) -> list[str]:
-    """One pessimism cell (``simulate.pessimism``), written atomically."""
+    """One pessimism cell (``simulate.pessimism``), written atomically with its ``CELL_VERSION``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from robust_rlhf.theory.io import atomic_path
 
     with _one_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # separable fits and solver accuracy notes are recorded per row
         table = run_pessimism(spec.pessimism, n, est, spec.seed)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _VERSION_KEY: str(CELL_VERSION).encode()})
     with atomic_path(_pessimism_path(out, spec.pessimism.key(n, est))) as tmp:
