@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra unlabelled prompts carrying reference pairs (default: 0)")
     p.add_argument("--aux", default="oracle", metavar="KIND[:k=v,...]",
                    help="auxiliary model g_hat: oracle, noisy_oracle, constant, reversed, random, bt_plugin, "
-                        "learned, with parameters, e.g. noisy_oracle:noise=0.5 (default: oracle)")
+                        "learned, with parameters, e.g. noisy_oracle:noise=0.5, or none (reference pairs without "
+                        "g_hat, for `fit --method vrpo_crossfit`) (default: oracle)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE",
                    help="output .npz (read by `fit`) or .parquet (a tidy table) "
                         "(default: results/simulate/SCENARIO_nN_seedS.npz)")
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError(f"output file {str(args.out)!r} must end in .npz or .parquet")
     scenario = Scenario.from_spec(args.spec) if args.spec else get_scenario(args.scenario or DEFAULT_SCENARIO)
     M = args.M if args.M == "exact" else _int("--M", args.M)
-    data = sample(scenario, n=args.n, seed=args.seed, M=M, unlabelled=args.unlabelled, aux=parse_aux(args.aux))
+    aux = None if args.aux == "none" else parse_aux(args.aux)
+    data = sample(scenario, n=args.n, seed=args.seed, M=M, unlabelled=args.unlabelled, aux=aux)
     out = args.out or Path("results/simulate") / f"{scenario.name}_n{args.n}_seed{args.seed}.npz"
     save(data, out)
     summary = summarize(data)

@@ -63,7 +63,7 @@ def _lam_text(e) -> str:
     """The control-variate weight an estimator setting uses."""
     if e.method == "mle":
         return "0"
-    if e.method == "vrpo_tuned":
+    if e.method == "vrpo_tuned" or e.lam == "auto":
         return "auto"
     return str(1.0 if e.lam is None else e.lam)
 

@@ -179,7 +179,8 @@ class PreferenceData:
         return replace(self, aux=spec, g_hat=g_hat, ref_g_hat=ref_g_hat)
 
     def to_pair_data(self, features: bool = False) -> PairData:
-        """The arrays the estimators of ``theory`` consume (reference pairs only with ``g_hat``).
+        """The arrays the estimators of ``theory`` consume; without ``g_hat`` the reference pairs come without
+        ``g``/``g_ref``, for the estimator that learns them (``vrpo_crossfit``; the MLE ignores them).
 
         With ``M="exact"`` and an antisymmetric ``g_hat`` the ``K^2`` pairs of a prompt are merged
         into an identical objective: ``(a, b)`` and ``(b, a)`` give the same term
@@ -187,14 +188,15 @@ class PreferenceData:
         whose term is the constant ``l(0)``, become one pair with their summed weight.
         """
         feats = self.pair_features() if features else (None, None)
-        has_ref = self.g_hat is not None and self.n_ref > 0
+        has_ref = self.n_ref > 0
+        has_g = has_ref and self.g_hat is not None
         ref = (None, None, None, None)
         if has_ref:
-            merged = self._merged_exact() if self.M == "exact" and not features else None
-            ref = merged or (self.dphi_ref, self.ref_g_hat, self.ref_weight, self.ref_row)
+            merged = self._merged_exact() if self.M == "exact" and has_g and not features else None
+            ref = merged or (self.dphi_ref, self.ref_g_hat if has_g else None, self.ref_weight, self.ref_row)
         dphi_ref, g_ref, weight, rows = ref
         return PairData(
-            dphi=self.dphi, z=self.z.astype(np.float64), g=self.g_hat if has_ref else None,
+            dphi=self.dphi, z=self.z.astype(np.float64), g=self.g_hat if has_g else None,
             dphi_ref=dphi_ref, g_ref=g_ref, ref_weight=weight, ref_row=rows,
             features=feats[0], features_ref=feats[1] if has_ref else None,
             swap_features=self.swap_pair_features if features else None,
@@ -376,7 +378,8 @@ def save(data: PreferenceData, path: str | Path) -> Path:
 
     ``.npz`` keys: ``dphi`` (n, d), ``z`` (n), ``g`` (n), ``dphi_ref`` (N, d), ``g_ref`` (N),
     ``ref_row`` (N), ``ref_weight`` (N), plus ``x``, ``y``, ``g_star``, ``ref_y``, ``ref_g_star`` and
-    ``metadata`` (JSON). With several replications every array keeps its leading axis R.
+    ``metadata`` (JSON); ``g`` and ``g_ref`` only with reference pairs and an auxiliary model. With
+    several replications every array keeps its leading axis R.
     ``.parquet``: one row per pair, ``kind`` labelled/reference, ``row`` (prompt id), ``y1``, ``y2``,
     ``z`` (empty for reference pairs), ``g_hat``, ``g_star``, ``weight``, ``rep``, ``dphi_0..``; the
     metadata JSON is stored in the file's key-value metadata. The write is atomic.
@@ -391,12 +394,11 @@ def save(data: PreferenceData, path: str | Path) -> Path:
             "dphi": squeeze(data.dphi), "z": squeeze(data.z), "x": squeeze(data.x), "y": squeeze(data.y),
             "g_star": squeeze(data.g_star), "metadata": np.array(meta),
         }
-        if data.g_hat is not None:
-            arrays.update(g=squeeze(data.g_hat))
-            if data.n_ref:
-                arrays.update(dphi_ref=squeeze(data.dphi_ref), g_ref=squeeze(data.ref_g_hat),
-                              ref_row=data.ref_row, ref_weight=squeeze(data.ref_weight),
-                              ref_y=squeeze(data.ref_y), ref_g_star=squeeze(data.ref_g_star))
+        if data.n_ref:
+            arrays.update(dphi_ref=squeeze(data.dphi_ref), ref_row=data.ref_row, ref_weight=squeeze(data.ref_weight),
+                          ref_y=squeeze(data.ref_y), ref_g_star=squeeze(data.ref_g_star))
+            if data.g_hat is not None:
+                arrays.update(g=squeeze(data.g_hat), g_ref=squeeze(data.ref_g_hat))
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **arrays)

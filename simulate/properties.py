@@ -346,7 +346,8 @@ def swap_pairs(data: PairData, labelled: Sequence[int] | str = "all", reference:
     ref = np.zeros(data.n_ref, dtype=bool)
     ref[slice(None) if reference == "all" else list(reference)] = True
     rsign = np.where(ref, -1.0, 1.0)
-    return replace(out, dphi_ref=data.dphi_ref * rsign[None, :, None], g_ref=np.where(ref, 1.0 - data.g_ref, data.g_ref))
+    return replace(out, dphi_ref=data.dphi_ref * rsign[None, :, None],
+                   g_ref=None if data.g_ref is None else np.where(ref, 1.0 - data.g_ref, data.g_ref))
 
 
 def reorder_rows(data: PairData, rows: Sequence[int], reference: Sequence[int] | None = None,
@@ -376,7 +377,8 @@ def reorder_rows(data: PairData, rows: Sequence[int], reference: Sequence[int] |
         raise InputError(f"reorder_rows: prompts must be a permutation of range({ids.size})")
     if ids.size:
         new[old >= n] = n + u[np.searchsorted(ids, old[old >= n])]
-    return replace(out, dphi_ref=data.dphi_ref[:, q], g_ref=data.g_ref[:, q], ref_weight=data.ref_weight[:, q],
+    return replace(out, dphi_ref=data.dphi_ref[:, q], g_ref=None if data.g_ref is None else data.g_ref[:, q],
+                   ref_weight=data.ref_weight[:, q],
                    ref_row=new, features_ref=None if data.features_ref is None else data.features_ref[:, q])
 
 

@@ -97,7 +97,7 @@ class EstimatorSetting:
     M: int | str = 1
     unlabelled: float = 0.0
     aux: dict = field(default_factory=lambda: {"kind": "oracle"})
-    lam: float | None = None
+    lam: float | str | None = None
 
     def __post_init__(self) -> None:
         _safe_name("estimators.name", self.name)
@@ -113,8 +113,13 @@ class EstimatorSetting:
         if self.lam is not None:
             if self.method not in _TUNABLE:
                 raise SpecError(f"study field '{where}lam' applies to methods {', '.join(_TUNABLE)}, not {self.method}")
-            if isinstance(self.lam, bool) or not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam)):
-                raise SpecError(f"study field '{where}lam' = {self.lam!r} must be a finite number")
+            if self.lam != "auto" and (isinstance(self.lam, bool) or not (isinstance(self.lam, (int, float))
+                                                                          and math.isfinite(self.lam))):
+                raise SpecError(f"study field '{where}lam' = {self.lam!r} must be a finite number or 'auto' "
+                                "(power tuning)")
+            if self.method == "vrpo" and self.lam == "auto":  # as `fit`: power-tuned VRPO
+                object.__setattr__(self, "method", "vrpo_tuned")
+                object.__setattr__(self, "lam", None)
         if self.method == "vrpo_crossfit" and self.aux["kind"] != "learned":
             object.__setattr__(self, "aux", AuxSpec("learned").to_dict())
 
@@ -289,6 +294,7 @@ ESTIMATORS: dict[str, EstimatorSetting] = {e.name: e for e in (
     EstimatorSetting("vrpo_tuned_reversed_M8", "vrpo_tuned", M=8, aux={"kind": "reversed"}),
     EstimatorSetting("vrpo_random_M8", "vrpo", M=8, aux={"kind": "random"}),
     EstimatorSetting("vrpo_crossfit_M8", "vrpo_crossfit", M=8),
+    EstimatorSetting("vrpo_crossfit_tuned_M8", "vrpo_crossfit", M=8, lam="auto"),
 )}
 
 DEFAULT_STUDY = StudySpec(

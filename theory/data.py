@@ -152,7 +152,8 @@ class PairData:
     z : (R, n) labels, 1 if the first response won.
     g : (R, n) or None, auxiliary probability ``g_hat(x, y1, y2)`` that the first response wins.
     dphi_ref : (R, N, d) or None, feature differences of the reference pairs.
-    g_ref : (R, N) or None, ``g_hat`` on the reference pairs.
+    g_ref : (R, N) or None, ``g_hat`` on the reference pairs. Reference pairs without ``g`` and ``g_ref``
+        serve the method that learns ``g_hat`` from the data (``vrpo_crossfit``).
     ref_weight : (N,) or (R, N) weights of the reference pairs, summing to 1 (default uniform);
         stored as (R, N).
     ref_row : (N,) prompt id of each reference pair (see the module docstring).
@@ -206,13 +207,14 @@ class PairData:
                                  "dphi_ref nor g_ref")
             _bounded("dphi_ref", dref)
             object.__setattr__(self, "dphi_ref", dref)
-            if self.g_ref is None:
-                raise InputError("dphi_ref is given without g_ref")
-            gref = _as_float("g_ref", self.g_ref, 2)
-            if gref.shape != (R, N):
-                raise InputError(f"g_ref: expected shape {(R, N)} to match dphi_ref, got {gref.shape}")
-            check_probability("g_ref", gref)
-            object.__setattr__(self, "g_ref", gref)
+            if (self.g is None) != (self.g_ref is None):
+                raise InputError("g is given without g_ref" if self.g_ref is None else "g_ref is given without g")
+            if self.g_ref is not None:
+                gref = _as_float("g_ref", self.g_ref, 2)
+                if gref.shape != (R, N):
+                    raise InputError(f"g_ref: expected shape {(R, N)} to match dphi_ref, got {gref.shape}")
+                check_probability("g_ref", gref)
+                object.__setattr__(self, "g_ref", gref)
             if self.ref_weight is None:
                 w = np.full((R, N), 1.0 / N)
             else:

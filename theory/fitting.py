@@ -9,7 +9,10 @@ For replication ``r`` with margins ``u_i = theta . dphi_i`` (labelled) and ``u_j
 - ``mle``: ``lambda = 0``; ``vrpo``: ``lambda = 1`` (or the given ``lam``);
 - ``vrpo_tuned``: ``lambda`` minimising the estimated ``tr(W Cov)`` (``W = I`` or ``e_j e_j^T``),
   closed form from the cluster influence terms at the MLE, clipped to ``[0, 1]``;
-- ``vrpo_crossfit``: ``g_hat`` learned from the labelled rows with K-fold cross-fitting, then ``vrpo``.
+- ``vrpo_crossfit``: ``g_hat`` learned from the labelled rows with K-fold cross-fitting, then ``vrpo``;
+  with ``lam="auto"`` its ``lambda`` is power-tuned as in ``vrpo_tuned``, which keeps it asymptotically
+  no worse than the MLE however poor the learned ``g_hat`` (a flexible learner needs many rows to beat
+  the BT fit, DESIGN.md 3.5).
 
 Smooth losses are minimised by a batched damped Newton method (all R replications at once) to a
 gradient norm below ``tol``; the derivatives of ``L`` in the margins come from ``vr_derivatives``
@@ -944,7 +947,7 @@ def fit(
     method: str = "mle",
     loss: str | MarginLoss = "logistic",
     *,
-    lam: float | None = None,
+    lam: float | str | None = None,
     bound: float | None = None,
     weight: int | np.ndarray | None = None,
     lam_clip: tuple[float, float] | None = (0.0, 1.0),
@@ -956,8 +959,9 @@ def fit(
 ) -> FitResult:
     r"""Fit ``method`` (``mle``, ``vrpo``, ``vrpo_tuned``, ``vrpo_crossfit``) on every replication.
 
-    ``lam`` overrides the control-variate weight of ``vrpo``/``vrpo_crossfit`` (default 1);
-    ``weight`` picks the tuning target ``tr(W Cov)`` of ``vrpo_tuned`` (None: the trace; ``j``: coordinate ``j``;
+    ``lam`` overrides the control-variate weight of ``vrpo``/``vrpo_crossfit`` (default 1); ``lam="auto"``
+    power-tunes it (``vrpo`` with ``"auto"`` is ``vrpo_tuned``; ``vrpo_crossfit`` tunes on the cross-fitted ``g_hat``);
+    ``weight`` picks the tuning target ``tr(W Cov)`` of the tuned fits (None: the trace; ``j``: coordinate ``j``;
     a symmetric PSD (d, d) matrix ``W``, e.g. the Hessian of a regret), whose
     ``lam`` is clipped to ``lam_clip`` (None: not clipped);
     ``bound`` adds ``||theta|| <= bound`` (cvxpy for the convex cases: logistic with ``0 <= lam <= 1``,
@@ -989,8 +993,11 @@ def fit(
         raise InputError(f"on_separable must be 'raise' or 'warn', got {on_separable!r}")
     if lam is not None and method in ("mle", "vrpo_tuned"):
         raise InputError(f"lam cannot be set for method {method!r}")
-    if lam is not None and not math.isfinite(lam):
-        raise InputError(f"lam must be a finite number, got {lam}")
+    if lam is not None and lam != "auto" and (isinstance(lam, (bool, str)) or not isinstance(lam, (int, float))
+                                              or not math.isfinite(lam)):
+        raise InputError(f"lam must be a finite number or 'auto' (power tuning), got {lam!r}")
+    if lam == "auto" and method == "vrpo":
+        method, lam = "vrpo_tuned", None
     weight = _weight(weight, data.d)
     lam_clip = check_clip("lam_clip", lam_clip) or (-math.inf, math.inf)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
@@ -1082,7 +1089,7 @@ def _unit_scale(rms: float) -> float:
     return 1.0 if rms == 0 or 2.0**-10 <= rms <= 2.0**10 else 2.0 ** round(math.log2(rms))
 
 
-def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound: float | None,
+def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None, bound: float | None,
          weight: int | np.ndarray | None, lam_clip: tuple[float, float], folds: int, seed: int, tol: float, max_iter: int,
          on_separable: str, rms: float, rows: np.ndarray, total: int) -> FitResult:
     """``fit`` on validated arguments and features of unit scale (root mean square ``rms``); the data are the
@@ -1113,19 +1120,20 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | None, bound
         mle.separable |= logistic.separable
         mle.converged &= ~logistic.separable
     mle_hess = _bread_hessian(loss, lam0, b, mle)
-    tune = (weight, lam_clip) if method == "vrpo_tuned" else None
+    tuned = method == "vrpo_tuned" or lam == "auto"
+    tune = (weight, lam_clip) if tuned else None
     cov_mle_t, lam_tuned = _sandwiches(loss, b, mle.theta, mle_hess, lam0, data.n, tune)
     if method == "mle":
         lam_t, state, cov_t = lam0, mle, cov_mle_t
     else:
-        if method == "vrpo_tuned":
+        if tuned:
             lam_t = lam_tuned
         else:
             lam_t = torch.full((R,), 1.0 if lam is None else float(lam), dtype=_DTYPE)
         pg_bound = None if bound is None or _convex_program(loss, lam_t.numpy()) else bound
         state = _minimise(loss, lam_t, b, mle.theta, tol, max_iter, True, theta_max, pg_bound)
         # the tuned lam is a function of the MLE: without it the tuned estimate does not exist either
-        state.separable |= mle.separable & (~state.converged if method != "vrpo_tuned" else True)
+        state.separable |= mle.separable & (~state.converged if not tuned else True)
         state.converged &= ~state.separable
         hess = _bread_hessian(loss, lam_t, b, state)
         cov_t, _ = _sandwiches(loss, b, state.theta, hess, lam_t, data.n)

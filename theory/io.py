@@ -5,7 +5,8 @@ The ``.npz`` format of ``robust-rlhf fit``: ``dphi`` (n x d float, ``phi(x, y1) 
 ``dphi_ref`` (N x d), ``g_ref`` (N); optional ``ref_row`` (N ints: ``i`` in [0, n) shares the prompt
 of labelled row ``i``, ``>= n`` an unlabelled prompt shared by equal ids, ``-1`` or absent an
 independent prompt) and ``ref_weight`` (N, summing to 1; default uniform). Arrays may carry a
-leading replication axis R. ``g``, ``dphi_ref`` and ``g_ref`` may all be absent (MLE only).
+leading replication axis R. ``g``, ``dphi_ref`` and ``g_ref`` may all be absent (MLE only), or ``g`` and
+``g_ref`` (cross-fitted VRPO, which learns ``g_hat`` from the labelled pairs, needs ``dphi_ref`` only).
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ def load_pair_data(path: str | Path) -> PairData:
         if key not in arrays:
             raise InputError(f"{path}: missing array '{key}' (need at least dphi and z)")
     ref_keys = [k for k in ("g", "dphi_ref", "g_ref") if k in arrays]
-    if ref_keys and len(ref_keys) < 3:
+    if ref_keys and ref_keys != ["dphi_ref"] and len(ref_keys) < 3:
         missing = sorted({"g", "dphi_ref", "g_ref"} - set(ref_keys))
         raise InputError(f"{path}: '{ref_keys[0]}' is given but {', '.join(repr(m) for m in missing)} missing "
-                         "(VRPO needs g, dphi_ref and g_ref together)")
+                         "(VRPO needs g, dphi_ref and g_ref together; cross-fitted VRPO needs dphi_ref alone)")
     lead = arrays["dphi"].ndim == 3
     if arrays["dphi"].ndim not in (2, 3):
         raise InputError(f"{path}: 'dphi' must be n x d (or R x n x d), got shape {arrays['dphi'].shape}")

@@ -96,7 +96,7 @@ def test_other_user_errors(tmp_path, capsys) -> None:
     assert "file not found" in capsys.readouterr().err
     good = _write(tmp_path / "g.npz", **_good())
     for argv, message in ((["--lam", "many"], "--lam: expected a number or 'auto'"),
-                          (["--lam", "auto", "--method", "mle"], "--lam auto selects vrpo_tuned"),
+                          (["--lam", "auto", "--method", "mle"], "--lam auto power-tunes vrpo or vrpo_crossfit"),
                           (["--lam", "0.5", "--method", "mle"], "applies to --method vrpo"),
                           (["--weight", "7", "--lam", "auto"], "--weight 7: must be a coordinate in [0, 2)"),
                           (["--weight", "1"], "--weight J picks the target of power tuning: it needs --lam auto"),
@@ -110,6 +110,40 @@ def test_other_user_errors(tmp_path, capsys) -> None:
     path = _write(tmp_path / "mle.npz", **only_mle)
     assert main(["fit", "--data", path, "--method", "vrpo"]) == 2
     assert "needs reference pairs" in capsys.readouterr().err
+
+
+def test_cross_fitted_vrpo_needs_reference_pairs_only(tmp_path, capsys) -> None:
+    """``--method vrpo_crossfit`` learns ``g_hat`` itself: a file with ``dphi_ref`` but no ``g``/``g_ref`` is
+    enough, ``--lam auto`` power-tunes it, and the result is the library's."""
+    from robust_rlhf.theory import PairData, fit
+
+    arrays = _good(n=120, N=240)
+    arrays["ref_row"] = np.repeat(np.arange(120), 2)
+    arrays["z"] = (np.random.default_rng(2).random(120) < 1 / (1 + np.exp(-arrays["dphi"] @ [1.0, -0.5]))) * 1.0
+    for key in ("g", "g_ref"):
+        arrays.pop(key)
+    path = _write(tmp_path / "cf.npz", **arrays)
+    out = _json(capsys, ["--data", path, "--method", "vrpo_crossfit", "--lam", "auto", "--folds", "3", "--seed", "4"])
+    data = PairData(dphi=arrays["dphi"][None], z=arrays["z"][None], dphi_ref=arrays["dphi_ref"][None],
+                    ref_row=arrays["ref_row"])
+    res = fit(data, "vrpo_crossfit", lam="auto", folds=3, seed=4)
+    assert out["method"] == "vrpo_crossfit" and out["theta"] == res.theta[0].tolist()
+    assert out["lambda"] == float(res.lam[0]) and 0 <= out["lambda"] <= 1
+    assert _json(capsys, ["--data", path, "--method", "vrpo_crossfit", "--lam", "0.5"])["lambda"] == 0.5
+    assert main(["fit", "--data", path, "--method", "vrpo"]) == 2
+    assert "needs the auxiliary probabilities g and g_ref" in capsys.readouterr().err
+    assert main(["fit", "--data", path, "--method", "vrpo_crossfit", "--folds", "1"]) == 2
+    assert "folds must be an integer in [2, " in capsys.readouterr().err
+
+
+def test_simulate_without_an_auxiliary_model_feeds_cross_fitting(tmp_path, capsys) -> None:
+    path = tmp_path / "p.npz"
+    assert main(["simulate", "--scenario", "probit", "--n", "150", "--M", "2", "--aux", "none", "--out", str(path),
+                 "--json"]) == 0
+    capsys.readouterr()
+    assert {"dphi_ref", "ref_row"} <= set(np.load(path)) and not {"g", "g_ref"} & set(np.load(path))
+    out = _json(capsys, ["--data", str(path), "--method", "vrpo_crossfit", "--lam", "auto"])
+    assert out["n_ref"] == 300 and out["converged"] and 0 <= out["lambda"] <= 1
 
 
 def test_separable_data_suggests_a_bound(tmp_path, capsys) -> None:

@@ -16,6 +16,7 @@ from scipy.stats import chi2, spearmanr
 
 from robust_rlhf.simulate import AUX_MODELS, AuxSpec, Scenario, SpecError, get_scenario, sample, save, scenario_names
 from robust_rlhf.simulate.auxiliary import build_aux
+from robust_rlhf.theory.data import PairData
 from robust_rlhf.theory.io import load_pair_data
 
 scenarios = st.builds(
@@ -218,6 +219,26 @@ def test_save_npz_round_trip(tmp_path) -> None:
     meta = json.loads(str(np.load(path)["metadata"]))
     assert meta["scenario"]["preference"]["eps"] == 0.2 and meta["M"] == 3 and meta["aux"]["kind"] == "noisy_oracle"
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_data_without_an_auxiliary_model(tmp_path) -> None:
+    """Without ``g_hat`` the reference pairs are kept, without ``g``/``g_ref`` (the data of cross-fitted
+    VRPO), in memory and in ``.npz``; ``g_hat`` without reference pairs is not written (the file could not be
+    read back: ``g`` alone is no VRPO data set)."""
+    from robust_rlhf.theory import fit
+
+    data = sample(get_scenario("bt"), 60, seed=0, M=2, aux=None)
+    pairs = data.to_pair_data()
+    assert pairs.g is None and pairs.g_ref is None and pairs.n_ref == 120
+    loaded = load_pair_data(save(data, tmp_path / "a.npz"))
+    for key in ("dphi", "z", "dphi_ref", "ref_weight", "ref_row"):
+        np.testing.assert_array_equal(getattr(loaded, key), getattr(pairs, key))
+    assert loaded.g is None and loaded.g_ref is None
+    np.testing.assert_array_equal(fit(loaded, "vrpo_crossfit", folds=3).theta, fit(pairs, "vrpo_crossfit", folds=3).theta)
+    alone_mle = fit(PairData(dphi=pairs.dphi, z=pairs.z), "mle")  # the MLE does not read the reference pairs
+    np.testing.assert_array_equal(fit(pairs, "mle").theta, alone_mle.theta)
+    alone = load_pair_data(save(sample(get_scenario("bt"), 20, seed=0, M=0, aux="oracle"), tmp_path / "b.npz"))
+    assert alone.g is None and alone.dphi_ref is None
 
 
 def test_save_parquet(tmp_path) -> None:

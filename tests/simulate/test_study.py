@@ -11,7 +11,8 @@ import pytest
 
 from robust_rlhf.simulate import SpecError
 from robust_rlhf.simulate.checks import analyse
-from robust_rlhf.simulate.study import CELL_VERSION, DEFAULT_STUDY, ESTIMATORS, StudySpec, load_study, run_study
+from robust_rlhf.simulate.study import (CELL_VERSION, DEFAULT_STUDY, ESTIMATORS, EstimatorSetting, StudySpec, load_study,
+                                        run_study)
 from robust_rlhf.theory.errors import InputError
 
 TINY = dict(name="tiny", scenarios=["intransitive"], n=[100, 200], estimators=["mle", "vrpo_M4", "vrpo_tuned_M4"],
@@ -114,6 +115,9 @@ def test_folder_of_another_spec_is_refused(tiny, tmp_path) -> None:
     ({"kl_beta": 0}, "'kl_beta' = 0 must be a number > 0"),
     ({"estimators": [{"name": "x", "method": "vrpo", "unlabelled": True}]}, "'estimators.x.unlabelled' = True"),
     ({"estimators": [{"name": "x", "method": "vrpo", "lam": True}]}, "'estimators.x.lam' = True"),
+    ({"estimators": [{"name": "x", "method": "vrpo", "lam": "tuned"}]},
+     "'estimators.x.lam' = 'tuned' must be a finite number or 'auto'"),
+    ({"estimators": [{"name": "x", "method": "mle", "lam": "auto"}]}, "'estimators.x.lam' applies to methods"),
     ({"scenarios": [{"name": "mine", "preference": {"model": "label_flip", "eps": 0.9}}]},
      r"'preference.eps' = 0.9 is outside the allowed range"),
 ])
@@ -260,6 +264,28 @@ def test_crossfit_cells_use_the_settings_folds_and_seed(tmp_path) -> None:
     np.testing.assert_allclose(cell(aux), by_hand, rtol=1e-12, atol=1e-12)
     assert not np.allclose(cell({**aux, "folds": 6}), by_hand)
     assert not np.allclose(cell({**aux, "seed": 3}), by_hand)
+
+
+def test_power_tuned_settings(tmp_path) -> None:
+    """``lam: auto`` power-tunes: ``vrpo`` becomes ``vrpo_tuned`` (as in ``fit``), and a ``vrpo_crossfit`` cell
+    tunes ``lam`` on the cross-fitted ``g_hat`` (the catalogued ``vrpo_crossfit_tuned_M8``)."""
+    from robust_rlhf.simulate import get_scenario, sample
+    from robust_rlhf.theory import fit
+
+    assert EstimatorSetting.parse({"name": "t", "method": "vrpo", "M": 4, "lam": "auto"}) == \
+        EstimatorSetting("t", "vrpo_tuned", M=4)
+    cat = ESTIMATORS["vrpo_crossfit_tuned_M8"]
+    assert (cat.method, cat.lam, cat.aux["kind"]) == ("vrpo_crossfit", "auto", "learned")
+    est = {"name": "cft", "method": "vrpo_crossfit", "M": 2, "lam": "auto", "aux": {"kind": "learned", "folds": 3}}
+    spec = StudySpec.from_dict({**TINY, "scenarios": ["near_deterministic"], "n": [120], "reps": 3,
+                                "estimators": [est], "chunk": 3})
+    res = run_study(spec, tmp_path / "out").results.sort_values("rep")
+    data = sample(get_scenario("near_deterministic"), 120, seed=TINY["seed"], reps=3, M=2, aux=est["aux"])
+    by_hand = fit(data.to_pair_data(), "vrpo_tuned", on_separable="warn")
+    np.testing.assert_allclose(res[["theta_0", "theta_1", "theta_2"]].to_numpy(), by_hand.theta, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(res["lam"].to_numpy(), by_hand.lam)
+    with pytest.raises(SpecError, match="the bound covers the MLE and VRPO"):
+        StudySpec.from_dict({**TINY, "pessimism": {"estimators": [{"name": "p", "method": "vrpo", "lam": "auto"}]}})
 
 
 def test_bootstrap_statistics_match_their_loops() -> None:

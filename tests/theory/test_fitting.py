@@ -363,6 +363,47 @@ def test_crossfit_method(mixture: PairData) -> None:
     assert np.isfinite(res.cov).all()
 
 
+def test_crossfit_with_power_tuning() -> None:
+    """``lam="auto"`` tunes ``lam`` on the cross-fitted ``g_hat`` exactly as ``vrpo_tuned`` does on that
+    ``g_hat``; reference pairs need no ``g``/``g_ref`` of their own for cross-fitting (they were demanded and
+    ignored), and ``vrpo`` with ``"auto"`` is ``vrpo_tuned``."""
+    from robust_rlhf.theory.crossfit import crossfit_predict, negate
+
+    data = sample(get_scenario("probit"), n=200, seed=3, reps=2, M=4, aux=None).to_pair_data()
+    assert data.dphi_ref is not None and data.g is None and data.g_ref is None
+    tuned = fit(data, "vrpo_crossfit", lam="auto", folds=3, seed=7)
+    g = np.empty(data.z.shape)
+    g_ref = np.empty((data.reps, data.n_ref))
+    for r in range(data.reps):
+        g[r], g_ref[r] = crossfit_predict(data.dphi[r], data.z[r], data.dphi_ref[r], data.ref_row, folds=3, seed=7,
+                                          swap=negate)
+    direct = fit(data.with_g(g, g_ref), "vrpo_tuned")
+    for name in ("theta", "cov", "lam", "cov_mle"):
+        np.testing.assert_array_equal(getattr(tuned, name), getattr(direct, name), err_msg=name)
+    assert tuned.method == "vrpo_crossfit" and (tuned.lam >= 0).all() and (tuned.lam <= 1).all()
+    fixed = fit(data, "vrpo_crossfit", folds=3, seed=7)
+    assert fixed.lam.tolist() == [1.0, 1.0] and not np.array_equal(fixed.theta, tuned.theta)
+    np.testing.assert_array_equal(fit(data.with_g(g, g_ref), "vrpo", lam="auto").theta, direct.theta)
+    with pytest.raises(InputError, match="needs the auxiliary probabilities g and g_ref"):
+        fit(data, "vrpo")
+    for bad in ("tuned", True, float("nan")):
+        with pytest.raises(InputError, match="lam must be a finite number or 'auto'"):
+            fit(data, "vrpo_crossfit", lam=bad)
+    with pytest.raises(InputError, match="lam cannot be set for method 'mle'"):
+        fit(data, "mle", lam="auto")
+
+
+@pytest.mark.slow
+def test_power_tuning_keeps_crossfitting_no_worse_than_the_mle() -> None:
+    """Under a probit link at n = 500 the learned ``g_hat`` is further from ``g*`` than the BT fit, and
+    cross-fitted VRPO at ``lam = 1`` has 1.38 times the MLE's variance (bootstrap SE 0.15, 100
+    replications); tuned, it has 1.002 (SE 0.003; median tuned ``lam`` 0). Bounds: 8 SEs."""
+    data = sample(get_scenario("probit"), n=500, seed=1, reps=100, M=8, aux=None).to_pair_data(features=True)
+    mle = np.trace(np.cov(fit(data, "mle").theta.T))
+    ratio = {lam: np.trace(np.cov(fit(data, "vrpo_crossfit", lam=lam).theta.T)) / mle for lam in (None, "auto")}
+    assert ratio["auto"] < 1.0 + 8 * 0.003 and ratio[None] > ratio["auto"] + 0.1, ratio
+
+
 def test_crossfit_learns_pairs_without_an_invariant_orientation() -> None:
     """With |dphi_1| = |dphi_0| a coordinate swap maps about half the pairs to their reverse: no orientation
     of theirs is invariant, so they are learnt both ways and predicted symmetrised (they got 1/2 before),
@@ -476,7 +517,10 @@ def test_vr_needs_reference_pairs() -> None:
     ({"dphi": np.zeros((1, 3, 2)), "z": np.zeros((1, 3)), "g": np.zeros((1, 3)),
       "dphi_ref": np.zeros((1, 2, 2)), "g_ref": np.zeros((1, 2)), "ref_weight": np.array([0.2, 0.2])},
      "summing to 1"),
-    ({"dphi": np.zeros((1, 3, 2)), "z": np.zeros((1, 3)), "dphi_ref": np.zeros((1, 2, 2))}, "without g_ref"),
+    ({"dphi": np.zeros((1, 3, 2)), "z": np.zeros((1, 3)), "g": np.zeros((1, 3)), "dphi_ref": np.zeros((1, 2, 2))},
+     "g is given without g_ref"),
+    ({"dphi": np.zeros((1, 3, 2)), "z": np.zeros((1, 3)), "dphi_ref": np.zeros((1, 2, 2)), "g_ref": np.zeros((1, 2))},
+     "g_ref is given without g"),
 ])
 def test_pair_data_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(InputError, match=match):
