@@ -71,17 +71,18 @@ def check_weight(name: str, weight: object, d: int) -> np.ndarray:
     return W
 
 
-def rank_deficient(dphi: np.ndarray) -> dict[int, int]:
+def rank_deficient(dphi: np.ndarray, gram: np.ndarray | None = None) -> dict[int, int]:
     """``{r: rank}`` for every replication whose ``dphi_r`` (n x d) has rank below ``d``, so that ``theta``
     is not identified (a duplicated, all-zero or linearly dependent feature, or ``n < d``).
 
     The rank is numpy's (singular values above ``sigma_max max(n, d) eps``); it is computed only where
-    the Gram matrix ``dphi_r^T dphi_r`` has a condition number above ``1e8``, which every full-rank
-    design of condition number below ``1e4`` passes at the cost of one batched product."""
+    the Gram matrix ``dphi_r^T dphi_r`` (``gram``, (R, d, d), when the caller has it) has a condition
+    number above ``1e8``, which every full-rank design of condition number below ``1e4`` passes at the
+    cost of one batched product."""
     R, n, d = dphi.shape
     if n < d:
         return {r: int(np.linalg.matrix_rank(dphi[r])) for r in range(R)}
-    eig = np.linalg.eigvalsh(np.matmul(dphi.transpose(0, 2, 1), dphi))
+    eig = np.linalg.eigvalsh(np.matmul(dphi.transpose(0, 2, 1), dphi) if gram is None else gram)
     doubtful = np.flatnonzero(eig[:, 0] <= 1e-8 * eig[:, -1])
     ranks = {int(r): int(np.linalg.matrix_rank(dphi[r])) for r in doubtful}
     return {r: k for r, k in ranks.items() if k < d}

@@ -1012,14 +1012,15 @@ def fit(
         raise InputError(f"bound must be a positive number, got {bound}")
     if method != "mle" and data.dphi_ref is None:
         raise InputError(f"method {method!r} needs reference pairs (dphi_ref, g_ref)")
-    deficient = rank_deficient(data.dphi)
+    gram = _gram_matrices(data.dphi)
+    deficient = rank_deficient(data.dphi, gram)
     if deficient:
         r, rank = next(iter(deficient.items()))
         where = f" (replication {r}{f' and {len(deficient) - 1} more' if len(deficient) > 1 else ''})" \
             if data.reps > 1 else ""
         raise InputError(f"dphi{where} has rank {rank} < d = {data.d}: a feature is duplicated, all zero or a "
                          "combination of others (or n < d), so theta is not identifiable; drop it")
-    mean_squares = _mean_squares(data.dphi)
+    mean_squares = np.trace(gram, axis1=1, axis2=2) / (data.n * data.d)
     groups = _scale_groups(mean_squares)  # each group's stopping rule and rescaling at its own scale
     parts = []
     try:
@@ -1030,7 +1031,7 @@ def fit(
             if s != 1.0:
                 part = replace(part, dphi=part.dphi / s, dphi_ref=None if part.dphi_ref is None else part.dphi_ref / s)
             res = _fit(part, method, loss, lam, None if bound is None else bound * s, weight, lam_clip, folds, seed,
-                       tol, max_iter, on_separable, rms / s, rows, data.reps)
+                       tol, max_iter, on_separable, rms / s, rows, data.reps, gram[rows] / s**2)
             if s != 1.0:
                 res = replace(res, theta=res.theta / s, cov=res.cov / s**2, grad_norm=res.grad_norm * s, bound=bound,
                               cov_mle=None if res.cov_mle is None else res.cov_mle / s**2)
@@ -1038,6 +1039,13 @@ def fit(
     finally:
         _SCRATCH.buf = None
     return parts[0] if len(parts) == 1 else _stitch(parts, groups)
+
+
+def _gram_matrices(dphi: np.ndarray) -> np.ndarray:
+    """``dphi_r^T dphi_r`` of each replication, (R, d, d): once per fit, for the rank check, the features'
+    scale (its trace) and the overlap check."""
+    X = torch.as_tensor(dphi)
+    return torch.bmm(X.transpose(1, 2), X).numpy()
 
 
 def _mean_squares(dphi: np.ndarray) -> np.ndarray:
@@ -1091,9 +1099,9 @@ def _unit_scale(rms: float) -> float:
 
 def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None, bound: float | None,
          weight: int | np.ndarray | None, lam_clip: tuple[float, float], folds: int, seed: int, tol: float, max_iter: int,
-         on_separable: str, rms: float, rows: np.ndarray, total: int) -> FitResult:
-    """``fit`` on validated arguments and features of unit scale (root mean square ``rms``); the data are the
-    replications ``rows`` of ``total`` (the numbers the warnings give)."""
+         on_separable: str, rms: float, rows: np.ndarray, total: int, gram: np.ndarray) -> FitResult:
+    """``fit`` on validated arguments and features of unit scale (root mean square ``rms``, Gram matrices
+    ``gram``); the data are the replications ``rows`` of ``total`` (the numbers the warnings give)."""
     R, d = data.reps, data.d
     g, g_ref = data.g, data.g_ref
     if method != "mle":
@@ -1114,7 +1122,7 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
     pg_bound = None if bound is None or _convex_program(loss, np.zeros(1)) else bound
     mle = _minimise(loss, lam0, b, start, tol, max_iter, True, theta_max, pg_bound)
     if loss.recession() is not None:
-        _check_overlap(b, logistic if logistic is not None else mle, max(FLAT_CURVATURE, 100 * tol / rms))
+        _check_overlap(b, logistic if logistic is not None else mle, max(FLAT_CURVATURE, 100 * tol / rms), gram)
     if logistic is not None:
         # separated labels (the logistic fit's certificate): a non-smooth loss's minimisers are unbounded too
         mle.separable |= logistic.separable
@@ -1208,17 +1216,17 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
 FLAT_CURVATURE = 1e-6
 
 
-def _check_overlap(b: _Batch, state: _NewtonState, flat: float) -> None:
+def _check_overlap(b: _Batch, state: _NewtonState, flat: float, gram: np.ndarray) -> None:
     """Flag ``state``'s converged MLEs that do not exist: labels separated except on pairs where the
     separating margin is zero (quasi-complete separation) stop the Newton iterations by a vanishing
     gradient, with no certificate at the iterate. There the separated pairs' weights ``s'(u_i)`` are of the
     order of the gradient tolerance, so the Hessian has almost no curvature along the separating direction
     ``w``: ``min_v v'Hv / v'Sv`` with ``S = X'X / n`` is below ``flat``. Such replications (rare otherwise)
-    are settled by ``_separating_direction``."""
+    are settled by ``_separating_direction`` (``gram``: the Gram matrices ``X'X``)."""
     idx = torch.nonzero(state.converged & ~state.separable).squeeze(1)
     if not idx.numel():
         return
-    S = torch.bmm(b.dphi.transpose(1, 2), b.dphi)[idx] / b.dphi.shape[1]  # (R, d, d): no copy of the pairs
+    S = torch.as_tensor(gram)[idx] / b.dphi.shape[1]
     ev, V = torch.linalg.eigh(S)
     P = V * ev.clamp_min(1e-12 * ev[:, -1:]).rsqrt()[:, None, :]
     least = torch.linalg.eigvalsh(P.transpose(1, 2) @ state.hess[idx] @ P)[:, 0]
