@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="control-variate weight of vrpo / vrpo_crossfit (default 1), or 'auto' for power tuning")
     p.add_argument("--weight", type=int, default=None, metavar="J",
                    help="power tuning: minimise the variance of coordinate J instead of the trace")
-    p.add_argument("--folds", type=int, default=5, metavar="K", help="vrpo_crossfit: cross-fitting folds (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="vrpo_crossfit: seed of the folds and the learner (default 0)")
+    p.add_argument("--folds", type=int, default=None, metavar="K", help="vrpo_crossfit: cross-fitting folds (default 5)")
+    p.add_argument("--seed", type=int, default=None, help="vrpo_crossfit: seed of the folds and the learner (default 0)")
     p.add_argument("--loss", choices=("logistic", "hinge", "truncated_hinge"), default="logistic",
                    help="margin loss (default: logistic; truncated_hinge needs --bound)")
     p.add_argument("--bound", type=float, default=None, metavar="B", help="constrain ||theta|| <= B")
@@ -92,10 +92,13 @@ def run(args: argparse.Namespace) -> int:
                          "(use robust_rlhf.theory.fit for batches)")
     if args.weight is not None and method != "vrpo_tuned" and lam != "auto":
         raise InputError("--weight J picks the target of power tuning: it needs --lam auto")
+    for flag, value in (("--folds", args.folds), ("--seed", args.seed)):
+        if value is not None and method != "vrpo_crossfit":
+            raise InputError(f"{flag} sets the cross-fitting of g_hat: it needs --method vrpo_crossfit")
     if args.weight is not None and not 0 <= args.weight < data.d:
         raise InputError(f"--weight {args.weight}: must be a coordinate in [0, {data.d})")
-    res = fit(data, method, args.loss, lam=lam, bound=args.bound, weight=args.weight, folds=args.folds,
-              seed=args.seed)
+    res = fit(data, method, args.loss, lam=lam, bound=args.bound, weight=args.weight,
+              folds=5 if args.folds is None else args.folds, seed=0 if args.seed is None else args.seed)
     if not res.converged[0]:
         print(f"robust-rlhf fit: warning: the fit stopped without converging (gradient norm "
               f"{float(res.grad_norm[0]):.2g} after {int(res.n_iter[0])} iterations); the estimate and its standard "

@@ -94,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError(f"output file {str(args.out)!r} must end in .npz or .parquet")
     scenario = Scenario.from_spec(args.spec) if args.spec else get_scenario(args.scenario or DEFAULT_SCENARIO)
     M = args.M if args.M == "exact" else _int("--M", args.M)
+    from robust_rlhf.simulate import AUX_MODELS
+
+    kind = args.aux.partition(":")[0]
+    if kind not in (*AUX_MODELS, "none"):
+        raise SpecError(f"--aux: auxiliary model {kind!r} is unknown; allowed: {', '.join(AUX_MODELS)}, none")
     aux = None if args.aux == "none" else parse_aux(args.aux)
     data = sample(scenario, n=args.n, seed=args.seed, M=M, unlabelled=args.unlabelled, aux=aux)
     out = args.out or Path("results/simulate") / f"{scenario.name}_n{args.n}_seed{args.seed}.npz"

@@ -337,7 +337,8 @@ def sample(
 def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1, *, M: int = 0,
                       g_hat: np.ndarray | None = None, first_rep: int = 0) -> PairData:
     """Pairs from a finite prompt population: prompts uniform over the ``P`` rows of ``pop``, responses
-    from ``pop.pi``, labels ``Bernoulli(g*)``, ``M`` reference pairs per prompt with ``g_hat`` (P, K, K).
+    from ``pop.pi``, labels ``Bernoulli(g*)``, ``M`` reference pairs per prompt with ``g_hat`` (P, K, K;
+    without it the reference pairs come without ``g``/``g_ref``, for ``vrpo_crossfit``).
 
     Finite populations make the assumptions of the finite-sample bounds exact (bounded features,
     design constants computed over the population); replication ``r`` is seeded as in ``sample``.
@@ -345,8 +346,6 @@ def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1,
     n = _check_int("n", n, 1)
     reps = _check_int("reps", reps, 1)
     M = _check_int("M", M, 0)
-    if M and g_hat is None:
-        raise SpecError("sample_population: reference pairs (M >= 1) need g_hat")
     P, K = pop.pi.shape
     if g_hat is not None and np.shape(g_hat) != (P, K, K):
         raise SpecError(f"sample_population: g_hat must have the population's shape (P, K, K) = {(P, K, K)}, "
@@ -368,9 +367,12 @@ def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1,
     ref_y = sample_responses(pi, u).reshape(R, n, M, 2)
     ref_pair = _gather(phi, ref_y.reshape(R, n, 2 * M)).reshape(R, n * M, 2, pop.d)
     ref_dphi = ref_pair[..., 0, :] - ref_pair[..., 1, :]
-    ref_g = g_hat[rows[..., None], ref_y[..., 0], ref_y[..., 1]].reshape(R, n * M)
-    return PairData(dphi=dphi, z=z.astype(np.float64), g=g_hat[rows, y[..., 0], y[..., 1]], dphi_ref=ref_dphi,
-                    g_ref=ref_g, ref_row=np.repeat(np.arange(n), M))
+    g, ref_g = None, None
+    if g_hat is not None:
+        g = g_hat[rows, y[..., 0], y[..., 1]]
+        ref_g = g_hat[rows[..., None], ref_y[..., 0], ref_y[..., 1]].reshape(R, n * M)
+    return PairData(dphi=dphi, z=z.astype(np.float64), g=g, dphi_ref=ref_dphi, g_ref=ref_g,
+                    ref_row=np.repeat(np.arange(n), M))
 
 
 def save(data: PreferenceData, path: str | Path) -> Path:

@@ -993,9 +993,7 @@ def fit(
         raise InputError(f"on_separable must be 'raise' or 'warn', got {on_separable!r}")
     if lam is not None and method in ("mle", "vrpo_tuned"):
         raise InputError(f"lam cannot be set for method {method!r}")
-    if lam is not None and lam != "auto" and (isinstance(lam, (bool, str)) or not isinstance(lam, (int, float))
-                                              or not math.isfinite(lam)):
-        raise InputError(f"lam must be a finite number or 'auto' (power tuning), got {lam!r}")
+    lam = _check_lam(lam)
     if lam == "auto" and method == "vrpo":
         method, lam = "vrpo_tuned", None
     weight = _weight(weight, data.d)
@@ -1011,7 +1009,8 @@ def fit(
     if bound is not None and not (math.isfinite(bound) and bound > 0):
         raise InputError(f"bound must be a positive number, got {bound}")
     if method != "mle" and data.dphi_ref is None:
-        raise InputError(f"method {method!r} needs reference pairs (dphi_ref, g_ref)")
+        raise InputError(f"method {method!r} needs reference pairs ("
+                         + ("dphi_ref)" if method == "vrpo_crossfit" else "dphi_ref, g_ref)"))
     gram = _gram_matrices(data.dphi)
     deficient = rank_deficient(data.dphi, gram)
     if deficient:
@@ -1020,7 +1019,11 @@ def fit(
             if data.reps > 1 else ""
         raise InputError(f"dphi{where} has rank {rank} < d = {data.d}: a feature is duplicated, all zero or a "
                          "combination of others (or n < d), so theta is not identifiable; drop it")
-    mean_squares = np.trace(gram, axis1=1, axis2=2) / (data.n * data.d)
+    mean_squares = _mean_squares(gram, data.n)
+    if (mean_squares == 0).any():  # all-zero features are rank deficient: these are below float64's squares
+        r = int(np.flatnonzero(mean_squares == 0)[0])
+        raise InputError(f"dphi (replication {r}): features too small for float64 arithmetic (their squares "
+                         "underflow to 0; root mean square below about 1e-162); rescale the features")
     groups = _scale_groups(mean_squares)  # each group's stopping rule and rescaling at its own scale
     parts = []
     try:
@@ -1030,8 +1033,10 @@ def fit(
             s = _unit_scale(rms)
             if s != 1.0:
                 part = replace(part, dphi=part.dphi / s, dphi_ref=None if part.dphi_ref is None else part.dphi_ref / s)
+            # rescaled features get the Gram matrices of their own (those of tiny ones lost digits to underflow)
             res = _fit(part, method, loss, lam, None if bound is None else bound * s, weight, lam_clip, folds, seed,
-                       tol, max_iter, on_separable, rms / s, rows, data.reps, gram[rows] / s**2)
+                       tol, max_iter, on_separable, rms / s, rows, data.reps,
+                       gram[rows] if s == 1.0 else _gram_matrices(part.dphi))
             if s != 1.0:
                 res = replace(res, theta=res.theta / s, cov=res.cov / s**2, grad_norm=res.grad_norm * s, bound=bound,
                               cov_mle=None if res.cov_mle is None else res.cov_mle / s**2)
@@ -1041,6 +1046,21 @@ def fit(
     return parts[0] if len(parts) == 1 else _stitch(parts, groups)
 
 
+def _check_lam(lam: object) -> float | str | None:
+    """``lam`` as a float (numpy scalars and 0-d arrays included), ``"auto"`` or None; else ``InputError``."""
+    if lam is None or (isinstance(lam, str) and lam == "auto"):
+        return lam
+    value = math.nan
+    if not isinstance(lam, (bool, np.bool_, str, bytes)) and np.ndim(lam) == 0:
+        try:
+            value = float(lam)
+        except (TypeError, ValueError):
+            pass
+    if not math.isfinite(value):
+        raise InputError(f"lam must be a finite number or 'auto' (power tuning), got {lam!r}")
+    return value
+
+
 def _gram_matrices(dphi: np.ndarray) -> np.ndarray:
     """``dphi_r^T dphi_r`` of each replication, (R, d, d): once per fit, for the rank check, the features'
     scale (its trace) and the overlap check."""
@@ -1048,10 +1068,9 @@ def _gram_matrices(dphi: np.ndarray) -> np.ndarray:
     return torch.bmm(X.transpose(1, 2), X).numpy()
 
 
-def _mean_squares(dphi: np.ndarray) -> np.ndarray:
-    """``mean(dphi_r^2)`` of each replication, (R,)."""
-    flat = dphi.reshape(dphi.shape[0], -1)
-    return np.einsum("ri,ri->r", flat, flat) / flat.shape[1]
+def _mean_squares(gram: np.ndarray, n: int) -> np.ndarray:
+    """``mean(dphi_r^2)`` of each replication from its Gram matrix (``n`` pairs), (R,)."""
+    return np.trace(gram, axis1=1, axis2=2) / (n * gram.shape[-1])
 
 
 def _scale_groups(mean_squares: np.ndarray) -> list[np.ndarray]:
@@ -1088,7 +1107,7 @@ def _stitch(parts: list[FitResult], groups: list[np.ndarray]) -> FitResult:
 
 def _rms(dphi: np.ndarray) -> float:
     """Root mean square of all of ``dphi`` (what ``fit`` scales the tolerance by for one scale group)."""
-    return math.sqrt(float(_mean_squares(dphi).mean()))
+    return math.sqrt(float(_mean_squares(_gram_matrices(dphi), dphi.shape[1]).mean()))
 
 
 def _unit_scale(rms: float) -> float:
@@ -1108,7 +1127,8 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
         if method == "vrpo_crossfit":
             g, g_ref = _crossfit(data, folds, seed)
         elif g is None:
-            raise InputError(f"method {method!r} needs the auxiliary probabilities g and g_ref")
+            raise InputError(f"method {method!r} needs the auxiliary probabilities g and g_ref (or use vrpo_crossfit, "
+                             "which learns them from the labelled pairs)")
     b = _Batch.from_data(data, g, g_ref)
     theta_max = 1e6 / max(rms, 1e-12)
     tol = tol * rms  # the tolerance of the unit-rms problem, in the units of this one

@@ -134,6 +134,12 @@ def test_cross_fitted_vrpo_needs_reference_pairs_only(tmp_path, capsys) -> None:
     assert "needs the auxiliary probabilities g and g_ref" in capsys.readouterr().err
     assert main(["fit", "--data", path, "--method", "vrpo_crossfit", "--folds", "1"]) == 2
     assert "folds must be an integer in [2, " in capsys.readouterr().err
+    for flag in ("--folds", "--seed"):  # silently ignored before
+        assert main(["fit", "--data", path, "--method", "mle", flag, "3"]) == 2
+        assert f"{flag} sets the cross-fitting of g_hat: it needs --method vrpo_crossfit" in capsys.readouterr().err
+    assert main(["simulate", "--n", "50", "--aux", "None", "--out", str(tmp_path / "b.npz")]) == 2
+    assert "auxiliary model 'None' is unknown; allowed: oracle, noisy_oracle" in (err := capsys.readouterr().err)
+    assert err.rstrip().endswith("learned, none"), err
 
 
 def test_simulate_without_an_auxiliary_model_feeds_cross_fitting(tmp_path, capsys) -> None:

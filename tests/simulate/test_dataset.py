@@ -285,3 +285,6 @@ def test_population_sampling_checks_the_shape_of_g_hat() -> None:
     for shape in ((P + 10, K, K), (P, K + 1, K + 1), (P, K, 7), (K, K)):
         with pytest.raises(SpecError, match=rf"g_hat must have the population's shape \(P, K, K\) = \({P}, {K}, {K}\)"):
             sample_population(pop, 20, M=2, g_hat=np.full(shape, 0.5))
+    bare = sample_population(pop, 20, M=2)  # reference pairs for cross-fitting: the same draws, no g_hat
+    assert bare.g is None and bare.g_ref is None
+    np.testing.assert_array_equal(bare.dphi_ref, ok.dphi_ref)

@@ -386,9 +386,17 @@ def test_crossfit_with_power_tuning() -> None:
     np.testing.assert_array_equal(fit(data.with_g(g, g_ref), "vrpo", lam="auto").theta, direct.theta)
     with pytest.raises(InputError, match="needs the auxiliary probabilities g and g_ref"):
         fit(data, "vrpo")
-    for bad in ("tuned", True, float("nan")):
+    for bad in ("tuned", True, float("nan"), np.array([0.5, 0.5]), np.float64(np.inf)):
         with pytest.raises(InputError, match="lam must be a finite number or 'auto'"):
             fit(data, "vrpo_crossfit", lam=bad)
+    with_g = data.with_g(g, g_ref)
+    for scalar in (np.float32(0.5), np.int64(1), np.array(0.5)):  # numpy scalars as before lam="auto" existed
+        np.testing.assert_array_equal(fit(with_g, "vrpo", lam=scalar).theta, fit(with_g, "vrpo", lam=float(scalar)).theta)
+    with pytest.raises(InputError, match=r"or use vrpo_crossfit, which learns them"):
+        fit(data, "vrpo_tuned")
+    no_ref = PairData(dphi=data.dphi, z=data.z)
+    with pytest.raises(InputError, match=r"method 'vrpo_crossfit' needs reference pairs \(dphi_ref\)"):
+        fit(no_ref, "vrpo_crossfit")
     with pytest.raises(InputError, match="lam cannot be set for method 'mle'"):
         fit(data, "mle", lam="auto")
 
@@ -529,6 +537,21 @@ def test_pair_data_validation(kwargs: dict, match: str) -> None:
 
 def _bt_labels(rng: np.random.Generator, X: np.ndarray) -> np.ndarray:
     return (rng.uniform(size=X.shape[:2]) < 1 / (1 + np.exp(-(X[..., 0] - X[..., 1])))) * 1.0
+
+
+def test_features_whose_squares_underflow_are_named() -> None:
+    """Features of root mean square below about 1e-162 (finite, accepted by PairData) have squares that
+    underflow to 0: the fit divided by the zero scale (ZeroDivisionError). Where the squares are subnormal
+    the fit, rescaled by a power of two, equals the unit-scale one."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(2, 200, 2))
+    z = _bt_labels(rng, X)
+    with pytest.raises(InputError, match=r"dphi \(replication 0\): features too small for float64 arithmetic"):
+        fit(PairData(dphi=X * 1e-170, z=z))
+    c = 2.0**-512
+    tiny, unit = fit(PairData(dphi=X * c, z=z)), fit(PairData(dphi=X, z=z))
+    np.testing.assert_allclose(tiny.theta * c, unit.theta, rtol=1e-12)
+    np.testing.assert_allclose(tiny.cov * c**2, unit.cov, rtol=1e-10)
 
 
 def test_replications_of_different_scales_are_fitted_at_their_own() -> None:
