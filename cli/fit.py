@@ -25,10 +25,11 @@ Fit a linear reward theta to pairwise preference data given as arrays in an .npz
 
 Methods: mle (lambda = 0), vrpo (lambda = 1 or --lam VALUE), vrpo_tuned (lambda chosen to
 minimise the estimated trace, or one coordinate with --weight J, of the covariance; also
-selected by --lam auto), vrpo_crossfit (g_hat learned from the labelled pairs by gradient boosting
-with --folds K cross-fitting, then vrpo; needs dphi_ref only; --lam auto power-tunes its lambda, which
-keeps it no worse than the MLE when the learned g_hat is poor). Standard errors come from the cluster sandwich covariance, which counts
-the reference pairs' own sampling and, with ref_row, their sharing prompts with labelled rows.
+selected by --lam auto), vrpo_crossfit (g_hat learned from the labelled pairs by gradient
+boosting with --folds K cross-fitting, then vrpo; needs dphi_ref only; --lam auto power-tunes
+its lambda, which keeps it no worse than the MLE when the learned g_hat is poor). Standard errors
+come from the cluster sandwich covariance, which counts the reference pairs' own sampling and,
+with ref_row, their sharing prompts with labelled rows.
 `robust-rlhf simulate --out FILE.npz` writes files in this format.
 
 examples:
