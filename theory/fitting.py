@@ -1174,9 +1174,10 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
                       f"{int(rows[np.flatnonzero(flat)[0]])}): theta is not identified in some direction (e.g. lam = 1 "
                       "with g_hat = z leaves only the reference pairs, which do not span the features); cov is NaN "
                       "there", RuntimeWarning, stacklevel=3)
-    if b.n_clusters <= d:  # the cluster scores sum to zero at the estimate: the meat has rank < d
+    clusters = data.n if method == "mle" else b.n_clusters  # the MLE's scores: its labelled pairs only
+    if clusters <= d:  # the cluster scores sum to zero at the estimate: the meat has rank < d
         cov[:] = np.nan
-        warnings.warn(f"{b.n_clusters} independent cluster(s) (pairs, or prompts with reference pairs) for d = {d} "
+        warnings.warn(f"{clusters} independent cluster(s) (pairs, or prompts with reference pairs) for d = {d} "
                       "coordinates: the sandwich needs more than d (its meat has rank at most clusters - 1), so cov is "
                       "NaN", RuntimeWarning, stacklevel=3)
     cov_mle = None if method == "mle" else cov_mle_t.numpy()

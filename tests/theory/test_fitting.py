@@ -633,6 +633,10 @@ def test_no_sandwich_from_d_or_fewer_pairs(n: int) -> None:
     with pytest.warns(RuntimeWarning, match=rf"{n} independent cluster\(s\) .* for d = {d} coordinates"):
         res = fit(data, loss="ipo")
     assert res.converged[0] and np.isfinite(res.theta).all() and np.isnan(res.cov).all()
+    # the MLE ignores reference pairs: their prompts add no clusters to its meat (its cov was about 1e-31)
+    refs = dict(dphi_ref=rng.normal(size=(1, 20, d)), g=np.full((1, n), 0.5), g_ref=np.full((1, 20), 0.5))
+    with pytest.warns(RuntimeWarning, match=rf"{n} independent cluster\(s\) .* for d = {d} coordinates"):
+        assert np.isnan(fit(replace(data, **refs), loss="ipo").cov).all()
     more = PairData(dphi=rng.normal(size=(1, d + 1, d)), z=np.ones((1, d + 1)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
