@@ -45,8 +45,10 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -953,6 +955,7 @@ def fit(
     lam_clip: tuple[float, float] | None = (0.0, 1.0),
     folds: int = 5,
     seed: int = 0,
+    learner: Callable[[int], Any] | None = None,
     tol: float = 1e-8,
     max_iter: int = 100,
     on_separable: str = "raise",
@@ -961,6 +964,8 @@ def fit(
 
     ``lam`` overrides the control-variate weight of ``vrpo``/``vrpo_crossfit`` (default 1); ``lam="auto"``
     power-tunes it (``vrpo`` with ``"auto"`` is ``vrpo_tuned``; ``vrpo_crossfit`` tunes on the cross-fitted ``g_hat``);
+    ``vrpo_crossfit`` learns ``g_hat`` with ``folds``-fold cross-fitting (``theory.crossfit``) by ``learner(seed + k)``
+    on fold ``k``: a scikit-learn-style classifier (default ``crossfit.default_learner``);
     ``weight`` picks the tuning target ``tr(W Cov)`` of the tuned fits (None: the trace; ``j``: coordinate ``j``;
     a symmetric PSD (d, d) matrix ``W``, e.g. the Hessian of a regret), whose
     ``lam`` is clipped to ``lam_clip`` (None: not clipped);
@@ -993,6 +998,9 @@ def fit(
         raise InputError(f"on_separable must be 'raise' or 'warn', got {on_separable!r}")
     if lam is not None and method in ("mle", "vrpo_tuned"):
         raise InputError(f"lam cannot be set for method {method!r}")
+    if learner is not None and (method != "vrpo_crossfit" or not callable(learner)):
+        raise InputError("learner must be a callable seed -> classifier, for method 'vrpo_crossfit' only; got "
+                         f"{learner!r} with method {method!r}")
     lam = _check_lam(lam)
     if lam == "auto" and method == "vrpo":
         method, lam = "vrpo_tuned", None
@@ -1034,8 +1042,8 @@ def fit(
             if s != 1.0:
                 part = replace(part, dphi=part.dphi / s, dphi_ref=None if part.dphi_ref is None else part.dphi_ref / s)
             # rescaled features get the Gram matrices of their own (those of tiny ones lost digits to underflow)
-            res = _fit(part, method, loss, lam, None if bound is None else bound * s, weight, lam_clip, folds, seed,
-                       tol, max_iter, on_separable, rms / s, rows, data.reps,
+            res = _fit(part, method, loss, lam, None if bound is None else bound * s, weight, lam_clip,
+                       (folds, seed, learner), tol, max_iter, on_separable, rms / s, rows, data.reps,
                        gram[rows] if s == 1.0 else _gram_matrices(part.dphi))
             if s != 1.0:
                 res = replace(res, theta=res.theta / s, cov=res.cov / s**2, grad_norm=res.grad_norm * s, bound=bound,
@@ -1117,7 +1125,8 @@ def _unit_scale(rms: float) -> float:
 
 
 def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None, bound: float | None,
-         weight: int | np.ndarray | None, lam_clip: tuple[float, float], folds: int, seed: int, tol: float, max_iter: int,
+         weight: int | np.ndarray | None, lam_clip: tuple[float, float], crossfit: tuple[int, int, Any], tol: float,
+         max_iter: int,
          on_separable: str, rms: float, rows: np.ndarray, total: int, gram: np.ndarray) -> FitResult:
     """``fit`` on validated arguments and features of unit scale (root mean square ``rms``, Gram matrices
     ``gram``); the data are the replications ``rows`` of ``total`` (the numbers the warnings give)."""
@@ -1125,7 +1134,7 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
     g, g_ref = data.g, data.g_ref
     if method != "mle":
         if method == "vrpo_crossfit":
-            g, g_ref = _crossfit(data, folds, seed)
+            g, g_ref = _crossfit(data, *crossfit)
         elif g is None:
             raise InputError(f"method {method!r} needs the auxiliary probabilities g and g_ref (or use vrpo_crossfit, "
                              "which learns them from the labelled pairs)")
@@ -1295,8 +1304,9 @@ def _bread_hessian(loss: MarginLoss, lam: Tensor, b: _Batch, state: _NewtonState
     return hess
 
 
-def _crossfit(data: PairData, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from .crossfit import crossfit_predict, negate
+def _crossfit(data: PairData, folds: int, seed: int, learner: Callable[[int], Any] | None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    from .crossfit import crossfit_predict, default_learner, negate
 
     feats = data.dphi if data.features is None else data.features
     feats_ref = data.dphi_ref if data.features_ref is None else data.features_ref
@@ -1305,5 +1315,6 @@ def _crossfit(data: PairData, folds: int, seed: int) -> tuple[np.ndarray, np.nda
     g_ref = np.empty((data.reps, data.n_ref))
     for r in range(data.reps):
         g[r], g_ref[r] = crossfit_predict(feats[r], data.z[r], feats_ref[r], data.ref_row, folds=folds, seed=seed,
+                                          learner=learner or default_learner,
                                           swap=swap)
     return g, g_ref

@@ -394,6 +394,20 @@ def test_crossfit_with_power_tuning() -> None:
         np.testing.assert_array_equal(fit(with_g, "vrpo", lam=scalar).theta, fit(with_g, "vrpo", lam=float(scalar)).theta)
     with pytest.raises(InputError, match=r"or use vrpo_crossfit, which learns them"):
         fit(data, "vrpo_tuned")
+    from sklearn.linear_model import LogisticRegression
+
+    def logistic(seed: int) -> LogisticRegression:
+        return LogisticRegression(fit_intercept=False)
+
+    own = fit(data, "vrpo_crossfit", folds=3, seed=7, learner=logistic)
+    for r in range(data.reps):
+        g[r], g_ref[r] = crossfit_predict(data.dphi[r], data.z[r], data.dphi_ref[r], data.ref_row, folds=3, seed=7,
+                                          swap=negate, learner=logistic)
+    np.testing.assert_array_equal(own.theta, fit(data.with_g(g, g_ref), "vrpo").theta)
+    assert not np.array_equal(own.theta, fixed.theta)
+    for method, learner in (("vrpo", logistic), ("vrpo_crossfit", "hgb")):
+        with pytest.raises(InputError, match="learner must be a callable seed -> classifier, for method 'vrpo_crossfit'"):
+            fit(data, method, learner=learner)
     no_ref = PairData(dphi=data.dphi, z=data.z)
     with pytest.raises(InputError, match=r"method 'vrpo_crossfit' needs reference pairs \(dphi_ref\)"):
         fit(no_ref, "vrpo_crossfit")
