@@ -52,11 +52,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
-def parse_aux(text: str) -> dict:
-    """``KIND[:key=value,...]`` -> ``{"kind": KIND, key: number}``."""
-    from robust_rlhf.simulate import SpecError
+def parse_aux(text: str, allow_none: bool = False) -> dict | None:
+    """``KIND[:key=value,...]`` -> ``{"kind": KIND, key: number}``; with ``allow_none``, ``none`` -> None (no
+    auxiliary model)."""
+    from robust_rlhf.simulate import AUX_MODELS, SpecError
 
+    if allow_none and text == "none":
+        return None
     kind, _, rest = text.partition(":")
+    if kind not in AUX_MODELS:
+        raise SpecError(f"--aux: auxiliary model {kind!r} is unknown; allowed: {', '.join(AUX_MODELS)}"
+                        + (", none" if allow_none else ""))
     spec: dict = {"kind": kind}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -94,13 +100,8 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError(f"output file {str(args.out)!r} must end in .npz or .parquet")
     scenario = Scenario.from_spec(args.spec) if args.spec else get_scenario(args.scenario or DEFAULT_SCENARIO)
     M = args.M if args.M == "exact" else _int("--M", args.M)
-    from robust_rlhf.simulate import AUX_MODELS
-
-    kind = args.aux.partition(":")[0]
-    if kind not in (*AUX_MODELS, "none"):
-        raise SpecError(f"--aux: auxiliary model {kind!r} is unknown; allowed: {', '.join(AUX_MODELS)}, none")
-    aux = None if args.aux == "none" else parse_aux(args.aux)
-    data = sample(scenario, n=args.n, seed=args.seed, M=M, unlabelled=args.unlabelled, aux=aux)
+    data = sample(scenario, n=args.n, seed=args.seed, M=M, unlabelled=args.unlabelled,
+                  aux=parse_aux(args.aux, allow_none=True))
     out = args.out or Path("results/simulate") / f"{scenario.name}_n{args.n}_seed{args.seed}.npz"
     save(data, out)
     summary = summarize(data)

@@ -82,7 +82,7 @@ class PessimismSpec:
         ests = tuple(e if isinstance(e, EstimatorSetting) else EstimatorSetting.parse(e) for e in self.estimators)
         for est in ests:
             if est.method not in ("mle", "vrpo") or est.M == "exact" or not est.g_hat_is_fixed \
-                    or (est.lam is not None and not (est.lam != "auto" and 0 <= est.lam <= 1)):
+                    or (est.lam is not None and not 0 <= est.lam <= 1):
                 raise SpecError(f"study field 'pessimism.estimators': the bound covers the MLE and VRPO with M pairs "
                                 f"per prompt, a fixed g_hat and lam in [0, 1]; {est.name!r} is not one")
         object.__setattr__(self, "estimators", ests)

@@ -103,6 +103,15 @@ def _check_labels(name: str, z: np.ndarray) -> None:
         raise InputError(f"{name}: entry {idx[0] if len(idx) == 1 else idx} is {float(z[idx])!r}; labels must be 0 or 1")
 
 
+def _probabilities(name: str, values: object, shape: tuple[int, int], match: str) -> np.ndarray:
+    """``values`` as a float array of ``shape`` (that of the pairs of ``match``) with entries in [0, 1]."""
+    arr = _as_float(name, values, 2)
+    if arr.shape != shape:
+        raise InputError(f"{name}: expected shape {shape} to match {match}, got {arr.shape}")
+    check_probability(name, arr)
+    return arr
+
+
 def _check_ref_row(ref_row: object, N: int) -> np.ndarray:
     """``N`` prompt ids of reference pairs (see the module docstring) as int64."""
     rows = np.asarray(ref_row)
@@ -189,11 +198,7 @@ class PairData:
         object.__setattr__(self, "dphi", dphi)
         object.__setattr__(self, "z", z)
         if self.g is not None:
-            g = _as_float("g", self.g, 2)
-            if g.shape != (R, n):
-                raise InputError(f"g: expected shape {(R, n)} to match dphi, got {g.shape}")
-            check_probability("g", g)
-            object.__setattr__(self, "g", g)
+            object.__setattr__(self, "g", _probabilities("g", self.g, (R, n), "dphi"))
         if self.dphi_ref is None:
             for name in ("g_ref", "ref_weight", "ref_row", "features_ref"):
                 if getattr(self, name) is not None:
@@ -211,11 +216,7 @@ class PairData:
             if (self.g is None) != (self.g_ref is None):
                 raise InputError("g is given without g_ref" if self.g_ref is None else "g_ref is given without g")
             if self.g_ref is not None:
-                gref = _as_float("g_ref", self.g_ref, 2)
-                if gref.shape != (R, N):
-                    raise InputError(f"g_ref: expected shape {(R, N)} to match dphi_ref, got {gref.shape}")
-                check_probability("g_ref", gref)
-                object.__setattr__(self, "g_ref", gref)
+                object.__setattr__(self, "g_ref", _probabilities("g_ref", self.g_ref, (R, N), "dphi_ref"))
             if self.ref_weight is None:
                 w = np.full((R, N), 1.0 / N)
             else:

@@ -1126,8 +1126,7 @@ def _unit_scale(rms: float) -> float:
 
 def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None, bound: float | None,
          weight: int | np.ndarray | None, lam_clip: tuple[float, float], crossfit: tuple[int, int, Any], tol: float,
-         max_iter: int,
-         on_separable: str, rms: float, rows: np.ndarray, total: int, gram: np.ndarray) -> FitResult:
+         max_iter: int, on_separable: str, rms: float, rows: np.ndarray, total: int, gram: np.ndarray) -> FitResult:
     """``fit`` on validated arguments and features of unit scale (root mean square ``rms``, Gram matrices
     ``gram``); the data are the replications ``rows`` of ``total`` (the numbers the warnings give)."""
     R, d = data.reps, data.d

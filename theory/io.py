@@ -5,8 +5,8 @@ The ``.npz`` format of ``robust-rlhf fit``: ``dphi`` (n x d float, ``phi(x, y1) 
 ``dphi_ref`` (N x d), ``g_ref`` (N); optional ``ref_row`` (N ints: ``i`` in [0, n) shares the prompt
 of labelled row ``i``, ``>= n`` an unlabelled prompt shared by equal ids, ``-1`` or absent an
 independent prompt) and ``ref_weight`` (N, summing to 1; default uniform). Arrays may carry a
-leading replication axis R. ``g``, ``dphi_ref`` and ``g_ref`` may all be absent (MLE only), or ``g`` and
-``g_ref`` (cross-fitted VRPO, which learns ``g_hat`` from the labelled pairs, needs ``dphi_ref`` only).
+leading replication axis R. ``g``, ``dphi_ref`` and ``g_ref`` may all be absent (MLE only), and ``g``
+with ``g_ref`` alone (cross-fitted VRPO learns ``g_hat`` from the labelled pairs: it needs ``dphi_ref`` only).
 """
 
 from __future__ import annotations
