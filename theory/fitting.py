@@ -815,10 +815,16 @@ def _meat_moments(loss: MarginLoss, b: _Batch, theta: Tensor, control: bool) -> 
     if not kernels.available():
         return _moments(*_influence_parts(loss, b, theta, control), b.dphi.shape[1])
     R, n, d = b.dphi.shape
-    cA, cB, cR = _influence_coefficients(loss, b, theta, control, margins=kernels.margins)
-    VAA, VAB, VBB = kernels.cluster_moments(b.dphi, cA, cB, b.dphi_ref, cR, b.ref_cluster, b.n_clusters)
-    _WORK.cluster_rows += R * (n if cB is None else 3 * n + 2 * (b.n_clusters - n))
-    if control and cB is None:
+    with_control = control and b.has_ref
+    if type(loss) is Logistic:  # coefficients and moments in one pass over the pairs
+        on = lambda t: t if with_control else None  # noqa: E731
+        VAA, VAB, VBB = kernels.logistic_cluster_moments(b.dphi, b.z, theta.contiguous(), on(b.g), on(b.dphi_ref),
+                                                         on(b.g_ref), on(b.w_ref), on(b.ref_cluster), b.n_clusters)
+    else:
+        cA, cB, cR = _influence_coefficients(loss, b, theta, control, margins=kernels.margins)
+        VAA, VAB, VBB = kernels.cluster_moments(b.dphi, cA, cB, b.dphi_ref, cR, b.ref_cluster, b.n_clusters)
+    _WORK.cluster_rows += R * (3 * n + 2 * (b.n_clusters - n) if with_control else n)
+    if control and not with_control:
         VAB, VBB = torch.zeros_like(VAA), torch.zeros_like(VAA)
     return VAA, VAB, VBB
 

@@ -198,11 +198,50 @@ void centred_moments(const double* A, const double* B, int64_t lo, int64_t hi, i
     }
 }
 
+// Replication r's cluster moments (rr_cluster_moments), with scratch A (n x d) and B (C x d, when cB).
+void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const double* Xr, const double* cA,
+                         const double* cB, const double* Xq, const double* cR, const int64_t* cluster,
+                         std::vector<double>& A, std::vector<double>& B, double* aa, double* ab, double* bb) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) A[i * d + k] = cA[i] * Xr[i * d + k];
+  std::fill(aa, aa + d * d, 0.0);
+  if (!cB) {
+    centred_moments(A.data(), nullptr, 0, n, d, aa, nullptr, nullptr);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) B[i * d + k] = cB[i] * Xr[i * d + k];
+  std::fill(B.begin() + n * d, B.end(), 0.0);
+  for (int64_t j = 0; j < N; ++j) {
+    const double cj = cR[j];
+    double* Bc = B.data() + cluster[j] * d;
+    for (int64_t k = 0; k < d; ++k) Bc[k] += cj * Xq[j * d + k];
+  }
+  std::fill(ab, ab + d * d, 0.0);
+  std::fill(bb, bb + d * d, 0.0);
+  centred_moments(A.data(), B.data(), 0, n, d, aa, ab, bb);
+  centred_moments(nullptr, B.data(), n, C, d, nullptr, nullptr, bb);
+}
+
+inline double dot(const double* x, const double* y, int64_t d) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < d; ++k) acc += x[k] * y[k];
+  return acc;
+}
+
+// sigmoid(u) without overflow: exp of -|u| only.
+inline double sigmoid(double u) {
+  const double e = std::exp(-std::fabs(u));
+  const double inv = 1.0 / (1.0 + e);
+  return u >= 0.0 ? inv : e * inv;
+}
+
 }  // namespace
 
 extern "C" {
 
-int rr_kernel_version() { return 8; }
+int rr_kernel_version() { return 9; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -291,30 +330,44 @@ void rr_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, c
   {
     std::vector<double> A(n * d), B(cB ? C * d : 0);
 #pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < R; ++r)
+      replication_moments(n, N, d, C, X + r * n * d, cA + r * n, cB ? cB + r * n : nullptr,
+                          cB ? Xref + r * N * d : nullptr, cB ? cR + r * N : nullptr, cluster, A, B, VAA + r * d * d,
+                          cB ? VAB + r * d * d : nullptr, cB ? VBB + r * d * d : nullptr);
+  }
+}
+
+// rr_cluster_moments for the logistic loss at theta_r (R x d), with the coefficients formed from the margins
+// in the same pass: s = sigmoid(x . theta_r), cA_i = (s_i - z_i) / n, and when g is not null (the control
+// terms) cB_i = -(s_i - g_i) / n, cR_j = w_j (s_j - gref_j) on the reference pairs (w: wref, or 1/N when null).
+void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, const double* X,
+                                 const double* z, const double* g, const double* Xref, const double* gref,
+                                 const double* wref, const int64_t* cluster, const double* theta, int threads,
+                                 double* VAA, double* VAB, double* VBB) {
+#pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
+  {
+    std::vector<double> A(n * d), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0);
+#pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
       const double* Xr = X + r * n * d;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t k = 0; k < d; ++k) A[i * d + k] = cA[r * n + i] * Xr[i * d + k];
-      double* aa = VAA + r * d * d;
-      std::fill(aa, aa + d * d, 0.0);
-      if (!cB) {
-        centred_moments(A.data(), nullptr, 0, n, d, aa, nullptr, nullptr);
-        continue;
+      const double* th = theta + r * d;
+      const double inv_n = 1.0 / static_cast<double>(n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double s = sigmoid(dot(Xr + i * d, th, d));
+        cA[i] = (s - z[r * n + i]) * inv_n;
+        if (g)
+          cB[i] = -(s - g[r * n + i]) * inv_n;
       }
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t k = 0; k < d; ++k) B[i * d + k] = cB[r * n + i] * Xr[i * d + k];
-      std::fill(B.begin() + n * d, B.end(), 0.0);
-      const double* Xq = Xref + r * N * d;
-      for (int64_t j = 0; j < N; ++j) {
-        const double cj = cR[r * N + j];
-        double* Bc = B.data() + cluster[j] * d;
-        for (int64_t k = 0; k < d; ++k) Bc[k] += cj * Xq[j * d + k];
+      if (g) {
+        const double* Xq = Xref + r * N * d;
+        for (int64_t j = 0; j < N; ++j) {
+          const double w = wref ? wref[r * N + j] : 1.0 / static_cast<double>(N);
+          cR[j] = w * (sigmoid(dot(Xq + j * d, th, d)) - gref[r * N + j]);
+        }
       }
-      double *ab = VAB + r * d * d, *bb = VBB + r * d * d;
-      std::fill(ab, ab + d * d, 0.0);
-      std::fill(bb, bb + d * d, 0.0);
-      centred_moments(A.data(), B.data(), 0, n, d, aa, ab, bb);
-      centred_moments(nullptr, B.data(), n, C, d, nullptr, nullptr, bb);
+      replication_moments(n, N, d, C, Xr, cA.data(), g ? cB.data() : nullptr, g ? Xref + r * N * d : nullptr,
+                          g ? cR.data() : nullptr, cluster, A, B, VAA + r * d * d, g ? VAB + r * d * d : nullptr,
+                          g ? VBB + r * d * d : nullptr);
     }
   }
 }

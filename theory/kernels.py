@@ -10,7 +10,8 @@ r"""The compiled kernels of the fitting engine (``kernels.cpp``): build, cache, 
 with ``u_ri = x_ri . theta_r``, in one pass over the pairs (margins, transcendental functions, gradient
 and the Hessian's distinct entries fused), which batched BLAS products cannot do. Every logistic VR
 objective has this form (``fitting._kernel_terms``). ``margins`` and ``cluster_moments`` form the
-cluster sandwich of any loss (``fitting._meat``). ``policy_regret`` fuses the rewards, the greedy or KL
+cluster sandwich of any loss (``fitting._meat_moments``); ``logistic_cluster_moments`` that of the logistic
+loss in one pass, its coefficients formed from the margins. ``policy_regret`` fuses the rewards, the greedy or KL
 policy and its regret per prompt (``policies.theta_regret``), without the ``(R, P, K)`` tables.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) for this
@@ -36,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "cluster_moments", "logistic_eval", "margins", "policy_regret", "transpose",
-           "unavailable_reason"]
+__all__ = ["available", "cluster_moments", "logistic_cluster_moments", "logistic_eval", "margins", "policy_regret",
+           "transpose", "unavailable_reason"]
 
 _LOG = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -45,7 +46,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # the shared object does not link crtfastmath (which would flush denormals in the whole process).
 _COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 8
+_VERSION = 9
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -116,6 +117,9 @@ def _load() -> ctypes.CDLL | None:
     lib.rr_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr,
                                        ptr]
     lib.rr_cluster_moments.restype = None
+    lib.rr_logistic_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                                ctypes.c_int, ptr, ptr, ptr]
+    lib.rr_logistic_cluster_moments.restype = None
     lib.rr_policy_regret.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, ptr,
                                      ctypes.c_double, ctypes.c_double, ctypes.c_int, ptr]
     lib.rr_policy_regret.restype = None
@@ -227,6 +231,28 @@ def margins(X: Tensor, theta: Tensor) -> Tensor:
     return u
 
 
+def _moment_outputs(caller: str, X: Tensor, per_pair: dict[str, Tensor | None], X_ref: Tensor | None,
+                    cluster: Tensor | None, n_clusters: int, control: bool,
+                    per_ref: dict[str, Tensor | None]) -> tuple[int, Tensor, Tensor | None, Tensor | None]:
+    """Checks the inputs of the cluster-moment kernels (``per_pair``: (R, n) arrays of the labelled rows,
+    ``per_ref``: (R, N) arrays of the reference pairs, needed with ``control``); returns ``N`` and the
+    output arrays ``V_AA``, ``V_AB``, ``V_BB`` (the last two None without ``control``)."""
+    R, n, d = X.shape
+    f64 = torch.float64
+    _check(caller, X=(X, (R, n, d), f64), **{k: (v, (R, n), f64) for k, v in per_pair.items()})
+    VAA = torch.empty(R, d, d, dtype=f64)
+    if not control:
+        return 0, VAA, None, None
+    if X_ref is None or cluster is None or any(v is None for v in per_ref.values()):
+        raise ValueError(f"{caller}: the control terms need X_ref, {', '.join(per_ref)} and cluster")
+    N = X_ref.shape[1]
+    _check(caller, X_ref=(X_ref, (R, N, d), f64), cluster=(cluster, (N,), torch.int64),
+           **{k: (v, (R, N), f64) for k, v in per_ref.items()})
+    if N and not (0 <= int(cluster.min()) and int(cluster.max()) < n_clusters):
+        raise ValueError(f"{caller}: cluster ids must lie in [0, {n_clusters})")
+    return N, VAA, torch.empty(R, d, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
+
+
 def cluster_moments(X: Tensor, cA: Tensor, cB: Tensor | None, X_ref: Tensor | None, cR: Tensor | None,
                     cluster: Tensor | None, n_clusters: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
     r"""The cluster sandwich's meat as a quadratic in ``lam``: ``V(lam) = V_AA + lam (V_AB + V_AB^T)
@@ -241,23 +267,33 @@ def cluster_moments(X: Tensor, cA: Tensor, cB: Tensor | None, X_ref: Tensor | No
     """
     lib = _require()
     R, n, d = X.shape
-    f64 = torch.float64
-    _check("cluster_moments", X=(X, (R, n, d), f64), cA=(cA, (R, n), f64), cB=(cB, (R, n), f64))
-    VAA = torch.empty(R, d, d, dtype=f64)
-    VAB = VBB = None
-    N = 0
-    if cB is not None:
-        if X_ref is None or cR is None or cluster is None:
-            raise ValueError("cluster_moments: cB needs X_ref, cR and cluster")
-        N = X_ref.shape[1]
-        _check("cluster_moments", X_ref=(X_ref, (R, N, d), f64), cR=(cR, (R, N), f64),
-               cluster=(cluster, (N,), torch.int64))
-        if N and not (0 <= int(cluster.min()) and int(cluster.max()) < n_clusters):
-            raise ValueError(f"cluster_moments: cluster ids must lie in [0, {n_clusters})")
-        VAB, VBB = torch.empty(R, d, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
-    lib.rr_cluster_moments(R, n, N, d, n_clusters, _ptr(X), _ptr(cA), _ptr(cB), _ptr(X_ref if cB is not None else None),
-                           _ptr(cR if cB is not None else None), _ptr(cluster if cB is not None else None),
+    control = cB is not None
+    N, VAA, VAB, VBB = _moment_outputs("cluster_moments", X, {"cA": cA, "cB": cB}, X_ref, cluster, n_clusters,
+                                       control, {"cR": cR})
+    lib.rr_cluster_moments(R, n, N, d, n_clusters, _ptr(X), _ptr(cA), _ptr(cB), _ptr(X_ref if control else None),
+                           _ptr(cR if control else None), _ptr(cluster if control else None),
                            torch.get_num_threads(), _ptr(VAA), _ptr(VAB), _ptr(VBB))
+    return VAA, VAB, VBB
+
+
+def logistic_cluster_moments(X: Tensor, z: Tensor, theta: Tensor, g: Tensor | None = None, X_ref: Tensor | None = None,
+                             g_ref: Tensor | None = None, w_ref: Tensor | None = None, cluster: Tensor | None = None,
+                             n_clusters: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    r"""``cluster_moments`` of the logistic VR objective at ``theta`` (R, d), with its coefficients formed
+    from the margins in the same pass (no (R, P) arrays): with ``s = sigmoid(x . theta_r)``, ``cA_i = (s_i
+    - z_i) / n`` and, with ``g`` (the control terms; needs ``X_ref``, ``g_ref``, ``cluster``), ``cB_i = -(s_i
+    - g_i) / n`` and ``cR_j = w_j (s_j - g_ref_j)`` (``w_ref``, or ``1/N`` when None)."""
+    lib = _require()
+    R, n, d = X.shape
+    control = g is not None
+    per_ref = {"g_ref": g_ref} if w_ref is None else {"g_ref": g_ref, "w_ref": w_ref}
+    N, VAA, VAB, VBB = _moment_outputs("logistic_cluster_moments", X, {"z": z, "g": g}, X_ref, cluster,
+                                       n_clusters, control, per_ref)
+    _check("logistic_cluster_moments", theta=(theta, (R, d), torch.float64))
+    on = (lambda t: t) if control else (lambda t: None)  # noqa: E731
+    lib.rr_logistic_cluster_moments(R, n, N, d, n_clusters, _ptr(X), _ptr(z), _ptr(on(g)), _ptr(on(X_ref)),
+                                    _ptr(on(g_ref)), _ptr(on(w_ref)), _ptr(on(cluster)), _ptr(theta),
+                                    torch.get_num_threads(), _ptr(VAA), _ptr(VAB), _ptr(VBB))
     return VAA, VAB, VBB
 
 

@@ -14,6 +14,7 @@ from robust_rlhf.simulate import get_scenario, sample
 from robust_rlhf.theory import fitting, kernels
 from robust_rlhf.theory.data import PairData
 from robust_rlhf.theory.errors import SeparableDataError
+from robust_rlhf.theory.losses import Squared
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no compiled kernel: {kernels.unavailable_reason()}")
 
@@ -191,16 +192,19 @@ def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.unavailable_reason() == "disabled by ROBUST_RLHF_KERNELS=0"
 
 
+@pytest.mark.parametrize("loss", [fitting.Logistic(), Squared()], ids=["logistic_fused", "ipo"])
 @pytest.mark.parametrize("control", [False, True])
-def test_cluster_moments_match_cluster_sums(data: PairData, control: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel's meat moments equal ``_cluster_cov`` of the (R, C, d) cluster sums, with unlabelled
-    prompts (clusters without a labelled row) present."""
+def test_cluster_moments_match_cluster_sums(data: PairData, control: bool, loss, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    """The kernels' meat moments (``logistic_cluster_moments`` for the logistic loss, ``cluster_moments`` of
+    the torch coefficients for another) equal ``_cluster_cov`` of the (R, C, d) cluster sums, with
+    unlabelled prompts (clusters without a labelled row) present."""
     b = fitting._Batch.from_data(data)
     assert b.n_clusters > data.n
     theta = torch.as_tensor(np.random.default_rng(0).normal(size=(data.reps, data.d)))
-    fast = fitting._meat_moments(fitting.Logistic(), b, theta, control)
+    fast = fitting._meat_moments(loss, b, theta, control)
     _torch_path(monkeypatch)
-    slow = fitting._meat_moments(fitting.Logistic(), b, theta, control)
+    slow = fitting._meat_moments(loss, b, theta, control)
     for got, want in zip(fast, slow):
         if want is None:
             assert got is None
@@ -217,10 +221,30 @@ def test_margins_and_moment_arguments(data: PairData) -> None:
     cR = torch.ones(b.dphi_ref.shape[:2], dtype=torch.float64)
     with pytest.raises(ValueError, match=r"cluster ids must lie in \[0, "):
         kernels.cluster_moments(b.dphi, cA, cA, b.dphi_ref, cR, b.ref_cluster + b.n_clusters, b.n_clusters)
-    with pytest.raises(ValueError, match="cB needs X_ref"):
+    with pytest.raises(ValueError, match="the control terms need X_ref, cR and cluster"):
         kernels.cluster_moments(b.dphi, cA, cA, None, None, None, b.n_clusters)
+    with pytest.raises(ValueError, match="the control terms need X_ref, g_ref and cluster"):
+        kernels.logistic_cluster_moments(b.dphi, b.z, theta, b.g, b.dphi_ref, None, None, b.ref_cluster, b.n_clusters)
+    with pytest.raises(ValueError, match=r"logistic_cluster_moments: w_ref must be .* of shape \(10, 1700\)"):
+        kernels.logistic_cluster_moments(b.dphi, b.z, theta, b.g, b.dphi_ref, b.g_ref, b.w_ref[:, 1:], b.ref_cluster,
+                                         b.n_clusters)
+    with pytest.raises(ValueError, match=r"theta must be .* of shape \(10, 3\)"):
+        kernels.logistic_cluster_moments(b.dphi, b.z, theta[:, 1:])
     with pytest.raises(ValueError, match=r"X must be .* \(not contiguous\)"):
         kernels.margins(b.dphi.transpose(1, 2).contiguous().transpose(1, 2), theta)
+
+
+def test_logistic_moments_equal_weights_by_default(data: PairData) -> None:
+    """Without ``w_ref`` every reference pair weighs ``1/N``; equal to passing those weights."""
+    b = fitting._Batch.from_data(data)
+    theta = torch.as_tensor(np.random.default_rng(1).normal(size=(data.reps, data.d)))
+    N = b.dphi_ref.shape[1]
+    args = (b.dphi, b.z, theta, b.g, b.dphi_ref, b.g_ref)
+    got = kernels.logistic_cluster_moments(*args, None, b.ref_cluster, b.n_clusters)
+    want = kernels.logistic_cluster_moments(*args, torch.full((data.reps, N), 1.0 / N, dtype=torch.float64),
+                                            b.ref_cluster, b.n_clusters)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, rtol=1e-14, atol=0.0)
 
 
 def test_transpose() -> None:
