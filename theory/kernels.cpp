@@ -8,7 +8,8 @@
 // in one pass over the pairs, in chunks that stay in the L1 cache; only the Hessian's distinct entries
 // (k >= j) are formed; with `accumulate` the results are added to the outputs. A replication's pairs are
 // split over threads when there are fewer replications than threads.
-// rr_transpose: (R x P x d) to (R x d x P). rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda.
+// rr_transpose: (R x P x d) to (R x d x P). rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda;
+// rr_logistic_cluster_moments: the same for the logistic loss, its coefficients formed from the margins in the same pass.
 // rr_policy_regret: the per-prompt regret of the greedy or KL policy of each theta_r (robust_rlhf.theory.policies).
 #include <algorithm>
 #include <cmath>
