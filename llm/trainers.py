@@ -72,8 +72,9 @@ _ROWS = "_rows"  # the rows behind a batch's metrics, their weight when logged
 class _PairwiseTrainer(Trainer, ABC):
     """Shared machinery: batch -> margins -> theory loss, g_hat, lambda tuning, gathered metrics."""
 
-    # compute_loss returns a per-micro-batch mean; Trainer divides it by the accumulation steps
-    loss_is_scaled_for_ga = False
+    # in training compute_loss returns the micro-batch's share of its accumulation window's mean over rows
+    # (``_get_num_items_in_batch``), so that unequal micro-batches weigh their rows equally
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -206,8 +207,19 @@ class _PairwiseTrainer(Trainer, ABC):
         return torch.sigmoid(m.float()), torch.sigmoid(mref.float())
 
     # -- the loss --------------------------------------------------------------------------------
-    def _gather(self, values: Tensor) -> Tensor:
-        return self.accelerator.gather_for_metrics(values.detach().float().contiguous())
+    def _gather(self, values: Tensor, training: bool) -> Tensor:
+        """``values`` of every process's rows. In evaluation the duplicates that pad the last batch are
+        dropped (``gather_for_metrics``); in training they are kept, as in the loss: ``gather_for_metrics``
+        would also cut every micro-batch of an epoch's last accumulation window (fetched before the first
+        is scored) to that window's remainder."""
+        values = values.detach().float().contiguous()
+        return self.accelerator.gather(values) if training else self.accelerator.gather_for_metrics(values)
+
+    def _get_num_items_in_batch(self, batch_samples: list[dict[str, Tensor]], device: torch.device) -> Tensor:
+        """The preference rows of an accumulation window, summed over the processes: the divisor that makes
+        the window's gradient the mean over its rows (``compute_loss``)."""
+        rows = torch.tensor([float(sum(len(b["orientation"]) for b in batch_samples))], device=device)
+        return self.accelerator.gather(rows).sum() if self.accelerator.num_processes > 1 else rows[0]
 
     def _batch_loss(
         self, model: nn.Module, batch: dict[str, Tensor], training: bool
@@ -228,7 +240,7 @@ class _PairwiseTrainer(Trainer, ABC):
                 if orientation is None:
                     orientation = torch.ones_like(margin)
                 a_og, c_og = margin_shift_scores(obj.loss, margin, g, ref_margin, ref_g, orientation.to(margin.device))
-            cv_rows = self._gather(torch.stack([a_loss, c_loss, a_grad, c_grad, a_og, c_og], dim=-1))
+            cv_rows = self._gather(torch.stack([a_loss, c_loss, a_grad, c_grad, a_og, c_og], dim=-1), training)
             if self.lambda_estimator is not None:
                 if training:
                     col = {"loss": 0, "margin_shift": 2, "oriented_shift": 4}[obj.lambda_target]
@@ -239,11 +251,12 @@ class _PairwiseTrainer(Trainer, ABC):
         extra = scores.get("penalty")
         if extra is not None:
             loss = loss + extra
-        metrics = self._metrics(scores, out, g, ref_g, cv_rows)
+        metrics = self._metrics(scores, out, g, ref_g, cv_rows, training)
         return loss, metrics
 
     def _metrics(
-        self, scores: dict[str, Tensor], out: Any, g: Tensor | None, ref_g: Tensor | None, cv_rows: Tensor | None
+        self, scores: dict[str, Tensor], out: Any, g: Tensor | None, ref_g: Tensor | None, cv_rows: Tensor | None,
+        training: bool,
     ) -> dict[str, float]:
         cols = [scores["reward_chosen"], scores["reward_rejected"], out.labelled]
         has_logps = "logp_chosen" in scores
@@ -253,7 +266,7 @@ class _PairwiseTrainer(Trainer, ABC):
                 cols.append(scores["logp_refs"].mean(-1))
         if out.control is not None:
             cols += [out.control, out.reference, g, ref_g.mean(-1)]
-        rows = self._gather(torch.stack([c.detach().float() for c in cols], dim=-1))
+        rows = self._gather(torch.stack([c.detach().float() for c in cols], dim=-1), training)
         rc, rr = rows[:, 0], rows[:, 1]
         m = {
             _ROWS: float(rows.shape[0]),
@@ -292,6 +305,10 @@ class _PairwiseTrainer(Trainer, ABC):
         training = model.training
         loss, metrics = self._batch_loss(model, inputs, training)
         self._store(metrics, "train" if training else "eval")
+        if training and num_items_in_batch is not None:
+            # the row mean times this micro-batch's share of the window's rows; the processes' gradients
+            # are averaged (DDP), hence the factor num_processes
+            loss = loss * (len(inputs["orientation"]) * self.accelerator.num_processes / num_items_in_batch)
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(
