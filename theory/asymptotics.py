@@ -90,7 +90,7 @@ from torch import Tensor
 
 from .data import PairPopulation, check_clip, check_probability, check_weight
 from .errors import InputError
-from .losses import Logistic, MarginLoss, get_loss, pair_loss
+from .losses import Logistic, MarginLoss, Recession, get_loss, pair_loss
 
 __all__ = [
     "Target",
@@ -482,7 +482,8 @@ def _existence_problems(T: _Tensors, g: Tensor, groups: Tensor, G: int, recessio
     r"""Per group, why the population objective has no unique finite minimiser (None: it has one).
 
     Identification: ``E[dphi dphi^T]`` over pairs of positive weight must be non-singular.
-    Logistic recession (``recession``): the convex objective has no minimiser iff some ``v != 0``
+    Recession ``[-z]_+`` (``recession``: the logistic loss, the smoothed hinge): the convex objective
+    has no unique finite minimiser iff some ``v != 0``
     has ``v . dphi = 0`` on every pair with ``0 < g < 1`` and ``(2g - 1) v . dphi >= 0`` on every
     pair with ``g`` in {0, 1}. With ``N`` a basis of the null space of the interior pairs' span, the
     rows ``q = (2g - 1) N^T dphi`` of the boundary pairs span ``R^k``, so such ``v`` exists iff the
@@ -522,9 +523,9 @@ def _existence_problems(T: _Tensors, g: Tensor, groups: Tensor, G: int, recessio
         )
         if res.status == 0 and -res.fun > 1e-7:
             out[j] = (
-                "g has entries exactly 0 or 1 on pairs that a direction of theta separates (logistic loss), "
-                "so the population objective keeps decreasing along that direction and has no finite "
-                "minimiser; move those probabilities inside (0, 1)"
+                "g has entries exactly 0 or 1 on pairs that a direction of theta separates, so the population "
+                "objective of this loss (it grows linearly, like the logistic) does not increase along that "
+                "direction and has no finite unique minimiser; move those probabilities inside (0, 1)"
             )
     return out
 
@@ -679,7 +680,7 @@ def _fit_groups_uncached(
 ) -> _Fit:
     """Newton per group after the existence checks; any failing check skips the fit (``failed`` says why)."""
     sizes = torch.bincount(groups, minlength=G).to(_DT)
-    problems = _existence_problems(T, g, groups, G, recession=isinstance(loss, Logistic))
+    problems = _existence_problems(T, g, groups, G, recession=isinstance(loss.recession(), Recession))
     if any(p is not None for p in problems):
         nan = torch.full((G, T.d), math.nan, dtype=_DT)
         return _Fit(theta=nan, grad=nan, hess=nan[:, :, None] * nan[:, None, :], iterations=0, failed=problems)

@@ -21,7 +21,9 @@ from robust_rlhf.theory import asymptotics as asy
 from robust_rlhf.theory import second_order as so
 from robust_rlhf.theory.data import PairPopulation
 from robust_rlhf.theory.errors import InputError
-from robust_rlhf.theory.losses import Logistic, SmoothedTruncatedHinge, Squared, TruncatedHinge, pair_loss, vr_objective
+from robust_rlhf.theory.losses import (
+    Logistic, Recession, SmoothedTruncatedHinge, Squared, TruncatedHinge, pair_loss, vr_objective,
+)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -454,6 +456,22 @@ def test_separable_population_has_no_finite_minimiser() -> None:
         asy.population_target(pop)
     with pytest.raises(InputError, match="no finite"):
         asy.mle_covariance(pop)
+
+
+def test_separable_population_refused_for_every_loss_with_linear_recession() -> None:
+    """The smoothed hinge has the logistic's recession ``[-z]_+``: on deterministic separable preferences it
+    is refused too (it was fitted to a point on a flat ray, with a negative covariance trace and no warning)."""
+    rng = np.random.default_rng(1)
+    phi = rng.normal(size=(20, 3, 2))
+    r = phi @ np.array([1.0, -0.5])
+    g = (r[:, :, None] > r[:, None, :]).astype(float)
+    g[:, range(3), range(3)] = 0.5
+    pop = PairPopulation(phi, rng.dirichlet(np.ones(3), size=20), g)
+    loss = SmoothedTruncatedHinge(s=-math.inf, bandwidth=0.3)
+    assert isinstance(loss.recession(), Recession)
+    for call in (asy.population_target, asy.mle_covariance):
+        with pytest.raises(InputError, match="no finite unique minimiser"):
+            call(pop, loss=loss)
 
 
 def test_boundary_probabilities_without_separation_have_a_minimiser() -> None:
