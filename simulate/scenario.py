@@ -129,6 +129,19 @@ def _vector(field_: str, value: Any, d: int) -> np.ndarray:
     return arr
 
 
+def _matrix_or_none(field_: str, value: Any) -> list[list[float]] | None:
+    """None, or a matrix of finite numbers as nested lists of floats (so the spec stays JSON-serialisable)."""
+    if value is None:
+        return None
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.full(1, np.nan)
+    if arr.ndim != 2 or not np.isfinite(arr).all():
+        raise SpecError(f"field '{field_}' must be a matrix of finite numbers (one row per weight), got {value!r}")
+    return arr.tolist()
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter of a preference model: default, validator and meaning."""
@@ -179,7 +192,7 @@ PREFERENCE_MODELS: dict[str, dict[str, Any]] = {
         "params": {
             "weights": Param([0.5, 0.5], _simplex, "annotator probabilities (positive, sum to 1)"),
             "spread": Param(2.0, _nonneg, "theta_k = theta* + spread * xi_k (xi_k ~ N(0, I), fixed)"),
-            "thetas": Param(None, None, "explicit annotator rewards (k x d); overrides spread"),
+            "thetas": Param(None, _matrix_or_none, "explicit annotator rewards (k x d); overrides spread"),
             "link": Param("logistic", _link, "link of every annotator"),
             "df": Param(2.0, _positive, "degrees of freedom of the student_t link (> 0; other links ignore it)"),
         },
@@ -484,10 +497,11 @@ class Scenario:
         return "\n".join(lines)
 
 
-def _build_preference(pref: dict[str, Any], theta: np.ndarray, d: int, p: int, seed: int,
-                      depth: int = 0) -> PreferenceModel:
+def _build_preference(pref: dict[str, Any], theta: np.ndarray, d: int, p: int, seed: int) -> PreferenceModel:
+    """The preference model of ``pref``. A wrapper (label flips, position bias) draws nothing, and its base
+    draws its structure from the same generator as unwrapped: wrapping changes only what the wrapper adds."""
     model = pref["model"]
-    rng = structure_rng(seed, "preference", depth)
+    rng = structure_rng(seed, "preference", 0)
     if model == "bt":
         return LinkPreference(theta=theta)
     if model in ("probit", "cauchy", "student_t"):
@@ -495,19 +509,16 @@ def _build_preference(pref: dict[str, Any], theta: np.ndarray, d: int, p: int, s
     if model == "temperature":
         return LinkPreference(theta=theta, scale=1.0 / pref["temperature"])
     if model == "label_flip":
-        return LabelFlip(base=_build_preference(pref["base"], theta, d, p, seed, depth + 1), eps=pref["eps"])
+        return LabelFlip(base=_build_preference(pref["base"], theta, d, p, seed), eps=pref["eps"])
     if model == "position_bias":
-        return PositionBias(base=_build_preference(pref["base"], theta, d, p, seed, depth + 1), bias=pref["bias"])
+        return PositionBias(base=_build_preference(pref["base"], theta, d, p, seed), bias=pref["bias"])
     if model == "annotator_mixture":
         weights = np.asarray(pref["weights"], dtype=np.float64)
         if pref["thetas"] is None:
             thetas = theta + pref["spread"] * rng.standard_normal((weights.size, d))
         else:
-            try:
-                thetas = np.asarray(pref["thetas"], dtype=np.float64)
-            except (TypeError, ValueError):
-                thetas = np.full(1, np.nan)
-            if thetas.shape != (weights.size, d) or not np.isfinite(thetas).all():
+            thetas = np.asarray(pref["thetas"], dtype=np.float64)
+            if thetas.shape != (weights.size, d):
                 raise SpecError(f"field 'preference.thetas' must be {weights.size} x {d} finite numbers (one row per weight)")
         return AnnotatorMixture(thetas=thetas, weights=weights, link=pref["link"], df=pref["df"])
     if model == "intransitive":

@@ -72,6 +72,9 @@ def test_softmax_reference_policy() -> None:
     ({"preference": {"model": "student_t", "df": -1}}, r"'preference.df' = -1 must be > 0"),
     ({"preference": {"model": "annotator_mixture", "weights": [0.5, 0.6]}}, "positive numbers summing to 1"),
     ({"preference": {"model": "annotator_mixture", "thetas": [[1, 2, 3]]}}, r"2 x 3 finite numbers"),
+    ({"preference": {"model": "annotator_mixture", "thetas": [[1, 2, "x"], [1, 2, 3]]}},
+     r"'preference.thetas' must be a matrix of finite numbers"),
+    ({"preference": {"model": "annotator_mixture", "thetas": [1, 2, 3]}}, r"'preference.thetas' must be a matrix"),
     ({"d": 1, "preference": "intransitive"}, "needs d >= 2"),
     ({"preference": {"model": "label_flip", "base": {"model": "probit", "scale": "big"}}},
      r"'preference.base.scale' = 'big' must be a number"),
@@ -79,6 +82,28 @@ def test_softmax_reference_policy() -> None:
 def test_bad_specs_name_the_field(spec: dict, match: str) -> None:
     with pytest.raises(SpecError, match=match):
         Scenario.from_spec(spec)
+
+
+def test_explicit_annotators_from_an_array_keep_the_spec_serialisable() -> None:
+    """A numpy ``thetas`` is stored as lists of floats: the spec dumps to JSON and YAML (it was kept as an
+    array, and ``json.dumps``, ``describe`` and ``save`` failed)."""
+    thetas = np.array([[1.0, 0.0, 0.5], [-1.0, 2.0, 0.0]])
+    sc = Scenario.from_spec({"preference": {"model": "annotator_mixture", "thetas": thetas}})
+    assert sc.spec["preference"]["thetas"] == thetas.tolist()
+    assert Scenario.from_spec(json.loads(json.dumps(sc.spec))).spec == sc.spec
+    assert "thetas" in sc.describe()
+
+
+@pytest.mark.parametrize("base", ["annotator_mixture", "intransitive", "near_deterministic"])
+@pytest.mark.parametrize("wrap", [{"model": "label_flip", "eps": 0.0}, {"model": "position_bias", "bias": 0.0}],
+                         ids=["label_flip", "position_bias"])
+def test_a_neutral_wrapper_leaves_a_random_base_unchanged(base: str, wrap: dict) -> None:
+    """Label flips at eps = 0 and a position bias of 0 give the base's g* exactly: the wrapper draws
+    nothing, so the base's random structure (annotators, skew matrix, sharpness direction) is the same
+    (it was redrawn, up to 1.0 apart in g*)."""
+    plain = Scenario.from_spec({"preference": {"model": base}}).population(size=200, seed=1)
+    wrapped = Scenario.from_spec({"preference": {**wrap, "base": {"model": base}}}).population(size=200, seed=1)
+    np.testing.assert_allclose(wrapped.g_star, plain.g_star, rtol=0, atol=1e-15)
 
 
 def test_unknown_scenario_lists_the_names() -> None:
