@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.special import expit, logit
 
-from .scenario import SpecError, structure_rng
+from .scenario import SEED_LIMIT, SpecError, structure_rng
 
 if TYPE_CHECKING:
     from .scenario import Scenario
@@ -71,7 +71,8 @@ class AuxSpec:
         checks = {
             "noise": (self.noise >= 0, ">= 0"), "value": (0 <= self.value <= 1, "in [0, 1]"),
             "scale": (self.scale >= 0, ">= 0"), "n_fit": (self.n_fit >= 10, "an integer >= 10"),
-            "folds": (self.folds >= 2, "an integer >= 2"), "seed": (self.seed >= 0, "an integer >= 0"),
+            "folds": (self.folds >= 2, "an integer >= 2"),
+            "seed": (0 <= self.seed < SEED_LIMIT, "an integer in [0, 2**32)"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok or not np.isfinite(getattr(self, name)):
@@ -199,12 +200,18 @@ def build_aux(scenario: "Scenario", spec: AuxSpec) -> FixedAux | None:
         rng = structure_rng(scenario.spec["structure_seed"], "auxiliary", spec.seed, int(spec.kind == "random"))
         key = int(rng.integers(2**63))
     if spec.kind == "bt_plugin":
+        from robust_rlhf.theory.errors import SeparableDataError
         from robust_rlhf.theory.fitting import fit
 
         from .dataset import sample
 
         aux_data = sample(scenario, n=spec.n_fit, seed=spec.seed, aux=None, M=0, namespace="auxiliary")
-        theta = fit(aux_data.to_pair_data(), method="mle").theta[0]
+        try:
+            theta = fit(aux_data.to_pair_data(), method="mle").theta[0]
+        except SeparableDataError:
+            raise SpecError(f"auxiliary model bt_plugin: its own fit sample of n_fit = {spec.n_fit} labelled pairs "
+                            f"(seed {spec.seed}) of scenario {scenario.name!r} is separable, so its BT fit has no "
+                            "finite estimate; raise n_fit or change the seed") from None
     return FixedAux(scenario=scenario, spec=spec, key=key, theta=theta)
 
 

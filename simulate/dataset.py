@@ -33,7 +33,7 @@ from robust_rlhf.theory.data import PairData, PairPopulation
 
 from .auxiliary import AuxSpec, build_aux
 from .reference import sample_responses
-from .scenario import Scenario, SpecError, check_memory
+from .scenario import Scenario, SpecError, check_memory, check_seed
 
 __all__ = ["PreferenceData", "sample", "sample_population", "save", "STREAMS"]
 
@@ -263,7 +263,7 @@ def sample(
         raise SpecError(f"scenario: expected a Scenario or a registered name, got {type(scenario).__name__}")
     n = _check_int("n", n, 1)
     reps = _check_int("reps", reps, 1)
-    seed = _check_int("seed", seed, 0)
+    seed = check_seed("'seed'", seed)
     first_rep = _check_int("first_rep", first_rep, 0)
     N = _check_int("unlabelled", unlabelled, 0)
     if namespace not in _NAMESPACES:
@@ -346,6 +346,8 @@ def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1,
     n = _check_int("n", n, 1)
     reps = _check_int("reps", reps, 1)
     M = _check_int("M", M, 0)
+    seed = check_seed("'seed'", seed)
+    first_rep = _check_int("first_rep", first_rep, 0)
     P, K = pop.pi.shape
     if g_hat is not None and np.shape(g_hat) != (P, K, K):
         raise SpecError(f"sample_population: g_hat must have the population's shape (P, K, K) = {(P, K, K)}, "

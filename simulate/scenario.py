@@ -43,7 +43,8 @@ from .preferences import (
 )
 from .reference import REFERENCE_POLICIES, ReferencePolicy, SoftmaxReference, UniformReference
 
-__all__ = ["SpecError", "Scenario", "PREFERENCE_MODELS", "load_spec", "structure_rng", "check_memory", "MEMORY_LIMIT"]
+__all__ = ["SpecError", "Scenario", "PREFERENCE_MODELS", "load_spec", "structure_rng", "check_memory", "check_seed",
+           "MEMORY_LIMIT", "SEED_LIMIT"]
 
 
 class SpecError(InputError):
@@ -109,6 +110,18 @@ def _link(field_: str, value: Any) -> str:
     if value not in LINKS:
         raise SpecError(f"field '{field_}' = {value!r} is not a link; allowed: {', '.join(LINKS)}")
     return value
+
+
+#: A seed is one 32-bit word of a SeedSequence's entropy: a larger one spills into the next word and can give
+#: another stream's numbers (data seed s + 2**32 drew auxiliary seed s's prompts and labels).
+SEED_LIMIT = 2**32
+
+
+def check_seed(what: str, value: Any) -> int:
+    """``value`` as an int in ``[0, SEED_LIMIT)``; else a ``SpecError`` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < SEED_LIMIT:
+        raise SpecError(f"{what} = {value!r} must be an integer in [0, 2**32)")
+    return int(value)
 
 
 def _int_at_least(field_: str, value: Any, low: int) -> int:
@@ -360,7 +373,7 @@ class Scenario:
         _check_keys("", spec, _TOP_KEYS)
         d = _int_at_least("d", spec.get("d", 3), 1)
         K = _int_at_least("K", spec.get("K", 4), 2)
-        seed = _int_at_least("structure_seed", spec.get("structure_seed", 0), 0)
+        seed = check_seed("field 'structure_seed'", spec.get("structure_seed", 0))
         reward_scale = _positive("reward_scale", spec.get("reward_scale", 1.5))
 
         feats = spec.get("features", {"map": "gaussian"})

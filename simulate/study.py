@@ -45,7 +45,7 @@ from robust_rlhf.theory.errors import InputError
 from .auxiliary import AuxSpec, aux_population
 from .pessimism import NEWEST_COLUMNS, PessimismSpec, run_pessimism
 from .registry import SCENARIOS, get_scenario
-from .scenario import Scenario, SpecError
+from .scenario import Scenario, SpecError, check_seed
 
 __all__ = ["EstimatorSetting", "StudySpec", "Cell", "run_study", "load_study", "predict", "predict_regret",
            "DEFAULT_STUDY", "Study", "ESTIMATORS"]
@@ -200,8 +200,9 @@ class StudySpec:
         if len({e.name for e in ests}) != len(ests):
             raise SpecError(f"study field 'estimators': names must be unique, got {[e.name for e in ests]}")
         object.__setattr__(self, "estimators", ests)
-        for key, low in (("reps", 2), ("seed", 0), ("population", 100), ("eval_prompts", 10), ("chunk", 1)):
+        for key, low in (("reps", 2), ("population", 100), ("eval_prompts", 10), ("chunk", 1)):
             _int(key, getattr(self, key), low)
+        check_seed("study field 'seed'", self.seed)
         if isinstance(self.kl_beta, bool) or not (isinstance(self.kl_beta, (int, float)) and math.isfinite(self.kl_beta)
                                                   and self.kl_beta > 0):
             raise SpecError(f"study field 'kl_beta' = {self.kl_beta!r} must be a number > 0 and finite")

@@ -209,6 +209,42 @@ def test_sample_takes_a_scenario_or_its_name() -> None:
             get_scenario("bt").population(size=10, seed=seed)
 
 
+def test_seeds_are_32_bit_words() -> None:
+    """A seed of 2**32 or more spilled into the next word of the SeedSequence key: data seed s + 2**32 drew
+    the prompts and labels of auxiliary seed s. Every seed is refused outside [0, 2**32)."""
+    from robust_rlhf.simulate.dataset import sample_population
+    from robust_rlhf.simulate.study import StudySpec
+
+    big = 2**32
+    sc = get_scenario("bt")
+    ok = sample(sc, 5, seed=big - 1, M=0, aux=None)  # the largest seed is allowed
+    assert ok.z.shape == (1, 5)
+    pop = sc.population(size=10, seed=0)
+    for call in (lambda: sample(sc, 5, seed=big, M=0, aux=None), lambda: sample_population(pop, 5, seed=big),
+                 lambda: sample_population(pop, 5, seed=-1)):
+        with pytest.raises(SpecError, match=r"'seed' = -?\d+ must be an integer in \[0, 2\*\*32\)"):
+            call()
+    with pytest.raises(SpecError, match=r"auxiliary model field 'seed' = 4294967296 must be an integer in \[0, 2"):
+        AuxSpec("noisy_oracle", seed=big)
+    with pytest.raises(SpecError, match=r"field 'structure_seed' = 4294967296 must be an integer in \[0, 2"):
+        get_scenario("bt", structure_seed=big)
+    with pytest.raises(SpecError, match=r"study field 'seed' = 4294967296 must be an integer in \[0, 2"):
+        StudySpec.from_dict({"scenarios": ["bt"], "n": [100], "estimators": ["mle"], "seed": big})
+
+
+def test_separable_bt_plugin_sample_is_named() -> None:
+    """The bt_plugin model's own small fit sample can be separable: the error names the auxiliary model and
+    n_fit (it was the fitting engine's message about the user's replications and a --bound option)."""
+    failures = 0
+    for seed in range(8):
+        try:
+            sample("near_deterministic", 20, seed=0, aux={"kind": "bt_plugin", "n_fit": 10, "seed": seed})
+        except SpecError as exc:
+            assert "auxiliary model bt_plugin: its own fit sample of n_fit = 10 labelled pairs" in str(exc)
+            failures += 1
+    assert failures > 0
+
+
 def test_save_npz_round_trip(tmp_path) -> None:
     data = sample(get_scenario("label_flip"), 40, seed=0, M=3, unlabelled=5, aux="noisy_oracle")
     path = save(data, tmp_path / "d.npz")
