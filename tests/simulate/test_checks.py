@@ -242,3 +242,45 @@ def test_cells_with_too_few_estimates_have_no_verdict(kept: int) -> None:
     enough = analyse(last(20), wrong)
     assert "n/a" not in set(enough.cells.var_check)
     assert _bad_ghat_claims(last(20), wrong)["3_bad_ghat_variance"]["verdict"] != "inconclusive"
+
+
+def test_the_mle_ratio_against_itself_is_not_a_check() -> None:
+    """The MLE's paired ratio to itself is 1 with the interval [1, 1]: it was counted as a passed check
+    even where every variance check of the MLE failed."""
+    results, predictions = _tables()
+    cells = analyse(results, predictions).cells
+    mle = cells[cells.estimator == "mle"]
+    assert (mle.ratio == 1.0).all() and (mle.ratio_check == "n/a").all()
+    assert set(cells[cells.estimator != "mle"].ratio_check) <= {"pass", "fail"}
+
+
+def test_bias_interval_is_the_bonferroni_student_t_interval() -> None:
+    """Per coordinate: mean error +- t(1 - 0.05 / (2 d), R - 1) sd / sqrt(R), on the scale n (theta - theta_dagger),
+    with failed replications (NaN) left out."""
+    from scipy.stats import t
+
+    from robust_rlhf.simulate.checks import _bias_table
+
+    rng = np.random.default_rng(3)
+    n, theta = 500, rng.normal(size=(50, 3)) / np.sqrt(500)
+    theta[:4, 1] = np.nan
+    pred = pd.Series({"pred_bias": [0.1, -0.2, 0.0], "theta_dagger": [0.0] * 3, "theta_se": [0.0] * 3})
+    table = _bias_table(theta, pred, n)
+    for k in range(3):
+        err = n * theta[:, k]
+        err = err[np.isfinite(err)]
+        half = t.ppf(1 - 0.05 / 6, err.size - 1) * err.std(ddof=1) / np.sqrt(err.size)
+        assert table.measured[k] == pytest.approx(err.mean(), rel=1e-12)
+        assert (table.low[k], table.high[k]) == pytest.approx((err.mean() - half, err.mean() + half), rel=1e-12)
+
+
+def test_bias_check_fails_five_percent_of_true_claims() -> None:
+    """True bias 0, normal estimates, R = 200, d = 3: over 4000 cells the check fails in 0.049 of them
+    (Bonferroni over 3 independent coordinates: 1 - (1 - 0.05/3)^3), binomial SE 0.0034; the band is
+    3 SE. The bootstrap percentile intervals of before failed in 0.064."""
+    from robust_rlhf.simulate.checks import _bias_table
+
+    pred = pd.Series({"pred_bias": [0.0] * 3, "theta_dagger": [0.0] * 3, "theta_se": [0.0] * 3})
+    rng = np.random.default_rng(11)
+    fails = [not _bias_table(rng.normal(size=(200, 3)) / 40.0, pred, 1600).covered.all() for _ in range(4000)]
+    assert 0.049 - 3 * 0.0034 < np.mean(fails) < 0.049 + 3 * 0.0034
