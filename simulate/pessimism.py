@@ -82,9 +82,10 @@ class PessimismSpec:
         ests = tuple(e if isinstance(e, EstimatorSetting) else EstimatorSetting.parse(e) for e in self.estimators)
         for est in ests:
             if est.method not in ("mle", "vrpo") or est.M == "exact" or not est.g_hat_is_fixed \
-                    or (est.lam is not None and not 0 <= est.lam <= 1):
+                    or (est.lam is not None and not 0 <= est.lam <= 1) or est.unlabelled > 0:
                 raise SpecError(f"study field 'pessimism.estimators': the bound covers the MLE and VRPO with M pairs "
-                                f"per prompt, a fixed g_hat and lam in [0, 1]; {est.name!r} is not one")
+                                f"per labelled prompt (no unlabelled prompts: its clusters are a labelled pair with "
+                                f"its reference pairs), a fixed g_hat and lam in [0, 1]; {est.name!r} is not one")
         object.__setattr__(self, "estimators", ests)
         ns = (self.n,) if isinstance(self.n, int) else tuple(self.n)
         if not ns or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ns):
@@ -189,8 +190,8 @@ def run_pessimism(ps: PessimismSpec, n: int, est: Any, seed: int) -> pd.DataFram
         err = constrained.theta[r] - theta_dag
         row["in_radius"] = bool(math.sqrt(max(float(err @ radius.matrix @ err), 0.0)) <= radius.radius * (1 + 1e-9))
         policy = pessimistic_policy(constrained.theta[r], radius.cov, pop.phi, pi_ref=pop.pi, gamma=radius.radius)
-        bound = pessimistic_regret_bound(radius, pop.phi, comparator, pi_ref=pop.pi, utility=pop.utility,
-                                         theta_dagger=theta_dag)
+        # the bound under theta_dagger's reward needs no utility (a scenario without one, e.g. intransitive)
+        bound = pessimistic_regret_bound(radius, pop.phi, comparator, pi_ref=pop.pi)
         row["regret_dagger"] = float(best - value(policy, r_dag).mean)
         row["bound_dagger"] = bound.bound_dagger
         row["held"] = bool(row["regret_dagger"] <= bound.bound_dagger + 1e-9)

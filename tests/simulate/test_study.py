@@ -174,6 +174,21 @@ def test_checks_report_claims_and_can_fail(tiny) -> None:
     assert (cells.failed == 24).all() and (cells[["var_check", "bias_check", "coverage_check"]] == "n/a").all().all()
 
 
+def test_pessimism_on_a_scenario_without_utility() -> None:
+    """The bound under theta_dagger's reward needs no utility: a scenario without one (intransitive) runs
+    (it crashed asking for a utility) and gives no regret under the (absent) true utility."""
+    from robust_rlhf.simulate.pessimism import PessimismSpec, run_pessimism
+
+    spec = {"name": "intransitive_tanh", "features": {"map": "tanh", "prompt_dim": 3},
+            "preference": {"model": "intransitive", "strength": 1.0}}
+    ps = PessimismSpec(scenario=spec, estimators=("mle", "vrpo_M4"), n=(200,), reps=2, prompts=10)
+    assert not ps.build_scenario().has_utility
+    for est in ps.estimators:
+        table = run_pessimism(ps, 200, est, seed=1)
+        assert len(table) == 2 and (table.bound_dagger > 0).all() and table.held.all()
+        assert table.regret_pessimistic.isna().all() and table.regret_pessimistic_dagger.notna().all()
+
+
 def test_pessimism_bound_is_checked(tmp_path) -> None:
     """The explicit bound holds (it must, with probability >= 1 - delta) and the report says whether
     it is vacuous; the certified policy never does better than the bound allows. The claim is tested
@@ -232,6 +247,7 @@ def test_pessimism_bound_is_checked(tmp_path) -> None:
     ({"pessimism": {"reps": 1}}, r"'pessimism.reps' = 1 must be an integer >= 2"),
     ({"pessimism": {"estimators": ["vrpo_exact"]}}, "the bound covers the MLE and VRPO with M pairs"),
     ({"pessimism": {"estimators": ["vrpo_tuned_M4"]}}, "the bound covers the MLE and VRPO with M pairs"),
+    ({"pessimism": {"estimators": ["vrpo_unlabelled_M1"]}}, "no unlabelled prompts"),
     ({"pessimism": {"scenario": "nope"}}, "unknown scenario 'nope'"),
     ({"pessimism": {"delta": 1.5}}, r"'pessimism.delta' = 1.5 must be in \(0, 1\)"),
     ({"pessimism": {"colour": 1}}, "unknown study field 'pessimism.colour'"),
