@@ -60,6 +60,8 @@ CHOSEN = "chosen"
 REJECTED = "rejected"
 CHOSEN_PREF = "chosen_preference"
 REJECTED_PREF = "rejected_preference"
+#: dataset column holding the reference policy's log-probabilities of the K responses of a row (the trainer's)
+REF_LOGPS = "ref_logps"
 #: default tolerance on ``|p + q - 1|`` for the two probabilities of a pair
 DEFAULT_TOL = 1e-3
 
@@ -126,6 +128,9 @@ def infer_schema(columns: Iterable[str]) -> PreferenceSchema:
     gap and an even count; probability columns come in pairs and, for references, for every ``a_k``.
     """
     cols = set(columns)
+    if REF_LOGPS in cols:
+        raise InputError(f"column {REF_LOGPS} is reserved for the reference log-probabilities that the trainer "
+                         "computes (or reads from its cache); drop or rename it in the data")
     missing = [c for c in (PROMPT, CHOSEN, REJECTED) if c not in cols]
     if missing:
         raise InputError(

@@ -19,7 +19,7 @@ import torch
 
 from robust_rlhf.theory.errors import InputError
 
-from .data import CHOSEN_PREF, PROMPT, PreferenceSchema, preference_column
+from .data import CHOSEN_PREF, PROMPT, REF_LOGPS, PreferenceSchema, preference_column
 
 __all__ = [
     "TokenizeOptions",
@@ -31,10 +31,6 @@ __all__ = [
     "PreferenceCollator",
     "REF_LOGPS",
 ]
-
-#: dataset column holding the reference policy's log-probabilities of the K responses of a row
-REF_LOGPS = "ref_logps"
-
 
 @dataclass(frozen=True)
 class TokenizeOptions:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import warnings
@@ -523,9 +524,17 @@ class PreferenceTrainer(_PairwiseTrainer):
         """The data set plus a ``ref_logps`` column ``[log pi_ref(y_k|x) for the K responses]``, in one pass.
 
         Rows are split across processes and gathered back in order; a data set that already has the
-        column (for example from a cache) is returned as is.
+        column (for example from a cache) is returned as is, once every row is checked to hold ``K`` finite
+        numbers (a column made for another method or schema has another width).
         """
         if REF_LOGPS in dataset.column_names:
+            K = self.n_responses
+            for i, row in enumerate(dataset[REF_LOGPS]):
+                if row is None or len(row) != K or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in row):
+                    raise InputError(
+                        f"column {REF_LOGPS}, row {i + 1}: expected log pi_ref of the {K} scored responses, "
+                        f"got {row!r}; a column made for another method or schema (drop it to recompute)"
+                    )
             return dataset
         from transformers.integrations import is_deepspeed_zero3_enabled
 

@@ -53,6 +53,8 @@ def test_infer_schema_reference_pairs_and_preferences() -> None:
             "missing a_2_preference",
         ),
         (["prompt", "chosen", "rejected", "a_1", "a_2", "a_1_preference", "a_2_preference"], "labelled pair too"),
+        # the trainer's own column: a user's values were taken as pi_ref's log-probs unchecked
+        (["prompt", "chosen", "rejected", "ref_logps"], "column ref_logps is reserved"),
     ],
 )
 def test_infer_schema_rejects_malformed_columns(cols: list[str], match: str) -> None:

@@ -595,6 +595,26 @@ def test_tuned_lambda_sees_every_row_of_the_last_window(tokenizer: Any, tmp_path
     assert seen == [4, 2]
 
 
+def test_a_ref_logps_column_of_another_width_is_refused(tokenizer: Any, tmp_path: Any) -> None:
+    """A data set carrying the VRPO trainer's ref_logps (K = 6 per row) given to a DPO trainer (K = 2): a
+    named error before training (it crashed in training on a shape mismatch, and a column of the right
+    width from elsewhere was taken as pi_ref's log-probs)."""
+    tds, schema = _data(tokenizer, n=4, n_pairs=2, seed=25)
+    vrpo = PreferenceTrainer(make_causal_lm(tokenizer, seed=0), _args(tmp_path / "v"),
+                             objective=PreferenceObjective.from_names("vrpo"), schema=schema, beta=BETA,
+                             train_dataset=tds, processing_class=tokenizer)
+    assert len(vrpo.train_dataset[0][REF_LOGPS]) == 6
+    with pytest.raises(InputError, match=r"column ref_logps, row 1: expected log pi_ref of the 2 scored responses"):
+        PreferenceTrainer(make_causal_lm(tokenizer, seed=0), _args(tmp_path / "d"),
+                          objective=PreferenceObjective.from_names("dpo"), schema=schema, beta=BETA,
+                          train_dataset=vrpo.train_dataset, processing_class=tokenizer)
+    bad = vrpo.train_dataset.remove_columns(REF_LOGPS).add_column(REF_LOGPS, [[0.0] * 5 + [math.nan]] * 4)
+    with pytest.raises(InputError, match="row 1: expected log pi_ref of the 6 scored responses"):
+        PreferenceTrainer(make_causal_lm(tokenizer, seed=0), _args(tmp_path / "n"),
+                          objective=PreferenceObjective.from_names("vrpo"), schema=schema, beta=BETA,
+                          train_dataset=bad, processing_class=tokenizer)
+
+
 def test_bf16_run_on_cpu(tokenizer: Any, tmp_path: Any) -> None:
     tds, schema = _data(tokenizer, n=4, n_pairs=1, seed=21)
     tr = PreferenceTrainer(
