@@ -347,6 +347,8 @@ def gaussian_plugin_regret(
         raise InputError(f"draws: need an integer >= 2, got {draws!r}")
     if antithetic and draws % 2:
         raise InputError(f"draws: must be even with antithetic pairs, got {draws}")
+    if isinstance(chunk, bool) or not (isinstance(chunk, (int, np.integer)) and chunk >= 1):
+        raise InputError(f"chunk: need an integer >= 1 (draws per regret evaluation), got {chunk!r}")
     C = None if theta_mc_cov is None else _psd("theta_mc_cov", theta_mc_cov, pop.d)
     evals, evecs = np.linalg.eigh(S)
     root = evecs * np.sqrt(np.clip(evals, 0.0, None))  # root @ root.T = Sigma
@@ -357,7 +359,7 @@ def gaussian_plugin_regret(
     def units_at(c: np.ndarray, m: int = m) -> np.ndarray:
         """The first ``m`` draws' regrets (pair means with ``antithetic``) around the centre ``c``."""
         units = []
-        for start in range(0, m, max(1, int(chunk))):
+        for start in range(0, m, chunk):
             e = z[start:min(start + chunk, m)] @ root.T / math.sqrt(nn)
             plus = np.asarray(theta_regret(c + e, pop, kind=kind, beta=beta, measure=measure).mean)
             if antithetic:

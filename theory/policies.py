@@ -257,6 +257,11 @@ def _log_ref(pi_ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _gibbs(values: np.ndarray, pi_ref: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
     """``pi ~ pi_ref exp(values / beta)`` by a max-shifted softmax, and ``log pi`` (``-inf`` off support)."""
+    with np.errstate(over="ignore"):
+        top = float(np.abs(values).max(initial=0.0)) / beta
+    if not math.isfinite(top):
+        raise InputError(f"rewards / beta overflow (largest |reward| {float(np.abs(values).max()):.3g}, beta = "
+                         f"{beta!r}): use a larger beta or the greedy policy")
     logits = _tensor(_log_ref(pi_ref)[1]) + _tensor(values) / beta
     logits = logits - logits.amax(dim=-1, keepdim=True)  # each row has support, so the max is finite
     weights = logits.exp()
@@ -463,9 +468,9 @@ def theta_regret(
         ref, b = population.pi, _check_beta(beta_, weight=True)
     _check_kind(kind, population.pi, beta)
     pol_beta = beta_ if kind == "kl" else None
+    _check_reward_scale(th, population.phi, pol_beta)  # the policy's rewards first: theta is what the user passed
     target = _regret_target(util, ref, b)
     if kernels.available():
-        _check_reward_scale(th, population.phi, pol_beta)  # the torch path checks in _policy
         support = torch.isfinite(target) if b is not None else None
         per = kernels.policy_regret(
             _tensor(th), _tensor(population.phi), target,
@@ -667,6 +672,7 @@ class _PessimisticProgram:
         P, K, d = phi.shape
         self.P, self.K, self.per_prompt = P, K, per_prompt
         self.phi = phi
+        self.phi_scale = float(np.abs(phi).max())
         self.x = cp.Variable(P * K, nonneg=True)
         self.theta = cp.Parameter(d)
         self.S = cp.Parameter((d, d))
@@ -707,6 +713,11 @@ class _PessimisticProgram:
         raise RuntimeError(f"pessimistic policy: the cone program was not solved (last status: {status})")
 
     def solve(self, theta: np.ndarray, S: np.ndarray, v: np.ndarray, anchor: np.ndarray, solver: str) -> np.ndarray:
+        # The maximiser does not change with a positive scale of the objective, but the solver's tolerances
+        # are absolute: the objective is brought to order one (at |theta| ~ 1e-8 the policy was off by 0.4)
+        scale = max(float(np.linalg.norm(theta)), float(np.linalg.norm(S, 2))) * self.phi_scale
+        if scale > 0 and math.isfinite(scale):
+            theta, S = theta / scale, S / scale
         self.theta.value = theta
         self.S.value = S
         self.C.value = v @ S.T

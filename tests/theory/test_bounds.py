@@ -99,6 +99,13 @@ def test_delta_method_complete_when_bt_well_specified() -> None:
     assert dm.expected == pytest.approx(dm.curvature_term, rel=1e-12)
 
 
+def test_plugin_chunk_is_checked() -> None:
+    pop = PairPopulation(np.eye(2)[None].repeat(3, 0), np.full((3, 2), 0.5), np.full((3, 2, 2), 0.5))
+    for chunk in (0, -3, 1.5, True):
+        with pytest.raises(InputError, match=r"chunk: need an integer >= 1"):
+            bd.gaussian_plugin_regret(np.zeros(2), np.eye(2), 100, pop, chunk=chunk)
+
+
 def test_gaussian_plugin_agrees_with_delta_method() -> None:
     pop, theta_star = _random_population(3)  # non-linear utility: grad f != 0, f not minimised at theta_dag
     beta = 0.5

@@ -280,6 +280,28 @@ def test_pessimistic_gamma_zero_is_greedy() -> None:
         np.testing.assert_allclose(got, pl.greedy_policy(thetas, pop.phi), atol=1e-6)
 
 
+def test_pessimistic_policy_does_not_depend_on_the_objective_scale() -> None:
+    """``c (theta . w - gamma ||S w||)`` has the same maximiser for every ``c > 0``; the solver's absolute
+    tolerances made the policy at ``c = 1e-8`` differ by 0.40 from that at ``c = 1``."""
+    rng = np.random.default_rng(3)
+    phi, ref = rng.normal(size=(8, 4, 3)), rng.dirichlet(np.ones(4), size=8)
+    th, A = rng.normal(size=3), rng.normal(size=(3, 3))
+    cov = 0.05 * A @ A.T
+    base = pl.pessimistic_policy(th, cov, phi, ref, gamma=2.0)
+    for c in (1e-6, 1e-8, 1e-9):
+        np.testing.assert_allclose(pl.pessimistic_policy(c * th, c * c * cov, phi, ref, gamma=2.0), base, atol=1e-8)
+    np.testing.assert_allclose(pl.pessimistic_policy(1e-9 * th, cov, phi, ref, gamma=0.0),
+                               pl.greedy_policy(th, phi), atol=1e-6)
+
+
+def test_kl_optimum_with_overflowing_rewards_is_named() -> None:
+    """Utilities over beta beyond float range: an InputError (it returned NaN policies and an infinite
+    regret), as for rewards theta . phi."""
+    U, ref = np.array([[1e10, 0.0, -1e10]]), np.full((1, 3), 1 / 3)
+    with pytest.raises(InputError, match=r"rewards / beta overflow \(largest \|reward\| 1e\+10, beta = 1e-300\)"):
+        pl.optimal_policy(U, beta=1e-300, pi_ref=ref)
+
+
 def _simplex_grid(K: int, steps: int) -> np.ndarray:
     pts = [c for c in itertools.product(range(steps + 1), repeat=K - 1) if sum(c) <= steps]
     return np.array([[*c, steps - sum(c)] for c in pts], dtype=float) / steps
