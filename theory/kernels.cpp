@@ -224,18 +224,22 @@ void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const doubl
   centred_moments(nullptr, B.data(), n, C, d, nullptr, nullptr, bb);
 }
 
-inline double dot(const double* x, const double* y, int64_t d) {
-  double acc = 0.0;
+// s_i = sigmoid(x_i . theta) for the P rows of X (row-major, P x d): the margins, then the exponentials
+// over all of them at once (vectorised; exp of -|u| only, so nothing overflows).
+void sigmoid_margins(const double* X, const double* th, int64_t P, int64_t d, double* s) {
+  for (int64_t i = 0; i < P; ++i) {
+    double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < d; ++k) acc += x[k] * y[k];
-  return acc;
-}
-
-// sigmoid(u) without overflow: exp of -|u| only.
-inline double sigmoid(double u) {
-  const double e = std::exp(-std::fabs(u));
-  const double inv = 1.0 / (1.0 + e);
-  return u >= 0.0 ? inv : e * inv;
+    for (int64_t k = 0; k < d; ++k) acc += X[i * d + k] * th[k];
+    s[i] = acc;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < P; ++i) {
+    const double u = s[i];
+    const double e = std::exp(-std::fabs(u));
+    const double inv = 1.0 / (1.0 + e);
+    s[i] = u >= 0.0 ? inv : e * inv;
+  }
 }
 
 }  // namespace
@@ -347,23 +351,31 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
                                  double* VAA, double* VAB, double* VBB) {
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
-    std::vector<double> A(n * d), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0);
+    std::vector<double> A(n * d), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0), s(std::max(n, N));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
       const double* Xr = X + r * n * d;
       const double* th = theta + r * d;
       const double inv_n = 1.0 / static_cast<double>(n);
-      for (int64_t i = 0; i < n; ++i) {
-        const double s = sigmoid(dot(Xr + i * d, th, d));
-        cA[i] = (s - z[r * n + i]) * inv_n;
-        if (g)
-          cB[i] = -(s - g[r * n + i]) * inv_n;
-      }
+      sigmoid_margins(Xr, th, n, d, s.data());
+      const double* zr = z + r * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) cA[i] = (s[i] - zr[i]) * inv_n;
       if (g) {
+        const double* gr = g + r * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) cB[i] = (gr[i] - s[i]) * inv_n;
         const double* Xq = Xref + r * N * d;
-        for (int64_t j = 0; j < N; ++j) {
-          const double w = wref ? wref[r * N + j] : 1.0 / static_cast<double>(N);
-          cR[j] = w * (sigmoid(dot(Xq + j * d, th, d)) - gref[r * N + j]);
+        sigmoid_margins(Xq, th, N, d, s.data());
+        const double* gq = gref + r * N;
+        if (wref) {
+          const double* wq = wref + r * N;
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) cR[j] = wq[j] * (s[j] - gq[j]);
+        } else {
+          const double w = 1.0 / static_cast<double>(N);
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) cR[j] = w * (s[j] - gq[j]);
         }
       }
       replication_moments(n, N, d, C, Xr, cA.data(), g ? cB.data() : nullptr, g ? Xref + r * N * d : nullptr,
