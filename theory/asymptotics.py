@@ -478,8 +478,10 @@ def _unit_scale(S: Tensor) -> Tensor | None:
     return diag.rsqrt()
 
 
-def _existence_problems(T: _Tensors, g: Tensor, groups: Tensor, G: int, recession: bool) -> list[str | None]:
-    r"""Per group, why the population objective has no unique finite minimiser (None: it has one).
+def _existence_problems(T: _Tensors, g: Tensor, groups: Tensor, G: int, recession: bool
+                        ) -> tuple[list[str | None], Tensor]:
+    r"""Per group, why the population objective has no unique finite minimiser (None: it has one), and the
+    groups' ``E[dphi dphi^T]`` (G, d, d).
 
     Identification: ``E[dphi dphi^T]`` over pairs of positive weight must be non-singular.
     Recession ``[-z]_+`` (``recession``: the logistic loss, the smoothed hinge): the convex objective
@@ -527,7 +529,7 @@ def _existence_problems(T: _Tensors, g: Tensor, groups: Tensor, G: int, recessio
                 "objective of this loss (it grows linearly, like the logistic) does not increase along that "
                 "direction and has no finite unique minimiser; move those probabilities inside (0, 1)"
             )
-    return out
+    return out, S_all
 
 
 def _boundary_rows(T: _Tensors, g: Tensor, groups: Tensor, group: int, null: Tensor) -> np.ndarray:
@@ -680,7 +682,7 @@ def _fit_groups_uncached(
 ) -> _Fit:
     """Newton per group after the existence checks; any failing check skips the fit (``failed`` says why)."""
     sizes = torch.bincount(groups, minlength=G).to(_DT)
-    problems = _existence_problems(T, g, groups, G, recession=isinstance(loss.recession(), Recession))
+    problems, spread = _existence_problems(T, g, groups, G, recession=isinstance(loss.recession(), Recession))
     if any(p is not None for p in problems):
         nan = torch.full((G, T.d), math.nan, dtype=_DT)
         return _Fit(theta=nan, grad=nan, hess=nan[:, :, None] * nan[:, None, :], iterations=0, failed=problems)
@@ -688,9 +690,16 @@ def _fit_groups_uncached(
     failed = list(fit.failed)
     for j in range(G):
         if failed[j] is None:
-            scale = _unit_scale(fit.hess[j])
-            if scale is None or not float(torch.linalg.eigvalsh(fit.hess[j] * _outer(scale, scale))[0]) > _RANK_TOL:
-                failed[j] = "the Hessian at the stationary point is not positive definite (no strict minimiser)"
+            # curvature relative to the pairs' spread, L^-1 H L^-T with E[dphi dphi^T] = L L^T: judged on H's own
+            # diagonal, a Hessian of 1e-20 (an iterate far out where a loss with Gaussian tails is flat) passed
+            scale = _unit_scale(spread[j])  # both on the unit-diagonal scale of the spread
+            D = _outer(scale, scale)
+            Li = torch.linalg.inv(torch.linalg.cholesky(spread[j] * D))
+            curvature = float(torch.linalg.eigvalsh(Li @ (fit.hess[j] * D) @ Li.T)[0])
+            if not curvature > _RANK_TOL:
+                failed[j] = (f"the Hessian at the stationary point is not positive definite relative to the pairs' "
+                             f"spread E[dphi dphi^T] (smallest relative curvature {curvature:.1e}): no strict "
+                             "finite minimiser")
     fit.failed = failed
     return fit
 

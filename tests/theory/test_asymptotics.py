@@ -474,6 +474,22 @@ def test_separable_population_refused_for_every_loss_with_linear_recession() -> 
             call(pop, loss=loss)
 
 
+@pytest.mark.parametrize("seed", [0, 2, 4, 5])
+def test_a_flat_stationary_point_is_refused(seed: int) -> None:
+    """The bounded smoothed truncated hinge on deterministic separable preferences: its infimum lies at
+    infinity, and Newton stops where the Gaussian-tailed curvature has vanished. Judged on its own diagonal
+    that Hessian passed, and mle_covariance returned a negative trace (these four seeds); relative to the
+    pairs' spread it is flat."""
+    rng = np.random.default_rng(seed)
+    phi = rng.normal(size=(20, 3, 2))
+    r = phi @ np.array([1.0, -0.5])
+    g = (r[:, :, None] > r[:, None, :]).astype(float)
+    g[:, range(3), range(3)] = 0.5
+    pop = PairPopulation(phi, rng.dirichlet(np.ones(3), size=20), g)
+    with pytest.raises(InputError, match="not positive definite relative to the pairs' spread"):
+        asy.mle_covariance(pop, loss=SmoothedTruncatedHinge(s=-0.5, bandwidth=0.3), n_batches=2)
+
+
 def test_boundary_probabilities_without_separation_have_a_minimiser() -> None:
     # d = 1, phi = (0, 1, 2); every g* is 0 or 1 but inconsistent with one direction:
     # (0,1): dphi = -1, g = 1 needs v <= 0; (1,2): dphi = -1, g = 0 needs v >= 0 -> only v = 0.
