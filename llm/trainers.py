@@ -216,10 +216,14 @@ class _PairwiseTrainer(Trainer, ABC):
         values = values.detach().float().contiguous()
         return self.accelerator.gather(values) if training else self.accelerator.gather_for_metrics(values)
 
+    def _rows(self, batch: dict[str, Tensor]) -> int:
+        """Preference rows of a batch: its sequences over the ``K`` scored per row."""
+        return batch["input_ids"].shape[0] // self.n_responses
+
     def _get_num_items_in_batch(self, batch_samples: list[dict[str, Tensor]], device: torch.device) -> Tensor:
         """The preference rows of an accumulation window, summed over the processes: the divisor that makes
         the window's gradient the mean over its rows (``compute_loss``)."""
-        rows = torch.tensor([float(sum(len(b["orientation"]) for b in batch_samples))], device=device)
+        rows = torch.tensor([float(sum(self._rows(b) for b in batch_samples))], device=device)
         return self.accelerator.gather(rows).sum() if self.accelerator.num_processes > 1 else rows[0]
 
     def _batch_loss(
@@ -309,7 +313,9 @@ class _PairwiseTrainer(Trainer, ABC):
         if training and num_items_in_batch is not None:
             # the row mean times this micro-batch's share of the window's rows; the processes' gradients
             # are averaged (DDP), hence the factor num_processes
-            loss = loss * (len(inputs["orientation"]) * self.accelerator.num_processes / num_items_in_batch)
+            loss = loss * (self._rows(inputs) * self.accelerator.num_processes / num_items_in_batch)
+        elif training:  # called without the window's count (not by Trainer's loop): the per-step mean
+            loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(
@@ -487,13 +493,14 @@ class PreferenceTrainer(_PairwiseTrainer):
             if kwargs.get("disable_model_dropout", True):
                 disable_dropout(self.ref_model)
             self.ref_model.to(self.args.device)
+        prepare = self.with_reference_logps if precompute_ref_log_probs else self._without_reference_logps
+        if self.train_dataset is not None:
+            self.train_dataset = prepare(self.train_dataset)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: prepare(v) for k, v in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = prepare(self.eval_dataset)
         if precompute_ref_log_probs:
-            if self.train_dataset is not None:
-                self.train_dataset = self.with_reference_logps(self.train_dataset)
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {k: self.with_reference_logps(v) for k, v in self.eval_dataset.items()}
-            elif self.eval_dataset is not None:
-                self.eval_dataset = self.with_reference_logps(self.eval_dataset)
             self.ref_model = None  # not held during training
             self._policy_is_reference = False
 
@@ -519,6 +526,16 @@ class PreferenceTrainer(_PairwiseTrainer):
                                             self.length_groups)
         finally:
             unwrapped.train(was_training)
+
+    @staticmethod
+    def _without_reference_logps(dataset: Any) -> Any:
+        """The data set without a ``ref_logps`` column (with a warning): scoring the reference live, a column
+        in the batches would be used in its place."""
+        if REF_LOGPS not in getattr(dataset, "column_names", ()):
+            return dataset
+        warnings.warn(f"the data set's {REF_LOGPS} column is dropped: with precompute_ref_log_probs=False the "
+                      "reference model is scored live", stacklevel=4)
+        return dataset.remove_columns(REF_LOGPS)
 
     def with_reference_logps(self, dataset: Any) -> Any:
         """The data set plus a ``ref_logps`` column ``[log pi_ref(y_k|x) for the K responses]``, in one pass.

@@ -5,7 +5,7 @@ Uncertainty comes from a bootstrap over replications. The replication index ``r`
 labelled pairs in every cell of a scenario (common random numbers, nested across ``n``), so one
 resample of indices is applied to every cell at once: ratios between estimators and slopes across
 ``n`` are paired, as the design is. Intervals are bootstrap percentiles (``B`` resamples, fixed
-seed), widened in quadrature on the log scale by the Monte Carlo error of the prediction itself
+seed; the bias check's are Student-t intervals of a mean), widened in quadrature on the log scale by the Monte Carlo error of the prediction itself
 (the prompt average behind it). A check passes when the prediction lies inside the interval.
 
 Cell checks (``cell_checks``):

@@ -615,6 +615,49 @@ def test_a_ref_logps_column_of_another_width_is_refused(tokenizer: Any, tmp_path
                           train_dataset=bad, processing_class=tokenizer)
 
 
+def test_a_live_reference_drops_a_ref_logps_column(tokenizer: Any, tmp_path: Any) -> None:
+    """Scoring the reference live, a ref_logps column in the data would be used in its place (a 1e3 column
+    trained silently, a 6-wide one crashed DPO): it is dropped, with a warning, from the train and eval sets."""
+    tds, schema = _data(tokenizer, n=4, n_pairs=2, seed=26)
+    vrpo = PreferenceTrainer(make_causal_lm(tokenizer, seed=0), _args(tmp_path / "v"),
+                             objective=PreferenceObjective.from_names("vrpo"), schema=schema, beta=BETA,
+                             train_dataset=tds, processing_class=tokenizer)
+    wide = vrpo.train_dataset
+    for method in ("dpo", "vrpo"):
+        with pytest.warns(UserWarning, match="ref_logps column is dropped"):
+            tr = PreferenceTrainer(make_causal_lm(tokenizer, seed=0), _args(tmp_path / method),
+                                   objective=PreferenceObjective.from_names(method), schema=schema, beta=BETA,
+                                   train_dataset=wide, eval_dataset={"a": wide}, processing_class=tokenizer,
+                                   ref_model=make_causal_lm(tokenizer, seed=3), precompute_ref_log_probs=False)
+        assert REF_LOGPS not in tr.train_dataset.column_names
+        assert REF_LOGPS not in tr.eval_dataset["a"].column_names
+        assert all(math.isfinite(x) for x in _train(tr))
+
+
+def test_rows_counted_without_the_orientation_key(tokenizer: Any, tmp_path: Any) -> None:
+    """A custom collator without ``orientation`` trains (the row count is the sequences over K), and a
+    training step called without the window's count is the per-step mean over the accumulation steps."""
+    tds, schema = _data(tokenizer, n=6, n_pairs=0, seed=27)
+    base = PreferenceCollator(tokenizer.pad_token_id, schema)
+
+    def collate(rows: Any) -> dict:
+        batch = base(rows)
+        batch.pop("orientation")
+        return batch
+
+    tr = PreferenceTrainer(make_causal_lm(tokenizer, seed=0),
+                           _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2),
+                           objective=PreferenceObjective.from_names("dpo"), schema=schema, beta=BETA,
+                           train_dataset=tds, processing_class=tokenizer, data_collator=collate)
+    assert all(math.isfinite(x) for x in _train(tr))
+    batch = tr._prepare_inputs(collate([tr.train_dataset[i] for i in range(4)]))  # with the precomputed ref_logps
+    with torch.no_grad():
+        mean = tr._batch_loss(tr.model.eval(), batch, training=False)[0].item()
+    tr.create_optimizer()
+    step = tr.training_step(tr.model.eval(), batch)  # eval mode: no dropout, the same numbers
+    assert step.item() == pytest.approx(mean / 2, rel=1e-6)
+
+
 def test_bf16_run_on_cpu(tokenizer: Any, tmp_path: Any) -> None:
     tds, schema = _data(tokenizer, n=4, n_pairs=1, seed=21)
     tr = PreferenceTrainer(

@@ -198,9 +198,11 @@ def test_cluster_moments_match_cluster_sums(data: PairData, control: bool, loss,
                                             ) -> None:
     """The kernels' meat moments (``logistic_cluster_moments`` for the logistic loss, ``cluster_moments`` of
     the torch coefficients for another) equal ``_cluster_cov`` of the (R, C, d) cluster sums, with
-    unlabelled prompts (clusters without a labelled row) present."""
+    unlabelled prompts (clusters without a labelled row) present and unequal reference weights."""
     b = fitting._Batch.from_data(data)
     assert b.n_clusters > data.n
+    w = torch.as_tensor(np.random.default_rng(2).random(b.w_ref.shape))  # a kernel ignoring w_ref would fail
+    b = replace(b, w_ref=w / w.sum(1, keepdim=True))
     theta = torch.as_tensor(np.random.default_rng(0).normal(size=(data.reps, data.d)))
     fast = fitting._meat_moments(loss, b, theta, control)
     _torch_path(monkeypatch)
