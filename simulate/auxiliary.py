@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.special import expit, logit
 
-from .scenario import SEED_LIMIT, SpecError, structure_rng
+from .scenario import SpecError, check_seed, structure_rng
 
 if TYPE_CHECKING:
     from .scenario import Scenario
@@ -72,11 +72,11 @@ class AuxSpec:
             "noise": (self.noise >= 0, ">= 0"), "value": (0 <= self.value <= 1, "in [0, 1]"),
             "scale": (self.scale >= 0, ">= 0"), "n_fit": (self.n_fit >= 10, "an integer >= 10"),
             "folds": (self.folds >= 2, "an integer >= 2"),
-            "seed": (0 <= self.seed < SEED_LIMIT, "an integer in [0, 2**32)"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok or not np.isfinite(getattr(self, name)):
                 raise SpecError(f"auxiliary model field '{name}' = {getattr(self, name)!r} must be {allowed}")
+        check_seed("auxiliary model field 'seed'", self.seed)
 
     @classmethod
     def parse(cls, value: "AuxSpec | str | dict[str, Any]") -> "AuxSpec":

@@ -5,8 +5,9 @@ Uncertainty comes from a bootstrap over replications. The replication index ``r`
 labelled pairs in every cell of a scenario (common random numbers, nested across ``n``), so one
 resample of indices is applied to every cell at once: ratios between estimators and slopes across
 ``n`` are paired, as the design is. Intervals are bootstrap percentiles (``B`` resamples, fixed
-seed; the bias check's are Student-t intervals of a mean), widened in quadrature on the log scale by the Monte Carlo error of the prediction itself
-(the prompt average behind it). A check passes when the prediction lies inside the interval.
+seed; the bias check's are Student-t intervals of a mean), widened in quadrature on the log scale by
+the Monte Carlo error of the prediction itself (the prompt average behind it). A check passes when the
+prediction lies inside the interval.
 
 Cell checks (``cell_checks``):
 
@@ -26,8 +27,8 @@ Cell checks (``cell_checks``):
   power-tuned VRPO ``asymptotics.tuned_bias``; not for a learned ``g_hat``, nor where the tuned ``lam``
   has no limit, as with an oracle ``g_hat`` under BT, nor for a bad ``g_hat``, whose estimate has no
   finite-sample mean); the check covers every coordinate's ``b_k / n`` by its mean error's Student-t
-  interval (Bonferroni over coordinates), widened by ``theta_dagger``'s Monte Carlo error. The intervals, one row
-  per cell and coordinate on the scale ``n (theta_hat - theta_dagger)``, are ``Report.bias``;
+  interval (Bonferroni over coordinates), widened by ``theta_dagger``'s Monte Carlo error. The intervals,
+  one row per cell and coordinate on the scale ``n (theta_hat - theta_dagger)``, are ``Report.bias``;
 - ``regret_greedy``, ``regret_kl``: mean regret against the Gaussian plug-in prediction, its draws
   centred at ``theta_dagger + b/n`` (the second-order bias, where predicted); the interval is widened
   in quadrature by the prediction's own error (``pred_regret_*_se``: its draws, and what the prompt

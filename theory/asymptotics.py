@@ -90,6 +90,7 @@ from torch import Tensor
 
 from .data import PairPopulation, check_clip, check_probability, check_weight
 from .errors import InputError
+from .fitting import _least_relative_curvature
 from .losses import Logistic, MarginLoss, Recession, get_loss, pair_loss
 
 __all__ = [
@@ -690,12 +691,9 @@ def _fit_groups_uncached(
     failed = list(fit.failed)
     for j in range(G):
         if failed[j] is None:
-            # curvature relative to the pairs' spread, L^-1 H L^-T with E[dphi dphi^T] = L L^T: judged on H's own
-            # diagonal, a Hessian of 1e-20 (an iterate far out where a loss with Gaussian tails is flat) passed
-            scale = _unit_scale(spread[j])  # both on the unit-diagonal scale of the spread
-            D = _outer(scale, scale)
-            Li = torch.linalg.inv(torch.linalg.cholesky(spread[j] * D))
-            curvature = float(torch.linalg.eigvalsh(Li @ (fit.hess[j] * D) @ Li.T)[0])
+            # curvature relative to the pairs' spread E[dphi dphi^T]: judged on H's own diagonal, a Hessian of
+            # 1e-20 (an iterate far out where a loss with Gaussian tails is flat) passed
+            curvature = float(_least_relative_curvature(fit.hess[j], spread[j]))
             if not curvature > _RANK_TOL:
                 failed[j] = (f"the Hessian at the stationary point is not positive definite relative to the pairs' "
                              f"spread E[dphi dphi^T] (smallest relative curvature {curvature:.1e}): no strict "

@@ -1251,6 +1251,17 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
 FLAT_CURVATURE = 1e-6
 
 
+def _least_relative_curvature(H: Tensor, S: Tensor) -> Tensor:
+    """``min_v v'Hv / v'Sv`` of each pair of (..., d, d) symmetric matrices (``S`` positive semi-definite): the
+    smallest eigenvalue of ``S^-1/2 H S^-1/2``, formed on the unit-diagonal scale of ``S`` (the ratio does not
+    depend on the features' scales) with ``S``'s eigenvalues floored at ``1e-12`` of its largest."""
+    D = S.diagonal(0, -2, -1).clamp_min(torch.finfo(S.dtype).tiny).rsqrt()
+    scale = D[..., :, None] * D[..., None, :]
+    ev, V = torch.linalg.eigh(S * scale)
+    P = V * ev.clamp_min(1e-12 * ev[..., -1:]).rsqrt()[..., None, :]
+    return torch.linalg.eigvalsh(P.transpose(-2, -1) @ (H * scale) @ P)[..., 0]
+
+
 def _check_overlap(b: _Batch, state: _NewtonState, flat: float, gram: np.ndarray) -> None:
     """Flag ``state``'s converged MLEs that do not exist: labels separated except on pairs where the
     separating margin is zero (quasi-complete separation) stop the Newton iterations by a vanishing
@@ -1261,10 +1272,7 @@ def _check_overlap(b: _Batch, state: _NewtonState, flat: float, gram: np.ndarray
     idx = torch.nonzero(state.converged & ~state.separable).squeeze(1)
     if not idx.numel():
         return
-    S = torch.as_tensor(gram)[idx] / b.dphi.shape[1]
-    ev, V = torch.linalg.eigh(S)
-    P = V * ev.clamp_min(1e-12 * ev[:, -1:]).rsqrt()[:, None, :]
-    least = torch.linalg.eigvalsh(P.transpose(1, 2) @ state.hess[idx] @ P)[:, 0]
+    least = _least_relative_curvature(state.hess[idx], torch.as_tensor(gram)[idx] / b.dphi.shape[1])
     for r in idx[least < flat].tolist():
         if _separating_direction(b.dphi[r].numpy(), b.z[r].numpy()):
             state.separable[r], state.converged[r] = True, False

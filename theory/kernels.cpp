@@ -224,15 +224,20 @@ void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const doubl
   centred_moments(nullptr, B.data(), n, C, d, nullptr, nullptr, bb);
 }
 
-// s_i = sigmoid(x_i . theta) for the P rows of X (row-major, P x d): the margins, then the exponentials
-// over all of them at once (vectorised; exp of -|u| only, so nothing overflows).
-void sigmoid_margins(const double* X, const double* th, int64_t P, int64_t d, double* s) {
+// u_i = x_i . theta for the P rows of X (row-major, P x d).
+void row_margins(const double* X, const double* th, int64_t P, int64_t d, double* u) {
   for (int64_t i = 0; i < P; ++i) {
     double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t k = 0; k < d; ++k) acc += X[i * d + k] * th[k];
-    s[i] = acc;
+    u[i] = acc;
   }
+}
+
+// s_i = sigmoid(x_i . theta) for the P rows of X (row-major, P x d): the margins, then the exponentials
+// over all of them at once (vectorised; exp of -|u| only, so nothing overflows).
+void sigmoid_margins(const double* X, const double* th, int64_t P, int64_t d, double* s) {
+  row_margins(X, th, P, d, s);
 #pragma omp simd
   for (int64_t i = 0; i < P; ++i) {
     const double u = s[i];
@@ -312,16 +317,7 @@ void rr_transpose(int64_t R, int64_t P, int64_t d, const double* X, int threads,
 // u[r, i] = X[r, i, :] . theta[r] for row-major X (R x P x d).
 void rr_margins(int64_t R, int64_t P, int64_t d, const double* X, const double* theta, int threads, double* u) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (R > 1 && threads > 1)
-  for (int64_t r = 0; r < R; ++r) {
-    const double* Xr = X + r * P * d;
-    const double* th = theta + r * d;
-    for (int64_t i = 0; i < P; ++i) {
-      double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < d; ++k) acc += Xr[i * d + k] * th[k];
-      u[r * P + i] = acc;
-    }
-  }
+  for (int64_t r = 0; r < R; ++r) row_margins(X + r * P * d, theta + r * d, P, d, u + r * P);
 }
 
 // The sandwich's cluster moments. Clusters 0..n-1 are the labelled rows, n..C-1 the other prompts; the
