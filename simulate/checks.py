@@ -349,8 +349,10 @@ def _pessimism(table: pd.DataFrame, delta: float, bootstrap: int, seed: int) -> 
     """Per (n, estimator): share of replications where the bound held (Wilson CI), where the radius event
     held and could fail (``informative``), mean bound, largest possible regret, regret of the certified
     policy, of ``pi_ref`` and of the asymptotic pessimistic policy under ``theta_dagger . phi`` (the last with
-    a bootstrap interval, and under the true utility as ``regret_pessimistic``); claim 6 per estimator, pooled over the replications where the
-    radius event can fail: it holds with probability >= 1 - delta (inconclusive where it cannot fail)."""
+    a bootstrap interval, and under the true utility as ``regret_pessimistic``), and the same for the local
+    (self-concordant) radius (``*_local``); claims 6 (global radius) and 6b (local) per estimator, pooled over
+    the replications where the radius event can fail: it holds with probability >= 1 - delta (inconclusive
+    where it cannot fail)."""
     rng = np.random.default_rng(seed)
     rows, claims = [], []
     for (scenario, n, est), g in table.groupby(["scenario", "n", "estimator"], sort=False):
@@ -368,22 +370,29 @@ def _pessimism(table: pd.DataFrame, delta: float, bootstrap: int, seed: int) -> 
                      "regret_pessimistic_dagger_low": float(np.nanpercentile(boot, 2.5)),
                      "regret_pessimistic_dagger_high": float(np.nanpercentile(boot, 97.5)),
                      "regret_pessimistic": float(_nanmean(g.regret_pessimistic))})
+        rows[-1].update({"held_local": float(g.held_local.astype(bool).mean()), "informative_local": float(g.informative_local.mean()),
+                         "in_radius_local": float(g.in_radius_local.mean()), "bound_local": float(g.bound_dagger_local.mean()),
+                         "radius_local": float(g.radius_local.mean()),
+                         "regret_certified_local": float(g.regret_dagger_local.mean())})
     summary = pd.DataFrame(rows)
     for (scenario, est), g in table.groupby(["scenario", "estimator"], sort=False):
-        can_fail = g[g.informative.astype(bool)]
-        held, total = int(can_fail.in_radius.sum()), len(can_fail)
-        lo, hi = _wilson(held, total) if total else (math.nan, math.nan)
         last = summary[(summary.scenario == scenario) & (summary.estimator == est)].sort_values("n").iloc[-1]
-        ns = sorted(int(v) for v in can_fail.n.unique())
-        where = (f"{total} of {len(g)} replications, at n = {', '.join(map(str, ns))}, where the radius is below "
-                 "the one that holds with certainty" if total else
-                 f"none of {len(g)} replications: the radius is the certain one at every n, the check cannot fail")
-        note = (f"the regret bound it implies: {last.bound:.3g} against a largest possible regret of "
-                f"{last.max_regret:.3g} at n = {int(last.n)}" + (", vacuous" if last.bound >= last.max_regret else ""))
-        claims.append(_claim("6_bound_holds", scenario, est, int(last.n), 1 - delta, held / total if total else math.nan,
-                             lo, hi, f"the explicit radius ||theta_hat - theta_dagger||_M <= Gamma of {est} (the "
-                             f"pessimism bound's event) holds with probability >= {1 - delta:g} ({where}; {note})",
-                             confirmed=hi >= 1 - delta))
+        for name, suffix, what in (("6_bound_holds", "", "explicit radius ||theta_hat - theta_dagger||_M <= Gamma"),
+                                   ("6b_local_bound_holds", "_local", "self-concordant radius ||theta_hat - "
+                                    "theta_dagger||_{H_hat} <= Gamma")):
+            can_fail = g[g[f"informative{suffix}"].astype(bool)]
+            held, total = int(can_fail[f"in_radius{suffix}"].sum()), len(can_fail)
+            lo, hi = _wilson(held, total) if total else (math.nan, math.nan)
+            ns = sorted(int(v) for v in can_fail.n.unique())
+            where = (f"{total} of {len(g)} replications, at n = {', '.join(map(str, ns))}, where the radius is "
+                     "below the one that holds with certainty" if total else
+                     f"none of {len(g)} replications: the radius is the certain one at every n, the check cannot fail")
+            bound = last[f"bound{suffix}"]
+            note = (f"the regret bound it implies: {bound:.3g} against a largest possible regret of "
+                    f"{last.max_regret:.3g} at n = {int(last.n)}" + (", vacuous" if bound >= last.max_regret else ""))
+            claims.append(_claim(name, scenario, est, int(last.n), 1 - delta, held / total if total else math.nan,
+                                 lo, hi, f"the {what} of {est} (the pessimism bound's event) holds with probability "
+                                 f">= {1 - delta:g} ({where}; {note})", confirmed=hi >= 1 - delta))
     return summary, claims
 
 

@@ -8,8 +8,9 @@ over the population), each replication
 1. fits the norm-constrained estimator ``theta_hat = argmin_{||theta|| <= B} L_n`` (MLE, or VRPO with
    its fixed ``g_hat``), ``B = bound_scale ||theta_dagger||``;
 2. computes the explicit radius ``Gamma`` of ``theory.bounds.estimation_radius`` (with probability
-   ``>= 1 - delta``, ``||theta_hat - theta_dagger||_M <= Gamma``);
-3. builds the pessimistic policy of Zhu, Jordan and Jiao (2023) over that ellipsoid;
+   ``>= 1 - delta``, ``||theta_hat - theta_dagger||_M <= Gamma``), and the self-concordant one of
+   ``theory.bounds.local_estimation_radius`` in the norm of the Hessian at ``theta_hat`` (columns ``*_local``);
+3. builds the pessimistic policy of Zhu, Jordan and Jiao (2023) over each ellipsoid;
 4. records its regret under the utility ``theta_dagger . phi`` against the comparator
    ``argmax theta_dagger . phi`` and the bound ``2 Gamma ||w(pi_comp)||_{M^-1}``
    (``pessimistic_regret_bound``), and whether the bound held; the regret of ``pi_ref`` itself
@@ -39,7 +40,8 @@ __all__ = ["PessimismSpec", "run_pessimism", "NEWEST_COLUMNS"]
 
 #: the columns the newest pessimism tables hold that older ones lack: a table without them is recomputed by
 #: a study and left out of its checks when only read
-NEWEST_COLUMNS = ("in_radius", "informative", "certain", "regret_reference", "regret_pessimistic_dagger")
+NEWEST_COLUMNS = ("in_radius", "informative", "certain", "regret_reference", "regret_pessimistic_dagger",
+                  "radius_local", "in_radius_local", "informative_local", "held_local")
 
 _PESS_SEED = 20_250_405
 
@@ -149,7 +151,7 @@ def run_pessimism(ps: PessimismSpec, n: int, est: Any, seed: int) -> pd.DataFram
         design_constants,
         empirical_design,
         estimation_radius,
-        pessimistic_regret_bound,
+        local_estimation_radius,
     )
     from robust_rlhf.theory.asymptotics import population_target
     from robust_rlhf.theory.fitting import fit
@@ -182,19 +184,17 @@ def run_pessimism(ps: PessimismSpec, n: int, est: Any, seed: int) -> pd.DataFram
         sigma_ref = None if M == 0 else empirical_design(data.dphi_ref[r])
         radius = estimation_radius(sigma_d, n, B=B, L=L, mu=mu, delta=ps.delta, lam=lam,
                                    sigma_ref=sigma_ref, design=design)
+        th = constrained.theta[r]
+        hessian = (1.0 - lam) * empirical_design(data.dphi[r], theta=th)
+        if M:
+            hessian = hessian + lam * empirical_design(data.dphi_ref[r], theta=th)
+        local = local_estimation_radius(sigma_d, hessian, n, design=design, delta=ps.delta, mu=mu, B=B)
         row: dict[str, Any] = {"scenario": ps.scenario_name, "n": n, "estimator": est.name, "rep": r,
-                               "radius": radius.radius, "certain": radius.certain, "informative": radius.informative,
                                "B": B, "L": L, "max_regret": float(np.ptp(r_dag, axis=1).mean()),
                                "regret_reference": reference_regret}
-        # the probabilistic statement itself: theta_hat in the ellipsoid around theta_dagger
-        err = constrained.theta[r] - theta_dag
-        row["in_radius"] = bool(math.sqrt(max(float(err @ radius.matrix @ err), 0.0)) <= radius.radius * (1 + 1e-9))
-        policy = pessimistic_policy(constrained.theta[r], radius.cov, pop.phi, pi_ref=pop.pi, gamma=radius.radius)
-        # the bound under theta_dagger's reward needs no utility (a scenario without one, e.g. intransitive)
-        bound = pessimistic_regret_bound(radius, pop.phi, comparator, pi_ref=pop.pi)
-        row["regret_dagger"] = float(best - value(policy, r_dag).mean)
-        row["bound_dagger"] = bound.bound_dagger
-        row["held"] = bool(row["regret_dagger"] <= bound.bound_dagger + 1e-9)
+        for suffix, rad in (("", radius), ("_local", local)):
+            row.update({f"{k}{suffix}": v for k, v in _certified(rad, th, theta_dag, pop, comparator, r_dag,
+                                                                  best).items()})
         if not free.separable[r] and np.isfinite(free.cov[r]).all():
             asym = pessimistic_policy(free.theta[r], free.cov[r], pop.phi, pi_ref=pop.pi, delta=ps.delta)
             target = pop if pop.utility is not None else None
@@ -204,3 +204,21 @@ def run_pessimism(ps: PessimismSpec, n: int, est: Any, seed: int) -> pd.DataFram
             row["regret_pessimistic"] = row["regret_pessimistic_dagger"] = math.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _certified(radius: Any, theta_hat: np.ndarray, theta_dag: np.ndarray, pop: Any, comparator: np.ndarray,
+               r_dag: np.ndarray, best: float) -> dict[str, Any]:
+    """One radius's columns: the radius event, and the pessimistic policy over its ellipsoid with its regret
+    under ``theta_dagger . phi`` and the bound on it."""
+    from robust_rlhf.theory.bounds import pessimistic_regret_bound
+    from robust_rlhf.theory.policies import pessimistic_policy, value
+
+    # the probabilistic statement itself: theta_hat in the ellipsoid around theta_dagger
+    err = theta_hat - theta_dag
+    in_radius = bool(math.sqrt(max(float(err @ radius.matrix @ err), 0.0)) <= radius.radius * (1 + 1e-9))
+    policy = pessimistic_policy(theta_hat, radius.cov, pop.phi, pi_ref=pop.pi, gamma=radius.radius)
+    # the bound under theta_dagger's reward needs no utility (a scenario without one, e.g. intransitive)
+    bound = pessimistic_regret_bound(radius, pop.phi, comparator, pi_ref=pop.pi).bound_dagger
+    regret = float(best - value(policy, r_dag).mean)
+    return {"radius": radius.radius, "certain": radius.certain, "informative": radius.informative,
+            "in_radius": in_radius, "regret_dagger": regret, "bound_dagger": bound, "held": bool(regret <= bound + 1e-9)}

@@ -268,9 +268,10 @@ def coverage_vs_n(study: Study, report: Report, out: Path) -> Path:
 
 
 def pessimism_bound(study: Study, report: Report, out: Path) -> Path | None:
-    """The explicit regret bound of the pessimistic policy against n, beside the largest possible
-    regret, the regret of the policy it certifies, of ``pi_ref`` (what a vacuous radius certifies) and of
-    the asymptotic-ellipsoid pessimistic policy, all under the utility ``theta_dagger . phi``."""
+    """The explicit regret bounds of the pessimistic policy against n (global and self-concordant radius),
+    beside the largest possible regret, the regrets of the policies they certify, of ``pi_ref`` (what a
+    vacuous radius certifies) and of the asymptotic-ellipsoid pessimistic policy, all under the utility
+    ``theta_dagger . phi``."""
     if report.pessimism is None:
         return None
     plt, _ = _setup()
@@ -282,6 +283,11 @@ def pessimism_bound(study: Study, report: Report, out: Path) -> Path | None:
         e = table[table.estimator == est].sort_values("n")
         ax.plot(e.n, e.bound, "s--", color=colors[est], label=f"{est}: explicit bound", lw=1.2, ms=4)
         ax.plot(e.n, e.regret_certified, "^:", color=colors[est], label=f"{est}: certified policy", lw=1.0, ms=4)
+        if "bound_local" in e:
+            ax.plot(e.n, e.bound_local, "D-.", color=colors[est], label=f"{est}: self-concordant bound", lw=1.2,
+                    ms=4)
+            ax.plot(e.n, e.regret_certified_local, "v:", color=colors[est], label=f"{est}: its certified policy",
+                    lw=1.0, ms=4)
         ax.plot(e.n, e.regret_pessimistic_dagger, "o-", color=colors[est], label=f"{est}: asymptotic pessimism",
                 lw=1.4, ms=4)
         ax.fill_between(e.n, e.regret_pessimistic_dagger_low, e.regret_pessimistic_dagger_high, color=colors[est],

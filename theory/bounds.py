@@ -53,6 +53,7 @@ __all__ = [
     "design_constants",
     "EstimationRadius",
     "estimation_radius",
+    "local_estimation_radius",
     "PessimisticRegretBound",
     "pessimistic_regret_bound",
 ]
@@ -395,13 +396,12 @@ def logistic_curvature(B: float, L: float) -> float:
 
     ``l''`` comes from ``Logistic().derivatives``; it is even and decreasing in ``|u|``.
     """
-    u = 2.0 * _positive("L", L) * _positive("B", B)
-    _, _, d2 = Logistic().derivatives(torch.tensor([u], dtype=_DT))
-    return float(d2[0])
+    return float(_logistic_curvatures(np.array([2.0 * _positive("L", L) * _positive("B", B)]))[0])
 
 
-def empirical_design(dphi: object, L: float | None = None) -> np.ndarray:
-    """``Sigma_D = (1/n) sum_i dphi_i dphi_i^T`` from ``(n, d)`` differences; checks ``||dphi_i|| <= 2L``."""
+def empirical_design(dphi: object, L: float | None = None, theta: object | None = None) -> np.ndarray:
+    """``Sigma_D = (1/n) sum_i dphi_i dphi_i^T`` from ``(n, d)`` differences; checks ``||dphi_i|| <= 2L``.
+    With ``theta``, the logistic loss's Hessian there: ``(1/n) sum_i l''(theta . dphi_i) dphi_i dphi_i^T``."""
     try:
         x = np.asarray(dphi, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -417,7 +417,17 @@ def empirical_design(dphi: object, L: float | None = None) -> np.ndarray:
                 f"dphi: row {int(norms.argmax())} has norm {norms.max():.6g} > 2L = {2 * L:.6g}; "
                 "the bound assumes ||phi|| <= L"
             )
-    return x.T @ x / x.shape[0]
+    if theta is None:
+        return x.T @ x / x.shape[0]
+    th, batched = _check_theta(theta, x.shape[1], "theta")
+    if batched:
+        raise InputError(f"theta: expected shape {(x.shape[1],)}, got {np.shape(theta)}")
+    return (x.T * _logistic_curvatures(x @ th[0])) @ x / x.shape[0]
+
+
+def _logistic_curvatures(margin: np.ndarray) -> np.ndarray:
+    """``l''(margin)`` of the logistic loss, from ``Logistic().derivatives``."""
+    return Logistic().derivatives(torch.as_tensor(margin, dtype=_DT))[2].numpy()
 
 
 def _score_coefficient(margin: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -437,8 +447,15 @@ class DesignConstants:
     ``sigma = E[dphi dphi^T]`` over the pair law (prompt uniform over the ``P`` draws, ``a, b ~ pi_ref``);
     ``lam_min`` its smallest eigenvalue; ``rho = max ||dphi||^2_{(sigma + mu I)^-1}`` over pairs of positive
     probability; ``c_design`` the almost-sure bound on ``||psi_des||_{(sigma + mu I)^-1}`` and ``c_design_l2``
-    that on ``||psi_des||_2``; ``max_dphi = max ||dphi||_2`` (at most ``2 L``);
+    that on ``||psi_des||_2``; ``var_design`` an upper bound on ``E ||psi_des||^2_{(sigma + mu I)^-1}``;
+    ``max_dphi = max ||dphi||_2`` (at most ``2 L``);
     ``first_order_norm = ||E[(g* - s_dag) dphi]||_{(sigma + mu I)^-1}`` (0 at the population minimiser).
+
+    For ``local_estimation_radius``, in the norm of the population Hessian ``hessian = H = E[l''(theta_dag .
+    dphi) dphi dphi^T]`` (``hessian_lam_min`` its smallest eigenvalue): ``tau = max ||dphi||_{H^-1}``,
+    ``curvature_leverage = max l''(theta_dag . dphi) ||dphi||^2_{H^-1}``, ``c_local``, the almost-sure bound
+    on ``||psi_des||_{H^-1}`` (maxima over pairs of positive probability), and ``var_local`` the bound on
+    ``E ||psi_des||^2_{H^-1}``.
     """
 
     theta_dagger: np.ndarray
@@ -449,8 +466,15 @@ class DesignConstants:
     rho: float
     c_design: float
     c_design_l2: float
+    var_design: float
     max_dphi: float
     first_order_norm: float
+    hessian: np.ndarray
+    hessian_lam_min: float
+    tau: float
+    curvature_leverage: float
+    c_local: float
+    var_local: float
 
 
 def design_constants(
@@ -470,7 +494,10 @@ def design_constants(
 
     ``c_design = max |m - lam e| ||x||_{Sigma_mu^-1} + lam max |e| ||x||_{Sigma_mu^-1}``,
     ``Sigma_mu = E[x x^T] + mu I`` (maxima over pairs of positive probability), and ``c_design_l2`` the same
-    with the Euclidean norm ``||x||_2``.
+    with the Euclidean norm ``||x||_2``. The second moment, for any number of reference pairs: given the prompt,
+    Minkowski's inequality and ``||mean_j v_j||^2 <= mean_j ||v_j||^2`` give
+    ``E ||psi_des||^2 <= E_prompt[(a + lam b)^2]``, ``a^2 = E[(m - lam e)^2 ||x||^2 | prompt]``,
+    ``b^2 = E[e^2 ||x||^2 | prompt]`` (``var_design``; equality for the MLE).
 
     ``theta_dag`` must be the (unconstrained) minimiser of the population logistic loss, so that
     ``E[m x] = 0``; this is checked (``first_order_norm <= tol``) and an ``InputError`` raised otherwise.
@@ -516,13 +543,30 @@ def design_constants(
     support = w > 0
     rho = float((norms[support] ** 2).max())
     lengths = np.linalg.norm(x, axis=-1)
+    curv = _logistic_curvatures(margin)
+    hess = np.einsum("pab,pab,pabi,pabj->ij", w, curv, x, x)
+    hess_min = float(np.linalg.eigvalsh(hess).min())
+    identified = hess_min > 1e-12 * max(float(np.abs(hess).max()), 1e-300)
+    if identified:
+        lev = np.einsum("pabi,ij,pabj->pab", x, np.linalg.inv(hess), x).clip(0.0)
+        local = np.sqrt(lev)
+    else:  # a flat direction at theta_dag: no local radius (local_estimation_radius says so)
+        lev = local = np.full_like(m, math.inf)
 
     def bound(nrm: np.ndarray) -> float:
         return float((np.abs(m - lam_ * e) * nrm)[support].max() + lam_ * (np.abs(e) * nrm)[support].max())
 
+    def second_moment(sq: np.ndarray) -> float:
+        within = pop.pi[:, :, None] * pop.pi[:, None, :]  # the pair's law given the prompt
+        a = np.sqrt(np.einsum("pab,pab->p", within, (m - lam_ * e) ** 2 * sq))
+        b = np.sqrt(np.einsum("pab,pab->p", within, e ** 2 * sq))
+        return float(((a + lam_ * b) ** 2).mean())
+
     return DesignConstants(
         theta_dagger=th[0], mu=mu_, lam=lam_, sigma=sigma, lam_min=lam_min, rho=rho, c_design=bound(norms),
-        c_design_l2=bound(lengths), max_dphi=float(lengths[support].max()), first_order_norm=fo,
+        c_design_l2=bound(lengths), var_design=second_moment(norms ** 2), max_dphi=float(lengths[support].max()), first_order_norm=fo, hessian=hess,
+        hessian_lam_min=hess_min, tau=float(local[support].max()), curvature_leverage=float((curv * lev)[support].max()),
+        c_local=bound(local) if identified else math.inf, var_local=second_moment(lev) if identified else math.inf,
     )
 
 
@@ -533,6 +577,10 @@ class EstimationRadius:
     ``matrix`` is ``M = (1 - lam) Sigma_D + lam Sigma_ref + mu I``; ``cov = M^-1`` is the matrix to pass to
     ``pessimistic_policy`` together with ``gamma = radius``. ``score_bound`` bounds
     ``||grad L(theta_dag)||_{M^-1}``; ``noise_term`` and ``design_term`` are its two parts.
+    ``curvature`` says which argument gave it: ``"global"`` (``estimation_radius``, the curvature ``kappa`` of
+    the whole ball) or ``"local"`` (``local_estimation_radius``: ``M`` is the Hessian at ``theta_hat`` plus
+    ``mu I``, ``score_bound`` bounds the score in the population Hessian's dual norm, ``kappa = 2 phi(t rho_0)``
+    and ``dikin = t rho_0``; ``L`` is NaN, and ``B`` infinite when not given).
     """
 
     radius: float
@@ -551,6 +599,8 @@ class EstimationRadius:
     L: float
     mu: float
     lam: float
+    curvature: str = "global"
+    dikin: float = math.nan
 
     @property
     def informative(self) -> bool:
@@ -575,6 +625,19 @@ def _chernoff_eps(tau: float) -> float:
     if f(top) < 0.0:  # tau within rounding of 1: the root is 1 to double precision
         return 1.0
     return float(optimize.brentq(f, 0.0, top, xtol=1e-15, rtol=1e-14))
+
+
+def _design_deviation(c: float, var: float, n: int, delta: float) -> float:
+    r"""A bound, holding with probability ``>= 1 - delta``, on ``||(1/n) sum_i xi_i||`` for i.i.d. mean-zero
+    ``xi_i`` in a Hilbert space with ``||xi|| <= c`` a.s. and ``E ||xi||^2 <= var``; ``t = log(2 / delta)``.
+    Pinelis (1994): Hoeffding-type (Thm 3.5, ``D = 1``) ``P(||sum xi|| >= r) <= 2 exp(-r^2 / (2 n c^2))``, i.e.
+    ``c sqrt(2 t / n)``; Bennett-type (Thm 3.4) in Bernstein's weaker form ``2 exp(-r^2 / (2 (n var + c r / 3)))``,
+    i.e. ``(c t / 3 + sqrt((c t / 3)^2 + 2 n var t)) / n``. The smaller: both are fixed numbers, so the level
+    stays ``delta``."""
+    t = math.log(2.0 / delta)
+    hoeffding = c * math.sqrt(2.0 * t / n)
+    bernstein = (c * t / 3.0 + math.sqrt((c * t / 3.0) ** 2 + 2.0 * n * var * t)) / n
+    return min(hoeffding, bernstein)
 
 
 def _noise_bound(s_eig: np.ndarray, delta_1: float, n: int) -> float:
@@ -636,15 +699,16 @@ def estimation_radius(
       ``noise <= sqrt((tr S + 2 sqrt(tr(S^2) t1) + 2 ||S|| t1) / (4 n))``  (``tr S <= d`` for the MLE).
     * *Design part* (random design, i.i.d. clusters; needs ``design``). ``E psi_des = E[m x] = 0`` at the
       population minimiser (the ``lam`` terms cancel because the reference pairs have the law of the
-      labelled pair), and ``||psi_des||_{Sigma_mu^-1} <= c = design.c_design`` a.s. Pinelis (1994, Thm 3.5;
-      Hilbert spaces are (2,1)-smooth): ``P(||sum_i psi_des_i / n||_{Sigma_mu^-1} >= r) <= 2 exp(-n r^2/(2 c^2))``,
-      so with probability >= ``1 - delta_2``, ``||.||_{Sigma_mu^-1} <= c sqrt(2 log(2/delta_2) / n)``.
+      labelled pair), ``||psi_des||_{Sigma_mu^-1} <= c = design.c_design`` a.s. and ``E ||psi_des||^2 <= v =
+      design.var_design``. With probability >= ``1 - delta_2``, ``||sum_i psi_des_i / n||_{Sigma_mu^-1} <=
+      D(c, v, n, delta_2)`` (``_design_deviation``: the smaller of Pinelis's (1994) Hoeffding- and
+      Bernstein-type bounds in a Hilbert space, a choice made from ``c`` and ``v`` alone).
       To pass to the data norm, the matrix Chernoff bound (Tropp 2012, Thm 1.1) for the independent PSD
       ``Y_i = Sigma_mu^{-1/2}[(1-lam) x_i x_i^T + lam mean_j x_j x_j^T + mu I] Sigma_mu^{-1/2} / n`` (sum with
       mean ``I``, ``lambda_max(Y_i) <= R = (rho + mu/(lam_min + mu)) / n``) gives, with probability
       >= ``1 - delta_3``, ``M >= (1 - eps) Sigma_mu`` where ``eps + (1-eps) log(1-eps) = R log(d/delta_3)``
       (no such ``eps < 1`` when the right side is >= 1: this bound is then infinite). Then ``||v||_{M^-1} <=
-      ||v||_{Sigma_mu^-1} / sqrt(1 - eps)`` and ``design <= c sqrt(2 log(2/delta_2)/n) / sqrt(1 - eps)``.
+      ||v||_{Sigma_mu^-1} / sqrt(1 - eps)`` and ``design <= D(c, v, n, delta_2) / sqrt(1 - eps)``.
     * *Design part, surely.* ``M >= mu I``, so ``design <= max ||psi_des||_2 / sqrt(mu) <= c_design_l2 /
       sqrt(mu)`` on every sample (0 when ``c_design_l2 = 0``, and about 1e-16 under BT with ``lam = 0``),
       and the noise part gets the whole ``delta``. Of the two, the one with the smaller ``G_bound`` at the
@@ -715,7 +779,7 @@ def estimation_radius(
         R = (design.rho + mu_ / (design.lam_min + mu_)) / nn
         eps_hp = _chernoff_eps(R * math.log(d / (dl / 3.0)))
         likely = (math.inf if eps_hp >= 1.0
-                  else design.c_design * math.sqrt(2.0 * math.log(6.0 / dl) / nn) / math.sqrt(1.0 - eps_hp))
+                  else _design_deviation(design.c_design, design.var_design, nn, dl / 3.0) / math.sqrt(1.0 - eps_hp))
         # chosen at the population design (S with eigenvalues s / (s + mu)), never from the data: a choice
         # made from the data would not keep the level delta
         s_pop = np.clip(np.linalg.eigvalsh(design.sigma), 0.0, None)
@@ -736,6 +800,128 @@ def estimation_radius(
         radius=radius, matrix=Mmat, kappa=kappa, certain=certain, score_bound=score, noise_term=noise, design_term=design_term,
         chernoff_eps=eps, delta_noise=d1, delta_design=d2, delta_chernoff=d3, n=float(nn), B=B_, L=L_, mu=mu_,
         lam=lam_,
+    )
+
+
+def _phi(r: float) -> float:
+    """``phi(r) = (e^-r + r - 1) / r^2 = int_0^1 (1 - s) e^{-s r} ds`` (its series below ``r = 1e-3``)."""
+    if r < 1e-3:
+        return 0.5 - r / 6.0 + r * r / 24.0 - r ** 3 / 120.0
+    return (math.expm1(-r) + r) / (r * r)
+
+
+def _dikin_radius(G: float, t: float) -> float:
+    """The root ``rho_0`` of ``rho phi(t rho) = G`` (``local_estimation_radius``); ``inf`` when ``G t >= 1``
+    (``rho phi(t rho)`` increases from 0 to ``1 / t``)."""
+    if G <= 0.0:
+        return 0.0
+    if not G * t < 1.0:
+        return math.inf
+    f = lambda rho: rho * _phi(t * rho) - G  # noqa: E731
+    hi = 2.0 * G  # phi <= 1/2, so f(2G) <= 0
+    while f(hi) <= 0.0:
+        hi *= 2.0
+        if not math.isfinite(hi):  # G within rounding of 1 / t
+            return math.inf
+    return float(optimize.brentq(f, 0.5 * hi if hi > 2.0 * G else 0.0, hi, xtol=1e-300, rtol=1e-14))
+
+
+def local_estimation_radius(
+    sigma_d: object,
+    hessian: object,
+    n: int,
+    *,
+    design: DesignConstants,
+    delta: float,
+    mu: float = 0.0,
+    B: float | None = None,
+) -> EstimationRadius:
+    r"""High-probability radius of the logistic MLE or VRPO by self-concordance: no ``kappa = l''(2 L B)``.
+
+    Same setting and estimator as ``estimation_radius`` (``lam = design.lam``), minimised over any convex set
+    containing ``theta_dag`` (the ball of radius ``B``, or all of R^d); the radius is in the norm of
+    ``M = H_hat + mu I``, with ``hessian = H_hat = H_n(theta_hat)`` the objective's Hessian at the estimate
+    (``(1 - lam) empirical_design(dphi, theta=theta_hat) + lam empirical_design(dphi_ref, theta=theta_hat)``),
+    computable from the data. ``H_n(theta) = sum_k w_k l''(theta . x_k) x_k x_k^T`` over the labelled and
+    reference pairs (weights ``(1 - lam)/n`` and ``lam/N``), ``H_dag = H_n(theta_dag)``, ``Delta = theta_hat -
+    theta_dag``.
+
+    **Step 1 (self-concordance).** ``l''' = l''(1 - 2 sigmoid)``, so ``|l'''| <= l''`` and ``l''(u + a) >=
+    e^{-|a|} l''(u)``. If ``|Delta . x_k| <= r`` on every pair, Taylor's theorem with the integral remainder gives
+    ``L_n(theta_dag + Delta) >= L_n(theta_dag) + grad L_n(theta_dag) . Delta + phi(r) ||Delta||^2_{H_dag}``,
+    ``phi(r) = int_0^1 (1 - s) e^{-s r} ds = (e^{-r} + r - 1) / r^2``, and ``H_n(theta_dag + Delta) <= e^r H_dag``.
+
+    **Step 2 (localisation).** With ``G = ||grad L_n(theta_dag)||_{H_dag^-1}`` and ``t = max_k ||x_k||_{H_dag^-1}``
+    (so ``|Delta . x_k| <= t ||Delta||_{H_dag}``), every ``Delta`` with ``||Delta||_{H_dag} = rho`` has
+    ``L_n(theta_dag + Delta) - L_n(theta_dag) >= rho (rho phi(t rho) - G)``, positive for ``rho > rho_0``, the root
+    of ``rho phi(t rho) = G``. ``rho phi(t rho)`` increases from 0 to ``1 / t``, so ``rho_0`` exists iff ``G < 1 / t``.
+    Were ``||Delta||_{H_dag} > rho > rho_0``, the point of the segment from ``theta_dag`` to ``theta_hat`` at
+    ``H_dag``-norm ``rho`` would lie in the convex set with, by convexity, ``L_n <= L_n(theta_dag)``: a contradiction.
+    So ``||Delta||_{H_dag} <= rho_0``, and by step 1 with ``r = t rho_0``,
+    ``||Delta||^2_M <= e^{t rho_0} rho_0^2 + mu min(4 B^2, rho_0^2 / lambda_min(H_dag))``.
+
+    **Step 3 (the random parts).** ``E H_dag = H = design.hessian`` (the reference pairs have the labelled
+    pair's law). Matrix Chernoff (Tropp 2012, Thm 1.1) for the independent clusters'
+    ``Y_i = H^{-1/2} h_i H^{-1/2}``, ``lambda_max(Y_i) <= R = design.curvature_leverage / n``: with probability
+    ``>= 1 - delta_3``, ``H_dag >= (1 - eps) H`` with ``eps + (1 - eps) log(1 - eps) = R log(d / delta_3)``. Then
+    ``G <= ||grad L_n(theta_dag)||_{H^-1} / sqrt(1 - eps)``, ``t <= design.tau / sqrt(1 - eps)`` and
+    ``lambda_min(H_dag) >= (1 - eps) lambda_min(H)``. The score's two parts in the ``H^-1`` norm, as in
+    ``estimation_radius``: the noise part by Hsu, Kakade and Zhang with ``S = H^{-1/2} Sigma_D H^{-1/2}``
+    (probability ``1 - delta_1``), the design part by ``_design_deviation(c_local, var_local, n, delta_2)``
+    (``1 - delta_2``; zero, spending no ``delta``, when ``c_local = 0``: BT with ``lam = 0``). ``delta`` is split
+    evenly between the parts used.
+
+    Where ``G t >= 1`` (too few pairs for the localisation) or ``eps >= 1`` the radius is ``certain``, the one
+    that holds surely (``2 B sqrt(lambda_max(M))``, infinite without ``B``). Unlike ``estimation_radius``,
+    nothing depends on ``B`` except that cap, and the curvature is the one at ``theta_dag``, not the ball's
+    smallest: the global radius grows like ``e^{2 L B}``, this one not at all.
+    """
+    if not isinstance(design, DesignConstants):
+        raise InputError(f"design: expected the DesignConstants of design_constants, got {type(design).__name__}")
+    nn = int(n) if isinstance(n, (int, np.integer)) and not isinstance(n, bool) else None
+    if nn is None or nn < 1:
+        raise InputError(f"n: the number of labelled pairs must be a positive integer, got {n!r}")
+    mu_ = _positive("mu", mu, allow_zero=True)
+    dl = _probability_level(delta)
+    B_ = math.inf if B is None else _positive("B", B)
+    d = design.sigma.shape[0]
+    SD = _psd("sigma_d", sigma_d, d)
+    Hhat = _psd("hessian", hessian, d)
+    if not math.isfinite(design.tau):
+        raise InputError("design: the population Hessian at theta_dagger is singular (a direction with no "
+                         "curvature); the local radius needs it positive definite")
+    if np.linalg.norm(design.theta_dagger) > B_ * (1 + 1e-12):
+        raise InputError(f"B: ||theta_dagger|| = {np.linalg.norm(design.theta_dagger):.6g} exceeds B={B_}; the "
+                         "convex set must contain the target")
+    Mmat = Hhat + mu_ * np.eye(d)
+    evals_M = np.linalg.eigvalsh(Mmat)
+    if evals_M.min() <= 1e-14 * max(1.0, evals_M.max()):
+        raise InputError("hessian: H_hat + mu I is singular; use mu > 0")
+    parts = 3 if design.c_local > 0 else 2
+    dp = dl / parts
+    eps = _chernoff_eps(design.curvature_leverage / nn * math.log(d / dp))
+    evals_H, evecs_H = np.linalg.eigh(design.hessian)
+    inv_half = evecs_H @ np.diag(evals_H ** -0.5) @ evecs_H.T
+    Smat = inv_half @ SD @ inv_half
+    noise = _noise_bound(np.clip(np.linalg.eigvalsh(0.5 * (Smat + Smat.T)), 0.0, None), dp, nn)
+    design_term = _design_deviation(design.c_local, design.var_local, nn, dp) if parts == 3 else 0.0
+    certain = 2.0 * B_ * math.sqrt(float(evals_M.max()))
+    rho0 = dikin = math.inf
+    score = math.inf
+    if eps < 1.0:
+        score = (noise + design_term) / math.sqrt(1.0 - eps)
+        t = design.tau / math.sqrt(1.0 - eps)
+        rho0 = _dikin_radius(score, t)
+        dikin = t * rho0
+    radius = certain
+    if math.isfinite(rho0):
+        spread = min(4.0 * B_ * B_, rho0 * rho0 / ((1.0 - eps) * design.hessian_lam_min))
+        radius = min(certain, math.sqrt(math.exp(dikin) * rho0 * rho0 + mu_ * spread))
+    return EstimationRadius(
+        radius=radius, matrix=Mmat, kappa=2.0 * _phi(dikin) if math.isfinite(dikin) else 0.0, certain=certain,
+        score_bound=score, noise_term=noise, design_term=design_term, chernoff_eps=eps, delta_noise=dp,
+        delta_design=dp if parts == 3 else 0.0, delta_chernoff=dp, n=float(nn), B=B_, L=math.nan, mu=mu_,
+        lam=design.lam, curvature="local", dikin=dikin,
     )
 
 

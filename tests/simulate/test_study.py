@@ -203,19 +203,30 @@ def test_pessimism_bound_is_checked(tmp_path) -> None:
     assert (pess.radius[pess.n == 25600].mean() < pess.radius[pess.n == 200].mean())  # shrinks with n
     assert (pess.radius <= pess.certain).all() and (pess.informative == (pess.n == 25600)).all()
     assert pess.in_radius.all()
+    # the self-concordant radius: its own policy and bound, the same guarantees, a tighter bound at 25600
+    assert (pess.regret_dagger_local <= pess.bound_dagger_local + 1e-9).all() and pess.held_local.all()
+    assert (pess.radius_local <= pess.certain_local).all() and pess.in_radius_local.all()
+    assert (pess.informative_local == (pess.n == 25600)).all()
+    big = pess[pess.n == 25600]
+    assert (big.bound_dagger_local < big.bound_dagger).all()
     report = analyse(study.results, study.predictions, pessimism=pess, delta=0.2)
-    claims = [c for c in report.claims if c["name"] == "6_bound_holds"]
-    assert len(claims) == 2 and all(c["verdict"] == "confirmed" for c in claims)
-    assert all("4 of 8 replications, at n = 25600" in c["text"] and "largest possible regret" in c["text"]
-               for c in claims)
+    for name in ("6_bound_holds", "6b_local_bound_holds"):
+        claims = [c for c in report.claims if c["name"] == name]
+        assert len(claims) == 2 and all(c["verdict"] == "confirmed" for c in claims)
+        assert all("4 of 8 replications, at n = 25600" in c["text"] and "largest possible regret" in c["text"]
+                   for c in claims)
     assert set(report.pessimism.columns) >= {"held", "held_low", "bound", "max_regret", "regret_pessimistic",
                                              "regret_pessimistic_dagger", "regret_pessimistic_dagger_low",
-                                             "informative", "in_radius"}
+                                             "informative", "in_radius", "bound_local", "held_local",
+                                             "in_radius_local", "informative_local"}
     # where it cannot fail there is no verdict; where it fails too often it is refuted
     small = analyse(study.results, study.predictions, pessimism=pess[pess.n == 200], delta=0.2)
     assert {c["verdict"] for c in small.claims if c["name"] == "6_bound_holds"} == {"inconclusive"}
     bad = analyse(study.results, study.predictions, pessimism=pess.assign(in_radius=~pess.informative), delta=0.2)
     assert {c["verdict"] for c in bad.claims if c["name"] == "6_bound_holds"} == {"refuted"}
+    bad = analyse(study.results, study.predictions, pessimism=pess.assign(in_radius_local=~pess.informative_local),
+                  delta=0.2)
+    assert {c["verdict"] for c in bad.claims if c["name"] == "6b_local_bound_holds"} == {"refuted"}
     # a cell an older version wrote: reading the folder accepts it, a study run recomputes it
     import pyarrow.parquet as pq
 

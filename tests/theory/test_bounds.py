@@ -248,14 +248,19 @@ def test_design_constants_by_enumeration() -> None:
     mu, lam = 0.01, 0.6
     g_hat = np.clip(pop.g_star + 0.05 * np.random.default_rng(0).normal(size=pop.g_star.shape), 0.01, 0.99)
     dc = bd.design_constants(pop, theta_dag, mu=mu, lam=lam, g_hat=g_hat)
-    sigma = np.zeros((2, 2))
-    pairs = []
+    sigma, hess = np.zeros((2, 2)), np.zeros((2, 2))
+    pairs, weights, prompt = [], [], []
     for p in range(pop.size):
         for a in range(pop.K):
             for b in range(pop.K):
                 xi = x[p, a, b]
-                sigma += pop.pi[p, a] * pop.pi[p, b] / pop.size * np.outer(xi, xi)
+                w = pop.pi[p, a] * pop.pi[p, b]
+                s_ = float(_sigmoid(xi @ theta_dag))
+                sigma += w / pop.size * np.outer(xi, xi)
+                hess += w / pop.size * s_ * (1 - s_) * np.outer(xi, xi)
                 pairs.append((xi, pop.g_star[p, a, b], g_hat[p, a, b]))
+                weights.append(w)
+                prompt.append(p)
     inv = np.linalg.inv(sigma + mu * np.eye(2))
     nrm = [math.sqrt(xi @ inv @ xi) for xi, _, _ in pairs]
     s = [float(_sigmoid(xi @ theta_dag)) for xi, _, _ in pairs]
@@ -264,19 +269,44 @@ def test_design_constants_by_enumeration() -> None:
     lengths = [float(np.linalg.norm(xi)) for xi, _, _ in pairs]
     c2 = max(abs((g - si) - lam * (gh - si)) * ln for (_, g, gh), si, ln in zip(pairs, s, lengths)) \
         + lam * max(abs(gh - si) * ln for (_, _, gh), si, ln in zip(pairs, s, lengths))
+    # E||psi_des||^2 <= E_prompt[(a + lam b)^2] with a, b the labelled and reference parts' conditional norms
+    def second_moment(sq: list[float]) -> float:
+        out = 0.0
+        for p in range(pop.size):
+            idx = [i for i, q in enumerate(prompt) if q == p]
+            a = math.sqrt(sum(weights[i] * ((pairs[i][1] - s[i]) - lam * (pairs[i][2] - s[i])) ** 2 * sq[i] for i in idx))
+            b = math.sqrt(sum(weights[i] * (pairs[i][2] - s[i]) ** 2 * sq[i] for i in idx))
+            out += (a + lam * b) ** 2 / pop.size
+        return out
+
+    assert dc.var_design == pytest.approx(second_moment([nr ** 2 for nr in nrm]), rel=1e-12)
+    # the local constants, in the norm of the population Hessian at theta_dag
+    hinv = np.linalg.inv(hess)
+    lev = [float(xi @ hinv @ xi) for xi, _, _ in pairs]
+    np.testing.assert_allclose(dc.hessian, hess, rtol=1e-13)
+    assert dc.hessian_lam_min == pytest.approx(np.linalg.eigvalsh(hess).min(), rel=1e-12)
+    assert dc.tau == pytest.approx(math.sqrt(max(lev)), rel=1e-12)
+    assert dc.curvature_leverage == pytest.approx(max(si * (1 - si) * lv for si, lv in zip(s, lev)), rel=1e-12)
+    assert dc.c_local == pytest.approx(
+        max(abs((g - si) - lam * (gh - si)) * math.sqrt(lv) for (_, g, gh), si, lv in zip(pairs, s, lev))
+        + lam * max(abs(gh - si) * math.sqrt(lv) for (_, _, gh), si, lv in zip(pairs, s, lev)), rel=1e-12)
+    assert dc.var_local == pytest.approx(second_moment(lev), rel=1e-12)
     np.testing.assert_allclose(dc.sigma, sigma, rtol=1e-13)
     assert dc.rho == pytest.approx(max(nr**2 for nr in nrm), rel=1e-12)
     assert dc.c_design == pytest.approx(c, rel=1e-12)
     assert dc.c_design_l2 == pytest.approx(c2, rel=1e-12)
     assert dc.max_dphi == pytest.approx(max(lengths), rel=1e-14)
     assert dc.first_order_norm < 1e-12
-    # design term: c sqrt(2 log(2/(delta/3)) / n) / sqrt(1 - eps), eps from the matrix Chernoff equation
+    # design term: the smaller of Pinelis's Hoeffding- and Bernstein-type deviations at delta / 3, over
+    # sqrt(1 - eps), eps from the matrix Chernoff equation
     n, delta = 2000, 0.1
     rad = bd.estimation_radius(sigma, n, B=2.0, L=1.0, mu=mu, delta=delta, lam=lam, sigma_ref=sigma, design=dc)
     eps = rad.chernoff_eps
     R = (dc.rho + mu / (dc.lam_min + mu)) / n
     assert eps + (1 - eps) * math.log(1 - eps) == pytest.approx(R * math.log(2 / (delta / 3)), rel=1e-10)
-    assert rad.design_term == pytest.approx(c * math.sqrt(2 * math.log(6 / delta) / n) / math.sqrt(1 - eps), rel=1e-10)
+    t, v = math.log(6 / delta), dc.var_design
+    deviation = min(c * math.sqrt(2 * t / n), (c * t / 3 + math.sqrt((c * t / 3) ** 2 + 2 * n * v * t)) / n)
+    assert rad.design_term == pytest.approx(deviation / math.sqrt(1 - eps), rel=1e-10)
     assert rad.delta_noise == rad.delta_design == rad.delta_chernoff == pytest.approx(delta / 3)
     # too few pairs for the matrix Chernoff step: the design part's sure bound c_l2 / sqrt(mu) (M >= mu I),
     # with the whole delta for the noise; here the radius is the one that holds with certainty (both in the
@@ -377,13 +407,9 @@ def _fit_in_ball(terms: list[tuple[np.ndarray, np.ndarray, float]], B: float) ->
     return theta.numpy()
 
 
-@pytest.mark.parametrize("scenario", ["bt_mle", "mixture_mle", "mixture_vrpo"])
-def test_high_probability_bound_holds_in_simulation(scenario: str) -> None:
-    """Coverage of ``theta_dag in C`` and of the regret bounds at rate >= 1 - delta.
-
-    R = 80 replications of n = 1000 labelled pairs; the failure count is compared with the binomial
-    critical value crit = Bin(80, delta).ppf(0.999): under the claim P(failures > crit) <= 1e-3.
-    """
+def _simulated_fits(scenario: str, n: int, R: int = 80, mu: float = 1e-3) -> dict:
+    """R replications of n labelled pairs (and, for VRPO, M = 2 reference pairs per prompt) on the mixture
+    population, or a BT one, fitted in the ball of radius B; the score ``-grad L_n(theta_dag)`` of each."""
     pop, theta_dag, x = _mixture_population()
     B, M, lam = 2.0, 2, 0.0
     if scenario == "bt_mle":  # well specified: g* = sigmoid(theta* . dphi), U = theta* . phi, theta_dag = theta*
@@ -394,38 +420,81 @@ def test_high_probability_bound_holds_in_simulation(scenario: str) -> None:
     if scenario == "mixture_vrpo":
         lam = 1.0
         g_hat = np.clip(pop.g_star + 0.05 * np.random.default_rng(5).normal(size=pop.g_star.shape), 0.01, 0.99)
-    R, n, delta, mu = 80, 1000, 0.1, 1e-3
-    design = None if scenario == "bt_mle" else bd.design_constants(pop, theta_dag, mu=mu, lam=lam, g_hat=g_hat)
-
     rng = np.random.default_rng(7)
     prompts = rng.integers(pop.size, size=(R, n))
     a, b = _sample_pairs(rng, pop, prompts)
     X = x[prompts, a, b]
     Z = (rng.uniform(size=(R, n)) < pop.g_star[prompts, a, b]).astype(float)
     terms = [(X, Z, 1.0 / n)]
+    X_ref = None
     if lam > 0:
         ref_prompts = np.repeat(prompts, M, axis=1)  # M reference pairs on each labelled prompt
         ar, br = _sample_pairs(rng, pop, ref_prompts)
-        Xr = X_ref = x[ref_prompts, ar, br]
-        terms += [(X, g_hat[prompts, a, b], -lam / n), (Xr, g_hat[ref_prompts, ar, br], lam / (n * M))]
+        X_ref = x[ref_prompts, ar, br]
+        terms += [(X, g_hat[prompts, a, b], -lam / n), (X_ref, g_hat[ref_prompts, ar, br], lam / (n * M))]
     theta_hat = _fit_in_ball(terms, B)
-
-    # -grad L_n(theta_dag), the score the radius controls
     score = sum(-w * np.einsum("rn,rnd->rd", _logistic_pair_derivatives(
         torch.as_tensor(xx @ theta_dag), torch.as_tensor(gg))[0].numpy(), xx) for xx, gg, w in terms)
-    comparator = pl.optimal_policy(pop)  # the optimal policy under the true utility
+    return dict(pop=pop, theta_dag=theta_dag, B=B, M=M, lam=lam, g_hat=g_hat, X=X, X_ref=X_ref, terms=terms,
+                theta_hat=theta_hat, score=score, mu=mu, n=n, R=R)
+
+
+@pytest.mark.parametrize("scenario", ["bt_mle", "mixture_mle", "mixture_vrpo"])
+def test_high_probability_bound_holds_in_simulation(scenario: str) -> None:
+    """Coverage of ``theta_dag in C`` and of the regret bounds at rate >= 1 - delta.
+
+    R = 80 replications of n = 1000 labelled pairs; the failure count is compared with the binomial
+    critical value crit = Bin(80, delta).ppf(0.999): under the claim P(failures > crit) <= 1e-3.
+    """
+    sim, delta = _simulated_fits(scenario, 1000), 0.1
+    pop, theta_dag, lam, mu, n, M, X, X_ref = (sim[k] for k in ("pop", "theta_dag", "lam", "mu", "n", "M", "X", "X_ref"))
+    design = None if scenario == "bt_mle" else bd.design_constants(pop, theta_dag, mu=mu, lam=lam, g_hat=sim["g_hat"])
     radii = []
-    for r in range(R):
+    for r in range(sim["R"]):
         sref = X_ref[r].T @ X_ref[r] / (n * M) if lam > 0 else None
-        radii.append(bd.estimation_radius(bd.empirical_design(X[r], L=1.0), n, B=B, L=1.0, mu=mu, delta=delta,
+        radii.append(bd.estimation_radius(bd.empirical_design(X[r], L=1.0), n, B=sim["B"], L=1.0, mu=mu, delta=delta,
                                           lam=lam, sigma_ref=sref, design=design))
+    fails = _coverage_failures(radii, sim["theta_hat"], theta_dag, sim["score"], pop, pl.optimal_policy(pop))
+    assert fails <= stats.binom.ppf(1 - 1e-3, sim["R"], delta)
+
+
+def _local_radii(sim: dict, delta: float) -> list:
+    """``local_estimation_radius`` of every replication, with the Hessian at its estimate."""
+    design = bd.design_constants(sim["pop"], sim["theta_dag"], mu=sim["mu"], lam=sim["lam"], g_hat=sim["g_hat"])
+    out = []
+    for r in range(sim["R"]):
+        th = sim["theta_hat"][r]
+        hess = (1 - sim["lam"]) * bd.empirical_design(sim["X"][r], theta=th)
+        if sim["lam"] > 0:
+            hess = hess + sim["lam"] * bd.empirical_design(sim["X_ref"][r], theta=th)
+        out.append(bd.local_estimation_radius(bd.empirical_design(sim["X"][r]), hess, sim["n"], design=design,
+                                              delta=delta, B=sim["B"]))
+    return out
+
+
+@pytest.mark.parametrize("scenario", ["bt_mle", "mixture_mle", "mixture_vrpo"])
+def test_local_bound_holds_in_simulation(scenario: str) -> None:
+    """As above for the self-concordant radius, at n = 20000, where every replication's radius is below the
+    certain one (the event can fail); the same binomial criterion."""
+    sim, delta = _simulated_fits(scenario, 20000), 0.1
+    radii = _local_radii(sim, delta)
+    assert all(rad.informative and rad.curvature == "local" for rad in radii)
+    fails = _coverage_failures(radii, sim["theta_hat"], sim["theta_dag"], sim["score"], sim["pop"],
+                               pl.optimal_policy(sim["pop"]))
+    assert fails <= stats.binom.ppf(1 - 1e-3, sim["R"], delta)
+
+
+def _coverage_failures(radii: list, theta_hat: np.ndarray, theta_dag: np.ndarray, score: np.ndarray,
+                       pop: PairPopulation, comparator: np.ndarray) -> int:
+    """Replications where ``theta_dag`` is outside the set, the score exceeds its bound (global radius), or a
+    regret bound fails."""
     gamma = np.array([rad.radius for rad in radii])
     pess = pl.pessimistic_policy(theta_hat, np.stack([rad.cov for rad in radii]), pop.phi, pop.pi, gamma=gamma)
     fails = 0
     for r, rad in enumerate(radii):
         diff = theta_hat[r] - theta_dag
         covered = math.sqrt(diff @ rad.matrix @ diff) <= rad.radius
-        score_ok = math.sqrt(score[r] @ rad.cov @ score[r]) <= rad.score_bound
+        score_ok = rad.curvature == "local" or math.sqrt(score[r] @ rad.cov @ score[r]) <= rad.score_bound
         bound = bd.pessimistic_regret_bound(rad, pop.phi, comparator, pi_ref=pop.pi, utility=pop.utility,
                                             theta_dagger=theta_dag)
         r_dag = pl.value(comparator, pop.phi @ theta_dag).mean - pl.value(pess[r], pop.phi @ theta_dag).mean
@@ -433,7 +502,7 @@ def test_high_probability_bound_holds_in_simulation(scenario: str) -> None:
         ok = covered and score_ok and r_dag <= bound.bound_dagger + 1e-9 and r_true <= bound.bound_true + 1e-9
         fails += not ok
         assert math.isfinite(rad.radius)
-    assert fails <= stats.binom.ppf(1 - 1e-3, R, delta)
+    return fails
 
 
 def test_pessimistic_regret_bound_ingredients() -> None:
@@ -550,3 +619,49 @@ def test_bad_input_raises_input_error() -> None:
         bd.gaussian_plugin_regret(theta_dag, np.eye(2), 100, pop, draws=11)
     with pytest.raises(InputError, match="theta"):
         bd.regret_derivatives(np.zeros((2, 2)), pop, 0.5)
+
+
+@pytest.mark.parametrize("scenario,n", [("mixture_mle", 300), ("mixture_vrpo", 300), ("mixture_mle", 3000)])
+def test_local_radius_lemma_on_every_sample(scenario: str, n: int) -> None:
+    """Steps 1-2 of ``local_estimation_radius`` are deterministic: with the sample's own
+    ``G = ||grad L_n(theta_dag)||_{H_dag^-1}`` and ``t = max_k ||x_k||_{H_dag^-1}``, every replication with
+    ``G t < 1`` has ``||Delta||_{H_dag} <= rho_0(G, t)`` and ``||Delta||_{H_hat} <= e^{t rho_0 / 2} rho_0``."""
+    sim = _simulated_fits(scenario, n, R=60)
+    th_dag = sim["theta_dag"]
+
+    checked, ratios = 0, []
+    for r in range(sim["R"]):
+        h_dag = (1 - sim["lam"]) * bd.empirical_design(sim["X"][r], theta=th_dag)
+        h_hat = (1 - sim["lam"]) * bd.empirical_design(sim["X"][r], theta=sim["theta_hat"][r])
+        pairs = sim["X"][r]
+        if sim["lam"] > 0:
+            h_dag = h_dag + sim["lam"] * bd.empirical_design(sim["X_ref"][r], theta=th_dag)
+            h_hat = h_hat + sim["lam"] * bd.empirical_design(sim["X_ref"][r], theta=sim["theta_hat"][r])
+            pairs = np.concatenate([pairs, sim["X_ref"][r]])
+        inv = np.linalg.inv(h_dag)
+        G = math.sqrt(sim["score"][r] @ inv @ sim["score"][r])
+        t = math.sqrt(np.einsum("ki,ij,kj->k", pairs, inv, pairs).max())
+        rho0 = bd._dikin_radius(G, t)
+        if not math.isfinite(rho0):
+            continue
+        diff = sim["theta_hat"][r] - th_dag
+        if np.linalg.norm(sim["theta_hat"][r]) > sim["B"] - 1e-9:
+            continue  # on the ball's boundary; the lemma holds there too, but the KKT fit is less precise
+        checked += 1
+        ratios.append(math.sqrt(diff @ h_dag @ diff) / rho0)
+        assert math.sqrt(diff @ h_dag @ diff) <= rho0 * (1 + 1e-9)
+        assert math.sqrt(diff @ h_hat @ diff) <= math.exp(t * rho0 / 2) * rho0 * (1 + 1e-9)
+    assert checked >= 30
+    assert max(ratios) > 0.3  # the bound is within a small factor of the error: the check has teeth
+
+
+def test_dikin_radius_closed_form() -> None:
+    # rho_0 solves rho phi(t rho) = G; phi(r) = (e^-r + r - 1) / r^2 -> 1/2 as r -> 0 (so rho_0 ~ 2G for small G)
+    for G, t in ((0.01, 1.0), (0.05, 10.0), (0.0999, 10.0), (1e-9, 3.0)):
+        rho = bd._dikin_radius(G, t)
+        r = t * rho
+        assert rho * (math.expm1(-r) + r) / r ** 2 == pytest.approx(G, rel=1e-10)
+    assert bd._dikin_radius(1e-9, 3.0) == pytest.approx(2e-9, rel=1e-8)
+    assert bd._dikin_radius(0.1, 10.0) == math.inf and bd._dikin_radius(0.2, 10.0) == math.inf
+    assert bd._phi(1e-3 - 1e-12) == pytest.approx(bd._phi(1e-3 + 1e-12), rel=1e-12)
+    assert bd._phi(0.0) == 0.5
