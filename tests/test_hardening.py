@@ -10,8 +10,12 @@ torch, a hang or a silently wrong number. Entry points: the ``simulate``, ``fit`
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import sys
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +30,7 @@ from robust_rlhf.simulate.study import ESTIMATORS, StudySpec, load_study, run_st
 from robust_rlhf.theory.data import PairData, PairPopulation
 from robust_rlhf.theory.errors import InputError
 from robust_rlhf.theory.fitting import fit
-from robust_rlhf.theory.io import atomic_path, load_pair_data
+from robust_rlhf.theory.io import atomic_path, load_callable, load_pair_data
 
 
 def _text(path: Path, text: str | bytes) -> str:
@@ -272,7 +276,27 @@ API = [
      "it is a folder"),
     ("atomic_path: a full disk", lambda t: _write_failing(t / "out.txt", OSError(28, "No space left on device")),
      "No space left on device"),
+    ("PairData: ragged reference weights",
+     lambda t: PairData(dphi=np.ones((1, 2, 2)), z=np.zeros((1, 2)), dphi_ref=np.ones((1, 2, 2)),
+                        ref_weight=[[0.5, 0.5], [1.0]]), "ref_weight: cannot be read as numbers"),
+    ("PairData: ragged reference rows",
+     lambda t: PairData(dphi=np.ones((1, 2, 2)), z=np.zeros((1, 2)), dphi_ref=np.ones((1, 2, 2)),
+                        ref_row=[[0], [0, 1]]), "ref_row: need 2 integers"),
+    ("PairData: swap_features not a function",
+     lambda t: PairData(dphi=np.ones((1, 2, 2)), z=np.zeros((1, 2)), swap_features=3),
+     "swap_features: expected a function of the pair features, got int"),
+    ("fit: bound as text", lambda t: fit(_separable_data(), bound="1"), "bound must be a positive number, got '1'"),
+    ("fit: bound True", lambda t: fit(_separable_data(), bound=True), "bound must be a positive number, got True"),
 ]
+
+
+def _separable_data() -> PairData:
+    """Two replications of separated labels in d = 3 (the second with 20 labels redrawn: not separated)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 80, 3))
+    z = (x @ np.array([1.0, -1.0, 0.5]) > 0).astype(float)
+    z[1, :20] = rng.integers(0, 2, 20)
+    return PairData(dphi=x, z=z)
 
 
 def _write_failing(path: Path, error: OSError) -> None:
@@ -409,3 +433,65 @@ def test_json_output_is_strict_and_a_closed_pipe_is_quiet(tmp_path: Path) -> Non
     proc.stdout.close()
     assert proc.wait(timeout=60) == 141
     assert proc.stderr.read() == b""
+
+
+def test_a_damaged_archive_is_a_named_error(tmp_path: Path) -> None:
+    """A damaged compressed stream (zlib's error) or .npy header (numpy's tokenizer) was a raw traceback."""
+    rng = np.random.default_rng(0)
+    arrays = dict(dphi=rng.normal(size=(50, 3)), z=rng.integers(0, 2, 50).astype(float))
+    stream = tmp_path / "stream.npz"
+    np.savez_compressed(stream, **arrays)
+    raw = bytearray(stream.read_bytes())
+    info = zipfile.ZipFile(stream).getinfo("dphi.npy")
+    h = info.header_offset
+    start = h + 30 + int.from_bytes(raw[h + 26:h + 28], "little") + int.from_bytes(raw[h + 28:h + 30], "little")
+    raw[start] = 0xFF  # a reserved deflate block type
+    stream.write_bytes(bytes(raw))
+    header = tmp_path / "header.npz"
+    buffer = io.BytesIO()
+    np.save(buffer, arrays["dphi"])
+    with zipfile.ZipFile(header, "w") as archive:  # a valid archive (CRCs right) holding a damaged .npy header
+        archive.writestr("dphi.npy", buffer.getvalue().replace(b"(50, 3)", b"(50, 3 ", 1))
+    for path, cause in ((stream, "error"), (header, "TokenError")):
+        with pytest.raises(InputError, match=rf"{path.name}: not a readable .npz file \(\w*{cause}"):
+            load_pair_data(path)
+
+
+def test_a_python_file_loads_like_a_module(tmp_path: Path) -> None:
+    """A file-defined dataclass under postponed annotations failed to import (its module was not registered);
+    the file is registered under a name of its own, never one that shadows an installed module."""
+    source = ("from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\nclass Judge:\n"
+              "    scale: float = 3.0\n\n    def __call__(self, p: str, a: str, b: str) -> float:\n"
+              "        return self.scale\n")
+    for stem in ("my_dataclass_judge", "json"):  # a new name, and the stem of a standard module
+        (tmp_path / f"{stem}.py").write_text(source)
+        judge = load_callable(f"{tmp_path / stem}.py:Judge", factory=True)
+        assert judge("p", "a", "b") == 3.0
+    assert sys.modules["json"].__name__ == "json" and hasattr(sys.modules["json"], "dumps")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(InputError, match="RuntimeError while importing it: boom"):
+        load_callable(f"{tmp_path / 'broken.py'}:f")
+    assert not any(name.startswith("robust_rlhf_user_broken") for name in sys.modules)
+
+
+def test_atomic_writes_leave_the_process_umask_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the umask sets it: done per write, another thread could create a file with mode 0o666."""
+    def forbidden(mask: int) -> int:
+        raise AssertionError("atomic_path changed the process umask")
+
+    monkeypatch.setattr(os, "umask", forbidden)
+    with atomic_path(tmp_path / "f.txt") as tmp:
+        tmp.write_text("x")
+    monkeypatch.undo()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_bounded_non_convex_fit_exists_on_separated_labels() -> None:
+    """With ``bound`` the constrained fit is returned, also for the truncated hinge (it raised SeparableDataError
+    telling the user to pass the bound they had passed)."""
+    for loss in ("logistic", "hinge", "truncated_hinge"):
+        res = fit(_separable_data(), "mle", loss, bound=2.0)
+        assert not res.separable.any() and np.isfinite(res.theta).all(), loss
+        assert np.linalg.norm(res.theta[0]) == pytest.approx(2.0, rel=1e-6) and res.at_bound[0]

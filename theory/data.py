@@ -114,7 +114,10 @@ def _probabilities(name: str, values: object, shape: tuple[int, int], match: str
 
 def _check_ref_row(ref_row: object, N: int) -> np.ndarray:
     """``N`` prompt ids of reference pairs (see the module docstring) as int64."""
-    rows = np.asarray(ref_row)
+    try:
+        rows = np.asarray(ref_row)
+    except ValueError as exc:  # a ragged list
+        raise InputError(f"ref_row: need {N} integers ({exc})") from None
     if rows.shape != (N,) or not np.issubdtype(rows.dtype, np.integer):
         raise InputError(f"ref_row: need {N} integers, got shape {rows.shape} dtype {rows.dtype}")
     if (rows < -1).any():
@@ -127,7 +130,8 @@ def _check_ref_row(ref_row: object, N: int) -> np.ndarray:
 MAX_FEATURE = 1e100
 
 
-def _as_float(name: str, values: object, ndim: int) -> np.ndarray:
+def _as_float(name: str, values: object, ndim: int | None = None) -> np.ndarray:
+    """``values`` as float64 (with ``ndim`` axes, when given), or an ``InputError`` naming ``name``."""
     raw = values if isinstance(values, np.ndarray) else None
     try:
         if raw is None:
@@ -137,7 +141,7 @@ def _as_float(name: str, values: object, ndim: int) -> np.ndarray:
         arr = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{name}: cannot be read as numbers ({exc})") from None
-    if arr.ndim != ndim:
+    if ndim is not None and arr.ndim != ndim:
         raise InputError(f"{name}: expected {ndim} axes, got shape {arr.shape}")
     return arr
 
@@ -186,6 +190,9 @@ class PairData:
     swap_features: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.swap_features is not None and not callable(self.swap_features):
+            raise InputError(f"swap_features: expected a function of the pair features, got "
+                             f"{type(self.swap_features).__name__}")
         dphi = _as_float("dphi", self.dphi, 3)
         R, n, d = dphi.shape
         if R < 1 or n < 1 or d < 1:
@@ -220,7 +227,7 @@ class PairData:
             if self.ref_weight is None:
                 w = np.full((R, N), 1.0 / N)
             else:
-                w = _as_float("ref_weight", self.ref_weight, np.ndim(self.ref_weight))
+                w = _as_float("ref_weight", self.ref_weight)
                 w = np.broadcast_to(w, (R, N)).copy() if w.shape in ((N,), (R, N)) else w
             if w.shape != (R, N) or (w < 0).any() or not np.isfinite(w).all() \
                     or (np.abs(w.sum(axis=1) - 1.0) > 1e-8).any():

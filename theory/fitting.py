@@ -991,7 +991,7 @@ def fit(
 
     ``dphi`` must identify ``theta`` (rank ``d`` on every replication), else ``InputError``. The
     estimators are equivariant under ``dphi -> c Q dphi`` (``Q`` orthogonal; ``theta -> Q theta / c``,
-    ``cov -> Q cov Q^T / c^2``, bound ``c B``, gradient ``c Q grad``), and so is the stopping rule: a
+    ``cov -> Q cov Q^T / c^2``, bound ``B / c``, gradient ``c Q grad``), and so is the stopping rule: a
     replication has converged when ``||grad|| < tol * rms(dphi)``, the gradient tolerance ``tol`` of the
     same problem with features of unit root mean square (replications whose scales differ by more than a
     factor 2 are fitted in separate groups, each at its own scale). Features whose root mean square lies outside
@@ -1020,8 +1020,9 @@ def fit(
     if not loss.convex and bound is None:
         raise InputError(f"the {loss.name} loss is bounded, so a linear fit drifts to infinite scale: "
                          "give a norm bound (bound=B, --bound B)")
-    if bound is not None and not (math.isfinite(bound) and bound > 0):
-        raise InputError(f"bound must be a positive number, got {bound}")
+    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float, np.integer, np.floating))
+                              or not (math.isfinite(bound) and bound > 0)):
+        raise InputError(f"bound must be a positive number, got {bound!r}")
     if method != "mle" and data.dphi_ref is None:
         raise InputError(f"method {method!r} needs reference pairs ("
                          + ("dphi_ref)" if method == "vrpo_crossfit" else "dphi_ref, g_ref)"))
@@ -1157,8 +1158,9 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
     mle = _minimise(loss, lam0, b, start, tol, max_iter, True, theta_max, pg_bound)
     if loss.recession() is not None:
         _check_overlap(b, logistic if logistic is not None else mle, max(FLAT_CURVATURE, 100 * tol / rms), gram)
-    if logistic is not None:
-        # separated labels (the logistic fit's certificate): a non-smooth loss's minimisers are unbounded too
+    if logistic is not None and pg_bound is None:
+        # separated labels (the logistic fit's certificate): a non-smooth loss's minimisers are unbounded too;
+        # within the ball (the non-convex losses' Newton) the constrained fit exists all the same
         mle.separable |= logistic.separable
         mle.converged &= ~logistic.separable
     mle_hess = _bread_hessian(loss, lam0, b, mle)

@@ -12,13 +12,13 @@ with ``g_ref`` alone (cross-fitted VRPO learns ``g_hat`` from the labelled pairs
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import os
 import sys
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,10 @@ from .data import PairData
 from .errors import InputError
 
 __all__ = ["atomic_path", "load_callable", "load_pair_data", "NPZ_KEYS", "EXTRA_KEYS"]
+
+# read once, at import: reading the umask means setting it, which would race with other threads' file creation
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 NPZ_KEYS = ("dphi", "z", "g", "dphi_ref", "g_ref", "ref_row", "ref_weight")
 #: arrays that ``simulate.save`` writes beside the format's (provenance; ignored by ``load_pair_data``)
@@ -57,9 +61,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise InputError(f"cannot write to {str(path.parent)!r}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual default mode
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual default mode
     try:
         try:
             yield tmp_path
@@ -95,8 +97,8 @@ def load_pair_data(path: str | Path) -> PairData:
                 with loaded as npz:
                     arrays = {k: npz[k] for k in npz.files if k in NPZ_KEYS}
                     unknown = sorted(set(npz.files) - set(NPZ_KEYS) - set(EXTRA_KEYS))
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001  a damaged archive fails in zipfile, zlib, numpy's header parser, ...
+        raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     if not archive:
         raise InputError(f"{path}: holds a single array, not an .npz archive of named arrays "
                          f"({', '.join(NPZ_KEYS)}); write it with numpy.savez(path, dphi=..., z=...)")
@@ -154,9 +156,18 @@ def load_callable(target: str, name: str = "", factory: bool = False) -> Any:
             path = Path(module_name)
             if not path.is_file():
                 raise InputError(f"{where}{str(path)!r}: file not found")
-            spec = importlib.util.spec_from_file_location(path.stem, path)
+            # registered under a name of its own while it runs (dataclasses look their module up there), never
+            # under a bare stem that could shadow an installed module
+            digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+            unique = f"robust_rlhf_user_{path.stem}_{digest}"
+            spec = importlib.util.spec_from_file_location(unique, path)
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            sys.modules[unique] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(unique, None)
+                raise
         else:
             module = importlib.import_module(module_name)
     except ImportError as exc:
