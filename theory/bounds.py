@@ -12,7 +12,8 @@ from ``theta_hat`` is predicted two ways:
 
 Part (b): ``estimation_radius`` and ``pessimistic_regret_bound`` give a high-probability bound for the
 pessimistic policy of Zhu, Jordan and Jiao (2023) with every constant explicit; the derivation is in the
-docstring of ``estimation_radius``.
+docstring of ``estimation_radius``. ``local_estimation_radius`` is its self-concordant counterpart, in the
+norm of the Hessian at the estimate: the curvature at ``theta_dag`` replaces the ball's smallest one.
 """
 
 from __future__ import annotations
