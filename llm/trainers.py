@@ -397,17 +397,18 @@ class _PairwiseTrainer(Trainer, ABC):
             if not os.path.isdir(resume_from_checkpoint):
                 raise InputError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a folder")
             self._load_extra_state(resume_from_checkpoint)
-        out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        return self._whole_run_loss(out, resume_from_checkpoint) if isinstance(resume_from_checkpoint, str) else out
+            from transformers import TrainerState
 
-    def _whole_run_loss(self, out: Any, checkpoint: str) -> Any:
+            # read now: with save_total_limit the run's own saves delete this checkpoint before it ends
+            start = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json")).global_step
+        out = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return self._whole_run_loss(out, start) if isinstance(resume_from_checkpoint, str) else out
+
+    def _whole_run_loss(self, out: Any, start: int) -> Any:
         """``out`` with ``training_loss`` over every step, not only those after ``checkpoint`` (Trainer's):
         ``(sum_k len_k loss_k + (T - t0) loss_resumed) / T`` over the losses logged up to the checkpoint's
-        step ``t0``, each the mean of the ``len_k`` steps since the previous log. Where those logs stop short
-        of ``t0`` (the losses in between were never logged), Trainer's value stays and a warning says so."""
-        from transformers import TrainerState
-
-        start = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step
+        step ``t0 = start``, each the mean of the ``len_k`` steps since the previous log. Where those logs stop
+        short of ``t0`` (the losses in between were never logged), Trainer's value stays and a warning says so."""
         total = self.state.global_step
         logged = [(e["step"], e["loss"]) for e in self.state.log_history if "loss" in e and e["step"] <= start]
         last = logged[-1][0] if logged else 0
@@ -415,7 +416,7 @@ class _PairwiseTrainer(Trainer, ABC):
             return out
         if last != start:
             warnings.warn(f"training_loss averages steps {start + 1}..{total} only: the losses of steps {last + 1}.."
-                          f"{start} before {os.path.basename(checkpoint)} were not logged (logging_steps does not "
+                          f"{start} before the checkpoint were not logged (logging_steps does not "
                           "divide save_steps)", RuntimeWarning, stacklevel=3)
             return out
         steps = np.diff([0] + [s for s, _ in logged])

@@ -456,7 +456,7 @@ def test_resume_after_interruption_gives_the_same_final_loss(tokenizer: Any, tmp
 
     tds, schema = _data(tokenizer, n=12, n_pairs=1, seed=19, preferences=False)
 
-    def build(out: Any, callbacks: list[Any] | None = None) -> Any:
+    def build(out: Any, callbacks: list[Any] | None = None, **extra: Any) -> Any:
         return PreferenceTrainer(
             make_causal_lm(tokenizer, seed=0),
             _args(
@@ -466,6 +466,7 @@ def test_resume_after_interruption_gives_the_same_final_loss(tokenizer: Any, tmp
                 save_strategy="steps",
                 save_steps=2,
                 lr_scheduler_type="linear",
+                **extra,
             ),
             objective=PreferenceObjective.from_names("vrpo_tuned", lam=0.5),
             schema=schema,
@@ -498,7 +499,9 @@ def test_resume_after_interruption_gives_the_same_final_loss(tokenizer: Any, tmp
     (partial / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(InputError, match=r"checkpoint-5 is incomplete \(no vrpo_state.json"):
         build(tmp_path / "resumed").train(resume_from_checkpoint=str(partial))
-    resumed = build(tmp_path / "resumed")
+    # with save_total_limit the resumed run's own saves delete checkpoint-4 before it ends (its step was read
+    # from there after training: the finished run exited with "file not found" and no final model)
+    resumed = build(tmp_path / "resumed", save_total_limit=1)
     with pytest.warns(RuntimeWarning, match=r"checkpoint-5 unfinished .* resuming from .*checkpoint-4"):
         resumed_loss = resumed.train(resume_from_checkpoint=True).training_loss
     assert resumed_loss == pytest.approx(full_loss, abs=1e-6)  # the whole run's mean, not steps 5-6's
@@ -508,8 +511,9 @@ def test_resume_after_interruption_gives_the_same_final_loss(tokenizer: Any, tmp
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     import os
 
-    assert os.path.exists(tmp_path / "resumed" / "checkpoint-4" / "model.safetensors")
-    assert os.path.exists(tmp_path / "resumed" / "checkpoint-4" / "frozen_g_model.safetensors")
+    assert not os.path.exists(tmp_path / "resumed" / "checkpoint-4")
+    assert os.path.exists(tmp_path / "resumed" / "checkpoint-6" / "model.safetensors")
+    assert os.path.exists(tmp_path / "resumed" / "checkpoint-6" / "frozen_g_model.safetensors")
 
 
 def test_gradient_accumulation_and_checkpointing_match(tokenizer: Any, tmp_path: Any) -> None:
