@@ -370,10 +370,9 @@ def _pessimism(table: pd.DataFrame, delta: float, bootstrap: int, seed: int) -> 
                      "regret_pessimistic_dagger_low": float(np.nanpercentile(boot, 2.5)),
                      "regret_pessimistic_dagger_high": float(np.nanpercentile(boot, 97.5)),
                      "regret_pessimistic": float(_nanmean(g.regret_pessimistic))})
-        rows[-1].update({"held_local": float(g.held_local.astype(bool).mean()), "informative_local": float(g.informative_local.mean()),
-                         "in_radius_local": float(g.in_radius_local.mean()), "bound_local": float(g.bound_dagger_local.mean()),
-                         "radius_local": float(g.radius_local.mean()),
-                         "regret_certified_local": float(g.regret_dagger_local.mean())})
+        local = {"held": g.held_local.astype(bool), "informative": g.informative_local, "in_radius": g.in_radius_local,
+                 "bound": g.bound_dagger_local, "radius": g.radius_local, "regret_certified": g.regret_dagger_local}
+        rows[-1].update({f"{k}_local": float(v.mean()) for k, v in local.items()})
     summary = pd.DataFrame(rows)
     for (scenario, est), g in table.groupby(["scenario", "estimator"], sort=False):
         last = summary[(summary.scenario == scenario) & (summary.estimator == est)].sort_values("n").iloc[-1]

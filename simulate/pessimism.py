@@ -150,6 +150,7 @@ def run_pessimism(ps: PessimismSpec, n: int, est: Any, seed: int) -> pd.DataFram
     from robust_rlhf.theory.bounds import (
         design_constants,
         empirical_design,
+        empirical_hessian,
         estimation_radius,
         local_estimation_radius,
     )
@@ -185,9 +186,7 @@ def run_pessimism(ps: PessimismSpec, n: int, est: Any, seed: int) -> pd.DataFram
         radius = estimation_radius(sigma_d, n, B=B, L=L, mu=mu, delta=ps.delta, lam=lam,
                                    sigma_ref=sigma_ref, design=design)
         th = constrained.theta[r]
-        hessian = (1.0 - lam) * empirical_design(data.dphi[r], theta=th)
-        if M:
-            hessian = hessian + lam * empirical_design(data.dphi_ref[r], theta=th)
+        hessian = empirical_hessian(th, data.dphi[r], None if M == 0 else data.dphi_ref[r], lam)
         local = local_estimation_radius(sigma_d, hessian, n, design=design, delta=ps.delta, mu=mu, B=B)
         row: dict[str, Any] = {"scenario": ps.scenario_name, "n": n, "estimator": est.name, "rep": r,
                                "B": B, "L": L, "max_regret": float(np.ptp(r_dag, axis=1).mean()),

@@ -54,6 +54,7 @@ __all__ = [
     "design_constants",
     "EstimationRadius",
     "estimation_radius",
+    "empirical_hessian",
     "local_estimation_radius",
     "PessimisticRegretBound",
     "pessimistic_regret_bound",
@@ -426,6 +427,19 @@ def empirical_design(dphi: object, L: float | None = None, theta: object | None 
     return (x.T * _logistic_curvatures(x @ th[0])) @ x / x.shape[0]
 
 
+def empirical_hessian(theta: object, dphi: object, dphi_ref: object | None = None, lam: float = 0.0) -> np.ndarray:
+    """The Hessian at ``theta`` of the logistic VR objective (``lam = 0``: the MLE's), ``(1 - lam) (1/n) sum_i
+    l''(theta . x_i) x_i x_i^T + lam (1/N) sum_j l''(theta . x_j) x_j x_j^T`` over the labelled pairs ``dphi``
+    and the reference pairs ``dphi_ref`` (``empirical_design`` with ``theta``)."""
+    lam_ = _positive("lam", lam, allow_zero=True)
+    hess = (1.0 - lam_) * empirical_design(dphi, theta=theta)
+    if lam_ > 0:
+        if dphi_ref is None:
+            raise InputError("dphi_ref: the reference pairs are needed when lam > 0")
+        hess = hess + lam_ * empirical_design(dphi_ref, theta=theta)
+    return hess
+
+
 def _logistic_curvatures(margin: np.ndarray) -> np.ndarray:
     """``l''(margin)`` of the logistic loss, from ``Logistic().derivatives``."""
     return Logistic().derivatives(torch.as_tensor(margin, dtype=_DT))[2].numpy()
@@ -628,6 +642,38 @@ def _chernoff_eps(tau: float) -> float:
     return float(optimize.brentq(f, 0.0, top, xtol=1e-15, rtol=1e-14))
 
 
+def _pair_count(n: object) -> int:
+    """``n``, the number of labelled pairs, checked to be an integer >= 1."""
+    nn = int(n) if isinstance(n, (int, np.integer)) and not isinstance(n, bool) else None
+    if nn is None or nn < 1:
+        raise InputError(f"n: the number of labelled pairs must be a positive integer, got {n!r}")
+    return nn
+
+
+def _check_target_inside(design: DesignConstants, B: float) -> None:
+    """The radii need ``theta_dag`` in the ball of radius ``B`` the estimate is minimised over."""
+    norm = float(np.linalg.norm(design.theta_dagger))
+    if norm > B * (1 + 1e-12):
+        raise InputError(f"B: ||theta_dagger|| = {norm:.6g} exceeds B={B}; the bound needs the target inside the ball")
+
+
+def _definite_eigenvalues(matrix: np.ndarray, message: str) -> np.ndarray:
+    """The eigenvalues of the norm's symmetric ``matrix``; ``InputError(message)`` where it is singular."""
+    evals = np.linalg.eigh(matrix)[0]
+    if evals.min() <= 1e-14 * max(1.0, evals.max()):
+        raise InputError(message)
+    return evals
+
+
+def _noise_in_norm(sigma_d: np.ndarray, A: np.ndarray, delta: float, n: int) -> float:
+    """``_noise_bound`` for the noise part's ``A^-1`` norm: ``S = A^{-1/2} Sigma_D A^{-1/2}`` (``A`` positive
+    definite)."""
+    evals, evecs = np.linalg.eigh(A)
+    inv_half = evecs @ np.diag(evals ** -0.5) @ evecs.T
+    S = inv_half @ sigma_d @ inv_half
+    return _noise_bound(np.clip(np.linalg.eigvalsh(0.5 * (S + S.T)), 0.0, None), delta, n)
+
+
 def _design_deviation(c: float, var: float, n: int, delta: float) -> float:
     r"""A bound, holding with probability ``>= 1 - delta``, on ``||(1/n) sum_i xi_i||`` for i.i.d. mean-zero
     ``xi_i`` in a Hilbert space with ``||xi|| <= c`` a.s. and ``E ||xi||^2 <= var``; ``t = log(2 / delta)``.
@@ -726,9 +772,7 @@ def estimation_radius(
     ``mu >= 0`` (``M`` must be positive definite). The misspecification price enters through ``c``
     (``m = g* - s_dag``) and, for VRPO, through ``lam e`` (the control variate's error).
     """
-    nn = int(n) if isinstance(n, (int, np.integer)) and not isinstance(n, bool) else None
-    if nn is None or nn < 1:
-        raise InputError(f"n: the number of labelled pairs must be a positive integer, got {n!r}")
+    nn = _pair_count(n)
     B_ = _positive("B", B)
     L_ = _positive("L", L)
     mu_ = _positive("mu", mu, allow_zero=True)
@@ -761,15 +805,9 @@ def estimation_radius(
             raise InputError(f"design: built for d={design.sigma.shape[0]}, but sigma_d has d={d}")
         if abs(design.mu - mu_) > 1e-12 * max(1.0, mu_) or abs(design.lam - lam_) > 1e-12:
             raise InputError(f"design: built with mu={design.mu}, lam={design.lam}; here mu={mu_}, lam={lam_}")
-        if np.linalg.norm(design.theta_dagger) > B_ * (1 + 1e-12):
-            raise InputError(
-                f"B: ||theta_dagger|| = {np.linalg.norm(design.theta_dagger):.6g} exceeds B={B_}; the bound "
-                "needs the target inside the ball"
-            )
+        _check_target_inside(design, B_)
     Mmat = (1.0 - lam_) * SD + lam_ * SR + mu_ * np.eye(d)
-    evals_M, evecs_M = np.linalg.eigh(Mmat)
-    if evals_M.min() <= 1e-14 * max(1.0, evals_M.max()):
-        raise InputError("mu: M = Sigma_VR + mu I is singular; use mu > 0")
+    evals_M = _definite_eigenvalues(Mmat, "mu: M = Sigma_VR + mu I is singular; use mu > 0")
     kappa = logistic_curvature(B_, L_)
 
     eps = 0.0
@@ -790,9 +828,7 @@ def estimation_radius(
     d1 = dl / 3.0 if with_design else dl
     d2 = d3 = dl / 3.0 if with_design else 0.0
 
-    inv_half = evecs_M @ np.diag(evals_M ** -0.5) @ evecs_M.T
-    Smat = inv_half @ SD @ inv_half
-    noise = _noise_bound(np.clip(np.linalg.eigvalsh(0.5 * (Smat + Smat.T)), 0.0, None), d1, nn)
+    noise = _noise_in_norm(SD, Mmat, d1, nn)
     score = noise + design_term
     certain = 2.0 * B_ * math.sqrt(float(evals_M.max()))
     a = 2.0 * score / kappa if kappa > 0 else math.inf  # kappa underflows to 0 for 2LB beyond ~745
@@ -842,8 +878,7 @@ def local_estimation_radius(
     Same setting and estimator as ``estimation_radius`` (``lam = design.lam``), minimised over any convex set
     containing ``theta_dag`` (the ball of radius ``B``, or all of R^d); the radius is in the norm of
     ``M = H_hat + mu I``, with ``hessian = H_hat = H_n(theta_hat)`` the objective's Hessian at the estimate
-    (``(1 - lam) empirical_design(dphi, theta=theta_hat) + lam empirical_design(dphi_ref, theta=theta_hat)``),
-    computable from the data. ``H_n(theta) = sum_k w_k l''(theta . x_k) x_k x_k^T`` over the labelled and
+    (``empirical_hessian(theta_hat, dphi, dphi_ref, lam)``), computable from the data. ``H_n(theta) = sum_k w_k l''(theta . x_k) x_k x_k^T`` over the labelled and
     reference pairs (weights ``(1 - lam)/n`` and ``lam/N``), ``H_dag = H_n(theta_dag)``, ``Delta = theta_hat -
     theta_dag``.
 
@@ -879,9 +914,7 @@ def local_estimation_radius(
     """
     if not isinstance(design, DesignConstants):
         raise InputError(f"design: expected the DesignConstants of design_constants, got {type(design).__name__}")
-    nn = int(n) if isinstance(n, (int, np.integer)) and not isinstance(n, bool) else None
-    if nn is None or nn < 1:
-        raise InputError(f"n: the number of labelled pairs must be a positive integer, got {n!r}")
+    nn = _pair_count(n)
     mu_ = _positive("mu", mu, allow_zero=True)
     dl = _probability_level(delta)
     B_ = math.inf if B is None else _positive("B", B)
@@ -891,20 +924,13 @@ def local_estimation_radius(
     if not math.isfinite(design.tau):
         raise InputError("design: the population Hessian at theta_dagger is singular (a direction with no "
                          "curvature); the local radius needs it positive definite")
-    if np.linalg.norm(design.theta_dagger) > B_ * (1 + 1e-12):
-        raise InputError(f"B: ||theta_dagger|| = {np.linalg.norm(design.theta_dagger):.6g} exceeds B={B_}; the "
-                         "convex set must contain the target")
+    _check_target_inside(design, B_)
     Mmat = Hhat + mu_ * np.eye(d)
-    evals_M = np.linalg.eigvalsh(Mmat)
-    if evals_M.min() <= 1e-14 * max(1.0, evals_M.max()):
-        raise InputError("hessian: H_hat + mu I is singular; use mu > 0")
+    evals_M = _definite_eigenvalues(Mmat, "hessian: H_hat + mu I is singular; use mu > 0")
     parts = 3 if design.c_local > 0 else 2
     dp = dl / parts
     eps = _chernoff_eps(design.curvature_leverage / nn * math.log(d / dp))
-    evals_H, evecs_H = np.linalg.eigh(design.hessian)
-    inv_half = evecs_H @ np.diag(evals_H ** -0.5) @ evecs_H.T
-    Smat = inv_half @ SD @ inv_half
-    noise = _noise_bound(np.clip(np.linalg.eigvalsh(0.5 * (Smat + Smat.T)), 0.0, None), dp, nn)
+    noise = _noise_in_norm(SD, design.hessian, dp, nn)
     design_term = _design_deviation(design.c_local, design.var_local, nn, dp) if parts == 3 else 0.0
     certain = 2.0 * B_ * math.sqrt(float(evals_M.max()))
     rho0 = dikin = math.inf

@@ -463,10 +463,8 @@ def _local_radii(sim: dict, delta: float) -> list:
     design = bd.design_constants(sim["pop"], sim["theta_dag"], mu=sim["mu"], lam=sim["lam"], g_hat=sim["g_hat"])
     out = []
     for r in range(sim["R"]):
-        th = sim["theta_hat"][r]
-        hess = (1 - sim["lam"]) * bd.empirical_design(sim["X"][r], theta=th)
-        if sim["lam"] > 0:
-            hess = hess + sim["lam"] * bd.empirical_design(sim["X_ref"][r], theta=th)
+        ref = None if sim["X_ref"] is None else sim["X_ref"][r]
+        hess = bd.empirical_hessian(sim["theta_hat"][r], sim["X"][r], ref, sim["lam"])
         out.append(bd.local_estimation_radius(bd.empirical_design(sim["X"][r]), hess, sim["n"], design=design,
                                               delta=delta, B=sim["B"]))
     return out
@@ -631,13 +629,10 @@ def test_local_radius_lemma_on_every_sample(scenario: str, n: int) -> None:
 
     checked, ratios = 0, []
     for r in range(sim["R"]):
-        h_dag = (1 - sim["lam"]) * bd.empirical_design(sim["X"][r], theta=th_dag)
-        h_hat = (1 - sim["lam"]) * bd.empirical_design(sim["X"][r], theta=sim["theta_hat"][r])
-        pairs = sim["X"][r]
-        if sim["lam"] > 0:
-            h_dag = h_dag + sim["lam"] * bd.empirical_design(sim["X_ref"][r], theta=th_dag)
-            h_hat = h_hat + sim["lam"] * bd.empirical_design(sim["X_ref"][r], theta=sim["theta_hat"][r])
-            pairs = np.concatenate([pairs, sim["X_ref"][r]])
+        ref = None if sim["X_ref"] is None else sim["X_ref"][r]
+        h_dag = bd.empirical_hessian(th_dag, sim["X"][r], ref, sim["lam"])
+        h_hat = bd.empirical_hessian(sim["theta_hat"][r], sim["X"][r], ref, sim["lam"])
+        pairs = sim["X"][r] if ref is None else np.concatenate([sim["X"][r], ref])
         inv = np.linalg.inv(h_dag)
         G = math.sqrt(sim["score"][r] @ inv @ sim["score"][r])
         t = math.sqrt(np.einsum("ki,ij,kj->k", pairs, inv, pairs).max())
@@ -665,3 +660,25 @@ def test_dikin_radius_closed_form() -> None:
     assert bd._dikin_radius(0.1, 10.0) == math.inf and bd._dikin_radius(0.2, 10.0) == math.inf
     assert bd._phi(1e-3 - 1e-12) == pytest.approx(bd._phi(1e-3 + 1e-12), rel=1e-12)
     assert bd._phi(0.0) == 0.5
+
+
+def test_empirical_hessian_is_the_vr_objectives_hessian() -> None:
+    """``(1 - lam) mean_i l''(u_i) x_i x_i^T + lam mean_j l''(u_j) x_j x_j^T``, against autograd of the VR objective
+    (the label and g_hat terms do not curve)."""
+    rng = np.random.default_rng(3)
+    x, xr, theta, lam = rng.normal(size=(30, 3)), rng.normal(size=(50, 3)), rng.normal(size=3), 0.7
+    z, g, gr = rng.integers(0, 2, 30).astype(float), rng.uniform(size=30), rng.uniform(size=50)
+    loss = Logistic()
+
+    def objective(t: torch.Tensor) -> torch.Tensor:
+        def m(u: torch.Tensor, p: np.ndarray) -> torch.Tensor:
+            pt = torch.as_tensor(p)
+            return pt * loss(u) + (1 - pt) * loss(-u)
+        u, ur = torch.as_tensor(x) @ t, torch.as_tensor(xr) @ t
+        return (m(u, z) - lam * m(u, g)).mean() + lam * m(ur, gr).mean()
+
+    auto = torch.autograd.functional.hessian(objective, torch.as_tensor(theta)).numpy()
+    np.testing.assert_allclose(bd.empirical_hessian(theta, x, xr, lam), auto, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(bd.empirical_hessian(theta, x), bd.empirical_design(x, theta=theta), rtol=0, atol=0)
+    with pytest.raises(InputError, match="dphi_ref: the reference pairs are needed when lam > 0"):
+        bd.empirical_hessian(theta, x, lam=0.5)
