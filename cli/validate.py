@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output folder (default: results/validate/NAME, NAME-FINGERPRINT for non-default studies)")
     p.add_argument("--jobs", type=int, default=2, help="parallel workers (default: 2; -1 for all cores)")
-    p.add_argument("--backend", default="loky", help="joblib backend: loky (default), threading, ray, dask")
+    p.add_argument("--backend", default="loky", help="joblib backend: loky (default), threading, multiprocessing, sequential, ray, dask")
     p.add_argument("--no-figures", action="store_true", help="skip drawing the figures")
     p.add_argument("--list-estimators", action="store_true", help="list the estimator names and exit")
     p.add_argument("--json", action="store_true",

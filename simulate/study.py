@@ -661,6 +661,10 @@ def _check_backend(backend: str, jobs: int) -> None:
                              + ("'robust-rlhf[cluster]'" if backend == "dask" else "'ray[default]'"))
     if not isinstance(jobs, int) or jobs == 0 or jobs < -1:
         raise InputError(f"jobs = {jobs!r}: use a positive number of workers or -1 for all cores")
+    if backend == "ray":
+        from ray.util.joblib import register_ray
+
+        register_ray()
     if backend == "dask":
         import os
 
@@ -683,7 +687,11 @@ def _parallel(backend: str, jobs: int, tasks):
     with parallel_config(backend=backend, n_jobs=jobs), warnings.catch_warnings():
         # loky replaces a worker whose memory grew (large exact designs) and says so; the task is rerun
         warnings.filterwarnings("ignore", message="A worker stopped while some jobs were given")
-        yield from Parallel(return_as="generator_unordered")(tasks)
+        try:
+            parallel = Parallel(return_as="generator_unordered")
+        except ValueError:  # multiprocessing (and ray, built on it) return results only all together
+            parallel = Parallel(return_as="list")
+        yield from parallel(tasks)
 
 
 def _assemble(spec: StudySpec, out: Path) -> Study:

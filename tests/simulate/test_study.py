@@ -76,10 +76,14 @@ def test_interrupted_sweep_resumes_to_the_identical_table(tiny, tmp_path) -> Non
     pd.testing.assert_frame_equal(rerun.predictions.drop(columns="seconds"), tiny.predictions.drop(columns="seconds"))
 
 
-def test_results_do_not_depend_on_workers_or_chunks(tiny, tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["loky", "multiprocessing", "threading"])
+def test_results_do_not_depend_on_workers_chunks_or_backend(tiny, tmp_path, backend) -> None:
     spec = StudySpec.from_dict({**TINY, "chunk": 7})
-    parallel = run_study(spec, tmp_path / "par", jobs=2)
+    seen = []
+    parallel = run_study(spec, tmp_path / "par", jobs=2, backend=backend,
+                         progress=lambda done, total: seen.append(done))
     pd.testing.assert_frame_equal(parallel.results, tiny.results)
+    assert seen[-1] == len(spec.cells())
 
 
 def test_dask_backend_on_a_local_cluster(tiny, tmp_path) -> None:
