@@ -10,7 +10,8 @@ r"""The end-to-end experiment: text -> reference policy -> preference data -> ev
 2. **Responses** (per seed): ``n_train`` training prompts drawn with the seed; for each, ``M_max + 1`` pairs
    sampled from ``pi_ref`` with ``llm.references.generate_references`` (resumable). The last pair is the
    labelled pair ``(y_1, y_2)``; pairs ``1..M`` are the reference pairs of a VRPO run with ``M`` pairs, so all
-   responses are independent draws from ``pi_ref`` and every method sees the same labelled pairs.
+   responses are independent draws from ``pi_ref`` and every method sees the same labelled pairs. A rerun
+   that adds a method with a larger ``M`` draws only the missing reference pairs (``responses_from{k}.jsonl``).
 3. **Labels** (per seed and scenario): ``Z ~ Bernoulli(g*(x, y_1, y_2))`` with ``g*`` the scenario's preference
    model on the true reward components (``scenarios``), or a data set's own labels (``data: dataset``). The
    oracle ``g_hat`` columns hold the symmetrised ``g*``; ``g_hat: reward_model`` leaves them to the fine-tuning
@@ -318,8 +319,29 @@ def _judge_reward(judge: str, ctx: ExperimentContext) -> _RewardModelReward:
 
 
 # -- data -------------------------------------------------------------------------------------------------
+# the labelled pair of a synthetic task, in the rows ``_responses`` returns
+_LABELLED = ("_labelled_1", "_labelled_2")
+
+
+def _recorded_pairs(path: Path) -> int | None:
+    """The ``n_pairs`` a started response file was drawn with (its settings record), or None if not started."""
+    record = path.with_name(path.name + ".settings.json")
+    if not path.exists() or not record.exists():
+        return None
+    try:
+        return int(json.loads(record.read_text())["n_pairs"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{record}: unreadable ({exc}); remove it and {path.name} to draw them afresh") from None
+
+
 def _responses(ctx: ExperimentContext, seed: int) -> list[dict[str, Any]]:
-    """Training prompts of ``seed`` with ``M_max (+1 for synthetic labels)`` pairs of reference samples each."""
+    """Training prompts of ``seed`` with ``a_1 .. a_{2 M_max}`` (the reference pairs) and, for synthetic labels,
+    the labelled pair ``(y_1, y_2)`` under ``_LABELLED``, all sampled from ``pi_ref``.
+
+    Samples are drawn in blocks that are never redrawn, so a rerun that adds a method with a larger ``M`` keeps
+    the labelled pairs and the reference pairs drawn before: ``responses.jsonl`` holds the first run's pairs
+    (the labelled pair last), ``responses_from{k}.jsonl`` the reference pairs ``k, k+1, ...`` a later run added.
+    """
     c = ctx.config
     folder = ctx.out / "data" / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -327,18 +349,34 @@ def _responses(ctx: ExperimentContext, seed: int) -> list[dict[str, Any]]:
     picks = rng.choice(len(ctx.train_pool), size=c.n_train, replace=False)
     # rows may share a prompt; "source_row" indexes the training pool (and the data set's rows)
     rows = [{PROMPT: ctx.train_pool[i], "source_row": int(i)} for i in sorted(picks)]
-    n_pairs = c.max_pairs + (1 if c.data == "synthetic" else 0)
-    if n_pairs == 0:
+    labelled = int(c.data == "synthetic")
+    first = folder / "responses.jsonl"
+    n_first = _recorded_pairs(first)
+    if n_first is None:
+        n_first = c.max_pairs + labelled
+    if n_first == 0:
         return rows
-    path = folder / "responses.jsonl"
+    blocks = [(first, n_first, _stable_seed("responses", seed))]
+    have = n_first - labelled
+    while have < c.max_pairs:
+        path = folder / f"responses_from{have + 1}.jsonl"
+        n = _recorded_pairs(path) or c.max_pairs - have
+        blocks.append((path, n, _stable_seed("responses", seed, have + 1)))
+        have += n
     start = time.perf_counter()
-    with _quiet():
-        generate_references(
-            rows, path, ctx.generation(_stable_seed("responses", seed), n_pairs), model=ctx.ref_model,
-            tokenizer=ctx.tokenizer,
-        )
+    drawn = []
+    for path, n, block_seed in blocks:
+        with _quiet():
+            generate_references(rows, path, ctx.generation(block_seed, n), model=ctx.ref_model, tokenizer=ctx.tokenizer)
+        drawn.append(read_rows(path))
     ctx.timings[f"responses/seed{seed}"] = time.perf_counter() - start
-    return read_rows(path)
+    for i, row in enumerate(rows):
+        texts = [drawn[b][i][reference_column(k)] for b, (_, n, _) in enumerate(blocks) for k in range(1, 2 * n + 1)]
+        if labelled:
+            row.update(zip(_LABELLED, texts[2 * n_first - 2 : 2 * n_first]))
+            del texts[2 * n_first - 2 : 2 * n_first]
+        row.update((reference_column(k), text) for k, text in enumerate(texts, start=1))
+    return rows
 
 
 def _labelled(ctx: ExperimentContext, scenario: str, seed: int, responses: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -348,8 +386,8 @@ def _labelled(ctx: ExperimentContext, scenario: str, seed: int, responses: list[
     rows = []
     if c.data == "synthetic":
         sc = ctx.scenarios[scenario]
-        y1 = [r[reference_column(2 * M + 1)] for r in responses]
-        y2 = [r[reference_column(2 * M + 2)] for r in responses]
+        y1 = [r[_LABELLED[0]] for r in responses]
+        y2 = [r[_LABELLED[1]] for r in responses]
         prompts = [r[PROMPT] for r in responses]
         phi1 = ctx.reward.components(prompts, y1)
         phi2 = ctx.reward.components(prompts, y2)

@@ -166,6 +166,38 @@ def test_a_folder_holds_one_configuration(exp: SimpleNamespace, tmp_path: Path) 
         write_report(tmp_path)
 
 
+def test_methods_with_a_larger_m_are_added_to_a_folder(exp: SimpleNamespace, tmp_path: Path) -> None:
+    # the labelled pair was the last of the M_max + 1 drawn pairs, so a rerun with a larger M was refused;
+    # now the pairs drawn are kept and only the missing reference pairs are drawn
+    from dataclasses import replace
+
+    from robust_rlhf.llm.synthetic.presets import MethodSpec
+
+    out = tmp_path / "out"
+    data = out / "data" / "seed0"
+    base = override(exp.cfg, ["seeds=[0]", "scenarios=[bt]", "methods=dpo"])
+    run_experiment(base, out, exp.cache, log=lambda s: None)
+    labelled = (data / "bt" / "dpo.jsonl").read_text()
+    dpo_run = out / "runs" / "bt" / "seed0" / "dpo" / "result.json"
+    stamp = dpo_run.stat().st_mtime_ns
+    vr = [MethodSpec(f"vrpo_m{m}", method="vrpo", loss="logistic", M=m) for m in (2, 3)]
+    run_experiment(replace(base, methods=base.methods + (vr[0],)), out, exp.cache, log=lambda s: None)
+    table = run_experiment(replace(base, methods=base.methods + tuple(vr)), out, exp.cache, log=lambda s: None)
+    assert set(table["method"]) == {"reference", "dpo", "vrpo_m2", "vrpo_m3"}
+    assert (data / "bt" / "dpo.jsonl").read_text() == labelled and dpo_run.stat().st_mtime_ns == stamp
+    first, more, most = (read_rows(data / f) for f in ("responses.jsonl", "responses_from1.jsonl",
+                                                       "responses_from3.jsonl"))
+    assert "a_3" not in first[0] and "a_5" not in more[0] and "a_3" not in most[0]
+    m2, m3 = (read_rows(data / "bt" / f"vrpo_m{m}.jsonl") for m in (2, 3))
+    for row, a, b, c, r2, r3 in zip(read_rows(data / "bt" / "dpo.jsonl"), first, more, most, m2, m3):
+        assert {row["chosen"], row["rejected"]} == {a["a_1"], a["a_2"]} == {r3["chosen"], r3["rejected"]}
+        assert [r3[f"a_{k}"] for k in range(1, 7)] == [b[f"a_{k}"] for k in range(1, 5)] + [c["a_1"], c["a_2"]]
+        assert all(r2[f"a_{k}"] == r3[f"a_{k}"] for k in range(1, 5)) and "a_5" not in r2
+    # a smaller M reuses the pairs too
+    again = run_experiment(replace(base, methods=base.methods + (vr[0],)), out, exp.cache, log=lambda s: None)
+    assert set(again["method"]) == {"reference", "dpo", "vrpo_m2"}
+
+
 def test_report_numbers_come_from_the_results(exp: SimpleNamespace) -> None:
     path = write_report(exp.out)
     text = path.read_text()
