@@ -155,6 +155,22 @@ class ExperimentContext:
 _FREE = ("name", "description", "seeds", "scenarios", "methods", "threads")
 
 
+def _check_folder(out: Path) -> None:
+    """Create the output folder; refuse a file, or a folder that other files fill and no experiment started in."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {str(out)!r} is a file; give a new or empty folder, or an experiment's")
+    if out.is_dir() and not (out / "experiment.json").exists():
+        stray = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if stray:
+            raise InputError(f"output folder {str(out)!r} is not empty and holds no experiment (experiment.json; "
+                             f"it holds {', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}); give a new or "
+                             "empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output folder {str(out)!r}: {exc.strerror or exc}") from None
+
+
 def _check_same_config(out: Path, config: ExperimentConfig) -> None:
     """A folder holds the runs of one configuration: a rerun may add or drop seeds, scenarios and methods,
     but a changed setting (beta, learning rate, judge, ...) or a method of the same name with other settings
@@ -188,7 +204,7 @@ def prepare(
     from .tokenizer import build_tokenizer
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_folder(out)
     _check_same_config(out, config)
     ctx = ExperimentContext(config, out, Path(cache_dir) if cache_dir else default_cache_dir(), log)
     if config.threads:

@@ -324,6 +324,9 @@ def test_experiment_command(exp: SimpleNamespace, cli: Any) -> None:
         (["--preset", "huge"], "preset"),
         ([], "exactly one of"),
         (["--preset", "test", "--out", str(exp.out / "missing"), "--report-only"], "no experiment results"),
+        (["--preset", "test", "--out", str(exp.out / "results.csv")], "is a file"),
+        (["--preset", "test", "--out", str(exp.out / "data")], "is not empty and holds no experiment"),
+        (["--preset", "test", "--out", str(exp.out / "results.csv" / "sub")], "cannot create the output folder"),
     ):
         status, _, err = cli("experiment", *argv)
         assert status == 2 and needle in err and err.count("\n") == 1, (argv, err)
