@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from . import _json
 
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             settings[name] = value
     options = GenerationOptions(**settings)
+    if Path(args.data).exists() and Path(args.output).resolve() == Path(args.data).resolve():
+        raise InputError(f"--output {args.output} is the --data file: give another output file (the input is kept)")
     rows = read_rows(args.data, args.split)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     model = None

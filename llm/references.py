@@ -5,7 +5,8 @@ prompt with one batched ``generate`` call (or vLLM's offline ``LLM.generate`` wh
 asked for), then is appended to the output JSONL and synced to disk. Batch ``b`` is sampled with the
 seed ``seed + b * batch_size`` (its first row), so a run interrupted after any batch and started again
 writes the same file as an uninterrupted run; the settings are recorded beside the output
-(``OUTPUT.settings.json``) and a resumed run with other settings is refused. Earlier ``a_k`` and
+(``OUTPUT.settings.json``) and a resumed run with other settings, or an output without that record, is
+refused; a batch whose write was cut short is drawn again. Earlier ``a_k`` and
 ``a_k_preference`` columns are replaced (new responses invalidate old probabilities).
 
 Draws come from the model's own distribution at the given temperature and truncation: the settings of a
@@ -202,6 +203,26 @@ def _as_response(prompt: Any, text: str) -> Any:
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
+def _resume_point(out: Path, batch_size: int, rows: Sequence[Mapping[str, Any]]) -> int:
+    """The rows of an interrupted ``out`` that are kept: its whole batches. A batch the interruption cut short (a
+    last line without its newline, fewer rows than a batch) is removed from the file, to be drawn again:
+    batches are seeded by their first row, so it comes out the same."""
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    complete = len(lines) - int(bool(lines) and not lines[-1].endswith("\n"))
+    whole = complete if complete >= len(rows) else complete - complete % batch_size
+    if whole < len(lines):
+        with atomic_path(out) as tmp:
+            tmp.write_text("".join(lines[:whole]), encoding="utf-8")
+    existing = read_rows(out)
+    if len(existing) > len(rows):
+        raise InputError(f"{out} has {len(existing)} rows but the input has only {len(rows)}: not a partial run "
+                         "of this input")
+    for i, r in enumerate(existing):
+        if r.get(PROMPT) != rows[i].get(PROMPT):
+            raise InputError(f"{out}: row {i + 1} has another prompt than the input; not a partial run of this input")
+    return len(existing)
+
+
 def generate_references(
     rows: Sequence[Mapping[str, Any]],
     output: str | os.PathLike[str],
@@ -232,29 +253,19 @@ def generate_references(
     record = out.with_name(out.name + ".settings.json")
     done = 0
     if resume and out.exists():
-        if record.exists():
+        if not record.exists():
+            raise InputError(f"{out} exists but was not written by generate_references (no {record.name} beside "
+                             "it): give another output file, or start afresh (--no-resume) to overwrite it")
+        try:
             old = json.loads(record.read_text())
-            changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
-                       if old.get(k) != settings.get(k)]
-            if changed:
-                raise InputError(f"{out} was started with other settings ({'; '.join(changed)}): resume with those, "
-                                 "or start afresh (--no-resume)")
-        existing = read_rows(out)
-        done = len(existing)
-        if done > len(rows):
-            raise InputError(
-                f"{out} has {done} rows but the input has only {len(rows)}: not a partial run of this input"
-            )
-        for i, r in enumerate(existing):
-            if r.get(PROMPT) != rows[i].get(PROMPT):
-                raise InputError(
-                    f"{out}: row {i + 1} has another prompt than the input; not a partial run of this input"
-                )
-        if done % options.batch_size and done != len(rows):
-            raise InputError(
-                f"{out} holds {done} rows, not a whole number of batches of {options.batch_size}: resume with the "
-                "batch_size of the interrupted run"
-            )
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{record}: unreadable ({exc}); start afresh (--no-resume)") from None
+        changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                   if old.get(k) != settings.get(k)]
+        if changed:
+            raise InputError(f"{out} was started with other settings ({'; '.join(changed)}): resume with those, "
+                             "or start afresh (--no-resume)")
+        done = _resume_point(out, options.batch_size, rows)
     elif out.exists():
         out.unlink()
     with atomic_path(record) as tmp:  # what the rows were drawn with, checked when a run resumes

@@ -158,6 +158,19 @@ def test_generate_references_resumes_to_the_same_file(tokenizer: Any, tmp_path: 
                                 tokenizer=tokenizer)
     assert generate_references(rows, part, opts, model=model, tokenizer=tokenizer) == 5
     assert part.read_text() == full.read_text()
+    # an interruption inside a batch's write (a line cut short, a batch cut short): the batch is drawn again
+    lines = full.read_text().splitlines(keepends=True)
+    for kept in ("".join(lines[:3]) + lines[3][:9], "".join(lines[:3]), lines[0][:-1]):
+        part.write_text(kept)
+        assert generate_references(rows, part, opts, model=model, tokenizer=tokenizer) == 5
+        assert part.read_text() == full.read_text()
+    # a file not written by generate_references (the input itself, another tool's output) is not taken as done
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(full.read_text())
+    with pytest.raises(InputError, match=r"exists but was not written by generate_references.*--no-resume"):
+        generate_references(rows, foreign, opts, model=model, tokenizer=tokenizer)
+    assert foreign.read_text() == full.read_text()
+    assert generate_references(rows, foreign, opts, model=model, tokenizer=tokenizer, resume=False) == 5
     out = read_rows(full)
     assert all(f"a_{k}" in r for r in out for k in range(1, 5))
     assert all("a_1_preference" not in r and "chosen_preference" in r for r in out)

@@ -235,6 +235,11 @@ def test_generate_references_cli_resumes(cli: Any, tmp_path: Path, tiny_model_di
     gen_cfg.write_text("temperature: 0.7\nbogus: 1\n")
     status, _, err = cli(*common, "--config", str(gen_cfg))
     assert status == 2 and "unknown generation setting(s) bogus" in err
+    # the input as the output: it was taken as a finished output (and --no-resume deleted it)
+    before = prompts.read_text()
+    for extra in ([], ["--no-resume"]):
+        status, _, err = cli(*common, "--output", str(tmp_path / "." / "prompts.jsonl"), *extra)  # the last --output
+        assert status == 2 and "is the --data file" in err and prompts.read_text() == before
 
 
 def test_parse_config_types(tmp_path: Path) -> None:
