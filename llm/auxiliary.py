@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from robust_rlhf.theory.data import as_probabilities
 from robust_rlhf.theory.errors import InputError
 
 from .data import (
@@ -64,14 +64,6 @@ class PreferenceScorer(Protocol):
     def __call__(self, prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> list[float]: ...
 
 
-def _check_probs(values: Sequence[float], source: str) -> list[float]:
-    out = [float(v) for v in values]
-    for i, v in enumerate(out):
-        if math.isnan(v) or not 0.0 <= v <= 1.0:
-            raise InputError(f"{source}: value {i + 1} is {v!r}, not a probability in [0, 1]")
-    return out
-
-
 @dataclass
 class CallableScorer:
     """Wraps ``fn(prompt, a, b) -> P(a beats b)`` (for example a synthetic task's oracle ``g*``)."""
@@ -79,7 +71,8 @@ class CallableScorer:
     fn: Callable[[Any, Any, Any], float]
 
     def __call__(self, prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> list[float]:
-        return _check_probs([self.fn(p, a, b) for p, a, b in zip(prompts, firsts, seconds)], "g_hat callable")
+        values = [self.fn(p, a, b) for p, a, b in zip(prompts, firsts, seconds)]
+        return as_probabilities("g_hat callable", values, (len(values),), "one value per pair").tolist()
 
 
 def load_callable(spec: str) -> Callable[..., Any]:
@@ -202,9 +195,7 @@ def annotate(
             firsts.append(r[first])
             seconds.append(r[second])
             where.append((i, first, second))
-    g = _check_probs(scorer(prompts, firsts, seconds), "g_hat")
-    if len(g) != len(where):
-        raise InputError(f"g_hat scorer returned {len(g)} values for {len(where)} pairs")
+    g = as_probabilities("g_hat scorer", scorer(prompts, firsts, seconds), (len(where),), "its pairs").tolist()
     for (i, first, second), value in zip(where, g):
         rows[i][preference_column(first)] = value
         rows[i][preference_column(second)] = 1.0 - value

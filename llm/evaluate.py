@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from robust_rlhf.theory.data import as_probabilities
 from robust_rlhf.theory.errors import InputError
 
 from .logprobs import model_sequence_logps
@@ -244,11 +245,9 @@ class ProbabilityJudge:
             raise InputError(f"decision: unknown {self.decision!r}; allowed: {', '.join(DECISIONS)}")
 
     def __call__(self, prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> np.ndarray:
-        p = np.asarray(self.fn(list(prompts), list(firsts), list(seconds)), dtype=np.float64).reshape(-1)
+        p = as_probabilities(f"judge {self.name}", self.fn(list(prompts), list(firsts), list(seconds))).reshape(-1)
         if p.size != len(prompts):
             raise InputError(f"judge {self.name}: returned {p.size} probabilities for {len(prompts)} pairs")
-        if not (np.isfinite(p) & (p >= 0) & (p <= 1)).all():
-            raise InputError(f"judge {self.name}: returned a value that is not a probability in [0, 1]")
         return p
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["PairData", "PairPopulation", "check_probability", "check_weight", "rank_deficient"]
+__all__ = ["PairData", "PairPopulation", "as_probabilities", "check_probability", "check_weight", "rank_deficient"]
 
 
 def check_probability(name: str, values: np.ndarray) -> None:
@@ -103,11 +103,12 @@ def _check_labels(name: str, z: np.ndarray) -> None:
         raise InputError(f"{name}: entry {idx[0] if len(idx) == 1 else idx} is {float(z[idx])!r}; labels must be 0 or 1")
 
 
-def _probabilities(name: str, values: object, shape: tuple[int, int], match: str) -> np.ndarray:
-    """``values`` as a float array of ``shape`` (that of the pairs of ``match``) with entries in [0, 1]."""
-    arr = _as_float(name, values, 2)
-    if arr.shape != shape:
-        raise InputError(f"{name}: expected shape {shape} to match {match}, got {arr.shape}")
+def as_probabilities(name: str, values: object, shape: tuple[int, ...] | None = None, match: str = "") -> np.ndarray:
+    """``values`` as a float array (of ``shape``, that of ``match``, when given) with entries in [0, 1]; anything
+    else (text, ragged lists, NaN, a wrong shape) is an ``InputError`` naming ``name``."""
+    arr = _as_float(name, values, None if shape is None else len(shape))
+    if shape is not None and arr.shape != shape:
+        raise InputError(f"{name}: expected shape {shape}{f' to match {match}' if match else ''}, got {arr.shape}")
     check_probability(name, arr)
     return arr
 
@@ -205,7 +206,7 @@ class PairData:
         object.__setattr__(self, "dphi", dphi)
         object.__setattr__(self, "z", z)
         if self.g is not None:
-            object.__setattr__(self, "g", _probabilities("g", self.g, (R, n), "dphi"))
+            object.__setattr__(self, "g", as_probabilities("g", self.g, (R, n), "dphi"))
         if self.dphi_ref is None:
             for name in ("g_ref", "ref_weight", "ref_row", "features_ref"):
                 if getattr(self, name) is not None:
@@ -223,7 +224,7 @@ class PairData:
             if (self.g is None) != (self.g_ref is None):
                 raise InputError("g is given without g_ref" if self.g_ref is None else "g_ref is given without g")
             if self.g_ref is not None:
-                object.__setattr__(self, "g_ref", _probabilities("g_ref", self.g_ref, (R, N), "dphi_ref"))
+                object.__setattr__(self, "g_ref", as_probabilities("g_ref", self.g_ref, (R, N), "dphi_ref"))
             if self.ref_weight is None:
                 w = np.full((R, N), 1.0 / N)
             else:

@@ -40,8 +40,15 @@ def test_callable_scorer_annotates_every_pair() -> None:
         assert r["rejected_preference"] == pytest.approx(1 - r["chosen_preference"])
         assert r["a_3_preference"] == _oracle(r["prompt"], r["a_3"], r["a_4"])
         assert row_problems(r, 0, new_schema) == []
-    with pytest.raises(InputError, match="not a probability"):
+    with pytest.raises(InputError, match=r"g_hat callable: entry \(0,\) is 1.5, but probabilities must lie in"):
         annotate(rows, schema, CallableScorer(lambda p, a, b: 1.5))
+    # a callable returning something other than a number (it was a raw ValueError or TypeError)
+    for value, needle in (("high", "cannot be read as numbers"), (None, "is nan"),
+                          ([0.2, 0.8], "expected 1 axes"), (float("nan"), "is nan")):
+        with pytest.raises(InputError, match=rf"g_hat callable: .*{needle}"):
+            annotate(rows, schema, CallableScorer(lambda p, a, b, v=value: v))
+    with pytest.raises(InputError, match=r"g_hat scorer: expected shape \(\d+,\) to match its pairs, got \(1,\)"):
+        annotate(rows, schema, lambda p, a, b: [0.5])
 
 
 def test_reward_model_scorer_is_sigmoid_of_reward_difference(tokenizer: Any) -> None:

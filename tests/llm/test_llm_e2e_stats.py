@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -175,6 +176,10 @@ def test_probability_judge_validates_its_output() -> None:
     bad = ProbabilityJudge(lambda p, f, s: [1.2] * len(f), name="bad")
     with pytest.raises(InputError, match="bad"):
         compare(["x"], ["a"], ["b"], bad)
+    for value, needle in (("yes", "cannot be read as numbers"), ([[0.5], [0.1, 0.2]], "cannot be read as numbers"),
+                          ([0.5, 0.5], "returned 2 probabilities for 1 pairs"), ([None], "entry (0,) is nan")):
+        with pytest.raises(InputError, match=rf"judge bad: .*{re.escape(needle)}"):
+            compare(["x"], ["a"], ["b"], ProbabilityJudge(lambda p, f, s, v=value: v, name="bad"))
     with pytest.raises(InputError, match="decision"):
         ProbabilityJudge(lambda p, f, s: [0.5], decision="vote")
     with pytest.raises(InputError, match="one response"):
