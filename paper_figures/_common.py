@@ -14,21 +14,21 @@ DEFAULT_STUDY_DIR = Path("results/validate/default")
 
 
 def figure_main(name: str, doc: str) -> Path:
-    """Command line of one figure script: ``--study DIR`` (run the default study there if it is
-    missing) and ``--out DIR`` (default ``paper_figures/output``)."""
+    """Command line of one figure script: ``--study DIR`` (the default study is run there if it is missing,
+    finished if it was interrupted) and ``--out DIR`` (default ``paper_figures/output``)."""
     from robust_rlhf.simulate import plots
     from robust_rlhf.simulate.checks import analyse
     from robust_rlhf.simulate.study import DEFAULT_STUDY, load_study, run_study
 
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--study", type=Path, default=DEFAULT_STUDY_DIR,
-                        help=f"a validation study folder (default: {DEFAULT_STUDY_DIR}; run if missing)")
+                        help=f"a validation study folder (default: {DEFAULT_STUDY_DIR}; run if missing or unfinished)")
     parser.add_argument("--out", type=Path, default=HERE / "output", help="output folder")
     parser.add_argument("--jobs", type=int, default=2, help="workers if the study must be run")
     args = parser.parse_args()
-    if (args.study / "study.json").exists():
+    if _holds_another_study(args.study, DEFAULT_STUDY.fingerprint()):
         study = load_study(args.study)
-    else:
+    else:  # run, resume (an interrupted run) or bring to this version's cells the default study
         study = run_study(DEFAULT_STUDY, args.study, jobs=args.jobs)
     pess = study.spec.pessimism
     report = analyse(study.results, study.predictions, seed=study.spec.seed, pessimism=study.pessimism,
@@ -36,3 +36,16 @@ def figure_main(name: str, doc: str) -> Path:
     path = plots.FIGURES[name](study, report, args.out)
     print(path if path is not None else f"{name}: the study has no data for this figure")
     return path
+
+
+def _holds_another_study(folder: Path, fingerprint: str) -> bool:
+    """Whether ``folder`` holds a study whose spec is not the one of ``fingerprint`` (an unreadable record
+    counts as another study: ``load_study`` names the problem)."""
+    import json
+
+    try:
+        return json.loads((folder / "study.json").read_text())["fingerprint"] != fingerprint
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return True

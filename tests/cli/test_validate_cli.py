@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from robust_rlhf.cli.main import main
+from robust_rlhf.theory.errors import InputError
 
 SMALL = ["--scenario", "intransitive", "--estimators", "mle,vrpo_M4,vrpo_tuned_M4", "--n", "100,200",
          "--reps", "20", "--jobs", "1"]
@@ -86,6 +87,28 @@ def test_list_estimators(capsys) -> None:
     assert main(["validate", "--list-estimators"]) == 0
     out = capsys.readouterr().out
     assert "vrpo_tuned_M4" in out and "vrpo_crossfit_M8" in out
+
+
+def test_figures_finish_an_interrupted_default_study(monkeypatch, tmp_path) -> None:
+    # the scripts run the default study if it is missing; one interrupted was refused as unfinished
+    from robust_rlhf.simulate import study as study_module
+
+    tiny = study_module.StudySpec.from_dict(dict(name="tiny", scenarios=["intransitive"], n=[100, 200], reps=20,
+                                                 estimators=["mle", "vrpo_M4"], population=2000, eval_prompts=200))
+    monkeypatch.setattr(study_module, "DEFAULT_STUDY", tiny)
+    out = tmp_path / "study"
+
+    def interrupt(done: int, total: int) -> None:
+        if done:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study_module.run_study(tiny, out, progress=interrupt)
+    with pytest.raises(InputError, match="unfinished"):
+        study_module.load_study(out)
+    assert main(["figures", "--only", "variance_ratio", "--study", str(out), "--out", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "variance_ratio.png").exists()
+    assert len(study_module.load_study(out).results) == 2 * 2 * 20
 
 
 def test_figures_needs_a_known_script(capsys) -> None:
