@@ -263,7 +263,7 @@ PRESETS: dict[str, ExperimentConfig] = {
         n_eval=400,
         max_new_tokens=20,
         epochs=1.0,
-        estimated_minutes=15.0,
+        estimated_minutes=9.0,
         runtime_measured=True,
     ),
     "tiny-cpu-diagnostic": ExperimentConfig(
