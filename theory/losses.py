@@ -149,24 +149,24 @@ class Logistic(MarginLoss):
     def derivatives(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``l' = -sigmoid(-z)``, ``l'' = sigmoid(z) sigmoid(-z)``."""
         s = torch.sigmoid(-z)
-        return self(z), -s, s * (1.0 - s)
+        return self(z), -s, s * torch.sigmoid(z)
 
     def derivatives_pm(self, z: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
         """With ``s = sigmoid(-z)``: ``l(-z) = l(z) + z``, ``l'(-z) = s - 1``, ``l''(-z) = l''(z)``."""
         s = torch.sigmoid(-z)
         value = self(z)
-        curv = s * (1.0 - s)
+        curv = s * torch.sigmoid(z)
         return (value, -s, curv), (value + z, s - 1.0, curv)
 
     def third(self, z: Tensor) -> Tensor:
-        """``l^(3) = -s (1 - s) (1 - 2 s)`` with ``s = sigmoid(-z)``."""
-        s = torch.sigmoid(-z)
-        return -s * (1.0 - s) * (1.0 - 2.0 * s)
+        """``l^(3) = -s (1 - s) (1 - 2 s)`` with ``s = sigmoid(-z)`` (``1 - s = sigmoid(z)``: no cancellation)."""
+        s, t = torch.sigmoid(-z), torch.sigmoid(z)
+        return -s * t * (t - s)
 
     def fourth(self, z: Tensor) -> Tensor:
-        """``l^(4) = s (1 - s) (1 - 6 s + 6 s^2)`` with ``s = sigmoid(-z)``."""
-        s = torch.sigmoid(-z)
-        return s * (1.0 - s) * (1.0 - 6.0 * s * (1.0 - s))
+        """``l^(4) = s (1 - s) (1 - 6 s + 6 s^2)`` with ``s = sigmoid(-z)`` (``1 - s = sigmoid(z)``)."""
+        st = torch.sigmoid(-z) * torch.sigmoid(z)
+        return st * (1.0 - 6.0 * st)
 
     def pair_derivatives(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """By ``l(z) - l(-z) = -z``: ``m_g = softplus(z) - g z``, ``m_g' = sigmoid(z) - g``,
@@ -175,7 +175,7 @@ class Logistic(MarginLoss):
 
     def pair_slopes(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor]:
         s = torch.sigmoid(z)
-        return s - g, s * (1.0 - s)
+        return s - g, s * torch.sigmoid(-z)
 
     def recession(self) -> MarginLoss:
         return Recession()
@@ -184,7 +184,7 @@ class Logistic(MarginLoss):
         """``pair_derivatives`` for every ``g`` with one sigmoid and one softplus of ``z`` (same numbers)."""
         s = torch.sigmoid(z)
         sp = F.softplus(z, threshold=_SOFTPLUS_THRESHOLD)
-        curv = s * (1.0 - s)
+        curv = s * torch.sigmoid(-z)
         return [(sp - g * z, s - g, curv) for g in gs]
 
 

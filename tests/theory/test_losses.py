@@ -114,6 +114,27 @@ def test_logistic_is_stable_at_huge_margins() -> None:
     assert torch.isfinite(loss)
 
 
+def test_logistic_curvature_and_higher_derivatives_keep_relative_accuracy_in_both_tails() -> None:
+    """``l'' = s (1 - s)`` with ``s`` rounded to 1 was 0 below z = -36.7 (true value e^z); each factor is now its
+    own sigmoid. Against 50-digit values of the second to fourth derivatives and of the pair curvature."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    z = np.array([-700.0, -200.0, -40.0, -37.0, -5.0, -0.5, 0.0, 0.5, 5.0, 37.0, 40.0, 200.0, 700.0])
+    t = torch.as_tensor(z)
+    loss = Logistic()
+
+    def exact(zi: float) -> tuple[float, float, float]:
+        s, t = 1 / (1 + mpmath.exp(zi)), 1 / (1 + mpmath.exp(-zi))  # sigmoid(-z) and 1 - it, each in full
+        return float(s * t), float(-s * t * (t - s)), float(s * t * (1 - 6 * s * t))
+
+    want = np.array([exact(mpmath.mpf(zi)) for zi in z])
+    got = [loss.derivatives(t)[2], loss.third(t), loss.fourth(t), loss.pair_slopes(t, 0.3)[1],
+           loss.derivatives_pm(t)[1][2], loss.pair_derivatives_many(t, (0.3,))[0][2]]
+    for col, ref in zip(got, [want[:, 0], want[:, 1], want[:, 2], want[:, 0], want[:, 0], want[:, 0]]):
+        np.testing.assert_allclose(col.numpy(), ref, rtol=1e-13, atol=0)
+
+
 def test_truncated_hinge_values() -> None:
     z = torch.tensor([-2.0, -0.5, 0.0, 0.5, 1.0, 3.0], dtype=torch.float64)
     assert TruncatedHinge()(z).tolist() == [1.5, 1.5, 1.0, 0.5, 0.0, 0.0]
