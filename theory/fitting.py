@@ -785,7 +785,10 @@ def _influence_parts(loss: MarginLoss, b: _Batch, theta: Tensor, control: bool =
 
 def _cluster_cov(X: Tensor, Y: Tensor, n: int) -> Tensor:
     """``sum_c (X_c - Xbar)(Y_c - Ybar)^T`` centred within labelled / other clusters, with the
-    small-sample factor ``C/(C-1)``; (R, d, d)."""
+    small-sample factor ``C/(C-1)``; (R, d, d). Centring by the common mean takes each labelled prompt's
+    share of reference weight ``W_c`` as drawn with the prompt: with fixed, uneven shares and a ``g_hat`` whose
+    reference score ``mu`` is not zero, the clusters' means differ by ``lam (n W_c - 1) mu`` and that spread is
+    counted as variance (conservative for the variance given the design; exact for equal shares)."""
     out = torch.zeros(X.shape[0], X.shape[2], X.shape[2], dtype=_DTYPE)
     for part in (slice(0, n), slice(n, X.shape[1])):
         Xp, Yp = X[:, part], Y[:, part]
@@ -1176,6 +1179,8 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
             lam_t = torch.full((R,), 1.0 if lam is None else float(lam), dtype=_DTYPE)
         pg_bound = None if bound is None or _convex_program(loss, lam_t.numpy()) else bound
         state = _minimise(loss, lam_t, b, mle.theta, tol, max_iter, True, theta_max, pg_bound)
+        if isinstance(loss, Logistic) and _uses_ref(b, lam_t):
+            _check_overlap(b, state, max(FLAT_CURVATURE, 100 * tol / rms), gram, lam_t)
         # the tuned lam is a function of the MLE: without it the tuned estimate does not exist either
         state.separable |= mle.separable & (~state.converged if not tuned else True)
         state.converged &= ~state.separable
@@ -1223,9 +1228,9 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
     if separable.any():
         reps = rows[np.flatnonzero(separable)]
         shown = ", ".join(map(str, reps[:10])) + (" ..." if reps.size > 10 else "")
-        msg = (f"{reps.size} of {total} replication(s) have separable labelled pairs or an unbounded objective "
-               f"(replication {shown}): the unconstrained estimate does not exist; pass bound=B (--bound B) for a "
-               f"norm-constrained fit")
+        msg = (f"{reps.size} of {total} replication(s) have separable labelled pairs or an objective without a "
+               f"minimiser (replication {shown}): the unconstrained estimate does not exist; pass bound=B (--bound B) "
+               "for a norm-constrained fit")
         if on_separable == "raise":
             raise SeparableDataError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -1264,20 +1269,66 @@ def _least_relative_curvature(H: Tensor, S: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(P.transpose(-2, -1) @ (H * scale) @ P)[..., 0]
 
 
-def _check_overlap(b: _Batch, state: _NewtonState, flat: float, gram: np.ndarray) -> None:
-    """Flag ``state``'s converged MLEs that do not exist: labels separated except on pairs where the
-    separating margin is zero (quasi-complete separation) stop the Newton iterations by a vanishing
-    gradient, with no certificate at the iterate. There the separated pairs' weights ``s'(u_i)`` are of the
-    order of the gradient tolerance, so the Hessian has almost no curvature along the separating direction
-    ``w``: ``min_v v'Hv / v'Sv`` with ``S = X'X / n`` is below ``flat``. Such replications (rare otherwise)
-    are settled by ``_separating_direction`` (``gram``: the Gram matrices ``X'X``)."""
-    idx = torch.nonzero(state.converged & ~state.separable).squeeze(1)
+def _check_overlap(b: _Batch, state: _NewtonState, flat: float, gram: np.ndarray, lam: Tensor | None = None) -> None:
+    """Flag ``state``'s converged fits whose minimiser does not exist. For the MLE: labels separated except
+    on pairs where the separating margin is zero (quasi-complete separation) stop the Newton iterations by a
+    vanishing gradient, with no certificate at the iterate. There the separated pairs' weights ``s'(u_i)`` are
+    of the order of the gradient tolerance, so the Hessian has almost no curvature along the separating
+    direction ``w``: ``min_v v'Hv / v'Sv`` with ``S = X'X / n`` is below ``flat``. Such replications (rare
+    otherwise) are settled by ``_separating_direction`` (``gram``: the Gram matrices ``X'X``).
+
+    With ``lam`` (the logistic VR objective, convex for ``0 <= lam <= 1``) the same vanishing curvature marks a
+    direction of zero recession slope along which the objective decreases without end (an oracle ``g_hat``
+    of exactly 0 or 1 on separated reference pairs), settled by ``_recession_direction``. A Hessian singular
+    at rounding level is left to ``_flat_bread``: there the objective is constant along a direction (``theta``
+    not identified), not decreasing."""
+    todo = state.converged & ~state.separable
+    if lam is not None:
+        todo &= (lam >= 0) & (lam <= 1) & ~torch.as_tensor(_flat_bread(state.hess))
+    idx = torch.nonzero(todo).squeeze(1)
     if not idx.numel():
         return
     least = _least_relative_curvature(state.hess[idx], torch.as_tensor(gram)[idx] / b.dphi.shape[1])
     for r in idx[least < flat].tolist():
-        if _separating_direction(b.dphi[r].numpy(), b.z[r].numpy()):
+        if lam is None:
+            found = _separating_direction(b.dphi[r].numpy(), b.z[r].numpy())
+        else:
+            found = _recession_direction(b.dphi[r].numpy(), b.z[r].numpy(), b.g[r].numpy(), b.dphi_ref[r].numpy(),
+                                         b.g_ref[r].numpy(), b.w_ref[r].numpy(), float(lam[r]))
+        if found:
             state.separable[r], state.converged[r] = True, False
+
+
+def _recession_direction(X: np.ndarray, z: np.ndarray, g: np.ndarray, X_ref: np.ndarray, g_ref: np.ndarray,
+                         w_ref: np.ndarray, lam: float) -> bool:
+    r"""Whether some ``w != 0`` has recession slope ``L_inf(w) <= 0`` for the logistic VR objective with
+    ``0 <= lam <= 1``. Its pair losses are ``softplus(u) - y u``, so
+    ``L_inf(w) = sum_k a_k [v_k]_+ + c . w`` with ``v_k = x_k . w``, ``a = (1 - lam) / n`` on labelled and
+    ``lam w_j`` on reference pairs, and ``c = -sum_i (z_i - lam g_i) x_i / n - lam sum_j w_j g_j x_j``. The cone
+    ``{w : L_inf(w) <= 0}`` (a linear program through ``t_k >= [v_k]_+``) is ``{0}`` iff ``e . w`` and
+    ``-e . w`` both have maximum 0 on it within ``|w|_inf <= 1``, for a fixed ``e`` off every hyperplane
+    through 0 (almost every ``e``). As the objective is convex, ``L(theta + s w) <= L(theta) + s L_inf(w)``:
+    it does not increase along ``w`` from any point, and with curvature left along ``w`` it strictly
+    decreases, so no minimiser exists."""
+    from scipy import sparse
+    from scipy.optimize import linprog
+
+    n = len(z)
+    pairs = np.concatenate([X, X_ref]) if lam < 1 else X_ref
+    a = np.concatenate([np.full(n, (1.0 - lam) / n), lam * w_ref]) if lam < 1 else lam * w_ref
+    c = -((z - lam * g) @ X) / n - lam * ((w_ref * g_ref) @ X_ref)
+    keep = a > 0
+    pairs, a = pairs[keep], a[keep]
+    K, d = pairs.shape
+    A_ub = sparse.bmat([[sparse.csr_array(pairs), -sparse.eye_array(K)], [c[None, :], a[None, :]]], format="csr")
+    e = np.random.default_rng(0).uniform(0.5, 1.5, d)
+    bounds = [(-1.0, 1.0)] * d + [(0.0, None)] * K
+    for sign in (1.0, -1.0):
+        res = linprog(np.concatenate([-sign * e, np.zeros(K)]), A_ub=A_ub, b_ub=np.zeros(K + 1), bounds=bounds,
+                      method="highs")
+        if res.status == 0 and -res.fun > 1e-6 * e.sum():
+            return True
+    return False
 
 
 def _separating_direction(X: np.ndarray, z: np.ndarray) -> bool:

@@ -16,7 +16,7 @@ from robust_rlhf.simulate import Scenario, get_scenario, sample
 from robust_rlhf.simulate.properties import swap_pairs
 from robust_rlhf.theory.data import PairData
 from robust_rlhf.theory.errors import InputError, SeparableDataError
-from robust_rlhf.theory.fitting import _Batch, _influence_parts, _sandwich, fit, tune_lambda
+from robust_rlhf.theory.fitting import _Batch, _influence_parts, _recession_direction, _sandwich, fit, tune_lambda
 from robust_rlhf.theory.losses import Logistic
 
 
@@ -155,7 +155,7 @@ def test_unbounded_vr_objective_is_flagged() -> None:
     only the reference term keeps the objective bounded below; under a strong signal it often fails to
     at n = 200. Such replications are reported, never returned as a diverged estimate."""
     data = sample(get_scenario("probit"), n=200, seed=3, reps=100, M=2, aux="constant").to_pair_data()
-    with pytest.warns(RuntimeWarning, match="unbounded objective"):
+    with pytest.warns(RuntimeWarning, match="objective without a minimiser"):
         res = fit(data, "vrpo", on_separable="warn")
     assert res.separable.any() and not fit(data, "mle").separable.any()
     assert np.isnan(res.theta[res.separable]).all() and np.isfinite(res.theta[~res.separable]).all()
@@ -187,8 +187,45 @@ def test_unbounded_vr_objective_is_flagged_in_both_orientations() -> None:
     assert _recession_lp(data, 0.5) < -1e-3
     assert not fit(data, "mle").separable.any()
     for case in (data, swap_pairs(data)):
-        with pytest.raises(SeparableDataError, match="unbounded objective"):
+        with pytest.raises(SeparableDataError, match="objective without a minimiser"):
             fit(case, "vrpo", lam=0.5)
+
+
+def test_vr_objective_decreasing_without_end_is_flagged() -> None:
+    """An oracle ``g_hat`` of exactly 0 or 1 (deterministic preferences) at lam = 1: the labelled terms cancel
+    (g = Z) and the reference pairs, labelled by the sign of ``dphi_ref . theta0``, are separated, so the
+    objective decreases along ``theta0`` without end with a zero (not negative) recession slope. Newton used to
+    stop at a vanishing gradient and report convergence, with ``|theta|`` growing with the tolerance (700 at
+    tol 1e-6, 1700 at 1e-10). Replication 2 has soft reference labels: a minimiser, found as before."""
+    from scipy.special import expit
+
+    rng = np.random.default_rng(0)
+    R, n, M, theta0 = 3, 200, 4, np.array([1.0, -0.5, 0.3])
+    X, X_ref = rng.normal(size=(R, n, 3)), rng.normal(size=(R, n * M, 3))
+    z = (rng.random((R, n)) < expit(X @ theta0)).astype(float)
+    g_ref = (X_ref @ theta0 > 0).astype(float)
+    g_ref[2] = expit(X_ref[2] @ theta0)
+    data = PairData(dphi=X, z=z, g=z.copy(), dphi_ref=X_ref, g_ref=g_ref, ref_row=np.repeat(np.arange(n), M))
+    for tol in (1e-6, 1e-10):
+        with pytest.warns(RuntimeWarning, match=r"2 of 3 replication\(s\).*without a minimiser \(replication 0, 1\)"):
+            res = fit(data, "vrpo", tol=tol, on_separable="warn")
+        assert res.separable.tolist() == [True, True, False] and res.converged.tolist() == [False, False, True]
+        assert np.isfinite(res.theta[2]).all() and np.linalg.norm(res.theta[2]) < 10
+    assert fit(data.replication(2), "vrpo").theta == pytest.approx(res.theta[2:], rel=1e-6)
+    bounded = fit(data, "vrpo", bound=5.0)
+    assert bounded.at_bound[:2].all() and bounded.converged.all()
+    # the linear program against cvxpy's: a nonzero direction of non-positive recession slope, or none
+    import cvxpy as cp
+
+    for r in range(R):
+        w = cp.Variable(3)
+        ur = X_ref[r] @ w
+        weight = data.ref_weight[r]
+        slope = weight @ cp.pos(ur) - (weight * g_ref[r]) @ ur  # lam = 1: the labelled terms cancel
+        reach = max(cp.Problem(cp.Maximize(s * cp.sum(w)), [slope <= 0, cp.norm(w, "inf") <= 1]).solve()
+                    for s in (1, -1))
+        assert (reach > 1e-6) == (r < 2)
+        assert _recession_direction(X[r], z[r], z[r], X_ref[r], g_ref[r], weight, 1.0) == (r < 2)
 
 
 def test_bounded_objective_is_not_flagged(mixture: PairData) -> None:
