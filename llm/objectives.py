@@ -32,7 +32,8 @@ clipped to ``[0, 1]``, with ``(a_i, c_i)`` either
   function of DESIGN.md 3.5 with ``dphi`` replaced by the unit shift, label noise included.
 
 Optionally the covariance and variance are exponentially averaged over steps (``ema``) before the ratio.
-``lam`` is a constant in the gradient (it is computed from detached values).
+``lam`` is a constant in the gradient (it is computed from detached values); the trainer folds in a step's
+rows after the step, so each step uses the estimate from the steps before it.
 """
 
 from __future__ import annotations

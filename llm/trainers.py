@@ -125,6 +125,9 @@ class _PairwiseTrainer(Trainer, ABC):
         self.g_source = g_source
         self.frozen_refresh_steps = frozen_refresh_steps
         self.lambda_estimator = LambdaEstimator(objective.lam, lambda_ema) if objective.method == "vrpo_tuned" else None
+        # vrpo_tuned: the (a, c) rows of the accumulation window so far, and the window's micro-batch count
+        self._window_rows: list[Tensor] = []
+        self._window_size: int | None = None
         self._stored: dict[str, dict[str, list[tuple[float, float]]]] = {"train": defaultdict(list),
                                                                          "eval": defaultdict(list)}
         super().__init__(
@@ -220,6 +223,23 @@ class _PairwiseTrainer(Trainer, ABC):
         """Preference rows of a batch: its sequences over the ``K`` scored per row."""
         return batch["input_ids"].shape[0] // self.n_responses
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """Trainer's fetch of one accumulation window's micro-batches; records their number (``_fold_lambda``)."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window_rows, self._window_size = [], len(batch_samples)
+        return batch_samples, num_items
+
+    def _fold_lambda(self, rows: Tensor) -> None:
+        """Pool the ``(a, c)`` rows of an accumulation window; after its last micro-batch fold them into the
+        estimate, which the next optimizer step uses. So a step's ``lam`` does not depend on its own rows, and
+        the update does not depend on how its window is split into micro-batches (batches of one row
+        included). Outside Trainer's loop (no window) each batch is folded in on its own."""
+        self._window_rows.append(rows)
+        if self._window_size is None or len(self._window_rows) >= self._window_size:
+            pooled = torch.cat(self._window_rows)
+            self._window_rows = []
+            self.lambda_estimator.update(pooled[:, 0], pooled[:, 1])
+
     def _get_num_items_in_batch(self, batch_samples: list[dict[str, Tensor]], device: torch.device) -> Tensor:
         """The preference rows of an accumulation window, summed over the processes: the divisor that makes
         the window's gradient the mean over its rows (``compute_loss``)."""
@@ -247,10 +267,10 @@ class _PairwiseTrainer(Trainer, ABC):
                 a_og, c_og = margin_shift_scores(obj.loss, margin, g, ref_margin, ref_g, orientation.to(margin.device))
             cv_rows = self._gather(torch.stack([a_loss, c_loss, a_grad, c_grad, a_og, c_og], dim=-1), training)
             if self.lambda_estimator is not None:
+                lam = self.lambda_estimator.value
                 if training:
                     col = {"loss": 0, "margin_shift": 2, "oriented_shift": 4}[obj.lambda_target]
-                    self.lambda_estimator.update(cv_rows[:, col], cv_rows[:, col + 1])
-                lam = self.lambda_estimator.value
+                    self._fold_lambda(cv_rows[:, col : col + 2])
         out = obj.evaluate(margin, ref_margin, g, ref_g, lam=lam)
         loss = out.loss
         extra = scores.get("penalty")
