@@ -99,13 +99,16 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def prompt_token_ids(prompt_text: str, tokenizer: Any, options: TokenizeOptions) -> list[int]:
-    """Token ids of a rendered prompt: BOS first (once) if asked, then the last ``max_prompt_length`` ids."""
+    """Token ids of a rendered prompt: BOS first (once) if asked, then the last ids, ``max_prompt_length`` in
+    all; a leading BOS is kept through the truncation (the model was trained with it)."""
     prompt_ids = _ids(tokenizer, prompt_text)
     bos = getattr(tokenizer, "bos_token_id", None)
     if options.add_bos and bos is not None and (not prompt_ids or prompt_ids[0] != bos):
         prompt_ids = [bos] + prompt_ids
-    if options.max_prompt_length is not None:
-        prompt_ids = prompt_ids[-options.max_prompt_length :]
+    limit = options.max_prompt_length
+    if limit is not None and len(prompt_ids) > limit:
+        keep = 1 if bos is not None and prompt_ids[0] == bos else 0
+        prompt_ids = prompt_ids[:keep] + (prompt_ids[len(prompt_ids) - (limit - keep) :] if limit > keep else [])
     return prompt_ids
 
 

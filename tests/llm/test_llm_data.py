@@ -194,6 +194,15 @@ def test_tokenise_and_collate(tokenizer) -> None:
             assert batch["completion_mask"][r].sum().item() == len(resp)
             assert batch["attention_mask"][r].sum().item() == p + len(resp)
     assert REF_LOGPS not in batch
+    # truncation keeps the prompt's end and its BOS (the BOS was cut off with the start)
+    from robust_rlhf.llm.tokenization import prompt_token_ids
+
+    text = " ".join(tokenizer.convert_ids_to_tokens(tds[0]["prompt_input_ids"][1:]))
+    full = prompt_token_ids(text, tokenizer, TokenizeOptions())
+    assert full[0] == tokenizer.bos_token_id and len(full) > 3
+    for limit in (3, 2, 1):
+        cut = prompt_token_ids(text, tokenizer, TokenizeOptions(max_prompt_length=limit))
+        assert cut == [tokenizer.bos_token_id] + full[len(full) - limit + 1 :]
     # chat rows: the response is what the assistant turn adds to the template
     chat = make_rows(1, n_pairs=1, seed=7, chat=True)[0]
     prompt_text, (chosen_text, *_) = render_example(chat, tokenizer, ["chosen", "rejected", "a_1", "a_2"])
