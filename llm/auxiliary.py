@@ -39,6 +39,7 @@ from .data import (
     PROMPT,
     REJECTED,
     PreferenceSchema,
+    as_response,
     check_rows,
     preference_column,
     read_rows,
@@ -96,7 +97,9 @@ def _pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torc
 class RewardModelScorer:
     """``g = sigmoid(r(x, a) - r(x, b))`` from a one-output sequence classifier on ``prompt + response``.
 
-    Tokenised exactly as ``RewardTrainer`` sees its inputs (``tokenize_example``, no EOS by default).
+    Tokenised exactly as ``RewardTrainer`` sees its inputs (``tokenize_example``, no EOS by default); a
+    generated text answering a chat prompt is scored as the assistant message it is (``data.as_response``),
+    as the reward model was trained.
     """
 
     model: torch.nn.Module
@@ -114,6 +117,7 @@ class RewardModelScorer:
             for start in range(0, len(prompts), self.batch_size):
                 seqs = []
                 for p, y in zip(prompts[start : start + self.batch_size], responses[start : start + self.batch_size]):
+                    y = as_response(p, y) if isinstance(y, str) else y
                     t = tokenize_example({PROMPT: p, "y": y}, self.tokenizer, ["y"], self.options)
                     seqs.append(t["prompt_input_ids"] + t["y_input_ids"])
                 ids, mask = _pad(seqs, self.tokenizer.pad_token_id, _device_of(self.model))

@@ -43,6 +43,7 @@ __all__ = [
     "RowProblem",
     "reference_column",
     "preference_column",
+    "as_response",
     "infer_schema",
     "row_problems",
     "check_rows",
@@ -72,6 +73,11 @@ _REF_PREF_RE = re.compile(r"^a_([1-9][0-9]*)_preference$")
 def reference_column(k: int) -> str:
     """Name of the ``k``-th reference response column (1-based): ``a_k``."""
     return f"a_{k}"
+
+
+def as_response(prompt: Any, text: str) -> Any:
+    """A generated text as a response of ``prompt``'s row: an assistant message for a chat prompt, else the text."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
 def preference_column(response_column: str) -> str:

@@ -31,7 +31,7 @@ import torch
 from robust_rlhf.theory.errors import InputError
 from robust_rlhf.theory.io import atomic_path
 
-from .data import PROMPT, _REF_PREF_RE, _REF_RE, read_rows, reference_column, write_jsonl
+from .data import PROMPT, _REF_PREF_RE, _REF_RE, as_response, read_rows, reference_column, write_jsonl
 from .tokenization import TokenizeOptions, prompt_token_ids, render_prompt
 
 __all__ = ["GenerationOptions", "sample_tokens", "sample_responses", "generate_references", "vllm_available"]
@@ -198,11 +198,6 @@ def _redraw_blank(
     )
 
 
-def _as_response(prompt: Any, text: str) -> Any:
-    """A chat row's response is an assistant message; a plain row's is the text."""
-    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
-
-
 def _resume_point(out: Path, batch_size: int, rows: Sequence[Mapping[str, Any]]) -> int:
     """The rows of an interrupted ``out`` that are kept: its whole batches. A batch the interruption cut short (a
     last line without its newline, fewer rows than a batch) is removed from the file, to be drawn again:
@@ -297,7 +292,7 @@ def generate_references(
         for r, texts in zip(chunk, samples):
             row = {k: v for k, v in r.items() if not (_REF_RE.match(k) or _REF_PREF_RE.match(k))}
             for k, text in enumerate(texts, start=1):
-                row[reference_column(k)] = _as_response(r[PROMPT], text)
+                row[reference_column(k)] = as_response(r[PROMPT], text)
             new_rows.append(row)
         write_jsonl(new_rows, out, append=True)
         done += len(chunk)

@@ -72,7 +72,13 @@ def test_reward_model_scorer_is_sigmoid_of_reward_difference(tokenizer: Any) -> 
     assert g == pytest.approx(want, abs=1e-5)
     # chat rows go through the chat template
     chat = make_rows(2, n_pairs=1, seed=42, chat=True, preferences=False)
-    assert len(scorer.rewards([c["prompt"] for c in chat], [c["chosen"] for c in chat])) == 2
+    messages = scorer.rewards([c["prompt"] for c in chat], [c["chosen"] for c in chat])
+    assert len(messages) == 2
+    # a generated text (best of n, the reward-model judge) answering a chat prompt is the assistant turn the
+    # reward model was trained on (it was appended raw after the generation prompt: another input)
+    texts = [c["chosen"][0]["content"] for c in chat]
+    assert all(c["chosen"] == [{"role": "assistant", "content": t}] for c, t in zip(chat, texts))
+    torch.testing.assert_close(scorer.rewards([c["prompt"] for c in chat], texts), messages, rtol=0, atol=0)
 
 
 def test_pairwise_scorer_symmetrised_sums_to_one(tokenizer: Any) -> None:
