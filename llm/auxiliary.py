@@ -45,6 +45,7 @@ from .data import (
     read_rows,
     write_jsonl,
 )
+from .models import check_length
 from .tokenization import TokenizeOptions, right_pad, tokenize_example
 
 __all__ = [
@@ -120,6 +121,7 @@ class RewardModelScorer:
                     y = as_response(p, y) if isinstance(y, str) else y
                     t = tokenize_example({PROMPT: p, "y": y}, self.tokenizer, ["y"], self.options)
                     seqs.append(t["prompt_input_ids"] + t["y_input_ids"])
+                check_length(self.model, max(map(len, seqs)), "prompt + response sequences to score")
                 ids, mask = _pad(seqs, self.tokenizer.pad_token_id, _device_of(self.model))
                 logits = self.model(input_ids=ids, attention_mask=mask).logits
                 out.append(logits[:, 0].float().cpu())
@@ -167,6 +169,7 @@ class PairwiseModelScorer:
                     text = self.template.format(prompt=_plain(p), first=_plain(a), second=_plain(b))
                     ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
                     seqs.append(ids[-self.max_length :] if self.max_length else ids)
+                check_length(self.model, max(map(len, seqs)), "prompt + response sequences to score")
                 ids, mask = _pad(seqs, self.tokenizer.pad_token_id, _device_of(self.model))
                 out.append(torch.sigmoid(self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float()).cpu())
         finally:

@@ -143,6 +143,11 @@ def infer_schema(columns: Iterable[str]) -> PreferenceSchema:
             f"missing column(s) {', '.join(missing)}: preference data needs explicit 'prompt', 'chosen' and "
             f"'rejected' columns (found: {', '.join(sorted(cols)) or 'none'})"
         )
+    odd = sorted(c for c in cols if re.fullmatch(r"a_[0-9]+(_preference)?", c) and not (_REF_RE.match(c)
+                                                                                      or _REF_PREF_RE.match(c)))
+    if odd:
+        raise InputError(f"column(s) {', '.join(odd)}: reference columns are numbered from 1 without leading zeros "
+                         "(a_1 .. a_2M, a_k_preference)")
     ref_idx = sorted(int(m.group(1)) for c in cols if (m := _REF_RE.match(c)))
     if ref_idx != list(range(1, len(ref_idx) + 1)):
         raise InputError(f"reference columns must be a_1 .. a_2M without gaps, found a_{ref_idx}")
@@ -349,7 +354,10 @@ def read_rows(source: str | os.PathLike[str], split: str = "train") -> list[dict
         if suffix == ".jsonl":
             return list(_read_jsonl(path))
         if suffix == ".json":
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError:

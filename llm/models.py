@@ -160,7 +160,27 @@ def disabled_adapter(model: nn.Module) -> Iterator[None]:
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0 (deterministic margins, as TRL's DPO does by default)."""
+    """Set every dropout probability to 0 (deterministic margins, as TRL's DPO does by default): the
+    ``nn.Dropout`` modules and the float rates that attention modules pass to SDPA (``attention_dropout`` of
+    Llama, Qwen, Mistral, ...). The config is left as it is, so a saved model keeps its rates."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The number of positions a model with learned or bounded positions accepts (None: not stated)."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
+def check_length(model: nn.Module, length: int, what: str) -> None:
+    """Raise ``InputError`` when sequences of ``length`` tokens exceed ``model``'s positions (``what``: which)."""
+    limit = position_limit(model)
+    if limit is not None and length > limit:
+        raise InputError(f"{what} reach {length} tokens, beyond the model's {limit} positions: shorten them "
+                         "(max_prompt_length, max_completion_length) or use a model with more positions")

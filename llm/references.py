@@ -32,6 +32,7 @@ from robust_rlhf.theory.errors import InputError
 from robust_rlhf.theory.io import atomic_path
 
 from .data import PROMPT, _REF_PREF_RE, _REF_RE, as_response, read_rows, reference_column, write_jsonl
+from .models import position_limit
 from .tokenization import TokenizeOptions, prompt_token_ids, render_prompt
 
 __all__ = ["GenerationOptions", "sample_tokens", "sample_responses", "generate_references", "vllm_available"]
@@ -98,9 +99,8 @@ def sample_tokens(
     left-padded so that generation continues each at the same column, one ``generate`` call from the
     model's own distribution (``_model_distribution``); seed the torch generator before calling."""
     L = max(len(s) for s in prompt_ids)
-    cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-    if isinstance(limit, int) and L + options.max_new_tokens > limit:
+    limit = position_limit(model)
+    if limit is not None and L + options.max_new_tokens > limit:
         raise InputError(f"prompts of up to {L} tokens plus max_new_tokens = {options.max_new_tokens} exceed the "
                          f"model's {limit} positions: lower --max-new-tokens or shorten the prompts")
     ids = torch.full((len(prompt_ids), L), pad_id, dtype=torch.long)

@@ -71,7 +71,18 @@ def render_prompt(prompt: str | Sequence[Mapping[str, str]], tokenizer: Any) -> 
         return prompt
     if getattr(tokenizer, "chat_template", None) is None:
         raise InputError("chat-format data needs a tokenizer with a chat template (tokenizer.chat_template is unset)")
-    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    return _chat_template(tokenizer, list(prompt), add_generation_prompt=True)
+
+
+def _chat_template(tokenizer: Any, messages: list[Any], add_generation_prompt: bool = False) -> str:
+    """``apply_chat_template`` as text; a template that refuses the messages (a role it does not know, an
+    order it forbids) is an ``InputError`` with its own message."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja2's TemplateError, and whatever a template raises through raise_exception
+        roles = [m.get("role") if isinstance(m, Mapping) else type(m).__name__ for m in messages]
+        raise InputError(f"the tokenizer's chat template refused messages with roles {roles}: "
+                         f"{type(exc).__name__}: {exc}") from None
 
 
 def render_example(example: Mapping[str, Any], tokenizer: Any, columns: Sequence[str]) -> tuple[str, list[str]]:
@@ -84,7 +95,7 @@ def render_example(example: Mapping[str, Any], tokenizer: Any, columns: Sequence
         if isinstance(value, str):
             responses.append(value)
             continue
-        full = tokenizer.apply_chat_template(list(prompt) + list(value), tokenize=False)
+        full = _chat_template(tokenizer, list(prompt) + list(value))
         if not full.startswith(prompt_text):
             raise InputError(
                 f"column {col}: the chat template of prompt + response does not start with the template of the "

@@ -57,7 +57,7 @@ from robust_rlhf.theory.io import atomic_path
 
 from .data import PreferenceSchema
 from .logprobs import model_sequence_logps
-from .models import disable_dropout, disabled_adapter, is_peft_model
+from .models import check_length, disable_dropout, disabled_adapter, is_peft_model
 from .objectives import LambdaEstimator, PreferenceObjective, margin_shift_scores, variance_summary
 from .tokenization import REF_LOGPS, PreferenceCollator
 
@@ -68,6 +68,46 @@ FROZEN_WEIGHTS_FILE = "frozen_g_model.safetensors"
 
 
 _ROWS = "_rows"  # the rows behind a batch's metrics, their weight when logged
+
+
+def _datasets(value: Any, name: str) -> list[tuple[str, Any]]:
+    """``(name, data set)`` of a trainer argument: none, one, or a dict of named evaluation sets."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [(f"{name}[{key!r}]", v) for key, v in value.items()]
+    return [(name, value)]
+
+
+def _check_tokenised(dataset: Any, name: str, schema: PreferenceSchema, needs_g: bool, model: nn.Module) -> None:
+    """A tokenised data set carries the columns of ``schema`` (reference pairs, no more and no fewer, when
+    they are scored; ``g_hat`` where it is read) and its sequences fit ``model``'s positions."""
+    cols = set(getattr(dataset, "column_names", None) or ())
+    if not cols:
+        return  # not a datasets.Dataset (an iterable set): checked batch by batch
+    need = [f"{c}_input_ids" for c in ("prompt", *schema.response_columns)]
+    if needs_g:
+        need += schema.preference_columns
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise InputError(f"{name}: missing column(s) {', '.join(missing)} that the training set has")
+    if schema.n_ref_pairs:
+        more = sorted(c for c in cols if (m := re.fullmatch(r"a_([0-9]+)_input_ids", c))
+                      and int(m.group(1)) > 2 * schema.n_ref_pairs)
+        if more:
+            raise InputError(f"{name}: reference responses beyond the training set's M = {schema.n_ref_pairs} pairs "
+                             f"({', '.join(more)}); give it the training set's reference pairs")
+    if not len(dataset):
+        return
+    import pyarrow.compute as pc
+
+    arrow = dataset.with_format("arrow")
+
+    def lengths(column: str) -> np.ndarray:
+        return pc.list_value_length(arrow[f"{column}_input_ids"]).to_numpy(zero_copy_only=False)
+
+    longest = lengths("prompt") + np.maximum.reduce([lengths(c) for c in schema.response_columns])
+    check_length(model, int(longest.max()), f"{name}: prompt + response sequences")
 
 
 class _PairwiseTrainer(Trainer, ABC):
@@ -112,6 +152,8 @@ class _PairwiseTrainer(Trainer, ABC):
         if not objective.uses_control_variate and schema.n_ref_pairs:
             # the MLE baselines never look at reference responses: do not pay for their forward pass
             schema = PreferenceSchema(0, schema.labelled_preferences, False)
+        for name, dataset in _datasets(train_dataset, "train_dataset") + _datasets(eval_dataset, "eval_dataset"):
+            _check_tokenised(dataset, name, schema, objective.uses_control_variate and g_source == "columns", model)
         if disable_model_dropout:
             disable_dropout(model)
         if data_collator is None:

@@ -79,6 +79,8 @@ def test_reward_model_scorer_is_sigmoid_of_reward_difference(tokenizer: Any) -> 
     texts = [c["chosen"][0]["content"] for c in chat]
     assert all(c["chosen"] == [{"role": "assistant", "content": t}] for c, t in zip(chat, texts))
     torch.testing.assert_close(scorer.rewards([c["prompt"] for c in chat], texts), messages, rtol=0, atol=0)
+    with pytest.raises(InputError, match=r"sequences to score reach \d+ tokens, beyond the model's 128 positions"):
+        scorer.rewards(prompts[:1], [" ".join([rows[0]["chosen"]] * 40)])  # was an IndexError inside the model
 
 
 def test_pairwise_scorer_symmetrised_sums_to_one(tokenizer: Any) -> None:

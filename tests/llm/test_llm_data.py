@@ -55,6 +55,10 @@ def test_infer_schema_reference_pairs_and_preferences() -> None:
         (["prompt", "chosen", "rejected", "a_1", "a_2", "a_1_preference", "a_2_preference"], "labelled pair too"),
         # the trainer's own column: a user's values were taken as pi_ref's log-probs unchecked
         (["prompt", "chosen", "rejected", "ref_logps"], "column ref_logps is reserved"),
+        # a_0 was taken for an unrelated column and dropped without a word
+        (["prompt", "chosen", "rejected", "a_0", "a_1", "a_2"], r"column\(s\) a_0: reference columns are numbered "
+                                                              "from 1"),
+        (["prompt", "chosen", "rejected", "a_01", "a_02", "a_01_preference"], "a_01, a_01_preference, a_02"),
     ],
 )
 def test_infer_schema_rejects_malformed_columns(cols: list[str], match: str) -> None:
@@ -138,6 +142,10 @@ def test_load_errors(tmp_path) -> None:
     latin.write_bytes((json.dumps(good[0]) + "\n").encode() + b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(InputError, match="latin.jsonl: line 2 is not UTF-8 text"):
         read_rows(latin)
+    latin_json = tmp_path / "latin.json"  # a raw UnicodeDecodeError
+    latin_json.write_bytes(b'[{"prompt": "caf\xe9"}]')
+    with pytest.raises(InputError, match="latin.json: not UTF-8 text"):
+        read_rows(latin_json)
     cut = tmp_path / "cut.parquet"
     import pandas as pd
 
@@ -207,6 +215,16 @@ def test_tokenise_and_collate(tokenizer) -> None:
     chat = make_rows(1, n_pairs=1, seed=7, chat=True)[0]
     prompt_text, (chosen_text, *_) = render_example(chat, tokenizer, ["chosen", "rejected", "a_1", "a_2"])
     assert prompt_text.endswith("<s> assistant : ")
+    # a template that refuses a role (raise_exception, as Gemma's does for "system"): a raw TemplateError
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
+                            "not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    system = {**chat, "prompt": [{"role": "system", "content": "be brief"}, *chat["prompt"]]}
+    with pytest.raises(InputError, match=r"chat template refused messages with roles \['system', 'user'\]: "
+                                         r"TemplateError: System role not supported"):
+        render_example(system, strict, ["chosen"])
     assert chosen_text == chat["chosen"][0]["content"] + " </s> "
     t = tokenize_example(chat, tokenizer, ["chosen"], TokenizeOptions())
     assert t["chosen_input_ids"].count(tokenizer.eos_token_id) == 1  # the template's EOS, not a second one

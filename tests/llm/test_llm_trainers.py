@@ -815,3 +815,52 @@ def test_length_groups_must_be_positive(tokenizer: Any, tmp_path: Any) -> None:
     with pytest.raises(InputError, match="length_groups"):
         PreferenceTrainer(make_causal_lm(tokenizer, seed=0), _args(tmp_path), objective=PreferenceObjective.from_names("dpo"),
                           schema=schema, train_dataset=tds, processing_class=tokenizer, length_groups=0)
+
+
+def test_data_the_trainer_cannot_use_is_named_before_training(tokenizer: Any, tmp_path: Any) -> None:
+    """An evaluation set without g_hat or with more reference pairs than the training set (a KeyError in
+    evaluation; the extra pairs silently dropped), and responses past the model's positions (an IndexError
+    inside the model): each a named InputError when the trainer is built."""
+    tds, schema = _data(tokenizer, n=4, n_pairs=1, seed=30)
+    no_g, _ = _data(tokenizer, n=4, n_pairs=1, seed=31, preferences=False)
+    two, _ = _data(tokenizer, n=4, n_pairs=2, seed=32)
+    rows = make_rows(4, n_pairs=1, seed=33)
+    rows[2]["a_1"] = " ".join([rows[2]["a_1"]] * 40)
+    ds, _ = load_preference_data(rows)
+    long = tokenize_dataset(ds, tokenizer, schema, TokenizeOptions())
+
+    def build(**kw: Any) -> Any:
+        return PreferenceTrainer(make_causal_lm(tokenizer, seed=0), _args(tmp_path),
+                                 objective=PreferenceObjective.from_names("vrpo"), schema=schema, beta=BETA,
+                                 processing_class=tokenizer, **{"train_dataset": tds, **kw})
+
+    for kw, needle in (
+        ({"eval_dataset": no_g}, r"eval_dataset: missing column\(s\) chosen_preference"),
+        ({"eval_dataset": {"held": two}}, r"eval_dataset\['held'\]: reference responses beyond the training set's "
+                                          r"M = 1 pairs \(a_3_input_ids, a_4_input_ids\)"),
+        ({"train_dataset": long}, r"train_dataset: prompt \+ response sequences reach \d+ tokens, beyond the "
+                                  r"model's 128 positions"),
+    ):
+        with pytest.raises(InputError, match=needle):
+            build(**kw)
+    # the MLE baselines do not read g_hat or the reference pairs
+    PreferenceTrainer(make_causal_lm(tokenizer, seed=0), _args(tmp_path), objective=PreferenceObjective.from_names("dpo"),
+                      schema=schema, beta=BETA, train_dataset=tds, eval_dataset=no_g, processing_class=tokenizer)
+
+
+def test_disable_dropout_zeroes_the_attention_rates_sdpa_reads() -> None:
+    """Llama-family attention passes a float ``attention_dropout`` to SDPA, not an nn.Dropout: train-mode
+    logits stayed random (0.11 apart between two calls) after disable_dropout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from robust_rlhf.llm.models import disable_dropout
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32, attention_dropout=0.5)
+    model = LlamaForCausalLM(cfg).train()
+    ids = torch.randint(0, 64, (2, 12))
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    disable_dropout(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert model.config.attention_dropout == 0.5  # a saved model keeps its rate
