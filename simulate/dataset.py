@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from robust_rlhf.theory.data import PairData, PairPopulation
+from robust_rlhf.theory.data import PairData, PairPopulation, check_probability
 
 from .auxiliary import AuxSpec, build_aux
 from .reference import sample_responses
@@ -297,6 +297,7 @@ def sample(
     y = sample_responses(pi, draw("pairs", (n, 2)))
     phi_pair = _gather(phi, y)
     g_star = scenario.preference.prob(x, phi_pair[..., 0, :], phi_pair[..., 1, :])
+    check_probability(f"g_star of scenario {scenario.name!r} on the labelled pairs", g_star)
     z = (draw("labels", (n,)) < g_star).astype(np.uint8)
 
     xu = draw("unlabelled_prompts", (N, p), normal=True) if N else np.zeros((R, 0, p))
@@ -323,6 +324,7 @@ def sample(
     ref_phi = _gather(all_phi, ref_y.reshape(R, n_prompts, 2 * per_prompt))  # (R, n + N, 2 per_prompt, d)
     ref_phi = ref_phi.reshape(R, n_prompts, per_prompt, 2, scenario.d)
     ref_g_star = scenario.preference.prob(prompts[:, :, None, :], ref_phi[..., 0, :], ref_phi[..., 1, :])
+    check_probability(f"g_star of scenario {scenario.name!r} on the reference pairs", ref_g_star)
     n_ref = n_prompts * per_prompt if per_prompt else 0
     data = PreferenceData(
         scenario=scenario, seed=seed, first_rep=first_rep, M="exact" if exact else M,

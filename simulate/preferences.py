@@ -204,11 +204,15 @@ class ContextDependent(PreferenceModel):
     link: str = "logistic"
 
     def sharpness(self, x: np.ndarray) -> np.ndarray:
-        """``kappa(x) = scale * exp(spread * v . x)``."""
-        return self.scale * np.exp(self.spread * (x @ self.direction))
+        """``kappa(x) = scale * exp(spread * v . x)`` (``inf`` past the float range: certain preferences)."""
+        with np.errstate(over="ignore"):
+            return self.scale * np.exp(self.spread * (x @ self.direction))
 
     def prob(self, x, phi_a, phi_b):
-        return link_function(self.link)(self.sharpness(x) * _margin(self.theta, phi_a, phi_b))
+        margin = _margin(self.theta, phi_a, phi_b)
+        with np.errstate(over="ignore", invalid="ignore"):  # kappa = inf on a tie: the tie stays 1/2, not NaN
+            z = np.where(margin == 0, 0.0, self.sharpness(x) * margin)
+        return link_function(self.link)(z)
 
     def utility(self, x, phi):
         return phi @ self.theta

@@ -38,7 +38,7 @@ def summarize(data: PreferenceData, population_size: int = 20_000) -> dict[str, 
     }
     if data.g_hat is not None:
         informative = data.g_star != 0.5
-        disagree = np.sign(data.g_hat - 0.5) != np.sign(data.g_star - 0.5)
+        disagree = (data.g_hat - 0.5) * (data.g_star - 0.5) < 0  # g_hat = 1/2 takes no side
         out["ghat_disagreement"] = float(disagree[informative].mean()) if informative.any() else 0.0
         out["ghat_mae"] = float(np.abs(data.g_hat - data.g_star).mean())
     return out

@@ -324,3 +324,20 @@ def test_population_sampling_checks_the_shape_of_g_hat() -> None:
     bare = sample_population(pop, 20, M=2)  # reference pairs for cross-fitting: the same draws, no g_hat
     assert bare.g is None and bare.g_ref is None
     np.testing.assert_array_equal(bare.dphi_ref, ok.dphi_ref)
+
+
+def test_summary_counts_disagreement_only_on_opposite_sides() -> None:
+    """``ghat_disagreement``: g_hat and g* on different sides of 1/2. A constant g_hat = 1/2 takes no side
+    (it scored 1, as the reversed model does)."""
+    from robust_rlhf.simulate.summary import summarize
+
+    sc = get_scenario("probit")
+    shares = {}
+    for aux in ("oracle", "constant", "reversed"):
+        data = sample(sc, n=300, seed=1, M=1, aux=aux)
+        out = summarize(data, population_size=2000)
+        shares[aux] = out["ghat_disagreement"]
+        assert out["label_balance"] == pytest.approx(data.z.mean()) and out["mean_g_star"] == pytest.approx(
+            data.g_star.mean())
+        assert out["ghat_mae"] == pytest.approx(np.abs(data.g_hat - data.g_star).mean())
+    assert shares == {"oracle": 0.0, "constant": 0.0, "reversed": 1.0}

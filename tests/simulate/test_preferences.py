@@ -140,3 +140,17 @@ def test_mixture_intransitive_and_context_dependent_formulas() -> None:
 
 def test_every_model_is_registered_or_composable() -> None:
     assert set(PREFERENCE_MODELS) == set(scenario_names())
+
+
+def test_near_deterministic_ties_stay_one_half_at_any_sharpness() -> None:
+    """kappa(x) = scale exp(spread v . x) overflows to inf at a large spread; inf times the margin 0 of a
+    response against itself was NaN, and ``sample`` drew its label as ``U < NaN`` = 0 without a word."""
+    from robust_rlhf.simulate import sample
+
+    sc = Scenario.from_spec({"preference": {"model": "near_deterministic", "spread": 500.0}})
+    data = sample(sc, n=4000, seed=0, M=2)
+    tie = data.y[..., 0] == data.y[..., 1]
+    assert tie.any() and np.isinf(sc.preference.sharpness(data.x)).any()
+    assert (data.g_star[tie] == 0.5).all() and np.isin(data.g_star[~tie], (0.0, 1.0)).any()
+    assert ((data.g_star >= 0) & (data.g_star <= 1)).all()
+    assert np.isfinite(data.ref_g_star).all() and np.isfinite(data.g_hat).all()
