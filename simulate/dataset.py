@@ -11,7 +11,8 @@ r"""Sampling preference data sets from a scenario, with a leading replication ax
 - the auxiliary probabilities ``g_hat`` on labelled and reference pairs, and the true ``g*`` on both.
 
 Seeding: replication ``r`` and each random stream (prompts, pairs, labels, reference pairs, ...) get
-their own ``numpy.random.SeedSequence([seed, namespace], spawn_key=(r, stream))``. The same seed gives
+their own ``numpy.random.SeedSequence([seed, namespace, extra], spawn_key=(r, stream))``, never the generator
+of the scenario's fixed structure. The same seed gives
 bit-identical data; replication ``r`` is the same whether drawn alone (``first_rep=r``) or in a batch;
 and changing ``M``, the auxiliary model or ``unlabelled`` leaves the labelled data unchanged (common
 random numbers across the settings of a study).
@@ -39,7 +40,10 @@ __all__ = ["PreferenceData", "sample", "sample_population", "save", "STREAMS"]
 
 STREAMS = {"prompts": 0, "pairs": 1, "labels": 2, "reference": 3, "unlabelled_prompts": 4,
            "unlabelled_pairs": 5, "crossfit": 6}
-_NAMESPACES = {"data": 0, "auxiliary": 1}
+# 0 is left out: SeedSequence pads its entropy with zeros, so [seed, 0, 0] with spawn key (r, stream) was the
+# generator of the scenario's structure (``scenario.structure_rng(seed, component)``, entropy ``seed``, spawn key
+# (component, ...)): replication 3's prompts repeated the preference model's random structure
+_NAMESPACES = {"data": 1, "auxiliary": 2}
 
 
 def _swap_pair_features(features: np.ndarray, d: int) -> np.ndarray:

@@ -59,9 +59,10 @@ _TUNABLE = ("vrpo", "vrpo_crossfit")
 # labels, which stopped at a vanishing gradient as converged, and its cov is NaN with d or fewer clusters; 8: the
 # pessimism radius spends no delta on a design part that is 0 up to rounding, and pessimism cells record their
 # version; 9: the pessimism radii's design part by the smaller of Pinelis's Hoeffding and Bernstein bounds, and
-# pessimism cells record the local (self-concordant) radius too). A rerun recomputes the cells of another version
+# pessimism cells record the local (self-concordant) radius too; 10: the data's generators no longer coincide with
+# the structure's, which replication 3's prompts repeated). A rerun recomputes the cells of another version
 # instead of mixing them into one table; reading a folder accepts them.
-CELL_VERSION = 9
+CELL_VERSION = 10
 _METHODS = ("mle", "vrpo", "vrpo_tuned", "vrpo_crossfit")
 
 
