@@ -151,8 +151,8 @@ class ExperimentContext:
         )
 
 
-# settings that only choose which (seed, scenario, method) runs exist, or how fast they run
-_FREE = ("name", "description", "seeds", "scenarios", "methods", "threads")
+# settings that only choose which (seed, scenario, method) runs exist, how fast they run, or describe them
+_FREE = ("name", "description", "seeds", "scenarios", "methods", "threads", "estimated_minutes", "runtime_measured")
 
 
 def _check_folder(out: Path) -> None:

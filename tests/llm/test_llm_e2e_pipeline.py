@@ -158,6 +158,13 @@ def test_a_folder_holds_one_configuration(exp: SimpleNamespace, tmp_path: Path) 
     # a rerun with another beta reused every run and relabelled the report with the new beta
     with pytest.raises(InputError, match=r"holds an experiment with other settings \(beta, learning_rate\)"):
         run_experiment(override(exp.cfg, ["beta=0.5", "learning_rate=0.01"]), exp.out, exp.cache, log=lambda s: None)
+    # a preset's runtime estimate or description is not a setting of the runs (a new estimate refused the folder)
+    from dataclasses import replace
+
+    again = run_experiment(replace(exp.cfg, estimated_minutes=99.0, runtime_measured=False, description="x"),
+                           exp.out, exp.cache, log=lambda s: None)
+    cols = [c for c in again.columns if not c.endswith("seconds")]
+    pd.testing.assert_frame_equal(again[cols].reset_index(drop=True), exp.table[cols].reset_index(drop=True))
     # a truncated results.csv is refused, not summarised over the rows left
     (tmp_path / "experiment.json").write_text((exp.out / "experiment.json").read_text())
     lines = (exp.out / "results.csv").read_text().splitlines(keepends=True)
