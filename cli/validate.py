@@ -214,7 +214,8 @@ def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
     console.print(_cell_summary(report))
     n_ok = sum(c["verdict"] == "confirmed" for c in report.claims)
     n_none = sum(c["verdict"] == "inconclusive" for c in report.claims)
-    console.print("Each verdict is a 95% test (about 1 in 20 true claims is refuted by chance). Variance claims "
+    console.print("Each verdict is a 95% test (about 1 in 20 true claims is refuted by chance; the one-sided "
+                  "claims, never worse and at least 1 - delta, are 97.5% tests). Variance claims "
                   "are extrapolated to n -> inf from r(n) = r + c/n; the ratio at the largest n is shown beside it. "
                   "A bad g_hat's estimate has no finite-sample mean or variance (it lands far out now and then), "
                   "so its claims and cell checks use the median and the interquartile scale (IQR).")
