@@ -7,6 +7,9 @@ import os
 import sys
 import threading
 import time
+from typing import Any
+
+import numpy as np
 
 # OpenMP's wait policy is left to the environment, as users run the engine: libgomp's default lets a
 # thread spin briefly before it sleeps, which is what makes torch's many small parallel operations cheap
@@ -120,3 +123,13 @@ class PeakMemory:
     @property
     def rss_above_base(self) -> int:
         return self.rss_peak - self.rss_base
+
+
+def first_reps(data: Any, k: int) -> Any:
+    """The first ``k`` replications of a ``PairData`` (a copy): a warm-up fit's data."""
+    from dataclasses import replace
+
+    cut = lambda a: None if a is None else np.ascontiguousarray(a[:k])  # noqa: E731
+    return replace(data, dphi=cut(data.dphi), z=cut(data.z), g=cut(data.g), dphi_ref=cut(data.dphi_ref),
+                   g_ref=cut(data.g_ref), ref_weight=cut(data.ref_weight), features=cut(data.features),
+                   features_ref=cut(data.features_ref))

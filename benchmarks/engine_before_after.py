@@ -2,53 +2,50 @@ r"""Before/after figures of the fitting engine: the working tree's ``fit`` again
 
     python benchmarks/engine_before_after.py --rev HEAD --reps 1000 --runs 3 --json
 
-``theory/fitting.py`` and ``theory/losses.py`` of ``--rev`` are read with ``git show`` (nothing in the
-work tree changes), loaded as a separate module beside the installed package, and both engines fit the
-same data (R, n, d, M as in ``fit_engine.py``) in the same process, alternating, ``--runs`` times each;
-the medians, their ratio and the largest difference of the estimates are printed.
+The whole ``theory/`` tree of ``--rev`` is read with ``git archive`` (nothing in the work tree changes) and
+imported as a separate package beside the installed one, so the old engine runs with its own losses, data
+and compiled kernels. Each engine first fits two replications untimed (kernel build or load, first calls);
+then both fit the same data (R, n, d, M as in ``fit_engine.py``) in the same process, alternating, ``--runs``
+times each; the medians, their ratio and the largest difference of the estimates are printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import io
 import json
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _util import load_average, load_before_timing
+from _util import first_reps, load_average, load_before_timing
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_old_engine(rev: str):
-    """``fit`` of revision ``rev``: its fitting.py with its own losses.py, as a standalone module."""
+    """``fit`` of revision ``rev``: that revision's whole ``theory/`` tree (its losses, data, kernels and
+    kernels.cpp, compiled into a cache entry of its own), extracted with ``git archive`` and imported as the
+    package ``robust_rlhf_rev.theory`` beside the installed one."""
+    got = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev, "theory"], capture_output=True)
+    if got.returncode != 0:
+        raise SystemExit(f"--rev {rev}: cannot read theory/ at that revision (a git checkout of the repository is "
+                         f"needed): {got.stderr.decode().strip()}")
     tmp = Path(tempfile.mkdtemp(prefix="engine_"))
-    for name in ("fitting", "losses"):
-        got = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:theory/{name}.py"], capture_output=True,
-                             text=True)
-        if got.returncode != 0:
-            raise SystemExit(f"--rev {rev}: cannot read theory/{name}.py at that revision (a git checkout of the "
-                             f"repository is needed): {got.stderr.strip()}")
-        text = got.stdout
-        (tmp / f"{name}.py").write_text(text)
-    modules = {}
-    for name in ("losses", "fitting"):
-        full = f"robust_rlhf.theory._rev_{name}"
-        src = (tmp / f"{name}.py").read_text().replace("from .losses import", "from ._rev_losses import")
-        (tmp / f"{name}.py").write_text(src)
-        spec = importlib.util.spec_from_file_location(full, tmp / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[full] = mod
-        spec.loader.exec_module(mod)
-        modules[name] = mod
-    return modules["fitting"].fit
+    package = tmp / "robust_rlhf_rev"
+    package.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(got.stdout)) as tar:
+        tar.extractall(package, filter="data")
+    (package / "__init__.py").write_text("")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("robust_rlhf_rev.theory.fitting").fit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     load = load_before_timing()
     out = {"rev": a.rev, "sizes": {"R": a.reps, "n": a.n, "d": a.d, "M": a.M}, "threads": torch.get_num_threads(),
            "methods": {}}
-    for method in [m.strip() for m in a.methods.split(",") if m.strip()]:
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    warm = first_reps(data, 2)
+    for method in methods:  # one-off costs (kernel build or load, first calls) charged to neither side
+        old_fit(warm, method)
+        new_fit(warm, method)
+    for method in methods:
         times: dict[str, list[float]] = {"before": [], "after": []}
         res = {}
         for run in range(a.runs):

@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from _util import PeakMemory, load_average as _load, load_before_timing
+from _util import PeakMemory, first_reps, load_average as _load, load_before_timing
 
 
 def matmul_gflops(size: int, repeats: int = 5) -> float:
@@ -104,8 +104,10 @@ def _baseline_problem(data: Any, r: int, lam: float):
         return val, grad
 
     def hess(th: np.ndarray) -> np.ndarray:
-        s = expit(X @ th)
-        H = (X * ((1.0 - lam) * s * (1.0 - s) / n)[:, None]).T @ X
+        H = np.zeros((X.shape[1], X.shape[1]))
+        if lam != 1.0:  # at lam = 1 the labelled pairs' curvature cancels: no product of zeros
+            s = expit(X @ th)
+            H += (X * ((1.0 - lam) * s * (1.0 - s) / n)[:, None]).T @ X
         if lam:
             sr = expit(Xr @ th)
             H += (Xr * (lam * w * sr * (1.0 - sr))[:, None]).T @ Xr
@@ -128,7 +130,7 @@ def baseline_fit(data: Any, lam: float, method: str, tol: float) -> tuple[np.nda
         else:
             res = minimize(fun, np.zeros(data.d), jac=True, hess=hess, method=method, options={"gtol": tol})
         theta[r] = res.x
-        gnorm[r] = np.linalg.norm(fun(res.x)[1])
+        gnorm[r] = np.linalg.norm(res.jac)  # scipy's own gradient at res.x: no extra (timed) evaluation
     return theta, gnorm
 
 
@@ -149,16 +151,6 @@ def engine_flops(work: Any, symmetric: bool = False) -> float:
             + work.grad_pairs * 4 * d + work.value_pairs * 2 * d
             + work.factorizations * (d**3 / 3 + 2 * d * d) + work.cluster_rows * (2 * d * d if not symmetric
                                                                                   else d * (d + 1)))
-
-
-def first_reps(data: Any, k: int) -> Any:
-    """The first ``k`` replications of a ``PairData`` (a copy)."""
-    from dataclasses import replace
-
-    cut = lambda a: None if a is None else np.ascontiguousarray(a[:k])  # noqa: E731
-    return replace(data, dphi=cut(data.dphi), z=cut(data.z), g=cut(data.g), dphi_ref=cut(data.dphi_ref),
-                   g_ref=cut(data.g_ref), ref_weight=cut(data.ref_weight), features=cut(data.features),
-                   features_ref=cut(data.features_ref))
 
 
 # --- the benchmark -----------------------------------------------------------------------------------
@@ -254,8 +246,7 @@ def run_fit_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         sample_s=sample_s, baselines=baselines, runs=args.runs,
     )
     out["targets"] = {"speedup_at_least_50": out["speedup"] >= 50, "flops_ratio_at_most_3": out["flops_ratio"] <= 3,
-                      "memory_within_budget": all(m["peak_working_memory_mb"] <= out["memory_budget_mb"] * 1.25
-                                                  for m in ms)}
+                      "memory_within_budget": all(m["peak_working_memory_mb"] <= out["memory_budget_mb"] for m in ms)}
     return out
 
 

@@ -19,7 +19,9 @@ every configuration:
 
 Each configuration trains one epoch (``--rows / --batch-size`` steps), ``--runs`` times with the order
 rotated from run to run; the figures are medians. Time is measured from ``on_train_begin`` to
-``on_train_end`` (the reference pass before training is timed separately as ``ref_pass_s``).
+``on_train_end``. What comes before training, tokenisation and the reference model's pass, is timed
+separately as ``ref_pass_s`` (both trainers tokenise in it: TRL's constructor does, so ours is timed from
+the same point).
 Tokens are the non-padding tokens the policy processes: for every sequence scored, prompt plus
 response (a DPO row scores 2 sequences, VRPO with M pairs ``2 + 2M``). ``us_per_token`` is the time per
 processed token; ``ratio_to_trl`` = tokens/s over ``trl_dpo``'s, each trainer counting the tokens of its
@@ -27,8 +29,9 @@ own tokenisation of the same texts (they differ by the special tokens each adds)
 ``pairs_ratio_to_trl`` = pairs/s over ``trl_dpo``'s (the same rows: the like-for-like ratio for DPO).
 Peak memory is the peak of the heap in use (glibc ``mallinfo2``, sampled every 5 ms) above its level at
 ``on_train_begin`` (CPU), or ``torch.cuda.max_memory_allocated`` above it (GPU).
-MFU (GPU only): ``6 N tokens/s / peak``, ``N`` the non-embedding parameters (the usual forward plus
-backward estimate; attention's ``O(L^2)`` term ignored: state the sequence length with it).
+MFU (GPU only): ``6 N tokens/s / peak``, ``N`` the parameters a token multiplies by (``flop_parameters``: all
+but the input embeddings, the output head included when tied; the usual forward plus backward estimate;
+attention's ``O(L^2)`` term ignored: state the sequence length with it).
 """
 
 from __future__ import annotations
@@ -113,9 +116,16 @@ def make_rows(n: int, n_pairs: int, seed: int, prompt_len: tuple[int, int], resp
     return rows
 
 
-def n_params_non_embedding(model: Any) -> int:
+def flop_parameters(model: Any) -> int:
+    """The parameters a token's forward pass multiplies by: all but the input embeddings (token and position
+    lookups), with the output head's vocabulary x hidden matmul counted also when it shares (is tied to) the
+    token embedding, which ``parameters()`` lists once, as the embedding."""
     emb = sum(p.numel() for name, p in model.named_parameters() if "embed" in name or "wte" in name or "wpe" in name)
-    return sum(p.numel() for p in model.parameters()) - emb
+    n = sum(p.numel() for p in model.parameters()) - emb
+    head, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and inputs is not None and head.weight is inputs.weight:
+        n += head.weight.numel()
+    return n
 
 
 class _Clock:
@@ -178,22 +188,23 @@ def run_ours(config: str, a: argparse.Namespace, rows: list[dict], tokenizer: An
     keep = ["prompt", "chosen", "rejected", "chosen_preference", "rejected_preference"]
     keep += [f"a_{k}" for k in range(1, 2 * M + 1)] + [f"a_{k}_preference" for k in range(1, 2 * M + 1)]
     ds, schema = load_preference_data([{k: r[k] for k in keep} for r in rows])
-    train = tokenize_dataset(ds, tokenizer, schema, TokenizeOptions(max_completion_length=a.max_len))
     cols = ["chosen", "rejected"] + [f"a_{k}" for k in range(1, 2 * M + 1)]
-    tokens = sum(len(r["prompt_input_ids"]) * len(cols) + sum(len(r[f"{c}_input_ids"]) for c in cols) for r in train)
     objective = PreferenceObjective.from_names("mle" if M == 0 else "vrpo", "logistic", lam=1.0)
     model = make_model(a.model, tokenizer, 0, a.dtype, a.attn, a.max_len).to(a.device)
     clock = _Clock(a.device)
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
+        train = tokenize_dataset(ds, tokenizer, schema, TokenizeOptions(max_completion_length=a.max_len))
         trainer = PreferenceTrainer(model, training_arguments(**_ours_args(out, a)), objective=objective,
                                     schema=schema, beta=0.1, train_dataset=train, processing_class=tokenizer,
                                     length_groups=a.length_groups, callbacks=[clock.callback])
         ref_pass = time.perf_counter() - t
+        tokens = sum(len(r["prompt_input_ids"]) * len(cols) + sum(len(r[f"{c}_input_ids"]) for c in cols)
+                     for r in train)
         trainer.train()
     return {"seconds": clock.seconds, "tokens": tokens, "rows": len(rows), "peak_bytes": clock.peak,
             "ref_pass_s": ref_pass, "sequences_per_row": len(cols),
-            "n_params_non_embedding": n_params_non_embedding(model)}
+            "flop_parameters": flop_parameters(model)}
 
 
 def run_trl(config: str, a: argparse.Namespace, rows: list[dict], tokenizer: Any) -> dict[str, Any]:
@@ -216,7 +227,7 @@ def run_trl(config: str, a: argparse.Namespace, rows: list[dict], tokenizer: Any
                      for r in trainer.train_dataset)
         trainer.train()
     return {"seconds": clock.seconds, "tokens": tokens, "rows": len(rows), "peak_bytes": clock.peak,
-            "ref_pass_s": setup, "sequences_per_row": 2, "n_params_non_embedding": n_params_non_embedding(model)}
+            "ref_pass_s": setup, "sequences_per_row": 2, "flop_parameters": flop_parameters(model)}
 
 
 CONFIGS = ("ours_dpo", "ours_vrpo_M1", "ours_vrpo_M4", "trl_dpo", "trl_dpo_live_ref")
@@ -275,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                "ref_pass_s": statistics.median(r["ref_pass_s"] for r in runs),
                "sequences_per_row": runs[0]["sequences_per_row"]}
         if a.device == "cuda" and a.peak_tflops:
-            row["mfu"] = 6 * runs[0]["n_params_non_embedding"] * row["tokens_per_s"] / (a.peak_tflops * 1e12)
+            row["mfu"] = 6 * runs[0]["flop_parameters"] * row["tokens_per_s"] / (a.peak_tflops * 1e12)
         table[c] = row
     trl = table.get("trl_dpo")
     dpo = table.get("ours_dpo")
