@@ -88,7 +88,7 @@ import torch
 from scipy.optimize import linprog
 from torch import Tensor
 
-from .data import PairPopulation, check_clip, check_probability, check_weight
+from .data import PairPopulation, _as_float, check_clip, check_probability, check_weight
 from .errors import InputError
 from .fitting import _least_relative_curvature
 from .losses import Logistic, MarginLoss, Recession, get_loss, pair_loss
@@ -297,10 +297,7 @@ def _check_loss(loss: str | MarginLoss) -> MarginLoss:
 
 
 def _check_pair_probs(name: str, values: object, pop: PairPopulation) -> np.ndarray:
-    try:
-        arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name}: cannot be read as numbers ({exc})") from None
+    arr = _as_float(name, values)
     shape = (pop.size, pop.K, pop.K)
     if arr.shape != shape:
         raise InputError(f"{name}: expected shape (P, K, K) = {shape}, got {arr.shape}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import optimize
 
-from .data import PairPopulation, check_probability
+from .data import PairPopulation, as_probabilities, failure_probability
 from .errors import InputError
 from .losses import Logistic
 from .policies import (
@@ -82,15 +82,6 @@ def _positive(name: str, value: object, allow_zero: bool = False) -> float:
         raise InputError(f"{name}: must be finite and {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return x
 
-
-def _probability_level(delta: object) -> float:
-    try:
-        x = float(delta)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InputError(f"delta: must be a number in (0, 1), got {delta!r}") from None
-    if not 0.0 < x < 1.0:
-        raise InputError(f"delta: the failure probability must lie in (0, 1), got {delta!r}")
-    return x
 
 
 def _psd(name: str, matrix: object, d: int | None = None) -> np.ndarray:
@@ -355,6 +346,8 @@ def gaussian_plugin_regret(
     C = None if theta_mc_cov is None else _psd("theta_mc_cov", theta_mc_cov, pop.d)
     evals, evecs = np.linalg.eigh(S)
     root = evecs * np.sqrt(np.clip(evals, 0.0, None))  # root @ root.T = Sigma
+    if isinstance(seed, bool) or not (isinstance(seed, (int, np.integer)) and seed >= 0):
+        raise InputError(f"seed: need an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(seed)
     m = draws // 2 if antithetic else draws
     z = rng.standard_normal((m, pop.d))
@@ -530,10 +523,7 @@ def design_constants(
     if lam_ > 0:
         if g_hat is None:
             raise InputError("g_hat: the auxiliary model (P, K, K) is needed when lam > 0")
-        gh = np.asarray(g_hat, dtype=np.float64)
-        if gh.shape != (P, K, K):
-            raise InputError(f"g_hat: expected shape {(P, K, K)}, got {gh.shape}")
-        check_probability("g_hat", gh)
+        gh = as_probabilities("g_hat", g_hat, (P, K, K))
     else:
         gh = np.zeros((P, K, K))
     x = pop.phi[:, :, None, :] - pop.phi[:, None, :, :]  # (P, K, K, d): phi(a) - phi(b)
@@ -660,7 +650,7 @@ def _check_target_inside(design: DesignConstants, B: float) -> None:
 def _definite_eigenvalues(matrix: np.ndarray, message: str) -> np.ndarray:
     """The eigenvalues of the norm's symmetric ``matrix``; ``InputError(message)`` where it is singular."""
     evals = np.linalg.eigh(matrix)[0]
-    if evals.min() <= 1e-14 * max(1.0, evals.max()):
+    if evals.min() <= 1e-14 * evals.max():  # relative: the norm's scale is the features' units squared
         raise InputError(message)
     return evals
 
@@ -776,7 +766,7 @@ def estimation_radius(
     B_ = _positive("B", B)
     L_ = _positive("L", L)
     mu_ = _positive("mu", mu, allow_zero=True)
-    dl = _probability_level(delta)
+    dl = failure_probability(delta)
     lam_ = _positive("lam", lam, allow_zero=True)
     if lam_ > 1.0:
         raise InputError(f"lam: the bound needs lam in [0, 1] (a convex VR objective), got {lam}")
@@ -916,7 +906,7 @@ def local_estimation_radius(
         raise InputError(f"design: expected the DesignConstants of design_constants, got {type(design).__name__}")
     nn = _pair_count(n)
     mu_ = _positive("mu", mu, allow_zero=True)
-    dl = _probability_level(delta)
+    dl = failure_probability(delta)
     B_ = math.inf if B is None else _positive("B", B)
     d = design.sigma.shape[0]
     SD = _psd("sigma_d", sigma_d, d)

@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["PairData", "PairPopulation", "as_probabilities", "check_probability", "check_weight", "rank_deficient"]
+__all__ = ["PairData", "PairPopulation", "as_probabilities", "check_probability", "failure_probability", "check_weight",
+           "rank_deficient"]
 
 
 def check_probability(name: str, values: np.ndarray) -> None:
@@ -27,6 +28,17 @@ def check_probability(name: str, values: np.ndarray) -> None:
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         raise InputError(f"{name}: entry {idx} is {float(values[idx])!r}, but probabilities must lie in [0, 1]")
+
+
+def failure_probability(delta: object) -> float:
+    """``delta`` as a number in the open interval (0, 1), or an ``InputError`` naming it."""
+    try:
+        x = float(delta)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"delta: must be a number in (0, 1), got {delta!r}") from None
+    if not 0.0 < x < 1.0:
+        raise InputError(f"delta: the failure probability must lie in (0, 1), got {delta!r}")
+    return x
 
 
 def check_clip(name: str, clip: object) -> tuple[float, float] | None:
@@ -133,15 +145,14 @@ MAX_FEATURE = 1e100
 
 def _as_float(name: str, values: object, ndim: int | None = None) -> np.ndarray:
     """``values`` as float64 (with ``ndim`` axes, when given), or an ``InputError`` naming ``name``."""
-    raw = values if isinstance(values, np.ndarray) else None
     try:
-        if raw is None:
-            raw = np.asarray(values)
-        if raw.dtype.kind == "c":
-            raise InputError(f"{name}: complex values (dtype {raw.dtype}); expected real numbers")
-        arr = np.asarray(raw, dtype=np.float64)
+        raw = values if isinstance(values, np.ndarray) else np.asarray(values)
+        complex_ = raw.dtype.kind == "c"
+        arr = None if complex_ else np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{name}: cannot be read as numbers ({exc})") from None
+    if complex_:
+        raise InputError(f"{name}: complex values (dtype {raw.dtype}); expected real numbers")
     if ndim is not None and arr.ndim != ndim:
         raise InputError(f"{name}: expected {ndim} axes, got shape {arr.shape}")
     return arr

@@ -382,7 +382,7 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
 }
 
 // For each theta_r (R x d) and prompt p (features phiT, d x (P K): column p K + a is phi(x_p, a)): rewards
-// v_a = theta_r . phi_pa, the policy (greedy: uniform over {a: v_a >= max v - tie max(1, |max v|)}; KL,
+// v_a = theta_r . phi_pa, the policy (greedy: uniform over {a: v_a >= max v - tie max_a |v_a|}; KL,
 // policy_beta > 0: pi_a ~ exp(log_ref_pa + v_a / policy_beta) on ref_support) and out[r, p] = its regret:
 // measure_beta = 0 gives sum_a pi_a target_pa (target = max U - U); measure_beta > 0 gives
 // measure_beta KL(pi || opt) with log opt_pa = target_pa on opt_support (clamped at 0; -1 when pi leaves
@@ -446,9 +446,12 @@ void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* 
       } else {
         for (int64_t p = 0; p < P; ++p) {
           const double* vp = vv + p * K;
-          double top = vp[0];
-          for (int64_t a = 1; a < K; ++a) top = std::max(top, vp[a]);
-          const double cut = top - tie * std::max(1.0, std::abs(top));
+          double top = vp[0], size = std::abs(vp[0]);
+          for (int64_t a = 1; a < K; ++a) {
+            top = std::max(top, vp[a]);
+            size = std::max(size, std::abs(vp[a]));
+          }
+          const double cut = top - tie * size;
           int64_t count = 0;
           for (int64_t a = 0; a < K; ++a) count += vp[a] >= cut;
           const double share = 1.0 / static_cast<double>(count);

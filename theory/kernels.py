@@ -302,7 +302,7 @@ def policy_regret(theta: Tensor, phi: Tensor, target: Tensor, *, tie: float, pi_
                   measure_beta: float | None = None) -> Tensor:
     r"""Per-prompt regret (R, P) of the policy of each ``theta_r`` (R, d) on features ``phi`` (P, K, d).
 
-    Policy: greedy (``policy_beta`` None; uniform over the rewards within ``tie * max(1, |max|)`` of the
+    Policy: greedy (``policy_beta`` None; uniform over the rewards within ``tie * max_a |r_a|`` of the
     maximum) or KL, ``pi ~ pi_ref exp(r / policy_beta)`` on ``pi_ref > 0``. Regret: with ``measure_beta``
     None, ``sum_a pi_a target_a`` (``target = max U - U``); else ``measure_beta KL(pi || opt)`` with
     ``log opt = target`` on ``opt_support`` (bool (P, K); ``inf`` when ``pi`` leaves it). Float64 (bool

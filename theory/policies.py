@@ -45,7 +45,7 @@ import torch
 from scipy import stats
 
 from . import kernels
-from .data import PairPopulation, check_probability
+from .data import PairPopulation, _as_float, check_probability, failure_probability
 from .errors import InputError
 
 __all__ = [
@@ -78,7 +78,8 @@ POLICY_KINDS = ("greedy", "kl")
 #: ``value``: greedy-class regret under ``U``; ``kl``: KL-regularised regret; ``preference``: preference gap
 REGRET_MEASURES = ("value", "kl", "preference")
 
-# Rewards within TIE_RTOL * max(1, |max reward|) of the maximum count as tied (greedy and best response).
+# Rewards within TIE_RTOL * max_a |reward| of the maximum count as tied (greedy and best response): relative to
+# the rewards' own size, so the argmax does not change when theta is scaled by a positive factor.
 TIE_RTOL = 1e-12
 
 
@@ -93,11 +94,7 @@ class PromptMean(NamedTuple):
 
 
 def _array(name: str, values: object) -> np.ndarray:
-    try:
-        arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name}: cannot be read as numbers ({exc})") from None
-    return arr
+    return _as_float(name, values)
 
 
 def _finite(name: str, arr: np.ndarray) -> None:
@@ -242,10 +239,10 @@ def rewards(theta: object, phi: object) -> np.ndarray:
 
 
 def _argmax_policy(values: np.ndarray) -> np.ndarray:
-    """Uniform over ``argmax_a values[..., a]``, ties within ``TIE_RTOL * max(1, |max|)`` split evenly."""
+    """Uniform over ``argmax_a values[..., a]``, ties within ``TIE_RTOL * max_a |values|`` split evenly."""
     v = _tensor(values)
     top = v.amax(dim=-1, keepdim=True)
-    tied = (v >= top - TIE_RTOL * top.abs().clamp_min(1.0)).to(v.dtype)
+    tied = (v >= top - TIE_RTOL * v.abs().amax(dim=-1, keepdim=True)).to(v.dtype)
     return (tied / tied.sum(dim=-1, keepdim=True)).numpy()
 
 
@@ -543,9 +540,7 @@ def confidence_radius(d: int, delta: float) -> float:
     """``gamma = sqrt(chi2_d quantile(1 - delta))``: the asymptotic ``1 - delta`` Wald ellipsoid radius."""
     if not (isinstance(d, (int, np.integer)) and d >= 1):
         raise InputError(f"d: the dimension must be a positive integer, got {d!r}")
-    if not 0.0 < float(delta) < 1.0:
-        raise InputError(f"delta: must lie in (0, 1), got {delta!r}")
-    return float(np.sqrt(stats.chi2.ppf(1.0 - float(delta), int(d))))
+    return float(np.sqrt(stats.chi2.ppf(1.0 - failure_probability(delta), int(d))))
 
 
 def _cov_sqrt(cov: object, d: int, reps: int) -> np.ndarray:

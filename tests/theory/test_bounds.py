@@ -682,3 +682,28 @@ def test_empirical_hessian_is_the_vr_objectives_hessian() -> None:
     np.testing.assert_allclose(bd.empirical_hessian(theta, x), bd.empirical_design(x, theta=theta), rtol=0, atol=0)
     with pytest.raises(InputError, match="dphi_ref: the reference pairs are needed when lam > 0"):
         bd.empirical_hessian(theta, x, lam=0.5)
+
+
+def test_radii_and_inputs_do_not_depend_on_units() -> None:
+    """The singular-norm test was absolute below 1: features scaled by 1e-7 (B, L, mu rescaled, nothing else
+    changed) called a norm of condition number 2.2 singular. Bad delta, seed and g_hat were raw errors."""
+    S = np.array([[2.0, 0.3], [0.3, 1.0]])
+    radii = [bd.estimation_radius(S * c * c, 100, B=1.0 / c, L=2.0 * c, mu=0.01 * c * c, delta=0.1).radius
+             for c in (1.0, 1e-7, 1e7)]
+    np.testing.assert_allclose(radii, radii[0], rtol=1e-9)
+    with pytest.raises(InputError, match="delta: must be a number in"):
+        pl.confidence_radius(2, "a")
+    with pytest.raises(InputError, match="delta: the failure probability must lie in"):
+        pl.confidence_radius(2, 1.5)
+    pop = PairPopulation(np.random.default_rng(0).normal(size=(4, 3, 2)), np.full((4, 3), 1 / 3),
+                         np.full((4, 3, 3), 0.5), None)
+    for seed in (-1, 1.5, True):
+        with pytest.raises(InputError, match="seed: need an integer >= 0"):
+            bd.gaussian_plugin_regret(np.zeros(2), np.eye(2), 100, pop, seed=seed)
+    # complex inputs were cut to their real part with a ComplexWarning
+    from robust_rlhf.theory import asymptotics
+
+    with pytest.raises(InputError, match="g_hat: complex values"):
+        asymptotics.vr_covariance(pop, g_hat=np.full((4, 3, 3), 0.5 + 0j), M=2)
+    with pytest.raises(InputError, match="theta: complex values"):
+        pl.greedy_policy(np.array([1.0 + 1j, 0.0]), pop.phi)

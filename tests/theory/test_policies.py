@@ -67,6 +67,25 @@ def test_greedy_ties_split_evenly() -> None:
     np.testing.assert_array_equal(pl.greedy_policy(np.zeros(2), phi), np.full((1, 4), 0.25))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_greedy_policy_does_not_depend_on_the_scale_of_theta(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ties were rewards within 1e-12 of the maximum whenever the rewards were below 1 in size: theta = 1e-13
+    (1, 0.2) gave the uniform policy, (1, 0.2) the argmax. Now relative to the rewards' size, in the torch
+    path and in the compiled regret kernel."""
+    if compiled and not pl.kernels.available():
+        pytest.skip("no compiled kernels")
+    if not compiled:
+        monkeypatch.setattr(pl.kernels, "available", lambda: False)
+    phi = np.array([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.4]]])
+    pop = PairPopulation(phi, np.full((1, 3), 1 / 3), np.full((1, 3, 3), 0.5), np.array([[0.0, 1.0, 0.5]]))
+    for c in (1.0, 1e-13, 1e-200, 1e100):
+        theta = c * np.array([1.0, 0.2])
+        np.testing.assert_array_equal(pl.greedy_policy(theta, phi), [[1.0, 0.0, 0.0]])
+        # the greedy policy picks response 0, whose utility is 0 against the best 1: regret 1 at every scale
+        assert pl.theta_regret(theta[None], pop, kind="greedy").mean[0] == 1.0
+    np.testing.assert_array_equal(pl.greedy_policy(np.zeros(2), phi), np.full((1, 3), 1 / 3))
+
+
 def test_values_and_regret_closed_form() -> None:
     pop = _tiny_population()
     greedy = pl.greedy_policy(np.array([1.0]), PHI)
