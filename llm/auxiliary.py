@@ -89,9 +89,13 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_logit(model: torch.nn.Module, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """The one-output classifier's logit of each token sequence (right-padded into one batch), float32 on the
+    CPU; sequences past the model's positions are an ``InputError``."""
+    check_length(model, max(map(len, seqs)), "prompt + response sequences to score")
     ids, mask = right_pad(seqs, pad_id)
-    return ids.to(device), mask.to(device)
+    device = _device_of(model)
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().cpu()
 
 
 @dataclass
@@ -121,10 +125,7 @@ class RewardModelScorer:
                     y = as_response(p, y) if isinstance(y, str) else y
                     t = tokenize_example({PROMPT: p, "y": y}, self.tokenizer, ["y"], self.options)
                     seqs.append(t["prompt_input_ids"] + t["y_input_ids"])
-                check_length(self.model, max(map(len, seqs)), "prompt + response sequences to score")
-                ids, mask = _pad(seqs, self.tokenizer.pad_token_id, _device_of(self.model))
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-                out.append(logits[:, 0].float().cpu())
+                out.append(_first_logit(self.model, seqs, self.tokenizer.pad_token_id))
         finally:
             self.model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
@@ -169,9 +170,7 @@ class PairwiseModelScorer:
                     text = self.template.format(prompt=_plain(p), first=_plain(a), second=_plain(b))
                     ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
                     seqs.append(ids[-self.max_length :] if self.max_length else ids)
-                check_length(self.model, max(map(len, seqs)), "prompt + response sequences to score")
-                ids, mask = _pad(seqs, self.tokenizer.pad_token_id, _device_of(self.model))
-                out.append(torch.sigmoid(self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float()).cpu())
+                out.append(torch.sigmoid(_first_logit(self.model, seqs, self.tokenizer.pad_token_id)))
         finally:
             self.model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)

@@ -39,8 +39,8 @@ the studied ``n`` by least squares in ``r(n) = r_inf + c/n``, removing the O(1/n
 excess that the paired design is precise enough to detect at any single ``n``; the report gives the
 ratio at the largest ``n`` beside it. Each verdict is a 95% test: about one true claim in twenty is
 refuted by chance (the one-sided claims, "never worse" and "at least ``1 - delta``", are refuted only when
-the whole 95% interval lies on the wrong side: 97.5% tests). A claim with nothing to measure (no estimate exists, e.g. every replication is
-separable) is ``inconclusive``, as a cell check is ``n/a``.
+the whole 95% interval lies on the wrong side: 97.5% tests). A claim with nothing to measure (no estimate
+exists, e.g. every replication is separable) is ``inconclusive``, as a cell check is ``n/a``.
 
 The claims about a bad ``g_hat`` (claim 3: consistent for ``theta_dagger``, at the predicted variance)
 are about the limit distribution, measured by its median and its normal-consistent interquartile scale
