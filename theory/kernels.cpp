@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -27,35 +28,76 @@ struct Partial {
   double against = 0.0;             // pairs with y_i u_i < 0
 };
 
-// out[j][k] += sum_{i < m} U[j][i] V[k][i] (rows of U, V at strides su, sv), for k >= j only when
-// `upper`; four dot products at a time share the loads of U's row.
-inline void gram_add(const double* __restrict U, int64_t su, const double* __restrict V, int64_t sv, int64_t m,
-                     int64_t d, bool upper, double* __restrict out) {
-  for (int64_t j = 0; j < d; ++j) {
-    const double* uj = U + j * su;
-    double* oj = out + j * d;
-    int64_t k = upper ? j : 0;
-    for (; k + 4 <= d; k += 4) {
-      const double *v0 = V + k * sv, *v1 = v0 + sv, *v2 = v1 + sv, *v3 = v2 + sv;
-      double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t i = 0; i < m; ++i) {
-        s0 += uj[i] * v0[i];
-        s1 += uj[i] * v1[i];
-        s2 += uj[i] * v2[i];
-        s3 += uj[i] * v3[i];
-      }
-      oj[k] += s0;
-      oj[k + 1] += s1;
-      oj[k + 2] += s2;
-      oj[k + 3] += s3;
+// Eight doubles: a 512-bit register with AVX-512, two 256-bit ones otherwise (GCC and Clang vector extension).
+typedef double v8d __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 8;
+
+inline v8d load8(const double* p) {
+  v8d v;
+  std::memcpy(&v, p, sizeof v);  // unaligned load
+  return v;
+}
+
+// t[p][q] = sum_{i < m} h_i u[p][i] v[q][i] (h null: 1) for NJ rows u and NK rows v: NJ x NK accumulators of
+// eight lanes stay in registers over all m pairs, NJ + NK loads per NJ NK multiply-adds, one horizontal sum
+// per entry at the end.
+template <int NJ, int NK>
+void gram_tile(const double* const* u, const double* const* v, const double* h, int64_t m, double* t) {
+  const int64_t full = m / kLanes * kLanes;
+  v8d acc[NJ][NK] = {};
+  for (int64_t i = 0; i < full; i += kLanes) {
+    v8d a[NJ], b[NK];
+    const v8d w = h ? load8(h + i) : v8d{} + 1.0;
+#pragma GCC unroll 4
+    for (int p = 0; p < NJ; ++p) a[p] = load8(u[p] + i) * w;
+#pragma GCC unroll 4
+    for (int q = 0; q < NK; ++q) b[q] = load8(v[q] + i);
+#pragma GCC unroll 4
+    for (int p = 0; p < NJ; ++p)
+#pragma GCC unroll 4
+      for (int q = 0; q < NK; ++q) acc[p][q] += a[p] * b[q];
+  }
+  for (int p = 0; p < NJ; ++p)
+    for (int q = 0; q < NK; ++q) {
+      double s = 0.0;
+      for (int l = 0; l < kLanes; ++l) s += acc[p][q][l];
+      for (int64_t i = full; i < m; ++i) s += (h ? h[i] : 1.0) * u[p][i] * v[q][i];
+      t[p * 4 + q] = s;
     }
-    for (; k < d; ++k) {
-      const double* vk = V + k * sv;
-      double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < m; ++i) acc += uj[i] * vk[i];
-      oj[k] += acc;
+}
+
+template <int NJ>
+void gram_tile_rows(int nk, const double* const* u, const double* const* v, const double* h, int64_t m, double* t) {
+  switch (nk) {
+    case 1: return gram_tile<NJ, 1>(u, v, h, m, t);
+    case 2: return gram_tile<NJ, 2>(u, v, h, m, t);
+    case 3: return gram_tile<NJ, 3>(u, v, h, m, t);
+    default: return gram_tile<NJ, 4>(u, v, h, m, t);
+  }
+}
+
+// out[j][k] += sum_{i < m} h_i U[j][i] V[k][i] (h null: 1; rows of U, V at strides su, sv), for k >= j only
+// when `upper` (the other triangle is left alone), in tiles of 4 x 4 entries (gram_tile).
+void gram(const double* U, int64_t su, const double* V, int64_t sv, const double* h, int64_t m, int64_t d,
+          bool upper, double* out) {
+  for (int64_t jb = 0; jb < d; jb += 4) {
+    const int nj = static_cast<int>(std::min<int64_t>(4, d - jb));
+    const double* u[4];
+    for (int p = 0; p < nj; ++p) u[p] = U + (jb + p) * su;
+    for (int64_t kb = upper ? jb : 0; kb < d; kb += 4) {
+      const int nk = static_cast<int>(std::min<int64_t>(4, d - kb));
+      const double* v[4];
+      for (int q = 0; q < nk; ++q) v[q] = V + (kb + q) * sv;
+      double t[16];
+      switch (nj) {
+        case 1: gram_tile_rows<1>(nk, u, v, h, m, t); break;
+        case 2: gram_tile_rows<2>(nk, u, v, h, m, t); break;
+        case 3: gram_tile_rows<3>(nk, u, v, h, m, t); break;
+        default: gram_tile_rows<4>(nk, u, v, h, m, t);
+      }
+      for (int p = 0; p < nj; ++p)
+        for (int q = 0; q < nk; ++q)
+          if (!upper || kb + q >= jb + p) out[(jb + p) * d + kb + q] += t[p * 4 + q];
     }
   }
 }
@@ -63,8 +105,9 @@ inline void gram_add(const double* __restrict U, int64_t su, const double* __res
 // Sums over pairs [lo, hi) of replication r into p (mode 0: value, 1: + gradient, 2: + Hessian).
 void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const double* b, const double* th,
                 const double* y, int mode, bool recession, int64_t lo, int64_t hi, Partial& p) {
-  alignas(64) double u[kChunk], c[kChunk], h[kChunk];
-  std::vector<double> w(d * kChunk);  // h x, transposed
+  alignas(64) double u[kChunk], c[kChunk], unused[kChunk];
+  std::vector<double> weights(mode >= 2 ? hi - lo : 0);  // a sigmoid(u) sigmoid(-u) of every pair, for the Hessian
+  bool curved = false;  // some chunk is not linear
   for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
     const int64_t m = std::min(kChunk, hi - i0);
     const double* ai = a + i0;
@@ -78,6 +121,8 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
     }
     bool linear = true;  // a = 0 on the whole chunk (VRPO's labelled pairs at lam = 1)
     for (int64_t i = 0; i < m; ++i) linear &= ai[i] == 0.0;
+    curved |= !linear;
+    double* h = mode >= 2 ? weights.data() + (i0 - lo) : unused;
     double val = 0.0;
     if (linear) {
 #pragma omp simd reduction(+ : val)
@@ -85,6 +130,8 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
         val -= bi[i] * u[i];
         c[i] = -bi[i];
       }
+      if (mode >= 2)
+        std::fill(h, h + m, 0.0);
     } else {
 #pragma omp simd reduction(+ : val)
       for (int64_t i = 0; i < m; ++i) {
@@ -92,8 +139,8 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
         const double inv = 1.0 / (1.0 + e);
         const double s = u[i] >= 0.0 ? inv : e * inv;  // sigmoid(u)
         val += ai[i] * (std::fmax(u[i], 0.0) + std::log1p(e)) - bi[i] * u[i];
-        c[i] = ai[i] * s - bi[i];
         h[i] = ai[i] * e * inv * inv;  // a sigmoid(u) sigmoid(-u)
+        c[i] = ai[i] * s - bi[i];
       }
     }
     p.value += val;
@@ -122,15 +169,9 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
       for (int64_t i = 0; i < m; ++i) acc += c[i] * xj[i];
       p.grad[j] += acc;
     }
-    if (mode < 2 || linear)
-      continue;
-    for (int64_t j = 0; j < d; ++j) {
-      const double* xj = Xt + j * P + i0;
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) w[j * kChunk + i] = h[i] * xj[i];
-    }
-    gram_add(w.data(), kChunk, Xt + i0, P, m, d, true, p.hess.data());
   }
+  if (mode >= 2 && curved)
+    gram(Xt + lo, P, Xt + lo, P, weights.data(), hi - lo, d, true, p.hess.data());
 }
 
 // Writes (or, with `accumulate`, adds) replication r's sums; the Hessian mirrored from its upper triangle.
@@ -156,81 +197,27 @@ void store(const Partial& p, int64_t r, int64_t d, int mode, bool accumulate, do
     }
 }
 
-// Centred cross-products of one part of the clusters [lo, hi) of a replication: with A_c, B_c the rows of
-// A, B (row-major, C x d; A null: zero), out_AA += sum_c (A_c - Abar)(A_c - Abar)^T f and likewise AB, BB,
-// f = C_p / (C_p - 1) the small-sample factor of the part's C_p = hi - lo clusters.
-void centred_moments(const double* A, const double* B, int64_t lo, int64_t hi, int64_t d, double* AA, double* AB,
-                     double* BB) {
-  const int64_t count = hi - lo;
-  if (count <= 0)
-    return;
-  std::vector<double> meanA(d, 0.0), meanB(d, 0.0), At(d * kChunk), Bt(d * kChunk);
-  for (int64_t c = lo; c < hi; ++c)
-    for (int64_t k = 0; k < d; ++k) {
-      if (A) meanA[k] += A[c * d + k];
-      if (B) meanB[k] += B[c * d + k];
-    }
-  for (int64_t k = 0; k < d; ++k) {
-    meanA[k] /= count;
-    meanB[k] /= count;
-  }
-  std::vector<double> sAA(d * d, 0.0), sAB(d * d, 0.0), sBB(d * d, 0.0);
-  for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
-    const int64_t m = std::min(kChunk, hi - c0);
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t k = 0; k < d; ++k) {
-        At[k * kChunk + i] = A ? A[(c0 + i) * d + k] - meanA[k] : 0.0;
-        Bt[k * kChunk + i] = B ? B[(c0 + i) * d + k] - meanB[k] : 0.0;
-      }
-    if (A && AA)
-      gram_add(At.data(), kChunk, At.data(), kChunk, m, d, true, sAA.data());
-    if (A && B && AB)
-      gram_add(At.data(), kChunk, Bt.data(), kChunk, m, d, false, sAB.data());
-    if (B && BB)
-      gram_add(Bt.data(), kChunk, Bt.data(), kChunk, m, d, true, sBB.data());
-  }
-  const double f = count / static_cast<double>(std::max<int64_t>(count - 1, 1));
-  for (int64_t j = 0; j < d; ++j)
-    for (int64_t k = 0; k < d; ++k) {
-      const int64_t up = j <= k ? j * d + k : k * d + j;
-      if (AA) AA[j * d + k] += f * sAA[up];
-      if (AB) AB[j * d + k] += f * sAB[j * d + k];
-      if (BB) BB[j * d + k] += f * sBB[up];
-    }
+// xt[k * stride + i] = X[i * d + k] for the m rows of X (row-major): rows of kChunk pairs, transposed.
+inline void transpose_rows(const double* X, int64_t m, int64_t d, double* xt, int64_t stride) {
+  for (int64_t k = 0; k < d; ++k)
+    for (int64_t i = 0; i < m; ++i) xt[k * stride + i] = X[i * d + k];
 }
 
-// Replication r's cluster moments (rr_cluster_moments), with scratch A (n x d) and B (C x d, when cB).
-void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const double* Xr, const double* cA,
-                         const double* cB, const double* Xq, const double* cR, const int64_t* cluster,
-                         std::vector<double>& A, std::vector<double>& B, double* aa, double* ab, double* bb) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < d; ++k) A[i * d + k] = cA[i] * Xr[i * d + k];
-  std::fill(aa, aa + d * d, 0.0);
-  if (!cB) {
-    centred_moments(A.data(), nullptr, 0, n, d, aa, nullptr, nullptr);
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < d; ++k) B[i * d + k] = cB[i] * Xr[i * d + k];
-  std::fill(B.begin() + n * d, B.end(), 0.0);
-  for (int64_t j = 0; j < N; ++j) {
-    const double cj = cR[j];
-    double* Bc = B.data() + cluster[j] * d;
-    for (int64_t k = 0; k < d; ++k) Bc[k] += cj * Xq[j * d + k];
-  }
-  std::fill(ab, ab + d * d, 0.0);
-  std::fill(bb, bb + d * d, 0.0);
-  centred_moments(A.data(), B.data(), 0, n, d, aa, ab, bb);
-  centred_moments(nullptr, B.data(), n, C, d, nullptr, nullptr, bb);
-}
-
-// u_i = x_i . theta for the P rows of X (row-major, P x d).
+// u_i = x_i . theta for the P rows of X (row-major, P x d): chunk by chunk, transposed in the cache so
+// that the products run across pairs (a dot product of length d per row does not vectorise).
 void row_margins(const double* X, const double* th, int64_t P, int64_t d, double* u) {
-  for (int64_t i = 0; i < P; ++i) {
-    double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < d; ++k) acc += X[i * d + k] * th[k];
-    u[i] = acc;
+  std::vector<double> xt(d * kChunk);
+  for (int64_t i0 = 0; i0 < P; i0 += kChunk) {
+    const int64_t m = std::min(kChunk, P - i0);
+    transpose_rows(X + i0 * d, m, d, xt.data(), kChunk);
+    double* ui = u + i0;
+    for (int64_t i = 0; i < m; ++i) ui[i] = 0.0;
+    for (int64_t k = 0; k < d; ++k) {
+      const double t = th[k];
+      const double* xk = xt.data() + k * kChunk;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) ui[i] += t * xk[i];
+    }
   }
 }
 
@@ -247,11 +234,91 @@ void sigmoid_margins(const double* X, const double* th, int64_t P, int64_t d, do
   }
 }
 
+// The centred cross-products of the clusters [lo, hi) of a replication, from their sums stored transposed
+// (At, Bt: d x C, row k holding coordinate k of every cluster; null: zero), which are centred in place:
+// out_AA += f sum_c (A_c - Abar)(A_c - Abar)^T and likewise AB, BB, f = C_p / (C_p - 1) the small-sample factor
+// of the part's C_p = hi - lo clusters.
+void centred_moments(double* At, double* Bt, int64_t C, int64_t lo, int64_t hi, int64_t d, double* AA, double* AB,
+                     double* BB) {
+  const int64_t count = hi - lo;
+  if (count <= 0)
+    return;
+  for (double* T : {At, Bt}) {
+    if (!T)
+      continue;
+    for (int64_t k = 0; k < d; ++k) {
+      double* row = T + k * C + lo;
+      double mean = 0.0;
+#pragma omp simd reduction(+ : mean)
+      for (int64_t c = 0; c < count; ++c) mean += row[c];
+      mean /= count;
+#pragma omp simd
+      for (int64_t c = 0; c < count; ++c) row[c] -= mean;
+    }
+  }
+  std::vector<double> sAA(d * d, 0.0), sAB(d * d, 0.0), sBB(d * d, 0.0);
+  if (At && AA)
+    gram(At + lo, C, At + lo, C, nullptr, count, d, true, sAA.data());
+  if (At && Bt && AB)
+    gram(At + lo, C, Bt + lo, C, nullptr, count, d, false, sAB.data());
+  if (Bt && BB)
+    gram(Bt + lo, C, Bt + lo, C, nullptr, count, d, true, sBB.data());
+  const double f = count / static_cast<double>(std::max<int64_t>(count - 1, 1));
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t k = 0; k < d; ++k) {
+      const int64_t up = j <= k ? j * d + k : k * d + j;
+      if (AA) AA[j * d + k] += f * sAA[up];
+      if (AB) AB[j * d + k] += f * sAB[j * d + k];
+      if (BB) BB[j * d + k] += f * sBB[up];
+    }
+}
+
+// Replication r's cluster moments (rr_cluster_moments), with scratch At and Bt (d x S, S = C with cB, else n;
+// Bt only with cB): the cluster sums formed transposed, chunk by chunk of rows transposed in the cache.
+void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const double* Xr, const double* cA,
+                         const double* cB, const double* Xq, const double* cR, const int64_t* cluster,
+                         std::vector<double>& At, std::vector<double>& Bt, double* aa, double* ab, double* bb) {
+  const int64_t S = cB ? C : n;
+  std::vector<double> xt(d * kChunk);
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - i0);
+    transpose_rows(Xr + i0 * d, m, d, xt.data(), kChunk);
+    for (int64_t k = 0; k < d; ++k) {
+      const double* xk = xt.data() + k * kChunk;
+      double* ak = At.data() + k * S + i0;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) ak[i] = cA[i0 + i] * xk[i];
+      if (cB) {
+        double* bk = Bt.data() + k * C + i0;
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) bk[i] = cB[i0 + i] * xk[i];
+      }
+    }
+  }
+  std::fill(aa, aa + d * d, 0.0);
+  if (!cB) {
+    centred_moments(At.data(), nullptr, n, 0, n, d, aa, nullptr, nullptr);
+    return;
+  }
+  for (int64_t k = 0; k < d; ++k)  // the other prompts' columns: reference pairs only
+    std::fill(Bt.begin() + k * C + n, Bt.begin() + (k + 1) * C, 0.0);
+  for (int64_t j = 0; j < N; ++j) {
+    const double cj = cR[j];
+    const int64_t c = cluster[j];
+    const double* xj = Xq + j * d;
+    for (int64_t k = 0; k < d; ++k) Bt[k * C + c] += cj * xj[k];
+  }
+  std::fill(ab, ab + d * d, 0.0);
+  std::fill(bb, bb + d * d, 0.0);
+  centred_moments(At.data(), Bt.data(), C, 0, n, d, aa, ab, bb);
+  centred_moments(nullptr, Bt.data(), C, n, C, d, nullptr, nullptr, bb);
+}
+
 }  // namespace
 
 extern "C" {
 
-int rr_kernel_version() { return 9; }
+int rr_kernel_version() { return 10; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -306,11 +373,8 @@ void rr_transpose(int64_t R, int64_t P, int64_t d, const double* X, int threads,
   for (int64_t r = 0; r < R; ++r) {
     const double* Xr = X + r * P * d;
     double* Tr = Xt + r * d * P;
-    for (int64_t i0 = 0; i0 < P; i0 += kChunk) {
-      const int64_t m = std::min(kChunk, P - i0);
-      for (int64_t k = 0; k < d; ++k)
-        for (int64_t i = 0; i < m; ++i) Tr[k * P + i0 + i] = Xr[(i0 + i) * d + k];
-    }
+    for (int64_t i0 = 0; i0 < P; i0 += kChunk)
+      transpose_rows(Xr + i0 * d, std::min(kChunk, P - i0), d, Tr + i0, P);
   }
 }
 
@@ -329,7 +393,7 @@ void rr_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, c
                         double* VAA, double* VAB, double* VBB) {
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
-    std::vector<double> A(n * d), B(cB ? C * d : 0);
+    std::vector<double> A((cB ? C : n) * d), B(cB ? C * d : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r)
       replication_moments(n, N, d, C, X + r * n * d, cA + r * n, cB ? cB + r * n : nullptr,
@@ -347,7 +411,7 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
                                  double* VAA, double* VAB, double* VBB) {
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
-    std::vector<double> A(n * d), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0), s(std::max(n, N));
+    std::vector<double> A((g ? C : n) * d), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0), s(std::max(n, N));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
       const double* Xr = X + r * n * d;

@@ -44,9 +44,11 @@ _LOG = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("kernels.cpp")
 # -ffast-math lets the compiler call glibc's vector exp/log1p; it is given to the compile step only, so
 # the shared object does not link crtfastmath (which would flush denormals in the whole process).
-_COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
+# -mprefer-vector-width=512: GCC vectorises for 256-bit registers by default even where the processor has
+# 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
+_COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 9
+_VERSION = 10
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

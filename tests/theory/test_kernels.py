@@ -214,6 +214,41 @@ def test_cluster_moments_match_cluster_sums(data: PairData, control: bool, loss,
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-14 * float(want.abs().max()))
 
 
+@given(R=st.integers(1, 3), n=st.integers(2, 150), extra=st.integers(0, 40), N=st.integers(0, 300),
+       d=st.integers(1, 17), seed=st.integers(0, 2**16))
+def test_cluster_moments_match_closed_form(R: int, n: int, extra: int, N: int, d: int, seed: int) -> None:
+    """Any shape (d not a multiple of the 4 x 4 tiles, cluster counts off the 8 lanes, no reference pairs,
+    prompts without them): the centred cross-products of the cluster sums, written directly."""
+    gen = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    C = n + extra
+    X, X_ref = torch.randn(R, n, d, generator=gen, dtype=f64), torch.randn(R, N, d, generator=gen, dtype=f64)
+    cA, cB = torch.randn(R, n, generator=gen, dtype=f64), torch.randn(R, n, generator=gen, dtype=f64)
+    cR = torch.randn(R, N, generator=gen, dtype=f64)
+    cluster = torch.randint(0, C, (N,), generator=gen)
+    A, B = torch.zeros(R, C, d, dtype=f64), torch.zeros(R, C, d, dtype=f64)
+    A[:, :n], B[:, :n] = cA[..., None] * X, cB[..., None] * X
+    B.index_add_(1, cluster, cR[..., None] * X_ref)
+
+    def cross(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(R, d, d, dtype=f64)
+        for part in (slice(0, n), slice(n, C)):
+            Up, Vp = U[:, part], V[:, part]
+            k = Up.shape[1]
+            if k:
+                out += (Up - Up.mean(1, keepdim=True)).transpose(1, 2) @ (Vp - Vp.mean(1, keepdim=True)) * (
+                    k / max(k - 1, 1))
+        return out
+
+    got = kernels.cluster_moments(X, cA, cB, X_ref, cR, cluster, C)
+    for g_, want in zip(got, (cross(A, A), cross(A, B), cross(B, B))):
+        torch.testing.assert_close(g_, want, rtol=1e-12, atol=1e-12 * (1 + float(want.abs().max())))
+    alone = kernels.cluster_moments(X, cA, None, None, None, None, C)
+    assert alone[1] is None and alone[2] is None
+    torch.testing.assert_close(alone[0], cross(A[:, :n], A[:, :n]), rtol=1e-12,
+                               atol=1e-12 * (1 + float(alone[0].abs().max())))
+
+
 def test_margins_and_moment_arguments(data: PairData) -> None:
     b = fitting._Batch.from_data(data)
     theta = torch.ones(data.reps, data.d, dtype=torch.float64)
