@@ -9,12 +9,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
 from robust_rlhf.simulate import Scenario, get_scenario, sample
 from robust_rlhf.simulate.properties import swap_pairs
 from robust_rlhf.theory.data import PairData
+from robust_rlhf.theory import fitting
 from robust_rlhf.theory.errors import InputError, SeparableDataError
 from robust_rlhf.theory.fitting import _Batch, _influence_parts, _recession_direction, _sandwich, fit, tune_lambda
 from robust_rlhf.theory.losses import Logistic
@@ -693,3 +696,41 @@ def test_no_sandwich_from_d_or_fewer_pairs(n: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.isfinite(fit(more, loss="ipo").cov).all()
+
+
+@given(d=st.integers(1, 12), seed=st.integers(0, 2**16),
+       kinds=st.lists(st.sampled_from(["regular", "ill", "flat", "zero", "indefinite", "nan"]), min_size=1, max_size=6))
+def test_bread_tests_by_cholesky_agree_with_eigenvalues(d: int, seed: int, kinds: list[str]) -> None:
+    """``_flat_bread`` and ``_pinv`` take a Cholesky factor where it settles the question and the eigenvalues
+    elsewhere: the same flags as the eigenvalue criterion ``min |lambda| <= d eps max |lambda|`` and the same
+    pseudo-inverse as ``pinv`` (which drops exactly those eigenvalues), on regular, ill-conditioned, flat, zero,
+    indefinite and non-finite matrices."""
+    rng = np.random.default_rng(seed)
+    eps = np.finfo(float).eps
+    mats, flags = [], []
+    for kind in kinds:
+        ev = rng.uniform(0.5, 2.0, d) * 10.0 ** rng.uniform(-3, 3)
+        if kind == "ill":
+            ev[0] *= 1e-9
+        elif kind == "flat" and d > 1:
+            ev[0] = ev.max() * eps * rng.uniform(0.0, 0.5)
+        elif kind == "zero":
+            ev[:] = 0.0
+        elif kind == "indefinite" and d > 1:
+            ev[0] = -ev[0]
+        Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        H = (Q * ev) @ Q.T
+        H = 0.5 * (H + H.T)
+        if kind == "nan":
+            H[0, 0] = np.nan
+        mats.append(H)
+        lam = np.abs(np.linalg.eigvalsh(H)) if kind != "nan" else None
+        flags.append(False if lam is None else bool(lam.min() <= d * eps * lam.max()))
+    hess = torch.as_tensor(np.stack(mats))
+    assert fitting._flat_bread(hess).tolist() == flags
+    finite = torch.isfinite(hess).all(dim=(1, 2))
+    got, want = fitting._pinv(hess[finite]), torch.linalg.pinv(hess[finite], hermitian=True)
+    kept = [k for k in kinds if k != "nan"]
+    for g_, w_, kind in zip(got, want, kept):
+        if kind in ("regular", "indefinite", "zero"):  # well-conditioned (or zero): equal to rounding
+            torch.testing.assert_close(g_, w_, rtol=1e-9, atol=1e-9 * float(w_.abs().max()))
