@@ -1315,9 +1315,10 @@ def _check_overlap(b: _Batch, state: _NewtonState, flat: float, gram: np.ndarray
     if not idx.numel():
         return
     S = torch.as_tensor(gram)[idx] / b.dphi.shape[1]
-    # curvature above 2 flat relative to S plus its eigenvalue floor (_least_relative_curvature) needs no
-    # eigendecomposition: the usual case
-    floor = 1e-12 * S.diagonal(0, -2, -1).sum(-1)[:, None, None] * torch.eye(S.shape[-1], dtype=S.dtype)
+    # curvature above 2 flat relative to S needs no eigendecomposition (the usual case); S is padded by what
+    # _least_relative_curvature's eigenvalue floor can add, at most 1e-12 d diag(S) (d bounds the largest
+    # eigenvalue of S on its unit-diagonal scale)
+    floor = torch.diag_embed(1e-12 * S.shape[-1] * S.diagonal(0, -2, -1))
     doubt = ~_exceeds(state.hess[idx], 2 * flat * (S + floor))
     idx, S = idx[doubt], S[doubt]
     if not idx.numel():

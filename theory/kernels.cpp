@@ -6,10 +6,10 @@
 //   u_i = x_i . theta_r,  value_r = sum_i a_i softplus(u_i) - b_i u_i,
 //   grad_r = sum_i (a_i sigmoid(u_i) - b_i) x_i,  hess_r = sum_i a_i sigmoid(u_i) sigmoid(-u_i) x_i x_i^T,
 // margins, value and gradient in one pass over the pairs, in chunks that stay in the L1 cache, then the
-// Hessian in a second pass over the replication's features (in the L2 cache) by `gram`'s 4 x 4 tiles of
-// the upper triangle (the diagonal tiles also form their lower halves: 68 entries for d = 10, against 55
-// distinct ones); with `accumulate` the results are added to the outputs. A replication's pairs are split
-// over threads when there are fewer replications than threads.
+// Hessian in a second pass over the replication's features (from the L2 cache up to some 10^4 pairs at
+// d = 10) by `gram`'s 4 x 4 tiles of the upper triangle (the diagonal tiles also form their lower halves: 68
+// entries for d = 10, against 55 distinct ones); with `accumulate` the results are added to the outputs. A
+// replication's pairs are split over threads when there are fewer replications than threads.
 // rr_transpose: (R x P x d) to (R x d x P). rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda;
 // rr_logistic_cluster_moments: the same for the logistic loss, its coefficients formed from the margins in the same pass.
 // rr_policy_regret: the per-prompt regret of the greedy or KL policy of each theta_r (robust_rlhf.theory.policies).
