@@ -276,14 +276,27 @@ void centred_moments(double* At, double* Bt, int64_t C, int64_t lo, int64_t hi, 
 }
 
 // Replication r's cluster moments (rr_cluster_moments), with scratch At and Bt (d x S, S = C with cB, else n;
-// Bt only with cB) and rows (C x d, with cB): the cluster sums formed transposed, A chunk by chunk of rows
-// transposed in the cache, B in rows first (a reference pair adds to one row of d contiguous entries: added
-// straight into Bt, each would touch d cache lines) and then transposed.
+// Bt only with cB): the cluster sums formed transposed. B is formed first in rows, in At's space (a reference
+// pair adds to one row of d contiguous entries; added straight into Bt, each would touch d cache lines), then
+// transposed into Bt; A then overwrites At, chunk by chunk of rows transposed in the cache.
 void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const double* Xr, const double* cA,
                          const double* cB, const double* Xq, const double* cR, const int64_t* cluster,
-                         std::vector<double>& At, std::vector<double>& Bt, std::vector<double>& rows, double* aa,
-                         double* ab, double* bb) {
+                         std::vector<double>& At, std::vector<double>& Bt, double* aa, double* ab, double* bb) {
   const int64_t S = cB ? C : n;
+  if (cB) {
+    double* rows = At.data();  // C x d
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < d; ++k) rows[i * d + k] = cB[i] * Xr[i * d + k];
+    std::fill(rows + n * d, rows + C * d, 0.0);  // the other prompts: reference pairs only
+    for (int64_t j = 0; j < N; ++j) {
+      const double cj = cR[j];
+      const double* xj = Xq + j * d;
+      double* row = rows + cluster[j] * d;
+      for (int64_t k = 0; k < d; ++k) row[k] += cj * xj[k];
+    }
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk)
+      transpose_rows(rows + c0 * d, std::min(kChunk, C - c0), d, Bt.data() + c0, C);
+  }
   std::vector<double> xt(d * kChunk);
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t m = std::min(kChunk, n - i0);
@@ -300,17 +313,6 @@ void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const doubl
     centred_moments(At.data(), nullptr, n, 0, n, d, aa, nullptr, nullptr);
     return;
   }
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < d; ++k) rows[i * d + k] = cB[i] * Xr[i * d + k];
-  std::fill(rows.begin() + n * d, rows.begin() + C * d, 0.0);  // the other prompts: reference pairs only
-  for (int64_t j = 0; j < N; ++j) {
-    const double cj = cR[j];
-    const double* xj = Xq + j * d;
-    double* row = rows.data() + cluster[j] * d;
-    for (int64_t k = 0; k < d; ++k) row[k] += cj * xj[k];
-  }
-  for (int64_t c0 = 0; c0 < C; c0 += kChunk)
-    transpose_rows(rows.data() + c0 * d, std::min(kChunk, C - c0), d, Bt.data() + c0, C);
   std::fill(ab, ab + d * d, 0.0);
   std::fill(bb, bb + d * d, 0.0);
   centred_moments(At.data(), Bt.data(), C, 0, n, d, aa, ab, bb);
@@ -396,11 +398,11 @@ void rr_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, c
                         double* VAA, double* VAB, double* VBB) {
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
-    std::vector<double> A((cB ? C : n) * d), B(cB ? C * d : 0), rows(cB ? C * d : 0);
+    std::vector<double> A((cB ? C : n) * d), B(cB ? C * d : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r)
       replication_moments(n, N, d, C, X + r * n * d, cA + r * n, cB ? cB + r * n : nullptr,
-                          cB ? Xref + r * N * d : nullptr, cB ? cR + r * N : nullptr, cluster, A, B, rows, VAA + r * d * d,
+                          cB ? Xref + r * N * d : nullptr, cB ? cR + r * N : nullptr, cluster, A, B, VAA + r * d * d,
                           cB ? VAB + r * d * d : nullptr, cB ? VBB + r * d * d : nullptr);
   }
 }
@@ -414,8 +416,8 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
                                  double* VAA, double* VAB, double* VBB) {
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
-    std::vector<double> A((g ? C : n) * d), B(g ? C * d : 0), rows(g ? C * d : 0), cA(n), cB(g ? n : 0),
-        cR(g ? N : 0), s(std::max(n, N));
+    std::vector<double> A((g ? C : n) * d), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0),
+        s(std::max(n, N));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
       const double* Xr = X + r * n * d;
@@ -443,7 +445,7 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
         }
       }
       replication_moments(n, N, d, C, Xr, cA.data(), g ? cB.data() : nullptr, g ? Xref + r * N * d : nullptr,
-                          g ? cR.data() : nullptr, cluster, A, B, rows, VAA + r * d * d, g ? VAB + r * d * d : nullptr,
+                          g ? cR.data() : nullptr, cluster, A, B, VAA + r * d * d, g ? VAB + r * d * d : nullptr,
                           g ? VBB + r * d * d : nullptr);
     }
   }
