@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,7 +36,10 @@ from .auxiliary import AuxSpec, build_aux
 from .reference import sample_responses
 from .scenario import Scenario, SpecError, check_memory, check_seed
 
-__all__ = ["PreferenceData", "sample", "sample_population", "save", "STREAMS"]
+if TYPE_CHECKING:
+    from robust_rlhf.theory.drpo import DRPOData
+
+__all__ = ["PreferenceData", "sample", "sample_drpo", "sample_population", "save", "STREAMS"]
 
 STREAMS = {"prompts": 0, "pairs": 1, "labels": 2, "reference": 3, "unlabelled_prompts": 4,
            "unlabelled_pairs": 5, "crossfit": 6}
@@ -340,6 +343,18 @@ def sample(
     return data.with_aux(aux) if aux is not None else data
 
 
+def _population_draws(pop: PairPopulation, n: int, seed: int, reps: int, first_rep: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompt rows (R, n) uniform over ``pop``, pairs (R, n, 2) from ``pop.pi`` and labels (R, n)
+    ``Bernoulli(g*)``, replication ``r`` from its own seeded streams."""
+    span = range(first_rep, first_rep + reps)
+    rows = np.stack([_rng(seed, "data", r, "prompts").integers(0, pop.size, n) for r in span])
+    y = sample_responses(pop.pi[rows], np.stack([_rng(seed, "data", r, "pairs").random((n, 2)) for r in span]))
+    gs = pop.g_star[rows, y[..., 0], y[..., 1]]
+    z = np.stack([_rng(seed, "data", r, "labels").random(n) for r in span]) < gs
+    return rows, y, z
+
+
 def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1, *, M: int = 0,
                       g_hat: np.ndarray | None = None, first_rep: int = 0) -> PairData:
     """Pairs from a finite prompt population: prompts uniform over the ``P`` rows of ``pop``, responses
@@ -359,16 +374,11 @@ def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1,
         raise SpecError(f"sample_population: g_hat must have the population's shape (P, K, K) = {(P, K, K)}, "
                         f"got {np.shape(g_hat)}")
     R = reps
-    draws = [_rng(seed, "data", r, "prompts") for r in range(first_rep, first_rep + R)]
-    rows = np.stack([g.integers(0, P, n) for g in draws])  # (R, n)
+    rows, y, z = _population_draws(pop, n, seed, R, first_rep)
     pi = pop.pi[rows]
-    y = sample_responses(pi, np.stack([_rng(seed, "data", r, "pairs").random((n, 2))
-                                      for r in range(first_rep, first_rep + R)]))
     phi = pop.phi[rows]  # (R, n, K, d)
     pair = _gather(phi, y)
     dphi = pair[..., 0, :] - pair[..., 1, :]
-    gs = pop.g_star[rows, y[..., 0], y[..., 1]]
-    z = (np.stack([_rng(seed, "data", r, "labels").random(n) for r in range(first_rep, first_rep + R)]) < gs)
     if not M:
         return PairData(dphi=dphi, z=z.astype(np.float64))
     u = np.stack([_rng(seed, "data", r, "reference").random((n, 2 * M)) for r in range(first_rep, first_rep + R)])
@@ -382,6 +392,27 @@ def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1,
     return PairData(dphi=dphi, z=z.astype(np.float64), g=g, dphi_ref=ref_dphi, g_ref=ref_g,
                     ref_row=np.repeat(np.arange(n), M))
 
+
+
+def sample_drpo(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1, *, g_hat: np.ndarray | None = None,
+                pi_hat: np.ndarray | None = None, first_rep: int = 0) -> DRPOData:
+    """``theory.drpo.DRPOData`` from a finite prompt population: the labelled pairs of ``sample_population``
+    (same seeds, same draws) with every response's features, the reference model ``pi_hat`` (P, K) and the
+    auxiliary model ``g_hat`` (P, K, K) of each row's prompt. ``g_hat``/``pi_hat`` None are the true ``g*`` and
+    ``pi_ref``: pass a wrong one to study DRPO's double robustness."""
+    from robust_rlhf.theory.drpo import DRPOData
+
+    n = _check_int("n", n, 1)
+    reps = _check_int("reps", reps, 1)
+    seed = check_seed("'seed'", seed)
+    first_rep = _check_int("first_rep", first_rep, 0)
+    P, K = pop.pi.shape
+    for name, value, shape in (("g_hat", g_hat, (P, K, K)), ("pi_hat", pi_hat, (P, K))):
+        if value is not None and np.shape(value) != shape:
+            raise SpecError(f"sample_drpo: {name} must have the population's shape {shape}, got {np.shape(value)}")
+    rows, y, z = _population_draws(pop, n, seed, reps, first_rep)
+    return DRPOData(phi=pop.phi[rows], pi_hat=(pop.pi if pi_hat is None else np.asarray(pi_hat))[rows], pair=y,
+                    z=z.astype(np.float64), g_hat=(pop.g_star if g_hat is None else np.asarray(g_hat))[rows])
 
 def save(data: PreferenceData, path: str | Path) -> Path:
     """Write a data set as ``.npz`` (the arrays of ``robust-rlhf fit``) or ``.parquet`` (tidy rows).

@@ -7,6 +7,7 @@
 - ``asymptotics``: population targets, exact asymptotic covariances and second-order biases;
   ``second_order``: the O(1/n) term of the covariance;
 - ``policies`` and ``bounds``: policies from a reward estimate, regret, predictions and bounds;
+- ``drpo``: DRPO, a policy fitted to a doubly robust estimate of its win rate (reference policy unknown);
 - ``symbolic``: sympy derivations of the key formulas;
 - ``kernels``: the compiled loops behind ``fitting`` and ``theta_regret`` (C++ built on first use; each
   has a torch path that gives the same numbers).
@@ -22,6 +23,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                     "vr_covariance"),
     "second_order": ("vr_second_order",),
     "data": ("PairData", "PairPopulation"),
+    "drpo": ("DRPOData", "DRPOFit", "DRPOTarget", "drpo_target", "fit_drpo"),
     "errors": ("InputError", "SeparableDataError"),
     "fitting": ("METHODS", "FitResult", "fit"),
     "io": ("load_pair_data",),

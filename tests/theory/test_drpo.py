@@ -1,0 +1,264 @@
+"""DRPO: the doubly robust pseudo-rewards, the estimator and its exact limit (theory/drpo.py)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from robust_rlhf.simulate.dataset import sample_drpo, sample_population
+from robust_rlhf.theory import drpo
+from robust_rlhf.theory.data import PairPopulation
+from robust_rlhf.theory.errors import InputError
+from robust_rlhf.theory.policies import preference_utility
+
+
+def _population(seed: int, P: int, K: int, d: int, bias: float = 0.0) -> PairPopulation:
+    """Two annotators with sharp links (intransitive-free but far from BT), plus position bias ``bias``."""
+    rng = np.random.default_rng(seed)
+    phi = rng.normal(size=(P, K, d))
+    pi = rng.dirichlet(np.full(K, 2.0), size=P)
+    t1, t2 = rng.normal(size=d), rng.normal(size=d)
+    dphi = phi[:, :, None, :] - phi[:, None, :, :]
+    g = 0.5 / (1.0 + np.exp(-4.0 * dphi @ t1)) + 0.5 / (1.0 + np.exp(-4.0 * dphi @ t2))
+    return PairPopulation(phi, pi, (1.0 - bias) * g + bias * 0.7)
+
+
+def _wrong_models(pop: PairPopulation, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ``g_hat`` unrelated to ``g*`` and a ``pi_hat`` unrelated to ``pi_ref`` (both positive everywhere)."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.05, 0.95, size=pop.g_star.shape), rng.dirichlet(np.full(pop.K, 2.0), size=pop.size)
+
+
+def _enumerated_mean(pop: PairPopulation, g_hat: np.ndarray, pi_hat: np.ndarray) -> np.ndarray:
+    """``E[v(a) | x]`` (P, K) by listing every pair and label of each prompt as a one-row data set."""
+    out = np.zeros((pop.size, pop.K))
+    for p in range(pop.size):
+        for y, yp, z in itertools.product(range(pop.K), range(pop.K), (0.0, 1.0)):
+            g = pop.g_star[p, y, yp]
+            prob = pop.pi[p, y] * pop.pi[p, yp] * (g if z else 1.0 - g)
+            data = drpo.DRPOData(pop.phi[p][None], pi_hat[p][None], np.array([[y, yp]]), np.array([z]), g_hat[p][None])
+            out[p] += prob * drpo.pseudo_rewards(data)[0, 0]
+    return out
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.2])
+def test_pseudo_rewards_are_doubly_robust(bias: float) -> None:
+    # E[v(a)|x] by enumeration equals the closed form ubar; ubar is the true preference utility u when either
+    # model is right (with position bias too), and not when both are wrong
+    pop = _population(3, P=4, K=3, d=2, bias=bias)
+    g_bad, pi_bad = _wrong_models(pop, 4)
+    u = preference_utility(pop)
+    for g_hat, pi_hat, right in ((g_bad, pop.pi, True), (pop.g_star, pi_bad, True), (g_bad, pi_bad, False)):
+        ubar = drpo.expected_pseudo_rewards(pop, g_hat, pi_hat)
+        np.testing.assert_allclose(_enumerated_mean(pop, g_hat, pi_hat), ubar, rtol=1e-12, atol=1e-13)
+        if right:
+            np.testing.assert_allclose(ubar, u, rtol=1e-12, atol=1e-13)
+        else:
+            assert np.abs(ubar - u).max() > 0.05
+
+
+@given(seed=st.integers(0, 10_000), K=st.integers(1, 5), d=st.integers(1, 4),
+       beta=st.floats(0.05, 5.0), off_support=st.booleans())
+def test_objective_derivatives_match_autograd(seed: int, K: int, d: int, beta: float, off_support: bool) -> None:
+    rng = np.random.default_rng(seed)
+    n = 6
+    phi = rng.normal(size=(n, K, d))
+    pi = rng.dirichlet(np.ones(K), size=n)
+    if off_support and K > 1:
+        pi[:, 0] = 0.0  # a response the reference model never draws: probability 0 under every pi_theta
+        pi /= pi.sum(axis=1, keepdims=True)
+    v = rng.normal(size=(n, K))
+    theta = rng.normal(size=d)
+    log_pi = drpo._log(pi)
+
+    def objective(t: torch.Tensor) -> torch.Tensor:
+        s = torch.tensor(phi) @ t / beta + torch.tensor(log_pi)
+        w = torch.softmax(s, dim=1)
+        on = torch.tensor(pi > 0)
+        log_ratio = torch.where(on, s - torch.logsumexp(s, dim=1, keepdim=True), 0.0) - torch.tensor(
+            np.where(pi > 0, log_pi, 0.0))
+        kl = torch.where(on, w * log_ratio, 0.0).sum(1)  # KL(pi_theta || pi_hat), 0 log 0 = 0 off the support
+        return ((w * torch.tensor(v)).sum(1) - beta * kl).mean()
+
+    t = torch.tensor(theta)
+    f, grad, hess = drpo._mean_terms(theta, phi, log_pi, v, beta)
+    assert f == pytest.approx(float(objective(t)), rel=1e-12, abs=1e-12)
+    np.testing.assert_allclose(grad, torch.autograd.functional.jacobian(objective, t).numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(hess, torch.autograd.functional.hessian(objective, t).numpy(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.2])
+def test_exact_sandwich_matches_enumeration(bias: float) -> None:
+    # A = -E grad^2 f and B = E[grad f grad f^T] at the limit, by listing every pair and label of every prompt
+    # (one-row data sets through pseudo_rewards and the per-row derivatives); the mean gradient there is 0
+    pop = _population(3, P=4, K=3, d=2, bias=bias)
+    g_bad, pi_bad = _wrong_models(pop, 4)
+    target = drpo.drpo_target(pop, 0.4, g_bad, pi_bad)
+    A, B, G = np.zeros((2, 2)), np.zeros((2, 2)), np.zeros(2)
+    for p in range(pop.size):
+        for y, yp, z in itertools.product(range(pop.K), range(pop.K), (0.0, 1.0)):
+            g = pop.g_star[p, y, yp]
+            prob = pop.pi[p, y] * pop.pi[p, yp] * (g if z else 1.0 - g) / pop.size
+            data = drpo.DRPOData(pop.phi[p][None], pi_bad[p][None], np.array([[y, yp]]), np.array([z]), g_bad[p][None])
+            _, grad, _, centred, curve = drpo._row_terms(target.theta, data.phi[0], drpo._log(data.pi_hat[0]),
+                                                         drpo.pseudo_rewards(data)[0], 0.4)
+            G += prob * grad[0]
+            B += prob * np.outer(grad[0], grad[0])
+            A -= prob * np.einsum("k,kd,ke->de", curve[0], centred[0], centred[0])
+    np.testing.assert_allclose(G, 0.0, atol=1e-12)
+    np.testing.assert_allclose(target.A, A, rtol=1e-12)
+    np.testing.assert_allclose(target.B, B, rtol=1e-12)
+
+
+# --- golden: two responses, phi = (0, 1) ------------------------------------------------------------------
+# pi_theta(1) = p solves logit p = logit pi_hat(1) + theta / beta, and d/dp [p v1 + (1-p) v0 - beta KL(p || pi_hat)]
+# = v1 - v0 - theta, so theta_hat = mean_i (v_i(1) - v_i(0)) for every beta and pi_hat: a sample mean, with
+# sandwich Var_n(D) / n. With g_hat(0, 1) = h antisymmetric, D = v(1) - v(0) is 1/2 - h plus
+# c (Z - 1 + h) on the pair (1, 0), -c (Z - h) on (0, 1) and 0 on (a, a), c = (1/pi_hat(0) + 1/pi_hat(1)) / 2.
+
+
+def _golden_outcomes(pi: tuple[float, float], p: float, q: float, h: float, pi_hat: tuple[float, float]):
+    c = 0.5 * (1.0 / pi_hat[0] + 1.0 / pi_hat[1])
+    same = pi[0] ** 2 + pi[1] ** 2
+    w = pi[0] * pi[1]
+    # (pair, label, probability, D)
+    return [((0, 0), 1.0, pi[0] ** 2, 0.5 - h), ((1, 1), 0.0, pi[1] ** 2, 0.5 - h),
+            ((1, 0), 1.0, w * q, 0.5 - h + c * h), ((1, 0), 0.0, w * (1 - q), 0.5 - h + c * (h - 1.0)),
+            ((0, 1), 1.0, w * p, 0.5 - h - c * (1.0 - h)), ((0, 1), 0.0, w * (1 - p), 0.5 - h + c * h)], same
+
+
+@pytest.mark.parametrize("pi0,p,q,h,pi_hat0", [(0.3, 0.8, 0.2, 0.5, 0.3), (0.3, 0.8, 0.3, 0.65, 0.6),
+                                               (0.55, 0.35, 0.9, 0.2, 0.5)])
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_golden_two_responses(pi0: float, p: float, q: float, h: float, pi_hat0: float, beta: float) -> None:
+    pi, pi_hat = (pi0, 1.0 - pi0), (pi_hat0, 1.0 - pi_hat0)
+    outcomes, _ = _golden_outcomes(pi, p, q, h, pi_hat)
+    prob = np.array([o[2] for o in outcomes])
+    D = np.array([o[3] for o in outcomes])
+    assert prob.sum() == pytest.approx(1.0)
+    mean = prob @ D
+    if pi_hat0 == pi0:  # the right reference model: the true utility gap (q - p) / 2, whatever h
+        assert mean == pytest.approx(0.5 * (q - p), rel=1e-12)
+    pop = PairPopulation(np.array([[[0.0], [1.0]]]), np.array([pi]), np.array([[[0.5, p], [q, 0.5]]]))
+    g_hat = np.array([[[0.5, h], [1.0 - h, 0.5]]])
+    target = drpo.drpo_target(pop, beta, g_hat, np.array([pi_hat]))
+    assert target.theta[0] == pytest.approx(mean, rel=1e-9, abs=1e-11)
+    assert target.cov[0, 0] == pytest.approx(prob @ (D - mean) ** 2, rel=1e-9)
+    # a data set holding each outcome a chosen number of times
+    counts = np.array([3, 4, 2, 5, 6, 1])
+    rows = np.repeat(np.arange(len(outcomes)), counts)
+    data = drpo.DRPOData(np.tile(pop.phi, (rows.size, 1, 1)), np.tile(pi_hat, (rows.size, 1)),
+                         np.array([outcomes[i][0] for i in rows]), np.array([outcomes[i][1] for i in rows]),
+                         np.tile(g_hat, (rows.size, 1, 1)))
+    fit = drpo.fit_drpo(data, beta)
+    Di = D[rows]
+    assert fit.converged[0]
+    assert fit.theta[0, 0] == pytest.approx(Di.mean(), rel=1e-9, abs=1e-11)
+    assert fit.cov[0, 0, 0] == pytest.approx(Di.var() / rows.size, rel=1e-7)
+
+
+# --- the estimator against its exact limit -----------------------------------------------------------------
+
+
+def test_fit_matches_the_exact_limit_and_covariance_by_simulation() -> None:
+    # R fits at n: the mean within 4 Monte Carlo errors of the limit (after an O(1/n) bias far below them), n Cov
+    # entry by entry within 4 normal-theory errors of A^-1 B A^-1, the sandwich's 95% intervals within 4 binomial
+    # errors of 0.95. When both models are wrong the limit differs from the doubly robust one by many errors and
+    # the win rate DRPO estimates there is not the policy's true one.
+    pop = _population(11, P=300, K=4, d=2)
+    u = preference_utility(pop)
+    g_bad = 1.0 - pop.g_star  # reversed preferences
+    pi_bad = pop.pi * np.exp(-4.0 * u)  # a reference model that underrates the better responses
+    pi_bad /= pi_bad.sum(axis=1, keepdims=True)
+    beta, n, R = 0.3, 1500, 200
+    right = drpo.drpo_target(pop, beta, g_bad, pop.pi)
+    both = drpo.drpo_target(pop, beta, g_bad, pi_bad)
+    assert right.win_rate_estimated == pytest.approx(right.win_rate, rel=1e-12)
+    assert abs(both.win_rate_estimated - both.win_rate) > 0.01
+    for target, pi_hat in ((right, None), (both, pi_bad)):
+        fit = drpo.fit_drpo(sample_drpo(pop, n, seed=5, reps=R, g_hat=g_bad, pi_hat=pi_hat), beta)
+        assert fit.converged.all()
+        S = n * np.cov(fit.theta, rowvar=False)
+        se = np.sqrt((S**2 + np.outer(np.diag(S), np.diag(S))) / (R - 1))
+        assert (np.abs(S - target.cov) <= 4.0 * se).all(), (S, target.cov)
+        mc = np.sqrt(np.diag(S) / n / R)
+        assert (np.abs(fit.theta.mean(0) - target.theta) <= 4.0 * mc).all()
+        cover = (np.abs(fit.theta - target.theta) <= 1.96 * fit.se).mean()
+        assert abs(cover - 0.95) <= 4.0 * np.sqrt(0.95 * 0.05 / (R * 2))
+    # the doubly robust limit of the same policy class (tilts of pi_bad): g_hat right, pi_hat wrong
+    robust = drpo.drpo_target(pop, beta, None, pi_bad)
+    assert robust.win_rate_estimated == pytest.approx(robust.win_rate, rel=1e-12)
+    gap = np.abs(both.theta - robust.theta) / np.sqrt(np.diag(both.cov) / n / R)
+    assert gap.max() > 10.0, gap
+
+
+def test_sample_drpo_draws_the_pairs_of_sample_population() -> None:
+    pop = _population(2, P=30, K=3, d=2)
+    g_hat, pi_hat = _wrong_models(pop, 3)
+    pairs = sample_population(pop, 50, seed=9, reps=3, first_rep=2)
+    data = sample_drpo(pop, 50, seed=9, reps=3, first_rep=2, g_hat=g_hat, pi_hat=pi_hat)
+    chosen = np.take_along_axis(data.phi, data.pair[..., None], axis=2)
+    np.testing.assert_array_equal(chosen[..., 0, :] - chosen[..., 1, :], pairs.dphi)
+    np.testing.assert_array_equal(data.z, pairs.z)
+    # each row carries its own prompt's models
+    prompt = np.abs(data.phi[:, :, None] - pop.phi[None, None]).sum(axis=(-1, -2)).argmin(axis=-1)
+    np.testing.assert_array_equal(data.pi_hat, pi_hat[prompt])
+    np.testing.assert_array_equal(data.g_hat, g_hat[prompt])
+
+
+def test_unbatched_input_is_one_replication() -> None:
+    pop = _population(6, P=20, K=3, d=2)
+    data = sample_drpo(pop, 200, seed=1, reps=1)
+    one = drpo.DRPOData(data.phi[0], data.pi_hat[0], data.pair[0], data.z[0], data.g_hat[0])
+    np.testing.assert_array_equal(drpo.fit_drpo(one, 0.3).theta, drpo.fit_drpo(data, 0.3).theta)
+
+
+def _valid(**change):
+    pop = _population(1, P=5, K=3, d=2)
+    data = sample_drpo(pop, 8, seed=0, reps=2)
+    args = dict(phi=data.phi, pi_hat=data.pi_hat, pair=data.pair, z=data.z, g_hat=data.g_hat)
+    args.update(change)
+    return args
+
+
+def test_bad_input_is_named() -> None:
+    base = _valid()
+    seen = base["pair"][1, 3]
+    pi = base["pi_hat"].copy()
+    pi[1, 3] = np.eye(3)[next(a for a in range(3) if a not in seen)]
+    pair = base["pair"].copy()
+    pair[0, 5, 1] = 3
+    g = base["g_hat"].copy()
+    g[0, 1, 2, 0] = np.nan
+    phi = base["phi"].copy()
+    phi[1, 0, 0, 0] = np.inf
+    cases = {
+        "pi_hat: replication 1, row 3 gives probability 0 to its observed response": dict(pi_hat=pi),
+        "pair: replication 0, row 5: response index 3 outside [0, 3)": dict(pair=pair),
+        "pi_hat: row (0, 0) sums to": dict(pi_hat=base["pi_hat"] * 1.5),
+        "z: entry (0, 2) is 1.5": dict(z=np.where(np.arange(8) == 2, 1.5, base["z"])),
+        "g_hat: entry (0, 1, 2, 0) is nan": dict(g_hat=g),
+        "pair: expected integer indices": dict(pair=base["pair"].astype(float)),
+        "phi: entry (1, 0, 0, 0) is inf": dict(phi=phi),
+        "g_hat: expected shape (2, 8, 3, 3)": dict(g_hat=base["g_hat"][..., :2]),
+    }
+    for message, change in cases.items():
+        with pytest.raises(InputError, match=re.escape(message)):
+            drpo.DRPOData(**{**base, **change})
+    data = drpo.DRPOData(**base)
+    for beta in (0.0, -1.0, float("nan"), float("inf"), "x"):
+        with pytest.raises(InputError, match="beta"):
+            drpo.fit_drpo(data, beta)
+    with pytest.raises(InputError, match="tol"):
+        drpo.fit_drpo(data, 1.0, tol=0.0)
+    pop = _population(1, P=5, K=3, d=2)
+    zero = pop.pi.copy()
+    zero[2] = [1.0, 0.0, 0.0]
+    with pytest.raises(InputError, match="pi_hat: prompt 2 gives probability 0 to response 1"):
+        drpo.drpo_target(pop, 1.0, None, zero)
