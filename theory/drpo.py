@@ -63,29 +63,17 @@ from scipy.special import logsumexp
 
 from .data import PairPopulation, _as_float, _bounded, as_probabilities
 from .errors import InputError
+from .policies import _check_beta, _check_distribution, win_rate
 
 __all__ = ["DRPOData", "DRPOFit", "DRPOTarget", "pseudo_rewards", "fit_drpo", "drpo_target", "expected_pseudo_rewards"]
 
 
 def _distribution(name: str, values: object, shape: tuple[int, ...]) -> np.ndarray:
     """Probabilities of ``shape`` whose last axis sums to one (the first bad row named)."""
-    arr = as_probabilities(name, values, shape)
-    sums = arr.sum(axis=-1)
-    bad = np.abs(sums - 1.0) > 1e-8
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InputError(f"{name}: row {idx} sums to {float(sums[idx])!r}; each row's probabilities must sum to 1")
+    arr = _check_distribution(name, values, shape[-1], shape[-2])
+    if arr.shape != shape:
+        raise InputError(f"{name}: expected shape {shape}, got {arr.shape}")
     return arr
-
-
-def _beta(beta: object) -> float:
-    try:
-        b = float(beta)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InputError(f"beta: must be a positive number, got {beta!r}") from None
-    if not (b > 0 and math.isfinite(b)):
-        raise InputError(f"beta: the KL weight must be a finite number > 0, got {beta!r}")
-    return b
 
 
 @dataclass(frozen=True)
@@ -279,7 +267,7 @@ def fit_drpo(data: DRPOData, beta: float, *, tol: float = 1e-9, max_iter: int = 
     """
     if not isinstance(data, DRPOData):
         raise InputError(f"data: expected DRPOData, got {type(data).__name__}")
-    b = _beta(beta)
+    b = _check_beta(beta, weight=True)
     gtol = _tolerance(tol, data.phi)
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise InputError(f"max_iter: need an integer >= 1, got {max_iter!r}")
@@ -361,9 +349,7 @@ def drpo_target(pop: PairPopulation, beta: float, g_hat: np.ndarray | None = Non
     ``beta^2 E[grad f grad f^T | y, y'] = q q^T + (mu / 2)(q s^T + s q^T) + (E[e^2] / 4) s s^T``,
     ``q = C^T (m - phi theta)``, ``s = C^T delta``.
     """
-    from .policies import win_rate
-
-    b = _beta(beta)
+    b = _check_beta(beta, weight=True)
     g, pi = _population_models(pop, g_hat, pi_hat)
     ubar = expected_pseudo_rewards(pop, g_hat, pi_hat)
     log_pi = _log(pi)
