@@ -88,7 +88,7 @@ import torch
 from scipy.optimize import linprog
 from torch import Tensor
 
-from .data import PairPopulation, _as_float, check_clip, check_probability, check_weight
+from .data import PairPopulation, _as_float, check_clip, check_probability, check_solver, check_weight
 from .errors import InputError
 from .fitting import _least_relative_curvature
 from .losses import Logistic, MarginLoss, Recession, get_loss, pair_loss
@@ -1080,15 +1080,11 @@ def population_target(
     """
     pop = _check_population(pop)
     lossf = _check_loss(loss)
-    tol = _check_real("tol", tol)
-    if tol <= 0:
-        raise InputError(f"tol: must be > 0, got {tol}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise InputError(f"max_iter: need an integer >= 1, got {max_iter!r}")
+    tol, max_iter = check_solver(tol, max_iter)
     gg = pop.g_star if g is None else _check_pair_probs("g", g, pop)
     T = _tensors(pop, None)
     gt = torch.as_tensor(gg, dtype=_DT)
-    fit = _fit_full(T, lossf, gt, tol, int(max_iter))
+    fit = _fit_full(T, lossf, gt, tol, max_iter)
     return _target_from_fit(T, lossf, gt, fit)
 
 

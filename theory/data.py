@@ -18,8 +18,8 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["PairData", "PairPopulation", "as_probabilities", "check_probability", "failure_probability", "check_weight",
-           "rank_deficient"]
+__all__ = ["PairData", "PairPopulation", "as_probabilities", "check_probability", "check_solver", "failure_probability",
+           "check_weight", "rank_deficient"]
 
 
 def check_probability(name: str, values: np.ndarray) -> None:
@@ -39,6 +39,15 @@ def failure_probability(delta: object) -> float:
     if not 0.0 < x < 1.0:
         raise InputError(f"delta: the failure probability must lie in (0, 1), got {delta!r}")
     return x
+
+
+def check_solver(tol: object, max_iter: object) -> tuple[float, int]:
+    """An iterative solver's settings: ``tol`` a finite number > 0 and ``max_iter`` an integer >= 1."""
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (np.isfinite(tol) and tol > 0):
+        raise InputError(f"tol must be a positive number, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise InputError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    return float(tol), int(max_iter)
 
 
 def check_clip(name: str, clip: object) -> tuple[float, float] | None:

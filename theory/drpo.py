@@ -54,16 +54,15 @@ cross-fitting, as for VRPO.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from .data import PairPopulation, _as_float, _bounded, as_probabilities
+from .data import PairPopulation, _as_float, _bounded, as_probabilities, check_solver
 from .errors import InputError
-from .policies import _check_beta, _check_distribution, win_rate
+from .policies import _check_beta, _check_distribution, _log_ref, win_rate
 
 __all__ = ["DRPOData", "DRPOFit", "DRPOTarget", "pseudo_rewards", "fit_drpo", "drpo_target", "expected_pseudo_rewards"]
 
@@ -164,12 +163,6 @@ def pseudo_rewards(data: DRPOData) -> np.ndarray:
     return v
 
 
-def _log(p: np.ndarray) -> np.ndarray:
-    """``log p`` with ``-inf`` where ``p = 0``, without warnings."""
-    pos = p > 0
-    return np.where(pos, np.log(np.where(pos, p, 1.0)), -np.inf)
-
-
 def _row_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per row (n rows): ``f_i``, ``grad f_i`` (n, d), and the Hessian's pieces ``w`` (n, K), the centred features
@@ -186,17 +179,16 @@ def _row_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.nda
     return f, grad, w, centred, curve
 
 
-def _mean_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float,
-                weight: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
-    """``F = sum_i weight_i f_i`` (weights ``1/n`` by default), its gradient and Hessian."""
+def _mean_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float
+                ) -> tuple[float, np.ndarray, np.ndarray]:
+    """``F = (1/n) sum_i f_i``, its gradient and Hessian."""
     f, grad, _, centred, curve = _row_terms(theta, phi, log_pi, v, beta)
-    wt = np.full(f.shape[0], 1.0 / f.shape[0]) if weight is None else weight
-    hess = np.einsum("n,nk,nkd,nke->de", wt, curve, centred, centred)
-    return float(wt @ f), wt @ grad, hess
+    hess = np.einsum("nk,nkd,nke->de", curve, centred, centred) / f.shape[0]
+    return float(f.mean()), grad.mean(axis=0), hess
 
 
-def _maximise(phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float, tol: float, max_iter: int,
-              weight: np.ndarray | None = None) -> tuple[np.ndarray, bool, int]:
+def _maximise(phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float, tol: float, max_iter: int
+              ) -> tuple[np.ndarray, bool, int]:
     """A local maximiser of ``F`` from 0 (``pi_hat``) by trust-exact: ``(theta, converged, iterations)``;
     converged means ``|grad F| < tol`` at a point where ``grad^2 F`` is negative definite."""
     d = phi.shape[-1]
@@ -206,7 +198,7 @@ def _maximise(phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float, t
         key = th.tobytes()
         if key not in cache:
             cache.clear()
-            cache[key] = _mean_terms(th, phi, log_pi, v, beta, weight)
+            cache[key] = _mean_terms(th, phi, log_pi, v, beta)
         return cache[key]
 
     res = minimize(lambda th: -terms(th)[0], np.zeros(d), jac=lambda th: -terms(th)[1],
@@ -249,14 +241,10 @@ class DRPOFit:
         return np.sqrt(np.diagonal(self.cov, axis1=-2, axis2=-1))
 
 
-def _tolerance(tol: object, phi: np.ndarray) -> float:
-    try:
-        t = float(tol)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InputError(f"tol: must be a positive number, got {tol!r}") from None
-    if not (t > 0 and math.isfinite(t)):
-        raise InputError(f"tol: must be a finite number > 0, got {tol!r}")
-    return t * max(float(np.sqrt(np.mean(phi**2))), 1e-300)
+def _gradient_tolerance(tol: object, max_iter: object, phi: np.ndarray) -> tuple[float, int]:
+    """``check_solver``'s settings, ``tol`` scaled by the features' root mean square."""
+    t, iters = check_solver(tol, max_iter)
+    return t * max(float(np.sqrt(np.mean(phi**2))), 1e-300), iters
 
 
 def fit_drpo(data: DRPOData, beta: float, *, tol: float = 1e-9, max_iter: int = 200) -> DRPOFit:
@@ -268,24 +256,21 @@ def fit_drpo(data: DRPOData, beta: float, *, tol: float = 1e-9, max_iter: int = 
     if not isinstance(data, DRPOData):
         raise InputError(f"data: expected DRPOData, got {type(data).__name__}")
     b = _check_beta(beta, weight=True)
-    gtol = _tolerance(tol, data.phi)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise InputError(f"max_iter: need an integer >= 1, got {max_iter!r}")
+    gtol, max_iter = _gradient_tolerance(tol, max_iter, data.phi)
     v = pseudo_rewards(data)
-    log_pi = _log(data.pi_hat)
+    log_pi = _log_ref(data.pi_hat)[1]
     R, n, _, d = data.phi.shape
     theta = np.zeros((R, d))
     cov = np.full((R, d, d), np.nan)
     win, obj = np.full(R, np.nan), np.full(R, np.nan)
     converged, n_iter = np.zeros(R, dtype=bool), np.zeros(R, dtype=np.int64)
     for k in range(R):
-        theta[k], converged[k], n_iter[k] = _maximise(data.phi[k], log_pi[k], v[k], b, gtol, int(max_iter))
+        theta[k], converged[k], n_iter[k] = _maximise(data.phi[k], log_pi[k], v[k], b, gtol, max_iter)
         f, grad, w, centred, curve = _row_terms(theta[k], data.phi[k], log_pi[k], v[k], b)
         obj[k] = f.mean()
         win[k] = (w * v[k]).sum(axis=1).mean()
-        A = -np.einsum("nk,nkd,nke->de", curve, centred, centred) / n
         if converged[k]:
-            Ainv = np.linalg.inv(A)
+            Ainv = np.linalg.inv(-np.einsum("nk,nkd,nke->de", curve, centred, centred) / n)
             cov[k] = Ainv @ np.cov(grad, rowvar=False, bias=True).reshape(d, d) @ Ainv / n
     return DRPOFit(theta=theta, cov=cov, win_rate=win, objective=obj, converged=converged, n_iter=n_iter, beta=b)
 
@@ -352,9 +337,9 @@ def drpo_target(pop: PairPopulation, beta: float, g_hat: np.ndarray | None = Non
     b = _check_beta(beta, weight=True)
     g, pi = _population_models(pop, g_hat, pi_hat)
     ubar = expected_pseudo_rewards(pop, g_hat, pi_hat)
-    log_pi = _log(pi)
+    log_pi = _log_ref(pi)[1]
     P, K, d = pop.phi.shape
-    gtol = _tolerance(tol, pop.phi)
+    gtol, max_iter = _gradient_tolerance(tol, max_iter, pop.phi)
     theta, converged, _ = _maximise(pop.phi, log_pi, ubar, b, gtol, max_iter)
     if not converged:
         raise InputError(f"drpo_target: no locally concave maximiser found from theta = 0 (|grad| tolerance {gtol:.3g}"

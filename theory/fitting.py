@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .data import PairData, check_clip, check_weight, rank_deficient
+from .data import PairData, check_clip, check_solver, check_weight, rank_deficient
 from .errors import InputError, SeparableDataError
 from .losses import Logistic, MarginLoss, VRDerivatives, get_loss, vr_derivatives, vr_objective
 
@@ -1041,10 +1041,7 @@ def fit(
         method, lam = "vrpo_tuned", None
     weight = _weight(weight, data.d)
     lam_clip = check_clip("lam_clip", lam_clip) or (-math.inf, math.inf)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
-        raise InputError(f"tol must be a positive number, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise InputError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    check_solver(tol, max_iter)
     loss = get_loss(loss)
     if not loss.convex and bound is None:
         raise InputError(f"the {loss.name} loss is bounded, so a linear fit drifts to infinite scale: "

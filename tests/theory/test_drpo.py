@@ -15,7 +15,7 @@ from robust_rlhf.simulate.dataset import sample_drpo, sample_population
 from robust_rlhf.theory import drpo
 from robust_rlhf.theory.data import PairPopulation
 from robust_rlhf.theory.errors import InputError
-from robust_rlhf.theory.policies import preference_utility
+from robust_rlhf.theory.policies import _log_ref, preference_utility
 
 
 def _population(seed: int, P: int, K: int, d: int, bias: float = 0.0) -> PairPopulation:
@@ -75,7 +75,7 @@ def test_objective_derivatives_match_autograd(seed: int, K: int, d: int, beta: f
         pi /= pi.sum(axis=1, keepdims=True)
     v = rng.normal(size=(n, K))
     theta = rng.normal(size=d)
-    log_pi = drpo._log(pi)
+    log_pi = _log_ref(pi)[1]
 
     def objective(t: torch.Tensor) -> torch.Tensor:
         s = torch.tensor(phi) @ t / beta + torch.tensor(log_pi)
@@ -106,7 +106,7 @@ def test_exact_sandwich_matches_enumeration(bias: float) -> None:
             g = pop.g_star[p, y, yp]
             prob = pop.pi[p, y] * pop.pi[p, yp] * (g if z else 1.0 - g) / pop.size
             data = drpo.DRPOData(pop.phi[p][None], pi_bad[p][None], np.array([[y, yp]]), np.array([z]), g_bad[p][None])
-            _, grad, _, centred, curve = drpo._row_terms(target.theta, data.phi[0], drpo._log(data.pi_hat[0]),
+            _, grad, _, centred, curve = drpo._row_terms(target.theta, data.phi[0], _log_ref(data.pi_hat[0])[1],
                                                          drpo.pseudo_rewards(data)[0], 0.4)
             G += prob * grad[0]
             B += prob * np.outer(grad[0], grad[0])
