@@ -343,16 +343,27 @@ def sample(
     return data.with_aux(aux) if aux is not None else data
 
 
-def _population_draws(pop: PairPopulation, n: int, seed: int, reps: int, first_rep: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Prompt rows (R, n) uniform over ``pop``, pairs (R, n, 2) from ``pop.pi`` and labels (R, n)
-    ``Bernoulli(g*)``, replication ``r`` from its own seeded streams."""
+def _population_draws(caller: str, pop: PairPopulation, n: object, seed: object, reps: object, first_rep: object,
+                      **models: tuple[np.ndarray | None, str, tuple[int, ...]]
+                      ) -> tuple[int, int, int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """The checked ``n``, ``seed``, ``reps``, ``first_rep`` and the labelled draws of a finite population: prompt
+    rows (R, n) uniform over ``pop``, pairs (R, n, 2) from ``pop.pi`` and labels (R, n) ``Bernoulli(g*)``,
+    replication ``r`` from its own seeded streams. ``models``: name -> (array or None, the names and the values
+    of the shape it must have)."""
+    n = _check_int("n", n, 1)
+    reps = _check_int("reps", reps, 1)
+    seed = check_seed("'seed'", seed)
+    first_rep = _check_int("first_rep", first_rep, 0)
+    for name, (value, axes, shape) in models.items():
+        if value is not None and np.shape(value) != shape:
+            raise SpecError(f"{caller}: {name} must have the population's shape {axes} = {shape}, "
+                            f"got {np.shape(value)}")
     span = range(first_rep, first_rep + reps)
     rows = np.stack([_rng(seed, "data", r, "prompts").integers(0, pop.size, n) for r in span])
     y = sample_responses(pop.pi[rows], np.stack([_rng(seed, "data", r, "pairs").random((n, 2)) for r in span]))
     gs = pop.g_star[rows, y[..., 0], y[..., 1]]
     z = np.stack([_rng(seed, "data", r, "labels").random(n) for r in span]) < gs
-    return rows, y, z
+    return n, seed, reps, first_rep, rows, y, z
 
 
 def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1, *, M: int = 0,
@@ -364,17 +375,10 @@ def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1,
     Finite populations make the assumptions of the finite-sample bounds exact (bounded features,
     design constants computed over the population); replication ``r`` is seeded as in ``sample``.
     """
-    n = _check_int("n", n, 1)
-    reps = _check_int("reps", reps, 1)
     M = _check_int("M", M, 0)
-    seed = check_seed("'seed'", seed)
-    first_rep = _check_int("first_rep", first_rep, 0)
     P, K = pop.pi.shape
-    if g_hat is not None and np.shape(g_hat) != (P, K, K):
-        raise SpecError(f"sample_population: g_hat must have the population's shape (P, K, K) = {(P, K, K)}, "
-                        f"got {np.shape(g_hat)}")
-    R = reps
-    rows, y, z = _population_draws(pop, n, seed, R, first_rep)
+    n, seed, R, first_rep, rows, y, z = _population_draws("sample_population", pop, n, seed, reps, first_rep,
+                                                          g_hat=(g_hat, "(P, K, K)", (P, K, K)))
     pi = pop.pi[rows]
     phi = pop.phi[rows]  # (R, n, K, d)
     pair = _gather(phi, y)
@@ -393,7 +397,6 @@ def sample_population(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1,
                     ref_row=np.repeat(np.arange(n), M))
 
 
-
 def sample_drpo(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1, *, g_hat: np.ndarray | None = None,
                 pi_hat: np.ndarray | None = None, first_rep: int = 0) -> DRPOData:
     """``theory.drpo.DRPOData`` from a finite prompt population: the labelled pairs of ``sample_population``
@@ -402,17 +405,12 @@ def sample_drpo(pop: PairPopulation, n: int, seed: int = 0, reps: int = 1, *, g_
     ``pi_ref``: pass a wrong one to study DRPO's double robustness."""
     from robust_rlhf.theory.drpo import DRPOData
 
-    n = _check_int("n", n, 1)
-    reps = _check_int("reps", reps, 1)
-    seed = check_seed("'seed'", seed)
-    first_rep = _check_int("first_rep", first_rep, 0)
     P, K = pop.pi.shape
-    for name, value, shape in (("g_hat", g_hat, (P, K, K)), ("pi_hat", pi_hat, (P, K))):
-        if value is not None and np.shape(value) != shape:
-            raise SpecError(f"sample_drpo: {name} must have the population's shape {shape}, got {np.shape(value)}")
-    rows, y, z = _population_draws(pop, n, seed, reps, first_rep)
+    *_, rows, y, z = _population_draws("sample_drpo", pop, n, seed, reps, first_rep,
+                                       g_hat=(g_hat, "(P, K, K)", (P, K, K)), pi_hat=(pi_hat, "(P, K)", (P, K)))
     return DRPOData(phi=pop.phi[rows], pi_hat=(pop.pi if pi_hat is None else np.asarray(pi_hat))[rows], pair=y,
                     z=z.astype(np.float64), g_hat=(pop.g_star if g_hat is None else np.asarray(g_hat))[rows])
+
 
 def save(data: PreferenceData, path: str | Path) -> Path:
     """Write a data set as ``.npz`` (the arrays of ``robust-rlhf fit``) or ``.parquet`` (tidy rows).
