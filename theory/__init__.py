@@ -23,7 +23,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                     "vr_covariance"),
     "second_order": ("vr_second_order",),
     "data": ("PairData", "PairPopulation"),
-    "drpo": ("DRPOData", "DRPOFit", "DRPOTarget", "drpo_target", "fit_drpo"),
+    "drpo": ("DRPOData", "DRPOFit", "DRPOSampledLoss", "DRPOTarget", "drpo_sampled_loss", "drpo_target", "fit_drpo"),
     "errors": ("InputError", "SeparableDataError"),
     "fitting": ("METHODS", "FitResult", "fit"),
     "io": ("load_pair_data",),

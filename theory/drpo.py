@@ -50,6 +50,10 @@ n = 1500 and 4.5 at n = 6000 against 2.33 predicted (at ``beta = 0.3``: 0.73 and
 
 ``g_hat`` and ``pi_hat`` are fixed here (fitted on other data, or known); learning them on the same rows needs
 cross-fitting, as for VRPO.
+
+Policies that cannot enumerate their responses (language models) use ``drpo_sampled_loss``: a surrogate on
+``S`` draws ``a_s ~ pi_theta(.|x_i)`` whose gradient is, in expectation over the draws, exactly ``-grad f_i``
+for any differentiable policy (the score-function identity, with a leave-one-out baseline).
 """
 
 from __future__ import annotations
@@ -57,14 +61,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.optimize import minimize
 from scipy.special import logsumexp
+from torch import Tensor
 
 from .data import PairPopulation, _as_float, _bounded, as_probabilities, check_solver
 from .errors import InputError
 from .policies import _check_beta, _check_distribution, _log_ref, win_rate
 
-__all__ = ["DRPOData", "DRPOFit", "DRPOTarget", "pseudo_rewards", "fit_drpo", "drpo_target", "expected_pseudo_rewards"]
+__all__ = ["DRPOData", "DRPOFit", "DRPOTarget", "DRPOSampledLoss", "pseudo_rewards", "fit_drpo", "drpo_target",
+           "expected_pseudo_rewards", "drpo_sampled_loss"]
 
 
 def _distribution(name: str, values: object, shape: tuple[int, ...]) -> np.ndarray:
@@ -362,3 +369,107 @@ def drpo_target(pop: PairPopulation, beta: float, g_hat: np.ndarray | None = Non
     return DRPOTarget(theta=theta, cov=Ainv @ B @ Ainv, A=A, B=B, policy=w,
                       win_rate=float(win_rate(w, pop).mean), win_rate_estimated=float((w * ubar).sum(axis=1).mean()),
                       utility_hat=ubar, beta=b)
+
+
+# --- sampled responses (language models) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DRPOSampledLoss:
+    """``drpo_sampled_loss``'s result. ``loss`` is the scalar to minimise; per row (B,), without gradient: the
+    estimates ``objective = win_rate - beta kl`` of ``f_i``, ``win_rate = direct + correction`` of ``P(pi_theta >
+    pi_ref)``, ``kl`` of ``KL(pi_theta || pi_hat)``; ``ratio`` (B, 2) the importance ratios ``pi_theta / pi_hat``
+    of ``(y, y')`` before clipping and ``clipped`` (B, 2) whether each was clipped."""
+
+    loss: Tensor
+    objective: Tensor
+    win_rate: Tensor
+    direct: Tensor
+    correction: Tensor
+    kl: Tensor
+    ratio: Tensor
+    clipped: Tensor
+
+
+def _finite_tensor(name: str, values: Tensor, shape: tuple[int, ...], probability: bool = False) -> None:
+    """``values`` of ``shape``, finite (and in [0, 1] for a ``probability``), else an ``InputError`` naming the row."""
+    if not isinstance(values, Tensor):
+        raise InputError(f"{name}: expected a tensor, got {type(values).__name__}")
+    if tuple(values.shape) != shape:
+        raise InputError(f"{name}: expected shape {shape}, got {tuple(values.shape)}")
+    v = values.detach()
+    bad = ~torch.isfinite(v) | ((v < 0) | (v > 1) if probability else torch.zeros_like(v, dtype=torch.bool))
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        what = "a probability in [0, 1]" if probability else "finite"
+        raise InputError(f"{name}: row {idx[0]}{f', entry {idx[1:]}' if len(idx) > 1 else ''} is "
+                         f"{float(v[idx])!r}, but must be {what}")
+
+
+def drpo_sampled_loss(
+    logp_samples: Tensor, ref_logp_samples: Tensor, g_sample_vs_second: Tensor, g_first_vs_sample: Tensor,
+    logp_pair: Tensor, ref_logp_pair: Tensor, g_pair: Tensor, z: Tensor, beta: float,
+    ratio_clip: float | None = None,
+) -> DRPOSampledLoss:
+    r"""DRPO's loss for a policy known through ``S`` draws per row (a language model), on ``B`` rows.
+
+    Inputs per row ``i``: ``logp_samples``, ``ref_logp_samples`` (B, S) ``log pi_theta(a_s)`` (with gradient) and
+    ``log pi_hat(a_s)`` of the draws ``a_s ~ pi_theta(.|x_i)``; ``g_sample_vs_second = g_hat(a_s, y')`` and
+    ``g_first_vs_sample = g_hat(y, a_s)`` (B, S); ``logp_pair``, ``ref_logp_pair`` (B, 2) the same log-probs of
+    the observed pair ``(y, y')``; ``g_pair = g_hat(y, y')`` and ``z = P(y beat y')`` (B,) (1 for a chosen /
+    rejected row). With ``d_s = [g_hat(a_s, y') + 1 - g_hat(y, a_s)] / 2``, ``k_s = log pi_theta(a_s) - log
+    pi_hat(a_s)``, ``r_s = d_s - beta k_s``, the leave-one-out advantage ``A_s = r_s - mean_{t != s} r_t``
+    (``A_s = r_s`` when ``S = 1``), ``e = z - g_hat(y, y')`` and the ratios ``rho = exp(log pi_theta - log pi_hat)``
+    of ``y`` and ``y'`` (stop-gradient, clipped above at ``ratio_clip`` when given),
+
+    .. math::
+        loss = -\frac1B \sum_i \Big[\frac1S \sum_s A_s \log\pi_\theta(a_s)
+               + \frac{e_i}2 \big(\rho(y_i) \log\pi_\theta(y_i) - \rho(y'_i) \log\pi_\theta(y'_i)\big)\Big].
+
+    Its gradient's expectation over the draws is ``-(1/B) sum_i grad f_i`` with ``f_i = sum_a pi_theta(a) v_i(a) -
+    beta KL(pi_theta || pi_hat)`` of the module docstring (``E[A_s grad log pi(a_s)] = E[r(a) grad log pi(a)]``
+    and ``grad KL = E[k(a) grad log pi(a)]``), exactly without ``ratio_clip``; clipping trades that for a bounded
+    weight. The estimates: ``direct = mean_s d_s``, ``correction = (e/2)(rho(y) - rho(y'))`` (unclipped), ``kl =
+    mean_s k_s``.
+    """
+    if not isinstance(logp_samples, Tensor) or logp_samples.ndim != 2 or min(logp_samples.shape) < 1:
+        raise InputError("logp_samples: expected a (B, S) tensor with B, S >= 1, got "
+                         f"{tuple(getattr(logp_samples, 'shape', ())) or type(logp_samples).__name__}")
+    B, S = logp_samples.shape
+    _finite_tensor("logp_samples", logp_samples, (B, S))
+    _finite_tensor("ref_logp_samples", ref_logp_samples, (B, S))
+    _finite_tensor("g_sample_vs_second", g_sample_vs_second, (B, S), probability=True)
+    _finite_tensor("g_first_vs_sample", g_first_vs_sample, (B, S), probability=True)
+    _finite_tensor("logp_pair", logp_pair, (B, 2))
+    _finite_tensor("ref_logp_pair", ref_logp_pair, (B, 2))
+    _finite_tensor("g_pair", g_pair, (B,), probability=True)
+    _finite_tensor("z", z, (B,), probability=True)
+    b = _check_beta(beta, weight=True)
+    if ratio_clip is not None and not (isinstance(ratio_clip, (int, float)) and ratio_clip >= 1):
+        raise InputError(f"ratio_clip: None or a number >= 1 (a clip below 1 would cut ratios of unchanged "
+                         f"responses), got {ratio_clip!r}")
+    f64 = dict(dtype=torch.float64, device=logp_samples.device)
+    with torch.no_grad():
+        d = 0.5 * (g_sample_vs_second.to(**f64) + 1.0 - g_first_vs_sample.to(**f64))
+        k = logp_samples.detach().to(**f64) - ref_logp_samples.to(**f64)
+        r = d - b * k
+        adv = r - (r.sum(1, keepdim=True) - r) / (S - 1) if S > 1 else r
+        log_ratio = logp_pair.detach().to(**f64) - ref_logp_pair.to(**f64)
+        ratio = torch.exp(log_ratio)
+        if not torch.isfinite(ratio).all():
+            row = int((~torch.isfinite(ratio)).any(1).nonzero()[0])
+            raise InputError(f"row {row}: the importance ratio pi_theta / pi_hat of the observed pair overflows "
+                             f"(log ratio {float(log_ratio[row].max()):.4g}); pi_hat is far from the policy: set "
+                             "ratio_clip")
+        clipped = ratio > ratio_clip if ratio_clip is not None else torch.zeros_like(ratio, dtype=torch.bool)
+        weight = ratio.clamp(max=ratio_clip) if ratio_clip is not None else ratio
+        half_e = 0.5 * (z.to(**f64) - g_pair.to(**f64))
+        direct = d.mean(1)
+        correction = half_e * (ratio[:, 0] - ratio[:, 1])
+        kl = k.mean(1)
+        win = direct + correction
+    sampled = (adv * logp_samples).mean(1)
+    weighted = half_e * (weight[:, 0] * logp_pair[:, 0] - weight[:, 1] * logp_pair[:, 1])
+    loss = -(sampled + weighted).mean()
+    return DRPOSampledLoss(loss=loss, objective=win - b * kl, win_rate=win, direct=direct, correction=correction,
+                           kl=kl, ratio=ratio, clipped=clipped)

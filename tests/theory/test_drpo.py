@@ -262,3 +262,107 @@ def test_bad_input_is_named() -> None:
     zero[2] = [1.0, 0.0, 0.0]
     with pytest.raises(InputError, match="pi_hat: prompt 2 gives probability 0 to response 1"):
         drpo.drpo_target(pop, 1.0, None, zero)
+
+
+# --- the sampled-response loss (language models) -----------------------------------------------------------
+
+
+def _sampled_case(seed: int, K: int, d: int, beta: float, z: float):
+    """One row: features, pi_hat, g_hat, a pair, a label; a linear policy's parameters ``theta`` as a tensor."""
+    rng = np.random.default_rng(seed)
+    phi = rng.normal(size=(K, d))
+    pi_hat = rng.dirichlet(np.full(K, 2.0))
+    g_hat = rng.uniform(0.05, 0.95, size=(K, K))
+    y, yp = rng.choice(K, size=2, replace=K == 1)
+    theta = rng.normal(size=d) * beta
+    return phi, pi_hat, g_hat, int(y), int(yp), z, theta
+
+
+def _expected_sampled(phi, pi_hat, g_hat, y, yp, z, theta, beta, S, ratio_clip=None):
+    """The expectation over every ``S``-tuple of draws from ``pi_theta`` of the loss's gradient in ``theta`` and of
+    its estimates (objective, win rate, kl)."""
+    th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+    logits = torch.tensor(np.log(pi_hat)) + torch.tensor(phi) @ th / beta
+    logp = torch.log_softmax(logits, 0)
+    ref = torch.tensor(np.log(pi_hat))
+    g = torch.tensor(g_hat)
+    prob = logp.detach().exp().numpy()
+    K = len(pi_hat)
+    grad = np.zeros(len(theta))
+    est = np.zeros(3)
+    for draws in itertools.product(range(K), repeat=S):
+        a = torch.tensor(draws)
+        w = float(np.prod(prob[list(draws)]))
+        out = drpo.drpo_sampled_loss(
+            logp[a][None], ref[a][None], g[a, yp][None], g[y, a][None], logp[[y, yp]][None], ref[[y, yp]][None],
+            g[y, yp].reshape(1), torch.tensor([z], dtype=torch.float64), beta, ratio_clip)
+        (gr,) = torch.autograd.grad(out.loss, th, retain_graph=True)
+        grad += w * gr.numpy()
+        est += w * np.array([float(out.objective[0]), float(out.win_rate[0]), float(out.kl[0])])
+    return grad, est, prob
+
+
+@given(seed=st.integers(0, 10_000), K=st.integers(2, 4), d=st.integers(1, 3), S=st.integers(1, 3),
+       beta=st.floats(0.05, 5.0), z=st.sampled_from([0.0, 1.0, 0.3]))
+def test_sampled_loss_gradient_is_unbiased_for_the_objective(seed: int, K: int, d: int, S: int, beta: float,
+                                                             z: float) -> None:
+    # exactly, by listing every S-tuple of draws: E[grad loss] = -grad f (the linear DRPO objective of _row_terms)
+    # and E[objective estimate] = f, E[win-rate estimate] = sum_a pi_theta(a) v(a), E[kl] = KL(pi_theta || pi_hat)
+    phi, pi_hat, g_hat, y, yp, z, theta = _sampled_case(seed, K, d, beta, z)
+    grad, (obj, win, kl), prob = _expected_sampled(phi, pi_hat, g_hat, y, yp, z, theta, beta, S)
+    data = drpo.DRPOData(phi[None], pi_hat[None], np.array([[y, yp]]), np.array([z]), g_hat[None])
+    v = drpo.pseudo_rewards(data)[0]
+    f, f_grad, w, _, _ = drpo._row_terms(theta, phi[None], np.log(pi_hat)[None], v, beta)
+    np.testing.assert_allclose(w[0], prob, rtol=1e-12)
+    np.testing.assert_allclose(-grad, f_grad[0], rtol=1e-9, atol=1e-11)
+    assert obj == pytest.approx(float(f[0]), rel=1e-10, abs=1e-12)
+    assert win == pytest.approx(float(prob @ v[0]), rel=1e-10, abs=1e-12)
+    assert kl == pytest.approx(float(prob @ (np.log(prob) - np.log(pi_hat))), rel=1e-10, abs=1e-12)
+
+
+def test_sampled_loss_golden_values_and_clipping() -> None:
+    # two draws with hand-computed advantages and weights: r_s = d_s - beta k_s, A_1 = r_1 - r_2 = -A_2
+    beta = 0.5
+    lp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    ref_s = torch.tensor([[-1.5, -1.0]], dtype=torch.float64)
+    g2, g1 = torch.tensor([[0.9, 0.2]], dtype=torch.float64), torch.tensor([[0.3, 0.6]], dtype=torch.float64)
+    lpp = torch.tensor([[-0.5, -3.0]], dtype=torch.float64, requires_grad=True)
+    refp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64)
+    gp, z = torch.tensor([0.7], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    d = np.array([0.5 * (0.9 + 1 - 0.3), 0.5 * (0.2 + 1 - 0.6)])  # 0.8, 0.3
+    k = np.array([0.5, -1.0])
+    r = d - beta * k  # 0.55, 0.8
+    rho = np.exp([0.5, -1.0])
+    for clip, weight in ((None, rho), (1.2, np.minimum(rho, 1.2))):
+        out = drpo.drpo_sampled_loss(lp, ref_s, g2, g1, lpp, refp, gp, z, beta, clip)
+        gl, gpair = torch.autograd.grad(out.loss, (lp, lpp))
+        np.testing.assert_allclose(gl.numpy()[0], -np.array([r[0] - r[1], r[1] - r[0]]) / 2, rtol=1e-14)
+        np.testing.assert_allclose(gpair.numpy()[0], -0.15 * weight * np.array([1.0, -1.0]), rtol=1e-14)
+        assert float(out.direct[0]) == pytest.approx(d.mean(), rel=1e-14)
+        assert float(out.correction[0]) == pytest.approx(0.15 * (rho[0] - rho[1]), rel=1e-14)  # never clipped
+        assert float(out.kl[0]) == pytest.approx(k.mean(), rel=1e-14)
+        assert float(out.objective[0]) == pytest.approx(d.mean() + 0.15 * (rho[0] - rho[1]) - beta * k.mean())
+        assert out.clipped.tolist() == [[clip is not None, False]]
+
+
+def test_sampled_loss_names_bad_input() -> None:
+    B, S = 2, 3
+    ok = dict(logp_samples=torch.zeros(B, S), ref_logp_samples=torch.zeros(B, S),
+              g_sample_vs_second=torch.full((B, S), 0.5), g_first_vs_sample=torch.full((B, S), 0.5),
+              logp_pair=torch.zeros(B, 2), ref_logp_pair=torch.zeros(B, 2), g_pair=torch.full((B,), 0.5),
+              z=torch.ones(B), beta=0.1)
+    assert torch.isfinite(drpo.drpo_sampled_loss(**ok).loss)
+    cases = [
+        (dict(logp_samples=torch.zeros(B)), re.escape("logp_samples: expected a (B, S) tensor with B, S >= 1, got (2,)")),
+        (dict(ref_logp_samples=torch.zeros(B, S + 1)), re.escape("ref_logp_samples: expected shape (2, 3), got (2, 4)")),
+        (dict(g_first_vs_sample=torch.tensor([[0.5, 0.5, 0.5], [0.5, 1.5, 0.5]])),
+         re.escape("g_first_vs_sample: row 1, entry (1,) is 1.5, but must be a probability in [0, 1]")),
+        (dict(ref_logp_pair=torch.tensor([[0.0, 0.0], [float("-inf"), 0.0]])), "ref_logp_pair: row 1, .* must be finite"),
+        (dict(z=torch.tensor([1.0, float("nan")])), "z: row 1 is nan"),
+        (dict(beta=0.0), "beta"),
+        (dict(ratio_clip=0.5), "ratio_clip: None or a number >= 1"),
+        (dict(logp_pair=torch.tensor([[0.0, 0.0], [800.0, 0.0]], dtype=torch.float64)), "row 1: the importance ratio"),
+    ]
+    for change, message in cases:
+        with pytest.raises(InputError, match=message):
+            drpo.drpo_sampled_loss(**{**ok, **change})
