@@ -6,6 +6,8 @@ Importing this package is light: the submodules that need transformers load on f
 * ``objectives``: methods (MLE/DPO, VRPO, tuned VRPO, cDPO, rDPO, IPO, hinge) as calls to ``theory.losses``;
 * ``tokenization``, ``logprobs``: one concatenated batch per step and its sequence log-probabilities;
 * ``trainers``: ``PreferenceTrainer`` (one-stage) and ``RewardTrainer`` (two-stage) on ``transformers.Trainer``;
+* ``drpo``: ``DRPOTrainer``, online DRPO (draws from the policy, a judge ``g_hat``, a model ``pi_hat`` of the
+  data's policy);
 * ``auxiliary``: ``g_hat`` from a reward model, a pairwise model, a callable; cross-fitting and caching;
 * ``references``: sampling reference pairs from ``pi_ref`` (resumable);
 * ``policy``: best-of-n selection and the optional TRL RL step;
@@ -25,6 +27,7 @@ _LAZY = {
     "load_preference_data": "data",
     "PreferenceTrainer": "trainers",
     "RewardTrainer": "trainers",
+    "DRPOTrainer": "drpo",
     "run_finetune": "pipeline",
     "parse_config": "config",
 }

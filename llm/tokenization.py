@@ -19,7 +19,7 @@ import torch
 
 from robust_rlhf.theory.errors import InputError
 
-from .data import CHOSEN_PREF, PROMPT, REF_LOGPS, PreferenceSchema, preference_column
+from .data import CHOSEN, CHOSEN_PREF, PROMPT, REF_LOGPS, REJECTED, PreferenceSchema, preference_column
 
 __all__ = [
     "TokenizeOptions",
@@ -142,10 +142,12 @@ def tokenize_example(
     return out
 
 
-def tokenize_dataset(dataset: Any, tokenizer: Any, schema: PreferenceSchema, options: TokenizeOptions):
-    """Tokenise a validated ``datasets.Dataset``; keeps the probability columns and ``ref_logps`` if present."""
+def tokenize_dataset(dataset: Any, tokenizer: Any, schema: PreferenceSchema, options: TokenizeOptions,
+                     keep_text: bool = False):
+    """Tokenise a validated ``datasets.Dataset``; keeps the probability columns and ``ref_logps`` if present, and
+    with ``keep_text`` the ``prompt``, ``chosen`` and ``rejected`` texts (which DRPO's judge reads)."""
     columns = schema.response_columns
-    keep = set(schema.preference_columns) | {REF_LOGPS}
+    keep = set(schema.preference_columns) | {REF_LOGPS} | ({PROMPT, CHOSEN, REJECTED} if keep_text else set())
     remove = [c for c in dataset.column_names if c not in keep]
 
     def fn(example: Mapping[str, Any]) -> dict[str, list[int]]:

@@ -379,7 +379,7 @@ class DRPOSampledLoss:
     """``drpo_sampled_loss``'s result. ``loss`` is the scalar to minimise; per row (B,), without gradient: the
     estimates ``objective = win_rate - beta kl`` of ``f_i``, ``win_rate = direct + correction`` of ``P(pi_theta >
     pi_ref)``, ``kl`` of ``KL(pi_theta || pi_hat)``; ``ratio`` (B, 2) the importance ratios ``pi_theta / pi_hat``
-    of ``(y, y')`` before clipping and ``clipped`` (B, 2) whether each was clipped."""
+    of ``(y, y')`` before capping and ``clipped`` (B, 2) whether each reached the cap."""
 
     loss: Tensor
     objective: Tensor
@@ -419,18 +419,22 @@ def drpo_sampled_loss(
     the observed pair ``(y, y')``; ``g_pair = g_hat(y, y')`` and ``z = P(y beat y')`` (B,) (1 for a chosen /
     rejected row). With ``d_s = [g_hat(a_s, y') + 1 - g_hat(y, a_s)] / 2``, ``k_s = log pi_theta(a_s) - log
     pi_hat(a_s)``, ``r_s = d_s - beta k_s``, the leave-one-out advantage ``A_s = r_s - mean_{t != s} r_t``
-    (``A_s = r_s`` when ``S = 1``), ``e = z - g_hat(y, y')`` and the ratios ``rho = exp(log pi_theta - log pi_hat)``
-    of ``y`` and ``y'`` (stop-gradient, clipped above at ``ratio_clip`` when given),
+    (``A_s = r_s`` when ``S = 1``), ``e = z - g_hat(y, y')``, the ratios ``rho = exp(log pi_theta - log pi_hat)``
+    of ``y`` and ``y'`` and their weights ``w = rho 1{rho < c}`` (stop-gradient; ``c = ratio_clip``, infinite when
+    None),
 
     .. math::
         loss = -\frac1B \sum_i \Big[\frac1S \sum_s A_s \log\pi_\theta(a_s)
-               + \frac{e_i}2 \big(\rho(y_i) \log\pi_\theta(y_i) - \rho(y'_i) \log\pi_\theta(y'_i)\big)\Big].
+               + \frac{e_i}2 \big(w(y_i) \log\pi_\theta(y_i) - w(y'_i) \log\pi_\theta(y'_i)\big)\Big].
 
     Its gradient's expectation over the draws is ``-(1/B) sum_i grad f_i`` with ``f_i = sum_a pi_theta(a) v_i(a) -
     beta KL(pi_theta || pi_hat)`` of the module docstring (``E[A_s grad log pi(a_s)] = E[r(a) grad log pi(a)]``
-    and ``grad KL = E[k(a) grad log pi(a)]``), exactly without ``ratio_clip``; clipping trades that for a bounded
-    weight. The estimates: ``direct = mean_s d_s``, ``correction = (e/2)(rho(y) - rho(y'))`` (unclipped), ``kl =
-    mean_s k_s``.
+    and ``grad KL = E[k(a) grad log pi(a)]``), exactly when ``c`` is infinite. A finite ``c`` caps each ratio in the
+    objective at ``c``, ``(e/2)(min(rho(y), c) - min(rho(y'), c))``, whose gradient ``w`` vanishes beyond the cap: a
+    sequence's ratio can grow as ``1 / pi_hat(y)``, and a language model can raise ``pi_theta(y)`` of one prompt's
+    response without bound, so uncapped the correction term rewards memorising ``y``; the cap bounds it, at the
+    price of a bias towards the direct term. The estimates: ``direct = mean_s d_s``, ``correction = (e/2)(min(rho(y),
+    c) - min(rho(y'), c))``, ``kl = mean_s k_s``.
     """
     if not isinstance(logp_samples, Tensor) or logp_samples.ndim != 2 or min(logp_samples.shape) < 1:
         raise InputError("logp_samples: expected a (B, S) tensor with B, S >= 1, got "
@@ -461,11 +465,12 @@ def drpo_sampled_loss(
             raise InputError(f"row {row}: the importance ratio pi_theta / pi_hat of the observed pair overflows "
                              f"(log ratio {float(log_ratio[row].max()):.4g}); pi_hat is far from the policy: set "
                              "ratio_clip")
-        clipped = ratio > ratio_clip if ratio_clip is not None else torch.zeros_like(ratio, dtype=torch.bool)
-        weight = ratio.clamp(max=ratio_clip) if ratio_clip is not None else ratio
+        clipped = ratio >= ratio_clip if ratio_clip is not None else torch.zeros_like(ratio, dtype=torch.bool)
+        weight = torch.where(clipped, 0.0, ratio)
+        capped = torch.where(clipped, float(ratio_clip or 0.0), ratio)
         half_e = 0.5 * (z.to(**f64) - g_pair.to(**f64))
         direct = d.mean(1)
-        correction = half_e * (ratio[:, 0] - ratio[:, 1])
+        correction = half_e * (capped[:, 0] - capped[:, 1])
         kl = k.mean(1)
         win = direct + correction
     sampled = (adv * logp_samples).mean(1)

@@ -302,14 +302,34 @@ def _expected_sampled(phi, pi_hat, g_hat, y, yp, z, theta, beta, S, ratio_clip=N
     return grad, est, prob
 
 
+def _capped_objective(phi, pi_hat, g_hat, y, yp, z, theta, beta, clip):
+    """``f`` with each importance ratio capped at ``clip`` (its value and gradient), written out in torch."""
+    th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+    logp = torch.log_softmax(torch.tensor(np.log(pi_hat)) + torch.tensor(phi) @ th / beta, 0)
+    p, g = logp.exp(), torch.tensor(g_hat)
+    direct = p @ (0.5 * (g[:, yp] + 1.0 - g[y, :]))
+    kl = p @ (logp - torch.tensor(np.log(pi_hat)))
+    rho = torch.exp(logp[[y, yp]] - torch.tensor(np.log(pi_hat[[y, yp]])))
+    rho = rho if clip is None else torch.clamp(rho, max=clip)
+    f = direct + 0.5 * (z - g_hat[y, yp]) * (rho[0] - rho[1]) - beta * kl
+    (grad,) = torch.autograd.grad(f, th)
+    return float(f.detach()), grad.numpy()
+
+
 @given(seed=st.integers(0, 10_000), K=st.integers(2, 4), d=st.integers(1, 3), S=st.integers(1, 3),
-       beta=st.floats(0.05, 5.0), z=st.sampled_from([0.0, 1.0, 0.3]))
+       beta=st.floats(0.05, 5.0), z=st.sampled_from([0.0, 1.0, 0.3]), clip=st.sampled_from([None, 1.0, 1.3, 3.0]))
 def test_sampled_loss_gradient_is_unbiased_for_the_objective(seed: int, K: int, d: int, S: int, beta: float,
-                                                             z: float) -> None:
+                                                             z: float, clip: float | None) -> None:
     # exactly, by listing every S-tuple of draws: E[grad loss] = -grad f (the linear DRPO objective of _row_terms)
-    # and E[objective estimate] = f, E[win-rate estimate] = sum_a pi_theta(a) v(a), E[kl] = KL(pi_theta || pi_hat)
+    # and E[objective estimate] = f, E[win-rate estimate] = sum_a pi_theta(a) v(a), E[kl] = KL(pi_theta || pi_hat);
+    # with a cap, the same for f with min(rho, cap) in place of each ratio
     phi, pi_hat, g_hat, y, yp, z, theta = _sampled_case(seed, K, d, beta, z)
-    grad, (obj, win, kl), prob = _expected_sampled(phi, pi_hat, g_hat, y, yp, z, theta, beta, S)
+    grad, (obj, win, kl), prob = _expected_sampled(phi, pi_hat, g_hat, y, yp, z, theta, beta, S, clip)
+    f_cap, grad_cap = _capped_objective(phi, pi_hat, g_hat, y, yp, z, theta, beta, clip)
+    np.testing.assert_allclose(-grad, grad_cap, rtol=1e-9, atol=1e-11)
+    assert obj == pytest.approx(f_cap, rel=1e-10, abs=1e-12)
+    if clip is not None:
+        return
     data = drpo.DRPOData(phi[None], pi_hat[None], np.array([[y, yp]]), np.array([z]), g_hat[None])
     v = drpo.pseudo_rewards(data)[0]
     f, f_grad, w, _, _ = drpo._row_terms(theta, phi[None], np.log(pi_hat)[None], v, beta)
@@ -321,7 +341,8 @@ def test_sampled_loss_gradient_is_unbiased_for_the_objective(seed: int, K: int, 
 
 
 def test_sampled_loss_golden_values_and_clipping() -> None:
-    # two draws with hand-computed advantages and weights: r_s = d_s - beta k_s, A_1 = r_1 - r_2 = -A_2
+    # two draws with hand-computed advantages and weights: r_s = d_s - beta k_s, A_1 = r_1 - r_2 = -A_2; a cap at
+    # 1.2 holds rho(y) = e^0.5 at 1.2 in the objective and takes its gradient away, and leaves rho(y') = e^-1
     beta = 0.5
     lp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
     ref_s = torch.tensor([[-1.5, -1.0]], dtype=torch.float64)
@@ -333,15 +354,16 @@ def test_sampled_loss_golden_values_and_clipping() -> None:
     k = np.array([0.5, -1.0])
     r = d - beta * k  # 0.55, 0.8
     rho = np.exp([0.5, -1.0])
-    for clip, weight in ((None, rho), (1.2, np.minimum(rho, 1.2))):
+    for clip, weight, capped in ((None, rho, rho), (1.2, rho * (rho < 1.2), np.minimum(rho, 1.2))):
         out = drpo.drpo_sampled_loss(lp, ref_s, g2, g1, lpp, refp, gp, z, beta, clip)
         gl, gpair = torch.autograd.grad(out.loss, (lp, lpp))
         np.testing.assert_allclose(gl.numpy()[0], -np.array([r[0] - r[1], r[1] - r[0]]) / 2, rtol=1e-14)
         np.testing.assert_allclose(gpair.numpy()[0], -0.15 * weight * np.array([1.0, -1.0]), rtol=1e-14)
         assert float(out.direct[0]) == pytest.approx(d.mean(), rel=1e-14)
-        assert float(out.correction[0]) == pytest.approx(0.15 * (rho[0] - rho[1]), rel=1e-14)  # never clipped
+        assert float(out.correction[0]) == pytest.approx(0.15 * (capped[0] - capped[1]), rel=1e-14)
         assert float(out.kl[0]) == pytest.approx(k.mean(), rel=1e-14)
-        assert float(out.objective[0]) == pytest.approx(d.mean() + 0.15 * (rho[0] - rho[1]) - beta * k.mean())
+        assert float(out.objective[0]) == pytest.approx(d.mean() + 0.15 * (capped[0] - capped[1]) - beta * k.mean())
+        np.testing.assert_allclose(out.ratio.numpy()[0], rho, rtol=1e-14)
         assert out.clipped.tolist() == [[clip is not None, False]]
 
 
