@@ -13,8 +13,8 @@ Fine-tune with the losses of robust_rlhf.theory on transformers' Trainer.
 
 The YAML config holds the options of four groups (see robust_rlhf/llm/README.md):
 model (model_name_or_path, use_peft, ...), data (train_data, fix_position_bias, ...),
-estimator (stage one|two, method mle|vrpo|vrpo_tuned|cdpo|rdpo|dpo|ipo|hinge, loss, beta, lam,
-g_source, ...) and transformers' TrainingArguments (output_dir, learning_rate, bf16, ...).
+estimator (stage one|two, method mle|vrpo|vrpo_tuned|cdpo|rdpo|dpo|ipo|hinge|drpo, loss, beta, lam,
+g_source, drpo_samples, ...) and transformers' TrainingArguments (output_dir, learning_rate, bf16, ...).
 
 Override single options with `--set key=value` (YAML-typed) or, after `--`, with
 transformers-style flags:  robust-rlhf finetune --config run.yaml --set lam=0.5 -- --bf16 true
@@ -70,18 +70,19 @@ def run(args: argparse.Namespace) -> int:
         from robust_rlhf.llm.pipeline import build_objective
 
         objective = build_objective(pref_args)
+        needs_refs = objective is not None and objective.uses_control_variate
         rows, schema = prepare_rows(
             data_args.train_data,
             data_args.train_split,
             data_args.fix_position_bias,
             data_args.preference_tol,
-            require_references=objective.uses_control_variate,
-            require_preferences=objective.uses_control_variate and pref_args.g_source == "columns",
+            require_references=needs_refs,
+            require_preferences=needs_refs and pref_args.g_source == "columns",
         )
         print(
             _json.dumps(
                 {
-                    "objective": f"{objective.method}/{objective.loss!r}",
+                    "objective": "drpo" if objective is None else f"{objective.method}/{objective.loss!r}",
                     "stage": pref_args.stage,
                     **summary(rows, schema),
                 }

@@ -30,6 +30,8 @@ STAGES = ("one", "two")
 #: where ``g_hat`` comes from: data columns, a frozen copy of the trained model, a reward model, a
 #: pairwise preference model, or a Python callable ``module:function``
 G_SOURCES = ("columns", "frozen", "reward_model", "pairwise_model", "callable")
+#: the sources that can score a response drawn during training (DRPO's judge)
+JUDGES = ("reward_model", "pairwise_model", "callable")
 
 
 @dataclass
@@ -84,7 +86,9 @@ class PreferenceArguments:
     """The estimator: stage, method, margin loss and the auxiliary model ``g_hat``."""
 
     stage: str = field(default="one", metadata={"help": "one: DPO-style policy; two: reward model"})
-    method: str = field(default="mle", metadata={"help": "mle, vrpo, vrpo_tuned, cdpo, rdpo, or dpo/ipo/hinge"})
+    method: str = field(
+        default="mle", metadata={"help": "mle, vrpo, vrpo_tuned, cdpo, rdpo, dpo/ipo/hinge, or drpo (online, stage one)"}
+    )
     loss: str | None = field(
         default=None, metadata={"help": "logistic, truncated_hinge, hinge, ipo (default logistic)"}
     )
@@ -113,6 +117,11 @@ class PreferenceArguments:
     center_rewards_coefficient: float | None = field(
         default=None, metadata={"help": "stage two: + c mean((r_c + r_r)^2)"}
     )
+    drpo_samples: int = field(default=2, metadata={"help": "drpo: responses drawn from the policy per row and step"})
+    drpo_max_new_tokens: int = field(default=64, metadata={"help": "drpo: longest draw"})
+    drpo_ratio_clip: float | None = field(
+        default=2.0, metadata={"help": "drpo: cap on pi_theta / pi_hat of the observed pair (null: none)"}
+    )
     disable_dropout: bool = True
 
     def __post_init__(self) -> None:
@@ -128,6 +137,17 @@ class PreferenceArguments:
             raise InputError(f"beta must be > 0, got {self.beta}")
         if self.g_cross_fit_folds == 1 or self.g_cross_fit_folds < 0:
             raise InputError(f"g_cross_fit_folds must be 0 (off) or >= 2, got {self.g_cross_fit_folds}")
+        if self.method == "drpo":
+            if self.stage != "one":
+                raise InputError("method drpo trains a policy: stage must be one")
+            if self.g_source not in JUDGES:
+                raise InputError(f"method drpo judges its draws while training: g_source must be one of "
+                                 f"{', '.join(JUDGES)}, got {self.g_source!r}")
+            if self.g_cross_fit_folds:
+                raise InputError("method drpo: g_cross_fit_folds does not apply (the judge scores new draws)")
+            if self.length_normalize:
+                raise InputError("method drpo: length_normalize does not apply (its importance ratios need sequence "
+                                 "log-probabilities)")
 
 
 def _dataclass_types() -> tuple[type, ...]:

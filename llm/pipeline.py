@@ -8,6 +8,10 @@ r"""One fine-tuning run from its configuration: data -> g_hat -> tokens -> train
 3. tokenise; for stage one, precompute the reference log-probabilities once, cached in ``cache_dir``;
 4. build ``PreferenceTrainer`` (stage one) or ``RewardTrainer`` (stage two), train (resuming from a
    checkpoint when asked), save the model, tokenizer and ``trainer_state.json`` (logged metrics) to ``output_dir``.
+
+``method: drpo`` skips steps 2 and 3: ``DRPOTrainer`` draws responses while training, judges them with the scorer
+of ``g_source`` (a reward model, a pairwise model or a callable) and scores ``pi_hat`` (``ref_model_name_or_path``,
+default the initial policy) on them live.
 """
 
 from __future__ import annotations
@@ -34,12 +38,13 @@ from .auxiliary import (
 )
 from .config import DataArguments, ModelArguments, PreferenceArguments
 from .data import PreferenceSchema, infer_schema, prepare_rows, rows_to_dataset
+from .drpo import DRPOTrainer
 from .models import apply_lora, load_causal_lm, load_reward_model, load_tokenizer
 from .objectives import PreferenceObjective
 from .tokenization import REF_LOGPS, TokenizeOptions, tokenize_dataset
 from .trainers import PreferenceTrainer, RewardTrainer
 
-__all__ = ["build_objective", "prepare_g_hat", "fit_reward_scorer", "run_finetune"]
+__all__ = ["build_objective", "build_scorer", "prepare_g_hat", "fit_reward_scorer", "run_finetune"]
 
 
 #: the training arguments a cross-fitted reward model's fit depends on (part of its g_hat cache key)
@@ -49,8 +54,10 @@ _FIT_SETTINGS = (
 )
 
 
-def build_objective(pref: PreferenceArguments) -> PreferenceObjective:
-    """The ``PreferenceObjective`` named by the config."""
+def build_objective(pref: PreferenceArguments) -> PreferenceObjective | None:
+    """The ``PreferenceObjective`` named by the config (None for DRPO, whose trainer has its own loss)."""
+    if pref.method == "drpo":
+        return None
     return PreferenceObjective.from_names(
         pref.method, pref.loss, truncation=pref.truncation, lam=pref.lam, eps=pref.eps, lambda_target=pref.lambda_target
     )
@@ -100,6 +107,22 @@ def fit_reward_scorer(
     return RewardModelScorer(trainer.model, tokenizer)
 
 
+def build_scorer(pref: PreferenceArguments, model_args: ModelArguments, train_args: Any) -> Any:
+    """The ``g_hat`` scorer named by ``pref.g_source`` (``callable``, ``pairwise_model`` or a fixed
+    ``reward_model``), on the training device."""
+    if pref.g_source == "callable":
+        if not pref.g_callable:
+            raise InputError("g_source=callable needs g_callable: 'module:function'")
+        return CallableScorer(load_callable(pref.g_callable))
+    path = pref.g_model_name_or_path
+    if not path:
+        raise InputError(f"g_source={pref.g_source} needs g_model_name_or_path")
+    g_tok = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code)
+    g_model = load_reward_model(path, g_tok.pad_token_id, model_args.dtype, trust_remote_code=model_args.trust_remote_code)
+    cls = PairwiseModelScorer if pref.g_source == "pairwise_model" else RewardModelScorer
+    return cls(g_model.to(train_args.device), g_tok)
+
+
 def prepare_g_hat(
     rows: list[dict[str, Any]],
     schema: PreferenceSchema,
@@ -119,27 +142,18 @@ def prepare_g_hat(
         raise InputError("g_hat is only used by VRPO, which needs reference pairs (columns a_1, a_2, ...)")
     folds = pref.g_cross_fit_folds
     if pref.g_source == "callable":
-        if not pref.g_callable:
-            raise InputError("g_source=callable needs g_callable: 'module:function'")
         if folds:
             raise InputError("g_cross_fit_folds applies to a fitted g_hat (g_source=reward_model), not a callable")
-        fn_scorer = CallableScorer(load_callable(pref.g_callable))
+        fn_scorer = build_scorer(pref, model_args, train_args)
         compute = lambda: annotate(rows, schema, fn_scorer)  # noqa: E731
         key = f"callable:{pref.g_callable}"
     else:
         path = pref.g_model_name_or_path
         if not path:
             raise InputError(f"g_source={pref.g_source} needs g_model_name_or_path")
-        if pref.g_source == "pairwise_model":
-            if folds:
-                raise InputError("g_cross_fit_folds applies to g_source=reward_model")
-            g_tok = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code)
-            g_model = load_reward_model(
-                path, g_tok.pad_token_id, model_args.dtype, trust_remote_code=model_args.trust_remote_code
-            )
-            scorer: Any = PairwiseModelScorer(g_model.to(train_args.device), g_tok)
-            compute = lambda: annotate(rows, schema, scorer)  # noqa: E731
-        elif folds:
+        if folds and pref.g_source == "pairwise_model":
+            raise InputError("g_cross_fit_folds applies to g_source=reward_model")
+        if folds:
 
             def fit(train_rows: list[dict[str, Any]], _count: list[int] = [0]) -> RewardModelScorer:  # noqa: B006
                 _count[0] += 1
@@ -156,11 +170,7 @@ def prepare_g_hat(
 
             compute = lambda: cross_fit(rows, schema, folds, fit, seed=train_args.seed)  # noqa: E731
         else:
-            g_tok = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code)
-            g_model = load_reward_model(
-                path, g_tok.pad_token_id, model_args.dtype, trust_remote_code=model_args.trust_remote_code
-            )
-            scorer = RewardModelScorer(g_model.to(train_args.device), g_tok)
+            scorer = build_scorer(pref, model_args, train_args)
             compute = lambda: annotate(rows, schema, scorer)  # noqa: E731
         key = f"{pref.g_source}:{path}:folds={folds}:seed={train_args.seed}"
         if folds:  # the fitted reward models depend on how they are trained
@@ -209,10 +219,11 @@ def run_finetune(
     on one GPU or with DDP before a DeepSpeed ZeRO-3 run, which cannot score the reference itself).
     """
     objective = build_objective(pref)
+    drpo = objective is None
     if train_args.output_dir is None:
         raise InputError("output_dir is required")
     cache_dir = data_args.cache_dir or os.path.join(train_args.output_dir, "cache")
-    needs_refs = objective.uses_control_variate
+    needs_refs = not drpo and objective.uses_control_variate
     needs_cols = needs_refs and pref.g_source == "columns"
     tokenizer = load_tokenizer(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path,
@@ -236,7 +247,7 @@ def run_finetune(
         )
         if needs_refs:
             rows, schema = prepare_g_hat(rows, schema, model_args, pref, tokenizer, train_args, cache_dir, tag)
-        return tokenize_dataset(rows_to_dataset(rows), tokenizer, schema, options), schema
+        return tokenize_dataset(rows_to_dataset(rows), tokenizer, schema, options, keep_text=drpo), schema
 
     train_ds, schema = load(data_args.train_data, data_args.train_split, "train")
     eval_ds = None
@@ -246,17 +257,16 @@ def run_finetune(
             raise InputError(
                 f"eval data has {eval_schema.n_ref_pairs} reference pairs per row, train data {schema.n_ref_pairs}"
             )
-    common = dict(
-        objective=objective,
+    common: dict[str, Any] = dict(
         schema=schema,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        g_source="frozen" if pref.g_source == "frozen" else "columns",
-        frozen_refresh_steps=pref.frozen_refresh_steps,
-        lambda_ema=pref.lambda_ema,
         disable_model_dropout=pref.disable_dropout,
     )
+    if not drpo:
+        common.update(objective=objective, g_source="frozen" if pref.g_source == "frozen" else "columns",
+                      frozen_refresh_steps=pref.frozen_refresh_steps, lambda_ema=pref.lambda_ema)
     task = "CAUSAL_LM" if pref.stage == "one" else "SEQ_CLS"
     if pref.stage == "one":
         model = load_causal_lm(
@@ -268,16 +278,17 @@ def run_finetune(
         )
         ref_model = None
         # the MLE baselines score the labelled pair only (PreferenceTrainer drops the reference responses)
-        scored = schema.response_columns if objective.uses_control_variate else schema.response_columns[:2]
+        scored = schema.response_columns if needs_refs else schema.response_columns[:2]
         ref_path = _ref_cache_path(cache_dir, train_ds, scored, model_args, pref)
         cached = False
-        if pref.precompute_ref_log_probs and ref_path.exists():
+        precompute = pref.precompute_ref_log_probs and not drpo  # DRPO scores pi_hat live on its draws
+        if precompute and ref_path.exists():
             values = json.loads(ref_path.read_text())
             cached = len(values) == len(train_ds) and all(len(v) == len(scored) for v in values)
             if cached:
                 common["train_dataset"] = train_ds.add_column(REF_LOGPS, values)
         if model_args.ref_model_name_or_path and (
-            not pref.precompute_ref_log_probs
+            not precompute
             or REF_LOGPS not in common["train_dataset"].column_names
             or eval_ds is not None
         ):
@@ -297,17 +308,31 @@ def run_finetune(
                 model_args.lora_target_modules,
                 task,
             )
-        trainer: Any = PreferenceTrainer(
-            model,
-            train_args,
-            beta=pref.beta,
-            ref_model=ref_model,
-            precompute_ref_log_probs=pref.precompute_ref_log_probs,
-            length_normalize=pref.length_normalize,
-            length_groups=pref.length_groups,
-            **common,
-        )
-        if pref.precompute_ref_log_probs and not cached and train_args.process_index == 0:
+        if drpo:
+            trainer: Any = DRPOTrainer(
+                model,
+                train_args,
+                scorer=build_scorer(pref, model_args, train_args),
+                beta=pref.beta,
+                samples=pref.drpo_samples,
+                max_new_tokens=pref.drpo_max_new_tokens,
+                ratio_clip=pref.drpo_ratio_clip,
+                ref_model=ref_model,
+                length_groups=pref.length_groups,
+                **common,
+            )
+        else:
+            trainer = PreferenceTrainer(
+                model,
+                train_args,
+                beta=pref.beta,
+                ref_model=ref_model,
+                precompute_ref_log_probs=pref.precompute_ref_log_probs,
+                length_normalize=pref.length_normalize,
+                length_groups=pref.length_groups,
+                **common,
+            )
+        if precompute and not cached and train_args.process_index == 0:
             ref_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = ref_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(list(trainer.train_dataset[REF_LOGPS])))

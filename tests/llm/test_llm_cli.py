@@ -316,3 +316,31 @@ def test_finetune_precompute_only_with_callable_g_hat(cli: Any, tmp_path: Path, 
         assert r["a_4_preference"] == pytest.approx(1 - oracle_g(r["prompt"], r["a_3"], r["a_4"]))
     (ref_file,) = (run / "cache").glob("ref_logps-*.json")
     assert len(json.loads(ref_file.read_text())[0]) == 6  # chosen, rejected, a_1 .. a_4
+
+
+def test_finetune_drpo_with_a_callable_judge_and_resume(cli: Any, tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = make_rows(6, n_pairs=0, seed=68, preferences=False)
+    data = _jsonl(tmp_path / "train.jsonl", rows)
+    cfg = _config(tmp_path, tiny_model_dir, data, method="drpo", g_source="callable", g_callable="llm_helpers:oracle_g",
+                  drpo_samples=2, drpo_max_new_tokens=4, eval_data=str(data), loss=None)
+    status, out, err = cli("finetune", "--config", str(cfg), "--dry-run")
+    assert status == 0, err
+    assert json.loads(out)["objective"] == "drpo"
+    status, out, err = cli("finetune", "--config", str(cfg))
+    assert status == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["global_step"] == 2 and 0.0 <= result["metrics"]["eval_drpo/direct"] <= 1.0
+    run = tmp_path / "run"
+    state = json.loads((run / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "drpo/win_rate" in e]
+    assert len(logged) == 2 and all(e["generated/length"] <= 4 for e in logged)
+    assert not list((run / "cache").glob("ref_logps-*.json"))  # pi_hat is scored live on the draws
+    status, out, err = cli("finetune", "--config", str(cfg), "--set", "max_steps=3",
+                           "--set", "resume_from_checkpoint=last")
+    assert status == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["global_step"] == 3
+    for change, message in ((["stage=two"], "method drpo trains a policy: stage must be one"),
+                            (["g_source=columns"], "method drpo judges its draws while training: g_source"),
+                            (["length_normalize=true"], "method drpo: length_normalize does not apply")):
+        status, _, err = cli("finetune", "--config", str(cfg), *[a for c in change for a in ("--set", c)])
+        assert status == 2 and message in err, err
