@@ -279,7 +279,7 @@ def test_shipped_accelerate_configs_load(name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["vrpo_one_stage", "reward_two_stage"])
+@pytest.mark.parametrize("name", ["vrpo_one_stage", "reward_two_stage", "drpo_one_stage"])
 def test_shipped_run_configs_parse(name: str, tmp_path: Path) -> None:
     from robust_rlhf.llm.config import parse_config
     from robust_rlhf.llm.pipeline import build_objective
@@ -287,7 +287,10 @@ def test_shipped_run_configs_parse(name: str, tmp_path: Path) -> None:
     values = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     values.update(output_dir=str(tmp_path), use_cpu=True, bf16=False)  # parse here without a GPU
     m, d, p, t = parse_config(values)
-    assert build_objective(p).uses_control_variate
+    if p.method == "drpo":
+        assert build_objective(p) is None and p.drpo_samples == 2 and p.drpo_ratio_clip == 2.0
+    else:
+        assert build_objective(p).uses_control_variate
     assert t.output_dir == str(tmp_path)
 
 
