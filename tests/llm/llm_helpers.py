@@ -107,3 +107,15 @@ def oracle_g(prompt: Any, a: Any, b: Any) -> float:
     """A synthetic g*: the longer response wins with probability 0.8 (0.5 on ties)."""
     la, lb = len(str(a).split()), len(str(b).split())
     return 0.5 if la == lb else (0.8 if la > lb else 0.2)
+
+
+@torch.no_grad()
+def seq_logp(model: Any, prompt: list[int], resp: list[int]) -> float:
+    """log pi(resp | prompt) of one unpadded sequence, in float64 (eval mode: no dropout)."""
+    was_training = model.training
+    model.eval()
+    ids = torch.tensor([prompt + resp])
+    logits = model(input_ids=ids).logits[0].double()
+    model.train(was_training)
+    lp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(lp[len(prompt) - 1 :].sum())

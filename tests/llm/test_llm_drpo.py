@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from llm_helpers import make_causal_lm, make_rows
+from llm_helpers import make_causal_lm, make_rows, seq_logp
 
 from robust_rlhf.llm.auxiliary import CallableScorer
 from robust_rlhf.llm.config import training_arguments
@@ -50,18 +50,6 @@ def _trainer(tokenizer: Any, tmp_path: Any, tds: Any, schema: Any, **kw: Any) ->
                        processing_class=tokenizer, **options)
 
 
-@torch.no_grad()
-def _seq_logp(model: Any, prompt: list[int], resp: list[int]) -> float:
-    """log pi(resp | prompt) of one unpadded sequence, in float64."""
-    was = model.training
-    model.eval()
-    ids = torch.tensor([prompt + resp])
-    logits = model(input_ids=ids).logits[0].double()
-    model.train(was)
-    lp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
-    return float(lp[len(prompt) - 1 :].sum())
-
-
 @pytest.mark.parametrize("preferences,chat", [(False, False), (True, False), (False, True)])
 def test_loss_of_the_draws_equals_theory(tokenizer: Any, tmp_path: Any, preferences: bool, chat: bool) -> None:
     # the trainer's loss on its draws equals drpo_sampled_loss on log-probs scored one sequence at a time, with
@@ -84,9 +72,9 @@ def test_loss_of_the_draws_equals_theory(tokenizer: Any, tmp_path: Any, preferen
         assert cut == (ids[-1] != eos and len(ids) == 6)
     tr.model.train()
     loss, metrics = tr.loss_of_draws(tr.model, batch, draws)
-    lp = torch.tensor([[_seq_logp(tr.model, draws.prompt_ids[i], r) for r in
+    lp = torch.tensor([[seq_logp(tr.model, draws.prompt_ids[i], r) for r in
                         [draws.chosen_ids[i], draws.rejected_ids[i], *draws.ids[i * S:(i + 1) * S]]] for i in range(B)])
-    rf = torch.tensor([[_seq_logp(ref, draws.prompt_ids[i], r) for r in
+    rf = torch.tensor([[seq_logp(ref, draws.prompt_ids[i], r) for r in
                         [draws.chosen_ids[i], draws.rejected_ids[i], *draws.ids[i * S:(i + 1) * S]]] for i in range(B)])
     rows = make_rows(4, n_pairs=0, seed=3, preferences=preferences, chat=chat)
     text = lambda r, t: t if not chat else [{"role": "assistant", "content": t}]  # noqa: E731

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from llm_helpers import make_causal_lm, make_reward_model, make_rows
+from llm_helpers import make_causal_lm, make_reward_model, make_rows, seq_logp
 
 from robust_rlhf.llm.config import training_arguments
 from robust_rlhf.llm.data import load_preference_data
@@ -54,18 +54,6 @@ def _data(tokenizer: Any, n: int = 4, n_pairs: int = 2, seed: int = 0, eos: bool
     return tokenize_dataset(ds, tokenizer, schema, TokenizeOptions(add_eos=eos)), schema
 
 
-@torch.no_grad()
-def _seq_logp(model: Any, prompt: list[int], resp: list[int]) -> float:
-    """log pi(resp | prompt) of one unpadded sequence, in float64 (eval mode: no dropout)."""
-    was_training = model.training
-    model.eval()
-    ids = torch.tensor([prompt + resp])
-    logits = model(input_ids=ids).logits[0].double()
-    model.train(was_training)
-    lp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
-    return float(lp[len(prompt) - 1 :].sum())
-
-
 def _expected_margins(policy: Any, ref: Any, tds: Any, schema: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Labelled margins (B,) and reference margins (B, M) from sequence-by-sequence scoring."""
     B = len(tds)
@@ -75,7 +63,7 @@ def _expected_margins(policy: Any, ref: Any, tds: Any, schema: Any) -> tuple[tor
         p = tds[i]["prompt_input_ids"]
         for k, c in enumerate(cols):
             r = tds[i][f"{c}_input_ids"]
-            h[k, i] = _seq_logp(policy, p, r) - _seq_logp(ref, p, r)
+            h[k, i] = seq_logp(policy, p, r) - seq_logp(ref, p, r)
     h = BETA * h
     return h[0] - h[1], (h[2::2] - h[3::2]).T
 
@@ -290,7 +278,7 @@ def test_lora_reference_is_the_disabled_adapter(tokenizer: Any, tmp_path: Any) -
     # the precomputed reference log-probs are those of the base model (adapter disabled)
     for i in range(4):
         p = tds[i]["prompt_input_ids"]
-        want = [_seq_logp(base_copy, p, tds[i][f"{c}_input_ids"]) for c in ("chosen", "rejected")]
+        want = [seq_logp(base_copy, p, tds[i][f"{c}_input_ids"]) for c in ("chosen", "rejected")]
         assert tr_pre.train_dataset[i][REF_LOGPS] == pytest.approx(want, abs=1e-4)
     batch = tr_live.data_collator([tr_pre.train_dataset[i] for i in range(4)])
     live_batch = {k: v for k, v in batch.items() if k != REF_LOGPS}
@@ -335,7 +323,7 @@ def test_frozen_g_without_preference_columns(tokenizer: Any, tmp_path: Any) -> N
     with torch.no_grad():
         lp_f = torch.stack(
             [
-                torch.tensor(_seq_logp(tr.frozen_model, tds[i]["prompt_input_ids"], tds[i][f"{c}_input_ids"]))
+                torch.tensor(seq_logp(tr.frozen_model, tds[i]["prompt_input_ids"], tds[i][f"{c}_input_ids"]))
                 for c in schema.response_columns
                 for i in range(4)
             ]
