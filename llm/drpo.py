@@ -43,7 +43,7 @@ from .logprobs import model_sequence_logps
 from .objectives import PreferenceObjective
 from .references import GenerationOptions, sample_tokens
 from .tokenization import PreferenceCollator, right_pad
-from .trainers import _ROWS, PreferenceTrainer
+from .trainers import _ROWS, PreferenceTrainer, _datasets
 
 __all__ = ["DRPOTrainer", "DRPOCollator", "Draws"]
 
@@ -137,7 +137,8 @@ class DRPOTrainer(PreferenceTrainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise InputError("DRPO draws responses with generate(), which needs the whole model: FSDP/DeepSpeed "
                              "sharding is not supported")
-        for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+        for name, dataset in _datasets(self.train_dataset, "train_dataset") + _datasets(self.eval_dataset,
+                                                                                         "eval_dataset"):
             cols = set(getattr(dataset, "column_names", None) or ())
             if cols and not set(_TEXTS) <= cols:
                 raise InputError(f"{name}: no {', '.join(sorted(set(_TEXTS) - cols))} column; DRPO's judge reads "

@@ -182,6 +182,8 @@ def test_bad_settings_are_named(tokenizer: Any, tmp_path: Any) -> None:
         data = change.pop("tds", tds)
         with pytest.raises(InputError, match=message):
             _trainer(tokenizer, tmp_path, data, schema, **change)
+    with pytest.raises(InputError, match=r"eval_dataset\['held'\]: no chosen, prompt, rejected column"):
+        _trainer(tokenizer, tmp_path, tds, schema, eval_dataset={"held": bare})
     tr = _trainer(tokenizer, tmp_path, tds, schema, scorer=CallableScorer(lambda p, a, b: 1.5))
     with pytest.raises(InputError, match=r"g_hat callable: entry \(0,\) is 1.5"):
         tr.train()
