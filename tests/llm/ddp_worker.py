@@ -67,8 +67,31 @@ def main(out: str, per_device: int, output_dir: str) -> None:
             )
 
 
+def main_drpo(out: str, per_device: int, output_dir: str) -> None:
+    """Two DRPO steps; every process writes its weight digest and logs to ``OUT.<rank>``."""
+    from llm_helpers import oracle_g
+
+    from robust_rlhf.llm.auxiliary import CallableScorer
+    from robust_rlhf.llm.drpo import DRPOTrainer
+
+    tok = make_tokenizer()
+    ds, schema = load_preference_data(make_rows(8, n_pairs=0, seed=31, preferences=False))
+    tds = tokenize_dataset(ds, tok, schema, TokenizeOptions(), keep_text=True)
+    args = training_arguments(output_dir=output_dir, per_device_train_batch_size=per_device, max_steps=2,
+                              learning_rate=1e-2, use_cpu=True, save_strategy="no", logging_steps=1,
+                              disable_tqdm=True, seed=0, report_to="none", lr_scheduler_type="constant",
+                              ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None)
+    trainer = DRPOTrainer(make_causal_lm(tok, seed=0), args, schema=schema, scorer=CallableScorer(oracle_g),
+                          beta=0.3, samples=2, max_new_tokens=4, train_dataset=tds, processing_class=tok)
+    trainer.train()
+    digest = float(sum(p.detach().double().sum() for p in trainer.model.parameters()))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    with open(f"{out}.{trainer.args.process_index}", "w", encoding="utf-8") as fh:
+        json.dump({"logs": logs, "digest": digest, "world_size": trainer.args.world_size}, fh)
+
+
 if __name__ == "__main__":
     from accelerate import PartialState
 
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    (main_drpo if sys.argv[4:] == ["drpo"] else main)(sys.argv[1], int(sys.argv[2]), sys.argv[3])
     PartialState().destroy_process_group()  # as cli/finetune.py does: no gloo teardown race at exit

@@ -79,3 +79,16 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
         for k in keys:
             assert lb[k] == pytest.approx(la[k], rel=1e-4, abs=1e-6), k
     assert b["digest"] == pytest.approx(a["digest"], rel=1e-6)
+
+
+def test_two_process_drpo_draws_and_stays_in_sync(tmp_path: Path) -> None:
+    # the DDP path runs to the end: each process draws for its own rows from the unwrapped model, the judge's and
+    # the gathered metrics are logged, and the two replicas end with the same weights
+    out = tmp_path / "drpo.json"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", str(_free_port()), str(WORKER), str(out), "2", str(tmp_path / "d"), "drpo"], tmp_path)
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    logs = ranks[0]["logs"]
+    assert len(logs) == 2 and all(0.0 <= e["drpo/direct"] <= 1.0 and e["generated/length"] <= 4 for e in logs)
