@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robust_rlhf.theory.drpo import drpo_sampled_loss
+from robust_rlhf.theory.drpo import check_ratio_clip, drpo_sampled_loss
 from robust_rlhf.theory.errors import InputError
 
 from .auxiliary import PreferenceScorer
@@ -115,8 +115,7 @@ class DRPOTrainer(PreferenceTrainer):
             raise InputError(f"scorer: expected a preference scorer f(prompts, firsts, seconds), got {scorer!r}")
         if not isinstance(samples, int) or samples < 1:
             raise InputError(f"samples: the draws per row must be an integer >= 1, got {samples!r}")
-        if ratio_clip is not None and not (isinstance(ratio_clip, (int, float)) and ratio_clip >= 1):
-            raise InputError(f"ratio_clip: None or a number >= 1, got {ratio_clip!r}")
+        check_ratio_clip(ratio_clip)
         for key in ("objective", "precompute_ref_log_probs", "length_normalize", "g_source"):
             if key in kwargs:
                 raise InputError(f"{key}: fixed by DRPO (its own loss, a live pi_hat for the draws, sequence "

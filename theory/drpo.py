@@ -53,7 +53,8 @@ cross-fitting, as for VRPO.
 
 Policies that cannot enumerate their responses (language models) use ``drpo_sampled_loss``: a surrogate on
 ``S`` draws ``a_s ~ pi_theta(.|x_i)`` whose gradient is, in expectation over the draws, exactly ``-grad f_i``
-for any differentiable policy (the score-function identity, with a leave-one-out baseline).
+for any differentiable policy (the score-function identity, with a leave-one-out baseline), or that of ``f_i``
+with the observed pair's importance ratios capped.
 """
 
 from __future__ import annotations
@@ -406,6 +407,14 @@ def _finite_tensor(name: str, values: Tensor, shape: tuple[int, ...], probabilit
                          f"{float(v[idx])!r}, but must be {what}")
 
 
+def check_ratio_clip(ratio_clip: object) -> None:
+    """``ratio_clip`` is None or a number >= 1 (a cap below 1 would cut the ratios of unchanged responses)."""
+    if ratio_clip is not None and not (isinstance(ratio_clip, (int, float)) and not isinstance(ratio_clip, bool)
+                                       and ratio_clip >= 1):
+        raise InputError(f"ratio_clip: None or a number >= 1 (a cap below 1 would cut the ratios of unchanged "
+                         f"responses), got {ratio_clip!r}")
+
+
 def drpo_sampled_loss(
     logp_samples: Tensor, ref_logp_samples: Tensor, g_sample_vs_second: Tensor, g_first_vs_sample: Tensor,
     logp_pair: Tensor, ref_logp_pair: Tensor, g_pair: Tensor, z: Tensor, beta: float,
@@ -449,9 +458,7 @@ def drpo_sampled_loss(
     _finite_tensor("g_pair", g_pair, (B,), probability=True)
     _finite_tensor("z", z, (B,), probability=True)
     b = _check_beta(beta, weight=True)
-    if ratio_clip is not None and not (isinstance(ratio_clip, (int, float)) and ratio_clip >= 1):
-        raise InputError(f"ratio_clip: None or a number >= 1 (a clip below 1 would cut ratios of unchanged "
-                         f"responses), got {ratio_clip!r}")
+    check_ratio_clip(ratio_clip)
     f64 = dict(dtype=torch.float64, device=logp_samples.device)
     with torch.no_grad():
         d = 0.5 * (g_sample_vs_second.to(**f64) + 1.0 - g_first_vs_sample.to(**f64))
