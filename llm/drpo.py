@@ -42,7 +42,7 @@ from .data import CHOSEN, PROMPT, REJECTED, PreferenceSchema, as_response
 from .logprobs import model_sequence_logps
 from .objectives import PreferenceObjective
 from .references import GenerationOptions, sample_tokens
-from .tokenization import PreferenceCollator, right_pad
+from .tokenization import PreferenceCollator, pad_completions
 from .trainers import _ROWS, PreferenceTrainer, _datasets
 
 __all__ = ["DRPOTrainer", "DRPOCollator", "Draws"]
@@ -170,13 +170,8 @@ class DRPOTrainer(PreferenceTrainer):
         B, S = len(draws.prompt_ids), draws.samples
         responses = draws.chosen_ids + draws.rejected_ids + [draws.ids[i * S + s] for s in range(S) for i in range(B)]
         prompts = [draws.prompt_ids[k % B] for k in range(len(responses))]
-        seqs = [p + r for p, r in zip(prompts, responses)]
-        input_ids, attention = right_pad(seqs, self.processing_class.pad_token_id)
-        completion = torch.zeros_like(attention)
-        for k, (p, s) in enumerate(zip(prompts, seqs)):
-            completion[k, len(p) : len(s)] = 1
-        return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
-                "completion_mask": completion.to(device)}
+        padded = pad_completions(prompts, responses, self.processing_class.pad_token_id)
+        return {k: v.to(device) for k, v in padded.items()}
 
     def judge(self, batch: dict[str, Any], draws: Draws) -> tuple[Tensor, Tensor, Tensor]:
         """``g_hat(a_s, y')``, ``g_hat(y, a_s)`` (B, S) and ``g_hat(y, y')`` (B,), float64, in one scorer call."""

@@ -46,7 +46,7 @@ from robust_rlhf.theory.errors import InputError
 
 from .logprobs import model_sequence_logps
 from .references import GenerationOptions, sample_tokens
-from .tokenization import TokenizeOptions, prompt_token_ids, render_prompt, right_pad
+from .tokenization import TokenizeOptions, prompt_token_ids, pad_completions, render_prompt, right_pad
 
 __all__ = [
     "CI_METHODS",
@@ -352,11 +352,7 @@ def sequence_logprobs(
         for start in range(0, len(token_ids), batch_size):
             ps = prompt_ids[start : start + batch_size]
             ys = token_ids[start : start + batch_size]
-            ids, att = right_pad([list(p) + list(y) for p, y in zip(ps, ys)], pad_id)
-            comp = torch.zeros_like(att)
-            for i, (p, y) in enumerate(zip(ps, ys)):
-                comp[i, len(p) : len(p) + len(y)] = 1
-            batch = {"input_ids": ids.to(device), "attention_mask": att.to(device), "completion_mask": comp.to(device)}
+            batch = {k: v.to(device) for k, v in pad_completions(ps, ys, pad_id).items()}
             out.extend(model_sequence_logps(model, batch).double().cpu().tolist())
         logp = np.asarray(out, dtype=np.float64)
         if min_new_tokens > 0:

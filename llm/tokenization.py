@@ -29,6 +29,7 @@ __all__ = [
     "tokenize_example",
     "tokenize_dataset",
     "PreferenceCollator",
+    "pad_completions",
     "REF_LOGPS",
 ]
 
@@ -63,6 +64,18 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = N
         ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def pad_completions(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                    length: int | None = None) -> dict[str, torch.Tensor]:
+    """The sequences ``prompt + response`` right-padded (``right_pad``) as ``input_ids``, ``attention_mask`` and
+    ``completion_mask`` (1 on the response tokens), ``(N, L)``."""
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    input_ids, attention = right_pad(seqs, pad_id, length)
+    completion = torch.zeros_like(attention)
+    for k, (p, s) in enumerate(zip(prompts, seqs)):
+        completion[k, len(p) : len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
 
 
 def render_prompt(prompt: str | Sequence[Mapping[str, str]], tokenizer: Any) -> str:
@@ -174,28 +187,19 @@ class PreferenceCollator:
         if not examples:
             raise InputError("empty batch")
         columns = self.schema.response_columns
-        seqs: list[list[int]] = []
-        prompt_lens: list[int] = []
+        prompts: list[list[int]] = []
+        responses: list[list[int]] = []
         for col in columns:
             key = f"{col}_input_ids"
             for ex in examples:
                 if key not in ex:
                     raise InputError(f"batch: a row has no {key}; was the data set tokenised with this schema?")
-                p = list(ex["prompt_input_ids"])
-                seqs.append(p + list(ex[key]))
-                prompt_lens.append(len(p))
-        L = max(len(s) for s in seqs)
+                prompts.append(list(ex["prompt_input_ids"]))
+                responses.append(list(ex[key]))
+        L = max(len(p) + len(r) for p, r in zip(prompts, responses))
         if self.pad_to_multiple_of:
             L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids, attention = right_pad(seqs, self.pad_token_id, L)
-        completion = torch.zeros_like(attention)
-        for r, (s, pl) in enumerate(zip(seqs, prompt_lens)):
-            completion[r, pl : len(s)] = 1
-        batch: dict[str, torch.Tensor] = {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "completion_mask": completion,
-        }
+        batch: dict[str, torch.Tensor] = pad_completions(prompts, responses, self.pad_token_id, L)
         if self.schema.labelled_preferences and CHOSEN_PREF in examples[0]:
             batch["g"] = torch.tensor([float(ex[CHOSEN_PREF]) for ex in examples], dtype=torch.float32)
         if self.schema.reference_preferences and preference_column("a_1") in examples[0]:
