@@ -20,7 +20,8 @@ MSE, CI coverage and regret with the exact asymptotic predictions, and reports a
 bootstrap confidence interval. With no arguments it runs the default study (BT control, a
 context-dependent link and intransitive preferences; MLE, VRPO with M = 1, 4 and the exact
 expectation, power-tuned VRPO, and VRPO with a reversed g_hat; n = 200..1600; 200 replications;
-plus the pessimism bound on label flips with tanh features, n = 1600..25600).
+plus the pessimism bound on label flips with tanh features, n = 1600..25600, and DRPO's double
+robustness on an annotator mixture with a reversed g_hat, a tilted pi_hat and both, n = 500..2000).
 
 Finished cells are saved as they complete: rerunning the same command after an interruption
 resumes where it stopped and produces the identical table.
@@ -32,10 +33,14 @@ named claims:
   4 smaller variance gives smaller regret, in the predicted proportion
   5 the sandwich CIs cover at their nominal level from some n on
   6 the explicit regret bound of the pessimistic policy holds with probability >= 1 - delta
+  7 DRPO is doubly robust: with g_hat or pi_hat right it converges to the oracle policy (the
+    best of its class for the true win rate less KL) at the sandwich variance, and its win-rate
+    estimate of a fixed policy is unbiased; with both wrong it converges to the predicted biased limit
 
 examples:
   robust-rlhf validate
   robust-rlhf validate --scenario probit,label_flip --estimators mle,vrpo_M8,vrpo_tuned_M8 --reps 500
+  robust-rlhf validate --estimators mle,vrpo_M4,drpo      # keep the DRPO sub-study
   robust-rlhf validate --config study.yaml --out results/my_study --jobs 2 --json"""
 
 
@@ -45,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "eval_prompts, kl_beta, chunk); other options override it")
     p.add_argument("--scenario", default=None, metavar="NAMES", help="comma-separated scenario names")
     p.add_argument("--estimators", default=None, metavar="NAMES",
-                   help="comma-separated estimator names (see --list-estimators)")
+                   help="comma-separated estimator names (see --list-estimators); 'drpo' keeps the DRPO "
+                        "sub-study, which a list without it drops")
     p.add_argument("--n", default=None, metavar="SIZES", help="comma-separated sample sizes")
     p.add_argument("--reps", type=int, default=None, help="replications per cell")
     p.add_argument("--seed", type=int, default=None, help="study seed")
@@ -91,7 +97,10 @@ def build_spec(args: argparse.Namespace):
     if args.scenario:
         changes["scenarios"] = tuple(_split(args.scenario))
     if args.estimators:
-        changes["estimators"] = tuple(_split(args.estimators))
+        names = _split(args.estimators)
+        if "drpo" not in names:
+            changes["drpo"] = None
+        changes["estimators"] = tuple(e for e in names if e != "drpo")
         if spec.pessimism is not None:  # the bound's sub-study keeps only the estimators asked for
             pess = spec.pessimism.to_dict()
             kept = [e for e in pess["estimators"] if e["name"] in changes["estimators"]]
@@ -125,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         for e in ESTIMATORS.values():
             print(f"{e.name:<24} {e.method:<14} {str(e.M):<6} {str(e.unlabelled) + ' x n':<11} {_lam_text(e):<7} "
                   f"{json.dumps(e.aux)}")
+        print(f"{'drpo':<24} the DRPO sub-study (double robustness; the spec's 'drpo' field)")
         return 0
     spec = build_spec(args)
     default_name = spec.name if spec == DEFAULT_STUDY else f"{spec.name}-{spec.fingerprint()}"
@@ -135,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         study = run_study(spec, out, jobs=args.jobs, backend=args.backend,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     report = analyse(study.results, study.predictions, seed=spec.seed, pessimism=study.pessimism,
-                     delta=spec.pessimism.delta if spec.pessimism else 0.1)
+                     delta=spec.pessimism.delta if spec.pessimism else 0.1, drpo=study.drpo)
     _save_report(report, out)
     figures = [] if args.no_figures else _figures(study, report, out)
     if args.json:
@@ -155,6 +165,8 @@ def _save_report(report, out: Path) -> None:
         frames.append(("bias_checks.csv", report.bias))
     if report.pessimism is not None:
         frames.append(("pessimism_checks.csv", report.pessimism))
+    if report.drpo is not None:
+        frames.append(("drpo_checks.csv", report.drpo))
     for name, frame in frames:
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False)
@@ -204,6 +216,8 @@ def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
                       f"{r.ratio:.3f} ({r.ratio_low:.3f}-{r.ratio_high:.3f})", f"{r.pred_ratio_n:.3f}",
                       f"{r.coverage:.3f}", str(r.failed))
     console.print(table)
+    if report.drpo is not None:
+        console.print(_drpo_table(report.drpo))
     claims = Table(title="claims")
     claims.add_column("claim", overflow="fold")
     claims.add_column("verdict")
@@ -223,3 +237,22 @@ def _print(console, spec, report, out: Path, figures: list[Path]) -> None:
             f"{MIN_ESTIMATES} estimates in a cell)") if n_none else ""
     console.print(f"{n_ok} of {len(report.claims)} claims confirmed{none}. Tables: {out}/results.parquet, "
                   f"{out}/cell_checks.csv, {out}/claims.csv" + (f"; figures: {out}/figures" if figures else ""))
+
+
+def _drpo_table(drpo):
+    """DRPO's double robustness at the largest n of each case."""
+    from rich.table import Table
+
+    last = drpo.sort_values("n").groupby(["scenario", "case"], sort=False).tail(1)
+    table = Table(title="DRPO double robustness at the largest n (the oracle: the best policy of the class for the "
+                        "true win rate less beta KL)")
+    for col in ("scenario", "case", "n", "theta_lim to oracle", "median error", "n Var / predicted",
+                "coverage", "DR win rate of pi_lim: mean (95% CI)", "expected", "true", "objective: fits", "oracle"):
+        table.add_column(col, overflow="fold", justify="left" if col in ("scenario", "case") else "right")
+    for r in last.itertuples():
+        table.add_row(r.scenario, r.case, str(r.n), f"{r.limit_to_oracle:.3g}", f"{r.median_error:.3g}",
+                      f"{r.var_ratio:.3f} ({r.var_ratio_low:.3f}-{r.var_ratio_high:.3f})", f"{r.coverage:.3f}",
+                      f"{r.win_fixed:.4f} ({r.win_fixed_low:.4f}-{r.win_fixed_high:.4f})",
+                      f"{r.win_fixed_expected:.4f}", f"{r.win_limit:.4f}", f"{r.objective_true:.4f}",
+                      f"{r.objective_oracle:.4f}")
+    return table

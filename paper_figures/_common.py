@@ -32,7 +32,7 @@ def figure_main(name: str, doc: str) -> Path:
         study = run_study(DEFAULT_STUDY, args.study, jobs=args.jobs)
     pess = study.spec.pessimism
     report = analyse(study.results, study.predictions, seed=study.spec.seed, pessimism=study.pessimism,
-                     delta=pess.delta if pess else 0.1)
+                     delta=pess.delta if pess else 0.1, drpo=study.drpo)
     path = plots.FIGURES[name](study, report, args.out)
     print(path if path is not None else f"{name}: the study has no data for this figure")
     return path

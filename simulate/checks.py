@@ -70,6 +70,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student_t
 
+from .double_robustness import CASES
 from .pessimism import NEWEST_COLUMNS
 
 __all__ = ["Report", "analyse", "BOOTSTRAP", "MIN_ESTIMATES"]
@@ -86,13 +87,15 @@ MIN_ESTIMATES = 20
 @dataclass(frozen=True)
 class Report:
     """Cell checks, log-MSE slopes, the pessimism bound's checks and named claims of a study; ``bias``:
-    per cell and coordinate, ``n`` times the mean error with its interval against the second-order bias."""
+    per cell and coordinate, ``n`` times the mean error with its interval against the second-order bias;
+    ``drpo``: per DRPO case and ``n``, the double robustness checks."""
 
     cells: pd.DataFrame
     slopes: pd.DataFrame
     claims: list[dict[str, Any]]
     pessimism: pd.DataFrame | None = None
     bias: pd.DataFrame | None = None
+    drpo: pd.DataFrame | None = None
 
     def claims_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.claims)
@@ -247,9 +250,11 @@ def _widened(low: Any, high: Any, point: Any, extra: Any) -> tuple[Any, Any]:
 
 
 def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int = BOOTSTRAP,
-            seed: int = 0, pessimism: pd.DataFrame | None = None, delta: float = 0.1) -> Report:
+            seed: int = 0, pessimism: pd.DataFrame | None = None, delta: float = 0.1,
+            drpo: pd.DataFrame | None = None) -> Report:
     """Cell checks, slopes and claims of a study's tables (see the module docstring); with a
-    ``pessimism`` table, the bound's coverage at level ``1 - delta`` too."""
+    ``pessimism`` table, the bound's coverage at level ``1 - delta`` too; with a ``drpo`` table, DRPO's double
+    robustness (claims 7)."""
     reps = int(results["rep"].max()) + 1
     idx = np.random.default_rng(seed).integers(0, reps, size=(bootstrap, reps))
     preds = predictions.set_index(["scenario", "n", "estimator"])
@@ -329,11 +334,15 @@ def analyse(results: pd.DataFrame, predictions: pd.DataFrame, *, bootstrap: int 
     elif pessimism is not None and len(pessimism):
         pess, pess_claims = _pessimism(pessimism, delta, bootstrap, seed)
         claims = sorted(claims + pess_claims, key=lambda c: (c["name"], c["scenario"], c["estimator"]))
+    drpo_summary = None
+    if drpo is not None and len(drpo):
+        drpo_summary, drpo_claims = _drpo(drpo, bootstrap, seed)
+        claims = sorted(claims + drpo_claims, key=lambda c: (c["name"], c["scenario"], c["estimator"]))
     bias = None
     if bias_rows:
         bias = pd.concat(bias_rows, ignore_index=True)
         bias = bias[["scenario", "n", "estimator", "coordinate", "measured", "low", "high", "predicted", "covered"]]
-    return Report(cells=cells, slopes=slopes, claims=claims, pessimism=pess, bias=bias)
+    return Report(cells=cells, slopes=slopes, claims=claims, pessimism=pess, bias=bias, drpo=drpo_summary)
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:
@@ -394,6 +403,113 @@ def _pessimism(table: pd.DataFrame, delta: float, bootstrap: int, seed: int) -> 
                                  lo, hi, f"the {what} of {est} (the pessimism bound's event) holds with probability "
                                  f">= {1 - delta:g} ({where}; {note})", confirmed=hi >= 1 - delta))
     return summary, claims
+
+
+_CASE_TEXT = {"both_right": "g_hat and pi_hat right", "g_wrong": "g_hat wrong, pi_hat right",
+              "pi_wrong": "g_hat right, pi_hat wrong", "both_wrong": "g_hat and pi_hat wrong"}
+
+
+def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """The mean of the finite ``values`` and its 95% Student-t interval."""
+    x = values[np.isfinite(values)]
+    if x.size < 2:
+        return math.nan, math.nan, math.nan
+    mean, half = float(x.mean()), float(student_t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return mean, mean - half, mean + half
+
+
+def _drpo(table: pd.DataFrame, bootstrap: int, seed: int) -> tuple[pd.DataFrame, list[dict]]:
+    """DRPO's double robustness (``simulate.double_robustness``). Per (case, n): the relative median error against
+    the limit ``theta_lim`` and against the oracle (``oracle_error``, with a bootstrap interval), the regret of the
+    fits in the true objective against the oracle's (``regret``), the interquartile-scale ``n`` variance against ``tr`` of the exact sandwich (ratio with
+    a bootstrap interval), the sandwich intervals' coverage of ``theta_lim``, the DR estimate of the fixed policy
+    ``pi_lim``'s win rate (Student-t interval) against its expectation and ``pi_lim``'s true win rate, and the true
+    objective of the fitted policy against the oracle's. Claims 7 per case: the median error extrapolated to
+    ``n -> inf`` is 0 (the limit is the oracle's when either model is right), the variance ratio extrapolated so is
+    1, the coverage at the largest ``n`` is 0.95 and the fixed policy's estimate has the predicted mean."""
+    rows, claims = [], []
+    for (scenario, case), g in table.groupby(["scenario", "case"], sort=False):
+        d = sum(c.startswith("theta_") for c in g.columns)
+        cols = [f"theta_{k}" for k in range(d)]
+        first = g.iloc[0]
+        limit = first[[f"limit_{k}" for k in range(d)]].to_numpy(dtype=float)
+        oracle = first[[f"oracle_{k}" for k in range(d)]].to_numpy(dtype=float)
+        by_n = {int(n): c.sort_values("rep") for n, c in g.groupby("n")}
+        reps = len(next(iter(by_n.values())))
+        idx = np.random.default_rng(seed).integers(0, reps, size=(bootstrap, reps))
+        theta = {n: c[cols].to_numpy(dtype=float) for n, c in by_n.items()}
+        ratio_boot, mine = {}, []
+        for n, c in sorted(by_n.items()):
+            pred_var = float(c.pred_var.iloc[0])
+            var = n * float(_robust_trace_vars(theta[n])) / pred_var
+            ratio_boot[n] = n * _robust_trace_vars(theta[n][idx]) / pred_var
+            covered = c[[f"covered_{k}" for k in range(d)]].to_numpy(dtype=float)
+            win, win_lo, win_hi = _t_interval(c.win_fixed.to_numpy(dtype=float))
+            to_oracle = np.linalg.norm(_row_quantiles(theta[n][idx] - oracle, 0.5), axis=-1) / np.linalg.norm(oracle)
+            regret = c.objective_oracle.to_numpy(dtype=float) - c.objective_true.to_numpy(dtype=float)
+            mine.append({
+                "scenario": scenario, "case": case, "n": n, "reps": len(c), "failed": int((~c.converged).sum()),
+                "median_error": float(np.linalg.norm(_row_quantiles(theta[n] - limit, 0.5)) / np.linalg.norm(limit)),
+                "limit_to_oracle": float(np.linalg.norm(limit - oracle) / np.linalg.norm(oracle)),
+                "oracle_error": float(np.linalg.norm(_row_quantiles(theta[n] - oracle, 0.5)) / np.linalg.norm(oracle)),
+                **dict(zip(("oracle_error_low", "oracle_error_high"), _interval(to_oracle))),
+                "var": n * float(_robust_trace_vars(theta[n])), "pred_var": pred_var, "var_ratio": var,
+                **dict(zip(("var_ratio_low", "var_ratio_high"), _interval(ratio_boot[n]))),
+                "coverage": float(_nanmean(covered)),
+                **dict(zip(("coverage_low", "coverage_high"), _interval(_boot_mean(covered, idx)))),
+                "win_fixed": win, "win_fixed_low": win_lo, "win_fixed_high": win_hi,
+                "win_fixed_expected": float(c.win_fixed_expected.iloc[0]), "win_limit": float(c.win_limit.iloc[0]),
+                "win_estimate": float(_nanmean(c.win_estimate.to_numpy(dtype=float))),
+                "win_true": float(_nanmean(c.win_true.to_numpy(dtype=float))),
+                "objective_true": float(_nanmean(c.objective_true.to_numpy(dtype=float))),
+                "objective_limit": float(c.objective_limit.iloc[0]),
+                "objective_oracle": float(c.objective_oracle.iloc[0]),
+                "regret": float(_nanmean(regret)),
+                **dict(zip(("regret_low", "regret_high"), _interval(_boot_mean(regret, idx)))),
+            })
+        rows += mine
+        summary = pd.DataFrame(mine).set_index("n")
+        last = summary.iloc[-1]
+        n_max = int(summary.index[-1])
+        ns_all = np.array(sorted(by_n))
+        ns = np.array([n for n in ns_all if by_n[n].converged.mean() >= _EXISTS] or [n_max])
+        where = _span(ns) + (f", where >= {_EXISTS:.0%} of the fits converge" if ns.size < ns_all.size else "")
+        tag, est = _CASE_TEXT[case], f"drpo_{case}"
+        wrong = all(CASES[case])
+        point, lo, hi = _median_error_limit(theta, {n: limit for n in ns}, ns, idx)
+        nlo, nhi = _norm_range(lo, hi, float(np.linalg.norm(limit)))
+        scale = float(np.linalg.norm(oracle))
+        olo, ohi = _norm_range(lo + limit - oracle, hi + limit - oracle, scale)
+        far = float(np.linalg.norm(point + limit - oracle) / scale)
+        if wrong:
+            about = (f"theta_lim is {last.limit_to_oracle:.3g} (relative) from the oracle; measured {far:.3g} "
+                     f"({olo:.3g}-{ohi:.3g}), true objective {last.objective_limit:.4g} against the oracle's "
+                     f"{last.objective_oracle:.4g}")
+        else:
+            about = (f"theta_lim is the oracle's (relative distance {last.limit_to_oracle:.1g}): double robustness; "
+                     f"true objective of the fits {last.objective_true:.4g} against the oracle's "
+                     f"{last.objective_oracle:.4g}")
+        claims.append(_claim("7_drpo_consistent", scenario, est, n_max, 0.0, float(np.linalg.norm(point)
+                                                                                    / np.linalg.norm(limit)), nlo, nhi,
+                             f"relative median error ||med theta_hat - theta_lim|| / ||theta_lim|| of DRPO with {tag} "
+                             f"under {scenario} ({where}; {about})"))
+        boot = np.stack([ratio_boot[n] for n in ns], axis=1)
+        boot = boot[np.isfinite(boot).all(axis=1)]
+        vlo, vhi = _interval(_extrapolate(ns, boot[..., None])[:, 0])
+        measured = float(_extrapolate(ns, summary.var_ratio.loc[ns].to_numpy()[:, None])[0])
+        claims.append(_claim("7_drpo_variance", scenario, est, n_max, 1.0, measured, vlo, vhi,
+                             f"n Var of DRPO with {tag} over tr(A^-1 B A^-1) under {scenario}, interquartile scale "
+                             f"({where}; ratio at n = {n_max}: {last.var_ratio:.3g})"))
+        claims.append(_claim("7_drpo_coverage", scenario, est, n_max, 0.95, last.coverage, last.coverage_low,
+                             last.coverage_high, f"95% sandwich CI coverage of theta_lim by DRPO with {tag} under "
+                             f"{scenario}, n = {n_max}"))
+        truth = (f"pi_lim's true win rate {last.win_limit:.4g}: " + ("biased" if wrong else "unbiased")
+                 + f"; at the fits: estimate {last.win_estimate:.4g}, truth {last.win_true:.4g}")
+        claims.append(_claim("7_drpo_win_rate", scenario, est, n_max, last.win_fixed_expected, last.win_fixed,
+                             last.win_fixed_low, last.win_fixed_high,
+                             f"mean DR estimate of the win rate of the fixed policy pi_lim over pi_ref, DRPO with {tag} "
+                             f"under {scenario}, n = {n_max} ({truth})"))
+    return pd.DataFrame(rows), claims
 
 
 def _verdict(predicted: float, low: float, high: float) -> str:
@@ -606,18 +722,9 @@ def _bad_ghat_claims(cells: pd.DataFrame, by_cell: dict, spread: _Spreads, idx: 
     if exists[ns[-1]] < _EXISTS:
         where += f"; they exist in only {exists[ns[-1]]:.0%} of replications"
     last = cells[(cells.scenario == scenario) & (cells.n == n_max) & (cells.estimator == est)].iloc[0]
-    # the median error, per coordinate
-    err = np.stack([_row_quantiles(theta[n] - target[n], 0.5) for n in ns])[None]
-    boot = np.stack([_row_quantiles(theta[n][idx] - target[n], 0.5) for n in ns], axis=1)
-    point, limit = _extrapolate(ns, err)[0], _extrapolate(ns, boot)
-    alpha = 0.05 / len(cols)
-    lo, hi = np.nanpercentile(limit, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
-    # the norms of the box of simultaneous intervals: from its point nearest to zero (zero when it holds
-    # zero, the verdict) to its farthest corner
-    nlo = np.linalg.norm(np.clip(0.0, lo, hi)) / scale
-    nhi = np.linalg.norm(np.maximum(np.abs(lo), np.abs(hi))) / scale
-    bias = _claim("3_bad_ghat_consistent", scenario, est, n_max, 0.0, float(np.linalg.norm(point) / scale),
-                  float(nlo), float(nhi),
+    point, lo, hi = _median_error_limit(theta, target, ns, idx)
+    nlo, nhi = _norm_range(lo, hi, scale)
+    bias = _claim("3_bad_ghat_consistent", scenario, est, n_max, 0.0, float(np.linalg.norm(point) / scale), nlo, nhi,
                   f"relative median error ||med theta_hat - theta_dagger|| / ||theta_dagger|| of {tag} under "
                   f"{scenario} ({where}; interval from {100 - 5 / len(cols):.4g}% intervals per coordinate)")
     # the interquartile-scale variance ratio to the MLE (paired resamples)
@@ -633,6 +740,27 @@ def _bad_ghat_claims(cells: pd.DataFrame, by_cell: dict, spread: _Spreads, idx: 
                       f"variance of {tag} over the MLE under {scenario}, interquartile scale ({where}; "
                       f"sample-variance ratio at n = {n_max}: {sample:.3g})")
     return [bias, variance]
+
+
+def _median_error_limit(theta: dict, target: dict, ns: np.ndarray, idx: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per coordinate, the median of ``theta[n] - target[n]`` (rows: replications) extrapolated to ``n -> inf``
+    over ``ns`` (``y(n) = y_inf + c / n``), with its simultaneous 95% bootstrap interval (resamples ``idx``,
+    Bonferroni over coordinates): ``(point, low, high)``."""
+    err = np.stack([_row_quantiles(theta[n] - target[n], 0.5) for n in ns])[None]
+    boot = np.stack([_row_quantiles(theta[n][idx] - target[n], 0.5) for n in ns], axis=1)
+    point, limit = _extrapolate(ns, err)[0], _extrapolate(ns, boot)
+    alpha = 0.05 / point.size
+    lo, hi = np.nanpercentile(limit, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return point, lo, hi
+
+
+def _norm_range(low: np.ndarray, high: np.ndarray, scale: float) -> tuple[float, float]:
+    """The norms over the box ``[low, high]`` of simultaneous intervals, over ``scale``: from its point nearest to
+    zero (zero when the box holds zero) to its farthest corner."""
+    nearest = np.linalg.norm(np.clip(0.0, low, high)) / scale
+    farthest = np.linalg.norm(np.maximum(np.abs(low), np.abs(high))) / scale
+    return float(nearest), float(farthest)
 
 
 def _regret_claims(cells: pd.DataFrame, by_cell: dict, idx: np.ndarray, mle: str, n: int,

@@ -16,7 +16,7 @@ from .checks import _EXISTS, Report
 from .study import Study
 
 __all__ = ["FIGURES", "study_figures", "mse_vs_n", "variance_ratio", "regret_vs_n", "coverage_vs_n",
-           "pessimism_bound", "second_order_bias"]
+           "pessimism_bound", "second_order_bias", "double_robustness"]
 
 
 def _setup():
@@ -349,9 +349,52 @@ def second_order_bias(study: Study, report: Report, out: Path) -> Path | None:
     return _save(fig, table, out, "second_order_bias", study)
 
 
+def double_robustness(study: Study, report: Report, out: Path) -> Path | None:
+    r"""DRPO's double robustness, one line per case against n with 95% intervals (``Report.drpo``): the relative
+    distance of the median estimate from the oracle (dashed: where the limit is, 0 when either model is right), the
+    regret of the fitted policies in the true objective (win rate less ``beta KL``) against the oracle's, and the
+    mean doubly robust estimate of the fixed limit policy's win rate less its true win rate (dashed: predicted)."""
+    if report.drpo is None:
+        return None
+    plt, _ = _setup()
+    table = report.drpo.copy()
+    table["win_bias"] = table.win_fixed - table.win_limit
+    table["win_bias_low"] = table.win_fixed_low - table.win_limit
+    table["win_bias_high"] = table.win_fixed_high - table.win_limit
+    table["pred_win_bias"] = table.win_fixed_expected - table.win_limit
+    cases = list(dict.fromkeys(table.case))
+    colors = _palette(cases)
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.9))
+    panels = (("oracle_error", "limit_to_oracle", r"$\|$med $\hat\theta - \theta_{orc}\| / \|\theta_{orc}\|$", "log"),
+              ("regret", None, "true objective: oracle less fitted policy", "log"),
+              ("win_bias", "pred_win_bias", r"DR win rate of $\pi_{lim}$ less its true one", "symlog"))
+    for ax, (value, pred, label, scale) in zip(axes, panels):
+        for case in cases:
+            e = table[table.case == case].sort_values("n")
+            ax.plot(e.n, e[value], "o-", color=colors[case], label=case, lw=1.4, ms=4)
+            ax.fill_between(e.n, e[f"{value}_low"], e[f"{value}_high"], color=colors[case], alpha=0.2, lw=0)
+            if pred is not None and (scale != "log" or (e[pred] > 0).all()):
+                ax.plot(e.n, e[pred], "--", color=colors[case], lw=0.9)
+        if scale == "symlog":
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.axhline(0.0, color="gray", lw=0.6)
+        else:
+            ax.set_yscale(scale)
+        _n_axis(ax, table.n.unique())
+        ax.set_ylabel(label)
+    axes[-1].plot([], [], "k--", lw=0.9, label="predicted (distance and bias:\n0 when a model is right)")
+    axes[-1].legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    first = table.iloc[0]
+    fig.suptitle(f"DRPO's double robustness under {first.scenario}: g_hat or pi_hat right gives the oracle policy",
+                 y=1.02)
+    fig.tight_layout()
+    return _save(fig, table, out, "double_robustness", study)
+
+
 FIGURES: dict[str, Callable[[Study, Report, Path], Path | None]] = {
     "mse_vs_n": mse_vs_n, "variance_ratio": variance_ratio, "regret_vs_n": regret_vs_n,
     "coverage_vs_n": coverage_vs_n, "pessimism_bound": pessimism_bound, "second_order_bias": second_order_bias,
+    "double_robustness": double_robustness,
 }
 
 

@@ -43,6 +43,7 @@ import pandas as pd
 from robust_rlhf.theory.errors import InputError
 
 from .auxiliary import AuxSpec, aux_population
+from .double_robustness import DRPOStudySpec, run_drpo
 from .pessimism import NEWEST_COLUMNS, PessimismSpec, run_pessimism
 from .registry import SCENARIOS, get_scenario
 from .scenario import Scenario, SpecError, check_seed
@@ -155,7 +156,8 @@ class StudySpec:
     ``population``: prompts of the population behind ``theta_dagger`` and every prediction;
     ``eval_prompts``: prompts on which policies are evaluated; ``kl_beta``: temperature of the
     KL-regularised policy; ``chunk``: replications fitted together (bounds memory); ``pessimism``:
-    where the finite-sample bound of the pessimistic policy is checked (``simulate.pessimism``).
+    where the finite-sample bound of the pessimistic policy is checked (``simulate.pessimism``); ``drpo``: where
+    DRPO's double robustness is checked (``simulate.double_robustness``).
     """
 
     name: str = "study"
@@ -169,6 +171,7 @@ class StudySpec:
     kl_beta: float = 1.0
     chunk: int = 250
     pessimism: PessimismSpec | dict | None = None
+    drpo: DRPOStudySpec | dict | None = None
 
     def __post_init__(self) -> None:
         if not self.scenarios:
@@ -209,6 +212,7 @@ class StudySpec:
                                                   and self.kl_beta > 0):
             raise SpecError(f"study field 'kl_beta' = {self.kl_beta!r} must be a number > 0 and finite")
         object.__setattr__(self, "pessimism", PessimismSpec.parse(self.pessimism))
+        object.__setattr__(self, "drpo", DRPOStudySpec.parse(self.drpo))
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "StudySpec":
@@ -242,6 +246,10 @@ class StudySpec:
         out["n"] = list(self.n)
         out["estimators"] = [asdict(e) for e in self.estimators]
         out["pessimism"] = None if self.pessimism is None else self.pessimism.to_dict()
+        if self.drpo is None:  # left out: the fingerprints of studies without it stay what they were
+            del out["drpo"]
+        else:
+            out["drpo"] = self.drpo.to_dict()
         return out
 
     def fingerprint(self) -> str:
@@ -309,6 +317,7 @@ DEFAULT_STUDY = StudySpec(
     reps=200,
     seed=0,
     pessimism=PessimismSpec(n=(1600, 6400, 25600)),
+    drpo=DRPOStudySpec(),
 )
 
 
@@ -524,44 +533,53 @@ def _cell_record(out: Path, cell: Cell) -> dict | None:
     return _readable(out / "cells" / f"{cell.key}.parquet", out / "cells" / f"{cell.key}.json", cell.key)
 
 
-def _pessimism_path(out: Path, key: str) -> Path:
-    return out / "pessimism" / f"{key}.parquet"
+#: the sub-studies with cells of their own (``StudySpec`` fields): each cell is a table ``OUT/PART/KEY.parquet``
+_PARTS = ("pessimism", "drpo")
+#: per part, the columns its newest tables hold that older ones lack: a table without them is recomputed by a study
+_NEWEST = {"pessimism": NEWEST_COLUMNS, "drpo": ()}
 
 
-#: the parquet schema metadata key of a pessimism cell's ``CELL_VERSION`` (1 where absent)
+def _part_path(out: Path, part: str, key: str) -> Path:
+    return out / part / f"{key}.parquet"
+
+
+#: the parquet schema metadata key of a sub-study cell's ``CELL_VERSION`` (1 where absent)
 _VERSION_KEY = b"robust_rlhf.cell_version"
 
 
-def _pessimism_done(out: Path, key: str, current: bool = True) -> bool:
-    """Whether a pessimism cell is finished (readable) and, with ``current``, was computed at this
-    ``CELL_VERSION`` and holds this version's columns (``NEWEST_COLUMNS``): a study run recomputes an older
+def _part_done(out: Path, part: str, key: str, current: bool = True) -> bool:
+    """Whether a sub-study cell is finished (readable) and, with ``current``, was computed at this
+    ``CELL_VERSION`` and holds this version's columns (``_NEWEST``): a study run recomputes an older
     cell; reading a folder accepts it (``checks`` leaves out the checks whose columns it lacks), as it
     accepts cells of another ``CELL_VERSION``."""
-    path = _pessimism_path(out, key)
+    path = _part_path(out, part, key)
     if _readable(path) is None:
         return False
     import pyarrow.parquet as pq
 
     schema = pq.read_schema(path)
     version = int((schema.metadata or {}).get(_VERSION_KEY, b"1"))
-    return not current or (version == CELL_VERSION and set(NEWEST_COLUMNS) <= set(schema.names))
+    return not current or (version == CELL_VERSION and set(_NEWEST[part]) <= set(schema.names))
 
 
-def _compute_pessimism(spec: StudySpec, n: int, est: EstimatorSetting, out: Path) -> list[str]:
-    """One pessimism cell (``simulate.pessimism``), written atomically with its ``CELL_VERSION``."""
+def _compute_part(spec: StudySpec, part: str, n: int, unit: Any, out: Path) -> list[str]:
+    """One sub-study cell (``simulate.pessimism``, ``simulate.double_robustness``), written atomically with
+    its ``CELL_VERSION``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from robust_rlhf.theory.io import atomic_path
 
+    sub = getattr(spec, part)
+    run = {"pessimism": run_pessimism, "drpo": run_drpo}[part]
     with _one_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # separable fits and solver accuracy notes are recorded per row
-        table = run_pessimism(spec.pessimism, n, est, spec.seed)
+        table = run(sub, n, unit, spec.seed)
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _VERSION_KEY: str(CELL_VERSION).encode()})
-    with atomic_path(_pessimism_path(out, spec.pessimism.key(n, est))) as tmp:
+    with atomic_path(_part_path(out, part, sub.key(n, unit))) as tmp:
         pq.write_table(arrow, tmp)
-    return [spec.pessimism.key(n, est)]
+    return [sub.key(n, unit)]
 
 
 def _compute_and_store(spec: StudySpec, cells: list[Cell], out: Path) -> list[str]:
@@ -593,6 +611,7 @@ class Study:
     predictions: pd.DataFrame
     folder: Path
     pessimism: pd.DataFrame | None = None
+    drpo: pd.DataFrame | None = None
 
 
 def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str = "loky",
@@ -610,7 +629,8 @@ def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str =
     _check_folder(spec, out)
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)
-        (out / "pessimism").mkdir(exist_ok=True)
+        for part in _PARTS:
+            (out / part).mkdir(exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create the output folder {str(out)!r}: {exc.strerror or exc}") from None
     _write_json(out / "study.json", {"fingerprint": spec.fingerprint(), "spec": spec.to_dict(),
@@ -627,13 +647,15 @@ def run_study(spec: StudySpec, out: str | Path, *, jobs: int = 1, backend: str =
     groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in todo:
         groups.setdefault((cell.scenario, cell.estimator.name), []).append(cell)
-    pess = [] if spec.pessimism is None else spec.pessimism.cells()
-    pess_todo = [(n, e) for n, e in pess if not _pessimism_done(out, spec.pessimism.key(n, e))]
-    total = len(cells) + len(pess)
-    done = total - len(todo) - len(pess_todo)
+    parts = [(part, n, unit) for part in _PARTS if getattr(spec, part) is not None
+             for n, unit in getattr(spec, part).cells()]
+    parts_todo = [(part, n, unit) for part, n, unit in parts
+                  if not _part_done(out, part, getattr(spec, part).key(n, unit))]
+    total = len(cells) + len(parts)
+    done = total - len(todo) - len(parts_todo)
     if progress:
         progress(done, total)
-    tasks = [(_compute_pessimism, (spec, n, e, out)) for n, e in pess_todo]  # slowest first
+    tasks = [(_compute_part, (spec, part, n, unit, out)) for part, n, unit in parts_todo]  # slowest first
     tasks += [(_compute_and_store, (spec, g, out)) for g in groups.values()]
     if jobs == 1:
         results: Iterable[list[str]] = (fn(*a) for fn, a in tasks)
@@ -711,15 +733,18 @@ def _assemble(spec: StudySpec, out: Path) -> Study:
             flat[col] = flat[col].map(json.dumps)
     with atomic_path(out / "predictions.csv") as tmp:
         flat.to_csv(tmp, index=False)
-    pessimism = None
-    if spec.pessimism is not None:
-        pessimism = pd.concat([pd.read_parquet(_pessimism_path(out, spec.pessimism.key(n, e)))
-                               for n, e in spec.pessimism.cells()], ignore_index=True)
+    tables: dict[str, pd.DataFrame | None] = {}
+    for part in _PARTS:
+        sub = getattr(spec, part)
+        tables[part] = None if sub is None else pd.concat(
+            [pd.read_parquet(_part_path(out, part, sub.key(n, u))) for n, u in sub.cells()], ignore_index=True)
+        if tables[part] is None:
+            continue
         for ext, write in (("parquet", lambda f, t: f.to_parquet(t, index=False)),
                            ("csv", lambda f, t: f.to_csv(t, index=False))):
-            with atomic_path(out / f"pessimism.{ext}") as tmp:
-                write(pessimism, tmp)
-    return Study(spec=spec, results=results, predictions=preds, folder=out, pessimism=pessimism)
+            with atomic_path(out / f"{part}.{ext}") as tmp:
+                write(tables[part], tmp)
+    return Study(spec=spec, results=results, predictions=preds, folder=out, **tables)
 
 
 def load_study(out: str | Path) -> Study:
@@ -735,9 +760,10 @@ def load_study(out: str | Path) -> Study:
         raise InputError(f"{meta}: unreadable study record (no spec); rerun the study into a new folder") from None
     spec = StudySpec.from_dict(spec_dict)
     missing = [c.key for c in spec.cells() if _cell_record(out, c) is None]
-    if spec.pessimism is not None:
-        missing += [k for k in (spec.pessimism.key(n, e) for n, e in spec.pessimism.cells())
-                    if not _pessimism_done(out, k, current=False)]
+    for part in _PARTS:
+        sub = getattr(spec, part)
+        if sub is not None:
+            missing += [k for k in (sub.key(n, u) for n, u in sub.cells()) if not _part_done(out, part, k, False)]
     if missing:
         raise InputError(f"{out}: {len(missing)} cell(s) unfinished or unreadable (e.g. {missing[0]}); rerun the study "
                          "to compute them")

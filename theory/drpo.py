@@ -72,7 +72,7 @@ from .errors import InputError
 from .policies import _check_beta, _check_distribution, _log_ref, win_rate
 
 __all__ = ["DRPOData", "DRPOFit", "DRPOTarget", "DRPOSampledLoss", "pseudo_rewards", "fit_drpo", "drpo_target",
-           "expected_pseudo_rewards", "drpo_sampled_loss"]
+           "expected_pseudo_rewards", "drpo_sampled_loss", "dr_win_rate"]
 
 
 def _distribution(name: str, values: object, shape: tuple[int, ...]) -> np.ndarray:
@@ -171,13 +171,18 @@ def pseudo_rewards(data: DRPOData) -> np.ndarray:
     return v
 
 
+def _tilt(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """``pi_theta(.|x_i) = pi_hat exp(theta . phi / beta) / Z_theta`` (..., n, K) and ``log Z_theta`` (..., n)."""
+    s = np.einsum("...kd,...d->...k", phi, theta) / beta + log_pi
+    lse = logsumexp(s, axis=-1)
+    return np.exp(s - lse[..., None]), lse
+
+
 def _row_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per row (n rows): ``f_i``, ``grad f_i`` (n, d), and the Hessian's pieces ``w`` (n, K), the centred features
     ``phi~`` (n, K, d) and the weights ``w [(r - rbar) / beta^2 - 1 / beta]`` (n, K)."""
-    s = phi @ theta / beta + log_pi
-    lse = logsumexp(s, axis=1)
-    w = np.exp(s - lse[:, None])
+    w, lse = _tilt(theta, phi, log_pi, beta)
     r = v - phi @ theta
     wr = w * r
     f = wr.sum(axis=1) + beta * lse
@@ -276,11 +281,33 @@ def fit_drpo(data: DRPOData, beta: float, *, tol: float = 1e-9, max_iter: int = 
         theta[k], converged[k], n_iter[k] = _maximise(data.phi[k], log_pi[k], v[k], b, gtol, max_iter)
         f, grad, w, centred, curve = _row_terms(theta[k], data.phi[k], log_pi[k], v[k], b)
         obj[k] = f.mean()
-        win[k] = (w * v[k]).sum(axis=1).mean()
+        win[k] = _win_rate(w, v[k])
         if converged[k]:
             Ainv = np.linalg.inv(-np.einsum("nk,nkd,nke->de", curve, centred, centred) / n)
             cov[k] = Ainv @ np.cov(grad, rowvar=False, bias=True).reshape(d, d) @ Ainv / n
     return DRPOFit(theta=theta, cov=cov, win_rate=win, objective=obj, converged=converged, n_iter=n_iter, beta=b)
+
+
+def _win_rate(policy: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``(1/n) sum_i sum_a pi(a|x_i) v_i(a)`` over the last two axes."""
+    return (policy * v).sum(axis=-1).mean(axis=-1)
+
+
+def dr_win_rate(data: DRPOData, theta: object, beta: float) -> np.ndarray:
+    r"""The doubly robust estimate ``(1/n) sum_i sum_a pi_theta(a|x_i) v_i(a)`` of ``P(pi_theta > pi_ref)`` for
+    each replication (R,), ``pi_theta = pi_hat exp(theta . phi / beta) / Z`` with ``theta`` (d,) shared or (R, d)
+    per replication. For a ``theta`` chosen without the data it is unbiased at every ``n`` when ``g_hat`` or
+    ``pi_hat`` is right (``E[v_i(a) | x] = u(x, a)``); at ``fit_drpo``'s estimate it is its ``win_rate``."""
+    if not isinstance(data, DRPOData):
+        raise InputError(f"data: expected DRPOData, got {type(data).__name__}")
+    b = _check_beta(beta, weight=True)
+    th = _as_float("theta", theta)
+    if th.shape not in ((data.d,), (data.reps, data.d)):
+        raise InputError(f"theta: expected shape {(data.d,)} or {(data.reps, data.d)}, got {th.shape}")
+    _bounded("theta", th)
+    th = np.broadcast_to(th, (data.reps, data.d))[:, None, :]  # (R, 1, d) against phi (R, n, K, d)
+    w, _ = _tilt(th, data.phi, _log_ref(data.pi_hat)[1], b)
+    return _win_rate(w, pseudo_rewards(data))
 
 
 # --- the population ------------------------------------------------------------------------------------
@@ -368,7 +395,7 @@ def drpo_target(pop: PairPopulation, beta: float, g_hat: np.ndarray | None = Non
          + np.einsum("pyz,pyzd,pyze->de", prob * e2 / 4.0, s, s)) / (P * b**2)
     Ainv = np.linalg.inv(A)
     return DRPOTarget(theta=theta, cov=Ainv @ B @ Ainv, A=A, B=B, policy=w,
-                      win_rate=float(win_rate(w, pop).mean), win_rate_estimated=float((w * ubar).sum(axis=1).mean()),
+                      win_rate=float(win_rate(w, pop).mean), win_rate_estimated=float(_win_rate(w, ubar)),
                       utility_hat=ubar, beta=b)
 
 

@@ -86,7 +86,7 @@ def test_other_spec_in_folder_is_refused(study_dir, capsys) -> None:
 def test_list_estimators(capsys) -> None:
     assert main(["validate", "--list-estimators"]) == 0
     out = capsys.readouterr().out
-    assert "vrpo_tuned_M4" in out and "vrpo_crossfit_M8" in out
+    assert "vrpo_tuned_M4" in out and "vrpo_crossfit_M8" in out and "drpo " in out
 
 
 def test_figures_finish_an_interrupted_default_study(monkeypatch, tmp_path) -> None:
@@ -125,3 +125,18 @@ def test_estimators_asked_for_also_restrict_the_pessimism_sub_study() -> None:
     assert [e.name for e in build_spec(args).pessimism.estimators] == ["mle"]
     args.estimators = "vrpo_exact"  # the bound does not cover it: no sub-study
     assert build_spec(args).pessimism is None
+
+
+def test_estimators_asked_for_keep_the_drpo_sub_study_only_when_named() -> None:
+    import argparse
+
+    from robust_rlhf.cli.validate import build_spec
+    from robust_rlhf.simulate.study import DEFAULT_STUDY
+
+    args = argparse.Namespace(config=None, scenario=None, estimators=None, n=None, reps=None, seed=None)
+    assert build_spec(args).drpo == DEFAULT_STUDY.drpo
+    args.estimators = "mle,vrpo_M4"
+    assert build_spec(args).drpo is None
+    args.estimators = "mle,drpo"
+    spec = build_spec(args)
+    assert spec.drpo == DEFAULT_STUDY.drpo and [e.name for e in spec.estimators] == ["mle"]

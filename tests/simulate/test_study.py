@@ -234,9 +234,9 @@ def test_pessimism_bound_is_checked(tmp_path) -> None:
     # a cell an older version wrote: reading the folder accepts it, a study run recomputes it
     import pyarrow.parquet as pq
 
-    from robust_rlhf.simulate.study import _pessimism_path
+    from robust_rlhf.simulate.study import _part_path
 
-    cell = _pessimism_path(tmp_path / "p", spec.pessimism.key(200, spec.pessimism.estimators[0]))
+    cell = _part_path(tmp_path / "p", "pessimism", spec.pessimism.key(200, spec.pessimism.estimators[0]))
     pq.write_table(pq.read_table(cell).drop_columns(["in_radius", "informative"]), cell)
     assert len(load_study(tmp_path / "p").pessimism) == len(pess)
     assert run_study(spec, tmp_path / "p").pessimism.in_radius.notna().all()
@@ -244,8 +244,8 @@ def test_pessimism_bound_is_checked(tmp_path) -> None:
     # one is left alone
     from robust_rlhf.simulate.study import CELL_VERSION
 
-    stale = _pessimism_path(tmp_path / "p", spec.pessimism.key(25600, spec.pessimism.estimators[0]))
-    kept = _pessimism_path(tmp_path / "p", spec.pessimism.key(25600, spec.pessimism.estimators[1]))
+    stale = _part_path(tmp_path / "p", "pessimism", spec.pessimism.key(25600, spec.pessimism.estimators[0]))
+    kept = _part_path(tmp_path / "p", "pessimism", spec.pessimism.key(25600, spec.pessimism.estimators[1]))
     pq.write_table(pq.read_table(stale).replace_schema_metadata({}), stale)
     before = kept.stat().st_mtime_ns
     run_study(spec, tmp_path / "p")
@@ -274,6 +274,80 @@ def test_pessimism_bound_is_checked(tmp_path) -> None:
 def test_bad_pessimism_specs(change: dict, match: str) -> None:
     with pytest.raises(SpecError, match=match):
         StudySpec.from_dict({**TINY, **change})
+
+
+DRPO_TINY = {"cases": ["both_right", "g_wrong", "pi_wrong", "both_wrong"], "n": [300, 600], "reps": 24,
+             "prompts": 40}
+
+
+def test_drpo_sub_study(tmp_path) -> None:
+    """DRPO's double robustness cells: the limits are the oracle's when a model is right and far from it when both
+    are wrong; the claims are made per case, and they fail when the theory they check is replaced by a wrong one."""
+    spec = StudySpec.from_dict({**TINY, "estimators": ["mle"], "n": [150], "drpo": DRPO_TINY})
+    study = run_study(spec, tmp_path / "d")
+    table = study.drpo
+    assert len(table) == 4 * 2 * 24 and table.converged.all()
+    assert (tmp_path / "d" / "drpo.csv").exists() and len(load_study(tmp_path / "d").drpo) == len(table)
+    first = table.groupby("case").first()
+    d = sum(c.startswith("theta_") for c in table.columns)
+    limit = first[[f"limit_{k}" for k in range(d)]].to_numpy()
+    oracle = first[[f"oracle_{k}" for k in range(d)]].to_numpy()
+    gap = np.linalg.norm(limit - oracle, axis=1) / np.linalg.norm(oracle, axis=1)
+    assert (gap[first.index != "both_wrong"] < 1e-6).all() and gap[first.index == "both_wrong"][0] > 0.5
+    right = first.index != "both_wrong"
+    np.testing.assert_allclose(first.win_fixed_expected[right], first.win_limit[right], rtol=1e-10)
+    assert (first.objective_oracle >= first.objective_limit - 1e-12).all()  # the oracle is the best of its class
+    report = analyse(study.results, study.predictions, drpo=table)
+    claims = [c for c in report.claims if c["name"].startswith("7_")]
+    names = ("7_drpo_consistent", "7_drpo_variance", "7_drpo_coverage", "7_drpo_win_rate")
+    assert sorted((c["name"], c["estimator"]) for c in claims) == sorted(
+        (name, f"drpo_{case}") for name in names for case in DRPO_TINY["cases"])
+    assert set(report.drpo.columns) >= {"case", "n", "median_error", "oracle_error", "regret", "var_ratio",
+                                        "coverage", "win_fixed", "win_fixed_low", "win_fixed_high"}
+    # the checks can fail: the oracle as the target of DRPO with both models wrong, or the true win rate as the
+    # mean of its estimate, is refuted
+    both = table.case == "both_wrong"
+    swapped = table.copy()
+    for k in range(d):
+        swapped.loc[both, f"limit_{k}"] = swapped.loc[both, f"oracle_{k}"]
+    swapped.loc[both, "win_fixed_expected"] = swapped.loc[both, "win_limit"]
+    verdicts = {c["name"]: c["verdict"] for c in analyse(study.results, study.predictions, drpo=swapped).claims
+                if c["estimator"] == "drpo_both_wrong"}
+    assert verdicts["7_drpo_consistent"] == "refuted" and verdicts["7_drpo_win_rate"] == "refuted"
+    # so can the variance check, against a sandwich four times too large (with both models wrong, the interquartile
+    # scale of 24 replications extrapolated from two n is too uncertain to tell)
+    wide = table.assign(pred_var=4 * table.pred_var)
+    verdicts = {(c["name"], c["estimator"]): c["verdict"]
+                for c in analyse(study.results, study.predictions, drpo=wide).claims}
+    assert all(verdicts[("7_drpo_variance", f"drpo_{case}")] == "refuted" for case in DRPO_TINY["cases"][:3])
+    # a finished cell is not recomputed; a study without the sub-study keeps the fingerprint it always had
+    cell = tmp_path / "d" / "drpo" / "annotator_mixture__n300__g_wrong.parquet"
+    before = cell.stat().st_mtime_ns
+    run_study(spec, tmp_path / "d")
+    assert cell.stat().st_mtime_ns == before
+    assert "drpo" not in StudySpec.from_dict(TINY).to_dict()
+    assert StudySpec.from_dict({**TINY, "drpo": None}).fingerprint() == StudySpec.from_dict(TINY).fingerprint()
+    assert DEFAULT_STUDY.drpo is not None
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"cases": ["g_wrong", "nope"]}, "'drpo.cases'"),
+    ({"cases": []}, "'drpo.cases'"),
+    ({"cases": ["g_wrong", "g_wrong"]}, "'drpo.cases'"),
+    ({"g_hat": {"kind": "oracle"}}, "other than the oracle"),
+    ({"g_hat": {"kind": "learned"}}, "other than the oracle"),
+    ({"g_hat": {"kind": "magic"}}, "'drpo.g_hat'"),
+    ({"pi_tilt": 0}, r"'drpo.pi_tilt' = 0 must be a number > 0"),
+    ({"beta": float("nan")}, "'drpo.beta'"),
+    ({"reps": 1}, "'drpo.reps' = 1 must be an integer >= 2"),
+    ({"n": [1]}, "'drpo.n'"),
+    ({"scenario": "nope"}, "unknown scenario 'nope'"),
+    ({"colour": 1}, "unknown study field 'drpo.colour'"),
+    ({"scenario": {"name": "../out", "d": 2, "K": 3}}, "'drpo.scenario.name'"),
+])
+def test_bad_drpo_specs(change: dict, match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        StudySpec.from_dict({**TINY, "drpo": change})
 
 
 def test_crossfit_cells_use_the_settings_folds_and_seed(tmp_path) -> None:

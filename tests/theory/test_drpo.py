@@ -15,7 +15,7 @@ from robust_rlhf.simulate.dataset import sample_drpo, sample_population
 from robust_rlhf.theory import drpo
 from robust_rlhf.theory.data import PairPopulation
 from robust_rlhf.theory.errors import InputError
-from robust_rlhf.theory.policies import _log_ref, preference_utility
+from robust_rlhf.theory.policies import _log_ref, kl_policy, preference_utility, win_rate
 
 
 def _population(seed: int, P: int, K: int, d: int, bias: float = 0.0) -> PairPopulation:
@@ -114,6 +114,38 @@ def test_exact_sandwich_matches_enumeration(bias: float) -> None:
     np.testing.assert_allclose(G, 0.0, atol=1e-12)
     np.testing.assert_allclose(target.A, A, rtol=1e-12)
     np.testing.assert_allclose(target.B, B, rtol=1e-12)
+
+
+def test_dr_win_rate_is_unbiased_for_a_fixed_policy_when_either_model_is_right() -> None:
+    # E[dr_win_rate] over one-row data sets (every prompt, pair and label listed) is the true win rate of the fixed
+    # tilt pi_theta of pi_hat when either model is right, and sum pi_theta ubar when both are wrong; at fit_drpo's
+    # estimate it is the fit's own win_rate
+    pop = _population(5, P=4, K=3, d=2, bias=0.2)
+    g_bad, pi_bad = _wrong_models(pop, 6)
+    theta, beta = np.array([0.4, -0.7]), 0.5
+    for g_hat, pi_hat, right in ((g_bad, pop.pi, True), (pop.g_star, pi_bad, True), (g_bad, pi_bad, False)):
+        mean = 0.0
+        for p in range(pop.size):
+            for y, yp, z in itertools.product(range(pop.K), range(pop.K), (0.0, 1.0)):
+                g = pop.g_star[p, y, yp]
+                prob = pop.pi[p, y] * pop.pi[p, yp] * (g if z else 1.0 - g) / pop.size
+                data = drpo.DRPOData(pop.phi[p][None], pi_hat[p][None], np.array([[y, yp]]), np.array([z]),
+                                     g_hat[p][None])
+                mean += prob * drpo.dr_win_rate(data, theta, beta)[0]
+        policy = kl_policy(theta, pop.phi, pi_hat, beta)
+        expected = (policy * drpo.expected_pseudo_rewards(pop, g_hat, pi_hat)).sum(axis=1).mean()
+        assert mean == pytest.approx(expected, rel=1e-12)
+        truth = win_rate(policy, pop).mean
+        assert (mean == pytest.approx(truth, rel=1e-12)) if right else abs(mean - truth) > 0.02
+    data = sample_drpo(pop, 300, seed=2, reps=3, g_hat=g_bad, pi_hat=pi_bad)
+    fit = drpo.fit_drpo(data, beta)
+    np.testing.assert_allclose(drpo.dr_win_rate(data, fit.theta, beta), fit.win_rate, rtol=1e-13)
+    shared = drpo.dr_win_rate(data, theta, beta)
+    np.testing.assert_array_equal(shared, drpo.dr_win_rate(data, np.tile(theta, (3, 1)), beta))
+    with pytest.raises(InputError, match=r"theta: expected shape \(2,\) or \(3, 2\)"):
+        drpo.dr_win_rate(data, np.zeros(3), beta)
+    with pytest.raises(InputError, match="theta"):
+        drpo.dr_win_rate(data, np.array([np.nan, 0.0]), beta)
 
 
 # --- golden: two responses, phi = (0, 1) ------------------------------------------------------------------
