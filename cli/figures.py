@@ -13,7 +13,7 @@ DESCRIPTION = """\
 Run every script of the paper_figures/ folder (one per figure or table). Each reads the study it
 draws, running it first if it is missing (paths relative to the current folder), and writes PNG, PDF
 and the plotted CSV to paper_figures/output/: the validation study results/validate/default (about
-half a minute), and for the llm_* figures the LLM experiment results/llm/tiny-cpu (about 9 minutes
+a minute), and for the llm_* figures the LLM experiment results/llm/tiny-cpu (about 9 minutes
 on two cores when it has to be run).
 
 examples:

@@ -47,7 +47,7 @@ examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="study spec (YAML/JSON: name, scenarios, n, estimators, reps, seed, population, "
-                        "eval_prompts, kl_beta, chunk); other options override it")
+                        "eval_prompts, kl_beta, chunk, pessimism, drpo); other options override it")
     p.add_argument("--scenario", default=None, metavar="NAMES", help="comma-separated scenario names")
     p.add_argument("--estimators", default=None, metavar="NAMES",
                    help="comma-separated estimator names (see --list-estimators); 'drpo' keeps the DRPO "
