@@ -27,7 +27,6 @@ VRPO with a bad ``g_hat``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .scenario import SpecError
+from .substudy import SubStudySpec
 
 __all__ = ["DRPOStudySpec", "run_drpo", "CASES"]
 
@@ -47,7 +47,7 @@ _Z = 1.959963984540054
 
 
 @dataclass(frozen=True)
-class DRPOStudySpec:
+class DRPOStudySpec(SubStudySpec):
     """Where and how DRPO's double robustness is checked: a ``scenario`` (registered name or spec), the ``cases``
     (of ``CASES``), the wrong ``g_hat`` (an auxiliary model spec), the wrong ``pi_hat``'s ``pi_tilt`` (> 0), the
     KL weight ``beta``, sample sizes ``n``, ``reps`` replications per cell and a population of ``prompts``."""
@@ -61,18 +61,12 @@ class DRPOStudySpec:
     reps: int = 200
     prompts: int = 300
 
+    FIELD = "drpo"
+
     def __post_init__(self) -> None:
         from .auxiliary import AuxSpec
-        from .registry import SCENARIOS
-        from .scenario import Scenario
-        from .study import _safe_name
 
-        if isinstance(self.scenario, str):
-            if self.scenario not in SCENARIOS:
-                raise SpecError(f"study field 'drpo.scenario': unknown scenario {self.scenario!r}")
-        else:
-            object.__setattr__(self, "scenario", Scenario.from_spec(self.scenario).spec)
-        _safe_name("drpo.scenario.name", self.scenario_name)
+        self._check_common(min_n=2)
         cases = (self.cases,) if isinstance(self.cases, str) else self.cases
         if not isinstance(cases, (list, tuple)) or not cases or any(c not in CASES for c in cases) \
                 or len(set(cases)) != len(cases):
@@ -88,50 +82,11 @@ class DRPOStudySpec:
                             "than the oracle (the cases with g_hat right use the oracle)")
         object.__setattr__(self, "g_hat", {k: v for k, v in asdict(aux).items()
                                            if k == "kind" or v != getattr(AuxSpec(), k)})
-        ns = (self.n,) if isinstance(self.n, int) else tuple(self.n)
-        if not ns or any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in ns):
-            raise SpecError(f"study field 'drpo.n' = {self.n!r} must list integers >= 2")
-        object.__setattr__(self, "n", tuple(sorted(set(ns))))
+        self._check_numbers((("pi_tilt", lambda v: v > 0, "a number > 0"), ("beta", lambda v: v > 0, "a number > 0")))
 
-        def number(v: Any) -> bool:
-            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-        for name, ok, allowed in (
-            ("reps", lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= 2, "an integer >= 2"),
-            ("prompts", lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= 2, "an integer >= 2"),
-            ("pi_tilt", lambda v: number(v) and v > 0, "a number > 0"),
-            ("beta", lambda v: number(v) and v > 0, "a number > 0"),
-        ):
-            if not ok(getattr(self, name)):
-                raise SpecError(f"study field 'drpo.{name}' = {getattr(self, name)!r} must be {allowed}")
-
-    @classmethod
-    def parse(cls, value: Any) -> "DRPOStudySpec | None":
-        if value is None or isinstance(value, DRPOStudySpec):
-            return value
-        if not isinstance(value, dict):
-            raise SpecError(f"study field 'drpo' must be a mapping, got {value!r}")
-        for key in value:
-            if key not in cls.__dataclass_fields__:
-                raise SpecError(f"unknown study field 'drpo.{key}'; allowed: {', '.join(cls.__dataclass_fields__)}")
-        return cls(**value)
-
-    @property
-    def scenario_name(self) -> str:
-        return self.scenario if isinstance(self.scenario, str) else self.scenario["name"]
-
-    def build_scenario(self):
-        from .registry import get_scenario
-        from .scenario import Scenario
-
-        return get_scenario(self.scenario) if isinstance(self.scenario, str) else Scenario.from_spec(self.scenario)
-
-    def cells(self) -> list[tuple[int, str]]:
-        """Every (n, case)."""
-        return [(n, c) for n in self.n for c in self.cases]
-
-    def key(self, n: int, case: str) -> str:
-        return f"{self.scenario_name}__n{n}__{case}"
+    def units(self) -> tuple:
+        """The cases."""
+        return self.cases
 
     def to_dict(self) -> dict[str, Any]:
         return {"scenario": self.scenario, "cases": list(self.cases), "g_hat": dict(self.g_hat),

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .scenario import SpecError
+from .substudy import SubStudySpec
 
 __all__ = ["PessimismSpec", "run_pessimism", "NEWEST_COLUMNS"]
 
@@ -52,7 +53,7 @@ _DEFAULT_SCENARIO = {"name": "label_flip_tanh", "features": {"map": "tanh", "pro
 
 
 @dataclass(frozen=True)
-class PessimismSpec:
+class PessimismSpec(SubStudySpec):
     """Where and how the bound is checked: a ``scenario`` (registered name or spec; the bound needs
     bounded features, so tanh features by default), ``estimators`` (catalogue names or settings), sample
     sizes ``n``, ``reps`` replications per cell, a population of ``prompts`` prompts, level ``delta``,
@@ -68,17 +69,12 @@ class PessimismSpec:
     mu: float | None = None
     bound_scale: float = 1.5
 
-    def __post_init__(self) -> None:
-        from .registry import SCENARIOS
-        from .scenario import Scenario
-        from .study import EstimatorSetting, _safe_name
+    FIELD = "pessimism"
 
-        if isinstance(self.scenario, str):
-            if self.scenario not in SCENARIOS:
-                raise SpecError(f"study field 'pessimism.scenario': unknown scenario {self.scenario!r}")
-        else:
-            object.__setattr__(self, "scenario", Scenario.from_spec(self.scenario).spec)
-        _safe_name("pessimism.scenario.name", self.scenario_name)
+    def __post_init__(self) -> None:
+        from .study import EstimatorSetting
+
+        self._check_common(min_n=1)
         if isinstance(self.estimators, (str, bytes)) or not isinstance(self.estimators, (list, tuple)):
             raise SpecError(f"study field 'pessimism.estimators' = {self.estimators!r} must be a list of estimators")
         ests = tuple(e if isinstance(e, EstimatorSetting) else EstimatorSetting.parse(e) for e in self.estimators)
@@ -89,53 +85,14 @@ class PessimismSpec:
                                 f"per labelled prompt (no unlabelled prompts: its clusters are a labelled pair with "
                                 f"its reference pairs), a fixed g_hat and lam in [0, 1]; {est.name!r} is not one")
         object.__setattr__(self, "estimators", ests)
-        ns = (self.n,) if isinstance(self.n, int) else tuple(self.n)
-        if not ns or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ns):
-            raise SpecError(f"study field 'pessimism.n' = {self.n!r} must list integers >= 1")
-        object.__setattr__(self, "n", tuple(sorted(set(ns))))
-        def integer(v: Any) -> bool:
-            return not isinstance(v, bool) and isinstance(v, int)
+        self._check_numbers((("delta", lambda v: 0 < v < 1, "in (0, 1)"),
+                             ("bound_scale", lambda v: v >= 1, ">= 1 (B must bound ||theta_dagger||)")))
+        if self.mu is not None:
+            self._check_numbers((("mu", lambda v: v > 0, "> 0, or null for d/n"),))
 
-        def number(v: Any) -> bool:
-            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-        for name, ok, allowed in (
-            ("reps", lambda v: integer(v) and v >= 2, "an integer >= 2"),
-            ("prompts", lambda v: integer(v) and v >= 2, "an integer >= 2"),
-            ("delta", lambda v: number(v) and 0 < v < 1, "in (0, 1)"),
-            ("mu", lambda v: v is None or (number(v) and v > 0), "> 0, or null for d/n"),
-            ("bound_scale", lambda v: number(v) and v >= 1, ">= 1 (B must bound ||theta_dagger||)"),
-        ):
-            if not ok(getattr(self, name)):
-                raise SpecError(f"study field 'pessimism.{name}' = {getattr(self, name)!r} must be {allowed}")
-
-    @classmethod
-    def parse(cls, value: Any) -> "PessimismSpec | None":
-        if value is None or isinstance(value, PessimismSpec):
-            return value
-        if not isinstance(value, dict):
-            raise SpecError(f"study field 'pessimism' must be a mapping, got {value!r}")
-        for key in value:
-            if key not in cls.__dataclass_fields__:
-                raise SpecError(f"unknown study field 'pessimism.{key}'; allowed: {', '.join(cls.__dataclass_fields__)}")
-        return cls(**value)
-
-    @property
-    def scenario_name(self) -> str:
-        return self.scenario if isinstance(self.scenario, str) else self.scenario["name"]
-
-    def build_scenario(self):
-        from .registry import get_scenario
-        from .scenario import Scenario
-
-        return get_scenario(self.scenario) if isinstance(self.scenario, str) else Scenario.from_spec(self.scenario)
-
-    def cells(self) -> list[tuple[int, Any]]:
-        """Every (n, estimator) whose bound is checked."""
-        return [(n, e) for n in self.n for e in self.estimators]
-
-    def key(self, n: int, est: Any) -> str:
-        return f"{self.scenario_name}__n{n}__{est.name}"
+    def units(self) -> tuple:
+        """The estimators whose bound is checked."""
+        return self.estimators
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
