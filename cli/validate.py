@@ -244,15 +244,14 @@ def _drpo_table(drpo):
     from rich.table import Table
 
     last = drpo.sort_values("n").groupby(["scenario", "case"], sort=False).tail(1)
-    table = Table(title="DRPO double robustness at the largest n (the oracle: the best policy of the class for the "
-                        "true win rate less beta KL)")
-    for col in ("scenario", "case", "n", "theta_lim to oracle", "median error", "n Var / predicted",
-                "coverage", "DR win rate of pi_lim: mean (95% CI)", "expected", "true", "objective: fits", "oracle"):
-        table.add_column(col, overflow="fold", justify="left" if col in ("scenario", "case") else "right")
+    table = Table(title=f"DRPO double robustness on {', '.join(dict.fromkeys(last.scenario))} at the largest n "
+                        "(oracle: the best policy of the class for the true win rate less beta KL)")
+    for col in ("case", "n", "limit to oracle", "n Var / predicted", "coverage", "DR win rate of pi_lim",
+                "expected (true)", "regret to oracle"):
+        table.add_column(col, overflow="fold", justify="left" if col == "case" else "right")
     for r in last.itertuples():
-        table.add_row(r.scenario, r.case, str(r.n), f"{r.limit_to_oracle:.3g}", f"{r.median_error:.3g}",
-                      f"{r.var_ratio:.3f} ({r.var_ratio_low:.3f}-{r.var_ratio_high:.3f})", f"{r.coverage:.3f}",
+        table.add_row(r.case, str(r.n), f"{r.limit_to_oracle:.3g}", f"{r.var_ratio:.2f} ({r.var_ratio_low:.2f}-"
+                      f"{r.var_ratio_high:.2f})", f"{r.coverage:.3f}",
                       f"{r.win_fixed:.4f} ({r.win_fixed_low:.4f}-{r.win_fixed_high:.4f})",
-                      f"{r.win_fixed_expected:.4f}", f"{r.win_limit:.4f}", f"{r.objective_true:.4f}",
-                      f"{r.objective_oracle:.4f}")
+                      f"{r.win_fixed_expected:.4f} ({r.win_limit:.4f})", f"{r.regret:.2g}")
     return table

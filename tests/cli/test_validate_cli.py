@@ -140,3 +140,22 @@ def test_estimators_asked_for_keep_the_drpo_sub_study_only_when_named() -> None:
     args.estimators = "mle,drpo"
     spec = build_spec(args)
     assert spec.drpo == DEFAULT_STUDY.drpo and [e.name for e in spec.estimators] == ["mle"]
+
+
+def test_drpo_sub_study_report_files_and_figure(tmp_path, capsys) -> None:
+    spec = tmp_path / "study.yaml"
+    spec.write_text("name: dr\nscenarios: [bt]\nn: [100]\nestimators: [mle]\nreps: 20\npopulation: 2000\n"
+                    "eval_prompts: 200\ndrpo: {cases: [g_wrong, both_wrong], n: [200, 400], reps: 20, prompts: 30}\n")
+    out = tmp_path / "o"
+    assert main(["validate", "--config", str(spec), "--out", str(out), "--jobs", "1"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "DRPO double robustness on annotator_mixture at the largest n" in text
+    import pandas as pd
+
+    checks = pd.read_csv(out / "drpo_checks.csv")
+    assert set(checks.case) == {"g_wrong", "both_wrong"} and set(checks.n) == {200, 400}
+    claims = json.loads((out / "claims.json").read_text())
+    assert {c["name"] for c in claims if c["estimator"].startswith("drpo_")} == {
+        "7_drpo_consistent", "7_drpo_variance", "7_drpo_coverage", "7_drpo_win_rate"}
+    for ext in ("png", "pdf", "csv"):
+        assert (out / "figures" / f"double_robustness.{ext}").stat().st_size > 0
