@@ -420,13 +420,13 @@ def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
 
 def _drpo(table: pd.DataFrame, bootstrap: int, seed: int) -> tuple[pd.DataFrame, list[dict]]:
     """DRPO's double robustness (``simulate.double_robustness``). Per (case, n): the relative median error against
-    the limit ``theta_lim`` and against the oracle (``oracle_error``, with a bootstrap interval), the regret of the
-    fits in the true objective against the oracle's (``regret``), the interquartile-scale ``n`` variance against ``tr`` of the exact sandwich (ratio with
-    a bootstrap interval), the sandwich intervals' coverage of ``theta_lim``, the DR estimate of the fixed policy
-    ``pi_lim``'s win rate (Student-t interval) against its expectation and ``pi_lim``'s true win rate, and the true
-    objective of the fitted policy against the oracle's. Claims 7 per case: the median error extrapolated to
-    ``n -> inf`` is 0 (the limit is the oracle's when either model is right), the variance ratio extrapolated so is
-    1, the coverage at the largest ``n`` is 0.95 and the fixed policy's estimate has the predicted mean."""
+    the limit ``theta_lim`` and against the oracle (``oracle_error``, with a bootstrap interval), the interquartile-
+    scale ``n`` variance over ``tr`` of the exact sandwich (``var_ratio``, with a bootstrap interval), the sandwich
+    intervals' coverage of ``theta_lim``, the DR estimate of the fixed policy ``pi_lim``'s win rate (Student-t
+    interval) against its expectation and ``pi_lim``'s true win rate, and the regret of the fits in the true objective
+    against the oracle (``regret``). Claims 7 per case: the median error extrapolated to ``n -> inf`` is 0 (the limit
+    is the oracle's when either model is right), the variance ratio extrapolated so is 1, the coverage at the largest
+    ``n`` is 0.95 and the fixed policy's estimate has the predicted mean."""
     rows, claims = [], []
     for (scenario, case), g in table.groupby(["scenario", "case"], sort=False):
         d = sum(c.startswith("theta_") for c in g.columns)

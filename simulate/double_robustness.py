@@ -113,11 +113,12 @@ class DRPOStudySpec(SubStudySpec):
 
 def run_drpo(ds: DRPOStudySpec, n: int, case: str, seed: int) -> pd.DataFrame:
     """The per-replication table of one DRPO cell (module docstring): ``theta_k``, ``se_k``, ``covered_k`` (of
-    ``theta_lim``), ``converged``, ``win_estimate`` (the DR estimate at the fit), ``win_true`` and ``objective_true`` (the
-    fitted policy's true win rate, and that less ``beta KL(. || pi_hat)``), ``win_fixed`` (the DR estimate of ``pi_lim``'s win rate) and, the same on every row, the
-    predictions: ``limit_k``, ``oracle_k``, ``pred_var`` (``tr`` of the exact sandwich), ``win_fixed_expected``
-    (``E win_fixed``), ``win_limit`` and ``objective_limit`` (``pi_lim``'s truth), ``win_oracle`` and
-    ``objective_oracle`` (the oracle's: the largest true objective of the class)."""
+    ``theta_lim``), ``converged``, ``win_estimate`` (the DR estimate at the fit), ``win_true`` and
+    ``objective_true`` (the fitted policy's true win rate, and that less ``beta KL(. || pi_hat)``), ``win_fixed``
+    (the DR estimate of ``pi_lim``'s win rate) and, the same on every row, the predictions: ``limit_k``,
+    ``oracle_k``, ``pred_var`` (``tr`` of the exact sandwich), ``win_fixed_expected`` (``E win_fixed``),
+    ``win_limit`` and ``objective_limit`` (``pi_lim``'s truth), ``win_oracle`` and ``objective_oracle`` (the
+    oracle's: the largest true objective of the class)."""
     from robust_rlhf.theory.drpo import dr_win_rate, drpo_target, fit_drpo
     from robust_rlhf.theory.policies import kl_divergence, kl_policy, win_rate
 

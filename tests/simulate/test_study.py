@@ -14,6 +14,7 @@ from robust_rlhf.simulate.checks import analyse
 from robust_rlhf.simulate.study import (CELL_VERSION, DEFAULT_STUDY, ESTIMATORS, EstimatorSetting, StudySpec, load_study,
                                         run_study)
 from robust_rlhf.theory.errors import InputError
+from robust_rlhf.theory.policies import preference_utility
 
 TINY = dict(name="tiny", scenarios=["intransitive"], n=[100, 200], estimators=["mle", "vrpo_M4", "vrpo_tuned_M4"],
             reps=24, seed=3, population=2000, eval_prompts=200, chunk=10)
@@ -328,6 +329,10 @@ def test_drpo_sub_study(tmp_path) -> None:
     assert "drpo" not in StudySpec.from_dict(TINY).to_dict()
     assert StudySpec.from_dict({**TINY, "drpo": None}).fingerprint() == StudySpec.from_dict(TINY).fingerprint()
     assert DEFAULT_STUDY.drpo is not None
+    pop, g_hat, pi_hat = spec.drpo.models("both_wrong")  # the wrong models belong to the population's prompts
+    np.testing.assert_array_equal(g_hat, 1.0 - pop.g_star)
+    assert np.allclose(np.log(pi_hat / pop.pi) + 4.0 * preference_utility(pop),
+                       (np.log(pi_hat / pop.pi) + 4.0 * preference_utility(pop))[:, :1])
 
 
 @pytest.mark.parametrize("change,match", [
