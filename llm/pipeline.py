@@ -279,9 +279,10 @@ def run_finetune(
         ref_model = None
         # the MLE baselines score the labelled pair only (PreferenceTrainer drops the reference responses)
         scored = schema.response_columns if needs_refs else schema.response_columns[:2]
-        ref_path = _ref_cache_path(cache_dir, train_ds, scored, model_args, pref)
         cached = False
         precompute = pref.precompute_ref_log_probs and not drpo  # DRPO scores pi_hat live on its draws
+        # the cache key hashes every token id of the data set: only where the cache is read or written
+        ref_path = _ref_cache_path(cache_dir, train_ds, scored, model_args, pref) if precompute else None
         if precompute and ref_path.exists():
             values = json.loads(ref_path.read_text())
             cached = len(values) == len(train_ds) and all(len(v) == len(scored) for v in values)
