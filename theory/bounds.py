@@ -83,7 +83,6 @@ def _positive(name: str, value: object, allow_zero: bool = False) -> float:
     return x
 
 
-
 def _psd(name: str, matrix: object, d: int | None = None) -> np.ndarray:
     try:
         m = np.asarray(matrix, dtype=np.float64)

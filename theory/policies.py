@@ -93,10 +93,6 @@ class PromptMean(NamedTuple):
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def _array(name: str, values: object) -> np.ndarray:
-    return _as_float(name, values)
-
-
 def _finite(name: str, arr: np.ndarray) -> None:
     bad = ~np.isfinite(arr)
     if bad.any():
@@ -105,7 +101,7 @@ def _finite(name: str, arr: np.ndarray) -> None:
 
 
 def _check_phi(phi: object) -> np.ndarray:
-    arr = _array("phi", phi)
+    arr = _as_float("phi", phi)
     if arr.ndim != 3 or min(arr.shape) < 1:
         raise InputError(f"phi: expected a non-empty (P, K, d) array, got shape {arr.shape}")
     _finite("phi", arr)
@@ -114,7 +110,7 @@ def _check_phi(phi: object) -> np.ndarray:
 
 def _check_theta(theta: object, d: int, name: str = "theta") -> tuple[np.ndarray, bool]:
     """``theta`` as ``(R, d)`` and whether it was given as a batch."""
-    arr = _array(name, theta)
+    arr = _as_float(name, theta)
     if arr.ndim == 1:
         arr, batched = arr[None, :], False
     elif arr.ndim == 2:
@@ -129,7 +125,7 @@ def _check_theta(theta: object, d: int, name: str = "theta") -> tuple[np.ndarray
 
 def _check_table(name: str, values: object, P: int, K: int) -> np.ndarray:
     """A finite ``(P, K)`` table such as a utility."""
-    arr = _array(name, values)
+    arr = _as_float(name, values)
     if arr.shape != (P, K):
         raise InputError(f"{name}: expected shape {(P, K)}, got {arr.shape}")
     _finite(name, arr)
@@ -138,7 +134,7 @@ def _check_table(name: str, values: object, P: int, K: int) -> np.ndarray:
 
 def _check_distribution(name: str, values: object, K: int | None = None, P: int | None = None) -> np.ndarray:
     """A policy-like array ``(..., P, K)`` of probabilities whose rows sum to one."""
-    arr = _array(name, values)
+    arr = _as_float(name, values)
     if arr.ndim < 2:
         raise InputError(f"{name}: expected a (P, K) or (R, P, K) array, got shape {arr.shape}")
     if K is not None and arr.shape[-1] != K:
@@ -203,7 +199,7 @@ def _utility_target(target: object, pi_ref: object | None) -> tuple[np.ndarray, 
             )
         ref = target.pi if pi_ref is None else _check_distribution("pi_ref", pi_ref, target.K, target.size)
         return target.utility, ref
-    util = _array("utility", target)
+    util = _as_float("utility", target)
     if util.ndim != 2:
         raise InputError(f"utility: expected a (P, K) array, got shape {util.shape}")
     _finite("utility", util)
@@ -487,7 +483,7 @@ def theta_regret(
 
 def order_averaged_preference(g_star: object) -> np.ndarray:
     """``gbar(a, b) = (g*(a, b) + 1 - g*(b, a)) / 2`` over the last two axes (``gbar(a, a) = 1/2``)."""
-    g = _array("g_star", g_star)
+    g = _as_float("g_star", g_star)
     if g.ndim < 2 or g.shape[-1] != g.shape[-2]:
         raise InputError(f"g_star: expected (..., K, K), got shape {g.shape}")
     check_probability("g_star", g)
@@ -545,7 +541,7 @@ def confidence_radius(d: int, delta: float) -> float:
 
 def _cov_sqrt(cov: object, d: int, reps: int) -> np.ndarray:
     """``(R, d, d)`` matrices ``S`` with ``S^T S = cov`` (symmetric PSD check, eigenvalues clipped at 0)."""
-    c = _array("cov", cov)
+    c = _as_float("cov", cov)
     if c.shape == (d, d):
         c = np.broadcast_to(c, (reps, d, d))
     if c.shape != (reps, d, d):
@@ -563,7 +559,7 @@ def _cov_sqrt(cov: object, d: int, reps: int) -> np.ndarray:
 
 
 def _check_gamma(gamma: object, reps: int) -> np.ndarray:
-    g = _array("gamma", gamma)
+    g = _as_float("gamma", gamma)
     if g.ndim == 0:
         g = np.full(reps, float(g))
     if g.shape != (reps,):
@@ -577,7 +573,7 @@ def _reference_point(phi: np.ndarray, pi_ref: object | None, v: object | None, p
     """``v`` (d,) for the aggregate set or (P, d) per prompt; default ``phi(x, pi_ref)`` (0 without pi_ref)."""
     P, K, d = phi.shape
     if v is not None:
-        vv = _array("v", v)
+        vv = _as_float("v", v)
         _finite("v", vv)
         if per_prompt:
             if vv.shape == (d,):
