@@ -126,7 +126,7 @@ def run_drpo(ds: DRPOStudySpec, n: int, case: str, seed: int) -> pd.DataFrame:
 
     pop, g_hat, pi_hat = ds.models(case)
     target = drpo_target(pop, ds.beta, g_hat, pi_hat)
-    oracle = drpo_target(pop, ds.beta, None, pi_hat)
+    oracle = target if g_hat is None else drpo_target(pop, ds.beta, None, pi_hat)  # with g* the limit is the oracle
     data = sample_drpo(pop, n, seed=seed, reps=ds.reps, g_hat=g_hat, pi_hat=pi_hat)
     fit = fit_drpo(data, ds.beta)
     theta = np.where(fit.converged[:, None], fit.theta, np.nan)
