@@ -64,7 +64,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.optimize import minimize
-from scipy.special import logsumexp
 from torch import Tensor
 
 from .data import PairPopulation, _as_float, _bounded, as_probabilities, check_solver
@@ -174,8 +173,10 @@ def pseudo_rewards(data: DRPOData) -> np.ndarray:
 def _tilt(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
     """``pi_theta(.|x_i) = pi_hat exp(theta . phi / beta) / Z_theta`` (..., n, K) and ``log Z_theta`` (..., n)."""
     s = np.einsum("...kd,...d->...k", phi, theta) / beta + log_pi
-    lse = logsumexp(s, axis=-1)
-    return np.exp(s - lse[..., None]), lse
+    top = s.max(axis=-1, keepdims=True)  # finite: pi_hat is positive somewhere on every row
+    e = np.exp(s - top)
+    total = e.sum(axis=-1, keepdims=True)
+    return e / total, (top + np.log(total))[..., 0]
 
 
 def _row_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float
@@ -196,8 +197,15 @@ def _mean_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.nd
                 ) -> tuple[float, np.ndarray, np.ndarray]:
     """``F = (1/n) sum_i f_i``, its gradient and Hessian."""
     f, grad, _, centred, curve = _row_terms(theta, phi, log_pi, v, beta)
-    hess = np.einsum("nk,nkd,nke->de", curve, centred, centred) / f.shape[0]
-    return float(f.mean()), grad.mean(axis=0), hess
+    return float(f.mean()), grad.mean(axis=0), _curvature(curve, centred)
+
+
+def _curvature(curve: np.ndarray, centred: np.ndarray) -> np.ndarray:
+    """``(1/n) sum_i grad^2 f_i = (1/n) sum_i sum_a curve_ia phi~_ia phi~_ia^T`` (d, d), one product over the ``n K``
+    rows (a three-operand ``einsum`` loops over them in Python's stead, several times slower)."""
+    n, K, d = centred.shape
+    X = centred.reshape(n * K, d)
+    return X.T @ (curve.reshape(n * K, 1) * X) / n
 
 
 def _maximise(phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float, tol: float, max_iter: int
@@ -283,7 +291,7 @@ def fit_drpo(data: DRPOData, beta: float, *, tol: float = 1e-9, max_iter: int = 
         obj[k] = f.mean()
         win[k] = _win_rate(w, v[k])
         if converged[k]:
-            Ainv = np.linalg.inv(-np.einsum("nk,nkd,nke->de", curve, centred, centred) / n)
+            Ainv = np.linalg.inv(-_curvature(curve, centred))
             cov[k] = Ainv @ np.cov(grad, rowvar=False, bias=True).reshape(d, d) @ Ainv / n
     return DRPOFit(theta=theta, cov=cov, win_rate=win, objective=obj, converged=converged, n_iter=n_iter, beta=b)
 
@@ -380,7 +388,7 @@ def drpo_target(pop: PairPopulation, beta: float, g_hat: np.ndarray | None = Non
         raise InputError(f"drpo_target: no locally concave maximiser found from theta = 0 (|grad| tolerance {gtol:.3g}"
                          f", beta = {b}); the population objective may be flat or unbounded in some direction")
     _, grad, w, centred, curve = _row_terms(theta, pop.phi, log_pi, ubar, b)
-    A = -np.einsum("pk,pkd,pke->de", curve, centred, centred) / P
+    A = -_curvature(curve, centred)
     C = w[..., None] * centred  # (P, K, d)
     m = 0.5 * (np.swapaxes(g, 1, 2)[:, None, :, :] + 1.0 - g[:, :, None, :])  # m[p, y, y', a]
     q = np.einsum("pyza,pad->pyzd", m - (pop.phi @ theta)[:, None, None, :], C)

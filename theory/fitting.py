@@ -554,17 +554,28 @@ class _NewtonState:
     hess: Tensor
 
 
-def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, *args) -> _NewtonState:
+def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, *args,
+               pooled: bool = False) -> _NewtonState:
     """Run ``solver`` on blocks of replications of about ``CACHE_BLOCK`` bytes of features each, every
-    block to convergence before the next (replications are independent)."""
+    block to convergence before the next (replications are independent).
+
+    With ``pooled`` (a convex objective, the caller's choice) and a cold start (``theta0 = 0``), the blocks
+    after the first start at the mean of the first block's converged estimates: Monte Carlo replications
+    of one design lie within ``O(n^{-1/2})`` of each other, so Newton needs about two iterations fewer
+    (3 against 5 for the logistic MLE at n = 2000, d = 10). The minimiser does not depend on the start;
+    the estimate moves within the gradient tolerance."""
     R, d = theta0.shape
     with_ref = _uses_ref(b, lam)
     step = min(_chunk_reps(b, CACHE_BLOCK, 8 * b.dphi.shape[2], with_ref, clusters=False),
                _memory_chunks(b, R, with_ref, clusters=False)[0].stop)
     if step >= R:
         return solver(loss, lam, b, theta0, *args)
-    parts = [solver(loss, lam[s:s + step], b.rows(slice(s, s + step)), theta0[s:s + step], *args)
-             for s in range(0, R, step)]
+    parts = [solver(loss, lam[:step], b.rows(slice(0, step)), theta0[:step], *args)]
+    ok = parts[0].converged & ~parts[0].separable
+    if pooled and bool(ok.any()) and not bool(theta0.any()):
+        theta0 = parts[0].theta[ok].mean(0).expand(R, d)
+    parts += [solver(loss, lam[s:s + step], b.rows(slice(s, s + step)), theta0[s:s + step].clone(), *args)
+              for s in range(step, R, step)]
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     return _NewtonState(cat("theta"), cat("converged"), cat("separable"), cat("n_iter"), cat("grad_norm"),
                         cat("hess"))
@@ -572,8 +583,10 @@ def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor,
 
 def _newton(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float, max_iter: int,
             certificate: bool, theta_max: float) -> _NewtonState:
-    """Batched damped Newton with Armijo backtracking (``_newton_block``), block by block of replications."""
-    return _blockwise(_newton_block, loss, lam, b, theta0, tol, max_iter, certificate, theta_max)
+    """Batched damped Newton with Armijo backtracking (``_newton_block``), block by block of replications
+    (a cold start of a convex objective pooled across blocks: ``_blockwise``)."""
+    pooled = (loss.convex and not bool(lam.any())) or (type(loss) is Logistic and bool(((lam >= 0) & (lam <= 1)).all()))
+    return _blockwise(_newton_block, loss, lam, b, theta0, tol, max_iter, certificate, theta_max, pooled=pooled)
 
 
 def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float, max_iter: int,

@@ -39,8 +39,8 @@ def _lambda_min(data: PairData, theta: np.ndarray, lam: np.ndarray) -> np.ndarra
 def test_one_replication_chunks_match_one_block(data: PairData, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Budgets of one byte force one replication per chunk and per Newton block. Both fits stop at a
     gradient norm below TOL, so for a strongly convex objective with Hessian >= l_min I the estimates
-    differ by at most ||g_1 - g_2|| / l_min < 2 TOL / l_min (the exact Newton path is the same; only
-    the batched BLAS calls differ, in the last bits)."""
+    differ by at most ||g_1 - g_2|| / l_min < 2 TOL / l_min. The split MLE starts its later blocks at the
+    first block's mean estimate (``_blockwise``'s pooled start), so their Newton paths are shorter."""
     _budgets(monkeypatch, 2**40, 2**40)
     whole = fit(data, method)
     _budgets(monkeypatch, 1, 1)
@@ -52,7 +52,9 @@ def test_one_replication_chunks_match_one_block(data: PairData, method: str, mon
     assert (np.abs(split.theta - whole.theta).max(axis=1) <= bound).all()
     np.testing.assert_allclose(split.lam, whole.lam, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(split.cov, whole.cov, rtol=1e-5, atol=1e-12)
-    assert (np.abs(split.n_iter - whole.n_iter) <= 1).all()
+    assert (split.n_iter <= whole.n_iter + 1).all()
+    if method == "mle":  # the pooled start shortens the later blocks (VRPO starts at each MLE either way)
+        assert split.n_iter[1:].mean() < whole.n_iter[1:].mean()
 
 
 def test_memory_chunks_respect_the_budget(data: PairData, monkeypatch: pytest.MonkeyPatch) -> None:
