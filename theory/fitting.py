@@ -607,12 +607,21 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
     plain = b
     b = b.with_kernel(loss, lam)
     sub = b
+    if b.kern is not None:  # the compiled loop takes every replication as far as plain Newton steps go
+        fast = _kernel_newton(b, lam, theta, tol, max_iter, certificate, theta_max)
+        theta, n_iter = fast.theta, fast.iters.clone()
+        done = fast.converged
+        converged[done], grad_norm[done], hess_out[done] = True, fast.grad[done].norm(dim=1), fast.hess[done]
+        active = (~done).nonzero().squeeze(1)
+        if not active.numel():
+            return _NewtonState(theta, converged, separable, n_iter, grad_norm, hess_out)
+        sub = b.subset(active, with_ref)
     # The VR objective's recession certificate costs about a tenth of a VRPO fit when evaluated at every
     # point. An unbounded objective keeps a large Newton decrement (its gradient stays away from zero
     # while its curvature vanishes), so the certificate is skipped at the warm start and at steps whose
     # decrement is already small: half the evaluations.
     lazy = certificate and with_ref
-    value, grad, hess, sep = _evaluate(loss, lam, sub, theta, True, certificate and not lazy)
+    value, grad, hess, sep = _evaluate(loss, lam[active], sub, theta[active], True, certificate and not lazy)
     while active.numel():
         gnorm = grad.norm(dim=1)
         grad_norm[active] = gnorm
@@ -672,6 +681,24 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
             sep = sep[keep]
             sub = b.subset(active, with_ref)
     return _NewtonState(theta, converged, separable, n_iter, grad_norm, hess_out)
+
+
+def _kernel_newton(b: _Batch, lam: Tensor, theta0: Tensor, tol: float, max_iter: int, certificate: bool,
+                   theta_max: float) -> kernels.NewtonResult:
+    """``kernels.logistic_newton`` on ``b``'s kernel terms (``_newton_block``'s loop while it needs no safeguard),
+    its work counted as ``_kernel_evaluate`` counts it."""
+    k = b.kern
+    with_ref = k.Xt_ref is not None
+    res = kernels.logistic_newton(k.Xt, k.a, k.b, k.y, theta0.contiguous(), tol=tol, theta_max=theta_max,
+                                  max_iter=max_iter, certificate=certificate, Xt_ref=k.Xt_ref, a_ref=k.a_ref,
+                                  b_ref=k.b_ref, lam=lam.contiguous() if with_ref else None, rows=k.rows)
+    n, N = k.a.shape[1], k.a_ref.shape[1] if with_ref else 0
+    linear = k.linear if k.rows is None else k.linear[k.rows]
+    _WORK.d = theta0.shape[1]
+    _WORK.kernel_pairs += int((res.evals * (N + n * (~linear).long())).sum())
+    _WORK.grad_pairs += int((res.evals * n * linear.long()).sum())
+    _WORK.factorizations += int(res.iters.sum()) + int((~res.converged).sum())
+    return res
 
 
 def _project(theta: Tensor, bound: float) -> Tensor:
@@ -903,7 +930,11 @@ def _sandwiches(loss: MarginLoss, b: _Batch, theta: Tensor, hess: Tensor, lam: T
     R, d = theta.shape
     cov = torch.empty(R, d, d, dtype=_DTYPE)
     tuned = torch.empty(R, dtype=_DTYPE) if tune is not None else None
-    for sl in _memory_chunks(b, R):
+    chunks = _memory_chunks(b, R)
+    if kernels.available():  # the compiled moments keep the cluster sums per thread: a few (R, P) arrays at most
+        step = _chunk_reps(b, MEMORY_BUDGET, 8 * 4, clusters=False)
+        chunks = [slice(s, min(s + step, R)) for s in range(0, R, step)]
+    for sl in chunks:
         control = tune is not None or bool((lam[sl] != 0).any())
         moments = _meat_moments(loss, b.rows(sl), theta[sl], control)
         Hinv = _pinv(hess[sl])

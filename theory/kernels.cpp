@@ -12,6 +12,8 @@
 // replication's pairs are split over threads when there are fewer replications than threads.
 // rr_transpose: (R x P x d) to (R x d x P). rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda;
 // rr_logistic_cluster_moments: the same for the logistic loss, its coefficients formed from the margins in the same pass.
+// rr_logistic_newton: fitting's damped Newton on the logistic VR objective, one replication per thread, until it
+// converges or needs the caller's safeguards (backtracking, damping, certificates).
 // rr_policy_regret: the per-prompt regret of the greedy or KL policy of each theta_r (robust_rlhf.theory.policies).
 #include <algorithm>
 #include <cmath>
@@ -319,11 +321,73 @@ void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const doubl
   centred_moments(nullptr, Bt.data(), C, n, C, d, nullptr, nullptr, bb);
 }
 
+// L L^T = A for the symmetric d x d matrix A (row-major, upper triangle read), L lower triangular (row-major);
+// false where A is not positive definite (or not finite).
+bool cholesky(const double* A, int64_t d, double* L) {
+  for (int64_t j = 0; j < d; ++j) {
+    double s = A[j * d + j];
+    for (int64_t k = 0; k < j; ++k) s -= L[j * d + k] * L[j * d + k];
+    if (!(s > 0.0) || !std::isfinite(s))
+      return false;
+    const double ljj = std::sqrt(s);
+    L[j * d + j] = ljj;
+    for (int64_t i = j + 1; i < d; ++i) {
+      double t = A[j * d + i];
+      for (int64_t k = 0; k < j; ++k) t -= L[i * d + k] * L[j * d + k];
+      L[i * d + j] = t / ljj;
+    }
+  }
+  return true;
+}
+
+// x = -(L L^T)^{-1} g.
+void newton_step(const double* L, const double* g, int64_t d, double* x) {
+  for (int64_t i = 0; i < d; ++i) {
+    double t = -g[i];
+    for (int64_t k = 0; k < i; ++k) t -= L[i * d + k] * x[k];
+    x[i] = t / L[i * d + i];
+  }
+  for (int64_t i = d - 1; i >= 0; --i) {
+    double t = x[i];
+    for (int64_t k = i + 1; k < d; ++k) t -= L[k * d + i] * x[k];
+    x[i] = t / L[i * d + i];
+  }
+}
+
+// One replication's logistic VR objective at th: value, gradient and Hessian (upper triangle) over the labelled
+// pairs and, with Xq, the reference pairs; with `cert`, whether th certifies that no minimiser exists (the overlap
+// condition without reference pairs, a negative recession slope with them: fitting._kernel_evaluate's rules).
+struct Objective {
+  int64_t n, N, d;
+  const double *X, *a, *b, *y, *Xq, *aq, *bq;
+  double lam;
+
+  bool eval(const double* th, bool cert, Partial& p) const {
+    p.value = p.rec = p.absu = p.against = 0.0;
+    std::fill(p.grad.begin(), p.grad.end(), 0.0);
+    std::fill(p.hess.begin(), p.hess.end(), 0.0);
+    const bool ref = Xq != nullptr;
+    pair_range(n, d, X, a, b, th, cert && !ref ? y : nullptr, 2, cert && ref, 0, n, p);
+    if (!ref) {
+      bool moved = false;
+      for (int64_t j = 0; j < d; ++j) moved |= th[j] != 0.0;
+      return cert && moved && p.against == 0.0;
+    }
+    const double rec = p.rec, size = p.absu / static_cast<double>(n);
+    Partial q{0.0, std::vector<double>(d, 0.0), std::vector<double>(d * d, 0.0)};
+    pair_range(N, d, Xq, aq, bq, th, nullptr, 2, cert, 0, N, q);
+    p.value += q.value;
+    for (int64_t j = 0; j < d; ++j) p.grad[j] += q.grad[j];
+    for (int64_t j = 0; j < d * d; ++j) p.hess[j] += q.hess[j];
+    return cert && rec + q.rec < -1e-9 * (size + std::fabs(lam) * q.absu / static_cast<double>(N));
+  }
+};
+
 }  // namespace
 
 extern "C" {
 
-int rr_kernel_version() { return 10; }
+int rr_kernel_version() { return 11; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -369,6 +433,76 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
       for (size_t j = 0; j < q.hess.size(); ++j) first.hess[j] += q.hess[j];
     }
     store(first, r, d, mode, accumulate, value, grad, hess, rec, absu, against);
+  }
+}
+
+// Damped Newton on each replication's logistic VR objective (fitting._newton_block's fast path), from theta (R x d,
+// updated in place): full Newton steps while the Hessian has a Cholesky factor and the step passes the Armijo test
+// (value <= value + 1e-4 slope + 1e-12 max(|value|, 1)), until |grad| < tol. status[r] = 0: converged, with value,
+// grad and hess (mirrored) at theta; 1: handed back to the caller at the last accepted theta (a backtracked step,
+// an indefinite Hessian, a certificate that no minimiser exists, |theta| > theta_max or max_iter). Certificates as
+// in the caller: at every evaluation without reference pairs; with them ("lazy") not at the start and not at steps
+// whose decrease -slope is at most 1e-8 max(|value|, 1). iters: steps taken; evals: evaluations.
+void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double* Xt, const double* a,
+                        const double* b, const double* y, const double* Xt_ref, const double* a_ref,
+                        const double* b_ref, const int64_t* rows, const double* lam, int certificate, double tol,
+                        double theta_max, int64_t max_iter, int threads, double* theta, double* value, double* grad,
+                        double* hess, int64_t* iters, int64_t* evals, int32_t* status) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (R > 1 && threads > 1)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t q = rows ? rows[r] : r;
+    const bool ref = Xt_ref != nullptr;
+    const Objective f{n, ref ? N : 0, d, Xt + q * d * n, a + q * n, b + q * n, y ? y + q * n : nullptr,
+                      ref ? Xt_ref + q * d * N : nullptr, ref ? a_ref + q * N : nullptr,
+                      ref ? b_ref + q * N : nullptr, lam ? lam[r] : 0.0};
+    const bool lazy = certificate && ref;
+    double* th = theta + r * d;
+    std::vector<double> L(d * d), step(d), trial(d);
+    Partial cur{0.0, std::vector<double>(d), std::vector<double>(d * d)};
+    Partial nxt = cur;
+    bool sep = f.eval(th, certificate && !lazy, cur);
+    int64_t it = 0, ev = 1;
+    int32_t st = 1;
+    for (;;) {
+      double g2 = 0.0, t2 = 0.0;
+      for (int64_t j = 0; j < d; ++j) {
+        g2 += cur.grad[j] * cur.grad[j];
+        t2 += th[j] * th[j];
+      }
+      if (std::sqrt(g2) < tol) {
+        st = 0;
+        break;
+      }
+      if (sep || std::sqrt(t2) > theta_max || it >= max_iter)
+        break;
+      for (int64_t j = 0; j < d; ++j)  // mirror the upper triangle for the factorisation
+        for (int64_t k = j + 1; k < d; ++k) cur.hess[k * d + j] = cur.hess[j * d + k];
+      if (!cholesky(cur.hess.data(), d, L.data()))
+        break;
+      newton_step(L.data(), cur.grad.data(), d, step.data());
+      double slope = 0.0;
+      for (int64_t j = 0; j < d; ++j) {
+        slope += cur.grad[j] * step[j];
+        trial[j] = th[j] + step[j];
+      }
+      const double scale = std::max(std::fabs(cur.value), 1.0);
+      const bool check = certificate && !(lazy && -slope <= 1e-8 * scale);
+      const bool trial_sep = f.eval(trial.data(), check, nxt);
+      ++ev;
+      if (!(nxt.value <= cur.value + 1e-4 * slope + 1e-12 * scale))
+        break;
+      std::copy(trial.begin(), trial.end(), th);
+      std::swap(cur, nxt);
+      sep = trial_sep;
+      ++it;
+    }
+    iters[r] = it;
+    evals[r] = ev;
+    status[r] = st;
+    value[r] = cur.value;
+    for (int64_t j = 0; j < d; ++j) grad[r * d + j] = cur.grad[j];
+    for (int64_t j = 0; j < d; ++j)
+      for (int64_t k = j; k < d; ++k) hess[r * d * d + j * d + k] = hess[r * d * d + k * d + j] = cur.hess[j * d + k];
   }
 }
 

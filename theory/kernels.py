@@ -32,13 +32,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "cluster_moments", "logistic_cluster_moments", "logistic_eval", "margins", "policy_regret",
-           "transpose", "unavailable_reason"]
+__all__ = ["NewtonResult", "available", "cluster_moments", "logistic_cluster_moments", "logistic_eval",
+           "logistic_newton", "margins", "policy_regret", "transpose", "unavailable_reason"]
 
 _LOG = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -48,7 +49,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 10
+_VERSION = 11
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -122,6 +123,10 @@ def _load() -> ctypes.CDLL | None:
     lib.rr_logistic_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                                                 ctypes.c_int, ptr, ptr, ptr]
     lib.rr_logistic_cluster_moments.restype = None
+    lib.rr_logistic_newton.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
+                                       ctypes.c_double, ctypes.c_double, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
+                                       ptr, ptr]
+    lib.rr_logistic_newton.restype = None
     lib.rr_policy_regret.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, ptr,
                                      ctypes.c_double, ctypes.c_double, ctypes.c_int, ptr]
     lib.rr_policy_regret.restype = None
@@ -211,6 +216,54 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
                          torch.get_num_threads(), _ptr(value), _ptr(grad), _ptr(hess), _ptr(slope),
                          _ptr(size), _ptr(y), _ptr(count), _ptr(rows))
     return value, grad, hess
+
+
+@dataclass
+class NewtonResult:
+    """``logistic_newton``'s per-replication outcome: ``converged`` (R,) bool (``value``, ``grad``, ``hess`` are
+    then at ``theta``), ``iters`` the Newton steps taken and ``evals`` the evaluations (R,) int64."""
+
+    theta: Tensor
+    converged: Tensor
+    value: Tensor
+    grad: Tensor
+    hess: Tensor
+    iters: Tensor
+    evals: Tensor
+
+
+def logistic_newton(Xt: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, *, tol: float, theta_max: float,
+                    max_iter: int, certificate: bool, Xt_ref: Tensor | None = None, a_ref: Tensor | None = None,
+                    b_ref: Tensor | None = None, lam: Tensor | None = None, rows: Tensor | None = None) -> NewtonResult:
+    r"""Damped Newton on the objectives of ``logistic_eval`` (labelled pairs ``Xt`` (S, d, n), ``a``, ``b``, ``y``
+    (S, n); reference pairs ``Xt_ref`` (S, d, N), ``a_ref``, ``b_ref`` (S, N) at weights ``lam`` (R,)) from
+    ``theta0`` (R, d), one replication per thread with no Python between the steps: full steps
+    ``-H^{-1} grad`` while ``H`` has a Cholesky factor and the Armijo test passes, until ``|grad| < tol``.
+    A replication that needs more (a shortened step, a damped Hessian, a certificate that no minimiser exists,
+    ``|theta| > theta_max``, ``max_iter``) stops where it is with ``converged`` False: ``fitting._newton_block``
+    takes it from there. ``rows`` selects replications as in ``logistic_eval``."""
+    lib = _require()
+    S, d, n = Xt.shape
+    f64 = torch.float64
+    R = S if rows is None else rows.shape[0]
+    _check("logistic_newton", Xt=(Xt, (S, d, n), f64), a=(a, (S, n), f64), b=(b, (S, n), f64), y=(y, (S, n), f64),
+           theta0=(theta0, (R, d), f64), rows=(rows, (R,), torch.int64))
+    N = 0
+    if Xt_ref is not None:
+        N = Xt_ref.shape[2]
+        _check("logistic_newton", Xt_ref=(Xt_ref, (S, d, N), f64), a_ref=(a_ref, (S, N), f64),
+               b_ref=(b_ref, (S, N), f64), lam=(lam, (R,), f64))
+    if rows is not None and R and not (0 <= int(rows.min()) and int(rows.max()) < S):
+        raise ValueError(f"logistic_newton: rows must lie in [0, {S})")
+    theta = theta0.clone()
+    value, grad, hess = torch.empty(R, dtype=f64), torch.empty(R, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
+    iters, evals = torch.empty(R, dtype=torch.int64), torch.empty(R, dtype=torch.int64)
+    status = torch.empty(R, dtype=torch.int32)
+    lib.rr_logistic_newton(R, n, N, d, _ptr(Xt), _ptr(a), _ptr(b), _ptr(y), _ptr(Xt_ref), _ptr(a_ref), _ptr(b_ref),
+                           _ptr(rows), _ptr(lam if Xt_ref is not None else None), int(certificate), float(tol),
+                           float(theta_max), int(max_iter), torch.get_num_threads(), _ptr(theta), _ptr(value),
+                           _ptr(grad), _ptr(hess), _ptr(iters), _ptr(evals), _ptr(status))
+    return NewtonResult(theta, status == 0, value, grad, hess, iters, evals)
 
 
 def transpose(X: Tensor) -> Tensor:

@@ -303,3 +303,66 @@ def test_rows_select_without_copying() -> None:
         assert torch.equal(g_, w_)
     with pytest.raises(ValueError, match=r"rows must lie in \[0, 6\)"):
         kernels.logistic_eval(Xt, a, b, theta[:1].contiguous(), rows=torch.tensor([6]))
+
+
+def _hand_back(b, lam, theta0, *args):
+    """A ``_kernel_newton`` that takes no step: every replication goes to the Python loop."""
+    R = theta0.shape[0]
+    zeros = torch.zeros(R, dtype=torch.int64)
+    return kernels.NewtonResult(theta0.clone(), torch.zeros(R, dtype=torch.bool), torch.zeros(R, dtype=torch.float64),
+                                torch.zeros_like(theta0), torch.zeros(R, *theta0.shape[1:] * 2, dtype=torch.float64),
+                                zeros, zeros)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_compiled_newton_takes_the_python_loops_steps(data: PairData, lam: float, monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """From the same start, the compiled loop and the Python loop (kernel evaluations, torch solves) take the
+    same full Newton steps: equal iteration counts, estimates equal to rounding, the final Hessians alike."""
+    b = fitting._Batch.from_data(data)
+    R, d = data.reps, data.d
+    lam_t = torch.full((R,), lam, dtype=torch.float64)
+    theta0 = torch.zeros(R, d, dtype=torch.float64)
+    loss, tol = fitting.Logistic(), 1e-10
+    calls = []
+    original = fitting._kernel_newton
+
+    def spy(*args):
+        calls.append(res := original(*args))
+        return res
+
+    monkeypatch.setattr(fitting, "_kernel_newton", spy)
+    fast = fitting._newton_block(loss, lam_t, b, theta0, tol, 100, True, 1e6)
+    assert len(calls) == 1 and bool(calls[0].converged.all())  # no replication needed the Python loop
+    monkeypatch.setattr(fitting, "_kernel_newton", _hand_back)
+    slow = fitting._newton_block(loss, lam_t, b, theta0, tol, 100, True, 1e6)
+    assert fast.converged.all() and slow.converged.all() and not (fast.separable | slow.separable).any()
+    assert torch.equal(fast.n_iter, slow.n_iter) and int(fast.n_iter.min()) >= 3
+    torch.testing.assert_close(fast.theta, slow.theta, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast.hess, slow.hess, rtol=1e-10, atol=0)
+    assert float(fast.grad_norm.max()) < tol
+
+
+def test_compiled_newton_hands_back_what_needs_safeguards(data: PairData) -> None:
+    """A separated replication (its certificate) and ``max_iter`` stop the compiled loop with ``converged``
+    False, where the Python loop takes over; the others converge. ``rows`` selects without copying."""
+    X = torch.as_tensor(data.dphi)
+    R, n, d = X.shape
+    z = torch.as_tensor(data.z).clone()
+    z[1] = (X[1] @ torch.ones(d, dtype=torch.float64) > 0).double()  # separated by theta = (1, ..., 1)
+    Xt, a, b, y = kernels.transpose(X), torch.full((R, n), 1.0 / n, dtype=torch.float64), z / n, 2 * z - 1
+    zero = torch.zeros(R, d, dtype=torch.float64)
+    kw = dict(tol=1e-9, theta_max=1e6, certificate=True)
+    res = kernels.logistic_newton(Xt, a, b, y, zero, max_iter=100, **kw)
+    assert res.converged.tolist() == [r != 1 for r in range(R)]
+    assert float(res.grad[res.converged].norm(dim=1).max()) < 1e-9
+    capped = kernels.logistic_newton(Xt, a, b, y, zero, max_iter=1, **kw)
+    assert not capped.converged.any() and int(capped.iters.max()) == 1
+    torch.testing.assert_close(capped.theta[0], res.theta[0], rtol=0.5, atol=0.5)  # one step towards it
+    rows = torch.tensor([3, 0], dtype=torch.int64)
+    picked = kernels.logistic_newton(Xt, a, b, y, zero[:2], max_iter=100, rows=rows, **kw)
+    torch.testing.assert_close(picked.theta, res.theta[rows], rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="rows must lie"):
+        kernels.logistic_newton(Xt, a, b, y, zero[:1], max_iter=5, rows=torch.tensor([R]), **kw)
+    with pytest.raises(ValueError, match="theta0"):
+        kernels.logistic_newton(Xt, a, b, y, zero[:, :1], max_iter=5, **kw)
