@@ -850,23 +850,29 @@ def _moments(A: Tensor, B: Tensor | None, n: int) -> tuple[Tensor, Tensor | None
     return _cluster_cov(A, A, n), _cluster_cov(A, B, n), _cluster_cov(B, B, n)
 
 
-def _meat_moments(loss: MarginLoss, b: _Batch, theta: Tensor, control: bool) -> tuple[Tensor, Tensor | None,
-                                                                                      Tensor | None]:
+def _meat_moments(loss: MarginLoss, b: _Batch, theta: Tensor, control: bool, lam: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``_moments`` of the influence terms at ``theta``: by the compiled kernels (no (R, C, d) cluster
     arrays) when available, else from ``_influence_parts``. ``V_AB``, ``V_BB`` None without ``control``;
-    zero without reference pairs."""
+    zero without reference pairs. With ``lam`` (R,) the logistic kernel may return the meat at ``lam`` itself,
+    ``(V(lam), None, None)`` (one Gram instead of three; ``_meat`` takes either)."""
     if not kernels.available():
         return _moments(*_influence_parts(loss, b, theta, control), b.dphi.shape[1])
     R, n, d = b.dphi.shape
     with_control = control and b.has_ref
+    rows = 3 * n + 2 * (b.n_clusters - n) if with_control else n
     if type(loss) is Logistic:  # coefficients and moments in one pass over the pairs
         on = lambda t: t if with_control else None  # noqa: E731
+        fused = None if lam is None else lam.contiguous()
         VAA, VAB, VBB = kernels.logistic_cluster_moments(b.dphi, b.z, theta.contiguous(), on(b.g), on(b.dphi_ref),
-                                                         on(b.g_ref), on(b.w_ref), on(b.ref_cluster), b.n_clusters)
+                                                         on(b.g_ref), on(b.w_ref), on(b.ref_cluster), b.n_clusters,
+                                                         lam=on(fused))
+        if with_control and fused is not None:
+            rows = b.n_clusters
     else:
         cA, cB, cR = _influence_coefficients(loss, b, theta, control, margins=kernels.margins)
         VAA, VAB, VBB = kernels.cluster_moments(b.dphi, cA, cB, b.dphi_ref, cR, b.ref_cluster, b.n_clusters)
-    _WORK.cluster_rows += R * (3 * n + 2 * (b.n_clusters - n) if with_control else n)
+    _WORK.cluster_rows += R * rows
     if control and not with_control:
         VAB, VBB = torch.zeros_like(VAA), torch.zeros_like(VAA)
     return VAA, VAB, VBB
@@ -936,7 +942,7 @@ def _sandwiches(loss: MarginLoss, b: _Batch, theta: Tensor, hess: Tensor, lam: T
         chunks = [slice(s, min(s + step, R)) for s in range(0, R, step)]
     for sl in chunks:
         control = tune is not None or bool((lam[sl] != 0).any())
-        moments = _meat_moments(loss, b.rows(sl), theta[sl], control)
+        moments = _meat_moments(loss, b.rows(sl), theta[sl], control, None if tune is not None else lam[sl])
         Hinv = _pinv(hess[sl])
         cov[sl] = _sandwich_of(Hinv, moments, lam[sl])
         if tune is not None:

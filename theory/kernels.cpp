@@ -280,10 +280,13 @@ void centred_moments(double* At, double* Bt, int64_t C, int64_t lo, int64_t hi, 
 // Replication r's cluster moments (rr_cluster_moments), with scratch At and Bt (d x S, S = C with cB, else n;
 // Bt only with cB): the cluster sums formed transposed. B is formed first in rows, in At's space (a reference
 // pair adds to one row of d contiguous entries; added straight into Bt, each would touch d cache lines), then
-// transposed into Bt; A then overwrites At, chunk by chunk of rows transposed in the cache.
+// transposed into Bt; A then overwrites At, chunk by chunk of rows transposed in the cache. With `lam` (and cB)
+// the meat at that lam itself goes to aa (ab, bb untouched): one Gram of the sums A + lam B, which equals
+// V_AA + lam (V_AB + V_AB^T) + lam^2 V_BB (A is zero on the other clusters; each part centred on its own mean).
 void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const double* Xr, const double* cA,
                          const double* cB, const double* Xq, const double* cR, const int64_t* cluster,
-                         std::vector<double>& At, std::vector<double>& Bt, double* aa, double* ab, double* bb) {
+                         std::vector<double>& At, std::vector<double>& Bt, double* aa, double* ab, double* bb,
+                         const double* lam = nullptr) {
   const int64_t S = cB ? C : n;
   if (cB) {
     double* rows = At.data();  // C x d
@@ -313,6 +316,20 @@ void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const doubl
   std::fill(aa, aa + d * d, 0.0);
   if (!cB) {
     centred_moments(At.data(), nullptr, n, 0, n, d, aa, nullptr, nullptr);
+    return;
+  }
+  if (lam) {
+    const double l = *lam;
+    for (int64_t k = 0; k < d; ++k) {
+      double* ak = At.data() + k * C;
+      const double* bk = Bt.data() + k * C;
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) ak[c] += l * bk[c];
+#pragma omp simd
+      for (int64_t c = n; c < C; ++c) ak[c] = l * bk[c];
+    }
+    centred_moments(At.data(), nullptr, C, 0, n, d, aa, nullptr, nullptr);
+    centred_moments(At.data(), nullptr, C, n, C, d, aa, nullptr, nullptr);
     return;
   }
   std::fill(ab, ab + d * d, 0.0);
@@ -387,7 +404,7 @@ struct Objective {
 
 extern "C" {
 
-int rr_kernel_version() { return 11; }
+int rr_kernel_version() { return 12; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -544,10 +561,11 @@ void rr_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, c
 // rr_cluster_moments for the logistic loss at theta_r (R x d), with the coefficients formed from the margins
 // in the same pass: s = sigmoid(x . theta_r), cA_i = (s_i - z_i) / n, and when g is not null (the control
 // terms) cB_i = -(s_i - g_i) / n, cR_j = w_j (s_j - gref_j) on the reference pairs (w: wref, or 1/N when null).
+// With lam (R, and g), VAA receives the meat V(lam_r) itself and VAB, VBB are not written (replication_moments).
 void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, const double* X,
                                  const double* z, const double* g, const double* Xref, const double* gref,
-                                 const double* wref, const int64_t* cluster, const double* theta, int threads,
-                                 double* VAA, double* VAB, double* VBB) {
+                                 const double* wref, const int64_t* cluster, const double* theta, const double* lam,
+                                 int threads, double* VAA, double* VAB, double* VBB) {
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
     std::vector<double> A((g ? C : n) * d), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0),
@@ -578,9 +596,11 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
           for (int64_t j = 0; j < N; ++j) cR[j] = w * (s[j] - gq[j]);
         }
       }
+      const bool fused = g && lam;
       replication_moments(n, N, d, C, Xr, cA.data(), g ? cB.data() : nullptr, g ? Xref + r * N * d : nullptr,
-                          g ? cR.data() : nullptr, cluster, A, B, VAA + r * d * d, g ? VAB + r * d * d : nullptr,
-                          g ? VBB + r * d * d : nullptr);
+                          g ? cR.data() : nullptr, cluster, A, B, VAA + r * d * d,
+                          g && !fused ? VAB + r * d * d : nullptr, g && !fused ? VBB + r * d * d : nullptr,
+                          fused ? lam + r : nullptr);
     }
   }
 }

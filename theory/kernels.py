@@ -49,7 +49,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 11
+_VERSION = 12
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -120,7 +120,7 @@ def _load() -> ctypes.CDLL | None:
     lib.rr_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr,
                                        ptr]
     lib.rr_cluster_moments.restype = None
-    lib.rr_logistic_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+    lib.rr_logistic_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                                                 ctypes.c_int, ptr, ptr, ptr]
     lib.rr_logistic_cluster_moments.restype = None
     lib.rr_logistic_newton.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
@@ -333,23 +333,24 @@ def cluster_moments(X: Tensor, cA: Tensor, cB: Tensor | None, X_ref: Tensor | No
 
 def logistic_cluster_moments(X: Tensor, z: Tensor, theta: Tensor, g: Tensor | None = None, X_ref: Tensor | None = None,
                              g_ref: Tensor | None = None, w_ref: Tensor | None = None, cluster: Tensor | None = None,
-                             n_clusters: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                             n_clusters: int = 0, lam: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     r"""``cluster_moments`` of the logistic VR objective at ``theta`` (R, d), with its coefficients formed
     from the margins in the same pass (no (R, P) arrays): with ``s = sigmoid(x . theta_r)``, ``cA_i = (s_i
     - z_i) / n`` and, with ``g`` (the control terms; needs ``X_ref``, ``g_ref``, ``cluster``), ``cB_i = -(s_i
-    - g_i) / n`` and ``cR_j = w_j (s_j - g_ref_j)`` (``w_ref``, or ``1/N`` when None)."""
+    - g_i) / n`` and ``cR_j = w_j (s_j - g_ref_j)`` (``w_ref``, or ``1/N`` when None). With ``g`` and ``lam``
+    (R,), the meat ``V(lam)`` itself, ``(V, None, None)``: one Gram of the sums ``A + lam B`` instead of three."""
     lib = _require()
     R, n, d = X.shape
     control = g is not None
     per_ref = {"g_ref": g_ref} if w_ref is None else {"g_ref": g_ref, "w_ref": w_ref}
     N, VAA, VAB, VBB = _moment_outputs("logistic_cluster_moments", X, {"z": z, "g": g}, X_ref, cluster,
                                        n_clusters, control, per_ref)
-    _check("logistic_cluster_moments", theta=(theta, (R, d), torch.float64))
+    _check("logistic_cluster_moments", theta=(theta, (R, d), torch.float64), lam=(lam, (R,), torch.float64))
     on = (lambda t: t) if control else (lambda t: None)  # noqa: E731
     lib.rr_logistic_cluster_moments(R, n, N, d, n_clusters, _ptr(X), _ptr(z), _ptr(on(g)), _ptr(on(X_ref)),
                                     _ptr(on(g_ref)), _ptr(on(w_ref)), _ptr(on(cluster)), _ptr(theta),
-                                    torch.get_num_threads(), _ptr(VAA), _ptr(VAB), _ptr(VBB))
-    return VAA, VAB, VBB
+                                    _ptr(on(lam)), torch.get_num_threads(), _ptr(VAA), _ptr(VAB), _ptr(VBB))
+    return (VAA, None, None) if control and lam is not None else (VAA, VAB, VBB)
 
 
 def policy_regret(theta: Tensor, phi: Tensor, target: Tensor, *, tie: float, pi_ref: Tensor | None = None,

@@ -284,6 +284,26 @@ def test_logistic_moments_equal_weights_by_default(data: PairData) -> None:
         torch.testing.assert_close(g_, w_, rtol=1e-14, atol=0.0)
 
 
+def test_logistic_meat_at_a_fixed_lam_is_the_quadratic(data: PairData) -> None:
+    """With ``lam`` the kernel returns ``V(lam) = V_AA + lam (V_AB + V_AB^T) + lam^2 V_BB`` itself (one Gram of
+    ``A + lam B``), with unlabelled prompts and unequal weights, a different ``lam`` per replication."""
+    b = fitting._Batch.from_data(data)
+    assert b.n_clusters > data.n
+    w = torch.as_tensor(np.random.default_rng(4).random(b.w_ref.shape))
+    b = replace(b, w_ref=w / w.sum(1, keepdim=True))
+    theta = torch.as_tensor(np.random.default_rng(5).normal(size=(data.reps, data.d)))
+    lam = torch.linspace(-0.5, 2.0, data.reps, dtype=torch.float64)
+    args = (b.dphi, b.z, theta, b.g, b.dphi_ref, b.g_ref, b.w_ref, b.ref_cluster, b.n_clusters)
+    V, none_ab, none_bb = kernels.logistic_cluster_moments(*args, lam=lam)
+    assert none_ab is None and none_bb is None
+    want = fitting._meat(kernels.logistic_cluster_moments(*args), lam)
+    torch.testing.assert_close(V, want, rtol=1e-11, atol=1e-14 * float(want.abs().max()))
+    fitting._WORK.reset()
+    moments = fitting._meat_moments(fitting.Logistic(), b, theta, True, lam)
+    assert moments[1] is None and fitting._WORK.cluster_rows == data.reps * b.n_clusters
+    torch.testing.assert_close(fitting._meat(moments, lam), want, rtol=1e-11, atol=1e-14 * float(want.abs().max()))
+
+
 def test_transpose() -> None:
     X = torch.randn(3, 131, 7, dtype=torch.float64)
     assert torch.equal(kernels.transpose(X), X.transpose(1, 2))
