@@ -183,26 +183,42 @@ _WORK = _Work()
 @dataclass
 class _KernelTerms:
     """A logistic objective as ``sum_i a_i softplus(u_i) - b_i u_i`` (the form ``kernels.logistic_eval``
-    evaluates) over the labelled pairs and, when they enter, the reference pairs; features transposed to
-    (R, d, P). ``linear``: replications whose labelled ``a`` is zero (logistic VRPO at ``lam = 1``).
-    ``rows``: the replications selected (None: all), so that a subset is an index, not a copy (a fresh
-    copy of a Newton block per subset cost more in page faults than the kernel's arithmetic)."""
+    evaluates) over the labelled pairs ``X`` (R, n, d) and, when they enter, the reference pairs ``X_ref``.
+    ``linear``: replications whose labelled ``a`` is zero (logistic VRPO at ``lam = 1``). ``rows``: the
+    replications selected (None: all), so that a subset is an index, not a copy (a fresh copy of a Newton
+    block per subset cost more in page faults than the kernel's arithmetic). ``Xt``, ``Xt_ref``: the features
+    transposed to (R, d, P) for ``logistic_eval``, made on first use (the compiled Newton loop transposes each
+    replication in its own cache, and most blocks need nothing else) and shared by the selections."""
 
-    Xt: Tensor
+    X: Tensor
     a: Tensor
     b: Tensor
     y: Tensor  # 2Z - 1, the labels' signs (the overlap certificate)
     linear: Tensor
-    Xt_ref: Tensor | None = None
+    X_ref: Tensor | None = None
     a_ref: Tensor | None = None
     b_ref: Tensor | None = None
     rows: Tensor | None = None
+    transposed: dict = field(default_factory=dict)
+
+    def _t(self, name: str, X: Tensor) -> Tensor:
+        if name not in self.transposed:
+            self.transposed[name] = kernels.transpose(X.contiguous())
+        return self.transposed[name]
+
+    @property
+    def Xt(self) -> Tensor:
+        return self._t("lab", self.X)
+
+    @property
+    def Xt_ref(self) -> Tensor | None:
+        return None if self.X_ref is None else self._t("ref", self.X_ref)
 
     def select(self, key: Tensor | slice, with_ref: bool = True) -> "_KernelTerms":
         """Replications ``key`` of the selected ones (indices into the same arrays: nothing is copied)."""
-        current = self.rows if self.rows is not None else torch.arange(self.Xt.shape[0])
+        current = self.rows if self.rows is not None else torch.arange(self.X.shape[0])
         ref = lambda t: t if with_ref else None  # noqa: E731
-        return replace(self, rows=current[key], Xt_ref=ref(self.Xt_ref), a_ref=ref(self.a_ref),
+        return replace(self, rows=current[key], X_ref=ref(self.X_ref), a_ref=ref(self.a_ref),
                        b_ref=ref(self.b_ref))
 
     def count_linear(self) -> int:
@@ -219,16 +235,15 @@ def _kernel_terms(loss: MarginLoss, lam: Tensor, b: "_Batch") -> _KernelTerms | 
         return None
     R, n, _ = b.dphi.shape
     lam_ = lam[:, None]
-    xt = lambda X: kernels.transpose(X.contiguous())  # noqa: E731
     y = (2.0 * b.z - 1.0).contiguous()
     if not _uses_ref(b, lam):
         a = torch.full((R, n), 1.0 / n, dtype=_DTYPE)
-        return _KernelTerms(xt(b.dphi), a, (b.z / n).contiguous(), y, torch.zeros(R, dtype=torch.bool))
+        return _KernelTerms(b.dphi.contiguous(), a, (b.z / n).contiguous(), y, torch.zeros(R, dtype=torch.bool))
     a = ((1.0 - lam_) / n).expand(R, n).contiguous()
     v = b.w_ref if b.w_ref is not None else torch.full(b.g_ref.shape, 1.0 / b.g_ref.shape[1], dtype=_DTYPE)
     a_ref = (lam_ * v).contiguous()
-    return _KernelTerms(xt(b.dphi), a, ((b.z - lam_ * b.g) / n).contiguous(), y, (a == 0).all(1), xt(b.dphi_ref),
-                        a_ref, (a_ref * b.g_ref).contiguous())
+    return _KernelTerms(b.dphi.contiguous(), a, ((b.z - lam_ * b.g) / n).contiguous(), y, (a == 0).all(1),
+                        b.dphi_ref.contiguous(), a_ref, (a_ref * b.g_ref).contiguous())
 
 
 @dataclass
@@ -439,7 +454,7 @@ def _kernel_evaluate(b: _Batch, lam: Tensor, theta: Tensor, mode: int, certifica
     k = b.kern
     theta = theta.contiguous()
     R, n = theta.shape[0], k.a.shape[1]
-    with_ref = k.Xt_ref is not None
+    with_ref = k.X_ref is not None
     rec = (torch.empty(R, dtype=_DTYPE), torch.empty(R, dtype=_DTYPE)) if certificate and with_ref else None
     against = (k.y, torch.empty(R, dtype=_DTYPE)) if certificate and not with_ref else None
     out = kernels.logistic_eval(k.Xt, k.a, k.b, theta, mode, recession=rec, against=against, rows=k.rows)
@@ -688,9 +703,9 @@ def _kernel_newton(b: _Batch, lam: Tensor, theta0: Tensor, tol: float, max_iter:
     """``kernels.logistic_newton`` on ``b``'s kernel terms (``_newton_block``'s loop while it needs no safeguard),
     its work counted as ``_kernel_evaluate`` counts it."""
     k = b.kern
-    with_ref = k.Xt_ref is not None
-    res = kernels.logistic_newton(k.Xt, k.a, k.b, k.y, theta0.contiguous(), tol=tol, theta_max=theta_max,
-                                  max_iter=max_iter, certificate=certificate, Xt_ref=k.Xt_ref, a_ref=k.a_ref,
+    with_ref = k.X_ref is not None
+    res = kernels.logistic_newton(k.X, k.a, k.b, k.y, theta0.contiguous(), tol=tol, theta_max=theta_max,
+                                  max_iter=max_iter, certificate=certificate, X_ref=k.X_ref, a_ref=k.a_ref,
                                   b_ref=k.b_ref, lam=lam.contiguous() if with_ref else None, rows=k.rows)
     n, N = k.a.shape[1], k.a_ref.shape[1] if with_ref else 0
     linear = k.linear if k.rows is None else k.linear[k.rows]

@@ -404,7 +404,7 @@ struct Objective {
 
 extern "C" {
 
-int rr_kernel_version() { return 12; }
+int rr_kernel_version() { return 13; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -459,67 +459,77 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
 // grad and hess (mirrored) at theta; 1: handed back to the caller at the last accepted theta (a backtracked step,
 // an indefinite Hessian, a certificate that no minimiser exists, |theta| > theta_max or max_iter). Certificates as
 // in the caller: at every evaluation without reference pairs; with them ("lazy") not at the start and not at steps
-// whose decrease -slope is at most 1e-8 max(|value|, 1). iters: steps taken; evals: evaluations.
-void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double* Xt, const double* a,
-                        const double* b, const double* y, const double* Xt_ref, const double* a_ref,
+// whose decrease -slope is at most 1e-8 max(|value|, 1). iters: steps taken; evals: evaluations. The features
+// X (S x n x d) and Xq (S x N x d) are row-major; each thread transposes its replication into its own buffers once
+// and iterates there (in its cache).
+void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double* X, const double* a,
+                        const double* b, const double* y, const double* Xq, const double* a_ref,
                         const double* b_ref, const int64_t* rows, const double* lam, int certificate, double tol,
                         double theta_max, int64_t max_iter, int threads, double* theta, double* value, double* grad,
                         double* hess, int64_t* iters, int64_t* evals, int32_t* status) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (R > 1 && threads > 1)
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t q = rows ? rows[r] : r;
-    const bool ref = Xt_ref != nullptr;
-    const Objective f{n, ref ? N : 0, d, Xt + q * d * n, a + q * n, b + q * n, y ? y + q * n : nullptr,
-                      ref ? Xt_ref + q * d * N : nullptr, ref ? a_ref + q * N : nullptr,
-                      ref ? b_ref + q * N : nullptr, lam ? lam[r] : 0.0};
-    const bool lazy = certificate && ref;
-    double* th = theta + r * d;
-    std::vector<double> L(d * d), step(d), trial(d);
-    Partial cur{0.0, std::vector<double>(d), std::vector<double>(d * d)};
-    Partial nxt = cur;
-    bool sep = f.eval(th, certificate && !lazy, cur);
-    int64_t it = 0, ev = 1;
-    int32_t st = 1;
-    for (;;) {
-      double g2 = 0.0, t2 = 0.0;
-      for (int64_t j = 0; j < d; ++j) {
-        g2 += cur.grad[j] * cur.grad[j];
-        t2 += th[j] * th[j];
+  const bool ref = Xq != nullptr;
+#pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
+  {
+    std::vector<double> xt(d * n), xq(ref ? d * N : 0), L(d * d), step(d), trial(d);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t q = rows ? rows[r] : r;
+      for (int64_t i0 = 0; i0 < n; i0 += kChunk)
+        transpose_rows(X + (q * n + i0) * d, std::min(kChunk, n - i0), d, xt.data() + i0, n);
+      for (int64_t i0 = 0; ref && i0 < N; i0 += kChunk)
+        transpose_rows(Xq + (q * N + i0) * d, std::min(kChunk, N - i0), d, xq.data() + i0, N);
+      const Objective f{n, ref ? N : 0, d, xt.data(), a + q * n, b + q * n, y ? y + q * n : nullptr,
+                        ref ? xq.data() : nullptr, ref ? a_ref + q * N : nullptr, ref ? b_ref + q * N : nullptr,
+                        lam ? lam[r] : 0.0};
+      const bool lazy = certificate && ref;
+      double* th = theta + r * d;
+      Partial cur{0.0, std::vector<double>(d), std::vector<double>(d * d)};
+      Partial nxt = cur;
+      bool sep = f.eval(th, certificate && !lazy, cur);
+      int64_t it = 0, ev = 1;
+      int32_t st = 1;
+      for (;;) {
+        double g2 = 0.0, t2 = 0.0;
+        for (int64_t j = 0; j < d; ++j) {
+          g2 += cur.grad[j] * cur.grad[j];
+          t2 += th[j] * th[j];
+        }
+        if (std::sqrt(g2) < tol) {
+          st = 0;
+          break;
+        }
+        if (sep || std::sqrt(t2) > theta_max || it >= max_iter)
+          break;
+        for (int64_t j = 0; j < d; ++j)  // mirror the upper triangle for the factorisation
+          for (int64_t k = j + 1; k < d; ++k) cur.hess[k * d + j] = cur.hess[j * d + k];
+        if (!cholesky(cur.hess.data(), d, L.data()))
+          break;
+        newton_step(L.data(), cur.grad.data(), d, step.data());
+        double slope = 0.0;
+        for (int64_t j = 0; j < d; ++j) {
+          slope += cur.grad[j] * step[j];
+          trial[j] = th[j] + step[j];
+        }
+        const double scale = std::max(std::fabs(cur.value), 1.0);
+        const bool check = certificate && !(lazy && -slope <= 1e-8 * scale);
+        const bool trial_sep = f.eval(trial.data(), check, nxt);
+        ++ev;
+        if (!(nxt.value <= cur.value + 1e-4 * slope + 1e-12 * scale))
+          break;
+        std::copy(trial.begin(), trial.end(), th);
+        std::swap(cur, nxt);
+        sep = trial_sep;
+        ++it;
       }
-      if (std::sqrt(g2) < tol) {
-        st = 0;
-        break;
-      }
-      if (sep || std::sqrt(t2) > theta_max || it >= max_iter)
-        break;
-      for (int64_t j = 0; j < d; ++j)  // mirror the upper triangle for the factorisation
-        for (int64_t k = j + 1; k < d; ++k) cur.hess[k * d + j] = cur.hess[j * d + k];
-      if (!cholesky(cur.hess.data(), d, L.data()))
-        break;
-      newton_step(L.data(), cur.grad.data(), d, step.data());
-      double slope = 0.0;
-      for (int64_t j = 0; j < d; ++j) {
-        slope += cur.grad[j] * step[j];
-        trial[j] = th[j] + step[j];
-      }
-      const double scale = std::max(std::fabs(cur.value), 1.0);
-      const bool check = certificate && !(lazy && -slope <= 1e-8 * scale);
-      const bool trial_sep = f.eval(trial.data(), check, nxt);
-      ++ev;
-      if (!(nxt.value <= cur.value + 1e-4 * slope + 1e-12 * scale))
-        break;
-      std::copy(trial.begin(), trial.end(), th);
-      std::swap(cur, nxt);
-      sep = trial_sep;
-      ++it;
+      iters[r] = it;
+      evals[r] = ev;
+      status[r] = st;
+      value[r] = cur.value;
+      for (int64_t j = 0; j < d; ++j) grad[r * d + j] = cur.grad[j];
+      for (int64_t j = 0; j < d; ++j)
+        for (int64_t k = j; k < d; ++k)
+          hess[r * d * d + j * d + k] = hess[r * d * d + k * d + j] = cur.hess[j * d + k];
     }
-    iters[r] = it;
-    evals[r] = ev;
-    status[r] = st;
-    value[r] = cur.value;
-    for (int64_t j = 0; j < d; ++j) grad[r * d + j] = cur.grad[j];
-    for (int64_t j = 0; j < d; ++j)
-      for (int64_t k = j; k < d; ++k) hess[r * d * d + j * d + k] = hess[r * d * d + k * d + j] = cur.hess[j * d + k];
   }
 }
 

@@ -49,7 +49,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 12
+_VERSION = 13
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -232,26 +232,27 @@ class NewtonResult:
     evals: Tensor
 
 
-def logistic_newton(Xt: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, *, tol: float, theta_max: float,
-                    max_iter: int, certificate: bool, Xt_ref: Tensor | None = None, a_ref: Tensor | None = None,
+def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, *, tol: float, theta_max: float,
+                    max_iter: int, certificate: bool, X_ref: Tensor | None = None, a_ref: Tensor | None = None,
                     b_ref: Tensor | None = None, lam: Tensor | None = None, rows: Tensor | None = None) -> NewtonResult:
-    r"""Damped Newton on the objectives of ``logistic_eval`` (labelled pairs ``Xt`` (S, d, n), ``a``, ``b``, ``y``
-    (S, n); reference pairs ``Xt_ref`` (S, d, N), ``a_ref``, ``b_ref`` (S, N) at weights ``lam`` (R,)) from
-    ``theta0`` (R, d), one replication per thread with no Python between the steps: full steps
-    ``-H^{-1} grad`` while ``H`` has a Cholesky factor and the Armijo test passes, until ``|grad| < tol``.
-    A replication that needs more (a shortened step, a damped Hessian, a certificate that no minimiser exists,
-    ``|theta| > theta_max``, ``max_iter``) stops where it is with ``converged`` False: ``fitting._newton_block``
-    takes it from there. ``rows`` selects replications as in ``logistic_eval``."""
+    r"""Damped Newton on the objectives of ``logistic_eval`` (labelled pairs: features ``X`` (S, n, d) row-major,
+    ``a``, ``b``, ``y`` (S, n); reference pairs ``X_ref`` (S, N, d), ``a_ref``, ``b_ref`` (S, N) at weights ``lam``
+    (R,)) from ``theta0`` (R, d), one replication per thread, transposed into the thread's buffers once, with no
+    Python between the steps: full steps ``-H^{-1} grad`` while ``H`` has a Cholesky factor and the Armijo test
+    passes, until ``|grad| < tol``. A replication that needs more (a shortened step, a damped Hessian, a
+    certificate that no minimiser exists, ``|theta| > theta_max``, ``max_iter``) stops where it is with
+    ``converged`` False: ``fitting._newton_block`` takes it from there. ``rows`` selects replications as in
+    ``logistic_eval``."""
     lib = _require()
-    S, d, n = Xt.shape
+    S, n, d = X.shape
     f64 = torch.float64
     R = S if rows is None else rows.shape[0]
-    _check("logistic_newton", Xt=(Xt, (S, d, n), f64), a=(a, (S, n), f64), b=(b, (S, n), f64), y=(y, (S, n), f64),
+    _check("logistic_newton", X=(X, (S, n, d), f64), a=(a, (S, n), f64), b=(b, (S, n), f64), y=(y, (S, n), f64),
            theta0=(theta0, (R, d), f64), rows=(rows, (R,), torch.int64))
     N = 0
-    if Xt_ref is not None:
-        N = Xt_ref.shape[2]
-        _check("logistic_newton", Xt_ref=(Xt_ref, (S, d, N), f64), a_ref=(a_ref, (S, N), f64),
+    if X_ref is not None:
+        N = X_ref.shape[1]
+        _check("logistic_newton", X_ref=(X_ref, (S, N, d), f64), a_ref=(a_ref, (S, N), f64),
                b_ref=(b_ref, (S, N), f64), lam=(lam, (R,), f64))
     if rows is not None and R and not (0 <= int(rows.min()) and int(rows.max()) < S):
         raise ValueError(f"logistic_newton: rows must lie in [0, {S})")
@@ -259,8 +260,8 @@ def logistic_newton(Xt: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor,
     value, grad, hess = torch.empty(R, dtype=f64), torch.empty(R, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
     iters, evals = torch.empty(R, dtype=torch.int64), torch.empty(R, dtype=torch.int64)
     status = torch.empty(R, dtype=torch.int32)
-    lib.rr_logistic_newton(R, n, N, d, _ptr(Xt), _ptr(a), _ptr(b), _ptr(y), _ptr(Xt_ref), _ptr(a_ref), _ptr(b_ref),
-                           _ptr(rows), _ptr(lam if Xt_ref is not None else None), int(certificate), float(tol),
+    lib.rr_logistic_newton(R, n, N, d, _ptr(X), _ptr(a), _ptr(b), _ptr(y), _ptr(X_ref), _ptr(a_ref), _ptr(b_ref),
+                           _ptr(rows), _ptr(lam if X_ref is not None else None), int(certificate), float(tol),
                            float(theta_max), int(max_iter), torch.get_num_threads(), _ptr(theta), _ptr(value),
                            _ptr(grad), _ptr(hess), _ptr(iters), _ptr(evals), _ptr(status))
     return NewtonResult(theta, status == 0, value, grad, hess, iters, evals)

@@ -370,19 +370,19 @@ def test_compiled_newton_hands_back_what_needs_safeguards(data: PairData) -> Non
     R, n, d = X.shape
     z = torch.as_tensor(data.z).clone()
     z[1] = (X[1] @ torch.ones(d, dtype=torch.float64) > 0).double()  # separated by theta = (1, ..., 1)
-    Xt, a, b, y = kernels.transpose(X), torch.full((R, n), 1.0 / n, dtype=torch.float64), z / n, 2 * z - 1
+    a, b, y = torch.full((R, n), 1.0 / n, dtype=torch.float64), z / n, 2 * z - 1
     zero = torch.zeros(R, d, dtype=torch.float64)
     kw = dict(tol=1e-9, theta_max=1e6, certificate=True)
-    res = kernels.logistic_newton(Xt, a, b, y, zero, max_iter=100, **kw)
+    res = kernels.logistic_newton(X, a, b, y, zero, max_iter=100, **kw)
     assert res.converged.tolist() == [r != 1 for r in range(R)]
     assert float(res.grad[res.converged].norm(dim=1).max()) < 1e-9
-    capped = kernels.logistic_newton(Xt, a, b, y, zero, max_iter=1, **kw)
+    capped = kernels.logistic_newton(X, a, b, y, zero, max_iter=1, **kw)
     assert not capped.converged.any() and int(capped.iters.max()) == 1
     torch.testing.assert_close(capped.theta[0], res.theta[0], rtol=0.5, atol=0.5)  # one step towards it
     rows = torch.tensor([3, 0], dtype=torch.int64)
-    picked = kernels.logistic_newton(Xt, a, b, y, zero[:2], max_iter=100, rows=rows, **kw)
+    picked = kernels.logistic_newton(X, a, b, y, zero[:2], max_iter=100, rows=rows, **kw)
     torch.testing.assert_close(picked.theta, res.theta[rows], rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="rows must lie"):
-        kernels.logistic_newton(Xt, a, b, y, zero[:1], max_iter=5, rows=torch.tensor([R]), **kw)
+        kernels.logistic_newton(X, a, b, y, zero[:1], max_iter=5, rows=torch.tensor([R]), **kw)
     with pytest.raises(ValueError, match="theta0"):
-        kernels.logistic_newton(Xt, a, b, y, zero[:, :1], max_iter=5, **kw)
+        kernels.logistic_newton(X, a, b, y, zero[:, :1], max_iter=5, **kw)
