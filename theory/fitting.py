@@ -622,7 +622,9 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
     plain = b
     b = b.with_kernel(loss, lam)
     sub = b
-    if b.kern is not None:  # the compiled loop takes every replication as far as plain Newton steps go
+    # the compiled loop takes every replication as far as plain Newton steps go, one per thread: with fewer
+    # replications than threads the Python loop's evaluations split each replication's pairs over them instead
+    if b.kern is not None and R >= torch.get_num_threads():
         fast = _kernel_newton(b, lam, theta, tol, max_iter, certificate, theta_max)
         theta, n_iter = fast.theta, fast.iters.clone()
         done = fast.converged
