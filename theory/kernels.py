@@ -9,7 +9,9 @@ r"""The compiled kernels of the fitting engine (``kernels.cpp``): build, cache, 
 
 with ``u_ri = x_ri . theta_r``, in one pass over the pairs (margins, transcendental functions, gradient
 and the Hessian's distinct entries fused), which batched BLAS products cannot do. Every logistic VR
-objective has this form (``fitting._kernel_terms``). ``margins`` and ``cluster_moments`` form the
+objective has this form (``fitting._kernel_terms``). ``logistic_newton`` runs ``fitting``'s damped Newton loop
+on it, one replication per thread, as long as plain Newton steps do (the rest goes back to the Python loop,
+which has the safeguards). ``margins`` and ``cluster_moments`` form the
 cluster sandwich of any loss (``fitting._meat_moments``); ``logistic_cluster_moments`` that of the logistic
 loss in one pass, its coefficients formed from the margins. ``policy_regret`` fuses the rewards, the greedy or KL
 policy and its regret per prompt (``policies.theta_regret``), without the ``(R, P, K)`` tables.
