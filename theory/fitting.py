@@ -953,11 +953,9 @@ def _sandwiches(loss: MarginLoss, b: _Batch, theta: Tensor, hess: Tensor, lam: T
     R, d = theta.shape
     cov = torch.empty(R, d, d, dtype=_DTYPE)
     tuned = torch.empty(R, dtype=_DTYPE) if tune is not None else None
-    chunks = _memory_chunks(b, R)
-    if kernels.available():  # the compiled moments keep the cluster sums per thread: a few (R, P) arrays at most
-        step = _chunk_reps(b, MEMORY_BUDGET, 8 * 4, clusters=False)
-        chunks = [slice(s, min(s + step, R)) for s in range(0, R, step)]
-    for sl in chunks:
+    # the compiled logistic moments form their coefficients and cluster sums per thread: no (R, P) arrays, one chunk
+    fused = kernels.available() and type(loss) is Logistic
+    for sl in [slice(0, R)] if fused else _memory_chunks(b, R):
         control = tune is not None or bool((lam[sl] != 0).any())
         moments = _meat_moments(loss, b.rows(sl), theta[sl], control, None if tune is not None else lam[sl])
         Hinv = _pinv(hess[sl])
