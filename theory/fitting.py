@@ -27,11 +27,14 @@ block iterated to convergence while its data stay in cache; every other pass ove
 replication axis in chunks within ``MEMORY_BUDGET`` bytes of working memory. With ``lambda = 0`` on
 every replication (the MLE) the reference pairs are not read (their terms are multiplied by zero),
 and a Hessian product whose margin curvatures are all zero (logistic VRPO at ``lambda = 1``: the
-labelled ``m''_Z = m''_g``) is skipped; both shortcuts give the same numbers. For the logistic loss
-each Newton block is evaluated by the compiled kernel of ``theory.kernels`` (margins, derivatives,
-gradient, the Hessian's distinct entries and the existence certificates in one pass, three to four
-times faster than the torch path's batched products), and the sandwich's margins and meat moments by
-two more; without a C++ compiler the torch path gives the same numbers to rounding.
+labelled ``m''_Z = m''_g``) is skipped; both shortcuts give the same numbers. A cold start (``theta = 0``)
+of a convex objective split into several blocks starts the blocks after the first at the mean of the
+first block's estimates (two Newton iterations fewer for Monte Carlo replications of one design). For the
+logistic loss the compiled kernels of ``theory.kernels`` run the Newton loop itself, one replication per
+thread, as long as plain Newton steps do (each evaluation forms the margins, derivatives, gradient, the
+Hessian's distinct entries and the existence certificates in one pass), and hand a replication that needs
+a safeguard back to the Python loop, which evaluates with the same kernel; the sandwich's meat is one
+more kernel. Without a C++ compiler the torch path gives the same numbers to rounding, 3-4 times slower.
 
 The covariance is the cluster sandwich ``H^{-1} V H^{-1}``: ``H`` the Hessian of ``L`` (for
 non-smooth losses, of a smoothed loss with a rule-of-thumb bandwidth), ``V`` the empirical covariance
