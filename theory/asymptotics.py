@@ -91,7 +91,7 @@ from torch import Tensor
 from .data import PairPopulation, _as_float, check_clip, check_probability, check_solver, check_weight
 from .errors import InputError
 from .fitting import _least_relative_curvature
-from .losses import Logistic, MarginLoss, Recession, get_loss, pair_loss
+from .losses import Logistic, MarginLoss, Recession, get_loss
 
 __all__ = [
     "Target",
@@ -438,7 +438,7 @@ def _group_means(
 
         U = _margins(phi, theta[rows])
         if "obj" in what:
-            add("obj", (w * pair_loss(loss, U, gg)).sum((1, 2)))
+            add("obj", (w * loss.pair_value(U, gg)).sum((1, 2)))
         if not derivs:
             continue
         # m'_g(u) = g l'(u) - (1-g) l'(-u), m''_g(u) = g l''(u) + (1-g) l''(-u), in the loss's closed form

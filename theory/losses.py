@@ -104,6 +104,10 @@ class MarginLoss(ABC):
         """``(m_g', m_g'')`` of ``pair_derivatives`` (a loss may skip the value's work)."""
         return self.pair_derivatives(z, g)[1:]
 
+    def pair_value(self, z: Tensor, g: Tensor | float) -> Tensor:
+        """``m_g(z)`` alone, for float64 work (``pair_loss``; a loss may use an identity with fewer calls)."""
+        return pair_loss(self, z, g)
+
     def pair_derivatives_many(self, z: Tensor, gs: tuple[Tensor | float, ...]) -> list[tuple[Tensor, Tensor, Tensor]]:
         """``[pair_derivatives(z, g) for g in gs]``; a loss may share the work on ``z`` between them."""
         return [self.pair_derivatives(z, g) for g in gs]
@@ -171,7 +175,12 @@ class Logistic(MarginLoss):
     def pair_derivatives(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
         """By ``l(z) - l(-z) = -z``: ``m_g = softplus(z) - g z``, ``m_g' = sigmoid(z) - g``,
         ``m_g'' = sigmoid(z) sigmoid(-z)``."""
-        return F.softplus(z, threshold=_SOFTPLUS_THRESHOLD) - g * z, *self.pair_slopes(z, g)
+        return self.pair_value(z, g), *self.pair_slopes(z, g)
+
+    def pair_value(self, z: Tensor, g: Tensor | float) -> Tensor:
+        """``m_g = softplus(z) - g z``: one softplus. The difference of a confident pair's ``softplus(z) ~ z`` and
+        ``g z`` loses the value's digits in low precision, where ``pair_loss``'s two terms keep them."""
+        return F.softplus(z, threshold=_SOFTPLUS_THRESHOLD) - g * z
 
     def pair_slopes(self, z: Tensor, g: Tensor | float) -> tuple[Tensor, Tensor]:
         s = torch.sigmoid(z)

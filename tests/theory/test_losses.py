@@ -94,6 +94,7 @@ def test_pair_derivatives_match_autograd(loss: MarginLoss, z: np.ndarray, g: flo
         torch.testing.assert_close(closed, auto, rtol=1e-10, atol=1e-10)
     for slope, auto in zip(loss.pair_slopes(t.detach(), g), (d1.detach(), d2)):
         torch.testing.assert_close(slope, auto, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss.pair_value(t.detach(), g), value.detach(), rtol=1e-10, atol=1e-10)
 
 
 @given(z=margins)
