@@ -404,7 +404,7 @@ struct Objective {
 
 extern "C" {
 
-int rr_kernel_version() { return 13; }
+int rr_kernel_version() { return 14; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -696,15 +696,27 @@ void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* 
         }
       }
       double* o = out + r * P;
+      double* term = v.data();  // the KL terms, where the rewards were (no longer needed)
+      if (measure_beta > 0.0) {
+        // KL = sum_{pi > 0} pi (r + e^-r - 1) + opt's mass where pi is 0, r = log pi - log opt: every term is
+        // >= 0, so a policy close to opt keeps the KL's relative precision (the plain sum_a pi r adds terms of
+        // order r to a total of order r^2); where e^-r would overflow, pi e^-r = opt. One vectorised pass over
+        // the P K entries (target is 0 off opt's support), then the sums per prompt.
+#pragma omp simd
+        for (int64_t i = 0; i < PK; ++i) {
+          const double rr = logpol[i] - target[i];
+          const double q = std::exp(target[i]);
+          const double t = rr > -700.0 ? pol[i] * (rr + std::expm1(-std::max(rr, -700.0))) : pol[i] * rr + q - pol[i];
+          term[i] = opt_support[i] ? (pol[i] > 0.0 ? t : q) : 0.0;
+        }
+      }
       for (int64_t p = 0; p < P; ++p) {
         double reg = 0.0;
         if (measure_beta > 0.0) {
           bool outside = false;
           for (int64_t i = p * K; i < p * K + K; ++i) {
-            if (pol[i] > 0.0) {
-              if (!opt_support[i]) outside = true;
-              else reg += pol[i] * (logpol[i] - target[i]);
-            }
+            outside |= pol[i] > 0.0 && !opt_support[i];
+            reg += term[i];
           }
           reg = outside ? -1.0 : measure_beta * std::max(reg, 0.0);
         } else {

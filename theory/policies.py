@@ -350,11 +350,21 @@ def value(policy: object, utility: object) -> PromptMean:
 
 
 def _kl_rows(pol: np.ndarray, log_other: np.ndarray) -> np.ndarray:
-    """``sum_a pi(a) (log pi(a) - log q(a))`` per row, with ``0 log 0 = 0`` and ``inf`` off q's support."""
+    """``sum_a pi(a) (log pi(a) - log q(a))`` per row, with ``0 log 0 = 0`` and ``inf`` off q's support.
+
+    Summed as ``sum_{pi > 0} pi (r + e^{-r} - 1) + sum_{pi = 0} q`` with ``r = log pi - log q`` (equal, as
+    ``sum_{pi > 0} pi e^{-r} = sum_{pi > 0} q``): every term is >= 0, so a ``pi`` close to ``q`` keeps the KL's
+    relative precision, where ``sum pi r`` adds terms of order ``r`` to a total of order ``r^2`` (a KL policy's
+    regret at ``beta = 1e6`` lost five digits that way)."""
     p, other = _tensor(pol), _tensor(log_other)
     inside = torch.isfinite(other)
     outside = ((p > 0) & ~inside).any(dim=-1)
-    terms = torch.xlogy(p, p) - p * torch.where(inside, other, 0.0)
+    on = (p > 0) & inside
+    q = torch.where(inside, other, -torch.inf).exp()
+    r = torch.where(on, torch.log(torch.where(on, p, 1.0)) - torch.where(inside, other, 0.0), 0.0)
+    # e^-r overflows only where r < -700; there pi e^-r = q is taken instead
+    terms = torch.where(r > -700.0, p * (r + torch.expm1(-r)), p * r + q - p)
+    terms = torch.where(on, terms, torch.where(inside & (p == 0), q, 0.0))
     # a KL divergence is >= 0; rounding can leave -1e-17 when pi == q
     return torch.where(outside, torch.inf, terms.sum(dim=-1).clamp_min(0.0)).numpy()
 

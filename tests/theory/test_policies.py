@@ -249,6 +249,41 @@ def test_compiled_regret_matches_torch_path(seed: int, R: int, P: int, K: int, d
         np.testing.assert_allclose(compiled.se, want.se, rtol=1e-9, atol=1e-14)
 
 
+def _kl_regret_60_digits(rewards: np.ndarray, util: np.ndarray, pi: np.ndarray, beta: float) -> np.ndarray:
+    """Per prompt ``beta KL(pi_r || pi_U)`` of the tilts ``pi_x ~ pi exp(x / beta)``, in 60-digit arithmetic."""
+    import mpmath
+
+    with mpmath.workdps(60):
+        out = []
+        for r_p, u_p, pi_p in zip(rewards, util, pi):
+            tilt = lambda x: [mpmath.mpf(w) * mpmath.exp(mpmath.mpf(t) / beta) for w, t in zip(pi_p, x)]  # noqa: E731
+            a, b = tilt(r_p), tilt(u_p)
+            sa, sb = sum(a), sum(b)
+            out.append(beta * sum(x / sa * mpmath.log((x / sa) / (y / sb)) for x, y in zip(a, b)))
+        return np.array([float(x) for x in out])
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "torch"])
+def test_kl_regret_keeps_its_precision_at_large_beta(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KL policy's KL regret ``beta KL(pi_theta || pi*_beta)`` near ``pi_ref``, against 60-digit arithmetic:
+    the relative error is of order ``eps beta`` (the log-ratios' rounding, relative to ratios of order
+    ``1 / beta``), bounded here by ``10 eps beta``; summing ``pi (log pi - log pi*)`` had lost 3 digits at
+    ``beta = 1e6`` and all of them at 1e8 (terms of order ``1 / beta`` cancelling to ``1 / beta^2``)."""
+    if compiled and not pl.kernels.available():
+        pytest.skip("no compiled kernels")
+    if not compiled:
+        monkeypatch.setattr(pl.kernels, "available", lambda: False)
+    pop, _ = _random_population(11, P=6, K=4, d=3, utility="random")
+    theta = np.array([0.3, -1.2, 0.8])
+    for beta in (1.0, 1e3, 1e6, 1e8):
+        want = _kl_regret_60_digits(pop.phi @ theta, pop.utility, pop.pi, beta)
+        got = pl.theta_regret(theta, pop, kind="kl", beta=beta, measure="kl")
+        np.testing.assert_allclose(got.mean, want.mean(), rtol=max(1e-13, 1e-15 * beta))
+        policy = pl.kl_policy(theta, pop.phi, pop.pi, beta)
+        direct = pl.regret(policy, pop, beta=beta)
+        np.testing.assert_allclose(direct.mean, want.mean(), rtol=max(1e-13, 1e-15 * beta))
+
+
 @given(
     seed=st.integers(0, 10_000),
     K=st.integers(2, 5),
