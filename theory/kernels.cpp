@@ -207,21 +207,28 @@ inline void transpose_rows(const double* X, int64_t m, int64_t d, double* xt, in
     for (int64_t i = 0; i < m; ++i) xt[k * stride + i] = X[i * d + k];
 }
 
-// u_i = x_i . theta for the P rows of X (row-major, P x d): chunk by chunk, transposed in the cache so
-// that the products run across pairs (a dot product of length d per row does not vectorise).
+// u_i = x_i . theta for the P rows of X (row-major, P x d): each row by 8-lane products against theta in blocks
+// of 8 (zero-padded), summed across the lanes. A row's last block may read the next row's first entries, which
+// meet the zero padding (finite features: 0 x = 0); the rows whose last block would read past X are summed
+// one entry at a time.
 void row_margins(const double* X, const double* th, int64_t P, int64_t d, double* u) {
-  std::vector<double> xt(d * kChunk);
-  for (int64_t i0 = 0; i0 < P; i0 += kChunk) {
-    const int64_t m = std::min(kChunk, P - i0);
-    transpose_rows(X + i0 * d, m, d, xt.data(), kChunk);
-    double* ui = u + i0;
-    for (int64_t i = 0; i < m; ++i) ui[i] = 0.0;
-    for (int64_t k = 0; k < d; ++k) {
-      const double t = th[k];
-      const double* xk = xt.data() + k * kChunk;
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) ui[i] += t * xk[i];
-    }
+  const int64_t blocks = (d + kLanes - 1) / kLanes;
+  std::vector<v8d> tv(blocks);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t l = 0; l < kLanes; ++l) tv[b][l] = b * kLanes + l < d ? th[b * kLanes + l] : 0.0;
+  const int64_t safe = P * d >= blocks * kLanes ? std::min(P, (P * d - blocks * kLanes) / d + 1) : 0;
+  for (int64_t i = 0; i < safe; ++i) {
+    const double* xi = X + i * d;
+    v8d acc = load8(xi) * tv[0];
+    for (int64_t b = 1; b < blocks; ++b) acc += load8(xi + b * kLanes) * tv[b];
+    double total = 0.0;
+    for (int64_t l = 0; l < kLanes; ++l) total += acc[l];
+    u[i] = total;
+  }
+  for (int64_t i = safe; i < P; ++i) {
+    double total = 0.0;
+    for (int64_t k = 0; k < d; ++k) total += X[i * d + k] * th[k];
+    u[i] = total;
   }
 }
 
