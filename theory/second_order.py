@@ -44,9 +44,9 @@ ignores samples with no estimate, whose probability falls exponentially in ``n``
 The cluster moments are exact sums over the outcomes of one pair given the prompt (labelled pairs with
 ``Z ~ Bernoulli(g*)``), combined over the labelled pair and the mean of ``M`` reference pairs, which are
 independent given the prompt (``E[R R^T | x] = m m^T + Cov(r|x) / M`` and the third-moment analogue with
-``1/M^2``; ``1/M = 0`` for the exact expectation). Unlike the first-order code, this one forms per-pair
-tensors of order four, (chunk, K^2, d^4): its cost is O(P K^2 d^4), meant for the small ``d`` of a
-simulation study. Power-tuned and cross-fitted VRPO add terms from their estimated ``lam`` and ``g_hat``
+``1/M^2``; ``1/M = 0`` for the exact expectation). Unlike the first-order code, this one forms moments of
+order four of each prompt's pair differences, ``sum_o w_o x_o^(x)4`` (each by one batched product of two
+``x (x) x``, ``_power_mean``): its cost is O(P K^2 d^4), meant for the small ``d`` of a simulation study. Power-tuned and cross-fitted VRPO add terms from their estimated ``lam`` and ``g_hat``
 and are not covered.
 """
 
@@ -83,18 +83,41 @@ def _place(n: int, *parts: tuple[tuple[int, ...], Tensor]) -> Tensor:
     return torch.einsum(f"{subs}->p{_LETTERS[:n]}", *(t for _, t in parts))
 
 
-class _Outcomes:
-    """One pair given the prompt: outcome probabilities ``pr`` (p, o) and per-outcome flattened factors."""
+#: each factor is a coefficient times a power of the pair's feature difference: s = c x, V = c x(x)x, W = c x^(x)3
+_ORDER = {"s": 1, "V": 2, "W": 3}
 
-    def __init__(self, pr: Tensor, q: dict[str, Tensor]) -> None:
-        self.pr, self.q, self._cache = pr, q, {}
+
+def _power_mean(w: Tensor, x: Tensor, x2: Tensor, k: int) -> Tensor:
+    """``sum_o w_o x_o^(x)k`` (p, d^k) for ``k <= 4``, as one batched product of two lower powers (``x`` (p, o, d),
+    ``x2 = x (x) x`` flattened): no (p, o, d^k) tensor is formed for k = 3, 4."""
+    p, _, d = x.shape
+    left, right = {1: (None, x), 2: (x, x), 3: (x2, x), 4: (x2, x2)}[k]
+    if left is None:
+        return torch.bmm(w[:, None, :], right).reshape(p, d)
+    return torch.bmm((w[..., None] * left).transpose(1, 2), right).reshape(p, d ** k)
+
+
+class _Outcomes:
+    """One pair given the prompt: its outcomes ``o`` (the K^2 ordered pairs) in ``branches`` (the label's values,
+    each a probability (p, o) and the factors' coefficients (p, o) by name), every factor ``q = c x^(x)k`` of the
+    pair's feature difference ``x`` (p, o, d) with ``k = _ORDER[name]``."""
+
+    def __init__(self, branches: list[tuple[Tensor, dict[str, Tensor]]], x: Tensor, x2: Tensor) -> None:
+        self.branches, self.x, self.x2, self._cache = branches, x, x2, {}
 
     def moment(self, names: tuple[str, ...]) -> Tensor:
-        """``E[q_1 (x) ... (x) q_k | x]`` over the named factors, axes in that order."""
+        """``E[q_1 (x) ... (x) q_k | x] = sum_o (sum_branches pr prod_i c_i) x^(x)(k_1 + ... + k_k)``, axes in the
+        names' order (each flattened)."""
         if names not in self._cache:
-            subs = ",".join("po" + _LETTERS[i] for i in range(len(names)))
-            self._cache[names] = torch.einsum(f"po,{subs}->p{_LETTERS[:len(names)]}", self.pr,
-                                              *(self.q[n] for n in names))
+            w = None
+            for pr, coef in self.branches:
+                term = pr
+                for n in names:
+                    term = term * coef[n]
+                w = term if w is None else w + term
+            p, _, d = self.x.shape
+            orders = [_ORDER[n] for n in names]
+            self._cache[names] = _power_mean(w, self.x, self.x2, sum(orders)).reshape(p, *(d ** k for k in orders))
         return self._cache[names]
 
 
@@ -102,9 +125,16 @@ class _MeanOf:
     """The mean of ``M`` independent copies of one pair given the prompt (``inv_M = 0``: its expectation)."""
 
     def __init__(self, one: _Outcomes, inv_M: float) -> None:
-        self.one, self.inv_M = one, inv_M
+        self.one, self.inv_M, self._cache = one, inv_M, {}
 
     def moment(self, names: tuple[str, ...]) -> Tensor:
+        """``E[R_1 (x) ... (x) R_k | x]`` of the mean ``R`` over the named factors (kept: the cluster moments of
+        several names share them)."""
+        if names not in self._cache:
+            self._cache[names] = self._moment(names)
+        return self._cache[names]
+
+    def _moment(self, names: tuple[str, ...]) -> Tensor:
         one, k = self.one, len(names)
         m = [one.moment((n,)) for n in names]
         if k == 1:
@@ -141,14 +171,6 @@ def _cluster_moment(L: _Outcomes | None, R: _MeanOf | None, kappa: float, names:
     return total
 
 
-def _powers(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``x (x) x`` and ``x^(x)3`` flattened: (p, o, d) -> (p, o, d^k)."""
-    p, o, d = x.shape
-    x2 = (x[..., :, None] * x[..., None, :]).reshape(p, o, d * d)
-    x3 = (x2[..., :, None] * x[..., None, :]).reshape(p, o, d ** 3)
-    return x2, x3
-
-
 def _moment_means(an: _Analysis, T: _Tensors, lam: float, theta: Tensor, groups: Tensor,
                   sizes: Tensor) -> dict[str, Tensor]:
     """Per-group prompt averages (each group at its own ``theta``) of the raw cluster moments, keyed
@@ -168,24 +190,21 @@ def _moment_means(an: _Analysis, T: _Tensors, lam: float, theta: Tensor, groups:
         one4, zero4 = loss.fourth(U), loss.fourth(-U)
         w = T.w[sl].reshape(p, K * K)
         x = (phi[:, :, None, :] - phi[:, None, :, :]).reshape(p, K * K, d)
-        x2, x3 = _powers(x)
-        flat = lambda t: t.reshape(p, K * K, 1)  # noqa: E731
+        x2 = (x[..., :, None] * x[..., None, :]).reshape(p, K * K, d * d)
+        flat = lambda t: t.reshape(p, K * K)  # noqa: E731
         m4 = gs * one4 + (1.0 - gs) * zero4
-        # sum_o c_o x^(x)4 = sum_o (c_o x (x) x)(x (x) x)^T: one batched product, no (p, o, d^4) tensor
-        F = torch.bmm((w * m4.reshape(p, K * K))[:, None, :] * x2.transpose(1, 2), x2).reshape(p, d ** 4)
-        _run_sum(acc, "F", F, runs, G)
+        _run_sum(acc, "F", _power_mean(w * flat(m4), x, x2, 4), runs, G)
         if T.g_hat is not None and lam != 0.0:
             bh = _mixed(T.g_hat[sl], one, zero)
         else:
             bh = tuple(torch.zeros_like(U) for _ in range(3))
-        # labelled pair: outcomes Z = 1 then Z = 0, derivatives m^(k)_Z - lam m^(k)_ghat
-        lab = [torch.cat([flat(o - lam * b), flat(z - lam * b)], 1) for o, z, b in zip(one, zero, bh)]
-        lx = [torch.cat([t, t], 1) for t in (x, x2, x3)]
-        pr = torch.cat([w * gs.reshape(p, -1), w * (1.0 - gs).reshape(p, -1)], 1)
-        L = _Outcomes(pr, {"s": lab[0] * lx[0], "V": lab[1] * lx[1], "W": lab[2] * lx[2]})
+        # labelled pair: the label Z = 1 or 0, derivatives m^(k)_Z - lam m^(k)_ghat as the coefficients
+        names = tuple(_ORDER)
+        L = _Outcomes([(w * flat(gs), {n: flat(o - lam * b) for n, o, b in zip(names, one, bh)}),
+                       (w * flat(1.0 - gs), {n: flat(z - lam * b) for n, z, b in zip(names, zero, bh)})], x, x2)
         R = None
         if kappa != 0.0 and T.g_hat is not None:
-            R = _MeanOf(_Outcomes(w, {"s": flat(bh[0]) * x, "V": flat(bh[1]) * x2, "W": flat(bh[2]) * x3}), inv_M)
+            R = _MeanOf(_Outcomes([(w, {n: flat(b) for n, b in zip(names, bh)})], x, x2), inv_M)
         for names in _FIRST + _SECOND + _THIRD:
             key = ",".join(names)
             _run_sum(acc, "L:" + key, _cluster_moment(L, R, kappa, names), runs, G)
