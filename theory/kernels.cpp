@@ -411,7 +411,7 @@ struct Objective {
 
 extern "C" {
 
-int rr_kernel_version() { return 14; }
+int rr_kernel_version() { return 15; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -626,13 +626,14 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
 // v_a = theta_r . phi_pa, the policy (greedy: uniform over {a: v_a >= max v - tie max_a |v_a|}; KL,
 // policy_beta > 0: pi_a ~ exp(log_ref_pa + v_a / policy_beta) on ref_support) and out[r, p] = its regret:
 // measure_beta = 0 gives sum_a pi_a target_pa (target = max U - U); measure_beta > 0 gives
-// measure_beta KL(pi || opt) with log opt_pa = target_pa on opt_support (clamped at 0; -1 when pi leaves
+// measure_beta KL(pi || opt) with log opt_pa = target_pa and opt_pa = exp(target_pa) on opt_support (clamped at 0; -1 when pi leaves
 // that support, where the regret is infinite). Masks and a sentinel instead of infinities: -ffast-math
 // assumes finite values. The elementwise work runs over all P K entries of a replication at once (the
 // exponentials vectorise); K is a few responses.
 void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* theta, const double* phiT,
                       const double* log_ref, const uint8_t* ref_support, double policy_beta, const double* target,
-                      const uint8_t* opt_support, double measure_beta, double tie, int threads, double* out) {
+                      const double* opt, const uint8_t* opt_support, double measure_beta, double tie, int threads,
+                      double* out) {
   const int64_t PK = P * K;
 #pragma omp parallel num_threads(threads) if (R > 1 && R * PK > 16384 && threads > 1)
   {
@@ -708,13 +709,12 @@ void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* 
         // KL = sum_{pi > 0} pi (r + e^-r - 1) + opt's mass where pi is 0, r = log pi - log opt: every term is
         // >= 0, so a policy close to opt keeps the KL's relative precision (the plain sum_a pi r adds terms of
         // order r to a total of order r^2); where e^-r would overflow, pi e^-r = opt. One vectorised pass over
-        // the P K entries (target is 0 off opt's support), then the sums per prompt.
+        // the P K entries (target is 0 and opt = exp(target) is 0 off opt's support), then the sums per prompt.
 #pragma omp simd
         for (int64_t i = 0; i < PK; ++i) {
           const double rr = logpol[i] - target[i];
-          const double q = std::exp(target[i]);
-          const double t = rr > -700.0 ? pol[i] * (rr + std::expm1(-std::max(rr, -700.0))) : pol[i] * rr + q - pol[i];
-          term[i] = opt_support[i] ? (pol[i] > 0.0 ? t : q) : 0.0;
+          const double t = rr > -700.0 ? pol[i] * (rr + std::expm1(-std::max(rr, -700.0))) : pol[i] * rr + opt[i] - pol[i];
+          term[i] = opt_support[i] ? (pol[i] > 0.0 ? t : opt[i]) : 0.0;
         }
       }
       for (int64_t p = 0; p < P; ++p) {

@@ -51,7 +51,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 14
+_VERSION = 15
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -129,7 +129,7 @@ def _load() -> ctypes.CDLL | None:
                                        ctypes.c_double, ctypes.c_double, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
                                        ptr, ptr]
     lib.rr_logistic_newton.restype = None
-    lib.rr_policy_regret.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, ptr,
+    lib.rr_policy_regret.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, ptr, ptr,
                                      ctypes.c_double, ctypes.c_double, ctypes.c_int, ptr]
     lib.rr_policy_regret.restype = None
     return lib
@@ -381,8 +381,12 @@ def policy_regret(theta: Tensor, phi: Tensor, target: Tensor, *, tie: float, pi_
     if pi_ref is not None:
         ref_support = pi_ref > 0
         log_ref = torch.where(ref_support, pi_ref, 1.0).log()
-    target = torch.where(opt_support, target, 0.0) if opt_support is not None else target
+    opt = None
+    if opt_support is not None:  # the optimum's probabilities once for all replications (0 off its support)
+        target = torch.where(opt_support, target, 0.0)
+        opt = torch.where(opt_support, target.exp(), 0.0)
     out = torch.empty(R, P, dtype=f64)
     lib.rr_policy_regret(R, P, K, d, _ptr(theta), _ptr(phiT), _ptr(log_ref), _ptr(ref_support), policy_beta or 0.0,
-                         _ptr(target), _ptr(opt_support), measure_beta or 0.0, tie, torch.get_num_threads(), _ptr(out))
+                         _ptr(target), _ptr(opt), _ptr(opt_support), measure_beta or 0.0, tie, torch.get_num_threads(),
+                         _ptr(out))
     return out.masked_fill_(out < 0, torch.inf)  # -1: the policy leaves the optimum's support
