@@ -355,7 +355,7 @@ def _kl_rows(pol: np.ndarray, log_other: np.ndarray) -> np.ndarray:
     Summed as ``sum_{pi > 0} pi (r + e^{-r} - 1) + sum_{pi = 0} q`` with ``r = log pi - log q`` (equal, as
     ``sum_{pi > 0} pi e^{-r} = sum_{pi > 0} q``): every term is >= 0, so a ``pi`` close to ``q`` keeps the KL's
     relative precision, where ``sum pi r`` adds terms of order ``r`` to a total of order ``r^2`` (a KL policy's
-    regret at ``beta = 1e6`` lost five digits that way)."""
+    regret kept about 3 significant digits that way at ``beta = 1e6``, none at ``1e8``)."""
     p, other = _tensor(pol), _tensor(log_other)
     inside = torch.isfinite(other)
     outside = ((p > 0) & ~inside).any(dim=-1)

@@ -46,8 +46,8 @@ The cluster moments are exact sums over the outcomes of one pair given the promp
 independent given the prompt (``E[R R^T | x] = m m^T + Cov(r|x) / M`` and the third-moment analogue with
 ``1/M^2``; ``1/M = 0`` for the exact expectation). Unlike the first-order code, this one forms moments of
 order four of each prompt's pair differences, ``sum_o w_o x_o^(x)4`` (each by one batched product of two
-``x (x) x``, ``_power_mean``): its cost is O(P K^2 d^4), meant for the small ``d`` of a simulation study. Power-tuned and cross-fitted VRPO add terms from their estimated ``lam`` and ``g_hat``
-and are not covered.
+``x (x) x``, ``_power_mean``): its cost is O(P K^2 d^4), meant for the small ``d`` of a simulation study.
+Power-tuned and cross-fitted VRPO add terms from their estimated ``lam`` and ``g_hat`` and are not covered.
 """
 
 from __future__ import annotations
@@ -201,12 +201,12 @@ def _moment_means(an: _Analysis, T: _Tensors, lam: float, theta: Tensor, groups:
         else:
             bh = tuple(torch.zeros_like(U) for _ in range(3))
         # labelled pair: the label Z = 1 or 0, derivatives m^(k)_Z - lam m^(k)_ghat as the coefficients
-        names = tuple(_ORDER)
-        L = _Outcomes([(w * flat(gs), {n: flat(o - lam * b) for n, o, b in zip(names, one, bh)}),
-                       (w * flat(1.0 - gs), {n: flat(z - lam * b) for n, z, b in zip(names, zero, bh)})], x, x2)
+        factors = tuple(_ORDER)
+        L = _Outcomes([(w * flat(gs), {n: flat(o - lam * b) for n, o, b in zip(factors, one, bh)}),
+                       (w * flat(1.0 - gs), {n: flat(z - lam * b) for n, z, b in zip(factors, zero, bh)})], x, x2)
         R = None
         if kappa != 0.0 and T.g_hat is not None:
-            R = _MeanOf(_Outcomes([(w, {n: flat(b) for n, b in zip(names, bh)})], x, x2), inv_M)
+            R = _MeanOf(_Outcomes([(w, {n: flat(b) for n, b in zip(factors, bh)})], x, x2), inv_M)
         for names in _FIRST + _SECOND + _THIRD:
             key = ",".join(names)
             _run_sum(acc, "L:" + key, _cluster_moment(L, R, kappa, names), runs, G)
