@@ -59,6 +59,7 @@ with the observed pair's importance ratios capped.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,32 +173,50 @@ def pseudo_rewards(data: DRPOData) -> np.ndarray:
 
 def _tilt(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
     """``pi_theta(.|x_i) = pi_hat exp(theta . phi / beta) / Z_theta`` (..., n, K) and ``log Z_theta`` (..., n)."""
-    s = np.einsum("...kd,...d->...k", phi, theta) / beta + log_pi
-    top = s.max(axis=-1, keepdims=True)  # finite: pi_hat is positive somewhere on every row
+    return _tilt_of(np.einsum("...kd,...d->...k", phi, theta), log_pi, beta)
+
+
+def _tilt_of(u: np.ndarray, log_pi: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """``_tilt`` from the rewards ``u = theta . phi`` (..., n, K). The maximum and sum over the few responses are
+    taken column by column and as a product with ones: numpy's reductions over a short last axis cost several
+    times more."""
+    s = u / beta + log_pi
+    # finite: pi_hat is positive somewhere on every row
+    top = functools.reduce(np.maximum, (s[..., k] for k in range(s.shape[-1])))[..., None]
     e = np.exp(s - top)
-    total = e.sum(axis=-1, keepdims=True)
+    total = (e @ np.ones(e.shape[-1]))[..., None]
     return e / total, (top + np.log(total))[..., 0]
+
+
+def _row_parts(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``f_i`` (n,), ``w`` (n, K), ``w r`` (n, K), ``phi~`` (n, K, d) and ``curve`` (n, K) of ``_row_terms``."""
+    u = np.einsum("nkd,d->nk", phi, theta)
+    w, lse = _tilt_of(u, log_pi, beta)
+    r = v - u
+    wr = w * r
+    rbar = (wr @ np.ones(wr.shape[1]))[:, None]
+    f = rbar[:, 0] + beta * lse
+    centred = phi - np.einsum("nk,nkd->nd", w, phi)[:, None, :]
+    curve = w * ((r - rbar) / beta**2 - 1.0 / beta)
+    return f, w, wr, centred, curve
 
 
 def _row_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per row (n rows): ``f_i``, ``grad f_i`` (n, d), and the Hessian's pieces ``w`` (n, K), the centred features
     ``phi~`` (n, K, d) and the weights ``w [(r - rbar) / beta^2 - 1 / beta]`` (n, K)."""
-    w, lse = _tilt(theta, phi, log_pi, beta)
-    r = v - phi @ theta
-    wr = w * r
-    f = wr.sum(axis=1) + beta * lse
-    centred = phi - np.einsum("nk,nkd->nd", w, phi)[:, None, :]
-    grad = np.einsum("nk,nkd->nd", wr, centred) / beta
-    curve = w * ((r - wr.sum(axis=1, keepdims=True)) / beta**2 - 1.0 / beta)
-    return f, grad, w, centred, curve
+    f, w, wr, centred, curve = _row_parts(theta, phi, log_pi, v, beta)
+    return f, np.einsum("nk,nkd->nd", wr, centred) / beta, w, centred, curve
 
 
 def _mean_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.ndarray, beta: float
                 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """``F = (1/n) sum_i f_i``, its gradient and Hessian."""
-    f, grad, _, centred, curve = _row_terms(theta, phi, log_pi, v, beta)
-    return float(f.mean()), grad.mean(axis=0), _curvature(curve, centred)
+    """``F = (1/n) sum_i f_i``, its gradient (the rows' products summed in one pass) and Hessian."""
+    f, _, wr, centred, curve = _row_parts(theta, phi, log_pi, v, beta)
+    n, K, d = centred.shape
+    grad = wr.reshape(1, n * K) @ centred.reshape(n * K, d) / (beta * n)
+    return float(f.mean()), grad[0], _curvature(curve, centred)
 
 
 def _curvature(curve: np.ndarray, centred: np.ndarray) -> np.ndarray:

@@ -336,7 +336,8 @@ def cluster_moments(X: Tensor, cA: Tensor, cB: Tensor | None, X_ref: Tensor | No
 
 def logistic_cluster_moments(X: Tensor, z: Tensor, theta: Tensor, g: Tensor | None = None, X_ref: Tensor | None = None,
                              g_ref: Tensor | None = None, w_ref: Tensor | None = None, cluster: Tensor | None = None,
-                             n_clusters: int = 0, lam: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                             n_clusters: int = 0, lam: Tensor | None = None
+                             ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     r"""``cluster_moments`` of the logistic VR objective at ``theta`` (R, d), with its coefficients formed
     from the margins in the same pass (no (R, P) arrays): with ``s = sigmoid(x . theta_r)``, ``cA_i = (s_i
     - z_i) / n`` and, with ``g`` (the control terms; needs ``X_ref``, ``g_ref``, ``cluster``), ``cB_i = -(s_i
