@@ -223,8 +223,10 @@ class PreferenceData:
         keep = np.concatenate([upper, [0]])  # the pair (0, 0) stands for the whole diagonal
         w_new = np.concatenate([(w[..., a, b] + w[..., b, a]), np.trace(w, axis1=-2, axis2=-1)[..., None]], axis=-1)
         m = keep.size
-        pairs = self.ref_phi_pair.reshape(R, P, K * K, 2, -1)[:, :, keep]
-        return ((pairs[..., 0, :] - pairs[..., 1, :]).reshape(R, P * m, -1),
+        # each response's features from the pairs (a, a): the kept pairs' differences read K of the K^2 pairs
+        phi = self.ref_phi_pair.reshape(R, P, K * K, 2, -1)[:, :, np.arange(K) * (K + 1), 0]
+        first, second = np.concatenate([a, [0]]), np.concatenate([b, [0]])
+        return ((phi[:, :, first] - phi[:, :, second]).reshape(R, P * m, -1),
                 g.reshape(R, P, K * K)[:, :, keep].reshape(R, P * m),
                 w_new.reshape(R, P * m), np.repeat(np.arange(P), m))
 
