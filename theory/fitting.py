@@ -224,9 +224,10 @@ class _KernelTerms:
         return replace(self, rows=current[key], X_ref=ref(self.X_ref), a_ref=ref(self.a_ref),
                        b_ref=ref(self.b_ref))
 
-    def count_linear(self) -> int:
-        """How many selected replications have a linear labelled term."""
-        return int((self.linear if self.rows is None else self.linear[self.rows]).sum())
+    @property
+    def selected_linear(self) -> Tensor:
+        """Which selected replications have a linear labelled term."""
+        return self.linear if self.rows is None else self.linear[self.rows]
 
 
 def _kernel_terms(loss: MarginLoss, lam: Tensor, b: "_Batch") -> _KernelTerms | None:
@@ -471,7 +472,7 @@ def _kernel_evaluate(b: _Batch, lam: Tensor, theta: Tensor, mode: int, certifica
     elif mode == 1:
         _WORK.grad_pairs += R * (n + N)
     else:  # labelled pairs of linear replications get no Hessian
-        linear = k.count_linear()
+        linear = int(k.selected_linear.sum())
         _WORK.kernel_pairs += (R - linear) * n + R * N
         _WORK.grad_pairs += linear * n
     if not certificate:
@@ -592,7 +593,7 @@ def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor,
     ok = parts[0].converged & ~parts[0].separable
     if pooled and bool(ok.any()) and not bool(theta0.any()):
         theta0 = parts[0].theta[ok].mean(0).expand(R, d)
-    parts += [solver(loss, lam[s:s + step], b.rows(slice(s, s + step)), theta0[s:s + step].clone(), *args)
+    parts += [solver(loss, lam[s:s + step], b.rows(slice(s, s + step)), theta0[s:s + step], *args)
               for s in range(step, R, step)]
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     return _NewtonState(cat("theta"), cat("converged"), cat("separable"), cat("n_iter"), cat("grad_norm"),
@@ -713,7 +714,7 @@ def _kernel_newton(b: _Batch, lam: Tensor, theta0: Tensor, tol: float, max_iter:
                                   max_iter=max_iter, certificate=certificate, X_ref=k.X_ref, a_ref=k.a_ref,
                                   b_ref=k.b_ref, lam=lam.contiguous() if with_ref else None, rows=k.rows)
     n, N = k.a.shape[1], k.a_ref.shape[1] if with_ref else 0
-    linear = k.linear if k.rows is None else k.linear[k.rows]
+    linear = k.selected_linear
     _WORK.d = theta0.shape[1]
     _WORK.kernel_pairs += int((res.evals * (N + n * (~linear).long())).sum())
     _WORK.grad_pairs += int((res.evals * n * linear.long()).sum())

@@ -164,6 +164,20 @@ def _check(caller: str, **tensors: tuple[Tensor | None, tuple[int, ...], torch.d
                              f"{'' if t.is_contiguous() else ' (not contiguous)'}")
 
 
+def _selected(caller: str, rows: Tensor | None, S: int) -> int:
+    """How many replications ``rows`` selects of ``S`` (all without it), after checking it: an int64 index vector
+    into ``[0, S)``."""
+    if rows is None:
+        return S
+    if not isinstance(rows, Tensor) or rows.dim() != 1:
+        raise ValueError(f"{caller}: rows must be a one-dimensional int64 tensor")
+    R = rows.shape[0]
+    _check(caller, rows=(rows, (R,), torch.int64))
+    if R and not (0 <= int(rows.min()) and int(rows.max()) < S):
+        raise ValueError(f"{caller}: rows must lie in [0, {S})")
+    return R
+
+
 def available() -> bool:
     """Whether the compiled kernel is built and loaded (building it on the first call)."""
     return _lib() is not None
@@ -198,12 +212,7 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
     S, d, P = Xt.shape
     f64 = torch.float64
     _check("logistic_eval", Xt=(Xt, (S, d, P), f64), a=(a, (S, P), f64), b=(b, (S, P), f64))
-    R = S
-    if rows is not None:
-        R = rows.shape[0]
-        _check("logistic_eval", rows=(rows, (R,), torch.int64))
-        if R and not (0 <= int(rows.min()) and int(rows.max()) < S):
-            raise ValueError(f"logistic_eval: rows must lie in [0, {S})")
+    R = _selected("logistic_eval", rows, S)
     slope, size = recession if recession is not None else (None, None)
     y, count = against if against is not None else (None, None)
     _check("logistic_eval", theta=(theta, (R, d), f64), slope=(slope, (R,), f64),
@@ -248,16 +257,14 @@ def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, 
     lib = _require()
     S, n, d = X.shape
     f64 = torch.float64
-    R = S if rows is None else rows.shape[0]
+    R = _selected("logistic_newton", rows, S)
     _check("logistic_newton", X=(X, (S, n, d), f64), a=(a, (S, n), f64), b=(b, (S, n), f64), y=(y, (S, n), f64),
-           theta0=(theta0, (R, d), f64), rows=(rows, (R,), torch.int64))
+           theta0=(theta0, (R, d), f64))
     N = 0
     if X_ref is not None:
         N = X_ref.shape[1]
         _check("logistic_newton", X_ref=(X_ref, (S, N, d), f64), a_ref=(a_ref, (S, N), f64),
                b_ref=(b_ref, (S, N), f64), lam=(lam, (R,), f64))
-    if rows is not None and R and not (0 <= int(rows.min()) and int(rows.max()) < S):
-        raise ValueError(f"logistic_newton: rows must lie in [0, {S})")
     theta = theta0.clone()
     value, grad, hess = torch.empty(R, dtype=f64), torch.empty(R, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
     iters, evals = torch.empty(R, dtype=torch.int64), torch.empty(R, dtype=torch.int64)
