@@ -571,6 +571,7 @@ class _NewtonState:
     n_iter: Tensor
     grad_norm: Tensor
     hess: Tensor
+    meat: Tensor | None = None  # the sandwich's meat at theta where the solver formed it (NaN elsewhere)
 
 
 def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, *args,
@@ -596,24 +597,30 @@ def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor,
     parts += [solver(loss, lam[s:s + step], b.rows(slice(s, s + step)), theta0[s:s + step], *args)
               for s in range(step, R, step)]
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    meat = None
+    if any(p.meat is not None for p in parts):
+        meat = torch.cat([p.meat if p.meat is not None else torch.full_like(p.hess, math.nan) for p in parts])
     return _NewtonState(cat("theta"), cat("converged"), cat("separable"), cat("n_iter"), cat("grad_norm"),
-                        cat("hess"))
+                        cat("hess"), meat)
 
 
 def _newton(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float, max_iter: int,
-            certificate: bool, theta_max: float) -> _NewtonState:
+            certificate: bool, theta_max: float, meat: bool = False) -> _NewtonState:
     """Batched damped Newton with Armijo backtracking (``_newton_block``), block by block of replications
     (a cold start of a convex objective pooled across blocks: ``_blockwise``)."""
     pooled = (loss.convex and not bool(lam.any())) or (type(loss) is Logistic and bool(((lam >= 0) & (lam <= 1)).all()))
-    return _blockwise(_newton_block, loss, lam, b, theta0, tol, max_iter, certificate, theta_max, pooled=pooled)
+    return _blockwise(_newton_block, loss, lam, b, theta0, tol, max_iter, certificate, theta_max, meat,
+                      pooled=pooled)
 
 
 def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float, max_iter: int,
-                  certificate: bool, theta_max: float) -> _NewtonState:
+                  certificate: bool, theta_max: float, meat: bool = False) -> _NewtonState:
     """Batched damped Newton with Armijo backtracking, replication by replication until converged.
 
     The first trial point of a step is evaluated with its derivatives, which the next step reuses
-    when the full step is accepted (the usual case near the optimum)."""
+    when the full step is accepted (the usual case near the optimum). With ``meat``, the replications the
+    compiled loop takes to convergence also get the sandwich's meat at ``lam`` (``_NewtonState.meat``, NaN for
+    the others): formed from the last evaluation while the features are in the cache."""
     R, d = theta0.shape
     theta = theta0.clone()
     converged = torch.zeros(R, dtype=torch.bool)
@@ -623,19 +630,20 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
     hess_out = torch.zeros(R, d, d, dtype=_DTYPE)
     active = torch.arange(R)
     with_ref = _uses_ref(b, lam)
+    meat_out = None
     plain = b
     b = b.with_kernel(loss, lam)
     sub = b
     # the compiled loop takes every replication as far as plain Newton steps go, one per thread: with fewer
     # replications than threads the Python loop's evaluations split each replication's pairs over them instead
     if b.kern is not None and R >= torch.get_num_threads():
-        fast = _kernel_newton(b, lam, theta, tol, max_iter, certificate, theta_max)
-        theta, n_iter = fast.theta, fast.iters.clone()
+        fast = _kernel_newton(b, lam, theta, tol, max_iter, certificate, theta_max, meat)
+        theta, n_iter, meat_out = fast.theta, fast.iters.clone(), fast.meat
         done = fast.converged
         converged[done], grad_norm[done], hess_out[done] = True, fast.grad[done].norm(dim=1), fast.hess[done]
         active = (~done).nonzero().squeeze(1)
         if not active.numel():
-            return _NewtonState(theta, converged, separable, n_iter, grad_norm, hess_out)
+            return _NewtonState(theta, converged, separable, n_iter, grad_norm, hess_out, meat_out)
         sub = b.subset(active, with_ref)
     # The VR objective's recession certificate costs about a tenth of a VRPO fit when evaluated at every
     # point. An unbounded objective keeps a large Newton decrement (its gradient stays away from zero
@@ -701,19 +709,24 @@ def _newton_block(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol:
             active, value, grad, hess = active[keep], value[keep], grad[keep], hess[keep]
             sep = sep[keep]
             sub = b.subset(active, with_ref)
-    return _NewtonState(theta, converged, separable, n_iter, grad_norm, hess_out)
+    return _NewtonState(theta, converged, separable, n_iter, grad_norm, hess_out, meat_out)
 
 
 def _kernel_newton(b: _Batch, lam: Tensor, theta0: Tensor, tol: float, max_iter: int, certificate: bool,
-                   theta_max: float) -> kernels.NewtonResult:
+                   theta_max: float, meat: bool = False) -> kernels.NewtonResult:
     """``kernels.logistic_newton`` on ``b``'s kernel terms (``_newton_block``'s loop while it needs no safeguard),
-    its work counted as ``_kernel_evaluate`` counts it."""
+    its work counted as ``_kernel_evaluate`` counts it; with ``meat``, the meat at ``lam`` over ``b``'s prompt
+    clusters (the labelled pairs alone without reference pairs, as ``_meat_moments`` without control terms)."""
     k = b.kern
     with_ref = k.X_ref is not None
     res = kernels.logistic_newton(k.X, k.a, k.b, k.y, theta0.contiguous(), tol=tol, theta_max=theta_max,
                                   max_iter=max_iter, certificate=certificate, X_ref=k.X_ref, a_ref=k.a_ref,
-                                  b_ref=k.b_ref, lam=lam.contiguous() if with_ref else None, rows=k.rows)
+                                  b_ref=k.b_ref, lam=lam.contiguous() if with_ref else None, rows=k.rows,
+                                  meat=meat, cluster=b.ref_cluster if with_ref else None,
+                                  n_clusters=b.n_clusters if with_ref else k.a.shape[1])
     n, N = k.a.shape[1], k.a_ref.shape[1] if with_ref else 0
+    if meat:
+        _WORK.cluster_rows += int(res.converged.sum()) * (b.n_clusters if with_ref else n)
     linear = k.selected_linear
     _WORK.d = theta0.shape[1]
     _WORK.kernel_pairs += int((res.evals * (N + n * (~linear).long())).sum())
@@ -951,12 +964,20 @@ def _sandwich_of(Hinv: Tensor, moments: tuple[Tensor, Tensor | None, Tensor | No
 
 
 def _sandwiches(loss: MarginLoss, b: _Batch, theta: Tensor, hess: Tensor, lam: Tensor, n: int,
-                tune: tuple[int | None, tuple[float, float]] | None = None) -> tuple[Tensor, Tensor | None]:
+                tune: tuple[int | None, tuple[float, float]] | None = None, meat: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None]:
     """Sandwich covariances (R, d, d) at ``lam``, chunk by chunk within ``MEMORY_BUDGET``; with
-    ``tune = (weight, clip)`` also ``tune_lambda`` on the same influence terms (R,)."""
+    ``tune = (weight, clip)`` also ``tune_lambda`` on the same influence terms (R,). ``meat``: the meat at ``lam``
+    where the solver formed it (``_NewtonState.meat``; NaN rows are formed here; not used with ``tune``)."""
     R, d = theta.shape
     cov = torch.empty(R, d, d, dtype=_DTYPE)
     tuned = torch.empty(R, dtype=_DTYPE) if tune is not None else None
+    if tune is None and meat is not None:
+        missing = torch.isnan(meat).any(dim=(1, 2)).nonzero().squeeze(1)
+        if missing.numel():
+            meat = meat.clone()
+            meat[missing] = _sandwiches_meat(loss, b.subset(missing), theta[missing], lam[missing])
+        return _sandwich_of(_pinv(hess), (meat, None, None), lam), None
     # the compiled logistic moments form their coefficients and cluster sums per thread: no (R, P) arrays, one chunk
     fused = kernels.available() and type(loss) is Logistic
     for sl in [slice(0, R)] if fused else _memory_chunks(b, R):
@@ -967,6 +988,16 @@ def _sandwiches(loss: MarginLoss, b: _Batch, theta: Tensor, hess: Tensor, lam: T
         if tune is not None:
             tuned[sl] = _tuned_lambda(Hinv, moments, tune[0], tune[1])
     return cov, tuned
+
+
+def _sandwiches_meat(loss: MarginLoss, b: _Batch, theta: Tensor, lam: Tensor) -> Tensor:
+    """The meat ``V(lam)`` (R, d, d) at ``theta``, chunk by chunk as in ``_sandwiches``."""
+    out = torch.empty(theta.shape[0], theta.shape[1], theta.shape[1], dtype=_DTYPE)
+    fused = kernels.available() and type(loss) is Logistic
+    for sl in [slice(0, theta.shape[0])] if fused else _memory_chunks(b, theta.shape[0]):
+        control = bool((lam[sl] != 0).any())
+        out[sl] = _meat(_meat_moments(loss, b.rows(sl), theta[sl], control, lam[sl]), lam[sl])
+    return out
 
 
 def tune_lambda(hess: Tensor, A: Tensor, B: Tensor, n: int, weight: int | np.ndarray | None = None,
@@ -998,9 +1029,10 @@ def _bread_bandwidth(b: _Batch, theta: Tensor) -> Tensor:
 
 
 def _minimise(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: float, max_iter: int,
-              certificate: bool, theta_max: float, bound: float | None = None) -> _NewtonState:
+              certificate: bool, theta_max: float, bound: float | None = None, meat: bool = False) -> _NewtonState:
     """Newton for smooth losses, smoothing continuation for non-smooth ones; with ``bound``, Newton
-    within the ball (the non-convex bounded problems)."""
+    within the ball (the non-convex bounded problems). ``meat``: ask Newton for the sandwich's meat at ``lam``
+    (``_newton_block``)."""
     stages = [loss] if loss.smooth else [loss.curvature_surrogate(h) for h in CONTINUATION]
     state = None
     theta = theta0
@@ -1008,7 +1040,7 @@ def _minimise(loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, tol: flo
         if bound is not None:
             state = _ball_newton(stage, lam, b, theta, bound, tol, max_iter)
         else:
-            state = _newton(stage, lam, b, theta, tol, max_iter, certificate and loss.smooth, theta_max)
+            state = _newton(stage, lam, b, theta, tol, max_iter, certificate and loss.smooth, theta_max, meat)
         theta = state.theta
     return state
 
@@ -1250,7 +1282,8 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
         logistic = _newton(Logistic(), lam0, b, start, tol, max_iter, True, theta_max)
         start = logistic.theta
     pg_bound = None if bound is None or _convex_program(loss, np.zeros(1)) else bound
-    mle = _minimise(loss, lam0, b, start, tol, max_iter, True, theta_max, pg_bound)
+    tuned = method == "vrpo_tuned" or lam == "auto"
+    mle = _minimise(loss, lam0, b, start, tol, max_iter, True, theta_max, pg_bound, meat=not tuned)
     if loss.recession() is not None:
         _check_overlap(b, logistic if logistic is not None else mle, max(FLAT_CURVATURE, 100 * tol / rms), gram)
     if logistic is not None and pg_bound is None:
@@ -1259,9 +1292,8 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
         mle.separable |= logistic.separable
         mle.converged &= ~logistic.separable
     mle_hess = _bread_hessian(loss, lam0, b, mle)
-    tuned = method == "vrpo_tuned" or lam == "auto"
     tune = (weight, lam_clip) if tuned else None
-    cov_mle_t, lam_tuned = _sandwiches(loss, b, mle.theta, mle_hess, lam0, data.n, tune)
+    cov_mle_t, lam_tuned = _sandwiches(loss, b, mle.theta, mle_hess, lam0, data.n, tune, mle.meat)
     if method == "mle":
         lam_t, state, cov_t = lam0, mle, cov_mle_t
     else:
@@ -1270,14 +1302,14 @@ def _fit(data: PairData, method: str, loss: MarginLoss, lam: float | str | None,
         else:
             lam_t = torch.full((R,), 1.0 if lam is None else float(lam), dtype=_DTYPE)
         pg_bound = None if bound is None or _convex_program(loss, lam_t.numpy()) else bound
-        state = _minimise(loss, lam_t, b, mle.theta, tol, max_iter, True, theta_max, pg_bound)
+        state = _minimise(loss, lam_t, b, mle.theta, tol, max_iter, True, theta_max, pg_bound, meat=True)
         if isinstance(loss, Logistic) and _uses_ref(b, lam_t):
             _check_overlap(b, state, max(FLAT_CURVATURE, 100 * tol / rms), gram, lam_t)
         # the tuned lam is a function of the MLE: without it the tuned estimate does not exist either
         state.separable |= mle.separable & (~state.converged if not tuned else True)
         state.converged &= ~state.separable
         hess = _bread_hessian(loss, lam_t, b, state)
-        cov_t, _ = _sandwiches(loss, b, state.theta, hess, lam_t, data.n)
+        cov_t, _ = _sandwiches(loss, b, state.theta, hess, lam_t, data.n, meat=state.meat)
     theta = state.theta.numpy().copy()
     cov = cov_t.numpy()
     flat = _flat_bread(hess if method != "mle" else mle_hess)

@@ -13,7 +13,8 @@
 // rr_transpose: (R x P x d) to (R x d x P). rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda;
 // rr_logistic_cluster_moments: the same for the logistic loss, its coefficients formed from the margins in the same pass.
 // rr_logistic_newton: fitting's damped Newton on the logistic VR objective, one replication per thread, until it
-// converges or needs the caller's safeguards (backtracking, damping, certificates).
+// converges or needs the caller's safeguards (backtracking, damping, certificates); on request also the sandwich's
+// meat at the estimate, from the last evaluation's coefficients while the replication is in the cache.
 // rr_policy_regret: the per-prompt regret of the greedy or KL policy of each theta_r (robust_rlhf.theory.policies).
 #include <algorithm>
 #include <cmath>
@@ -28,6 +29,7 @@ constexpr int64_t kChunk = 64;
 struct Partial {
   double value;
   std::vector<double> grad, hess;  // d, d * d (upper triangle used)
+  std::vector<double> coef;         // empty, or every pair's c_i = a_i sigmoid(u_i) - b_i (labelled, then reference)
   double rec = 0.0, absu = 0.0;     // recession slope sum_i a_i [u_i]_+ - b_i u_i, and sum_i |u_i|
   double against = 0.0;             // pairs with y_i u_i < 0
 };
@@ -107,15 +109,18 @@ void gram(const double* U, int64_t su, const double* V, int64_t sv, const double
 }
 
 // Sums over pairs [lo, hi) of replication r into p (mode 0: value, 1: + gradient, 2: + Hessian).
+// With coef, the pairs' gradient coefficients c_i = a_i sigmoid(u_i) - b_i go to coef[i - lo].
 void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const double* b, const double* th,
-                const double* y, int mode, bool recession, int64_t lo, int64_t hi, Partial& p) {
-  alignas(64) double u[kChunk], c[kChunk], unused[kChunk];
+                const double* y, int mode, bool recession, int64_t lo, int64_t hi, Partial& p,
+                double* coef = nullptr) {
+  alignas(64) double u[kChunk], chunk_c[kChunk], unused[kChunk];
   std::vector<double> weights(mode >= 2 ? hi - lo : 0);  // a sigmoid(u) sigmoid(-u) of every pair, for the Hessian
   bool curved = false;  // some chunk is not linear
   for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
     const int64_t m = std::min(kChunk, hi - i0);
     const double* ai = a + i0;
     const double* bi = b + i0;
+    double* c = coef ? coef + (i0 - lo) : chunk_c;
     for (int64_t i = 0; i < m; ++i) u[i] = 0.0;
     for (int64_t j = 0; j < d; ++j) {
       const double t = th[j];
@@ -391,7 +396,8 @@ struct Objective {
     std::fill(p.grad.begin(), p.grad.end(), 0.0);
     std::fill(p.hess.begin(), p.hess.end(), 0.0);
     const bool ref = Xq != nullptr;
-    pair_range(n, d, X, a, b, th, cert && !ref ? y : nullptr, 2, cert && ref, 0, n, p);
+    double* coef = p.coef.empty() ? nullptr : p.coef.data();
+    pair_range(n, d, X, a, b, th, cert && !ref ? y : nullptr, 2, cert && ref, 0, n, p, coef);
     if (!ref) {
       bool moved = false;
       for (int64_t j = 0; j < d; ++j) moved |= th[j] != 0.0;
@@ -399,7 +405,7 @@ struct Objective {
     }
     const double rec = p.rec, size = p.absu / static_cast<double>(n);
     Partial q{0.0, std::vector<double>(d, 0.0), std::vector<double>(d * d, 0.0)};
-    pair_range(N, d, Xq, aq, bq, th, nullptr, 2, cert, 0, N, q);
+    pair_range(N, d, Xq, aq, bq, th, nullptr, 2, cert, 0, N, q, coef ? coef + n : nullptr);
     p.value += q.value;
     for (int64_t j = 0; j < d; ++j) p.grad[j] += q.grad[j];
     for (int64_t j = 0; j < d * d; ++j) p.hess[j] += q.hess[j];
@@ -407,11 +413,51 @@ struct Objective {
   }
 };
 
+// The sandwich's meat V(lam) at the point whose coefficients c (labelled, then reference) f.eval stored: the
+// centred Gram of the cluster sums S_c = c_i x_i [c = i < n] + sum_{j: cluster(j) = c} c_j xref_j, each part
+// (labelled prompts, other clusters) on its own mean with factor C_p / (C_p - 1), as replication_moments with
+// lam (a_i sigmoid(u_i) - b_i is the cluster's cA + lam cB, and a_ref sigmoid - b_ref its lam cR). grad: the
+// gradient at that point. St: scratch of d x C.
+// Without reference pairs the n labelled pairs are the clusters, and the meat is one weighted Gram:
+// f (sum_i c_i^2 x_i x_i^T - grad grad^T / n), grad = sum_i c_i x_i.
+void newton_meat(const Objective& f, const double* c, const double* grad, const int64_t* cluster, int64_t C,
+                 std::vector<double>& St, double* out) {
+  const int64_t n = f.n, N = f.N, d = f.d;
+  std::fill(out, out + d * d, 0.0);
+  if (!f.Xq) {
+    double* h = St.data();
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) h[i] = c[i] * c[i];
+    gram(f.X, n, f.X, n, h, n, d, true, out);
+    const double scale = n / static_cast<double>(std::max<int64_t>(n - 1, 1));
+    for (int64_t j = 0; j < d; ++j)
+      for (int64_t k = j; k < d; ++k)
+        out[j * d + k] = out[k * d + j] = scale * (out[j * d + k] - grad[j] * grad[k] / n);
+    return;
+  }
+  for (int64_t k = 0; k < d; ++k) {
+    const double* xk = f.X + k * n;
+    double* sk = St.data() + k * C;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) sk[i] = c[i] * xk[i];
+    std::fill(sk + n, sk + C, 0.0);
+  }
+  // reference pair by pair, its d coordinates at once: the d sums of its cluster are independent chains (a
+  // coordinate at a time, consecutive pairs of one prompt would chain through one sum)
+  for (int64_t j = 0; j < N; ++j) {
+    const double cj = c[n + j];
+    double* sc = St.data() + cluster[j];
+    for (int64_t k = 0; k < d; ++k) sc[k * C] += cj * f.Xq[k * N + j];
+  }
+  centred_moments(St.data(), nullptr, C, 0, n, d, out, nullptr, nullptr);
+  centred_moments(St.data(), nullptr, C, n, C, d, out, nullptr, nullptr);
+}
+
 }  // namespace
 
 extern "C" {
 
-int rr_kernel_version() { return 15; }
+int rr_kernel_version() { return 16; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -468,16 +514,19 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
 // in the caller: at every evaluation without reference pairs; with them ("lazy") not at the start and not at steps
 // whose decrease -slope is at most 1e-8 max(|value|, 1). iters: steps taken; evals: evaluations. The features
 // X (S x n x d) and Xq (S x N x d) are row-major; each thread transposes its replication into its own buffers once
-// and iterates there (in its cache).
+// and iterates there (in its cache). With meat (R x d x d), a converged replication's sandwich meat at theta from
+// the last evaluation (newton_meat; cluster (N) and C as in rr_cluster_moments); others' are left alone.
 void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double* X, const double* a,
                         const double* b, const double* y, const double* Xq, const double* a_ref,
                         const double* b_ref, const int64_t* rows, const double* lam, int certificate, double tol,
                         double theta_max, int64_t max_iter, int threads, double* theta, double* value, double* grad,
-                        double* hess, int64_t* iters, int64_t* evals, int32_t* status) {
+                        double* hess, int64_t* iters, int64_t* evals, int32_t* status, const int64_t* cluster,
+                        int64_t C, double* meat) {
   const bool ref = Xq != nullptr;
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
-    std::vector<double> xt(d * n), xq(ref ? d * N : 0), L(d * d), step(d), trial(d);
+    std::vector<double> xt(d * n), xq(ref ? d * N : 0), L(d * d), step(d), trial(d),
+        St(meat ? (ref ? d * C : n) : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t q = rows ? rows[r] : r;
@@ -490,7 +539,8 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
                         lam ? lam[r] : 0.0};
       const bool lazy = certificate && ref;
       double* th = theta + r * d;
-      Partial cur{0.0, std::vector<double>(d), std::vector<double>(d * d)};
+      Partial cur{0.0, std::vector<double>(d), std::vector<double>(d * d),
+                  std::vector<double>(meat ? n + (ref ? N : 0) : 0)};
       Partial nxt = cur;
       bool sep = f.eval(th, certificate && !lazy, cur);
       int64_t it = 0, ev = 1;
@@ -531,6 +581,8 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
       iters[r] = it;
       evals[r] = ev;
       status[r] = st;
+      if (meat && st == 0)
+        newton_meat(f, cur.coef.data(), cur.grad.data(), cluster, C, St, meat + r * d * d);
       value[r] = cur.value;
       for (int64_t j = 0; j < d; ++j) grad[r * d + j] = cur.grad[j];
       for (int64_t j = 0; j < d; ++j)

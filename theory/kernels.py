@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -51,7 +52,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 15
+_VERSION = 16
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -127,7 +128,7 @@ def _load() -> ctypes.CDLL | None:
     lib.rr_logistic_cluster_moments.restype = None
     lib.rr_logistic_newton.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
                                        ctypes.c_double, ctypes.c_double, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
-                                       ptr, ptr]
+                                       ptr, ptr, ptr, i64, ptr]
     lib.rr_logistic_newton.restype = None
     lib.rr_policy_regret.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, ptr, ptr,
                                      ctypes.c_double, ctypes.c_double, ctypes.c_int, ptr]
@@ -231,8 +232,9 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
 
 @dataclass
 class NewtonResult:
-    """``logistic_newton``'s per-replication outcome: ``converged`` (R,) bool (``value``, ``grad``, ``hess`` are
-    then at ``theta``), ``iters`` the Newton steps taken and ``evals`` the evaluations (R,) int64."""
+    """``logistic_newton``'s per-replication outcome: ``converged`` (R,) bool (``value``, ``grad``, ``hess`` and,
+    when asked for, ``meat`` are then at ``theta``; ``meat`` is NaN elsewhere), ``iters`` the Newton steps taken and
+    ``evals`` the evaluations (R,) int64."""
 
     theta: Tensor
     converged: Tensor
@@ -241,11 +243,13 @@ class NewtonResult:
     hess: Tensor
     iters: Tensor
     evals: Tensor
+    meat: Tensor | None = None
 
 
 def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, *, tol: float, theta_max: float,
                     max_iter: int, certificate: bool, X_ref: Tensor | None = None, a_ref: Tensor | None = None,
-                    b_ref: Tensor | None = None, lam: Tensor | None = None, rows: Tensor | None = None) -> NewtonResult:
+                    b_ref: Tensor | None = None, lam: Tensor | None = None, rows: Tensor | None = None,
+                    meat: bool = False, cluster: Tensor | None = None, n_clusters: int = 0) -> NewtonResult:
     r"""Damped Newton on the objectives of ``logistic_eval`` (labelled pairs: features ``X`` (S, n, d) row-major,
     ``a``, ``b``, ``y`` (S, n); reference pairs ``X_ref`` (S, N, d), ``a_ref``, ``b_ref`` (S, N) at weights ``lam``
     (R,)) from ``theta0`` (R, d), one replication per thread, transposed into the thread's buffers once, with no
@@ -253,7 +257,14 @@ def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, 
     passes, until ``|grad| < tol``. A replication that needs more (a shortened step, a damped Hessian, a
     certificate that no minimiser exists, ``|theta| > theta_max``, ``max_iter``) stops where it is with
     ``converged`` False: ``fitting._newton_block`` takes it from there. ``rows`` selects replications as in
-    ``logistic_eval``."""
+    ``logistic_eval``.
+
+    With ``meat``, a converged replication also gets the sandwich's meat at ``theta`` from its last evaluation:
+    ``V = f sum_c (S_c - Sbar)(S_c - Sbar)^T`` over the cluster sums ``S_c`` of the pairs' gradient terms
+    ``(a_i sigmoid(u_i) - b_i) x_i`` (a labelled pair in cluster ``i``, a reference pair in ``cluster_j``, ids in
+    ``[0, n_clusters)``), each part (labelled prompts, other clusters) centred on its own mean with
+    ``f = C_p / (C_p - 1)``: the ``V(lam)`` of ``logistic_cluster_moments`` when ``a``, ``b`` are its
+    coefficients at ``lam``. Without reference pairs the labelled pairs are the clusters."""
     lib = _require()
     S, n, d = X.shape
     f64 = torch.float64
@@ -265,6 +276,11 @@ def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, 
         N = X_ref.shape[1]
         _check("logistic_newton", X_ref=(X_ref, (S, N, d), f64), a_ref=(a_ref, (S, N), f64),
                b_ref=(b_ref, (S, N), f64), lam=(lam, (R,), f64))
+    meat_out = torch.full((R, d, d), math.nan, dtype=f64) if meat else None
+    if meat and X_ref is not None:
+        _check("logistic_newton", cluster=(cluster, (N,), torch.int64))
+        if n_clusters < n or (N and not (0 <= int(cluster.min()) and int(cluster.max()) < n_clusters)):
+            raise ValueError(f"logistic_newton: cluster ids must lie in [0, {n_clusters}), n_clusters >= n = {n}")
     theta = theta0.clone()
     value, grad, hess = torch.empty(R, dtype=f64), torch.empty(R, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
     iters, evals = torch.empty(R, dtype=torch.int64), torch.empty(R, dtype=torch.int64)
@@ -272,8 +288,9 @@ def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, 
     lib.rr_logistic_newton(R, n, N, d, _ptr(X), _ptr(a), _ptr(b), _ptr(y), _ptr(X_ref), _ptr(a_ref), _ptr(b_ref),
                            _ptr(rows), _ptr(lam if X_ref is not None else None), int(certificate), float(tol),
                            float(theta_max), int(max_iter), torch.get_num_threads(), _ptr(theta), _ptr(value),
-                           _ptr(grad), _ptr(hess), _ptr(iters), _ptr(evals), _ptr(status))
-    return NewtonResult(theta, status == 0, value, grad, hess, iters, evals)
+                           _ptr(grad), _ptr(hess), _ptr(iters), _ptr(evals), _ptr(status),
+                           _ptr(cluster if meat and X_ref is not None else None), int(n_clusters), _ptr(meat_out))
+    return NewtonResult(theta, status == 0, value, grad, hess, iters, evals, meat_out)
 
 
 def transpose(X: Tensor) -> Tensor:

@@ -386,3 +386,31 @@ def test_compiled_newton_hands_back_what_needs_safeguards(data: PairData) -> Non
         kernels.logistic_newton(X, a, b, y, zero[:1], max_iter=5, rows=torch.tensor([R]), **kw)
     with pytest.raises(ValueError, match="theta0"):
         kernels.logistic_newton(X, a, b, y, zero[:, :1], max_iter=5, **kw)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_compiled_newton_forms_the_meat(data: PairData, lam: float) -> None:
+    """The meat the compiled loop forms at its estimate equals the moments kernel's ``V(lam)`` there, with
+    unlabelled prompts and unequal reference weights (``lam = 0``: the labelled pairs alone, as the MLE's
+    sandwich takes them); a replication handed back gets NaN, which ``_sandwiches`` forms afresh."""
+    b = fitting._Batch.from_data(data)
+    w = torch.as_tensor(np.random.default_rng(6).random(b.w_ref.shape))
+    b = replace(b, w_ref=w / w.sum(1, keepdim=True), z=b.z.clone())
+    R, d = data.reps, data.d
+    b.z[2] = (b.dphi[2] @ torch.ones(d, dtype=torch.float64) > 0).double()  # separated: handed back at lam = 0
+    lam_t = torch.full((R,), lam, dtype=torch.float64)
+    loss = fitting.Logistic()
+    fitting._WORK.reset()
+    res = fitting._kernel_newton(b.with_kernel(loss, lam_t), lam_t, torch.zeros(R, d, dtype=torch.float64), 1e-10,
+                                 100, True, 1e6, True)
+    ok = res.converged
+    assert res.meat is not None and int(ok.sum()) >= R - 1 and bool(torch.isnan(res.meat[~ok]).all())
+    clusters = b.n_clusters if lam else data.n
+    assert fitting._WORK.cluster_rows == int(ok.sum()) * clusters
+    want = fitting._sandwiches_meat(loss, b.subset(ok.nonzero().squeeze(1)), res.theta[ok], lam_t[ok])
+    torch.testing.assert_close(res.meat[ok], want, rtol=1e-11, atol=1e-14 * float(want.abs().max()))
+    hess = res.hess.clone()
+    hess[~ok] = torch.eye(d, dtype=torch.float64)
+    cov, _ = fitting._sandwiches(loss, b, res.theta, hess, lam_t, data.n, meat=res.meat)
+    plain, _ = fitting._sandwiches(loss, b, res.theta, hess, lam_t, data.n)
+    torch.testing.assert_close(cov, plain, rtol=1e-11, atol=1e-14 * float(plain.abs().max()))
