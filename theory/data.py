@@ -97,14 +97,21 @@ def rank_deficient(dphi: np.ndarray, gram: np.ndarray | None = None) -> dict[int
     is not identified (a duplicated, all-zero or linearly dependent feature, or ``n < d``).
 
     The rank is numpy's (singular values above ``sigma_max max(n, d) eps``); it is computed only where
-    the Gram matrix ``dphi_r^T dphi_r`` (``gram``, (R, d, d), when the caller has it) has a condition
+    the Gram matrix ``G = dphi_r^T dphi_r`` (``gram``, (R, d, d), when the caller has it) has a condition
     number above ``1e8``, which every full-rank design of condition number below ``1e4`` passes at the
-    cost of one batched product."""
+    cost of one batched product. A Cholesky factor of ``G - 1e-8 tr(G) I`` clears a replication at once
+    (``lambda_min > 1e-8 tr(G) >= 1e-8 lambda_max``): eigenvalues only for the others."""
+    import torch
+
     R, n, d = dphi.shape
     if n < d:
         return {r: int(np.linalg.matrix_rank(dphi[r])) for r in range(R)}
-    eig = np.linalg.eigvalsh(np.matmul(dphi.transpose(0, 2, 1), dphi) if gram is None else gram)
-    doubtful = np.flatnonzero(eig[:, 0] <= 1e-8 * eig[:, -1])
+    G = np.matmul(dphi.transpose(0, 2, 1), dphi) if gram is None else gram
+    shift = 1e-8 * np.trace(G, axis1=1, axis2=2)[:, None, None] * np.eye(d)
+    _, info = torch.linalg.cholesky_ex(torch.from_numpy(np.ascontiguousarray(G - shift)))
+    unclear = np.flatnonzero(info.numpy() != 0)
+    eig = np.linalg.eigvalsh(G[unclear]) if unclear.size else np.zeros((0, d))
+    doubtful = unclear[eig[:, 0] <= 1e-8 * eig[:, -1]]
     ranks = {int(r): int(np.linalg.matrix_rank(dphi[r])) for r in doubtful}
     return {r: k for r, k in ranks.items() if k < d}
 

@@ -734,3 +734,22 @@ def test_bread_tests_by_cholesky_agree_with_eigenvalues(d: int, seed: int, kinds
     for g_, w_, kind in zip(got, want, kept):
         if kind in ("regular", "indefinite", "zero"):  # well-conditioned (or zero): equal to rounding
             torch.testing.assert_close(g_, w_, rtol=1e-9, atol=1e-9 * float(w_.abs().max()))
+
+
+def test_rank_deficient_names_exactly_the_rank_deficient_replications() -> None:
+    """``data.rank_deficient`` against numpy's rank of every replication: full rank (also at condition number
+    1e5, cleared by the Cholesky screen, and 1e10, left to the eigenvalues and then numpy's rank), a duplicated
+    column, a zero column and a column equal to a combination of two others."""
+    from robust_rlhf.theory.data import rank_deficient
+
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(8, 60, 4))
+    X[1, :, 3] = X[1, :, 0]
+    X[2, :, 2] = 0.0
+    X[3, :, 1] = 2.0 * X[3, :, 0] - X[3, :, 2]
+    X[4] *= np.array([1.0, 1.0, 1.0, 1e-5])  # condition number of the Gram matrix about 1e10, full rank
+    X[5] *= np.array([1.0, 1.0, 1.0, 3e-3])  # about 1e5
+    want = {r: k for r in range(8) if (k := int(np.linalg.matrix_rank(X[r]))) < 4}
+    assert want == {1: 3, 2: 3, 3: 3}
+    assert rank_deficient(X) == want
+    assert rank_deficient(X, np.matmul(X.transpose(0, 2, 1), X)) == want
