@@ -414,3 +414,22 @@ def test_compiled_newton_forms_the_meat(data: PairData, lam: float) -> None:
     cov, _ = fitting._sandwiches(loss, b, res.theta, hess, lam_t, data.n, meat=res.meat)
     plain, _ = fitting._sandwiches(loss, b, res.theta, hess, lam_t, data.n)
     torch.testing.assert_close(cov, plain, rtol=1e-11, atol=1e-14 * float(plain.abs().max()))
+
+
+def test_compiled_newton_meat_checks_its_clusters(data: PairData) -> None:
+    """The meat's cluster ids must lie in ``[0, n_clusters)`` with ``n_clusters >= n``: a named error, not a
+    write outside the scratch."""
+    b = fitting._Batch.from_data(data)
+    R, d = data.reps, data.d
+    lam_t = torch.ones(R, dtype=torch.float64)
+    k = b.with_kernel(fitting.Logistic(), lam_t).kern
+    kw = dict(tol=1e-9, theta_max=1e6, max_iter=50, certificate=True, X_ref=k.X_ref, a_ref=k.a_ref, b_ref=k.b_ref,
+              lam=lam_t, meat=True)
+    zero = torch.zeros(R, d, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cluster ids must lie"):
+        kernels.logistic_newton(k.X, k.a, k.b, k.y, zero, cluster=b.ref_cluster, n_clusters=int(b.ref_cluster.max()),
+                                **kw)
+    with pytest.raises(ValueError, match="cluster"):
+        kernels.logistic_newton(k.X, k.a, k.b, k.y, zero, cluster=b.ref_cluster[:-1], n_clusters=b.n_clusters, **kw)
+    ok = kernels.logistic_newton(k.X, k.a, k.b, k.y, zero, cluster=b.ref_cluster, n_clusters=b.n_clusters, **kw)
+    assert bool(ok.converged.all()) and bool(torch.isfinite(ok.meat).all())
