@@ -719,14 +719,14 @@ def _kernel_newton(b: _Batch, lam: Tensor, theta0: Tensor, tol: float, max_iter:
     clusters (the labelled pairs alone without reference pairs, as ``_meat_moments`` without control terms)."""
     k = b.kern
     with_ref = k.X_ref is not None
+    n, N = k.a.shape[1], k.a_ref.shape[1] if with_ref else 0
+    clusters = b.n_clusters if with_ref else n
     res = kernels.logistic_newton(k.X, k.a, k.b, k.y, theta0.contiguous(), tol=tol, theta_max=theta_max,
                                   max_iter=max_iter, certificate=certificate, X_ref=k.X_ref, a_ref=k.a_ref,
                                   b_ref=k.b_ref, lam=lam.contiguous() if with_ref else None, rows=k.rows,
-                                  meat=meat, cluster=b.ref_cluster if with_ref else None,
-                                  n_clusters=b.n_clusters if with_ref else k.a.shape[1])
-    n, N = k.a.shape[1], k.a_ref.shape[1] if with_ref else 0
+                                  meat=meat, cluster=b.ref_cluster if with_ref else None, n_clusters=clusters)
     if meat:
-        _WORK.cluster_rows += int(res.converged.sum()) * (b.n_clusters if with_ref else n)
+        _WORK.cluster_rows += int(res.converged.sum()) * clusters
     linear = k.selected_linear
     _WORK.d = theta0.shape[1]
     _WORK.kernel_pairs += int((res.evals * (N + n * (~linear).long())).sum())
@@ -969,35 +969,39 @@ def _sandwiches(loss: MarginLoss, b: _Batch, theta: Tensor, hess: Tensor, lam: T
     """Sandwich covariances (R, d, d) at ``lam``, chunk by chunk within ``MEMORY_BUDGET``; with
     ``tune = (weight, clip)`` also ``tune_lambda`` on the same influence terms (R,). ``meat``: the meat at ``lam``
     where the solver formed it (``_NewtonState.meat``; NaN rows are formed here; not used with ``tune``)."""
+    if tune is None:
+        if meat is None:
+            meat = _sandwiches_meat(loss, b, theta, lam)
+        else:
+            missing = torch.isnan(meat).any(dim=(1, 2)).nonzero().squeeze(1)
+            if missing.numel():
+                meat = meat.clone()
+                meat[missing] = _sandwiches_meat(loss, b.subset(missing), theta[missing], lam[missing])
+        return _sandwich_of(_pinv(hess), (meat, None, None), lam), None
     R, d = theta.shape
     cov = torch.empty(R, d, d, dtype=_DTYPE)
-    tuned = torch.empty(R, dtype=_DTYPE) if tune is not None else None
-    if tune is None and meat is not None:
-        missing = torch.isnan(meat).any(dim=(1, 2)).nonzero().squeeze(1)
-        if missing.numel():
-            meat = meat.clone()
-            meat[missing] = _sandwiches_meat(loss, b.subset(missing), theta[missing], lam[missing])
-        return _sandwich_of(_pinv(hess), (meat, None, None), lam), None
-    # the compiled logistic moments form their coefficients and cluster sums per thread: no (R, P) arrays, one chunk
-    fused = kernels.available() and type(loss) is Logistic
-    for sl in [slice(0, R)] if fused else _memory_chunks(b, R):
-        control = tune is not None or bool((lam[sl] != 0).any())
-        moments = _meat_moments(loss, b.rows(sl), theta[sl], control, None if tune is not None else lam[sl])
+    tuned = torch.empty(R, dtype=_DTYPE)
+    for sl in _meat_chunks(loss, b, R):
+        moments = _meat_moments(loss, b.rows(sl), theta[sl], True)
         Hinv = _pinv(hess[sl])
         cov[sl] = _sandwich_of(Hinv, moments, lam[sl])
-        if tune is not None:
-            tuned[sl] = _tuned_lambda(Hinv, moments, tune[0], tune[1])
+        tuned[sl] = _tuned_lambda(Hinv, moments, tune[0], tune[1])
     return cov, tuned
 
 
 def _sandwiches_meat(loss: MarginLoss, b: _Batch, theta: Tensor, lam: Tensor) -> Tensor:
-    """The meat ``V(lam)`` (R, d, d) at ``theta``, chunk by chunk as in ``_sandwiches``."""
+    """The meat ``V(lam)`` (R, d, d) at ``theta``, chunk by chunk (``_meat_chunks``)."""
     out = torch.empty(theta.shape[0], theta.shape[1], theta.shape[1], dtype=_DTYPE)
-    fused = kernels.available() and type(loss) is Logistic
-    for sl in [slice(0, theta.shape[0])] if fused else _memory_chunks(b, theta.shape[0]):
+    for sl in _meat_chunks(loss, b, theta.shape[0]):
         control = bool((lam[sl] != 0).any())
         out[sl] = _meat(_meat_moments(loss, b.rows(sl), theta[sl], control, lam[sl]), lam[sl])
     return out
+
+
+def _meat_chunks(loss: MarginLoss, b: _Batch, R: int) -> list[slice]:
+    """The replication chunks of a meat computation: one for the compiled logistic moments (they form their
+    coefficients and cluster sums per thread: no (R, P) arrays), ``_memory_chunks`` otherwise."""
+    return [slice(0, R)] if kernels.available() and type(loss) is Logistic else _memory_chunks(b, R)
 
 
 def tune_lambda(hess: Tensor, A: Tensor, B: Tensor, n: int, weight: int | np.ndarray | None = None,

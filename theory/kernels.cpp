@@ -678,10 +678,10 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
 // v_a = theta_r . phi_pa, the policy (greedy: uniform over {a: v_a >= max v - tie max_a |v_a|}; KL,
 // policy_beta > 0: pi_a ~ exp(log_ref_pa + v_a / policy_beta) on ref_support) and out[r, p] = its regret:
 // measure_beta = 0 gives sum_a pi_a target_pa (target = max U - U); measure_beta > 0 gives
-// measure_beta KL(pi || opt) with log opt_pa = target_pa and opt_pa = exp(target_pa) on opt_support (clamped at 0; -1 when pi leaves
-// that support, where the regret is infinite). Masks and a sentinel instead of infinities: -ffast-math
-// assumes finite values. The elementwise work runs over all P K entries of a replication at once (the
-// exponentials vectorise); K is a few responses.
+// measure_beta KL(pi || opt) with log opt_pa = target_pa and opt_pa = exp(target_pa) on opt_support (clamped
+// at 0; -1 when pi leaves that support, where the regret is infinite). Masks and a sentinel instead of
+// infinities: -ffast-math assumes finite values. The elementwise work runs over all P K entries of a replication
+// at once (the exponentials vectorise); K is a few responses.
 void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* theta, const double* phiT,
                       const double* log_ref, const uint8_t* ref_support, double policy_beta, const double* target,
                       const double* opt, const uint8_t* opt_support, double measure_beta, double tie, int threads,
@@ -765,7 +765,8 @@ void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* 
 #pragma omp simd
         for (int64_t i = 0; i < PK; ++i) {
           const double rr = logpol[i] - target[i];
-          const double t = rr > -700.0 ? pol[i] * (rr + std::expm1(-std::max(rr, -700.0))) : pol[i] * rr + opt[i] - pol[i];
+          const double t = rr > -700.0 ? pol[i] * (rr + std::expm1(-std::max(rr, -700.0)))
+                                       : pol[i] * rr + opt[i] - pol[i];
           term[i] = opt_support[i] ? (pol[i] > 0.0 ? t : opt[i]) : 0.0;
         }
       }

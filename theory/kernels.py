@@ -278,9 +278,9 @@ def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, 
                b_ref=(b_ref, (S, N), f64), lam=(lam, (R,), f64))
     meat_out = torch.full((R, d, d), math.nan, dtype=f64) if meat else None
     if meat and X_ref is not None:
-        _check("logistic_newton", cluster=(cluster, (N,), torch.int64))
-        if n_clusters < n or (N and not (0 <= int(cluster.min()) and int(cluster.max()) < n_clusters)):
-            raise ValueError(f"logistic_newton: cluster ids must lie in [0, {n_clusters}), n_clusters >= n = {n}")
+        if n_clusters < n:
+            raise ValueError(f"logistic_newton: n_clusters = {n_clusters} is below n = {n} (one per labelled pair)")
+        _check_clusters("logistic_newton", cluster, N, n_clusters)
     theta = theta0.clone()
     value, grad, hess = torch.empty(R, dtype=f64), torch.empty(R, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
     iters, evals = torch.empty(R, dtype=torch.int64), torch.empty(R, dtype=torch.int64)
@@ -328,11 +328,16 @@ def _moment_outputs(caller: str, X: Tensor, per_pair: dict[str, Tensor | None], 
     if X_ref is None or cluster is None or any(v is None for v in per_ref.values()):
         raise ValueError(f"{caller}: the control terms need X_ref, {', '.join(per_ref)} and cluster")
     N = X_ref.shape[1]
-    _check(caller, X_ref=(X_ref, (R, N, d), f64), cluster=(cluster, (N,), torch.int64),
-           **{k: (v, (R, N), f64) for k, v in per_ref.items()})
+    _check(caller, X_ref=(X_ref, (R, N, d), f64), **{k: (v, (R, N), f64) for k, v in per_ref.items()})
+    _check_clusters(caller, cluster, N, n_clusters)
+    return N, VAA, torch.empty(R, d, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
+
+
+def _check_clusters(caller: str, cluster: Tensor | None, N: int, n_clusters: int) -> None:
+    """``cluster`` an (N,) int64 tensor of ids in ``[0, n_clusters)``."""
+    _check(caller, cluster=(cluster, (N,), torch.int64))
     if N and not (0 <= int(cluster.min()) and int(cluster.max()) < n_clusters):
         raise ValueError(f"{caller}: cluster ids must lie in [0, {n_clusters})")
-    return N, VAA, torch.empty(R, d, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
 
 
 def cluster_moments(X: Tensor, cA: Tensor, cB: Tensor | None, X_ref: Tensor | None, cR: Tensor | None,
