@@ -107,6 +107,13 @@ def fit_reward_scorer(
     return RewardModelScorer(trainer.model, tokenizer)
 
 
+def _g_model_path(pref: PreferenceArguments) -> str:
+    """The model of a model-based ``g_source`` (``g_model_name_or_path``), which it needs."""
+    if not pref.g_model_name_or_path:
+        raise InputError(f"g_source={pref.g_source} needs g_model_name_or_path")
+    return pref.g_model_name_or_path
+
+
 def build_scorer(pref: PreferenceArguments, model_args: ModelArguments, train_args: Any) -> Any:
     """The ``g_hat`` scorer named by ``pref.g_source`` (``callable``, ``pairwise_model`` or a fixed
     ``reward_model``), on the training device."""
@@ -114,9 +121,7 @@ def build_scorer(pref: PreferenceArguments, model_args: ModelArguments, train_ar
         if not pref.g_callable:
             raise InputError("g_source=callable needs g_callable: 'module:function'")
         return CallableScorer(load_callable(pref.g_callable))
-    path = pref.g_model_name_or_path
-    if not path:
-        raise InputError(f"g_source={pref.g_source} needs g_model_name_or_path")
+    path = _g_model_path(pref)
     g_tok = load_tokenizer(path, trust_remote_code=model_args.trust_remote_code)
     g_model = load_reward_model(path, g_tok.pad_token_id, model_args.dtype, trust_remote_code=model_args.trust_remote_code)
     cls = PairwiseModelScorer if pref.g_source == "pairwise_model" else RewardModelScorer
@@ -148,9 +153,7 @@ def prepare_g_hat(
         compute = lambda: annotate(rows, schema, fn_scorer)  # noqa: E731
         key = f"callable:{pref.g_callable}"
     else:
-        path = pref.g_model_name_or_path
-        if not path:
-            raise InputError(f"g_source={pref.g_source} needs g_model_name_or_path")
+        path = _g_model_path(pref)
         if folds and pref.g_source == "pairwise_model":
             raise InputError("g_cross_fit_folds applies to g_source=reward_model")
         if folds:
