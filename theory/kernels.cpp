@@ -18,6 +18,9 @@
 // rr_policy_regret: the per-prompt regret of the greedy or KL policy of each theta_r (robust_rlhf.theory.policies).
 #include <algorithm>
 #include <cmath>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -44,112 +47,234 @@ inline v8d load8(const double* p) {
   return v;
 }
 
-// t[p][q] = sum_{i < m} h_i u[p][i] v[q][i] (h null: 1) for NJ rows u and NK rows v: NJ x NK accumulators of
-// eight lanes stay in registers over all m pairs, NJ + NK loads per NJ NK multiply-adds, one horizontal sum
-// per entry at the end.
-template <int NJ, int NK>
-void gram_tile(const double* const* u, const double* const* v, const double* h, int64_t m, double* t) {
-  const int64_t full = m / kLanes * kLanes;
-  v8d acc[NJ][NK] = {};
-  for (int64_t i = 0; i < full; i += kLanes) {
+inline void store8(double* p, v8d v) { std::memcpy(p, &v, sizeof v); }
+
+// 1 / x for x in [1, 2]: with AVX-512 a 14-bit estimate and two Newton steps r (2 - x r) (error below 2^-52
+// relative, against 16 cycles of the eight-lane division), else the division.
+inline v8d reciprocal(v8d x) {
+#ifdef __AVX512F__
+  v8d r = reinterpret_cast<v8d>(_mm512_rcp14_pd(reinterpret_cast<__m512d>(x)));
+  r = r * (2.0 - x * r);
+  return r * (2.0 - x * r);
+#else
+  return 1.0 / x;
+#endif
+}
+
+// u[i] = sum_j th_j X[j s + i] for i < m (rows of X at stride s): 32 pairs at a time in four eight-lane sums
+// held in registers over the d rows.
+inline void block_margins(const double* X, int64_t s, int64_t d, const double* th, int64_t m, double* u) {
+  int64_t i = 0;
+  for (; i + 32 <= m; i += 32) {
+    v8d s0{}, s1{}, s2{}, s3{};
+    for (int64_t j = 0; j < d; ++j) {
+      const double* x = X + j * s + i;
+      const double t = th[j];
+      s0 += t * load8(x);
+      s1 += t * load8(x + 8);
+      s2 += t * load8(x + 16);
+      s3 += t * load8(x + 24);
+    }
+    store8(u + i, s0);
+    store8(u + i + 8, s1);
+    store8(u + i + 16, s2);
+    store8(u + i + 24, s3);
+  }
+  for (; i < m; ++i) {
+    double t = 0.0;
+    for (int64_t j = 0; j < d; ++j) t += th[j] * X[j * s + i];
+    u[i] = t;
+  }
+}
+
+// acc += sum_{i < m} c_i x_i (eight lanes; four partial sums, so the additions do not wait on each other), and
+// with hx, hx[i] = h_i x_i.
+inline void weighted_sum(const double* c, const double* x, const double* h, int64_t m, v8d& acc, double* hx) {
+  v8d s0 = acc, s1{}, s2{}, s3{};
+  int64_t i = 0;
+  for (; i + 32 <= m; i += 32) {
+    const v8d x0 = load8(x + i), x1 = load8(x + i + 8), x2 = load8(x + i + 16), x3 = load8(x + i + 24);
+    s0 += load8(c + i) * x0;
+    s1 += load8(c + i + 8) * x1;
+    s2 += load8(c + i + 16) * x2;
+    s3 += load8(c + i + 24) * x3;
+    if (hx) {
+      store8(hx + i, load8(h + i) * x0);
+      store8(hx + i + 8, load8(h + i + 8) * x1);
+      store8(hx + i + 16, load8(h + i + 16) * x2);
+      store8(hx + i + 24, load8(h + i + 24) * x3);
+    }
+  }
+  for (; i < m; ++i) {
+    s0[0] += c[i] * x[i];
+    if (hx)
+      hx[i] = h[i] * x[i];
+  }
+  acc = (s0 + s1) + (s2 + s3);
+}
+
+// acc[p][q] += sum_{i < m} h_i u[p][i] v[q][i] (h null: 1) for NJ rows u and NK rows v, eight lanes per entry
+// (acc: NJ x 4 of them), q >= p only when TRI (a diagonal tile of a symmetric product): the accumulators stay
+// in registers over the m pairs (a multiple of 8), NJ + NK loads per NJ NK multiply-adds.
+template <int NJ, int NK, bool TRI>
+void gram_tile(const double* const* u, const double* const* v, const double* h, int64_t m, v8d* acc) {
+  v8d t[NJ][NK];
+  for (int p = 0; p < NJ; ++p)
+    for (int q = 0; q < NK; ++q) t[p][q] = acc[p * 4 + q];
+  for (int64_t i = 0; i < m; i += kLanes) {
     v8d a[NJ], b[NK];
     const v8d w = h ? load8(h + i) : v8d{} + 1.0;
 #pragma GCC unroll 4
-    for (int p = 0; p < NJ; ++p) a[p] = load8(u[p] + i) * w;
+    for (int p = 0; p < NJ; ++p) a[p] = h ? load8(u[p] + i) * w : load8(u[p] + i);
 #pragma GCC unroll 4
     for (int q = 0; q < NK; ++q) b[q] = load8(v[q] + i);
 #pragma GCC unroll 4
     for (int p = 0; p < NJ; ++p)
 #pragma GCC unroll 4
-      for (int q = 0; q < NK; ++q) acc[p][q] += a[p] * b[q];
+      for (int q = 0; q < NK; ++q)
+        if (!TRI || q >= p) t[p][q] += a[p] * b[q];
   }
   for (int p = 0; p < NJ; ++p)
-    for (int q = 0; q < NK; ++q) {
-      double s = 0.0;
-      for (int l = 0; l < kLanes; ++l) s += acc[p][q][l];
-      for (int64_t i = full; i < m; ++i) s += (h ? h[i] : 1.0) * u[p][i] * v[q][i];
-      t[p * 4 + q] = s;
-    }
+    for (int q = 0; q < NK; ++q) acc[p * 4 + q] = t[p][q];
 }
 
-template <int NJ>
-void gram_tile_rows(int nk, const double* const* u, const double* const* v, const double* h, int64_t m, double* t) {
+template <int NJ, bool TRI>
+void gram_tile_rows(int nk, const double* const* u, const double* const* v, const double* h, int64_t m, v8d* acc) {
   switch (nk) {
-    case 1: return gram_tile<NJ, 1>(u, v, h, m, t);
-    case 2: return gram_tile<NJ, 2>(u, v, h, m, t);
-    case 3: return gram_tile<NJ, 3>(u, v, h, m, t);
-    default: return gram_tile<NJ, 4>(u, v, h, m, t);
+    case 1: return gram_tile<NJ, 1, TRI>(u, v, h, m, acc);
+    case 2: return gram_tile<NJ, 2, TRI>(u, v, h, m, acc);
+    case 3: return gram_tile<NJ, 3, TRI>(u, v, h, m, acc);
+    default: return gram_tile<NJ, 4, TRI>(u, v, h, m, acc);
   }
+}
+
+// Eight-lane accumulators of a d x d product in 4 x 4 tiles: tile (jb, kb) holds entries (4 jb + p, 4 kb + q)
+// at (jb nb + kb) 16 + 4 p + q.
+struct Tiles {
+  int64_t d, nb;
+  v8d* acc;
+  std::vector<v8d> own;
+  explicit Tiles(int64_t d_) : d(d_), nb((d_ + 3) / 4), own(nb * nb * 16, v8d{}) { acc = own.data(); }
+  // zeroed accumulators in `store` (kept by the caller, so a hot loop does not allocate)
+  Tiles(int64_t d_, std::vector<v8d>& store) : d(d_), nb((d_ + 3) / 4) {
+    store.assign(nb * nb * 16, v8d{});
+    acc = store.data();
+  }
+
+  // += sum_{i < m} h_i U[j][i] V[k][i] (rows at strides su, sv), every tile over these m pairs in turn (so a
+  // block that fits the L1 cache is read from memory or L2 once); with `upper` the product is symmetric
+  // (U = V, or U = h V taken with h null) and only the entries k >= j are formed.
+  void add(const double* U, int64_t su, const double* V, int64_t sv, const double* h, int64_t m, bool upper) {
+    const int64_t full = m / kLanes * kLanes;
+    for (int64_t j = 0; j < d; ++j)  // the last m % 8 pairs, to lane 0
+      for (int64_t k = upper ? j : 0; k < d; ++k)
+        for (int64_t i = full; i < m; ++i)
+          acc[((j / 4) * nb + k / 4) * 16 + (j % 4) * 4 + k % 4][0] += (h ? h[i] : 1.0) * U[j * su + i] * V[k * sv + i];
+    m = full;
+    const double* u[4];
+    const double* v[4];
+    for (int64_t jb = 0; jb < nb; ++jb) {
+      const int nj = static_cast<int>(std::min<int64_t>(4, d - 4 * jb));
+      for (int p = 0; p < nj; ++p) u[p] = U + (4 * jb + p) * su;
+      for (int64_t kb = upper ? jb : 0; kb < nb; ++kb) {
+        const int nk = static_cast<int>(std::min<int64_t>(4, d - 4 * kb));
+        for (int q = 0; q < nk; ++q) v[q] = V + (4 * kb + q) * sv;
+        v8d* t = acc + (jb * nb + kb) * 16;
+        const bool tri = upper && kb == jb;
+        switch (nj) {
+          case 1: tri ? gram_tile_rows<1, true>(nk, u, v, h, m, t) : gram_tile_rows<1, false>(nk, u, v, h, m, t); break;
+          case 2: tri ? gram_tile_rows<2, true>(nk, u, v, h, m, t) : gram_tile_rows<2, false>(nk, u, v, h, m, t); break;
+          case 3: tri ? gram_tile_rows<3, true>(nk, u, v, h, m, t) : gram_tile_rows<3, false>(nk, u, v, h, m, t); break;
+          default: tri ? gram_tile_rows<4, true>(nk, u, v, h, m, t) : gram_tile_rows<4, false>(nk, u, v, h, m, t);
+        }
+      }
+    }
+  }
+
+  // out[j][k] += the lanes' sum of entry (j, k), for k >= j only when `upper`.
+  void sum_into(double* out, bool upper) const {
+    for (int64_t j = 0; j < d; ++j)
+      for (int64_t k = upper ? j : 0; k < d; ++k) {
+        const v8d& e = acc[((j / 4) * nb + k / 4) * 16 + (j % 4) * 4 + k % 4];
+        double s = 0.0;
+        for (int l = 0; l < kLanes; ++l) s += e[l];
+        out[j * d + k] += s;
+      }
+  }
+};
+
+// Pairs per block: the block's rows (`rows` of them, eight bytes per pair) fit the L1 cache; 64 to kMaxBlock.
+constexpr int64_t kMaxBlock = 512;
+inline int64_t l1_block(int64_t rows) {
+  return std::clamp<int64_t>((24576 / (8 * rows)) / kLanes * kLanes, 64, kMaxBlock);
 }
 
 // out[j][k] += sum_{i < m} h_i U[j][i] V[k][i] (h null: 1; rows of U, V at strides su, sv), for k >= j only
-// when `upper` (the other triangle is left alone), in tiles of 4 x 4 entries (gram_tile).
+// when `upper` (U = V; the other triangle is left alone), in tiles of 4 x 4 entries over blocks of pairs
+// whose rows fit the L1 cache (tile by tile over all m pairs, each tile would stream the rows from L2 again).
 void gram(const double* U, int64_t su, const double* V, int64_t sv, const double* h, int64_t m, int64_t d,
           bool upper, double* out) {
-  for (int64_t jb = 0; jb < d; jb += 4) {
-    const int nj = static_cast<int>(std::min<int64_t>(4, d - jb));
-    const double* u[4];
-    for (int p = 0; p < nj; ++p) u[p] = U + (jb + p) * su;
-    for (int64_t kb = upper ? jb : 0; kb < d; kb += 4) {
-      const int nk = static_cast<int>(std::min<int64_t>(4, d - kb));
-      const double* v[4];
-      for (int q = 0; q < nk; ++q) v[q] = V + (kb + q) * sv;
-      double t[16];
-      switch (nj) {
-        case 1: gram_tile_rows<1>(nk, u, v, h, m, t); break;
-        case 2: gram_tile_rows<2>(nk, u, v, h, m, t); break;
-        case 3: gram_tile_rows<3>(nk, u, v, h, m, t); break;
-        default: gram_tile_rows<4>(nk, u, v, h, m, t);
-      }
-      for (int p = 0; p < nj; ++p)
-        for (int q = 0; q < nk; ++q)
-          if (!upper || kb + q >= jb + p) out[(jb + p) * d + kb + q] += t[p * 4 + q];
-    }
-  }
+  const int64_t block = l1_block(U == V && su == sv ? d + 1 : 2 * d + 1);
+  Tiles tiles(d);
+  for (int64_t i0 = 0; i0 < m; i0 += block)
+    tiles.add(U + i0, su, V + i0, sv, h ? h + i0 : nullptr, std::min(block, m - i0), upper);
+  tiles.sum_into(out, upper);
 }
 
-// Sums over pairs [lo, hi) of replication r into p (mode 0: value, 1: + gradient, 2: + Hessian).
-// With coef, the pairs' gradient coefficients c_i = a_i sigmoid(u_i) - b_i go to coef[i - lo].
+// Sums over pairs [lo, hi) of replication r into p (mode 0: value, 1: + gradient, 2: + Hessian), in blocks of
+// pairs whose rows stay in the L1 cache from the margins to the Hessian: margins, then the elementwise terms,
+// then the gradient sum_i c_i x_i and (mode 2) the rows h x_j, whose products with the rows x_k the Hessian's
+// tiles accumulate. With coef, the pairs' gradient coefficients c_i = a_i sigmoid(u_i) - b_i go to coef[i - lo].
 void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const double* b, const double* th,
                 const double* y, int mode, bool recession, int64_t lo, int64_t hi, Partial& p,
                 double* coef = nullptr) {
-  alignas(64) double u[kChunk], chunk_c[kChunk], unused[kChunk];
-  std::vector<double> weights(mode >= 2 ? hi - lo : 0);  // a sigmoid(u) sigmoid(-u) of every pair, for the Hessian
-  bool curved = false;  // some chunk is not linear
-  for (int64_t i0 = lo; i0 < hi; i0 += kChunk) {
-    const int64_t m = std::min(kChunk, hi - i0);
+  const int64_t block = l1_block(2 * d + 3);
+  alignas(64) double u[kMaxBlock], chunk_c[kMaxBlock], h[kMaxBlock], e[kMaxBlock], soft[kMaxBlock];
+  // the thread's scratch, kept from call to call: the rows h x_j (64-byte aligned: no load spans two cache
+  // lines), the gradient's and the Hessian's eight-lane sums
+  thread_local std::vector<v8d> hx_lines, gacc, tile_store;
+  hx_lines.resize(mode >= 2 ? d * block / kLanes : 0);
+  double* hx = reinterpret_cast<double*>(hx_lines.data());
+  gacc.assign(mode >= 1 ? d : 0, v8d{});
+  Tiles tiles(mode >= 2 ? d : 0, tile_store);
+  for (int64_t i0 = lo; i0 < hi; i0 += block) {
+    const int64_t m = std::min(block, hi - i0);
     const double* ai = a + i0;
     const double* bi = b + i0;
     double* c = coef ? coef + (i0 - lo) : chunk_c;
-    for (int64_t i = 0; i < m; ++i) u[i] = 0.0;
-    for (int64_t j = 0; j < d; ++j) {
-      const double t = th[j];
-      const double* xj = Xt + j * P + i0;
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) u[i] += t * xj[i];
-    }
-    bool linear = true;  // a = 0 on the whole chunk (VRPO's labelled pairs at lam = 1)
-    for (int64_t i = 0; i < m; ++i) linear &= ai[i] == 0.0;
-    curved |= !linear;
-    double* h = mode >= 2 ? weights.data() + (i0 - lo) : unused;
+    block_margins(Xt + i0, P, d, th, m, u);
+    double curved = 0.0;  // pairs with a != 0 (none: VRPO's labelled pairs at lam = 1)
+#pragma omp simd reduction(+ : curved)
+    for (int64_t i = 0; i < m; ++i) curved += ai[i] != 0.0 ? 1.0 : 0.0;
     double val = 0.0;
-    if (linear) {
+    if (curved == 0.0) {
 #pragma omp simd reduction(+ : val)
       for (int64_t i = 0; i < m; ++i) {
         val -= bi[i] * u[i];
         c[i] = -bi[i];
       }
-      if (mode >= 2)
-        std::fill(h, h + m, 0.0);
     } else {
-#pragma omp simd reduction(+ : val)
-      for (int64_t i = 0; i < m; ++i) {
-        const double e = std::exp(-std::fabs(u[i]));
-        const double inv = 1.0 / (1.0 + e);
-        const double s = u[i] >= 0.0 ? inv : e * inv;  // sigmoid(u)
-        val += ai[i] * (std::fmax(u[i], 0.0) + std::log1p(e)) - bi[i] * u[i];
-        h[i] = ai[i] * e * inv * inv;  // a sigmoid(u) sigmoid(-u)
-        c[i] = ai[i] * s - bi[i];
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) {  // the vector exp and log1p of glibc's libmvec
+        e[i] = std::exp(-std::fabs(u[i]));
+        soft[i] = std::fmax(u[i], 0.0) + std::log1p(e[i]);  // softplus(u)
+      }
+      const int64_t full = m / kLanes * kLanes;
+      v8d vals{};
+      for (int64_t i = 0; i < full; i += kLanes) {
+        const v8d ui = load8(u + i), ei = load8(e + i), av = load8(ai + i), bv = load8(bi + i);
+        const v8d inv = reciprocal(1.0 + ei);
+        const v8d sig = ui >= 0.0 ? inv : ei * inv;  // sigmoid(u)
+        vals += av * load8(soft + i) - bv * ui;
+        store8(h + i, av * ei * inv * inv);  // a sigmoid(u) sigmoid(-u)
+        store8(c + i, av * sig - bv);
+      }
+      for (int64_t l = 0; l < kLanes; ++l) val += vals[l];
+      for (int64_t i = full; i < m; ++i) {
+        const double inv = 1.0 / (1.0 + e[i]);
+        val += ai[i] * soft[i] - bi[i] * u[i];
+        h[i] = ai[i] * e[i] * inv * inv;
+        c[i] = ai[i] * (u[i] >= 0.0 ? inv : e[i] * inv) - bi[i];
       }
     }
     p.value += val;
@@ -171,16 +296,19 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
     }
     if (mode < 1)
       continue;
-    for (int64_t j = 0; j < d; ++j) {
-      const double* xj = Xt + j * P + i0;
-      double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < m; ++i) acc += c[i] * xj[i];
-      p.grad[j] += acc;
-    }
+    const bool hessian = mode >= 2 && curved != 0.0;
+    for (int64_t j = 0; j < d; ++j)
+      weighted_sum(c, Xt + j * P + i0, h, m, gacc[j], hessian ? hx + j * block : nullptr);
+    if (hessian)
+      tiles.add(hx, block, Xt + i0, P, nullptr, m, true);
   }
-  if (mode >= 2 && curved)
-    gram(Xt + lo, P, Xt + lo, P, weights.data(), hi - lo, d, true, p.hess.data());
+  for (int64_t j = 0; j < (mode >= 1 ? d : 0); ++j) {
+    double s = 0.0;
+    for (int l = 0; l < kLanes; ++l) s += gacc[j][l];
+    p.grad[j] += s;
+  }
+  if (mode >= 2)
+    tiles.sum_into(p.hess.data(), true);
 }
 
 // Writes (or, with `accumulate`, adds) replication r's sums; the Hessian mirrored from its upper triangle.
@@ -386,8 +514,9 @@ void newton_step(const double* L, const double* g, int64_t d, double* x) {
 // One replication's logistic VR objective at th: value, gradient and Hessian (upper triangle) over the labelled
 // pairs and, with Xq, the reference pairs; with `cert`, whether th certifies that no minimiser exists (the overlap
 // condition without reference pairs, a negative recession slope with them: fitting._kernel_evaluate's rules).
+// X and Xq hold the features transposed, row j (coordinate j of every pair) at X + j sx and Xq + j sq.
 struct Objective {
-  int64_t n, N, d;
+  int64_t n, N, d, sx, sq;
   const double *X, *a, *b, *y, *Xq, *aq, *bq;
   double lam;
 
@@ -397,7 +526,7 @@ struct Objective {
     std::fill(p.hess.begin(), p.hess.end(), 0.0);
     const bool ref = Xq != nullptr;
     double* coef = p.coef.empty() ? nullptr : p.coef.data();
-    pair_range(n, d, X, a, b, th, cert && !ref ? y : nullptr, 2, cert && ref, 0, n, p, coef);
+    pair_range(sx, d, X, a, b, th, cert && !ref ? y : nullptr, 2, cert && ref, 0, n, p, coef);
     if (!ref) {
       bool moved = false;
       for (int64_t j = 0; j < d; ++j) moved |= th[j] != 0.0;
@@ -405,7 +534,7 @@ struct Objective {
     }
     const double rec = p.rec, size = p.absu / static_cast<double>(n);
     Partial q{0.0, std::vector<double>(d, 0.0), std::vector<double>(d * d, 0.0)};
-    pair_range(N, d, Xq, aq, bq, th, nullptr, 2, cert, 0, N, q, coef ? coef + n : nullptr);
+    pair_range(sq, d, Xq, aq, bq, th, nullptr, 2, cert, 0, N, q, coef ? coef + n : nullptr);
     p.value += q.value;
     for (int64_t j = 0; j < d; ++j) p.grad[j] += q.grad[j];
     for (int64_t j = 0; j < d * d; ++j) p.hess[j] += q.hess[j];
@@ -428,7 +557,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
     double* h = St.data();
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) h[i] = c[i] * c[i];
-    gram(f.X, n, f.X, n, h, n, d, true, out);
+    gram(f.X, f.sx, f.X, f.sx, h, n, d, true, out);
     const double scale = n / static_cast<double>(std::max<int64_t>(n - 1, 1));
     for (int64_t j = 0; j < d; ++j)
       for (int64_t k = j; k < d; ++k)
@@ -436,7 +565,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
     return;
   }
   for (int64_t k = 0; k < d; ++k) {
-    const double* xk = f.X + k * n;
+    const double* xk = f.X + k * f.sx;
     double* sk = St.data() + k * C;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) sk[i] = c[i] * xk[i];
@@ -447,7 +576,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
   for (int64_t j = 0; j < N; ++j) {
     const double cj = c[n + j];
     double* sc = St.data() + cluster[j];
-    for (int64_t k = 0; k < d; ++k) sc[k * C] += cj * f.Xq[k * N + j];
+    for (int64_t k = 0; k < d; ++k) sc[k * C] += cj * f.Xq[k * f.sq + j];
   }
   centred_moments(St.data(), nullptr, C, 0, n, d, out, nullptr, nullptr);
   centred_moments(St.data(), nullptr, C, n, C, d, out, nullptr, nullptr);
@@ -457,7 +586,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
 
 extern "C" {
 
-int rr_kernel_version() { return 16; }
+int rr_kernel_version() { return 17; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -525,17 +654,21 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
   const bool ref = Xq != nullptr;
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
-    std::vector<double> xt(d * n), xq(ref ? d * N : 0), L(d * d), step(d), trial(d),
-        St(meat ? (ref ? d * C : n) : 0);
+    // the transposed features, each row padded to whole 64-byte lines (no load spans two)
+    const int64_t sx = (n + kLanes - 1) / kLanes * kLanes, sq = (N + kLanes - 1) / kLanes * kLanes;
+    std::vector<v8d> xt_lines(d * sx / kLanes), xq_lines(ref ? d * sq / kLanes : 0);
+    double* xt = reinterpret_cast<double*>(xt_lines.data());
+    double* xq = reinterpret_cast<double*>(xq_lines.data());
+    std::vector<double> L(d * d), step(d), trial(d), St(meat ? (ref ? d * C : n) : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t q = rows ? rows[r] : r;
       for (int64_t i0 = 0; i0 < n; i0 += kChunk)
-        transpose_rows(X + (q * n + i0) * d, std::min(kChunk, n - i0), d, xt.data() + i0, n);
+        transpose_rows(X + (q * n + i0) * d, std::min(kChunk, n - i0), d, xt + i0, sx);
       for (int64_t i0 = 0; ref && i0 < N; i0 += kChunk)
-        transpose_rows(Xq + (q * N + i0) * d, std::min(kChunk, N - i0), d, xq.data() + i0, N);
-      const Objective f{n, ref ? N : 0, d, xt.data(), a + q * n, b + q * n, y ? y + q * n : nullptr,
-                        ref ? xq.data() : nullptr, ref ? a_ref + q * N : nullptr, ref ? b_ref + q * N : nullptr,
+        transpose_rows(Xq + (q * N + i0) * d, std::min(kChunk, N - i0), d, xq + i0, sq);
+      const Objective f{n, ref ? N : 0, d, sx, sq, xt, a + q * n, b + q * n, y ? y + q * n : nullptr,
+                        ref ? xq : nullptr, ref ? a_ref + q * N : nullptr, ref ? b_ref + q * N : nullptr,
                         lam ? lam[r] : 0.0};
       const bool lazy = certificate && ref;
       double* th = theta + r * d;

@@ -121,6 +121,13 @@ def data() -> PairData:
                   aux="noisy_oracle").to_pair_data()
 
 
+@pytest.fixture(scope="module")
+def odd_data() -> PairData:
+    """Pair counts off the eight lanes (n = 203, N = 630): the compiled loop pads its transposed rows."""
+    return sample(get_scenario("annotator_mixture"), n=203, seed=4, reps=4, M=3, unlabelled=7,
+                  aux="noisy_oracle").to_pair_data()
+
+
 def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(kernels._state, "lib", None)
     monkeypatch.setitem(kernels._state, "reason", "switched off by the test")
@@ -335,10 +342,12 @@ def _hand_back(b, lam, theta0, *args):
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
-def test_compiled_newton_takes_the_python_loops_steps(data: PairData, lam: float, monkeypatch: pytest.MonkeyPatch
-                                                      ) -> None:
+@pytest.mark.parametrize("which", ["data", "odd_data"])
+def test_compiled_newton_takes_the_python_loops_steps(which: str, lam: float, monkeypatch: pytest.MonkeyPatch,
+                                                      request: pytest.FixtureRequest) -> None:
     """From the same start, the compiled loop and the Python loop (kernel evaluations, torch solves) take the
     same full Newton steps: equal iteration counts, estimates equal to rounding, the final Hessians alike."""
+    data = request.getfixturevalue(which)
     b = fitting._Batch.from_data(data)
     R, d = data.reps, data.d
     lam_t = torch.full((R,), lam, dtype=torch.float64)
@@ -389,10 +398,12 @@ def test_compiled_newton_hands_back_what_needs_safeguards(data: PairData) -> Non
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
-def test_compiled_newton_forms_the_meat(data: PairData, lam: float) -> None:
+@pytest.mark.parametrize("which", ["data", "odd_data"])
+def test_compiled_newton_forms_the_meat(which: str, lam: float, request: pytest.FixtureRequest) -> None:
     """The meat the compiled loop forms at its estimate equals the moments kernel's ``V(lam)`` there, with
     unlabelled prompts and unequal reference weights (``lam = 0``: the labelled pairs alone, as the MLE's
     sandwich takes them); a replication handed back gets NaN, which ``_sandwiches`` forms afresh."""
+    data = request.getfixturevalue(which)
     b = fitting._Batch.from_data(data)
     w = torch.as_tensor(np.random.default_rng(6).random(b.w_ref.shape))
     b = replace(b, w_ref=w / w.sum(1, keepdim=True), z=b.z.clone())
