@@ -225,9 +225,10 @@ void gram(const double* U, int64_t su, const double* V, int64_t sv, const double
 // pairs whose rows stay in the L1 cache from the margins to the Hessian: margins, then the elementwise terms,
 // then the gradient sum_i c_i x_i and (mode 2) the rows h x_j, whose products with the rows x_k the Hessian's
 // tiles accumulate. With coef, the pairs' gradient coefficients c_i = a_i sigmoid(u_i) - b_i go to coef[i - lo].
+// Without `value` the softplus terms (a log1p per pair) are skipped and p.value is not the objective.
 void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const double* b, const double* th,
                 const double* y, int mode, bool recession, int64_t lo, int64_t hi, Partial& p,
-                double* coef = nullptr) {
+                double* coef = nullptr, bool value = true) {
   const int64_t block = l1_block(2 * d + 3);
   alignas(64) double u[kMaxBlock], chunk_c[kMaxBlock], h[kMaxBlock], e[kMaxBlock], soft[kMaxBlock];
   // the thread's scratch, kept from call to call: the rows h x_j (64-byte aligned: no load spans two cache
@@ -254,10 +255,18 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
         c[i] = -bi[i];
       }
     } else {
+      if (value) {
 #pragma omp simd
-      for (int64_t i = 0; i < m; ++i) {  // the vector exp and log1p of glibc's libmvec
-        e[i] = std::exp(-std::fabs(u[i]));
-        soft[i] = std::fmax(u[i], 0.0) + std::log1p(e[i]);  // softplus(u)
+        for (int64_t i = 0; i < m; ++i) {  // the vector exp and log1p of glibc's libmvec
+          e[i] = std::exp(-std::fabs(u[i]));
+          soft[i] = std::fmax(u[i], 0.0) + std::log1p(e[i]);  // softplus(u)
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) {
+          e[i] = std::exp(-std::fabs(u[i]));
+          soft[i] = 0.0;
+        }
       }
       const int64_t full = m / kLanes * kLanes;
       v8d vals{};
@@ -265,7 +274,8 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
         const v8d ui = load8(u + i), ei = load8(e + i), av = load8(ai + i), bv = load8(bi + i);
         const v8d inv = reciprocal(1.0 + ei);
         const v8d sig = ui >= 0.0 ? inv : ei * inv;  // sigmoid(u)
-        vals += av * load8(soft + i) - bv * ui;
+        if (value)
+          vals += av * load8(soft + i) - bv * ui;
         store8(h + i, av * ei * inv * inv);  // a sigmoid(u) sigmoid(-u)
         store8(c + i, av * sig - bv);
       }
@@ -520,13 +530,14 @@ struct Objective {
   const double *X, *a, *b, *y, *Xq, *aq, *bq;
   double lam;
 
-  bool eval(const double* th, bool cert, Partial& p) const {
+  // with `value` false, p.value is left undefined (no softplus terms: see rr_logistic_newton's certificate)
+  bool eval(const double* th, bool cert, Partial& p, bool value = true) const {
     p.value = p.rec = p.absu = p.against = 0.0;
     std::fill(p.grad.begin(), p.grad.end(), 0.0);
     std::fill(p.hess.begin(), p.hess.end(), 0.0);
     const bool ref = Xq != nullptr;
     double* coef = p.coef.empty() ? nullptr : p.coef.data();
-    pair_range(sx, d, X, a, b, th, cert && !ref ? y : nullptr, 2, cert && ref, 0, n, p, coef);
+    pair_range(sx, d, X, a, b, th, cert && !ref ? y : nullptr, 2, cert && ref, 0, n, p, coef, value);
     if (!ref) {
       bool moved = false;
       for (int64_t j = 0; j < d; ++j) moved |= th[j] != 0.0;
@@ -534,13 +545,36 @@ struct Objective {
     }
     const double rec = p.rec, size = p.absu / static_cast<double>(n);
     Partial q{0.0, std::vector<double>(d, 0.0), std::vector<double>(d * d, 0.0)};
-    pair_range(sq, d, Xq, aq, bq, th, nullptr, 2, cert, 0, N, q, coef ? coef + n : nullptr);
+    pair_range(sq, d, Xq, aq, bq, th, nullptr, 2, cert, 0, N, q, coef ? coef + n : nullptr, value);
     p.value += q.value;
     for (int64_t j = 0; j < d; ++j) p.grad[j] += q.grad[j];
     for (int64_t j = 0; j < d * d; ++j) p.hess[j] += q.hess[j];
     return cert && rec + q.rec < -1e-9 * (size + std::fabs(lam) * q.absu / static_cast<double>(N));
   }
+
+  // the objective at th alone
+  double value_at(const double* th) const {
+    Partial p{0.0, {}, {}};
+    pair_range(sx, d, X, a, b, th, nullptr, 0, false, 0, n, p);
+    if (Xq)
+      pair_range(sq, d, Xq, aq, bq, th, nullptr, 0, false, 0, N, p);
+    return p.value;
+  }
 };
+
+// max_i ||x_i|| over the n pairs of transposed features X (row j at X + j s); norms: scratch of n.
+double largest_norm(const double* X, int64_t s, int64_t n, int64_t d, std::vector<double>& norms) {
+  norms.assign(n, 0.0);
+  double* q = norms.data();
+  for (int64_t j = 0; j < d; ++j) {
+    const double* x = X + j * s;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) q[i] += x[i] * x[i];
+  }
+  double top = 0.0;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, q[i]);
+  return std::sqrt(top);
+}
 
 // The sandwich's meat V(lam) at the point whose coefficients c (labelled, then reference) f.eval stored: the
 // centred Gram of the cluster sums S_c = c_i x_i [c = i < n] + sum_{j: cluster(j) = c} c_j xref_j, each part
@@ -586,7 +620,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
 
 extern "C" {
 
-int rr_kernel_version() { return 17; }
+int rr_kernel_version() { return 18; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -637,7 +671,7 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
 
 // Damped Newton on each replication's logistic VR objective (fitting._newton_block's fast path), from theta (R x d,
 // updated in place): full Newton steps while the Hessian has a Cholesky factor and the step passes the Armijo test
-// (value <= value + 1e-4 slope + 1e-12 max(|value|, 1)), until |grad| < tol. status[r] = 0: converged, with value,
+// (value <= value + 1e-4 slope + 1e-12 max(|value|, 1)), until |grad| < tol. status[r] = 0: converged, with
 // grad and hess (mirrored) at theta; 1: handed back to the caller at the last accepted theta (a backtracked step,
 // an indefinite Hessian, a certificate that no minimiser exists, |theta| > theta_max or max_iter). Certificates as
 // in the caller: at every evaluation without reference pairs; with them ("lazy") not at the start and not at steps
@@ -645,10 +679,17 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
 // X (S x n x d) and Xq (S x N x d) are row-major; each thread transposes its replication into its own buffers once
 // and iterates there (in its cache). With meat (R x d x d), a converged replication's sandwich meat at theta from
 // the last evaluation (newton_meat; cluster (N) and C as in rr_cluster_moments); others' are left alone.
+// The Armijo test needs no objective values (and so no log1p per pair) where the step is certified: with every
+// weight a_i >= 0, the logistic terms are generalised self-concordant (|softplus^(3)| <= softplus^(2)), so
+// f(theta + p) <= f(theta) + g'p + psi(nu) p'Hp with psi(nu) = (e^nu - 1 - nu) / nu^2 increasing and nu >= max_i
+// |x_i'p| (Bach 2010, Prop. 1); with nu = max_i ||x_i|| ||p|| <= 1 (psi(1) = e - 2) and p'Hp <= 1.3 |g'p|
+// (a Newton step has p'Hp = -g'p), f(theta + p) - f(theta) <= (1 - 0.93) g'p <= 1e-4 g'p. Values are formed
+// only for the steps not certified so (at both ends); the lazy certificates' scale max(|value|, 1) is the last
+// value formed.
 void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double* X, const double* a,
                         const double* b, const double* y, const double* Xq, const double* a_ref,
                         const double* b_ref, const int64_t* rows, const double* lam, int certificate, double tol,
-                        double theta_max, int64_t max_iter, int threads, double* theta, double* value, double* grad,
+                        double theta_max, int64_t max_iter, int threads, double* theta, double* grad,
                         double* hess, int64_t* iters, int64_t* evals, int32_t* status, const int64_t* cluster,
                         int64_t C, double* meat) {
   const bool ref = Xq != nullptr;
@@ -659,7 +700,7 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
     std::vector<v8d> xt_lines(d * sx / kLanes), xq_lines(ref ? d * sq / kLanes : 0);
     double* xt = reinterpret_cast<double*>(xt_lines.data());
     double* xq = reinterpret_cast<double*>(xq_lines.data());
-    std::vector<double> L(d * d), step(d), trial(d), St(meat ? (ref ? d * C : n) : 0);
+    std::vector<double> L(d * d), step(d), trial(d), St(meat ? (ref ? d * C : n) : 0), norms;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t q = rows ? rows[r] : r;
@@ -672,10 +713,16 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
                         lam ? lam[r] : 0.0};
       const bool lazy = certificate && ref;
       double* th = theta + r * d;
+      // the self-concordance certificate: all weights a_i >= 0, and the largest feature norm
+      const bool convex = std::all_of(f.a, f.a + n, [](double v) { return v >= 0.0; }) &&
+                    std::all_of(f.aq, f.aq + f.N, [](double v) { return v >= 0.0; });
+      const double xmax = std::max(largest_norm(xt, sx, n, d, norms), ref ? largest_norm(xq, sq, N, d, norms) : 0.0);
       Partial cur{0.0, std::vector<double>(d), std::vector<double>(d * d),
                   std::vector<double>(meat ? n + (ref ? N : 0) : 0)};
       Partial nxt = cur;
       bool sep = f.eval(th, certificate && !lazy, cur);
+      bool known = true;  // cur.value is the objective at th
+      double scale = std::max(std::fabs(cur.value), 1.0);
       int64_t it = 0, ev = 1;
       int32_t st = 1;
       for (;;) {
@@ -695,20 +742,30 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
         if (!cholesky(cur.hess.data(), d, L.data()))
           break;
         newton_step(L.data(), cur.grad.data(), d, step.data());
-        double slope = 0.0;
+        double slope = 0.0, curve = 0.0, p2 = 0.0;
         for (int64_t j = 0; j < d; ++j) {
           slope += cur.grad[j] * step[j];
           trial[j] = th[j] + step[j];
+          p2 += step[j] * step[j];
+          for (int64_t k = 0; k < d; ++k) curve += step[j] * cur.hess[j * d + k] * step[k];
         }
-        const double scale = std::max(std::fabs(cur.value), 1.0);
+        const bool certified = convex && slope < 0.0 && xmax * std::sqrt(p2) <= 1.0 && curve <= -1.3 * slope;
+        if (!certified && !known) {  // the value at th, for the Armijo test
+          cur.value = f.value_at(th);
+          known = true;
+          scale = std::max(std::fabs(cur.value), 1.0);
+        }
         const bool check = certificate && !(lazy && -slope <= 1e-8 * scale);
-        const bool trial_sep = f.eval(trial.data(), check, nxt);
+        const bool trial_sep = f.eval(trial.data(), check, nxt, !certified);
         ++ev;
-        if (!(nxt.value <= cur.value + 1e-4 * slope + 1e-12 * scale))
+        if (!certified && !(nxt.value <= cur.value + 1e-4 * slope + 1e-12 * scale))
           break;
         std::copy(trial.begin(), trial.end(), th);
         std::swap(cur, nxt);
         sep = trial_sep;
+        known = !certified;
+        if (known)
+          scale = std::max(std::fabs(cur.value), 1.0);
         ++it;
       }
       iters[r] = it;
@@ -716,7 +773,6 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
       status[r] = st;
       if (meat && st == 0)
         newton_meat(f, cur.coef.data(), cur.grad.data(), cluster, C, St, meat + r * d * d);
-      value[r] = cur.value;
       for (int64_t j = 0; j < d; ++j) grad[r * d + j] = cur.grad[j];
       for (int64_t j = 0; j < d; ++j)
         for (int64_t k = j; k < d; ++k)

@@ -52,7 +52,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 17
+_VERSION = 18
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -128,7 +128,7 @@ def _load() -> ctypes.CDLL | None:
     lib.rr_logistic_cluster_moments.restype = None
     lib.rr_logistic_newton.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
                                        ctypes.c_double, ctypes.c_double, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
-                                       ptr, ptr, ptr, i64, ptr]
+                                       ptr, ptr, i64, ptr]
     lib.rr_logistic_newton.restype = None
     lib.rr_policy_regret.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, ptr, ptr,
                                      ctypes.c_double, ctypes.c_double, ctypes.c_int, ptr]
@@ -232,13 +232,12 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
 
 @dataclass
 class NewtonResult:
-    """``logistic_newton``'s per-replication outcome: ``converged`` (R,) bool (``value``, ``grad``, ``hess`` and,
+    """``logistic_newton``'s per-replication outcome: ``converged`` (R,) bool (``grad``, ``hess`` and,
     when asked for, ``meat`` are then at ``theta``; ``meat`` is NaN elsewhere), ``iters`` the Newton steps taken and
     ``evals`` the evaluations (R,) int64."""
 
     theta: Tensor
     converged: Tensor
-    value: Tensor
     grad: Tensor
     hess: Tensor
     iters: Tensor
@@ -282,15 +281,14 @@ def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, 
             raise ValueError(f"logistic_newton: n_clusters = {n_clusters} is below n = {n} (one per labelled pair)")
         _check_clusters("logistic_newton", cluster, N, n_clusters)
     theta = theta0.clone()
-    value, grad, hess = torch.empty(R, dtype=f64), torch.empty(R, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
+    grad, hess = torch.empty(R, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
     iters, evals = torch.empty(R, dtype=torch.int64), torch.empty(R, dtype=torch.int64)
     status = torch.empty(R, dtype=torch.int32)
     lib.rr_logistic_newton(R, n, N, d, _ptr(X), _ptr(a), _ptr(b), _ptr(y), _ptr(X_ref), _ptr(a_ref), _ptr(b_ref),
                            _ptr(rows), _ptr(lam if X_ref is not None else None), int(certificate), float(tol),
-                           float(theta_max), int(max_iter), torch.get_num_threads(), _ptr(theta), _ptr(value),
-                           _ptr(grad), _ptr(hess), _ptr(iters), _ptr(evals), _ptr(status),
+                           float(theta_max), int(max_iter), torch.get_num_threads(), _ptr(theta), _ptr(grad), _ptr(hess), _ptr(iters), _ptr(evals), _ptr(status),
                            _ptr(cluster if meat and X_ref is not None else None), int(n_clusters), _ptr(meat_out))
-    return NewtonResult(theta, status == 0, value, grad, hess, iters, evals, meat_out)
+    return NewtonResult(theta, status == 0, grad, hess, iters, evals, meat_out)
 
 
 def transpose(X: Tensor) -> Tensor:

@@ -336,9 +336,8 @@ def _hand_back(b, lam, theta0, *args):
     """A ``_kernel_newton`` that takes no step: every replication goes to the Python loop."""
     R = theta0.shape[0]
     zeros = torch.zeros(R, dtype=torch.int64)
-    return kernels.NewtonResult(theta0.clone(), torch.zeros(R, dtype=torch.bool), torch.zeros(R, dtype=torch.float64),
-                                torch.zeros_like(theta0), torch.zeros(R, *theta0.shape[1:] * 2, dtype=torch.float64),
-                                zeros, zeros)
+    return kernels.NewtonResult(theta0.clone(), torch.zeros(R, dtype=torch.bool), torch.zeros_like(theta0),
+                                torch.zeros(R, *theta0.shape[1:] * 2, dtype=torch.float64), zeros, zeros)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
