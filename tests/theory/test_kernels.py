@@ -340,12 +340,14 @@ def _hand_back(b, lam, theta0, *args):
                                 torch.zeros(R, *theta0.shape[1:] * 2, dtype=torch.float64), zeros, zeros)
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 1.2])
 @pytest.mark.parametrize("which", ["data", "odd_data"])
 def test_compiled_newton_takes_the_python_loops_steps(which: str, lam: float, monkeypatch: pytest.MonkeyPatch,
                                                       request: pytest.FixtureRequest) -> None:
     """From the same start, the compiled loop and the Python loop (kernel evaluations, torch solves) take the
-    same full Newton steps: equal iteration counts, estimates equal to rounding, the final Hessians alike."""
+    same full Newton steps: equal iteration counts, estimates equal to rounding, the final Hessians alike;
+    whether the compiled loop certifies its steps' decrease without values (weights >= 0) or, at ``lam = 1.2``
+    (negative labelled weights), compares the values as the Python loop does."""
     data = request.getfixturevalue(which)
     b = fitting._Batch.from_data(data)
     R, d = data.reps, data.d
