@@ -186,43 +186,85 @@ _WORK = _Work()
 @dataclass
 class _KernelTerms:
     """A logistic objective as ``sum_i a_i softplus(u_i) - b_i u_i`` (the form ``kernels.logistic_eval``
-    evaluates) over the labelled pairs ``X`` (R, n, d) and, when they enter, the reference pairs ``X_ref``.
+    evaluates) over the labelled pairs ``X`` (R, n, d) and, when they enter, the reference pairs ``X_ref``, kept
+    as the data the coefficients are made of (labels ``z``; for the VR objective weights ``lam`` (R,), ``g``,
+    ``g_ref``, ``w_ref``):
+    ``kernels.logistic_newton`` forms them replication by replication in its threads' caches; ``a``, ``b``,
+    ``a_ref``, ``b_ref`` and ``y`` (the labels' signs ``2Z - 1``, for the overlap certificate) are made on
+    first use, for ``logistic_eval``. By ``m_g(u) = softplus(u) - g u`` (logistic), a labelled pair contributes
+    ``a = (1 - lam) / n``, ``b = (Z - lam g) / n`` and a reference pair ``a = lam v``, ``b = lam v g`` (``v`` the
+    reference weight, ``1/N`` by default); without ``g`` (the MLE) ``a = 1 / n``, ``b = Z / n``.
     ``linear``: replications whose labelled ``a`` is zero (logistic VRPO at ``lam = 1``). ``rows``: the
     replications selected (None: all), so that a subset is an index, not a copy (a fresh copy of a Newton
     block per subset cost more in page faults than the kernel's arithmetic). ``Xt``, ``Xt_ref``: the features
     transposed to (R, d, P) for ``logistic_eval``, made on first use (the compiled Newton loop transposes each
-    replication in its own cache, and most blocks need nothing else) and shared by the selections."""
+    replication in its own cache, and most blocks need nothing else). What is made on first use is shared by
+    the selections."""
 
     X: Tensor
-    a: Tensor
-    b: Tensor
-    y: Tensor  # 2Z - 1, the labels' signs (the overlap certificate)
-    linear: Tensor
+    z: Tensor
+    lam: Tensor
+    g: Tensor | None = None
     X_ref: Tensor | None = None
-    a_ref: Tensor | None = None
-    b_ref: Tensor | None = None
+    g_ref: Tensor | None = None
+    w_ref: Tensor | None = None
     rows: Tensor | None = None
-    transposed: dict = field(default_factory=dict)
+    made: dict = field(default_factory=dict)
 
-    def _t(self, name: str, X: Tensor) -> Tensor:
-        if name not in self.transposed:
-            self.transposed[name] = kernels.transpose(X.contiguous())
-        return self.transposed[name]
+    def _made(self, name: str, make: Callable[[], Tensor]) -> Tensor:
+        if name not in self.made:
+            self.made[name] = make()
+        return self.made[name]
 
     @property
     def Xt(self) -> Tensor:
-        return self._t("lab", self.X)
+        return self._made("Xt", lambda: kernels.transpose(self.X))
 
     @property
     def Xt_ref(self) -> Tensor | None:
-        return None if self.X_ref is None else self._t("ref", self.X_ref)
+        return None if self.X_ref is None else self._made("Xt_ref", lambda: kernels.transpose(self.X_ref))
+
+    @property
+    def a(self) -> Tensor:
+        R, n = self.z.shape
+        if self.g is None:
+            return self._made("a", lambda: torch.full((R, n), 1.0 / n, dtype=_DTYPE))
+        return self._made("a", lambda: ((1.0 - self.lam[:, None]) / n).expand(R, n).contiguous())
+
+    @property
+    def b(self) -> Tensor:
+        n = self.z.shape[1]
+        if self.g is None:
+            return self._made("b", lambda: (self.z / n).contiguous())
+        return self._made("b", lambda: ((self.z - self.lam[:, None] * self.g) / n).contiguous())
+
+    @property
+    def y(self) -> Tensor:
+        return self._made("y", lambda: (2.0 * self.z - 1.0).contiguous())
+
+    @property
+    def a_ref(self) -> Tensor | None:
+        if self.X_ref is None:
+            return None
+        v = self.w_ref if self.w_ref is not None else torch.full(self.g_ref.shape, 1.0 / self.g_ref.shape[1],
+                                                                 dtype=_DTYPE)
+        return self._made("a_ref", lambda: (self.lam[:, None] * v).contiguous())
+
+    @property
+    def b_ref(self) -> Tensor | None:
+        return None if self.X_ref is None else self._made("b_ref", lambda: (self.a_ref * self.g_ref).contiguous())
+
+    @property
+    def linear(self) -> Tensor:
+        """Which replications have a linear labelled term (the VR objective at ``lam = 1``)."""
+        return self.lam == 1.0 if self.g is not None else torch.zeros(self.z.shape[0], dtype=torch.bool)
 
     def select(self, key: Tensor | slice, with_ref: bool = True) -> "_KernelTerms":
         """Replications ``key`` of the selected ones (indices into the same arrays: nothing is copied)."""
         current = self.rows if self.rows is not None else torch.arange(self.X.shape[0])
-        ref = lambda t: t if with_ref else None  # noqa: E731
-        return replace(self, rows=current[key], X_ref=ref(self.X_ref), a_ref=ref(self.a_ref),
-                       b_ref=ref(self.b_ref))
+        if with_ref:
+            return replace(self, rows=current[key])
+        return replace(self, rows=current[key], X_ref=None, g_ref=None, w_ref=None)
 
     @property
     def selected_linear(self) -> Tensor:
@@ -231,23 +273,15 @@ class _KernelTerms:
 
 
 def _kernel_terms(loss: MarginLoss, lam: Tensor, b: "_Batch") -> _KernelTerms | None:
-    """The coefficients of ``b``'s objective at ``lam`` for the compiled kernel, or None where it does not
-    apply (another loss, or no kernel). By ``m_g(u) = softplus(u) - g u`` (logistic), a labelled pair
-    contributes ``a = (1 - lam) / n``, ``b = (Z - lam g) / n`` and a reference pair ``a = lam v``,
-    ``b = lam v g``."""
-    if type(loss) is not Logistic or not kernels.available():
-        return None
-    R, n, _ = b.dphi.shape
-    lam_ = lam[:, None]
-    y = (2.0 * b.z - 1.0).contiguous()
-    if not _uses_ref(b, lam):
-        a = torch.full((R, n), 1.0 / n, dtype=_DTYPE)
-        return _KernelTerms(b.dphi.contiguous(), a, (b.z / n).contiguous(), y, torch.zeros(R, dtype=torch.bool))
-    a = ((1.0 - lam_) / n).expand(R, n).contiguous()
-    v = b.w_ref if b.w_ref is not None else torch.full(b.g_ref.shape, 1.0 / b.g_ref.shape[1], dtype=_DTYPE)
-    a_ref = (lam_ * v).contiguous()
-    return _KernelTerms(b.dphi.contiguous(), a, ((b.z - lam_ * b.g) / n).contiguous(), y, (a == 0).all(1),
-                        b.dphi_ref.contiguous(), a_ref, (a_ref * b.g_ref).contiguous())
+    """The logistic objective of ``b`` at ``lam`` for the compiled kernels (``_KernelTerms``), or None where they
+    do not apply (another loss, or no kernel)."""
+    if type(loss) is Logistic and kernels.available():
+        if not _uses_ref(b, lam):
+            return _KernelTerms(b.dphi.contiguous(), b.z.contiguous(), lam.contiguous())
+        w = None if b.w_ref is None else b.w_ref.contiguous()
+        return _KernelTerms(b.dphi.contiguous(), b.z.contiguous(), lam.contiguous(), b.g.contiguous(),
+                            b.dphi_ref.contiguous(), b.g_ref.contiguous(), w)
+    return None
 
 
 @dataclass
@@ -457,14 +491,14 @@ def _kernel_evaluate(b: _Batch, lam: Tensor, theta: Tensor, mode: int, certifica
     slope and the margins' size ``mean |u| + |lam| mean |u_ref|`` for the VR objective); the work counted."""
     k = b.kern
     theta = theta.contiguous()
-    R, n = theta.shape[0], k.a.shape[1]
+    R, n = theta.shape[0], k.X.shape[1]
     with_ref = k.X_ref is not None
     rec = (torch.empty(R, dtype=_DTYPE), torch.empty(R, dtype=_DTYPE)) if certificate and with_ref else None
     against = (k.y, torch.empty(R, dtype=_DTYPE)) if certificate and not with_ref else None
     out = kernels.logistic_eval(k.Xt, k.a, k.b, theta, mode, recession=rec, against=against, rows=k.rows)
     N = 0
     if with_ref:
-        N = k.a_ref.shape[1]
+        N = k.X_ref.shape[1]
         rec_ref = (torch.zeros(R, dtype=_DTYPE), torch.zeros(R, dtype=_DTYPE)) if certificate else None
         kernels.logistic_eval(k.Xt_ref, k.a_ref, k.b_ref, theta, mode, out=out, recession=rec_ref, rows=k.rows)
     if mode == 0:
@@ -719,11 +753,11 @@ def _kernel_newton(b: _Batch, lam: Tensor, theta0: Tensor, tol: float, max_iter:
     clusters (the labelled pairs alone without reference pairs, as ``_meat_moments`` without control terms)."""
     k = b.kern
     with_ref = k.X_ref is not None
-    n, N = k.a.shape[1], k.a_ref.shape[1] if with_ref else 0
+    n, N = k.X.shape[1], k.X_ref.shape[1] if with_ref else 0
     clusters = b.n_clusters if with_ref else n
-    res = kernels.logistic_newton(k.X, k.a, k.b, k.y, theta0.contiguous(), tol=tol, theta_max=theta_max,
-                                  max_iter=max_iter, certificate=certificate, X_ref=k.X_ref, a_ref=k.a_ref,
-                                  b_ref=k.b_ref, lam=lam.contiguous() if with_ref else None, rows=k.rows,
+    res = kernels.logistic_newton(k.X, k.z, theta0.contiguous(), tol=tol, theta_max=theta_max, max_iter=max_iter,
+                                  certificate=certificate, g=k.g, X_ref=k.X_ref, g_ref=k.g_ref, w_ref=k.w_ref,
+                                  lam=lam.contiguous() if k.g is not None else None, rows=k.rows,
                                   meat=meat, cluster=b.ref_cluster if with_ref else None, n_clusters=clusters)
     if meat:
         _WORK.cluster_rows += int(res.converged.sum()) * clusters

@@ -620,7 +620,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
 
 extern "C" {
 
-int rr_kernel_version() { return 18; }
+int rr_kernel_version() { return 19; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -677,7 +677,11 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
 // in the caller: at every evaluation without reference pairs; with them ("lazy") not at the start and not at steps
 // whose decrease -slope is at most 1e-8 max(|value|, 1). iters: steps taken; evals: evaluations. The features
 // X (S x n x d) and Xq (S x N x d) are row-major; each thread transposes its replication into its own buffers once
-// and iterates there (in its cache). With meat (R x d x d), a converged replication's sandwich meat at theta from
+// and iterates there (in its cache). The objective's coefficients are formed there too, from the data they are
+// made of (fitting._KernelTerms): without g (the MLE) a_i = 1 / n and b_i = z_i / n; with g, at lam_r,
+// a_i = (1 - lam_r) / n, b_i = (z_i - lam_r g_i) / n and, with reference pairs Xq, a_ref_j = lam_r w_j and
+// b_ref_j = lam_r w_j gref_j (w: wref, or 1 / N where null); y_i = 2 z_i - 1 (the overlap certificate). z and g
+// are S x n, gref and wref S x N. With meat (R x d x d), a converged replication's sandwich meat at theta from
 // the last evaluation (newton_meat; cluster (N) and C as in rr_cluster_moments); others' are left alone.
 // The Armijo test needs no objective values (and so no log1p per pair) where the step is certified: with every
 // weight a_i >= 0, the logistic terms are generalised self-concordant (|softplus^(3)| <= softplus^(2)), so
@@ -686,9 +690,9 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
 // (a Newton step has p'Hp = -g'p), f(theta + p) - f(theta) <= (1 - 0.93) g'p <= 1e-4 g'p. Values are formed
 // only for the steps not certified so (at both ends); the lazy certificates' scale max(|value|, 1) is the last
 // value formed.
-void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double* X, const double* a,
-                        const double* b, const double* y, const double* Xq, const double* a_ref,
-                        const double* b_ref, const int64_t* rows, const double* lam, int certificate, double tol,
+void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double* X, const double* z,
+                        const double* g, const double* Xq, const double* gref, const double* wref,
+                        const int64_t* rows, const double* lam, int certificate, double tol,
                         double theta_max, int64_t max_iter, int threads, double* theta, double* grad,
                         double* hess, int64_t* iters, int64_t* evals, int32_t* status, const int64_t* cluster,
                         int64_t C, double* meat) {
@@ -701,6 +705,7 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
     double* xt = reinterpret_cast<double*>(xt_lines.data());
     double* xq = reinterpret_cast<double*>(xq_lines.data());
     std::vector<double> L(d * d), step(d), trial(d), St(meat ? (ref ? d * C : n) : 0), norms;
+    std::vector<double> ca(n), cb(n), cy(certificate && !ref ? n : 0), cq(ref ? N : 0), cbq(ref ? N : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t q = rows ? rows[r] : r;
@@ -708,9 +713,18 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
         transpose_rows(X + (q * n + i0) * d, std::min(kChunk, n - i0), d, xt + i0, sx);
       for (int64_t i0 = 0; ref && i0 < N; i0 += kChunk)
         transpose_rows(Xq + (q * N + i0) * d, std::min(kChunk, N - i0), d, xq + i0, sq);
-      const Objective f{n, ref ? N : 0, d, sx, sq, xt, a + q * n, b + q * n, y ? y + q * n : nullptr,
-                        ref ? xq : nullptr, ref ? a_ref + q * N : nullptr, ref ? b_ref + q * N : nullptr,
-                        lam ? lam[r] : 0.0};
+      const double l = g ? lam[r] : 0.0, inv_n = 1.0 / static_cast<double>(n);
+      const double* zq = z + q * n;
+      const double* gq = g ? g + q * n : nullptr;
+      std::fill(ca.begin(), ca.end(), g ? (1.0 - l) * inv_n : inv_n);
+      for (int64_t i = 0; i < n; ++i) cb[i] = (g ? zq[i] - l * gq[i] : zq[i]) * inv_n;
+      for (size_t i = 0; i < cy.size(); ++i) cy[i] = 2.0 * zq[i] - 1.0;
+      for (int64_t j = 0; ref && j < N; ++j) {
+        cq[j] = l * (wref ? wref[q * N + j] : 1.0 / static_cast<double>(N));
+        cbq[j] = cq[j] * gref[q * N + j];
+      }
+      const Objective f{n, ref ? N : 0, d, sx, sq, xt, ca.data(), cb.data(), cy.empty() ? nullptr : cy.data(),
+                        ref ? xq : nullptr, ref ? cq.data() : nullptr, ref ? cbq.data() : nullptr, l};
       const bool lazy = certificate && ref;
       double* th = theta + r * d;
       // the self-concordance certificate: all weights a_i >= 0, and the largest feature norm

@@ -52,7 +52,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 18
+_VERSION = 19
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -126,7 +126,7 @@ def _load() -> ctypes.CDLL | None:
     lib.rr_logistic_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                                                 ctypes.c_int, ptr, ptr, ptr]
     lib.rr_logistic_cluster_moments.restype = None
-    lib.rr_logistic_newton.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
+    lib.rr_logistic_newton.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
                                        ctypes.c_double, ctypes.c_double, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
                                        ptr, ptr, i64, ptr]
     lib.rr_logistic_newton.restype = None
@@ -245,13 +245,17 @@ class NewtonResult:
     meat: Tensor | None = None
 
 
-def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, *, tol: float, theta_max: float,
-                    max_iter: int, certificate: bool, X_ref: Tensor | None = None, a_ref: Tensor | None = None,
-                    b_ref: Tensor | None = None, lam: Tensor | None = None, rows: Tensor | None = None,
-                    meat: bool = False, cluster: Tensor | None = None, n_clusters: int = 0) -> NewtonResult:
-    r"""Damped Newton on the objectives of ``logistic_eval`` (labelled pairs: features ``X`` (S, n, d) row-major,
-    ``a``, ``b``, ``y`` (S, n); reference pairs ``X_ref`` (S, N, d), ``a_ref``, ``b_ref`` (S, N) at weights ``lam``
-    (R,)) from ``theta0`` (R, d), one replication per thread, transposed into the thread's buffers once, with no
+def logistic_newton(X: Tensor, z: Tensor, theta0: Tensor, *, tol: float, theta_max: float, max_iter: int,
+                    certificate: bool, g: Tensor | None = None, X_ref: Tensor | None = None,
+                    g_ref: Tensor | None = None, w_ref: Tensor | None = None, lam: Tensor | None = None,
+                    rows: Tensor | None = None, meat: bool = False, cluster: Tensor | None = None,
+                    n_clusters: int = 0) -> NewtonResult:
+    r"""Damped Newton on the logistic VR objectives (``logistic_eval``'s form, the coefficients formed by each thread
+    from the data: labelled pairs ``X`` (S, n, d) row-major with labels ``z`` (S, n): ``a = 1 / n``, ``b = z / n``
+    (the MLE); with ``g`` (S, n) at weights ``lam`` (R,), ``a = (1 - lam) / n``, ``b = (z - lam g) / n``, and
+    reference pairs ``X_ref`` (S, N, d) with ``g_ref`` and ``w_ref`` (S, N; None: ``1 / N``), ``a_ref = lam w_ref``,
+    ``b_ref = lam w_ref g_ref``, as ``fitting._KernelTerms``) from ``theta0`` (R, d), one replication per thread,
+    transposed into the thread's buffers once, with no
     Python between the steps: full steps ``-H^{-1} grad`` while ``H`` has a Cholesky factor and the Armijo test
     passes, until ``|grad| < tol``. A replication that needs more (a shortened step, a damped Hessian, a
     certificate that no minimiser exists, ``|theta| > theta_max``, ``max_iter``) stops where it is with
@@ -268,13 +272,17 @@ def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, 
     S, n, d = X.shape
     f64 = torch.float64
     R = _selected("logistic_newton", rows, S)
-    _check("logistic_newton", X=(X, (S, n, d), f64), a=(a, (S, n), f64), b=(b, (S, n), f64), y=(y, (S, n), f64),
-           theta0=(theta0, (R, d), f64))
-    N = 0
+    _check("logistic_newton", X=(X, (S, n, d), f64), z=(z, (S, n), f64), theta0=(theta0, (R, d), f64))
+    N = 0 if X_ref is None else X_ref.shape[1]
+    needs = (("g", g), ("lam", lam)) + ((("g_ref", g_ref),) if X_ref is not None else ())
+    missing = [name for name, t in needs if t is None]
+    if (g is not None or X_ref is not None) and missing:
+        raise ValueError(f"logistic_newton: {'reference pairs' if X_ref is not None else 'g'} need "
+                         f"{', '.join(missing)}")
+    _check("logistic_newton", g=(g, (S, n), f64), lam=(lam if g is not None else None, (R,), f64))
     if X_ref is not None:
-        N = X_ref.shape[1]
-        _check("logistic_newton", X_ref=(X_ref, (S, N, d), f64), a_ref=(a_ref, (S, N), f64),
-               b_ref=(b_ref, (S, N), f64), lam=(lam, (R,), f64))
+        _check("logistic_newton", X_ref=(X_ref, (S, N, d), f64), g_ref=(g_ref, (S, N), f64),
+               w_ref=(w_ref, (S, N), f64))
     meat_out = torch.full((R, d, d), math.nan, dtype=f64) if meat else None
     if meat and X_ref is not None:
         if n_clusters < n:
@@ -284,8 +292,9 @@ def logistic_newton(X: Tensor, a: Tensor, b: Tensor, y: Tensor, theta0: Tensor, 
     grad, hess = torch.empty(R, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
     iters, evals = torch.empty(R, dtype=torch.int64), torch.empty(R, dtype=torch.int64)
     status = torch.empty(R, dtype=torch.int32)
-    lib.rr_logistic_newton(R, n, N, d, _ptr(X), _ptr(a), _ptr(b), _ptr(y), _ptr(X_ref), _ptr(a_ref), _ptr(b_ref),
-                           _ptr(rows), _ptr(lam if X_ref is not None else None), int(certificate), float(tol),
+    ref = X_ref is not None
+    lib.rr_logistic_newton(R, n, N, d, _ptr(X), _ptr(z), _ptr(g), _ptr(X_ref), _ptr(g_ref if ref else None),
+                           _ptr(w_ref if ref else None), _ptr(rows), _ptr(lam if g is not None else None), int(certificate), float(tol),
                            float(theta_max), int(max_iter), torch.get_num_threads(), _ptr(theta), _ptr(grad), _ptr(hess), _ptr(iters), _ptr(evals), _ptr(status),
                            _ptr(cluster if meat and X_ref is not None else None), int(n_clusters), _ptr(meat_out))
     return NewtonResult(theta, status == 0, grad, hess, iters, evals, meat_out)

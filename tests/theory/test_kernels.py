@@ -380,22 +380,25 @@ def test_compiled_newton_hands_back_what_needs_safeguards(data: PairData) -> Non
     R, n, d = X.shape
     z = torch.as_tensor(data.z).clone()
     z[1] = (X[1] @ torch.ones(d, dtype=torch.float64) > 0).double()  # separated by theta = (1, ..., 1)
-    a, b, y = torch.full((R, n), 1.0 / n, dtype=torch.float64), z / n, 2 * z - 1
     zero = torch.zeros(R, d, dtype=torch.float64)
     kw = dict(tol=1e-9, theta_max=1e6, certificate=True)
-    res = kernels.logistic_newton(X, a, b, y, zero, max_iter=100, **kw)
+    res = kernels.logistic_newton(X, z, zero, max_iter=100, **kw)
     assert res.converged.tolist() == [r != 1 for r in range(R)]
     assert float(res.grad[res.converged].norm(dim=1).max()) < 1e-9
-    capped = kernels.logistic_newton(X, a, b, y, zero, max_iter=1, **kw)
+    capped = kernels.logistic_newton(X, z, zero, max_iter=1, **kw)
     assert not capped.converged.any() and int(capped.iters.max()) == 1
     torch.testing.assert_close(capped.theta[0], res.theta[0], rtol=0.5, atol=0.5)  # one step towards it
     rows = torch.tensor([3, 0], dtype=torch.int64)
-    picked = kernels.logistic_newton(X, a, b, y, zero[:2], max_iter=100, rows=rows, **kw)
+    picked = kernels.logistic_newton(X, z, zero[:2], max_iter=100, rows=rows, **kw)
     torch.testing.assert_close(picked.theta, res.theta[rows], rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="rows must lie"):
-        kernels.logistic_newton(X, a, b, y, zero[:1], max_iter=5, rows=torch.tensor([R]), **kw)
+        kernels.logistic_newton(X, z, zero[:1], max_iter=5, rows=torch.tensor([R]), **kw)
     with pytest.raises(ValueError, match="theta0"):
-        kernels.logistic_newton(X, a, b, y, zero[:, :1], max_iter=5, **kw)
+        kernels.logistic_newton(X, z, zero[:, :1], max_iter=5, **kw)
+    with pytest.raises(ValueError, match="need lam"):
+        kernels.logistic_newton(X, z, zero, max_iter=5, g=z, **kw)
+    with pytest.raises(ValueError, match="reference pairs need g_ref"):
+        kernels.logistic_newton(X, z, zero, max_iter=5, g=z, X_ref=X, lam=zero[:, 0], **kw)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
@@ -435,13 +438,13 @@ def test_compiled_newton_meat_checks_its_clusters(data: PairData) -> None:
     R, d = data.reps, data.d
     lam_t = torch.ones(R, dtype=torch.float64)
     k = b.with_kernel(fitting.Logistic(), lam_t).kern
-    kw = dict(tol=1e-9, theta_max=1e6, max_iter=50, certificate=True, X_ref=k.X_ref, a_ref=k.a_ref, b_ref=k.b_ref,
-              lam=lam_t, meat=True)
+    kw = dict(tol=1e-9, theta_max=1e6, max_iter=50, certificate=True, g=k.g, X_ref=k.X_ref, g_ref=k.g_ref,
+              w_ref=k.w_ref, lam=lam_t, meat=True)
     zero = torch.zeros(R, d, dtype=torch.float64)
     with pytest.raises(ValueError, match="cluster ids must lie"):
-        kernels.logistic_newton(k.X, k.a, k.b, k.y, zero, cluster=b.ref_cluster, n_clusters=int(b.ref_cluster.max()),
+        kernels.logistic_newton(k.X, k.z, zero, cluster=b.ref_cluster, n_clusters=int(b.ref_cluster.max()),
                                 **kw)
     with pytest.raises(ValueError, match="cluster"):
-        kernels.logistic_newton(k.X, k.a, k.b, k.y, zero, cluster=b.ref_cluster[:-1], n_clusters=b.n_clusters, **kw)
-    ok = kernels.logistic_newton(k.X, k.a, k.b, k.y, zero, cluster=b.ref_cluster, n_clusters=b.n_clusters, **kw)
+        kernels.logistic_newton(k.X, k.z, zero, cluster=b.ref_cluster[:-1], n_clusters=b.n_clusters, **kw)
+    ok = kernels.logistic_newton(k.X, k.z, zero, cluster=b.ref_cluster, n_clusters=b.n_clusters, **kw)
     assert bool(ok.converged.all()) and bool(torch.isfinite(ok.meat).all())
