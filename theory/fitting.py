@@ -246,9 +246,10 @@ class _KernelTerms:
     def a_ref(self) -> Tensor | None:
         if self.X_ref is None:
             return None
-        v = self.w_ref if self.w_ref is not None else torch.full(self.g_ref.shape, 1.0 / self.g_ref.shape[1],
-                                                                 dtype=_DTYPE)
-        return self._made("a_ref", lambda: (self.lam[:, None] * v).contiguous())
+        if self.w_ref is None:
+            return self._made("a_ref", lambda: (self.lam[:, None] * (1.0 / self.g_ref.shape[1]))
+                              .expand_as(self.g_ref).contiguous())
+        return self._made("a_ref", lambda: (self.lam[:, None] * self.w_ref).contiguous())
 
     @property
     def b_ref(self) -> Tensor | None:
