@@ -350,6 +350,25 @@ inline void transpose_rows(const double* X, int64_t m, int64_t d, double* xt, in
     for (int64_t i = 0; i < m; ++i) xt[k * stride + i] = X[i * d + k];
 }
 
+// X (P x d, row-major) transposed into xt (row k at xt + k stride), chunk by chunk of kChunk rows; returns
+// max_i ||x_i||, the squares summed from the transposed chunk while it is in the L1 cache.
+double transpose_norms(const double* X, int64_t P, int64_t d, double* xt, int64_t stride) {
+  alignas(64) double sq[kChunk];
+  double top = 0.0;
+  for (int64_t i0 = 0; i0 < P; i0 += kChunk) {
+    const int64_t m = std::min(kChunk, P - i0);
+    transpose_rows(X + i0 * d, m, d, xt + i0, stride);
+    std::fill(sq, sq + m, 0.0);
+    for (int64_t k = 0; k < d; ++k) {
+      const double* x = xt + k * stride + i0;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) sq[i] += x[i] * x[i];
+    }
+    for (int64_t i = 0; i < m; ++i) top = std::max(top, sq[i]);
+  }
+  return std::sqrt(top);
+}
+
 // u_i = x_i . theta for the P rows of X (row-major, P x d): each row by 8-lane products against theta in blocks
 // of 8 (zero-padded), summed across the lanes. A row's last block may read the next row's first entries, which
 // meet the zero padding (finite features: 0 x = 0); the rows whose last block would read past X are summed
@@ -562,20 +581,6 @@ struct Objective {
   }
 };
 
-// max_i ||x_i|| over the n pairs of transposed features X (row j at X + j s); norms: scratch of n.
-double largest_norm(const double* X, int64_t s, int64_t n, int64_t d, std::vector<double>& norms) {
-  norms.assign(n, 0.0);
-  double* q = norms.data();
-  for (int64_t j = 0; j < d; ++j) {
-    const double* x = X + j * s;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) q[i] += x[i] * x[i];
-  }
-  double top = 0.0;
-  for (int64_t i = 0; i < n; ++i) top = std::max(top, q[i]);
-  return std::sqrt(top);
-}
-
 // The sandwich's meat V(lam) at the point whose coefficients c (labelled, then reference) f.eval stored: the
 // centred Gram of the cluster sums S_c = c_i x_i [c = i < n] + sum_{j: cluster(j) = c} c_j xref_j, each part
 // (labelled prompts, other clusters) on its own mean with factor C_p / (C_p - 1), as replication_moments with
@@ -583,8 +588,20 @@ double largest_norm(const double* X, int64_t s, int64_t n, int64_t d, std::vecto
 // gradient at that point. St: scratch of d x C.
 // Without reference pairs the n labelled pairs are the clusters, and the meat is one weighted Gram:
 // f (sum_i c_i^2 x_i x_i^T - grad grad^T / n), grad = sum_i c_i x_i.
-void newton_meat(const Objective& f, const double* c, const double* grad, const int64_t* cluster, int64_t C,
-                 std::vector<double>& St, double* out) {
+// With group > 0 the clusters are runs of reference pairs, cluster(j) = j / group (fitting's layout: each prompt's
+// pairs in a row), and each run is summed in turn; else pair by pair.
+template <int G>
+void run_sums(const double* c, const double* x, int64_t runs, int64_t group, double* s) {
+  const int64_t g = G > 0 ? G : group;
+  for (int64_t r = 0; r < runs; ++r) {
+    double t = 0.0;
+    for (int64_t m = 0; m < g; ++m) t += c[r * g + m] * x[r * g + m];
+    s[r] += t;
+  }
+}
+
+void newton_meat(const Objective& f, const double* c, const double* grad, const int64_t* cluster, int64_t group,
+                 int64_t C, std::vector<double>& St, double* out) {
   const int64_t n = f.n, N = f.N, d = f.d;
   std::fill(out, out + d * d, 0.0);
   if (!f.Xq) {
@@ -605,12 +622,25 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
     for (int64_t i = 0; i < n; ++i) sk[i] = c[i] * xk[i];
     std::fill(sk + n, sk + C, 0.0);
   }
-  // reference pair by pair, its d coordinates at once: the d sums of its cluster are independent chains (a
-  // coordinate at a time, consecutive pairs of one prompt would chain through one sum)
-  for (int64_t j = 0; j < N; ++j) {
-    const double cj = c[n + j];
-    double* sc = St.data() + cluster[j];
-    for (int64_t k = 0; k < d; ++k) sc[k * C] += cj * f.Xq[k * f.sq + j];
+  if (group > 0) {
+    for (int64_t k = 0; k < d; ++k) {
+      const double* xk = f.Xq + k * f.sq;
+      double* sk = St.data() + k * C;
+      switch (group) {
+        case 1: run_sums<1>(c + n, xk, N, 1, sk); break;
+        case 2: run_sums<2>(c + n, xk, N / 2, 2, sk); break;
+        case 4: run_sums<4>(c + n, xk, N / 4, 4, sk); break;
+        default: run_sums<0>(c + n, xk, N / group, group, sk);
+      }
+    }
+  } else {
+    // reference pair by pair, its d coordinates at once: the d sums of its cluster are independent chains (a
+    // coordinate at a time, consecutive pairs of one prompt would chain through one sum)
+    for (int64_t j = 0; j < N; ++j) {
+      const double cj = c[n + j];
+      double* sc = St.data() + cluster[j];
+      for (int64_t k = 0; k < d; ++k) sc[k * C] += cj * f.Xq[k * f.sq + j];
+    }
   }
   centred_moments(St.data(), nullptr, C, 0, n, d, out, nullptr, nullptr);
   centred_moments(St.data(), nullptr, C, n, C, d, out, nullptr, nullptr);
@@ -620,7 +650,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
 
 extern "C" {
 
-int rr_kernel_version() { return 19; }
+int rr_kernel_version() { return 20; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -697,6 +727,13 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
                         double* hess, int64_t* iters, int64_t* evals, int32_t* status, const int64_t* cluster,
                         int64_t C, double* meat) {
   const bool ref = Xq != nullptr;
+  int64_t group = 0;  // the reference pairs' clusters as runs: cluster(j) = j / group
+  if (meat && ref && N > 0 && cluster[N - 1] >= 0 && N % (cluster[N - 1] + 1) == 0) {
+    group = N / (cluster[N - 1] + 1);
+    for (int64_t j = 0; j < N && group; ++j)
+      if (cluster[j] != j / group)
+        group = 0;
+  }
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
     // the transposed features, each row padded to whole 64-byte lines (no load spans two)
@@ -704,15 +741,15 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
     std::vector<v8d> xt_lines(d * sx / kLanes), xq_lines(ref ? d * sq / kLanes : 0);
     double* xt = reinterpret_cast<double*>(xt_lines.data());
     double* xq = reinterpret_cast<double*>(xq_lines.data());
-    std::vector<double> L(d * d), step(d), trial(d), St(meat ? (ref ? d * C : n) : 0), norms;
+    std::vector<double> L(d * d), step(d), trial(d), St(meat ? (ref ? d * C : n) : 0);
     std::vector<double> ca(n), cb(n), cy(certificate && !ref ? n : 0), cq(ref ? N : 0), cbq(ref ? N : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t q = rows ? rows[r] : r;
-      for (int64_t i0 = 0; i0 < n; i0 += kChunk)
-        transpose_rows(X + (q * n + i0) * d, std::min(kChunk, n - i0), d, xt + i0, sx);
-      for (int64_t i0 = 0; ref && i0 < N; i0 += kChunk)
-        transpose_rows(Xq + (q * N + i0) * d, std::min(kChunk, N - i0), d, xq + i0, sq);
+      // the features transposed, and the largest norm (the self-concordance certificate below)
+      double xmax = transpose_norms(X + q * n * d, n, d, xt, sx);
+      if (ref)
+        xmax = std::max(xmax, transpose_norms(Xq + q * N * d, N, d, xq, sq));
       const double l = g ? lam[r] : 0.0, inv_n = 1.0 / static_cast<double>(n);
       const double* zq = z + q * n;
       const double* gq = g ? g + q * n : nullptr;
@@ -727,10 +764,9 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
                         ref ? xq : nullptr, ref ? cq.data() : nullptr, ref ? cbq.data() : nullptr, l};
       const bool lazy = certificate && ref;
       double* th = theta + r * d;
-      // the self-concordance certificate: all weights a_i >= 0, and the largest feature norm
+      // the self-concordance certificate: all weights a_i >= 0
       const bool convex = std::all_of(f.a, f.a + n, [](double v) { return v >= 0.0; }) &&
                     std::all_of(f.aq, f.aq + f.N, [](double v) { return v >= 0.0; });
-      const double xmax = std::max(largest_norm(xt, sx, n, d, norms), ref ? largest_norm(xq, sq, N, d, norms) : 0.0);
       Partial cur{0.0, std::vector<double>(d), std::vector<double>(d * d),
                   std::vector<double>(meat ? n + (ref ? N : 0) : 0)};
       Partial nxt = cur;
@@ -786,7 +822,7 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
       evals[r] = ev;
       status[r] = st;
       if (meat && st == 0)
-        newton_meat(f, cur.coef.data(), cur.grad.data(), cluster, C, St, meat + r * d * d);
+        newton_meat(f, cur.coef.data(), cur.grad.data(), cluster, group, C, St, meat + r * d * d);
       for (int64_t j = 0; j < d; ++j) grad[r * d + j] = cur.grad[j];
       for (int64_t j = 0; j < d; ++j)
         for (int64_t k = j; k < d; ++k)

@@ -402,15 +402,21 @@ def test_compiled_newton_hands_back_what_needs_safeguards(data: PairData) -> Non
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("which", ["data", "odd_data"])
+@pytest.mark.parametrize("which", ["data", "odd_data", "shuffled"])
 def test_compiled_newton_forms_the_meat(which: str, lam: float, request: pytest.FixtureRequest) -> None:
     """The meat the compiled loop forms at its estimate equals the moments kernel's ``V(lam)`` there, with
     unlabelled prompts and unequal reference weights (``lam = 0``: the labelled pairs alone, as the MLE's
-    sandwich takes them); a replication handed back gets NaN, which ``_sandwiches`` forms afresh."""
-    data = request.getfixturevalue(which)
+    sandwich takes them); a replication handed back gets NaN, which ``_sandwiches`` forms afresh. The reference
+    pairs come prompt by prompt (each cluster a run of ``M``: summed run by run) or, ``shuffled``, in any order
+    (summed pair by pair)."""
+    data = request.getfixturevalue("data" if which == "shuffled" else which)
     b = fitting._Batch.from_data(data)
     w = torch.as_tensor(np.random.default_rng(6).random(b.w_ref.shape))
     b = replace(b, w_ref=w / w.sum(1, keepdim=True), z=b.z.clone())
+    if which == "shuffled":
+        p = torch.as_tensor(np.random.default_rng(7).permutation(b.ref_cluster.numel()))
+        b = replace(b, dphi_ref=b.dphi_ref[:, p].contiguous(), g_ref=b.g_ref[:, p].contiguous(),
+                    w_ref=b.w_ref[:, p].contiguous(), ref_cluster=b.ref_cluster[p].contiguous())
     R, d = data.reps, data.d
     b.z[2] = (b.dphi[2] @ torch.ones(d, dtype=torch.float64) > 0).double()  # separated: handed back at lam = 0
     lam_t = torch.full((R,), lam, dtype=torch.float64)
