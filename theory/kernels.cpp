@@ -5,11 +5,11 @@
 // (R x d x P), coefficients a_ri, b_ri and a point theta_r:
 //   u_i = x_i . theta_r,  value_r = sum_i a_i softplus(u_i) - b_i u_i,
 //   grad_r = sum_i (a_i sigmoid(u_i) - b_i) x_i,  hess_r = sum_i a_i sigmoid(u_i) sigmoid(-u_i) x_i x_i^T,
-// margins, value and gradient in one pass over the pairs, in chunks that stay in the L1 cache, then the
-// Hessian in a second pass over the replication's features (from the L2 cache up to some 10^4 pairs at
-// d = 10) by `gram`'s 4 x 4 tiles of the upper triangle (the diagonal tiles also form their lower halves: 68
-// entries for d = 10, against 55 distinct ones); with `accumulate` the results are added to the outputs. A
-// replication's pairs are split over threads when there are fewer replications than threads.
+// in one pass over blocks of pairs whose rows stay in the L1 cache (pair_range): margins, the elementwise terms,
+// the gradient, and the Hessian's 4 x 4 tiles of the upper triangle (the diagonal tiles form their upper halves
+// only: 55 entries for d = 10), whose eight-lane sums are kept across the blocks and summed once; with
+// `accumulate` the results are added to the outputs. A replication's pairs are split over threads when there are
+// fewer replications than threads.
 // rr_transpose: (R x P x d) to (R x d x P). rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda;
 // rr_logistic_cluster_moments: the same for the logistic loss, its coefficients formed from the margins in the same pass.
 // rr_logistic_newton: fitting's damped Newton on the logistic VR objective, one replication per thread, until it
@@ -148,6 +148,17 @@ void gram_tile_rows(int nk, const double* const* u, const double* const* v, cons
   }
 }
 
+template <bool TRI>
+void gram_tile_of(int nj, int nk, const double* const* u, const double* const* v, const double* h, int64_t m,
+                  v8d* acc) {
+  switch (nj) {
+    case 1: return gram_tile_rows<1, TRI>(nk, u, v, h, m, acc);
+    case 2: return gram_tile_rows<2, TRI>(nk, u, v, h, m, acc);
+    case 3: return gram_tile_rows<3, TRI>(nk, u, v, h, m, acc);
+    default: return gram_tile_rows<4, TRI>(nk, u, v, h, m, acc);
+  }
+}
+
 // Eight-lane accumulators of a d x d product in 4 x 4 tiles: tile (jb, kb) holds entries (4 jb + p, 4 kb + q)
 // at (jb nb + kb) 16 + 4 p + q.
 struct Tiles {
@@ -160,6 +171,7 @@ struct Tiles {
     store.assign(nb * nb * 16, v8d{});
     acc = store.data();
   }
+  v8d& entry(int64_t j, int64_t k) const { return acc[((j / 4) * nb + k / 4) * 16 + (j % 4) * 4 + k % 4]; }
 
   // += sum_{i < m} h_i U[j][i] V[k][i] (rows at strides su, sv), every tile over these m pairs in turn (so a
   // block that fits the L1 cache is read from memory or L2 once); with `upper` the product is symmetric
@@ -168,8 +180,7 @@ struct Tiles {
     const int64_t full = m / kLanes * kLanes;
     for (int64_t j = 0; j < d; ++j)  // the last m % 8 pairs, to lane 0
       for (int64_t k = upper ? j : 0; k < d; ++k)
-        for (int64_t i = full; i < m; ++i)
-          acc[((j / 4) * nb + k / 4) * 16 + (j % 4) * 4 + k % 4][0] += (h ? h[i] : 1.0) * U[j * su + i] * V[k * sv + i];
+        for (int64_t i = full; i < m; ++i) entry(j, k)[0] += (h ? h[i] : 1.0) * U[j * su + i] * V[k * sv + i];
     m = full;
     const double* u[4];
     const double* v[4];
@@ -180,13 +191,10 @@ struct Tiles {
         const int nk = static_cast<int>(std::min<int64_t>(4, d - 4 * kb));
         for (int q = 0; q < nk; ++q) v[q] = V + (4 * kb + q) * sv;
         v8d* t = acc + (jb * nb + kb) * 16;
-        const bool tri = upper && kb == jb;
-        switch (nj) {
-          case 1: tri ? gram_tile_rows<1, true>(nk, u, v, h, m, t) : gram_tile_rows<1, false>(nk, u, v, h, m, t); break;
-          case 2: tri ? gram_tile_rows<2, true>(nk, u, v, h, m, t) : gram_tile_rows<2, false>(nk, u, v, h, m, t); break;
-          case 3: tri ? gram_tile_rows<3, true>(nk, u, v, h, m, t) : gram_tile_rows<3, false>(nk, u, v, h, m, t); break;
-          default: tri ? gram_tile_rows<4, true>(nk, u, v, h, m, t) : gram_tile_rows<4, false>(nk, u, v, h, m, t);
-        }
+        if (upper && kb == jb)
+          gram_tile_of<true>(nj, nk, u, v, h, m, t);
+        else
+          gram_tile_of<false>(nj, nk, u, v, h, m, t);
       }
     }
   }
@@ -195,7 +203,7 @@ struct Tiles {
   void sum_into(double* out, bool upper) const {
     for (int64_t j = 0; j < d; ++j)
       for (int64_t k = upper ? j : 0; k < d; ++k) {
-        const v8d& e = acc[((j / 4) * nb + k / 4) * 16 + (j % 4) * 4 + k % 4];
+        const v8d& e = entry(j, k);
         double s = 0.0;
         for (int l = 0; l < kLanes; ++l) s += e[l];
         out[j * d + k] += s;

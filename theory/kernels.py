@@ -294,8 +294,9 @@ def logistic_newton(X: Tensor, z: Tensor, theta0: Tensor, *, tol: float, theta_m
     status = torch.empty(R, dtype=torch.int32)
     ref = X_ref is not None
     lib.rr_logistic_newton(R, n, N, d, _ptr(X), _ptr(z), _ptr(g), _ptr(X_ref), _ptr(g_ref if ref else None),
-                           _ptr(w_ref if ref else None), _ptr(rows), _ptr(lam if g is not None else None), int(certificate), float(tol),
-                           float(theta_max), int(max_iter), torch.get_num_threads(), _ptr(theta), _ptr(grad), _ptr(hess), _ptr(iters), _ptr(evals), _ptr(status),
+                           _ptr(w_ref if ref else None), _ptr(rows), _ptr(lam if g is not None else None),
+                           int(certificate), float(tol), float(theta_max), int(max_iter), torch.get_num_threads(),
+                           _ptr(theta), _ptr(grad), _ptr(hess), _ptr(iters), _ptr(evals), _ptr(status),
                            _ptr(cluster if meat and X_ref is not None else None), int(n_clusters), _ptr(meat_out))
     return NewtonResult(theta, status == 0, grad, hess, iters, evals, meat_out)
 
