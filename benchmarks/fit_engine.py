@@ -25,8 +25,7 @@ Cholesky factorisation and sandwich Gram) divided by the machine's float64 matmu
 the same run (a square ``GEMM`` of size ``--gemm-size``, median of its repetitions). Per pair and
 evaluation, with ``d`` features: margins ``X theta`` ``2d``, gradient ``X^T c`` ``2d``, weighting
 ``h X`` ``d``, Hessian ``X^T (h X)`` ``2 d^2`` (the ``2mnk`` count of the product the torch path forms;
-``d (d + 1)`` for evaluations by the compiled kernel, whose tiles form the distinct entries and the lower
-halves of the diagonal tiles, which are not counted: 68 entries against 55 for ``d = 10``);
+``d (d + 1)`` for evaluations by the compiled kernel, whose tiles form the distinct entries only);
 ``flops_ratio_symmetric`` counts every Hessian as ``d (d + 1)`` (the strict floor). Elementwise
 transcendental functions (sigmoid, softplus) count zero flops. ``kernel`` says whether the compiled
 kernels (``theory.kernels``) were used; ``ROBUST_RLHF_KERNELS=0`` times the torch path.
