@@ -16,8 +16,9 @@ OUT/summary.csv, OUT/results.csv and the figures in OUT/figures/. Interrupted ru
 they stopped; finished steps are never redone.
 
 presets: test (toy, about a minute), tiny-cpu (2 CPU cores, ~9 min), tiny-cpu-diagnostic (M up to 16,
-5 seeds), tiny-cpu-fortunes (real short English), gpu-small and gpu-hh (one GPU; runtimes are
-estimates, not measured here); --list shows each one's settings.
+5 seeds), tiny-cpu-drpo (online DRPO against DPO and VRPO, ~4 min), tiny-cpu-fortunes (real short
+English), gpu-small and gpu-hh (one GPU; runtimes are estimates, not measured here); --list shows each
+one's settings.
 
 examples:
   robust-rlhf experiment --list

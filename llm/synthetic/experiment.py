@@ -40,7 +40,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ RESULT_COLUMNS = (
     "scenario", "seed", "method", "kind", "M", "g_hat", "n_eval", "mean_reward", "mean_reward_ci_low",
     "mean_reward_ci_high", "kl", "kl_ci_low", "kl_ci_high", "kl_method", "train_seconds", "eval_seconds",
     "train_loss", "steps", "lambda_mean", "var_grad_ratio", "var_grad_ratio_theory", "var_loss_ratio", "g_hat_rmse",
+    "drpo_win_rate", "drpo_clipped",
 )
 
 
@@ -184,9 +185,11 @@ def _check_same_config(out: Path, config: ExperimentConfig) -> None:
         raise InputError(f"{record}: unreadable ({exc}); remove it to start the experiment afresh") from None
     new = json.loads(json.dumps(config.as_dict(), default=str))
     changed = sorted(k for k in set(old) | set(new) if k not in _FREE and old.get(k) != new.get(k))
-    old_methods = {m["name"]: m for m in old.get("methods", [])}
+    # a method field added since the folder was written reads as its default (the setting the old runs had)
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(MethodSpec)}, default=str))
+    old_methods = {m["name"]: {**defaults, **m} for m in old.get("methods", [])}
     changed += [f"method {m['name']}" for m in new.get("methods", [])
-                if m["name"] in old_methods and old_methods[m["name"]] != m]
+                if m["name"] in old_methods and old_methods[m["name"]] != {**defaults, **m}]
     if changed:
         raise InputError(f"{out}: holds an experiment with other settings ({', '.join(changed)}); use another "
                          "--out folder, or the same settings (seeds, scenarios and methods may be added)")
@@ -457,7 +460,10 @@ def _oracle_g(ctx: ExperimentContext, scenario: str, rows: list[dict[str, Any]],
 
 
 # -- training ----------------------------------------------------------------------------------------------
-def _finetune_config(ctx: ExperimentContext, spec: MethodSpec | None, data: Path, out: Path, seed: int, cache: Path) -> dict[str, Any]:
+def _finetune_config(ctx: ExperimentContext, spec: MethodSpec | None, data: Path, out: Path, seed: int, cache: Path,
+                     judge: Path | None = None) -> dict[str, Any]:
+    """The ``robust-rlhf finetune`` config of one method (``spec``; None: the reward model of stage two);
+    ``judge``: the reward model that scores an online method's draws."""
     c = ctx.config
     stage_two = spec is None
     values: dict[str, Any] = {
@@ -495,6 +501,11 @@ def _finetune_config(ctx: ExperimentContext, spec: MethodSpec | None, data: Path
             values.update(
                 {"g_source": "reward_model", "g_model_name_or_path": ctx.ref_dir, "g_cross_fit_folds": 2}
             )
+        if spec.online:
+            if judge is None:
+                raise InputError(f"method {spec.name}: drpo needs the reward model that judges its draws")
+            values.update({"g_source": "reward_model", "g_model_name_or_path": str(judge),
+                           "drpo_samples": spec.samples, "drpo_max_new_tokens": c.max_new_tokens})
     values.update(dict(c.training_overrides))
     return values
 
@@ -515,7 +526,9 @@ def _finetune(values: dict[str, Any], log_file: Path) -> dict[str, Any]:
 
 def _training_summary(run_dir: Path) -> dict[str, Any]:
     """Means over the logged steps: ``lambda``, and ``var_vr / var_mle`` of the loss and of the oriented
-    margin-shift gradient (``vrpo/var_ograd_*``), each the ratio of the step means."""
+    margin-shift gradient (``vrpo/var_ograd_*``), each the ratio of the step means; for DRPO its doubly robust
+    estimate of the policy's win rate over the reference (``drpo/win_rate``) and the share of rows whose
+    importance ratio was clipped (``drpo/clipped``)."""
     path = run_dir / "trainer_state.json"
     if not path.exists():
         return {}
@@ -531,6 +544,7 @@ def _training_summary(run_dir: Path) -> dict[str, Any]:
     for name, key in (("grad", "ograd"), ("loss", "loss")):
         mle, vr = mean(f"vrpo/var_{key}_mle"), mean(f"vrpo/var_{key}_vr")
         out[f"var_{name}_ratio"] = vr / mle if mle and np.isfinite(mle) and mle > 0 else float("nan")
+    out["drpo_win_rate"], out["drpo_clipped"] = mean("drpo/win_rate"), mean("drpo/clipped")
     return out
 
 
@@ -607,6 +621,26 @@ def _sample_and_score(ctx: ExperimentContext, model: Any, sample_seed: int, path
     return {"kl": kl, "kl_ci_low": lo, "kl_ci_high": hi, "kl_method": "samples" if model is not ctx.ref_model else "zero"}
 
 
+def _reward_model(
+    ctx: ExperimentContext, scenario: str, seed: int, rows: list[dict[str, Any]]
+) -> tuple[Path, dict[str, Any]]:
+    """The reward model fitted on the labelled pairs of (scenario, seed) (best-of-``n``'s scorer, DRPO's judge),
+    trained on first use: its folder and ``{"train_seconds", "train_loss", "steps"}``."""
+    rm_dir = ctx.out / "runs" / scenario / f"seed{seed}" / "_reward_model"
+    rm_info = _cached_json(rm_dir / "result.json")  # written after the model: without it, the model is retrained
+    if rm_info is None:
+        data = ctx.out / "data" / f"seed{seed}" / scenario / "labelled.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl([{PROMPT: r[PROMPT], CHOSEN: r[CHOSEN], REJECTED: r[REJECTED]} for r in rows], data)
+        shared_cache = ctx.out / "cache" / scenario / f"seed{seed}"
+        t0 = time.perf_counter()
+        result = _finetune(_finetune_config(ctx, None, data, rm_dir / "model", seed, shared_cache), rm_dir / "train.log")
+        rm_info = {"train_seconds": time.perf_counter() - t0, "train_loss": result["train_loss"],
+                   "steps": result["global_step"]}
+        _write_json(rm_dir / "result.json", rm_info)
+    return rm_dir, rm_info
+
+
 def _run_method(
     ctx: ExperimentContext, scenario: str, seed: int, spec: MethodSpec, rows: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -621,7 +655,7 @@ def _run_method(
     samples = ctx.out / "eval" / scenario / f"seed{seed}" / f"{spec.name}.jsonl"
     record: dict[str, Any] = {
         "scenario": scenario, "seed": seed, "method": spec.name, "kind": spec.kind, "M": spec.M,
-        "g_hat": spec.g_hat if spec.uses_control_variate else "", "n_eval": len(ctx.eval_prompts),
+        "g_hat": spec.g_hat if spec.uses_control_variate or spec.online else "", "n_eval": len(ctx.eval_prompts),
         "train_seconds": 0.0, "train_loss": float("nan"), "steps": 0,
     }
     shared_cache = ctx.out / "cache" / scenario / f"seed{seed}"
@@ -641,7 +675,8 @@ def _run_method(
         data.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(_variant(ctx, rows, scenario, spec), data)
         cache = run_dir / "cache" if spec.g_hat == "reward_model" and spec.uses_control_variate else shared_cache
-        values = _finetune_config(ctx, spec, data, run_dir / "model", seed, cache)
+        judge = _reward_model(ctx, scenario, seed, rows)[0] / "model" if spec.online else None
+        values = _finetune_config(ctx, spec, data, run_dir / "model", seed, cache, judge)
         t0 = time.perf_counter()
         result = _finetune(values, run_dir / "train.log")
         record.update(
@@ -657,17 +692,7 @@ def _run_method(
         record["eval_seconds"] = time.perf_counter() - t1
         del policy
     else:  # best of n from the reference, scored by a reward model fitted on the labelled pairs
-        rm_dir = ctx.out / "runs" / scenario / f"seed{seed}" / "_reward_model"
-        rm_info = _cached_json(rm_dir / "result.json")  # written after the model: without it, the model is retrained
-        if rm_info is None:
-            data = ctx.out / "data" / f"seed{seed}" / scenario / "labelled.jsonl"
-            data.parent.mkdir(parents=True, exist_ok=True)
-            write_jsonl([{PROMPT: r[PROMPT], CHOSEN: r[CHOSEN], REJECTED: r[REJECTED]} for r in rows], data)
-            t0 = time.perf_counter()
-            result = _finetune(_finetune_config(ctx, None, data, rm_dir / "model", seed, shared_cache), rm_dir / "train.log")
-            rm_info = {"train_seconds": time.perf_counter() - t0, "train_loss": result["train_loss"],
-                       "steps": result["global_step"]}
-            _write_json(rm_dir / "result.json", rm_info)
+        rm_dir, rm_info = _reward_model(ctx, scenario, seed, rows)
         record.update(rm_info)
         from ..policy import best_of_n
 

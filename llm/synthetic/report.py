@@ -7,9 +7,10 @@ where the metric is finite, and ``partial_seeds`` names each metric finite in so
 ``metric: k of K``). ``kl_method`` says how the KL was obtained (``samples``; ``zero`` for the reference;
 ``best_of_n_formula``: ``log n - (n - 1)/n``, not measured). Metrics: the win rate and soft win probability over the baseline and over the
 reference (primary judge; with a true reward also the deterministic true-reward comparison), the mean
-true reward, the KL to the reference, and VRPO's training diagnostics (mean ``lambda``, the ratio of the
+true reward, the KL to the reference, VRPO's training diagnostics (mean ``lambda``, the ratio of the
 per-row variances with and without the control variate, its prediction from DESIGN.md 3.5 at the
-reference policy, the RMSE of ``g_hat`` against ``g*``).
+reference policy, the RMSE of ``g_hat`` against ``g*``) and DRPO's (its doubly robust estimate of its win
+rate over the reference during training, the share of clipped importance ratios).
 
 ``write_report(out_dir)`` writes ``summary.csv`` and ``report.md``: the setting (corpus source, reference,
 device, runtime), one table per scenario, and for every method a computed verdict on whether its win
@@ -48,6 +49,8 @@ SUMMARY_METRICS: dict[str, str] = {
     "var_grad_ratio_theory": "the same predicted at the reference policy (DESIGN.md 3.5)",
     "var_loss_ratio": "Var(loss, VR) / Var(loss, MLE)",
     "g_hat_rmse": "RMSE(g_hat - g*)",
+    "drpo_win_rate": "DRPO's doubly robust estimate of its win rate over the reference (mean over its steps)",
+    "drpo_clipped": "DRPO: share of rows whose importance ratio was clipped",
     "train_seconds": "training seconds",
 }
 
@@ -80,7 +83,7 @@ _ANY = (-math.inf, math.inf)
 _RANGES: dict[str, tuple[float, float]] = {
     **{m: (0.0, 1.0) for m in SUMMARY_METRICS if m.endswith(("_win_rate", "_soft"))},
     "kl": (0.0, math.inf), "var_grad_ratio": (0.0, math.inf),
-    "var_grad_ratio_theory": (0.0, math.inf), "var_loss_ratio": (0.0, math.inf),
+    "var_grad_ratio_theory": (0.0, math.inf), "var_loss_ratio": (0.0, math.inf), "drpo_clipped": (0.0, 1.0),
 }
 
 
@@ -153,6 +156,7 @@ _DIAGNOSTICS = (
     ("var_loss_ratio", "Var ratio (loss)"),
     ("lambda_mean", "mean lambda"),
     ("g_hat_rmse", "RMSE g_hat"),
+    ("drpo_win_rate", "DRPO's DR win rate"),
     ("train_seconds", "train s"),
 )
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def exp(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """The ``test`` preset run once: 2 seeds x 2 scenarios x 7 methods."""
+    """The ``test`` preset run once: 2 seeds x 2 scenarios x 8 methods."""
     base = tmp_path_factory.mktemp("e2e")
     cfg = get_preset("test")
     lines: list[str] = []
@@ -81,6 +81,11 @@ def test_every_run_is_in_the_results_table(exp: SimpleNamespace) -> None:
     assert (vr.loc[vr["g_hat"] == "oracle", "g_hat_rmse"] == 0).all()
     rm = vr.loc[vr["g_hat"] == "reward_model", "g_hat_rmse"]
     assert rm.map(math.isfinite).all() and (rm > 0).all()
+    # DRPO: trained online, its doubly robust win-rate estimate logged; the other methods have none
+    dr = t[t["method"] == "drpo_rm"]
+    assert len(dr) == len(cfg.seeds) * len(cfg.scenarios) and (dr["g_hat"] == "reward_model").all()
+    assert dr["drpo_win_rate"].map(math.isfinite).all() and dr["drpo_clipped"].between(0, 1).all()
+    assert t.loc[t["method"] != "drpo_rm", "drpo_win_rate"].isna().all()
     # the reference is the same policy in every scenario of a seed
     for _, grp in ref.groupby("seed"):
         assert grp["mean_reward"].nunique() == 1
@@ -113,6 +118,11 @@ def test_files_on_disk(exp: SimpleNamespace) -> None:
     from robust_rlhf.llm.config import parse_config
 
     parse_config(values)  # the saved config is a valid `robust-rlhf finetune` config
+    drpo = yaml.safe_load((out / "runs" / "bt" / "seed0" / "drpo_rm" / "model" / "finetune.yaml").read_text())
+    judge = out / "runs" / "bt" / "seed0" / "_reward_model" / "model"
+    assert drpo["method"] == "drpo" and drpo["g_source"] == "reward_model" and drpo["drpo_samples"] == 2
+    assert drpo["g_model_name_or_path"] == str(judge) and (judge / "config.json").exists()
+    parse_config(drpo)
     samples = read_rows(out / "eval" / "bt" / "seed0" / "dpo.jsonl")
     assert len(samples) == cfg.n_eval and all(len(s["token_ids"]) >= 1 for s in samples)
     assert all(s["logp"] <= 0 and s["logp_ref"] <= 0 for s in samples)
@@ -165,6 +175,20 @@ def test_a_folder_holds_one_configuration(exp: SimpleNamespace, tmp_path: Path) 
                            exp.out, exp.cache, log=lambda s: None)
     cols = [c for c in again.columns if not c.endswith("seconds")]
     pd.testing.assert_frame_equal(again[cols].reset_index(drop=True), exp.table[cols].reset_index(drop=True))
+    # a method field added since a folder was written (DRPO's samples) reads as its default: the folder resumes;
+    # a method whose value differs is refused
+    from robust_rlhf.llm.synthetic.experiment import _check_same_config
+
+    info = json.loads((exp.out / "experiment.json").read_text())
+    for m in info["config"]["methods"]:
+        del m["samples"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "experiment.json").write_text(json.dumps(info))
+    _check_same_config(tmp_path / "old", exp.cfg)
+    next(m for m in info["config"]["methods"] if m["name"] == "drpo_rm")["samples"] = 3
+    (tmp_path / "old" / "experiment.json").write_text(json.dumps(info))
+    with pytest.raises(InputError, match=r"other settings \(method drpo_rm\)"):
+        _check_same_config(tmp_path / "old", exp.cfg)
     # a truncated results.csv is refused, not summarised over the rows left
     (tmp_path / "experiment.json").write_text((exp.out / "experiment.json").read_text())
     lines = (exp.out / "results.csv").read_text().splitlines(keepends=True)

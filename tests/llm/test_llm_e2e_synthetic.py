@@ -206,7 +206,10 @@ def test_oracle_scorer_is_the_symmetrised_preference_on_the_reward() -> None:
 
 
 def test_presets_validate_and_override() -> None:
-    assert set(PRESETS) == {"test", "tiny-cpu", "tiny-cpu-diagnostic", "tiny-cpu-fortunes", "gpu-small", "gpu-hh"}
+    assert set(PRESETS) == {"test", "tiny-cpu", "tiny-cpu-diagnostic", "tiny-cpu-drpo", "tiny-cpu-fortunes", "gpu-small",
+                            "gpu-hh"}
+    drpo = next(m for m in get_preset("tiny-cpu-drpo").methods if m.online)
+    assert drpo.g_hat == "reward_model" and drpo.samples == 2 and get_preset("tiny-cpu-drpo").max_pairs == 4
     tiny = get_preset("tiny-cpu")
     assert tiny.max_pairs == 4 and tiny.baseline == "dpo" and tiny.runtime_measured
     assert not get_preset("gpu-small").runtime_measured and not get_preset("gpu-hh").runtime_measured
@@ -230,6 +233,14 @@ def test_presets_validate_and_override() -> None:
         MethodSpec("v", method="vrpo")
     with pytest.raises(InputError, match="g_hat"):
         MethodSpec("v", method="vrpo", M=1, g_hat="magic")
+    with pytest.raises(InputError, match="drpo's judge is the reward model .* set g_hat: reward_model"):
+        MethodSpec("d", method="drpo")
+    with pytest.raises(InputError, match="own loss"):
+        MethodSpec("d", method="drpo", g_hat="reward_model", loss="logistic")
+    with pytest.raises(InputError, match="samples >= 1"):
+        MethodSpec("d", method="drpo", g_hat="reward_model", samples=0)
+    with pytest.raises(InputError, match="M applies"):
+        MethodSpec("d", method="drpo", g_hat="reward_model", M=2)
     with pytest.raises(InputError, match="preset"):
         get_preset("huge")
 
