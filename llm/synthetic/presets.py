@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from robust_rlhf.theory.errors import InputError
@@ -312,32 +312,6 @@ PRESETS: dict[str, ExperimentConfig] = {
         estimated_minutes=23.0,
         runtime_measured=True,
     ),
-    "tiny-cpu-drpo": ExperimentConfig(
-        name="tiny-cpu-drpo",
-        description=(
-            "online DRPO against DPO and VRPO on tiny-cpu's task and budget: DRPO draws 2 responses per row and step "
-            "from the policy, judged by the reward model fitted on the labelled pairs (g_hat learned, pi_hat the "
-            "reference that wrote the data: the pi_hat-right case of its double robustness)"
-        ),
-        corpus=CorpusConfig(source="generated", n_generated=6000),
-        vocab_size=1024,
-        model=ModelConfig(n_layer=2, n_embd=128, n_head=4, n_positions=128),
-        pretrain=PretrainConfig(steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=50, max_length=64),
-        scenarios=("bt", "annotator_mixture", "label_flip"),
-        methods=_methods(
-            MethodSpec("reference", kind="reference"),
-            MethodSpec("dpo", method="dpo"),
-            MethodSpec("vrpo_m4", method="vrpo", loss="logistic", M=4),
-            MethodSpec("drpo_rm", method="drpo", g_hat="reward_model", samples=2),
-        ),
-        seeds=(0, 1, 2),
-        n_train=512,
-        n_eval=400,
-        max_new_tokens=20,
-        epochs=1.0,
-        estimated_minutes=4.0,
-        runtime_measured=True,
-    ),
     "tiny-cpu-fortunes": ExperimentConfig(
         name="tiny-cpu-fortunes",
         description=(
@@ -429,6 +403,24 @@ PRESETS: dict[str, ExperimentConfig] = {
         runtime_measured=False,
     ),
 }
+
+#: tiny-cpu's task and budget, DRPO against DPO and VRPO
+PRESETS["tiny-cpu-drpo"] = replace(
+    PRESETS["tiny-cpu"],
+    name="tiny-cpu-drpo",
+    description=(
+        "online DRPO against DPO and VRPO on tiny-cpu's task and budget: DRPO draws 2 responses per row and step "
+        "from the policy, judged by the reward model fitted on the labelled pairs (g_hat learned, pi_hat the "
+        "reference that wrote the data: the pi_hat-right case of its double robustness)"
+    ),
+    methods=_methods(
+        MethodSpec("reference", kind="reference"),
+        MethodSpec("dpo", method="dpo"),
+        MethodSpec("vrpo_m4", method="vrpo", loss="logistic", M=4),
+        MethodSpec("drpo_rm", method="drpo", g_hat="reward_model", samples=2),
+    ),
+    estimated_minutes=4.0,
+)
 
 
 def get_preset(name: str) -> ExperimentConfig:
