@@ -462,8 +462,33 @@ void centred_moments(double* At, double* Bt, int64_t C, int64_t lo, int64_t hi, 
     }
 }
 
-// Replication r's cluster moments (rr_cluster_moments), with scratch At and Bt (d x S, S = C with cB, else n;
-// Bt only with cB): the cluster sums formed transposed. B is formed first in rows, in At's space (a reference
+// The meat without control terms, where the n labelled pairs are the clusters: out = f sum_i (y_i - ybar)
+// (y_i - ybar)^T over y_i = cA_i x_i (X row-major, n x d), f = n / (n - 1): the mean first, then the centred rows
+// transposed chunk by chunk into the L1 cache for the Gram's tiles (no n x d scratch).
+void labelled_moments(int64_t n, int64_t d, const double* X, const double* cA, double* out) {
+  std::vector<double> mean(d, 0.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) mean[k] += cA[i] * X[i * d + k];
+  for (int64_t k = 0; k < d; ++k) mean[k] /= static_cast<double>(std::max<int64_t>(n, 1));
+  const int64_t block = tile_block(d, d + 1);
+  std::vector<v8d> yt_lines(d * block / kLanes);
+  double* yt = reinterpret_cast<double*>(yt_lines.data());
+  Tiles tiles(d);
+  for (int64_t i0 = 0; i0 < n; i0 += block) {
+    const int64_t m = std::min(block, n - i0);
+    for (int64_t k = 0; k < d; ++k)
+      for (int64_t i = 0; i < m; ++i) yt[k * block + i] = cA[i0 + i] * X[(i0 + i) * d + k] - mean[k];
+    tiles.add(yt, block, yt, block, nullptr, m, true);
+  }
+  std::vector<double> up(d * d, 0.0);
+  tiles.sum_into(up.data(), true);
+  const double f = n / static_cast<double>(std::max<int64_t>(n - 1, 1));
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t k = 0; k < d; ++k) out[j * d + k] = f * up[j <= k ? j * d + k : k * d + j];
+}
+
+// Replication r's cluster moments (rr_cluster_moments); without cB the labelled pairs alone (labelled_moments).
+// With cB, scratch At and Bt (d x C): the cluster sums formed transposed. B is formed first in rows, in At's space (a reference
 // pair adds to one row of d contiguous entries; added straight into Bt, each would touch d cache lines), then
 // transposed into Bt; A then overwrites At, chunk by chunk of rows transposed in the cache. With `lam` (and cB)
 // the meat at that lam itself goes to aa (ab, bb untouched): one Gram of the sums A + lam B, which equals
@@ -472,37 +497,34 @@ void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const doubl
                          const double* cB, const double* Xq, const double* cR, const int64_t* cluster,
                          std::vector<double>& At, std::vector<double>& Bt, double* aa, double* ab, double* bb,
                          const double* lam = nullptr) {
-  const int64_t S = cB ? C : n;
-  if (cB) {
-    double* rows = At.data();  // C x d
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t k = 0; k < d; ++k) rows[i * d + k] = cB[i] * Xr[i * d + k];
-    std::fill(rows + n * d, rows + C * d, 0.0);  // the other prompts: reference pairs only
-    for (int64_t j = 0; j < N; ++j) {
-      const double cj = cR[j];
-      const double* xj = Xq + j * d;
-      double* row = rows + cluster[j] * d;
-      for (int64_t k = 0; k < d; ++k) row[k] += cj * xj[k];
-    }
-    for (int64_t c0 = 0; c0 < C; c0 += kChunk)
-      transpose_rows(rows + c0 * d, std::min(kChunk, C - c0), d, Bt.data() + c0, C);
+  if (!cB) {
+    labelled_moments(n, d, Xr, cA, aa);
+    return;
   }
+  double* rows = At.data();  // C x d
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < d; ++k) rows[i * d + k] = cB[i] * Xr[i * d + k];
+  std::fill(rows + n * d, rows + C * d, 0.0);  // the other prompts: reference pairs only
+  for (int64_t j = 0; j < N; ++j) {
+    const double cj = cR[j];
+    const double* xj = Xq + j * d;
+    double* row = rows + cluster[j] * d;
+    for (int64_t k = 0; k < d; ++k) row[k] += cj * xj[k];
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk)
+    transpose_rows(rows + c0 * d, std::min(kChunk, C - c0), d, Bt.data() + c0, C);
   std::vector<double> xt(d * kChunk);
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t m = std::min(kChunk, n - i0);
     transpose_rows(Xr + i0 * d, m, d, xt.data(), kChunk);
     for (int64_t k = 0; k < d; ++k) {
       const double* xk = xt.data() + k * kChunk;
-      double* ak = At.data() + k * S + i0;
+      double* ak = At.data() + k * C + i0;
 #pragma omp simd
       for (int64_t i = 0; i < m; ++i) ak[i] = cA[i0 + i] * xk[i];
     }
   }
   std::fill(aa, aa + d * d, 0.0);
-  if (!cB) {
-    centred_moments(At.data(), nullptr, n, 0, n, d, aa, nullptr, nullptr);
-    return;
-  }
   if (lam) {
     const double l = *lam;
     for (int64_t k = 0; k < d; ++k) {
@@ -847,14 +869,14 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
   }
 }
 
-// Xt[r, k, i] = X[r, i, k]: (R x P x d) row-major to (R x d x P), in tiles of kChunk pairs.
+// Xt[r, k, i] = X[r, i, k]: (R x P x d) row-major to (R x d x P), in tiles of kChunk pairs; the threads share
+// the tiles of all replications (one large replication is transposed by all of them).
 void rr_transpose(int64_t R, int64_t P, int64_t d, const double* X, int threads, double* Xt) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (R > 1 && threads > 1)
-  for (int64_t r = 0; r < R; ++r) {
-    const double* Xr = X + r * P * d;
-    double* Tr = Xt + r * d * P;
-    for (int64_t i0 = 0; i0 < P; i0 += kChunk)
-      transpose_rows(Xr + i0 * d, std::min(kChunk, P - i0), d, Tr + i0, P);
+  const int64_t tiles = (P + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (R * P * d > 65536 && threads > 1)
+  for (int64_t it = 0; it < R * tiles; ++it) {
+    const int64_t r = it / tiles, i0 = it % tiles * kChunk;
+    transpose_rows(X + (r * P + i0) * d, std::min(kChunk, P - i0), d, Xt + r * d * P + i0, P);
   }
 }
 
@@ -873,7 +895,7 @@ void rr_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, c
                         double* VAA, double* VAB, double* VBB) {
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
-    std::vector<double> A((cB ? C : n) * d), B(cB ? C * d : 0);
+    std::vector<double> A(cB ? C * d : 0), B(cB ? C * d : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r)
       replication_moments(n, N, d, C, X + r * n * d, cA + r * n, cB ? cB + r * n : nullptr,
@@ -892,7 +914,7 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
                                  int threads, double* VAA, double* VAB, double* VBB) {
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
-    std::vector<double> A((g ? C : n) * d), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0),
+    std::vector<double> A(g ? C * d : 0), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0),
         s(std::max(n, N));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
