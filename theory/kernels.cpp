@@ -803,8 +803,8 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
       const bool lazy = certificate && ref;
       double* th = theta + r * d;
       // the self-concordance certificate: all weights a_i >= 0
-      const bool convex = std::all_of(f.a, f.a + n, [](double v) { return v >= 0.0; }) &&
-                    std::all_of(f.aq, f.aq + f.N, [](double v) { return v >= 0.0; });
+      const auto nonnegative = [](double v) { return v >= 0.0; };
+      const bool convex = std::all_of(f.a, f.a + n, nonnegative) && std::all_of(f.aq, f.aq + f.N, nonnegative);
       Partial cur{0.0, std::vector<double>(d), std::vector<double>(d * d),
                   std::vector<double>(meat ? n + (ref ? N : 0) : 0)};
       Partial nxt = cur;
