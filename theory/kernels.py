@@ -255,12 +255,12 @@ def logistic_newton(X: Tensor, z: Tensor, theta0: Tensor, *, tol: float, theta_m
     (the MLE); with ``g`` (S, n) at weights ``lam`` (R,), ``a = (1 - lam) / n``, ``b = (z - lam g) / n``, and
     reference pairs ``X_ref`` (S, N, d) with ``g_ref`` and ``w_ref`` (S, N; None: ``1 / N``), ``a_ref = lam w_ref``,
     ``b_ref = lam w_ref g_ref``, as ``fitting._KernelTerms``) from ``theta0`` (R, d), one replication per thread,
-    transposed into the thread's buffers once, with no
-    Python between the steps: full steps ``-H^{-1} grad`` while ``H`` has a Cholesky factor and the Armijo test
-    passes, until ``|grad| < tol``. A replication that needs more (a shortened step, a damped Hessian, a
-    certificate that no minimiser exists, ``|theta| > theta_max``, ``max_iter``) stops where it is with
-    ``converged`` False: ``fitting._newton_block`` takes it from there. ``rows`` selects replications as in
-    ``logistic_eval``.
+    transposed into the thread's buffers once, with no Python between the steps: full steps ``-H^{-1} grad``
+    while ``H`` has a Cholesky factor and the Armijo test passes (certified without the objective's values where
+    the loss's self-concordance allows: ``kernels.cpp``), until ``|grad| < tol``. A replication that needs more
+    (a shortened step, a damped Hessian, a certificate that no minimiser exists, ``|theta| > theta_max``,
+    ``max_iter``) stops where it is with ``converged`` False: ``fitting._newton_block`` takes it from there.
+    ``rows`` selects replications as in ``logistic_eval``.
 
     With ``meat``, a converged replication also gets the sandwich's meat at ``theta`` from its last evaluation:
     ``V = f sum_c (S_c - Sbar)(S_c - Sbar)^T`` over the cluster sums ``S_c`` of the pairs' gradient terms
@@ -277,7 +277,7 @@ def logistic_newton(X: Tensor, z: Tensor, theta0: Tensor, *, tol: float, theta_m
     needs = (("g", g), ("lam", lam)) + ((("g_ref", g_ref),) if X_ref is not None else ())
     missing = [name for name, t in needs if t is None]
     if (g is not None or X_ref is not None) and missing:
-        raise ValueError(f"logistic_newton: {'reference pairs' if X_ref is not None else 'g'} need "
+        raise ValueError(f"logistic_newton: {'reference pairs need' if X_ref is not None else 'g needs'} "
                          f"{', '.join(missing)}")
     _check("logistic_newton", g=(g, (S, n), f64), lam=(lam if g is not None else None, (R,), f64))
     if X_ref is not None:
