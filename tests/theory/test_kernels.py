@@ -395,7 +395,7 @@ def test_compiled_newton_hands_back_what_needs_safeguards(data: PairData) -> Non
         kernels.logistic_newton(X, z, zero[:1], max_iter=5, rows=torch.tensor([R]), **kw)
     with pytest.raises(ValueError, match="theta0"):
         kernels.logistic_newton(X, z, zero[:, :1], max_iter=5, **kw)
-    with pytest.raises(ValueError, match="need lam"):
+    with pytest.raises(ValueError, match="g needs lam"):
         kernels.logistic_newton(X, z, zero, max_iter=5, g=z, **kw)
     with pytest.raises(ValueError, match="reference pairs need g_ref"):
         kernels.logistic_newton(X, z, zero, max_iter=5, g=z, X_ref=X, lam=zero[:, 0], **kw)
