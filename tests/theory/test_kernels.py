@@ -57,6 +57,14 @@ def test_sums_match_closed_form(R: int, P: int, d: int, seed: int, scale: float)
     assert torch.equal(hess, hess.transpose(1, 2))
 
 
+@pytest.mark.parametrize("R, P, d", [(2, 1500, 45), (1, 1031, 64), (2, 700, 200)])
+def test_sums_match_closed_form_at_large_d(R: int, P: int, d: int) -> None:
+    """The larger blocks of pairs from d = 40 (512 pairs against 128 at d = 10), with a partial last block."""
+    Xt, a, b, theta = _inputs(R, P, d, seed=5, scale=0.3, zero_rows=R // 2)
+    for got, want in zip(kernels.logistic_eval(Xt, a, b, theta), _reference(Xt, a, b, theta)[:3]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13 * (1 + float(want.abs().max())))
+
+
 def test_modes_accumulate_and_thread_split() -> None:
     Xt, a, b, theta = _inputs(3, 5000, 6, seed=1)
     value, grad, hess = kernels.logistic_eval(Xt, a, b, theta)
