@@ -612,7 +612,9 @@ class _NewtonState:
 def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, *args,
                pooled: bool = False) -> _NewtonState:
     """Run ``solver`` on blocks of replications of about ``CACHE_BLOCK`` bytes of features each, every
-    block to convergence before the next (replications are independent).
+    block to convergence before the next (replications are independent); on the torch path also within the
+    working memory of ``_memory_chunks`` (the compiled Newton loop needs none per block: its scratch is per
+    thread and replication, and smaller blocks only add calls, each ending on its slowest replication).
 
     With ``pooled`` (a convex objective, the caller's choice) and a cold start (``theta0 = 0``), the blocks
     after the first start at the mean of the first block's converged estimates: Monte Carlo replications
@@ -621,8 +623,9 @@ def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor,
     the estimate moves within the gradient tolerance."""
     R, d = theta0.shape
     with_ref = _uses_ref(b, lam)
-    step = min(_chunk_reps(b, CACHE_BLOCK, 8 * b.dphi.shape[2], with_ref, clusters=False),
-               _memory_chunks(b, R, with_ref, clusters=False)[0].stop)
+    step = _chunk_reps(b, CACHE_BLOCK, 8 * b.dphi.shape[2], with_ref, clusters=False)
+    if type(loss) is not Logistic or not kernels.available():
+        step = min(step, _memory_chunks(b, R, with_ref, clusters=False)[0].stop)
     if step >= R:
         return solver(loss, lam, b, theta0, *args)
     parts = [solver(loss, lam[:step], b.rows(slice(0, step)), theta0[:step], *args)]
