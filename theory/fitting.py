@@ -609,6 +609,11 @@ class _NewtonState:
     meat: Tensor | None = None  # the sandwich's meat at theta where the solver formed it (NaN elsewhere)
 
 
+#: replications in the cold first block of a pooled start (``_blockwise``): the mean of their estimates starts the
+#: others, within about 1/sqrt(32) of one replication's spread of the population's centre
+POOL_REPS = 32
+
+
 def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor, *args,
                pooled: bool = False) -> _NewtonState:
     """Run ``solver`` on blocks of replications of about ``CACHE_BLOCK`` bytes of features each, every
@@ -616,8 +621,9 @@ def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor,
     working memory of ``_memory_chunks`` (the compiled Newton loop needs none per block: its scratch is per
     thread and replication, and smaller blocks only add calls, each ending on its slowest replication).
 
-    With ``pooled`` (a convex objective, the caller's choice) and a cold start (``theta0 = 0``), the blocks
-    after the first start at the mean of the first block's converged estimates: Monte Carlo replications
+    With ``pooled`` (a convex objective, the caller's choice) and a cold start (``theta0 = 0``), a first block
+    of ``POOL_REPS`` replications is solved cold and the others start at the mean of its converged estimates
+    (fewer cold replications: 3.4 -> 3.1 Newton iterations on average at R = 1000): Monte Carlo replications
     of one design lie within ``O(n^{-1/2})`` of each other, so Newton needs about two iterations fewer
     (3 against 5 for the logistic MLE at n = 2000, d = 10). The minimiser does not depend on the start;
     the estimate moves within the gradient tolerance."""
@@ -626,14 +632,16 @@ def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor,
     step = _chunk_reps(b, CACHE_BLOCK, 8 * b.dphi.shape[2], with_ref, clusters=False)
     if type(loss) is not Logistic or not kernels.available():
         step = min(step, _memory_chunks(b, R, with_ref, clusters=False)[0].stop)
-    if step >= R:
+    cold = pooled and not bool(theta0.any())
+    first = min(step, POOL_REPS) if cold else step  # a cold first block: only as large as the mean needs
+    if first >= R:
         return solver(loss, lam, b, theta0, *args)
-    parts = [solver(loss, lam[:step], b.rows(slice(0, step)), theta0[:step], *args)]
+    parts = [solver(loss, lam[:first], b.rows(slice(0, first)), theta0[:first], *args)]
     ok = parts[0].converged & ~parts[0].separable
-    if pooled and bool(ok.any()) and not bool(theta0.any()):
+    if cold and bool(ok.any()):
         theta0 = parts[0].theta[ok].mean(0).expand(R, d)
     parts += [solver(loss, lam[s:s + step], b.rows(slice(s, s + step)), theta0[s:s + step], *args)
-              for s in range(step, R, step)]
+              for s in range(first, R, step)]
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     meat = None
     if any(p.meat is not None for p in parts):
