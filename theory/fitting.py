@@ -273,10 +273,16 @@ class _KernelTerms:
         return self.linear if self.rows is None else self.linear[self.rows]
 
 
+def _compiled(loss: MarginLoss) -> bool:
+    """Whether the compiled logistic kernels (Newton loop, evaluation, meat) apply: the logistic loss, a kernel
+    built."""
+    return type(loss) is Logistic and kernels.available()
+
+
 def _kernel_terms(loss: MarginLoss, lam: Tensor, b: "_Batch") -> _KernelTerms | None:
     """The logistic objective of ``b`` at ``lam`` for the compiled kernels (``_KernelTerms``), or None where they
-    do not apply (another loss, or no kernel)."""
-    if type(loss) is Logistic and kernels.available():
+    do not apply (``_compiled``)."""
+    if _compiled(loss):
         if not _uses_ref(b, lam):
             return _KernelTerms(b.dphi.contiguous(), b.z.contiguous(), lam.contiguous())
         w = None if b.w_ref is None else b.w_ref.contiguous()
@@ -630,7 +636,7 @@ def _blockwise(solver, loss: MarginLoss, lam: Tensor, b: _Batch, theta0: Tensor,
     R, d = theta0.shape
     with_ref = _uses_ref(b, lam)
     step = _chunk_reps(b, CACHE_BLOCK, 8 * b.dphi.shape[2], with_ref, clusters=False)
-    if type(loss) is not Logistic or not kernels.available():
+    if not _compiled(loss):
         step = min(step, _memory_chunks(b, R, with_ref, clusters=False)[0].stop)
     cold = pooled and not bool(theta0.any())
     first = min(step, POOL_REPS) if cold else step  # a cold first block: only as large as the mean needs
@@ -1047,7 +1053,7 @@ def _sandwiches_meat(loss: MarginLoss, b: _Batch, theta: Tensor, lam: Tensor) ->
 def _meat_chunks(loss: MarginLoss, b: _Batch, R: int) -> list[slice]:
     """The replication chunks of a meat computation: one for the compiled logistic moments (they form their
     coefficients and cluster sums per thread: no (R, P) arrays), ``_memory_chunks`` otherwise."""
-    return [slice(0, R)] if kernels.available() and type(loss) is Logistic else _memory_chunks(b, R)
+    return [slice(0, R)] if _compiled(loss) else _memory_chunks(b, R)
 
 
 def tune_lambda(hess: Tensor, A: Tensor, B: Tensor, n: int, weight: int | np.ndarray | None = None,

@@ -271,18 +271,11 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
         c[i] = -bi[i];
       }
     } else {
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) e[i] = std::exp(-std::fabs(u[i]));  // glibc's vector exp (libmvec)
       if (value) {
 #pragma omp simd
-        for (int64_t i = 0; i < m; ++i) {  // the vector exp and log1p of glibc's libmvec
-          e[i] = std::exp(-std::fabs(u[i]));
-          soft[i] = std::fmax(u[i], 0.0) + std::log1p(e[i]);  // softplus(u)
-        }
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < m; ++i) {
-          e[i] = std::exp(-std::fabs(u[i]));
-          soft[i] = 0.0;
-        }
+        for (int64_t i = 0; i < m; ++i) soft[i] = std::fmax(u[i], 0.0) + std::log1p(e[i]);  // softplus(u)
       }
       const int64_t full = m / kLanes * kLanes;
       v8d vals{};
@@ -298,7 +291,8 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
       for (int64_t l = 0; l < kLanes; ++l) val += vals[l];
       for (int64_t i = full; i < m; ++i) {
         const double inv = 1.0 / (1.0 + e[i]);
-        val += ai[i] * soft[i] - bi[i] * u[i];
+        if (value)
+          val += ai[i] * soft[i] - bi[i] * u[i];
         h[i] = ai[i] * e[i] * inv * inv;
         c[i] = ai[i] * (u[i] >= 0.0 ? inv : e[i] * inv) - bi[i];
       }
@@ -619,15 +613,7 @@ struct Objective {
   }
 };
 
-// The sandwich's meat V(lam) at the point whose coefficients c (labelled, then reference) f.eval stored: the
-// centred Gram of the cluster sums S_c = c_i x_i [c = i < n] + sum_{j: cluster(j) = c} c_j xref_j, each part
-// (labelled prompts, other clusters) on its own mean with factor C_p / (C_p - 1), as replication_moments with
-// lam (a_i sigmoid(u_i) - b_i is the cluster's cA + lam cB, and a_ref sigmoid - b_ref its lam cR). grad: the
-// gradient at that point. St: scratch of d x C.
-// Without reference pairs the n labelled pairs are the clusters, and the meat is one weighted Gram:
-// f (sum_i c_i^2 x_i x_i^T - grad grad^T / n), grad = sum_i c_i x_i.
-// With group > 0 the clusters are runs of reference pairs, cluster(j) = j / group (fitting's layout: each prompt's
-// pairs in a row), and each run is summed in turn; else pair by pair.
+// sum_{m < group} c[r group + m] x[r group + m] added to s[r] for each run r (G: group known at compile time).
 template <int G>
 void run_sums(const double* c, const double* x, int64_t runs, int64_t group, double* s) {
   const int64_t g = G > 0 ? G : group;
@@ -638,6 +624,15 @@ void run_sums(const double* c, const double* x, int64_t runs, int64_t group, dou
   }
 }
 
+// The sandwich's meat V(lam) at the point whose coefficients c (labelled, then reference) f.eval stored: the
+// centred Gram of the cluster sums S_c = c_i x_i [c = i < n] + sum_{j: cluster(j) = c} c_j xref_j, each part
+// (labelled prompts, other clusters) on its own mean with factor C_p / (C_p - 1), as replication_moments with
+// lam (a_i sigmoid(u_i) - b_i is the cluster's cA + lam cB, and a_ref sigmoid - b_ref its lam cR). grad: the
+// gradient at that point. St: scratch of d x C.
+// Without reference pairs the n labelled pairs are the clusters, and the meat is one weighted Gram:
+// f (sum_i c_i^2 x_i x_i^T - grad grad^T / n), grad = sum_i c_i x_i.
+// With group > 0 the clusters are runs of reference pairs, cluster(j) = j / group (fitting's layout: each prompt's
+// pairs in a row), and each run is summed in turn; else pair by pair.
 void newton_meat(const Objective& f, const double* c, const double* grad, const int64_t* cluster, int64_t group,
                  int64_t C, std::vector<double>& St, double* out) {
   const int64_t n = f.n, N = f.N, d = f.d;
@@ -688,7 +683,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
 
 extern "C" {
 
-int rr_kernel_version() { return 20; }
+int rr_kernel_version() { return 21; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's

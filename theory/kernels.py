@@ -52,7 +52,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 20
+_VERSION = 21
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -343,6 +343,8 @@ def _moment_outputs(caller: str, X: Tensor, per_pair: dict[str, Tensor | None], 
 
 def _check_clusters(caller: str, cluster: Tensor | None, N: int, n_clusters: int) -> None:
     """``cluster`` an (N,) int64 tensor of ids in ``[0, n_clusters)``."""
+    if cluster is None and N:
+        raise ValueError(f"{caller}: the reference pairs' cluster ids are needed")
     _check(caller, cluster=(cluster, (N,), torch.int64))
     if N and not (0 <= int(cluster.min()) and int(cluster.max()) < n_clusters):
         raise ValueError(f"{caller}: cluster ids must lie in [0, {n_clusters})")

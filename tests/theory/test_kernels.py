@@ -460,5 +460,7 @@ def test_compiled_newton_meat_checks_its_clusters(data: PairData) -> None:
                                 **kw)
     with pytest.raises(ValueError, match="cluster"):
         kernels.logistic_newton(k.X, k.z, zero, cluster=b.ref_cluster[:-1], n_clusters=b.n_clusters, **kw)
+    with pytest.raises(ValueError, match="cluster ids are needed"):
+        kernels.logistic_newton(k.X, k.z, zero, cluster=None, n_clusters=b.n_clusters, **kw)
     ok = kernels.logistic_newton(k.X, k.z, zero, cluster=b.ref_cluster, n_clusters=b.n_clusters, **kw)
     assert bool(ok.converged.all()) and bool(torch.isfinite(ok.meat).all())
