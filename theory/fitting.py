@@ -986,8 +986,15 @@ def _pinv(hess: Tensor) -> Tensor:
     if not regular.all():
         out = torch.linalg.pinv(hess, hermitian=True)
         if regular.any():
-            out[regular] = torch.cholesky_inverse(torch.linalg.cholesky(hess[regular]))
+            out[regular] = _spd_inverse(hess[regular])
         return out
+    return _spd_inverse(hess)
+
+
+def _spd_inverse(hess: Tensor) -> Tensor:
+    """``H^{-1}`` of positive definite ``H`` (R, d, d) from its Cholesky factor (compiled where available)."""
+    if kernels.available():
+        return kernels.spd_factor(hess.contiguous(), inverse=True)[1]
     return torch.cholesky_inverse(torch.linalg.cholesky(hess))
 
 
@@ -995,6 +1002,8 @@ def _exceeds(H: Tensor, S: Tensor) -> Tensor:
     """(R,) whether ``H - S`` is positive definite (a Cholesky factor exists; non-finite rows: False), i.e.
     ``v'Hv > v'Sv`` for every ``v != 0``: one factorisation, where testing an eigenvalue takes an eigendecomposition
     (ten times the time for d = 10)."""
+    if kernels.available() and H.dim() == 3:  # a non-finite H or S makes H - S non-finite
+        return kernels.spd_factor((H - S).contiguous())[0]
     ok = torch.isfinite(H).all(dim=(-2, -1)) & torch.isfinite(S).all(dim=(-2, -1))
     eye = torch.eye(H.shape[-1], dtype=H.dtype)
     _, info = torch.linalg.cholesky_ex(torch.where(ok[..., None, None], H - S, -eye))

@@ -15,6 +15,7 @@
 // rr_logistic_newton: fitting's damped Newton on the logistic VR objective, one replication per thread, until it
 // converges or needs the caller's safeguards (backtracking, damping, certificates); on request also the sandwich's
 // meat at the estimate, from the last evaluation's coefficients while the replication is in the cache.
+// rr_spd_factor: whether small symmetric matrices are positive definite, and their inverses (the sandwich's bread).
 // rr_policy_regret: the per-prompt regret of the greedy or KL policy of each theta_r (robust_rlhf.theory.policies).
 #include <algorithm>
 #include <cmath>
@@ -558,6 +559,18 @@ bool cholesky(const double* A, int64_t d, double* L) {
   return true;
 }
 
+// Whether every entry of the d x d matrix A is finite, by its bits (-ffast-math lets the compiler assume finite
+// values, so std::isfinite and comparisons with NaN may not be evaluated).
+bool all_finite(const double* A, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t bits;
+    std::memcpy(&bits, A + i, sizeof bits);
+    ok &= (bits & 0x7ff0000000000000ULL) != 0x7ff0000000000000ULL;
+  }
+  return ok;
+}
+
 // x = -(L L^T)^{-1} g.
 void newton_step(const double* L, const double* g, int64_t d, double* x) {
   for (int64_t i = 0; i < d; ++i) {
@@ -683,7 +696,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
 
 extern "C" {
 
-int rr_kernel_version() { return 21; }
+int rr_kernel_version() { return 22; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -1056,6 +1069,42 @@ void rr_policy_regret(int64_t R, int64_t P, int64_t K, int64_t d, const double* 
         }
         o[p] = reg;
       }
+    }
+  }
+}
+
+// ok[r]: whether the symmetric A_r (R x d x d, upper triangle read) is finite with a Cholesky factor (positive
+// definite); with inv (R x d x d), also A_r^{-1} = L^-T L^-1 where ok[r] (other rows left alone).
+void rr_spd_factor(int64_t R, int64_t d, const double* A, int threads, int8_t* ok, double* inv) {
+#pragma omp parallel num_threads(threads) if (R > 64 && threads > 1)
+  {
+    std::vector<double> L(d * d), M(d * d);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const double* a = A + r * d * d;
+      bool good = all_finite(a, d * d) && cholesky(a, d, L.data());
+      for (int64_t j = 0; good && j < d; ++j)  // an overflow inside the factorisation
+        good = all_finite(L.data() + j * d, j + 1);
+      ok[r] = good;
+      if (!inv || !good)
+        continue;
+      // M = L^-1 (lower triangular), column by column by forward substitution
+      std::fill(M.begin(), M.end(), 0.0);
+      for (int64_t c = 0; c < d; ++c) {
+        M[c * d + c] = 1.0 / L[c * d + c];
+        for (int64_t i = c + 1; i < d; ++i) {
+          double t = 0.0;
+          for (int64_t k = c; k < i; ++k) t -= L[i * d + k] * M[k * d + c];
+          M[i * d + c] = t / L[i * d + i];
+        }
+      }
+      double* out = inv + r * d * d;  // (M^T M)[j][k] = sum_{i >= max(j, k)} M[i][j] M[i][k]
+      for (int64_t j = 0; j < d; ++j)
+        for (int64_t k = j; k < d; ++k) {
+          double t = 0.0;
+          for (int64_t i = k; i < d; ++i) t += M[i * d + j] * M[i * d + k];
+          out[j * d + k] = out[k * d + j] = t;
+        }
     }
   }
 }

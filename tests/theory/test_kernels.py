@@ -324,6 +324,36 @@ def test_transpose() -> None:
     assert torch.equal(kernels.transpose(X), X.transpose(1, 2))
 
 
+@given(d=st.integers(1, 17), seed=st.integers(0, 2**16))
+def test_spd_factor_matches_lapack(d: int, seed: int) -> None:
+    """The compiled Cholesky test and inverse agree with torch's LAPACK calls: a positive definite matrix of
+    condition 1e8 (its inverse to 1e-6 of its largest entry; condition times eps is 2e-8), and indefinite,
+    singular, non-finite and overflowing ones (not positive definite)."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(6, d, d, generator=gen, dtype=torch.float64))
+    ev = torch.logspace(0, 8, d, dtype=torch.float64).expand(6, d).clone()
+    ev[1, 0] = -1e-3  # indefinite
+    A = (Q * ev[:, None, :]) @ Q.transpose(1, 2)
+    A = 0.5 * (A + A.transpose(1, 2))
+    A[2, :, 0] = A[2, 0, :] = 0.0  # singular (a matrix singular only at rounding level may pass either test)
+    A[3, 0, 0] = torch.nan
+    A[4, d - 1, d - 1] = torch.inf
+    A[5] = torch.eye(d, dtype=torch.float64)
+    A[5, 0, 0] = 1e-200
+    if d > 1:  # L_10 = 1e300: L_10^2 overflows
+        A[5, 0, 1] = A[5, 1, 0] = 1e200
+    ok, inv = kernels.spd_factor(A, inverse=True)
+    finite = torch.isfinite(A).all(dim=(1, 2))
+    L, info = torch.linalg.cholesky_ex(torch.where(torch.isfinite(A), A, 0.0))
+    want = (info == 0) & finite & torch.isfinite(L).all(dim=(1, 2))
+    assert ok.tolist() == want.tolist()
+    assert bool(ok[0]) and not ok[1] and not ok[3:5].any() and bool(ok[5]) == (d == 1)
+    want_inv = torch.cholesky_inverse(torch.linalg.cholesky(A[0]))
+    torch.testing.assert_close(inv[0], want_inv, rtol=0, atol=1e-6 * float(want_inv.abs().max()))
+    assert torch.isnan(inv[~ok]).all()
+    assert torch.equal(kernels.spd_factor(A)[0], ok) and kernels.spd_factor(A)[1] is None
+
+
 def test_rows_select_without_copying() -> None:
     """``rows`` evaluates replications in place: the same sums as on the copied subset, in its order."""
     Xt, a, b, theta = _inputs(6, 300, 4, seed=5, zero_rows=2)
