@@ -14,7 +14,8 @@
 // rr_logistic_cluster_moments: the same for the logistic loss, its coefficients formed from the margins in the same pass.
 // rr_logistic_newton: fitting's damped Newton on the logistic VR objective, one replication per thread, until it
 // converges or needs the caller's safeguards (backtracking, damping, certificates); on request also the sandwich's
-// meat at the estimate, from the last evaluation's coefficients while the replication is in the cache.
+// meat at the estimate, from the last evaluation's coefficients while the replication is in the cache, and a
+// pre-step with a shared Hessian (the mean of other replications' at their estimates) from a gradient alone.
 // rr_spd_factor: whether small symmetric matrices are positive definite, and their inverses (the sandwich's bread).
 // rr_policy_regret: the per-prompt regret of the greedy or KL policy of each theta_r (robust_rlhf.theory.policies).
 #include <algorithm>
@@ -616,6 +617,14 @@ struct Objective {
     return cert && rec + q.rec < -1e-9 * (size + std::fabs(lam) * q.absu / static_cast<double>(N));
   }
 
+  // the gradient at th alone (no Hessian, no values) into p.grad
+  void gradient_at(const double* th, Partial& p) const {
+    std::fill(p.grad.begin(), p.grad.end(), 0.0);
+    pair_range(sx, d, X, a, b, th, nullptr, 1, false, 0, n, p, nullptr, false);
+    if (Xq)
+      pair_range(sq, d, Xq, aq, bq, th, nullptr, 1, false, 0, N, p, nullptr, false);
+  }
+
   // the objective at th alone
   double value_at(const double* th) const {
     Partial p{0.0, {}, {}};
@@ -696,7 +705,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
 
 extern "C" {
 
-int rr_kernel_version() { return 22; }
+int rr_kernel_version() { return 23; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -771,7 +780,7 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
                         const int64_t* rows, const double* lam, int certificate, double tol,
                         double theta_max, int64_t max_iter, int threads, double* theta, double* grad,
                         double* hess, int64_t* iters, int64_t* evals, int32_t* status, const int64_t* cluster,
-                        int64_t C, double* meat) {
+                        int64_t C, double* meat, const double* pre, int8_t* prestep) {
   const bool ref = Xq != nullptr;
   int64_t group = 0;  // the reference pairs' clusters as runs: cluster(j) = j / group
   if (meat && ref && N > 0 && cluster[N - 1] >= 0 && N % (cluster[N - 1] + 1) == 0) {
@@ -789,6 +798,9 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
     double* xq = reinterpret_cast<double*>(xq_lines.data());
     std::vector<double> L(d * d), step(d), trial(d), St(meat ? (ref ? d * C : n) : 0);
     std::vector<double> ca(n), cb(n), cy(certificate && !ref ? n : 0), cq(ref ? N : 0), cbq(ref ? N : 0);
+    std::vector<double> L0(pre ? d * d : 0);
+    const bool pre_ok = pre && cholesky(pre, d, L0.data());
+    Partial gp{0.0, std::vector<double>(pre_ok ? d : 0), {}};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t q = rows ? rows[r] : r;
@@ -813,6 +825,17 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
       // the self-concordance certificate: all weights a_i >= 0
       const auto nonnegative = [](double v) { return v >= 0.0; };
       const bool convex = std::all_of(f.a, f.a + n, nonnegative) && std::all_of(f.aq, f.aq + f.N, nonnegative);
+      if (pre_ok) {  // the pre-step theta - pre^{-1} grad (no line search: the Newton loop's safeguards follow)
+        f.gradient_at(th, gp);
+        double g2 = 0.0;
+        for (int64_t j = 0; j < d; ++j) g2 += gp.grad[j] * gp.grad[j];
+        if (std::sqrt(g2) >= tol) {
+          newton_step(L0.data(), gp.grad.data(), d, step.data());
+          for (int64_t j = 0; j < d; ++j) th[j] += step[j];
+        }
+      }
+      if (prestep)
+        prestep[r] = pre_ok;
       Partial cur{0.0, std::vector<double>(d), std::vector<double>(d * d),
                   std::vector<double>(meat ? n + (ref ? N : 0) : 0)};
       Partial nxt = cur;

@@ -52,7 +52,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 22
+_VERSION = 23
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -128,7 +128,7 @@ def _load() -> ctypes.CDLL | None:
     lib.rr_logistic_cluster_moments.restype = None
     lib.rr_logistic_newton.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
                                        ctypes.c_double, ctypes.c_double, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr,
-                                       ptr, ptr, i64, ptr]
+                                       ptr, ptr, i64, ptr, ptr, ptr]
     lib.rr_logistic_newton.restype = None
     lib.rr_policy_regret.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, ptr, ptr,
                                      ctypes.c_double, ctypes.c_double, ctypes.c_int, ptr]
@@ -245,13 +245,14 @@ class NewtonResult:
     iters: Tensor
     evals: Tensor
     meat: Tensor | None = None
+    presteps: Tensor | None = None
 
 
 def logistic_newton(X: Tensor, z: Tensor, theta0: Tensor, *, tol: float, theta_max: float, max_iter: int,
                     certificate: bool, g: Tensor | None = None, X_ref: Tensor | None = None,
                     g_ref: Tensor | None = None, w_ref: Tensor | None = None, lam: Tensor | None = None,
                     rows: Tensor | None = None, meat: bool = False, cluster: Tensor | None = None,
-                    n_clusters: int = 0) -> NewtonResult:
+                    n_clusters: int = 0, pre_hess: Tensor | None = None) -> NewtonResult:
     r"""Damped Newton on the logistic VR objectives (``logistic_eval``'s form, the coefficients formed by each thread
     from the data: labelled pairs ``X`` (S, n, d) row-major with labels ``z`` (S, n): ``a = 1 / n``, ``b = z / n``
     (the MLE); with ``g`` (S, n) at weights ``lam`` (R,), ``a = (1 - lam) / n``, ``b = (z - lam g) / n``, and
@@ -269,7 +270,13 @@ def logistic_newton(X: Tensor, z: Tensor, theta0: Tensor, *, tol: float, theta_m
     ``(a_i sigmoid(u_i) - b_i) x_i`` (a labelled pair in cluster ``i``, a reference pair in ``cluster_j``, ids in
     ``[0, n_clusters)``), each part (labelled prompts, other clusters) centred on its own mean with
     ``f = C_p / (C_p - 1)``: the ``V(lam)`` of ``logistic_cluster_moments`` when ``a``, ``b`` are its
-    coefficients at ``lam``. Without reference pairs the labelled pairs are the clusters."""
+    coefficients at ``lam``. Without reference pairs the labelled pairs are the clusters.
+
+    With ``pre_hess`` (d, d; positive definite, e.g. the mean Hessian of replications of the same design at their
+    estimates), each replication first takes the step ``-pre_hess^{-1} grad(theta0)`` from a gradient-only
+    evaluation (no line search; the Newton iterations follow with their safeguards): from a pooled start
+    ``theta0`` this removes most of one Newton iteration (the estimates move within the tolerance). ``presteps``
+    (R,) says which replications made that evaluation."""
     lib = _require()
     S, n, d = X.shape
     f64 = torch.float64
@@ -294,13 +301,17 @@ def logistic_newton(X: Tensor, z: Tensor, theta0: Tensor, *, tol: float, theta_m
     grad, hess = torch.empty(R, d, dtype=f64), torch.empty(R, d, d, dtype=f64)
     iters, evals = torch.empty(R, dtype=torch.int64), torch.empty(R, dtype=torch.int64)
     status = torch.empty(R, dtype=torch.int32)
+    presteps = torch.zeros(R, dtype=torch.int8) if pre_hess is not None else None
+    _check("logistic_newton", pre_hess=(pre_hess, (d, d), f64))
     ref = X_ref is not None
     lib.rr_logistic_newton(R, n, N, d, _ptr(X), _ptr(z), _ptr(g), _ptr(X_ref), _ptr(g_ref if ref else None),
                            _ptr(w_ref if ref else None), _ptr(rows), _ptr(lam if g is not None else None),
                            int(certificate), float(tol), float(theta_max), int(max_iter), torch.get_num_threads(),
                            _ptr(theta), _ptr(grad), _ptr(hess), _ptr(iters), _ptr(evals), _ptr(status),
-                           _ptr(cluster if meat and X_ref is not None else None), int(n_clusters), _ptr(meat_out))
-    return NewtonResult(theta, status == 0, grad, hess, iters, evals, meat_out)
+                           _ptr(cluster if meat and X_ref is not None else None), int(n_clusters), _ptr(meat_out),
+                           _ptr(pre_hess), _ptr(presteps))
+    return NewtonResult(theta, status == 0, grad, hess, iters, evals, meat_out,
+                        None if presteps is None else presteps.bool())
 
 
 def transpose(X: Tensor) -> Tensor:
