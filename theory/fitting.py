@@ -198,8 +198,9 @@ class _KernelTerms:
     replications selected (None: all), so that a subset is an index, not a copy (a fresh copy of a Newton
     block per subset cost more in page faults than the kernel's arithmetic). ``Xt``, ``Xt_ref``: the features
     transposed to (R, d, P) for ``logistic_eval``, made on first use (the compiled Newton loop transposes each
-    replication in its own cache, and most blocks need nothing else). What is made on first use is shared by
-    the selections."""
+    replication in its own cache, and most blocks need nothing else) and kept in ``shared``, the batch's, for
+    the objectives at other ``lam`` (the MLE's and VRPO's). What is made on first use is shared by the
+    selections."""
 
     X: Tensor
     z: Tensor
@@ -210,19 +211,21 @@ class _KernelTerms:
     w_ref: Tensor | None = None
     rows: Tensor | None = None
     made: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
 
-    def _made(self, name: str, make: Callable[[], Tensor]) -> Tensor:
-        if name not in self.made:
-            self.made[name] = make()
-        return self.made[name]
+    def _made(self, name: str, make: Callable[[], Tensor], store: dict | None = None) -> Tensor:
+        store = self.made if store is None else store
+        if name not in store:
+            store[name] = make()
+        return store[name]
 
     @property
     def Xt(self) -> Tensor:
-        return self._made("Xt", lambda: kernels.transpose(self.X))
+        return self._made("Xt", lambda: kernels.transpose(self.X), self.shared)
 
     @property
     def Xt_ref(self) -> Tensor | None:
-        return None if self.X_ref is None else self._made("Xt_ref", lambda: kernels.transpose(self.X_ref))
+        return None if self.X_ref is None else self._made("Xt_ref", lambda: kernels.transpose(self.X_ref), self.shared)
 
     @property
     def a(self) -> Tensor:
@@ -284,10 +287,10 @@ def _kernel_terms(loss: MarginLoss, lam: Tensor, b: "_Batch") -> _KernelTerms | 
     do not apply (``_compiled``)."""
     if _compiled(loss):
         if not _uses_ref(b, lam):
-            return _KernelTerms(b.dphi.contiguous(), b.z.contiguous(), lam.contiguous())
+            return _KernelTerms(b.dphi.contiguous(), b.z.contiguous(), lam.contiguous(), shared=b.transposed)
         w = None if b.w_ref is None else b.w_ref.contiguous()
         return _KernelTerms(b.dphi.contiguous(), b.z.contiguous(), lam.contiguous(), b.g.contiguous(),
-                            b.dphi_ref.contiguous(), b.g_ref.contiguous(), w)
+                            b.dphi_ref.contiguous(), b.g_ref.contiguous(), w, shared=b.transposed)
     return None
 
 
@@ -306,6 +309,7 @@ class _Batch:
     ref_cluster: Tensor | None  # (N,) cluster of each reference pair
     n_clusters: int
     kern: _KernelTerms | None = None
+    transposed: dict = field(default_factory=dict)  # the kernel terms' transposed features (_KernelTerms.shared)
 
     @classmethod
     def from_data(cls, data: PairData, g: np.ndarray | None = None, g_ref: np.ndarray | None = None) -> "_Batch":
@@ -314,7 +318,9 @@ class _Batch:
         g_ref = data.g_ref if g_ref is None else g_ref
         n = data.n
         ref_cluster, n_clusters = None, n
-        if data.dphi_ref is not None:
+        if data.dphi_ref is not None and data.ref_row.size and 0 <= data.ref_row.min() and data.ref_row.max() < n:
+            ref_cluster = torch.tensor(data.ref_row)  # every reference pair's prompt is labelled: its cluster
+        elif data.dphi_ref is not None:
             rows = data.ref_row
             other = rows >= n
             ids = np.empty_like(rows)

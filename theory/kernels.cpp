@@ -23,8 +23,11 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#include <omp.h>
+
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -458,43 +461,85 @@ void centred_moments(double* At, double* Bt, int64_t C, int64_t lo, int64_t hi, 
     }
 }
 
-// The meat without control terms, where the n labelled pairs are the clusters: out = f sum_i (y_i - ybar)
-// (y_i - ybar)^T over y_i = cA_i x_i (X row-major, n x d), f = n / (n - 1): the mean first, then the centred rows
-// transposed chunk by chunk into the L1 cache for the Gram's tiles (no n x d scratch).
-void labelled_moments(int64_t n, int64_t d, const double* X, const double* cA, double* out) {
-  std::vector<double> mean(d, 0.0);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < d; ++k) mean[k] += cA[i] * X[i * d + k];
-  for (int64_t k = 0; k < d; ++k) mean[k] /= static_cast<double>(std::max<int64_t>(n, 1));
+// Per-thread partial sums for centred_gram (slot t of the team's thread t), added in thread order: the results
+// depend on the number of threads, not on the schedule.
+struct TeamSums {
+  std::vector<double> sums, grams, mean;
+  TeamSums(int threads, int64_t d) : sums(threads * d), grams(threads * d * d), mean(d) {}
+};
+
+// out (upper triangle) += f sum_{c in [lo, hi)} (y_c - ybar)(y_c - ybar)^T, y_c = (y(c, 0), ..., y(c, d - 1)),
+// f = m / (m - 1) over the m = hi - lo rows: the mean first, then the centred rows transposed chunk by chunk into
+// the L1 cache for the Gram's tiles (no m x d scratch). Called by every thread of the enclosing parallel region,
+// which share its loops (or outside one, by a single thread).
+template <class Y>
+void centred_gram(const Y& y, int64_t lo, int64_t hi, int64_t d, TeamSums& team, double* out) {
+  const int t = omp_get_thread_num();
+  std::vector<double> acc(d, 0.0);
+#pragma omp for schedule(static)
+  for (int64_t c = lo; c < hi; ++c)
+    for (int64_t k = 0; k < d; ++k) acc[k] += y(c, k);
+  std::copy(acc.begin(), acc.end(), team.sums.begin() + t * d);
+#pragma omp barrier
+#pragma omp single
+  {
+    std::fill(team.mean.begin(), team.mean.end(), 0.0);
+    for (int u = 0; u < omp_get_num_threads(); ++u)
+      for (int64_t k = 0; k < d; ++k) team.mean[k] += team.sums[u * d + k];
+    for (int64_t k = 0; k < d; ++k) team.mean[k] /= static_cast<double>(std::max<int64_t>(hi - lo, 1));
+  }
+  const double* mean = team.mean.data();
   const int64_t block = tile_block(d, d + 1);
   std::vector<v8d> yt_lines(d * block / kLanes);
   double* yt = reinterpret_cast<double*>(yt_lines.data());
   Tiles tiles(d);
-  for (int64_t i0 = 0; i0 < n; i0 += block) {
-    const int64_t m = std::min(block, n - i0);
+#pragma omp for schedule(static)
+  for (int64_t c0 = lo; c0 < hi; c0 += block) {
+    const int64_t m = std::min(block, hi - c0);
     for (int64_t k = 0; k < d; ++k)
-      for (int64_t i = 0; i < m; ++i) yt[k * block + i] = cA[i0 + i] * X[(i0 + i) * d + k] - mean[k];
+      for (int64_t i = 0; i < m; ++i) yt[k * block + i] = y(c0 + i, k) - mean[k];
     tiles.add(yt, block, yt, block, nullptr, m, true);
   }
-  std::vector<double> up(d * d, 0.0);
-  tiles.sum_into(up.data(), true);
-  const double f = n / static_cast<double>(std::max<int64_t>(n - 1, 1));
-  for (int64_t j = 0; j < d; ++j)
-    for (int64_t k = 0; k < d; ++k) out[j * d + k] = f * up[j <= k ? j * d + k : k * d + j];
+  double* mine = team.grams.data() + t * d * d;
+  std::fill(mine, mine + d * d, 0.0);
+  tiles.sum_into(mine, true);
+#pragma omp barrier
+#pragma omp single
+  {
+    const double f = (hi - lo) / static_cast<double>(std::max<int64_t>(hi - lo - 1, 1));
+    for (int u = 0; u < omp_get_num_threads(); ++u)
+      for (int64_t j = 0; j < d; ++j)
+        for (int64_t k = j; k < d; ++k) out[j * d + k] += f * team.grams[(u * d + j) * d + k];
+  }
 }
 
-// Replication r's cluster moments (rr_cluster_moments); without cB the labelled pairs alone (labelled_moments).
+// out's lower triangle from its upper one.
+void mirror(double* out, int64_t d) {
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t k = 0; k < j; ++k) out[j * d + k] = out[k * d + j];
+}
+
+// The meat without control terms, where the n labelled pairs are the clusters: out = f sum_i (y_i - ybar)
+// (y_i - ybar)^T over y_i = cA_i x_i (X row-major, n x d), f = n / (n - 1) (centred_gram), split over `threads`.
+void labelled_moments(int64_t n, int64_t d, const double* X, const double* cA, double* out, int threads = 1) {
+  TeamSums team(threads, d);
+  std::fill(out, out + d * d, 0.0);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  centred_gram([&](int64_t i, int64_t k) { return cA[i] * X[i * d + k]; }, 0, n, d, team, out);
+  mirror(out, d);
+}
+
+// Replication r's cluster moments (rr_cluster_moments); without cB the labelled pairs alone (labelled_moments, over
+// `threads`).
 // With cB, scratch At and Bt (d x C): the cluster sums formed transposed. B is formed first in rows, in At's space (a reference
 // pair adds to one row of d contiguous entries; added straight into Bt, each would touch d cache lines), then
-// transposed into Bt; A then overwrites At, chunk by chunk of rows transposed in the cache. With `lam` (and cB)
-// the meat at that lam itself goes to aa (ab, bb untouched): one Gram of the sums A + lam B, which equals
-// V_AA + lam (V_AB + V_AB^T) + lam^2 V_BB (A is zero on the other clusters; each part centred on its own mean).
+// transposed into Bt; A then overwrites At, chunk by chunk of rows transposed in the cache.
 void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const double* Xr, const double* cA,
                          const double* cB, const double* Xq, const double* cR, const int64_t* cluster,
                          std::vector<double>& At, std::vector<double>& Bt, double* aa, double* ab, double* bb,
-                         const double* lam = nullptr) {
+                         int threads = 1) {
   if (!cB) {
-    labelled_moments(n, d, Xr, cA, aa);
+    labelled_moments(n, d, Xr, cA, aa, threads);
     return;
   }
   double* rows = At.data();  // C x d
@@ -521,24 +566,63 @@ void replication_moments(int64_t n, int64_t N, int64_t d, int64_t C, const doubl
     }
   }
   std::fill(aa, aa + d * d, 0.0);
-  if (lam) {
-    const double l = *lam;
-    for (int64_t k = 0; k < d; ++k) {
-      double* ak = At.data() + k * C;
-      const double* bk = Bt.data() + k * C;
-#pragma omp simd
-      for (int64_t c = 0; c < n; ++c) ak[c] += l * bk[c];
-#pragma omp simd
-      for (int64_t c = n; c < C; ++c) ak[c] = l * bk[c];
-    }
-    centred_moments(At.data(), nullptr, C, 0, n, d, aa, nullptr, nullptr);
-    centred_moments(At.data(), nullptr, C, n, C, d, aa, nullptr, nullptr);
-    return;
-  }
   std::fill(ab, ab + d * d, 0.0);
   std::fill(bb, bb + d * d, 0.0);
   centred_moments(At.data(), Bt.data(), C, 0, n, d, aa, ab, bb);
   centred_moments(nullptr, Bt.data(), C, n, C, d, nullptr, nullptr, bb);
+}
+
+// The meat V(lam) of one replication of the logistic VR objective at th (rr_logistic_cluster_moments with lam): the
+// cluster sums S_c = (cA_c + lam cB_c) x_c [c < n] + lam sum_{j: cluster(j) = c} cR_j xref_j formed from the
+// margins chunk by chunk in rows (C x d scratch), then each part's (labelled prompts [0, n), others [n, C))
+// centred_gram. With `threads` > 1 the pairs and clusters of this replication are split over them (one large
+// replication); the reference pairs then by runs when cluster(j) = j / group (group > 0), else by one thread.
+void fused_meat(int64_t n, int64_t N, int64_t d, int64_t C, const double* X, const double* z, const double* g,
+                const double* Xq, const double* gq, const double* wq, const int64_t* cluster, int64_t group,
+                const double* th, double lam, int threads, double* rows, double* out) {
+  TeamSums team(threads, d);
+  std::fill(out, out + d * d, 0.0);
+  const double inv_n = 1.0 / static_cast<double>(n), w_all = N ? 1.0 / static_cast<double>(N) : 0.0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    alignas(64) double s[kChunk];
+#pragma omp for schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {  // labelled rows: (cA + lam cB) x = ((1 - lam) s - z + lam g) x / n
+      const int64_t m = std::min(kChunk, n - i0);
+      sigmoid_margins(X + i0 * d, th, m, d, s);
+      for (int64_t i = 0; i < m; ++i) {
+        const double c = ((1.0 - lam) * s[i] - z[i0 + i] + lam * g[i0 + i]) * inv_n;
+        for (int64_t k = 0; k < d; ++k) rows[(i0 + i) * d + k] = c * X[(i0 + i) * d + k];
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = n; c < C; ++c) std::fill(rows + c * d, rows + c * d + d, 0.0);
+    // reference pairs: lam cR_j xref_j added to their clusters' rows, cR_j = w_j (s_j - gref_j)
+    const auto add_refs = [&](int64_t lo, int64_t hi) {
+      for (int64_t j0 = lo; j0 < hi; j0 += kChunk) {
+        const int64_t m = std::min(kChunk, hi - j0);
+        sigmoid_margins(Xq + j0 * d, th, m, d, s);
+        for (int64_t j = 0; j < m; ++j) {
+          const double c = lam * (wq ? wq[j0 + j] : w_all) * (s[j] - gq[j0 + j]);
+          double* row = rows + cluster[j0 + j] * d;
+          for (int64_t k = 0; k < d; ++k) row[k] += c * Xq[(j0 + j) * d + k];
+        }
+      }
+    };
+    if (group > 0) {
+      const int64_t runs = N / group, per = std::max<int64_t>(1, kChunk / group);
+#pragma omp for schedule(static)
+      for (int64_t r0 = 0; r0 < runs; r0 += per) add_refs(r0 * group, std::min(runs, r0 + per) * group);
+    } else {
+#pragma omp single
+      add_refs(0, N);
+    }
+    // each part's centred Gram
+    const auto row = [&](int64_t c, int64_t k) { return rows[c * d + k]; };
+    centred_gram(row, 0, n, d, team, out);
+    centred_gram(row, n, C, d, team, out);
+  }
+  mirror(out, d);
 }
 
 // L L^T = A for the symmetric d x d matrix A (row-major, upper triangle read), L lower triangular (row-major);
@@ -635,6 +719,18 @@ struct Objective {
   }
 };
 
+// The reference pairs' clusters as runs of `group` pairs, cluster(j) = j / group (fitting's layout: each prompt's
+// pairs in a row): that group, or 0 for any other layout.
+int64_t run_group(const int64_t* cluster, int64_t N) {
+  if (N <= 0 || cluster[N - 1] < 0 || N % (cluster[N - 1] + 1) != 0)
+    return 0;
+  const int64_t group = N / (cluster[N - 1] + 1);
+  for (int64_t j = 0; j < N; ++j)
+    if (cluster[j] != j / group)
+      return 0;
+  return group;
+}
+
 // sum_{m < group} c[r group + m] x[r group + m] added to s[r] for each run r (G: group known at compile time).
 template <int G>
 void run_sums(const double* c, const double* x, int64_t runs, int64_t group, double* s) {
@@ -705,7 +801,7 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
 
 extern "C" {
 
-int rr_kernel_version() { return 23; }
+int rr_kernel_version() { return 25; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -782,13 +878,7 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
                         double* hess, int64_t* iters, int64_t* evals, int32_t* status, const int64_t* cluster,
                         int64_t C, double* meat, const double* pre, int8_t* prestep) {
   const bool ref = Xq != nullptr;
-  int64_t group = 0;  // the reference pairs' clusters as runs: cluster(j) = j / group
-  if (meat && ref && N > 0 && cluster[N - 1] >= 0 && N % (cluster[N - 1] + 1) == 0) {
-    group = N / (cluster[N - 1] + 1);
-    for (int64_t j = 0; j < N && group; ++j)
-      if (cluster[j] != j / group)
-        group = 0;
-  }
+  const int64_t group = meat && ref ? run_group(cluster, N) : 0;
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
     // the transposed features, each row padded to whole 64-byte lines (no load spans two)
@@ -931,7 +1021,7 @@ void rr_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, c
     for (int64_t r = 0; r < R; ++r)
       replication_moments(n, N, d, C, X + r * n * d, cA + r * n, cB ? cB + r * n : nullptr,
                           cB ? Xref + r * N * d : nullptr, cB ? cR + r * N : nullptr, cluster, A, B, VAA + r * d * d,
-                          cB ? VAB + r * d * d : nullptr, cB ? VBB + r * d * d : nullptr);
+                          cB ? VAB + r * d * d : nullptr, cB ? VBB + r * d * d : nullptr, R < threads ? threads : 1);
   }
 }
 
@@ -943,6 +1033,20 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
                                  const double* z, const double* g, const double* Xref, const double* gref,
                                  const double* wref, const int64_t* cluster, const double* theta, const double* lam,
                                  int threads, double* VAA, double* VAB, double* VBB) {
+  if (g && lam) {  // the meat at lam itself: fused_meat, over all threads for each replication when R < threads
+    const int64_t group = run_group(cluster, N);
+    const bool split = R < threads;
+#pragma omp parallel num_threads(threads) if (!split && threads > 1)
+    {
+      std::unique_ptr<double[]> rows(new double[C * d]);  // every entry is written before it is read
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t r = 0; r < R; ++r)
+        fused_meat(n, N, d, C, X + r * n * d, z + r * n, g + r * n, Xref ? Xref + r * N * d : nullptr,
+                   gref ? gref + r * N : nullptr, wref ? wref + r * N : nullptr, cluster, group, theta + r * d,
+                   lam[r], split ? threads : 1, rows.get(), VAA + r * d * d);
+    }
+    return;
+  }
 #pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
   {
     std::vector<double> A(g ? C * d : 0), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0),
@@ -973,11 +1077,9 @@ void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int
           for (int64_t j = 0; j < N; ++j) cR[j] = w * (s[j] - gq[j]);
         }
       }
-      const bool fused = g && lam;
       replication_moments(n, N, d, C, Xr, cA.data(), g ? cB.data() : nullptr, g ? Xref + r * N * d : nullptr,
-                          g ? cR.data() : nullptr, cluster, A, B, VAA + r * d * d,
-                          g && !fused ? VAB + r * d * d : nullptr, g && !fused ? VBB + r * d * d : nullptr,
-                          fused ? lam + r : nullptr);
+                          g ? cR.data() : nullptr, cluster, A, B, VAA + r * d * d, g ? VAB + r * d * d : nullptr,
+                          g ? VBB + r * d * d : nullptr, R < threads ? threads : 1);
     }
   }
 }

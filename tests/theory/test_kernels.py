@@ -319,6 +319,35 @@ def test_logistic_meat_at_a_fixed_lam_is_the_quadratic(data: PairData) -> None:
     torch.testing.assert_close(fitting._meat(moments, lam), want, rtol=1e-11, atol=1e-14 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("layout", ["runs", "shuffled"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_logistic_meat_of_one_replication_over_threads(data: PairData, layout: str, threads: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One replication's ``V(lam)`` split over the threads (its pairs, clusters and, when each prompt's reference
+    pairs form a run, those runs) equals the quadratic of the unsplit moments, for prompts in runs and for
+    reference pairs in shuffled order (added by one thread); the meat without control terms equals
+    ``n`` times the sample covariance of the pairs' scores."""
+    b = fitting._Batch.from_data(data)
+    one = lambda t: t[:1].contiguous()  # noqa: E731
+    X_ref, g_ref, w_ref, cluster = one(b.dphi_ref), one(b.g_ref), one(b.w_ref), b.ref_cluster
+    if layout == "shuffled":
+        perm = torch.as_tensor(np.random.default_rng(6).permutation(cluster.shape[0]))
+        X_ref, g_ref, w_ref, cluster = X_ref[:, perm].contiguous(), g_ref[:, perm].contiguous(), \
+            w_ref[:, perm].contiguous(), cluster[perm].contiguous()
+    theta = torch.as_tensor(np.random.default_rng(5).normal(size=(1, data.d)))
+    args = (one(b.dphi), one(b.z), theta, one(b.g), X_ref, g_ref, w_ref, cluster, b.n_clusters)
+    lam = torch.tensor([0.7], dtype=torch.float64)
+    want = fitting._meat(kernels.logistic_cluster_moments(*args), lam)
+    X, z = one(b.dphi), one(b.z)
+    y = ((torch.sigmoid(X[0] @ theta[0]) - z[0]) / data.n)[:, None] * X[0]  # no control terms: the labelled pairs
+    plain = torch.cov(y.T, correction=1)[None] * data.n
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    V = kernels.logistic_cluster_moments(*args, lam=lam)[0]
+    torch.testing.assert_close(V, want, rtol=1e-11, atol=1e-14 * float(want.abs().max()))
+    V0 = kernels.logistic_cluster_moments(X, z, theta)[0]
+    torch.testing.assert_close(V0, plain, rtol=1e-11, atol=1e-14 * float(plain.abs().max()))
+
+
 def test_transpose() -> None:
     X = torch.randn(3, 131, 7, dtype=torch.float64)
     assert torch.equal(kernels.transpose(X), X.transpose(1, 2))
