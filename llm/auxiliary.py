@@ -12,8 +12,10 @@ training):
 
 ``annotate`` writes ``g`` on every pair of every row (``chosen_preference = g(x, chosen, rejected)``,
 ``rejected_preference = 1 - chosen_preference``, likewise ``a_{2j-1}_preference`` and
-``a_{2j}_preference``); ``cross_fit`` does it with ``K`` folds, the rows of fold ``k`` scored by a model
-fitted on the other folds, so ``g_hat`` never saw the labels of the rows it scores (DESIGN.md 3.4);
+``a_{2j}_preference``); ``cross_fit`` does it with ``K`` folds of the prompts (``prompt_folds``), the rows of
+fold ``k`` scored by a model fitted on the other folds, so ``g_hat`` never saw the labels of the rows it scores
+(DESIGN.md 3.4); ``cross_fit_scorer`` keeps the ``K`` models as one scorer that routes each pair to the model of
+its prompt's fold (``FoldScorer``: DRPO's judge, which scores new responses to the rows' prompts while training);
 ``cached_annotate`` stores the result next to the data (JSONL keyed by a hash of the rows and the
 source) and reads it back on the next run.
 """
@@ -54,8 +56,11 @@ __all__ = [
     "RewardModelScorer",
     "PairwiseModelScorer",
     "load_callable",
+    "FoldScorer",
     "annotate",
+    "prompt_folds",
     "cross_fit",
+    "cross_fit_scorer",
     "cached_annotate",
 ]
 
@@ -208,6 +213,26 @@ def annotate(
     return rows
 
 
+def _prompt_key(prompt: Any) -> str:
+    """A prompt as a string key: its text, or a chat prompt's messages as JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def prompt_folds(rows: Sequence[Mapping[str, Any]], folds: int, seed: int = 0) -> dict[str, int]:
+    """A seeded partition of the rows' distinct prompts into ``folds`` near-equal parts, ``{prompt key: fold}``:
+    the rows of one prompt share a fold, so a model fitted outside fold ``k`` saw none of fold ``k``'s prompts
+    (with distinct prompts, the partition of the rows by a seeded shuffle)."""
+    keys = list(dict.fromkeys(_prompt_key(r[PROMPT]) for r in rows))
+    if folds < 2 or folds > len(keys):
+        raise InputError(f"cross-fitting needs 2 <= folds <= distinct prompts ({len(keys)}), got {folds}")
+    random.Random(seed).shuffle(keys)
+    return {key: pos % folds for pos, key in enumerate(keys)}
+
+
+def _outside(rows: Sequence[Mapping[str, Any]], fold_of: Mapping[str, int], k: int) -> list[dict[str, Any]]:
+    return [dict(r) for r in rows if fold_of[_prompt_key(r[PROMPT])] != k]
+
+
 def cross_fit(
     rows: Sequence[Mapping[str, Any]],
     schema: PreferenceSchema,
@@ -215,26 +240,52 @@ def cross_fit(
     fit: Callable[[list[dict[str, Any]]], PreferenceScorer],
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """``K``-fold cross-fitted ``g_hat``: rows of fold ``k`` are scored by ``fit(rows outside fold k)``.
-
-    Folds are a seeded random partition into ``K`` near-equal parts.
-    """
-    n = len(rows)
-    if folds < 2 or folds > n:
-        raise InputError(f"cross-fitting needs 2 <= folds <= rows ({n}), got {folds}")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    fold_of = [0] * n
-    for pos, i in enumerate(order):
-        fold_of[i] = pos % folds
-    out: list[dict[str, Any] | None] = [None] * n
+    """``K``-fold cross-fitted ``g_hat`` columns: rows of fold ``k`` (``prompt_folds``) are scored by ``fit(rows
+    outside fold k)``, one fitted model at a time."""
+    fold_of = prompt_folds(rows, folds, seed)
+    out: list[dict[str, Any] | None] = [None] * len(rows)
     for k in range(folds):
-        train = [dict(rows[i]) for i in range(n) if fold_of[i] != k]
-        held = [i for i in range(n) if fold_of[i] == k]
-        scored = annotate([rows[i] for i in held], schema, fit(train))
+        held = [i for i, r in enumerate(rows) if fold_of[_prompt_key(r[PROMPT])] == k]
+        scored = annotate([rows[i] for i in held], schema, fit(_outside(rows, fold_of, k)))
         for i, r in zip(held, scored):
             out[i] = r
     return [r for r in out if r is not None]
+
+
+@dataclass
+class FoldScorer:
+    """A cross-fitted ``g_hat`` as one scorer: each pair is scored by ``scorers[fold_of[prompt]]``, the model
+    fitted without that fold's rows (``cross_fit_scorer``); a prompt of no fold is an ``InputError``."""
+
+    scorers: Sequence[PreferenceScorer]
+    fold_of: Mapping[str, int]
+
+    def __call__(self, prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> list[float]:
+        by_fold: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            key = _prompt_key(prompt)
+            if key not in self.fold_of:
+                raise InputError(f"cross-fitted g_hat: the prompt {key[:80]!r} is in none of its folds (it scores "
+                                 "responses to the prompts of the rows it was fitted on)")
+            by_fold.setdefault(self.fold_of[key], []).append(i)
+        out = [0.0] * len(prompts)
+        for k, idx in sorted(by_fold.items()):
+            values = self.scorers[k]([prompts[i] for i in idx], [firsts[i] for i in idx], [seconds[i] for i in idx])
+            for i, v in zip(idx, as_probabilities(f"g_hat of fold {k}", list(values), (len(idx),), "its pairs")):
+                out[i] = float(v)
+        return out
+
+
+def cross_fit_scorer(
+    rows: Sequence[Mapping[str, Any]],
+    folds: int,
+    fit: Callable[[list[dict[str, Any]]], PreferenceScorer],
+    seed: int = 0,
+) -> FoldScorer:
+    """The ``K`` models of ``cross_fit`` (``fit(rows outside fold k)``, the folds of ``prompt_folds``) kept as one
+    ``FoldScorer``: a response to a row's prompt is judged by a model that never saw that row's label."""
+    fold_of = prompt_folds(rows, folds, seed)
+    return FoldScorer([fit(_outside(rows, fold_of, k)) for k in range(folds)], fold_of)
 
 
 def _rows_hash(rows: Sequence[Mapping[str, Any]], key: str) -> str:

@@ -143,8 +143,9 @@ class PreferenceArguments:
             if self.g_source not in JUDGES:
                 raise InputError(f"method drpo judges its draws while training: g_source must be one of "
                                  f"{', '.join(JUDGES)}, got {self.g_source!r}")
-            if self.g_cross_fit_folds:
-                raise InputError("method drpo: g_cross_fit_folds does not apply (the judge scores new draws)")
+            if self.g_cross_fit_folds and self.g_source != "reward_model":
+                raise InputError("method drpo: g_cross_fit_folds fits the judge, from g_model_name_or_path: it needs "
+                                 f"g_source=reward_model, got {self.g_source!r}")
             if self.length_normalize:
                 raise InputError("method drpo: length_normalize does not apply (its importance ratios need sequence "
                                  "log-probabilities)")

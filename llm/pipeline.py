@@ -11,15 +11,19 @@ r"""One fine-tuning run from its configuration: data -> g_hat -> tokens -> train
 
 ``method: drpo`` skips steps 2 and 3: ``DRPOTrainer`` draws responses while training, judges them with the scorer
 of ``g_source`` (a reward model, a pairwise model or a callable) and scores ``pi_hat`` (``ref_model_name_or_path``,
-default the initial policy) on them live.
+default the initial policy) on them live. With ``g_cross_fit_folds: K`` the judge is cross-fitted: ``K`` reward
+models fitted from ``g_model_name_or_path`` on the rows outside each fold of the prompts, a row's draws and pair
+judged by the model of its prompt's fold (``auxiliary.cross_fit_scorer``; refitted when a run resumes).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from .auxiliary import (
     annotate,
     cached_annotate,
     cross_fit,
+    cross_fit_scorer,
     load_callable,
 )
 from .config import DataArguments, ModelArguments, PreferenceArguments
@@ -107,6 +112,21 @@ def fit_reward_scorer(
     return RewardModelScorer(trainer.model, tokenizer)
 
 
+def _fold_fitter(model_args: ModelArguments, pref: PreferenceArguments, tokenizer: Any, train_args: Any,
+                 prefix: str) -> Callable[[list[dict[str, Any]]], RewardModelScorer]:
+    """Cross-fitting's ``fit(rows)``: its ``k``-th call fits a reward model from ``g_model_name_or_path`` on
+    ``rows`` (``fit_reward_scorer``, seed ``train_args.seed + k``) in ``output_dir/{prefix}{k}``."""
+    init = _g_model_path(pref)
+    calls = itertools.count(1)
+
+    def fit(train_rows: list[dict[str, Any]]) -> RewardModelScorer:
+        k = next(calls)
+        return fit_reward_scorer(train_rows, model_args, pref, tokenizer, train_args,
+                                 os.path.join(train_args.output_dir, f"{prefix}{k}"), init, train_args.seed + k)
+
+    return fit
+
+
 def _g_model_path(pref: PreferenceArguments) -> str:
     """The model of a model-based ``g_source`` (``g_model_name_or_path``), which it needs."""
     if not pref.g_model_name_or_path:
@@ -158,24 +178,12 @@ def prepare_g_hat(
             raise InputError("g_cross_fit_folds applies to g_source=reward_model")
         if folds:
 
-            def fit(train_rows: list[dict[str, Any]], _count: list[int] = [0]) -> RewardModelScorer:  # noqa: B006
-                _count[0] += 1
-                return fit_reward_scorer(
-                    train_rows,
-                    model_args,
-                    pref,
-                    tokenizer,
-                    train_args,
-                    os.path.join(train_args.output_dir, f"g_hat_fold{_count[0]}"),
-                    path,
-                    train_args.seed + _count[0],
-                )
-
+            fit = _fold_fitter(model_args, pref, tokenizer, train_args, "g_hat_fold")
             compute = lambda: cross_fit(rows, schema, folds, fit, seed=train_args.seed)  # noqa: E731
         else:
             scorer = build_scorer(pref, model_args, train_args)
             compute = lambda: annotate(rows, schema, scorer)  # noqa: E731
-        key = f"{pref.g_source}:{path}:folds={folds}:seed={train_args.seed}"
+        key = f"{pref.g_source}:{path}:folds={folds}{' by prompt' if folds else ''}:seed={train_args.seed}"
         if folds:  # the fitted reward models depend on how they are trained
             fitting = {k: getattr(train_args, k, None) for k in _FIT_SETTINGS}
             key += ":" + json.dumps({**fitting, "dtype": model_args.dtype, "dropout": pref.disable_dropout},
@@ -239,7 +247,7 @@ def run_finetune(
         add_eos=pref.stage == "one",
     )
 
-    def load(source: str, split: str, tag: str) -> tuple[Any, PreferenceSchema]:
+    def load(source: str, split: str, tag: str) -> tuple[Any, PreferenceSchema, list[dict[str, Any]]]:
         rows, schema = prepare_rows(
             source,
             split,
@@ -250,12 +258,12 @@ def run_finetune(
         )
         if needs_refs:
             rows, schema = prepare_g_hat(rows, schema, model_args, pref, tokenizer, train_args, cache_dir, tag)
-        return tokenize_dataset(rows_to_dataset(rows), tokenizer, schema, options, keep_text=drpo), schema
+        return tokenize_dataset(rows_to_dataset(rows), tokenizer, schema, options, keep_text=drpo), schema, rows
 
-    train_ds, schema = load(data_args.train_data, data_args.train_split, "train")
+    train_ds, schema, train_rows = load(data_args.train_data, data_args.train_split, "train")
     eval_ds = None
     if data_args.eval_data:
-        eval_ds, eval_schema = load(data_args.eval_data, data_args.eval_split, "eval")
+        eval_ds, eval_schema, _ = load(data_args.eval_data, data_args.eval_split, "eval")
         if eval_schema.n_ref_pairs != schema.n_ref_pairs:
             raise InputError(
                 f"eval data has {eval_schema.n_ref_pairs} reference pairs per row, train data {schema.n_ref_pairs}"
@@ -313,10 +321,15 @@ def run_finetune(
                 task,
             )
         if drpo:
+            if pref.g_cross_fit_folds:
+                fit = _fold_fitter(model_args, pref, tokenizer, train_args, "judge_fold")
+                scorer = cross_fit_scorer(train_rows, pref.g_cross_fit_folds, fit, seed=train_args.seed)
+            else:
+                scorer = build_scorer(pref, model_args, train_args)
             trainer: Any = DRPOTrainer(
                 model,
                 train_args,
-                scorer=build_scorer(pref, model_args, train_args),
+                scorer=scorer,
                 beta=pref.beta,
                 samples=pref.drpo_samples,
                 max_new_tokens=pref.drpo_max_new_tokens,

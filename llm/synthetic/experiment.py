@@ -63,6 +63,9 @@ from .scenarios import TextScenario, make_scenario
 
 __all__ = ["ExperimentContext", "prepare", "run_experiment", "analyse", "RESULT_COLUMNS"]
 
+#: folds of the cross-fitted reward-model g_hat (VRPO's control variate, DRPO's judge)
+CROSS_FIT_FOLDS = 2
+
 #: judge-based comparison columns of ``results.csv`` (``{prefix}_vs_{opponent}_{field}``)
 _WIN_FIELDS = ("win_rate", "ci_low", "ci_high", "ties", "soft", "soft_ci_low", "soft_ci_high", "n")
 RESULT_COLUMNS = (
@@ -460,10 +463,12 @@ def _oracle_g(ctx: ExperimentContext, scenario: str, rows: list[dict[str, Any]],
 
 
 # -- training ----------------------------------------------------------------------------------------------
-def _finetune_config(ctx: ExperimentContext, spec: MethodSpec | None, data: Path, out: Path, seed: int, cache: Path,
-                     judge: Path | None = None) -> dict[str, Any]:
-    """The ``robust-rlhf finetune`` config of one method (``spec``; None: the reward model of stage two);
-    ``judge``: the reward model that scores an online method's draws."""
+def _finetune_config(ctx: ExperimentContext, spec: MethodSpec | None, data: Path, out: Path, seed: int,
+                     cache: Path) -> dict[str, Any]:
+    """The ``robust-rlhf finetune`` config of one method (``spec``; None: the reward model of stage two). A
+    reward-model ``g_hat`` is cross-fitted (``CROSS_FIT_FOLDS`` folds of the prompts, fitted from the reference
+    checkpoint in the run): VRPO's annotates the rows, DRPO's judges the draws of each row by the model that did
+    not see it."""
     c = ctx.config
     stage_two = spec is None
     values: dict[str, Any] = {
@@ -497,15 +502,11 @@ def _finetune_config(ctx: ExperimentContext, spec: MethodSpec | None, data: Path
         )
         if spec.loss is not None:
             values["loss"] = spec.loss
-        if spec.uses_control_variate and spec.g_hat == "reward_model":
-            values.update(
-                {"g_source": "reward_model", "g_model_name_or_path": ctx.ref_dir, "g_cross_fit_folds": 2}
-            )
+        if (spec.uses_control_variate or spec.online) and spec.g_hat == "reward_model":
+            values.update({"g_source": "reward_model", "g_model_name_or_path": ctx.ref_dir,
+                           "g_cross_fit_folds": CROSS_FIT_FOLDS})
         if spec.online:
-            if judge is None:
-                raise InputError(f"method {spec.name}: drpo needs the reward model that judges its draws")
-            values.update({"g_source": "reward_model", "g_model_name_or_path": str(judge),
-                           "drpo_samples": spec.samples, "drpo_max_new_tokens": c.max_new_tokens})
+            values.update({"drpo_samples": spec.samples, "drpo_max_new_tokens": c.max_new_tokens})
     values.update(dict(c.training_overrides))
     return values
 
@@ -624,8 +625,8 @@ def _sample_and_score(ctx: ExperimentContext, model: Any, sample_seed: int, path
 def _reward_model(
     ctx: ExperimentContext, scenario: str, seed: int, rows: list[dict[str, Any]]
 ) -> tuple[Path, dict[str, Any]]:
-    """The reward model fitted on the labelled pairs of (scenario, seed) (best-of-``n``'s scorer, DRPO's judge),
-    trained on first use: its folder and ``{"train_seconds", "train_loss", "steps"}``."""
+    """The reward model fitted on the labelled pairs of (scenario, seed) (best-of-``n``'s scorer), trained on first
+    use: its folder and ``{"train_seconds", "train_loss", "steps"}``."""
     rm_dir = ctx.out / "runs" / scenario / f"seed{seed}" / "_reward_model"
     rm_info = _cached_json(rm_dir / "result.json")  # written after the model: without it, the model is retrained
     if rm_info is None:
@@ -675,8 +676,7 @@ def _run_method(
         data.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(_variant(ctx, rows, scenario, spec), data)
         cache = run_dir / "cache" if spec.g_hat == "reward_model" and spec.uses_control_variate else shared_cache
-        judge = _reward_model(ctx, scenario, seed, rows)[0] / "model" if spec.online else None
-        values = _finetune_config(ctx, spec, data, run_dir / "model", seed, cache, judge)
+        values = _finetune_config(ctx, spec, data, run_dir / "model", seed, cache)
         t0 = time.perf_counter()
         result = _finetune(values, run_dir / "train.log")
         record.update(

@@ -51,11 +51,12 @@ def _save(fig, table: pd.DataFrame, out: Path, name: str, meta: dict | None = No
 
 
 def _errors(table: pd.DataFrame, metric: str) -> np.ndarray:
-    """``(2, n)`` distances from the mean to the interval ends (0 where there is no interval)."""
+    """``(2, n)`` distances from the mean to the interval ends (0 where there is no interval, or where the mean
+    lies beyond that end: a sample KL averaging below 0 has its interval cut at 0, ``seed_interval``)."""
     m = table[metric].to_numpy(float)
     lo = np.nan_to_num(m - table[f"{metric}_ci_low"].to_numpy(float), nan=0.0)
     hi = np.nan_to_num(table[f"{metric}_ci_high"].to_numpy(float) - m, nan=0.0)
-    return np.vstack([lo, hi])
+    return np.maximum(np.vstack([lo, hi]), 0.0)
 
 
 def _points(ax, table: pd.DataFrame, metric: str, methods: list[str], scenarios: list[str], palette,

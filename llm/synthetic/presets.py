@@ -5,8 +5,8 @@ tiny GPT-2 pre-trained here, or a checkpoint), the true reward, the preference s
 (``MethodSpec``), the seeds, the budgets and the evaluation. Every method of a (scenario, seed) trains
 on the same labelled pairs with the same optimiser budget (epochs, batch size, learning rate); VRPO
 additionally sees ``M`` reference pairs per labelled prompt, DRPO draws responses from the policy while it
-trains and has them judged by the reward model fitted on the labelled pairs (best-of-``n``'s), and the
-two-stage pipeline spends its budget on a reward model.
+trains and has them judged by reward models cross-fitted on the labelled pairs (each row's by the model that
+did not see it), and the two-stage pipeline spends its budget on a reward model.
 
 Presets:
 
@@ -16,7 +16,7 @@ Presets:
   included; see the README), on generated review-like sentences, where the reference's samples carry
   sentiment words often enough for a few hundred labelled pairs to teach DPO something.
 * ``tiny-cpu-diagnostic``: ``M`` up to 16 and 5 seeds: which condition limits VRPO's gain.
-* ``tiny-cpu-drpo``: online DRPO (its draws judged by the labelled pairs' reward model) against DPO and VRPO
+* ``tiny-cpu-drpo``: online DRPO (its draws judged by cross-fitted reward models) against DPO and VRPO
   on tiny-cpu's task (3.5 minutes measured with the reference cached; its pre-training takes 26 s more).
 * ``tiny-cpu-fortunes``: the same on Debian's fortunes (real short English). Their continuations are
   neutral for VADER two times in three, so it needs more pairs (1024) and sharper labels to learn at all.
@@ -67,7 +67,7 @@ class MethodSpec:
 
     For ``policy``: ``method`` is a ``PreferenceObjective`` method or alias (``dpo``, ``vrpo``,
     ``vrpo_tuned``, ``cdpo``, ``rdpo``, ``ipo``, ``hinge``) or ``drpo`` (online DRPO, ``DRPOTrainer``: ``samples``
-    draws per row and step, judged by the reward model fitted on the labelled pairs, so ``g_hat`` must be
+    draws per row and step, judged by reward models cross-fitted on the labelled pairs, so ``g_hat`` must be
     ``reward_model``; ``pi_hat`` is the reference policy, which wrote the data), ``loss`` its margin loss, ``M`` the
     reference pairs per prompt (VRPO only), ``g_hat`` in ``G_HATS``, ``lam``/``eps``/``lambda_target`` as in the
     trainer.
@@ -101,8 +101,8 @@ class MethodSpec:
             raise InputError(f"method {self.name}: best-of-n needs n >= 1")
         if self.online:
             if self.g_hat != "reward_model":
-                raise InputError(f"method {self.name}: drpo's judge is the reward model fitted on the labelled pairs: "
-                                 f"set g_hat: reward_model (got {self.g_hat!r})")
+                raise InputError(f"method {self.name}: drpo's judge is a reward model cross-fitted on the labelled "
+                                 f"pairs: set g_hat: reward_model (got {self.g_hat!r})")
             if self.loss is not None:
                 raise InputError(f"method {self.name}: drpo has its own loss; leave loss unset")
             if self.samples < 1:
@@ -114,7 +114,8 @@ class MethodSpec:
 
     @property
     def online(self) -> bool:
-        """Online DRPO: draws from the policy while training, judged by the labelled pairs' reward model."""
+        """Online DRPO: draws from the policy while training, judged by reward models cross-fitted on the labelled
+        pairs."""
         return self.kind == "policy" and self.method == "drpo"
 
 
@@ -410,7 +411,7 @@ PRESETS["tiny-cpu-drpo"] = replace(
     name="tiny-cpu-drpo",
     description=(
         "online DRPO against DPO and VRPO on tiny-cpu's task and budget: DRPO draws 2 responses per row and step "
-        "from the policy, judged by the reward model fitted on the labelled pairs (g_hat learned, pi_hat the "
+        "from the policy, judged by reward models cross-fitted on the labelled pairs (g_hat learned, pi_hat the "
         "reference that wrote the data: the pi_hat-right case of its double robustness)"
     ),
     methods=_methods(

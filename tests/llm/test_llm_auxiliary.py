@@ -14,12 +14,15 @@ from llm_helpers import make_causal_lm, make_reward_model, make_rows, oracle_g
 
 from robust_rlhf.llm.auxiliary import (
     CallableScorer,
+    FoldScorer,
     PairwiseModelScorer,
     RewardModelScorer,
     annotate,
     cached_annotate,
     cross_fit,
+    cross_fit_scorer,
     load_callable,
+    prompt_folds,
 )
 from robust_rlhf.llm.data import infer_schema, read_rows, row_problems
 from robust_rlhf.llm.references import GenerationOptions, generate_references, vllm_available
@@ -118,6 +121,31 @@ def test_cross_fit_never_scores_a_row_with_a_model_fitted_on_it() -> None:
         assert r["a_1_preference"] == r["chosen_preference"]
     with pytest.raises(InputError, match="folds"):
         cross_fit(rows, schema, 1, fit)
+
+
+def test_cross_fit_scorer_routes_each_prompt_to_the_model_without_it() -> None:
+    """Folds of the prompts (rows sharing a prompt share a fold), one model per fold fitted on the other folds'
+    rows, each pair scored by its prompt's model, in the caller's order; a prompt of no fold is refused."""
+    rows = make_rows(6, n_pairs=0, seed=46, preferences=False)
+    rows += [dict(rows[0], chosen=rows[1]["chosen"]), dict(rows[2], rejected=rows[3]["rejected"])]
+    fold_of = prompt_folds(rows, 3, seed=2)
+    assert sorted(fold_of.values()) == [0, 0, 1, 1, 2, 2] and len(fold_of) == 6
+    seen: list[set[str]] = []
+
+    def fit(train_rows: list[dict]) -> Any:
+        seen.append({r["prompt"] for r in train_rows})
+        return CallableScorer(lambda prompt, a, b, fold=len(seen) - 1: fold / 10)
+
+    scorer = cross_fit_scorer(rows, 3, fit, seed=2)
+    assert isinstance(scorer, FoldScorer) and scorer.fold_of == fold_of
+    assert all(p not in seen[k] for p, k in fold_of.items()) and all(len(s) == 4 for s in seen)
+    prompts = [r["prompt"] for r in rows][::-1]
+    got = scorer(prompts, ["x"] * len(prompts), ["y"] * len(prompts))
+    assert got == [fold_of[p] / 10 for p in prompts]
+    with pytest.raises(InputError, match="in none of its folds"):
+        scorer(["an unseen prompt"], ["x"], ["y"])
+    with pytest.raises(InputError, match="distinct prompts"):
+        prompt_folds(rows[:1] * 3, 2)
 
 
 def test_cached_annotate_computes_once(tmp_path: Any) -> None:

@@ -204,6 +204,43 @@ def test_finetune_reward_model_with_cross_fitted_g_hat(cli: Any, tmp_path: Path,
     assert (run / "adapter_model.safetensors").exists()  # LoRA: the adapter and the score head
 
 
+def test_finetune_drpo_with_a_cross_fitted_judge(cli: Any, tmp_path: Path, tiny_model_dir: Path,
+                                                 tiny_reward_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``g_cross_fit_folds: 2`` fits two judges from ``g_model_name_or_path``, each on the rows of the other fold's
+    prompts, and every pair the trainer asks about is scored by the judge that did not see its row."""
+    from robust_rlhf.llm import auxiliary, pipeline
+
+    rows = make_rows(6, n_pairs=0, seed=69, preferences=False)
+    data = _jsonl(tmp_path / "train.jsonl", rows)
+    fitted: list[set[str]] = []
+    routed: list[tuple[int, str]] = []
+    fit_reward_scorer = pipeline.fit_reward_scorer
+
+    def spy_fit(train_rows: list[dict], *args: Any) -> Any:
+        fitted.append({r["prompt"] for r in train_rows})
+        return fit_reward_scorer(train_rows, *args)
+
+    class SpyFolds(auxiliary.FoldScorer):
+        def __call__(self, prompts: Any, firsts: Any, seconds: Any) -> list[float]:
+            routed.extend((self.fold_of[p], p) for p in prompts)
+            return super().__call__(prompts, firsts, seconds)
+
+    monkeypatch.setattr(pipeline, "fit_reward_scorer", spy_fit)
+    monkeypatch.setattr(auxiliary, "FoldScorer", SpyFolds)
+    cfg = _config(tmp_path, tiny_model_dir, data, method="drpo", g_source="reward_model",
+                  g_model_name_or_path=str(tiny_reward_dir), g_cross_fit_folds=2, drpo_samples=2,
+                  drpo_max_new_tokens=4, loss=None)
+    status, out, err = cli("finetune", "--config", str(cfg))
+    assert status == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["global_step"] == 2
+    run = tmp_path / "run"
+    assert (run / "judge_fold1").is_dir() and (run / "judge_fold2").is_dir()
+    prompts = {r["prompt"] for r in rows}
+    assert len(fitted) == 2 and fitted[0] | fitted[1] == prompts and not fitted[0] & fitted[1]
+    assert routed and {p for _, p in routed} <= prompts
+    assert all(p not in fitted[k] for k, p in routed)  # each row judged by the model fitted without it
+
+
 def test_generate_references_cli_resumes(cli: Any, tmp_path: Path, tiny_model_dir: Path) -> None:
     prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in make_rows(5, n_pairs=0, seed=66)])
     out = tmp_path / "new" / "refs.jsonl"  # a folder that does not exist yet is made (the batch was lost)
@@ -344,6 +381,8 @@ def test_finetune_drpo_with_a_callable_judge_and_resume(cli: Any, tmp_path: Path
     assert json.loads(out.strip().splitlines()[-1])["global_step"] == 3
     for change, message in ((["stage=two"], "method drpo trains a policy: stage must be one"),
                             (["g_source=columns"], "method drpo judges its draws while training: g_source"),
-                            (["length_normalize=true"], "method drpo: length_normalize does not apply")):
+                            (["length_normalize=true"], "method drpo: length_normalize does not apply"),
+                            (["g_cross_fit_folds=2"], "g_cross_fit_folds fits the judge, from g_model_name_or_path: "
+                                                      "it needs g_source=reward_model")):
         status, _, err = cli("finetune", "--config", str(cfg), *[a for c in change for a in ("--set", c)])
         assert status == 2 and message in err, err

@@ -118,10 +118,12 @@ def test_files_on_disk(exp: SimpleNamespace) -> None:
     from robust_rlhf.llm.config import parse_config
 
     parse_config(values)  # the saved config is a valid `robust-rlhf finetune` config
-    drpo = yaml.safe_load((out / "runs" / "bt" / "seed0" / "drpo_rm" / "model" / "finetune.yaml").read_text())
-    judge = out / "runs" / "bt" / "seed0" / "_reward_model" / "model"
+    drpo_dir = out / "runs" / "bt" / "seed0" / "drpo_rm" / "model"
+    drpo = yaml.safe_load((drpo_dir / "finetune.yaml").read_text())
     assert drpo["method"] == "drpo" and drpo["g_source"] == "reward_model" and drpo["drpo_samples"] == 2
-    assert drpo["g_model_name_or_path"] == str(judge) and (judge / "config.json").exists()
+    # the judge is cross-fitted in the run: two reward models from the reference, each on one fold's complement
+    assert drpo["g_cross_fit_folds"] == 2 and drpo["g_model_name_or_path"] == values["model_name_or_path"]
+    assert (drpo_dir / "judge_fold1").is_dir() and (drpo_dir / "judge_fold2").is_dir()
     parse_config(drpo)
     samples = read_rows(out / "eval" / "bt" / "seed0" / "dpo.jsonl")
     assert len(samples) == cfg.n_eval and all(len(s["token_ids"]) >= 1 for s in samples)

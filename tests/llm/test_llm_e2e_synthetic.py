@@ -233,7 +233,7 @@ def test_presets_validate_and_override() -> None:
         MethodSpec("v", method="vrpo")
     with pytest.raises(InputError, match="g_hat"):
         MethodSpec("v", method="vrpo", M=1, g_hat="magic")
-    with pytest.raises(InputError, match="drpo's judge is the reward model .* set g_hat: reward_model"):
+    with pytest.raises(InputError, match="drpo's judge is a reward model cross-fitted .* set g_hat: reward_model"):
         MethodSpec("d", method="drpo")
     with pytest.raises(InputError, match="own loss"):
         MethodSpec("d", method="drpo", g_hat="reward_model", loss="logistic")
@@ -252,6 +252,20 @@ def _shift_batch(b: int, m: int, seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.rand(b, generator=gen, dtype=torch.float64)
     ref_g = torch.rand(b, m, generator=gen, dtype=torch.float64)
     return margin, ref_margin, g, ref_g
+
+
+def test_error_bars_of_a_mean_outside_its_cut_interval() -> None:
+    """A KL whose seed mean is below 0 (sample estimates of a policy near the reference) has its interval cut at
+    0: the bar below the point is empty, not negative (matplotlib refuses negative lengths)."""
+    import pandas as pd
+
+    from robust_rlhf.llm.evaluate import seed_interval
+    from robust_rlhf.llm.synthetic.plots import _errors
+
+    m, lo, hi = seed_interval([-0.107, 0.071], bounds=(0.0, math.inf))
+    assert m < 0 == lo < hi
+    table = pd.DataFrame({"kl": [m, 0.5], "kl_ci_low": [lo, 0.25], "kl_ci_high": [hi, float("nan")]})
+    np.testing.assert_allclose(_errors(table, "kl"), [[0.0, 0.25], [hi - m, 0.0]])
 
 
 def test_oriented_margin_shift_logistic_closed_form() -> None:
