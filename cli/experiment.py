@@ -29,7 +29,7 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None,
-                   help="test, tiny-cpu, tiny-cpu-diagnostic, tiny-cpu-fortunes, gpu-small or gpu-hh (--list)")
+                   help="a preset's name (the list above; --list shows their settings)")
     p.add_argument("--config", type=Path, default=None, help="a YAML experiment config (instead of a preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field (YAML value; section.key for corpus/model/pretrain; methods=a,b keeps those)")
