@@ -797,11 +797,35 @@ void newton_meat(const Objective& f, const double* c, const double* grad, const 
   centred_moments(St.data(), nullptr, C, n, C, d, out, nullptr, nullptr);
 }
 
+// Scratch of the cluster-moment kernels (each vector sized by its caller).
+struct MomentScratch {
+  std::vector<double> A, B, cA, cB, cR, s;
+};
+
+// body(scratch, r, inner) for r < R, with scratch = make() per thread: one replication per thread (inner = 1), or,
+// with fewer replications than threads, one after another with inner = threads, so that a body's own parallel
+// regions are top-level teams (torch's threads; a team nested in an inactive region would be a second set of
+// threads, competing for the cores with torch's, which spin for a while after each of its operations).
+template <class Make, class Body>
+void over_replications(int64_t R, int threads, const Make& make, const Body& body) {
+  if (R < threads) {
+    auto scratch = make();
+    for (int64_t r = 0; r < R; ++r) body(scratch, r, threads);
+    return;
+  }
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    auto scratch = make();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < R; ++r) body(scratch, r, 1);
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int rr_kernel_version() { return 25; }
+int rr_kernel_version() { return 26; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -1014,74 +1038,69 @@ void rr_margins(int64_t R, int64_t P, int64_t d, const double* X, const double* 
 void rr_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, const double* X, const double* cA,
                         const double* cB, const double* Xref, const double* cR, const int64_t* cluster, int threads,
                         double* VAA, double* VAB, double* VBB) {
-#pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
-  {
-    std::vector<double> A(cB ? C * d : 0), B(cB ? C * d : 0);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t r = 0; r < R; ++r)
-      replication_moments(n, N, d, C, X + r * n * d, cA + r * n, cB ? cB + r * n : nullptr,
-                          cB ? Xref + r * N * d : nullptr, cB ? cR + r * N : nullptr, cluster, A, B, VAA + r * d * d,
-                          cB ? VAB + r * d * d : nullptr, cB ? VBB + r * d * d : nullptr, R < threads ? threads : 1);
-  }
+  over_replications(
+      R, threads, [&] { return MomentScratch{std::vector<double>(cB ? C * d : 0), std::vector<double>(cB ? C * d : 0)}; },
+      [&](MomentScratch& m, int64_t r, int inner) {
+        replication_moments(n, N, d, C, X + r * n * d, cA + r * n, cB ? cB + r * n : nullptr,
+                            cB ? Xref + r * N * d : nullptr, cB ? cR + r * N : nullptr, cluster, m.A, m.B,
+                            VAA + r * d * d, cB ? VAB + r * d * d : nullptr, cB ? VBB + r * d * d : nullptr, inner);
+      });
 }
 
 // rr_cluster_moments for the logistic loss at theta_r (R x d), with the coefficients formed from the margins
 // in the same pass: s = sigmoid(x . theta_r), cA_i = (s_i - z_i) / n, and when g is not null (the control
 // terms) cB_i = -(s_i - g_i) / n, cR_j = w_j (s_j - gref_j) on the reference pairs (w: wref, or 1/N when null).
-// With lam (R, and g), VAA receives the meat V(lam_r) itself and VAB, VBB are not written (replication_moments).
+// With lam (R, and g), VAA receives the meat V(lam_r) itself (fused_meat) and VAB, VBB are not written.
 void rr_logistic_cluster_moments(int64_t R, int64_t n, int64_t N, int64_t d, int64_t C, const double* X,
                                  const double* z, const double* g, const double* Xref, const double* gref,
                                  const double* wref, const int64_t* cluster, const double* theta, const double* lam,
                                  int threads, double* VAA, double* VAB, double* VBB) {
-  if (g && lam) {  // the meat at lam itself: fused_meat, over all threads for each replication when R < threads
+  if (g && lam) {
     const int64_t group = run_group(cluster, N);
-    const bool split = R < threads;
-#pragma omp parallel num_threads(threads) if (!split && threads > 1)
-    {
-      std::unique_ptr<double[]> rows(new double[C * d]);  // every entry is written before it is read
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t r = 0; r < R; ++r)
-        fused_meat(n, N, d, C, X + r * n * d, z + r * n, g + r * n, Xref ? Xref + r * N * d : nullptr,
-                   gref ? gref + r * N : nullptr, wref ? wref + r * N : nullptr, cluster, group, theta + r * d,
-                   lam[r], split ? threads : 1, rows.get(), VAA + r * d * d);
-    }
+    over_replications(
+        R, threads, [&] { return std::unique_ptr<double[]>(new double[C * d]); },  // each entry written before read
+        [&](std::unique_ptr<double[]>& rows, int64_t r, int inner) {
+          fused_meat(n, N, d, C, X + r * n * d, z + r * n, g + r * n, Xref ? Xref + r * N * d : nullptr,
+                     gref ? gref + r * N : nullptr, wref ? wref + r * N : nullptr, cluster, group, theta + r * d,
+                     lam[r], inner, rows.get(), VAA + r * d * d);
+        });
     return;
   }
-#pragma omp parallel num_threads(threads) if (R > 1 && threads > 1)
-  {
-    std::vector<double> A(g ? C * d : 0), B(g ? C * d : 0), cA(n), cB(g ? n : 0), cR(g ? N : 0),
-        s(std::max(n, N));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t r = 0; r < R; ++r) {
-      const double* Xr = X + r * n * d;
-      const double* th = theta + r * d;
-      const double inv_n = 1.0 / static_cast<double>(n);
-      sigmoid_margins(Xr, th, n, d, s.data());
-      const double* zr = z + r * n;
+  const auto make = [&] {
+    return MomentScratch{std::vector<double>(g ? C * d : 0), std::vector<double>(g ? C * d : 0),
+                         std::vector<double>(n), std::vector<double>(g ? n : 0), std::vector<double>(g ? N : 0),
+                         std::vector<double>(std::max(n, N))};
+  };
+  over_replications(R, threads, make, [&](MomentScratch& m, int64_t r, int inner) {
+    const double* Xr = X + r * n * d;
+    const double* th = theta + r * d;
+    const double inv_n = 1.0 / static_cast<double>(n);
+    double *s = m.s.data(), *cA = m.cA.data(), *cB = m.cB.data(), *cR = m.cR.data();
+    sigmoid_margins(Xr, th, n, d, s);
+    const double* zr = z + r * n;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) cA[i] = (s[i] - zr[i]) * inv_n;
-      if (g) {
-        const double* gr = g + r * n;
+    for (int64_t i = 0; i < n; ++i) cA[i] = (s[i] - zr[i]) * inv_n;
+    if (g) {
+      const double* gr = g + r * n;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) cB[i] = (gr[i] - s[i]) * inv_n;
-        const double* Xq = Xref + r * N * d;
-        sigmoid_margins(Xq, th, N, d, s.data());
-        const double* gq = gref + r * N;
-        if (wref) {
-          const double* wq = wref + r * N;
+      for (int64_t i = 0; i < n; ++i) cB[i] = (gr[i] - s[i]) * inv_n;
+      const double* Xq = Xref + r * N * d;
+      sigmoid_margins(Xq, th, N, d, s);
+      const double* gq = gref + r * N;
+      if (wref) {
+        const double* wq = wref + r * N;
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j) cR[j] = wq[j] * (s[j] - gq[j]);
-        } else {
-          const double w = 1.0 / static_cast<double>(N);
+        for (int64_t j = 0; j < N; ++j) cR[j] = wq[j] * (s[j] - gq[j]);
+      } else {
+        const double w = 1.0 / static_cast<double>(N);
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j) cR[j] = w * (s[j] - gq[j]);
-        }
+        for (int64_t j = 0; j < N; ++j) cR[j] = w * (s[j] - gq[j]);
       }
-      replication_moments(n, N, d, C, Xr, cA.data(), g ? cB.data() : nullptr, g ? Xref + r * N * d : nullptr,
-                          g ? cR.data() : nullptr, cluster, A, B, VAA + r * d * d, g ? VAB + r * d * d : nullptr,
-                          g ? VBB + r * d * d : nullptr, R < threads ? threads : 1);
     }
-  }
+    replication_moments(n, N, d, C, Xr, cA, g ? cB : nullptr, g ? Xref + r * N * d : nullptr, g ? cR : nullptr,
+                        cluster, m.A, m.B, VAA + r * d * d, g ? VAB + r * d * d : nullptr,
+                        g ? VBB + r * d * d : nullptr, inner);
+  });
 }
 
 // For each theta_r (R x d) and prompt p (features phiT, d x (P K): column p K + a is phi(x_p, a)): rewards

@@ -52,7 +52,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 25
+_VERSION = 26
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
