@@ -254,25 +254,26 @@ def cross_fit(
 
 @dataclass
 class FoldScorer:
-    """A cross-fitted ``g_hat`` as one scorer: each pair is scored by ``scorers[fold_of[prompt]]``, the model
-    fitted without that fold's rows (``cross_fit_scorer``); a prompt of no fold is an ``InputError``."""
+    """A cross-fitted ``g_hat`` as one scorer: a pair whose prompt is in fold ``k`` (``fold_of``) is scored by
+    ``scorers[k]``, the model fitted without that fold's rows (``cross_fit_scorer``); a prompt of no fold (new
+    data, e.g. an evaluation set) was seen by none of them and gets the mean of their probabilities."""
 
     scorers: Sequence[PreferenceScorer]
     fold_of: Mapping[str, int]
 
     def __call__(self, prompts: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> list[float]:
+        K = len(self.scorers)
         by_fold: dict[int, list[int]] = {}
         for i, prompt in enumerate(prompts):
-            key = _prompt_key(prompt)
-            if key not in self.fold_of:
-                raise InputError(f"cross-fitted g_hat: the prompt {key[:80]!r} is in none of its folds (it scores "
-                                 "responses to the prompts of the rows it was fitted on)")
-            by_fold.setdefault(self.fold_of[key], []).append(i)
+            by_fold.setdefault(self.fold_of.get(_prompt_key(prompt), K), []).append(i)
         out = [0.0] * len(prompts)
         for k, idx in sorted(by_fold.items()):
-            values = self.scorers[k]([prompts[i] for i in idx], [firsts[i] for i in idx], [seconds[i] for i in idx])
-            for i, v in zip(idx, as_probabilities(f"g_hat of fold {k}", list(values), (len(idx),), "its pairs")):
-                out[i] = float(v)
+            args = ([prompts[i] for i in idx], [firsts[i] for i in idx], [seconds[i] for i in idx])
+            models = [k] if k < K else range(K)
+            for m in models:
+                values = as_probabilities(f"g_hat of fold {m}", list(self.scorers[m](*args)), (len(idx),), "its pairs")
+                for i, v in zip(idx, values):
+                    out[i] += float(v) / len(models)
         return out
 
 

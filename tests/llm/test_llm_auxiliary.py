@@ -125,7 +125,7 @@ def test_cross_fit_never_scores_a_row_with_a_model_fitted_on_it() -> None:
 
 def test_cross_fit_scorer_routes_each_prompt_to_the_model_without_it() -> None:
     """Folds of the prompts (rows sharing a prompt share a fold), one model per fold fitted on the other folds'
-    rows, each pair scored by its prompt's model, in the caller's order; a prompt of no fold is refused."""
+    rows, each pair scored by its prompt's model, in the caller's order; a prompt of no fold by their mean."""
     rows = make_rows(6, n_pairs=0, seed=46, preferences=False)
     rows += [dict(rows[0], chosen=rows[1]["chosen"]), dict(rows[2], rejected=rows[3]["rejected"])]
     fold_of = prompt_folds(rows, 3, seed=2)
@@ -142,8 +142,7 @@ def test_cross_fit_scorer_routes_each_prompt_to_the_model_without_it() -> None:
     prompts = [r["prompt"] for r in rows][::-1]
     got = scorer(prompts, ["x"] * len(prompts), ["y"] * len(prompts))
     assert got == [fold_of[p] / 10 for p in prompts]
-    with pytest.raises(InputError, match="in none of its folds"):
-        scorer(["an unseen prompt"], ["x"], ["y"])
+    assert scorer(["an unseen prompt", prompts[0]], ["x"] * 2, ["y"] * 2) == pytest.approx([0.1, fold_of[prompts[0]] / 10])
     with pytest.raises(InputError, match="distinct prompts"):
         prompt_folds(rows[:1] * 3, 2)
 

@@ -222,23 +222,27 @@ def test_finetune_drpo_with_a_cross_fitted_judge(cli: Any, tmp_path: Path, tiny_
 
     class SpyFolds(auxiliary.FoldScorer):
         def __call__(self, prompts: Any, firsts: Any, seconds: Any) -> list[float]:
-            routed.extend((self.fold_of[p], p) for p in prompts)
+            routed.extend((self.fold_of.get(p), p) for p in prompts)
             return super().__call__(prompts, firsts, seconds)
 
     monkeypatch.setattr(pipeline, "fit_reward_scorer", spy_fit)
     monkeypatch.setattr(auxiliary, "FoldScorer", SpyFolds)
+    held_out = _jsonl(tmp_path / "eval.jsonl", make_rows(3, n_pairs=0, seed=70, preferences=False))
     cfg = _config(tmp_path, tiny_model_dir, data, method="drpo", g_source="reward_model",
                   g_model_name_or_path=str(tiny_reward_dir), g_cross_fit_folds=2, drpo_samples=2,
-                  drpo_max_new_tokens=4, loss=None)
+                  drpo_max_new_tokens=4, loss=None, eval_data=str(held_out))
     status, out, err = cli("finetune", "--config", str(cfg))
     assert status == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["global_step"] == 2
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["global_step"] == 2 and 0.0 <= result["metrics"]["eval_drpo/direct"] <= 1.0
     run = tmp_path / "run"
     assert (run / "judge_fold1").is_dir() and (run / "judge_fold2").is_dir()
     prompts = {r["prompt"] for r in rows}
     assert len(fitted) == 2 and fitted[0] | fitted[1] == prompts and not fitted[0] & fitted[1]
-    assert routed and {p for _, p in routed} <= prompts
-    assert all(p not in fitted[k] for k, p in routed)  # each row judged by the model fitted without it
+    trained = [(k, p) for k, p in routed if p in prompts]
+    assert trained and all(p not in fitted[k] for k, p in trained)  # each row judged by the model fitted without it
+    held = {json.loads(line)["prompt"] for line in held_out.read_text().splitlines()}
+    assert {p for _, p in routed} - prompts == held  # the evaluation rows: no fold, the judges' mean
 
 
 def test_generate_references_cli_resumes(cli: Any, tmp_path: Path, tiny_model_dir: Path) -> None:
