@@ -2,7 +2,8 @@
 // OpenMP runtime torch has already loaded (same soname), so they share torch's threads.
 //
 // rr_logistic_eval: for replication r with features stored transposed, x_{r,:,i} = Xt[r, :, i]
-// (R x d x P), coefficients a_ri, b_ri and a point theta_r:
+// (R x d x P), or as they come (row_major: x_{r,i,:} = X[r, i, :], each block transposed in the L1 cache),
+// coefficients a_ri, b_ri and a point theta_r:
 //   u_i = x_i . theta_r,  value_r = sum_i a_i softplus(u_i) - b_i u_i,
 //   grad_r = sum_i (a_i sigmoid(u_i) - b_i) x_i,  hess_r = sum_i a_i sigmoid(u_i) sigmoid(-u_i) x_i x_i^T,
 // in one pass over blocks of pairs whose rows stay in the L1 cache (pair_range): margins, the elementwise terms,
@@ -10,7 +11,7 @@
 // only: 55 entries for d = 10), whose eight-lane sums are kept across the blocks and summed once; with
 // `accumulate` the results are added to the outputs. A replication's pairs are split over threads when there are
 // fewer replications than threads.
-// rr_transpose: (R x P x d) to (R x d x P). rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda;
+// rr_margins: u = X theta. rr_cluster_moments: the cluster sandwich's meat as a quadratic in lambda;
 // rr_logistic_cluster_moments: the same for the logistic loss, its coefficients formed from the margins in the same pass.
 // rr_logistic_newton: fitting's damped Newton on the logistic VR objective, one replication per thread, until it
 // converges or needs the caller's safeguards (backtracking, damping, certificates); on request also the sandwich's
@@ -116,6 +117,12 @@ inline void weighted_sum(const double* c, const double* x, const double* h, int6
       hx[i] = h[i] * x[i];
   }
   acc = (s0 + s1) + (s2 + s3);
+}
+
+// xt[k * stride + i] = X[i * d + k] for the m rows of X (row-major).
+inline void transpose_rows(const double* X, int64_t m, int64_t d, double* xt, int64_t stride) {
+  for (int64_t k = 0; k < d; ++k)
+    for (int64_t i = 0; i < m; ++i) xt[k * stride + i] = X[i * d + k];
 }
 
 // acc[p][q] += sum_{i < m} h_i u[p][i] v[q][i] (h null: 1) for NJ rows u and NK rows v, eight lanes per entry
@@ -246,16 +253,19 @@ void gram(const double* U, int64_t su, const double* V, int64_t sv, const double
 // pairs whose rows stay in the L1 cache from the margins to the Hessian: margins, then the elementwise terms,
 // then the gradient sum_i c_i x_i and (mode 2) the rows h x_j, whose products with the rows x_k the Hessian's
 // tiles accumulate. With coef, the pairs' gradient coefficients c_i = a_i sigmoid(u_i) - b_i go to coef[i - lo].
-// Without `value` the softplus terms (a log1p per pair) are skipped and p.value is not the objective.
+// Without `value` the softplus terms (a log1p per pair) are skipped and p.value is not the objective. Xt holds
+// the features transposed (row j, coordinate j of every pair, at Xt + j P), or with `row_major` as they come
+// (pair i at Xt + i d), each block then transposed into the thread's L1 scratch first.
 void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const double* b, const double* th,
                 const double* y, int mode, bool recession, int64_t lo, int64_t hi, Partial& p,
-                double* coef = nullptr, bool value = true) {
+                double* coef = nullptr, bool value = true, bool row_major = false) {
   const int64_t block = tile_block(d, 2 * d + 3);
   alignas(64) double u[kMaxBlock], chunk_c[kMaxBlock], h[kMaxBlock], e[kMaxBlock], soft[kMaxBlock];
   // the thread's scratch, kept from call to call: the rows h x_j (64-byte aligned: no load spans two cache
   // lines), the gradient's and the Hessian's eight-lane sums
-  thread_local std::vector<v8d> hx_lines, gacc, tile_store;
+  thread_local std::vector<v8d> hx_lines, gacc, tile_store, xb_lines;
   hx_lines.resize(mode >= 2 ? d * block / kLanes : 0);
+  xb_lines.resize(row_major ? d * block / kLanes : 0);
   double* hx = reinterpret_cast<double*>(hx_lines.data());
   gacc.assign(mode >= 1 ? d : 0, v8d{});
   Tiles tiles(mode >= 2 ? d : 0, tile_store);
@@ -264,7 +274,14 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
     const double* ai = a + i0;
     const double* bi = b + i0;
     double* c = coef ? coef + (i0 - lo) : chunk_c;
-    block_margins(Xt + i0, P, d, th, m, u);
+    const double* xs = Xt + i0;  // the block's rows: xs + j stride
+    int64_t stride = P;
+    if (row_major) {
+      xs = reinterpret_cast<double*>(xb_lines.data());
+      stride = block;
+      transpose_rows(Xt + i0 * d, m, d, reinterpret_cast<double*>(xb_lines.data()), block);
+    }
+    block_margins(xs, stride, d, th, m, u);
     double curved = 0.0;  // pairs with a != 0 (none: VRPO's labelled pairs at lam = 1)
 #pragma omp simd reduction(+ : curved)
     for (int64_t i = 0; i < m; ++i) curved += ai[i] != 0.0 ? 1.0 : 0.0;
@@ -323,9 +340,9 @@ void pair_range(int64_t P, int64_t d, const double* Xt, const double* a, const d
       continue;
     const bool hessian = mode >= 2 && curved != 0.0;
     for (int64_t j = 0; j < d; ++j)
-      weighted_sum(c, Xt + j * P + i0, h, m, gacc[j], hessian ? hx + j * block : nullptr);
+      weighted_sum(c, xs + j * stride, h, m, gacc[j], hessian ? hx + j * block : nullptr);
     if (hessian)
-      tiles.add(hx, block, Xt + i0, P, nullptr, m, true);
+      tiles.add(hx, block, xs, stride, nullptr, m, true);
   }
   for (int64_t j = 0; j < (mode >= 1 ? d : 0); ++j) {
     double s = 0.0;
@@ -359,11 +376,6 @@ void store(const Partial& p, int64_t r, int64_t d, int mode, bool accumulate, do
     }
 }
 
-// xt[k * stride + i] = X[i * d + k] for the m rows of X (row-major): rows of kChunk pairs, transposed.
-inline void transpose_rows(const double* X, int64_t m, int64_t d, double* xt, int64_t stride) {
-  for (int64_t k = 0; k < d; ++k)
-    for (int64_t i = 0; i < m; ++i) xt[k * stride + i] = X[i * d + k];
-}
 
 // X (P x d, row-major) transposed into xt (row k at xt + k stride), chunk by chunk of kChunk rows; returns
 // max_i ||x_i||, the squares summed from the transposed chunk while it is in the L1 cache.
@@ -825,7 +837,7 @@ void over_replications(int64_t R, int threads, const Make& make, const Body& bod
 
 extern "C" {
 
-int rr_kernel_version() { return 26; }
+int rr_kernel_version() { return 28; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
@@ -835,7 +847,7 @@ int rr_kernel_version() { return 26; }
 void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const double* a, const double* b,
                       const double* theta, int mode, int accumulate, int threads, double* value, double* grad,
                       double* hess, double* rec, double* absu, const double* y,
-                      double* against, const int64_t* rows) {
+                      double* against, const int64_t* rows, int row_major) {
   // Split each replication's pairs into `splits` ranges when there are fewer replications than threads.
   int64_t splits = 1;
   if (R < threads && P >= 8 * kChunk)
@@ -850,7 +862,7 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
     Partial local{0.0, std::vector<double>(mode >= 1 ? d : 0, 0.0), std::vector<double>(mode >= 2 ? d * d : 0, 0.0)};
     const int64_t q = rows ? rows[r] : r;  // the replication's row in Xt, a, b, y
     pair_range(P, d, Xt + q * d * P, a + q * P, b + q * P, theta + r * d, y ? y + q * P : nullptr, mode,
-               rec != nullptr, lo, hi, local);
+               rec != nullptr, lo, hi, local, nullptr, true, row_major != 0);
     if (splits > 1) {
       parts[it] = std::move(local);
       continue;
@@ -1011,17 +1023,6 @@ void rr_logistic_newton(int64_t R, int64_t n, int64_t N, int64_t d, const double
         for (int64_t k = j; k < d; ++k)
           hess[r * d * d + j * d + k] = hess[r * d * d + k * d + j] = cur.hess[j * d + k];
     }
-  }
-}
-
-// Xt[r, k, i] = X[r, i, k]: (R x P x d) row-major to (R x d x P), in tiles of kChunk pairs; the threads share
-// the tiles of all replications (one large replication is transposed by all of them).
-void rr_transpose(int64_t R, int64_t P, int64_t d, const double* X, int threads, double* Xt) {
-  const int64_t tiles = (P + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) num_threads(threads) if (R * P * d > 65536 && threads > 1)
-  for (int64_t it = 0; it < R * tiles; ++it) {
-    const int64_t r = it / tiles, i0 = it % tiles * kChunk;
-    transpose_rows(X + (r * P + i0) * d, std::min(kChunk, P - i0), d, Xt + r * d * P + i0, P);
   }
 }
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NewtonResult", "available", "cluster_moments", "logistic_cluster_moments", "logistic_eval",
-           "logistic_newton", "margins", "policy_regret", "spd_factor", "transpose", "unavailable_reason"]
+           "logistic_newton", "margins", "policy_regret", "spd_factor", "unavailable_reason"]
 
 _LOG = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -52,7 +52,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 26
+_VERSION = 28
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -114,10 +114,8 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.rr_logistic_eval
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr,
-                   ptr, ptr, ptr, ptr]
+                   ptr, ptr, ptr, ptr, ctypes.c_int]
     fn.restype = None
-    lib.rr_transpose.argtypes = [i64, i64, i64, ptr, ctypes.c_int, ptr]
-    lib.rr_transpose.restype = None
     lib.rr_margins.argtypes = [i64, i64, i64, ptr, ptr, ctypes.c_int, ptr]
     lib.rr_margins.restype = None
     lib.rr_cluster_moments.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr,
@@ -198,10 +196,11 @@ def _ptr(t: Tensor | None) -> int | None:
 def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2,
                   out: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
                   recession: tuple[Tensor, Tensor] | None = None,
-                  against: tuple[Tensor, Tensor] | None = None, rows: Tensor | None = None
-                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                  against: tuple[Tensor, Tensor] | None = None, rows: Tensor | None = None,
+                  row_major: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(L, grad L, Hessian of L)`` of the module docstring, for ``Xt`` (R, d, P) the transposed
-    features, ``a``, ``b`` (R, P) and ``theta`` (R, d), all contiguous float64.
+    features (with ``row_major``: the features as they come, (R, P, d), each block of pairs transposed in the
+    thread's cache), ``a``, ``b`` (R, P) and ``theta`` (R, d), all contiguous float64.
 
     ``mode`` 0: value only (gradient and Hessian None); 1: and the gradient; 2: and the Hessian. With
     ``out`` the results are added to those tensors (of the same shapes). ``recession = (slope, size)``
@@ -212,9 +211,10 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
     ``theta`` and every output then have K rows.
     """
     lib = _require()
-    S, d, P = Xt.shape
+    S, d, P = (Xt.shape[0], Xt.shape[2], Xt.shape[1]) if row_major else Xt.shape
     f64 = torch.float64
-    _check("logistic_eval", Xt=(Xt, (S, d, P), f64), a=(a, (S, P), f64), b=(b, (S, P), f64))
+    _check("logistic_eval", Xt=(Xt, (S, P, d) if row_major else (S, d, P), f64), a=(a, (S, P), f64),
+           b=(b, (S, P), f64))
     R = _selected("logistic_eval", rows, S)
     slope, size = recession if recession is not None else (None, None)
     y, count = against if against is not None else (None, None)
@@ -228,7 +228,7 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
         value, grad, hess = out
     lib.rr_logistic_eval(R, P, d, _ptr(Xt), _ptr(a), _ptr(b), _ptr(theta), mode, int(out is not None),
                          torch.get_num_threads(), _ptr(value), _ptr(grad), _ptr(hess), _ptr(slope),
-                         _ptr(size), _ptr(y), _ptr(count), _ptr(rows))
+                         _ptr(size), _ptr(y), _ptr(count), _ptr(rows), int(row_major))
     return value, grad, hess
 
 
@@ -312,16 +312,6 @@ def logistic_newton(X: Tensor, z: Tensor, theta0: Tensor, *, tol: float, theta_m
                            _ptr(pre_hess), _ptr(presteps))
     return NewtonResult(theta, status == 0, grad, hess, iters, evals, meat_out,
                         None if presteps is None else presteps.bool())
-
-
-def transpose(X: Tensor) -> Tensor:
-    """``X`` (R, P, d) as a contiguous (R, d, P) tensor (``logistic_eval``'s layout)."""
-    lib = _require()
-    R, P, d = X.shape
-    _check("transpose", X=(X, (R, P, d), torch.float64))
-    Xt = torch.empty(R, d, P, dtype=torch.float64)
-    lib.rr_transpose(R, P, d, _ptr(X), torch.get_num_threads(), _ptr(Xt))
-    return Xt
 
 
 def spd_factor(A: Tensor, inverse: bool = False) -> tuple[Tensor, Tensor | None]:

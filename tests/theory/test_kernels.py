@@ -43,7 +43,8 @@ def _inputs(R: int, P: int, d: int, seed: int, scale: float = 1.0, zero_rows: in
        scale=st.sampled_from([0.1, 1.0, 30.0]))
 def test_sums_match_closed_form(R: int, P: int, d: int, seed: int, scale: float) -> None:
     """Any shape (chunk remainders, d not a multiple of the 4-way blocking, one replication split over
-    threads) and margins up to |u| ~ 100, where softplus and sigmoid saturate."""
+    threads) and margins up to |u| ~ 100, where softplus and sigmoid saturate; the features read as they come
+    (row-major, each block transposed in the cache) give the same sums, bit for bit."""
     Xt, a, b, theta = _inputs(R, P, d, seed, scale, zero_rows=R // 2)
     rec = (torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=torch.float64))
     y = torch.sign(torch.randn(R, P, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
@@ -55,14 +56,23 @@ def test_sums_match_closed_form(R: int, P: int, d: int, seed: int, scale: float)
     for got, want in zip((value, grad, hess, *rec), (*ref[:3], slope, ref[3].abs().sum(1))):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13 * (1 + float(want.abs().max())))
     assert torch.equal(hess, hess.transpose(1, 2))
+    rec_rm = (torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=torch.float64))
+    against_rm = (y, torch.empty(R, dtype=torch.float64))
+    rm = kernels.logistic_eval(Xt.transpose(1, 2).contiguous(), a, b, theta, recession=rec_rm, against=against_rm,
+                               row_major=True)
+    for got, want in zip((*rm, *rec_rm, against_rm[1]), (value, grad, hess, *rec, against[1])):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("R, P, d", [(2, 1500, 45), (1, 1031, 64), (2, 700, 200)])
 def test_sums_match_closed_form_at_large_d(R: int, P: int, d: int) -> None:
-    """The larger blocks of pairs from d = 40 (512 pairs against 128 at d = 10), with a partial last block."""
+    """The larger blocks of pairs from d = 40 (512 pairs against 128 at d = 10), with a partial last block, in
+    both layouts."""
     Xt, a, b, theta = _inputs(R, P, d, seed=5, scale=0.3, zero_rows=R // 2)
-    for got, want in zip(kernels.logistic_eval(Xt, a, b, theta), _reference(Xt, a, b, theta)[:3]):
+    rm = kernels.logistic_eval(Xt.transpose(1, 2).contiguous(), a, b, theta, row_major=True)
+    for got, got_rm, want in zip(kernels.logistic_eval(Xt, a, b, theta), rm, _reference(Xt, a, b, theta)[:3]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13 * (1 + float(want.abs().max())))
+        assert torch.equal(got_rm, got)
 
 
 def test_modes_accumulate_and_thread_split() -> None:
@@ -346,11 +356,6 @@ def test_logistic_meat_of_one_replication_over_threads(data: PairData, layout: s
     torch.testing.assert_close(V, want, rtol=1e-11, atol=1e-14 * float(want.abs().max()))
     V0 = kernels.logistic_cluster_moments(X, z, theta)[0]
     torch.testing.assert_close(V0, plain, rtol=1e-11, atol=1e-14 * float(plain.abs().max()))
-
-
-def test_transpose() -> None:
-    X = torch.randn(3, 131, 7, dtype=torch.float64)
-    assert torch.equal(kernels.transpose(X), X.transpose(1, 2))
 
 
 @given(d=st.integers(1, 17), seed=st.integers(0, 2**16))
