@@ -197,9 +197,8 @@ class _KernelTerms:
     ``linear``: replications whose labelled ``a`` is zero (logistic VRPO at ``lam = 1``). ``rows``: the
     replications selected (None: all), so that a subset is an index, not a copy (a fresh copy of a Newton
     block per subset cost more in page faults than the kernel's arithmetic). ``logistic_eval`` reads the features
-    as they come (row-major), each block of pairs transposed in its thread's cache, so no transposed copy is made
-    (at n = 10^6 the copies of a VRPO fit's 400 MB took a third of it). What is made on first use is shared by
-    the selections."""
+    as they come, so no transposed copy is made (at n = 10^6 the copies of a VRPO fit's 400 MB took a third of
+    it). What is made on first use is shared by the selections."""
 
     X: Tensor
     z: Tensor
@@ -496,14 +495,12 @@ def _kernel_evaluate(b: _Batch, lam: Tensor, theta: Tensor, mode: int, certifica
     with_ref = k.X_ref is not None
     rec = (torch.empty(R, dtype=_DTYPE), torch.empty(R, dtype=_DTYPE)) if certificate and with_ref else None
     against = (k.y, torch.empty(R, dtype=_DTYPE)) if certificate and not with_ref else None
-    out = kernels.logistic_eval(k.X, k.a, k.b, theta, mode, recession=rec, against=against, rows=k.rows,
-                                row_major=True)
+    out = kernels.logistic_eval(k.X, k.a, k.b, theta, mode, recession=rec, against=against, rows=k.rows)
     N = 0
     if with_ref:
         N = k.X_ref.shape[1]
         rec_ref = (torch.zeros(R, dtype=_DTYPE), torch.zeros(R, dtype=_DTYPE)) if certificate else None
-        kernels.logistic_eval(k.X_ref, k.a_ref, k.b_ref, theta, mode, out=out, recession=rec_ref, rows=k.rows,
-                              row_major=True)
+        kernels.logistic_eval(k.X_ref, k.a_ref, k.b_ref, theta, mode, out=out, recession=rec_ref, rows=k.rows)
     if mode == 0:
         _WORK.value_pairs += R * (n + N)
     elif mode == 1:

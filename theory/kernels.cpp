@@ -1,9 +1,8 @@
 // Compiled kernels of the fitting engine (robust_rlhf.theory.kernels), parallel over replications in the
 // OpenMP runtime torch has already loaded (same soname), so they share torch's threads.
 //
-// rr_logistic_eval: for replication r with features stored transposed, x_{r,:,i} = Xt[r, :, i]
-// (R x d x P), or as they come (row_major: x_{r,i,:} = X[r, i, :], each block transposed in the L1 cache),
-// coefficients a_ri, b_ri and a point theta_r:
+// rr_logistic_eval: for replication r with features x_{r,i,:} = X[r, i, :] (R x P x d, row-major; each block
+// of pairs transposed in the thread's L1 cache), coefficients a_ri, b_ri and a point theta_r:
 //   u_i = x_i . theta_r,  value_r = sum_i a_i softplus(u_i) - b_i u_i,
 //   grad_r = sum_i (a_i sigmoid(u_i) - b_i) x_i,  hess_r = sum_i a_i sigmoid(u_i) sigmoid(-u_i) x_i x_i^T,
 // in one pass over blocks of pairs whose rows stay in the L1 cache (pair_range): margins, the elementwise terms,
@@ -837,17 +836,17 @@ void over_replications(int64_t R, int threads, const Make& make, const Body& bod
 
 extern "C" {
 
-int rr_kernel_version() { return 28; }
+int rr_kernel_version() { return 29; }
 
 // value (R), grad (R x d), hess (R x d x d) may be null when `mode` does not ask for them; rec and absu (R)
 // receive the recession slope sum_i a_i [u_i]_+ - b_i u_i (the objective's
 // lim_t L(t theta) / t) and sum_i |u_i|, when not null; with y (R x P), against (R) counts the pairs with
-// y_i u_i < 0. With rows (R), replication r reads row rows[r] of Xt, a, b and y (the inputs may hold more
+// y_i u_i < 0. With rows (R), replication r reads row rows[r] of X, a, b and y (the inputs may hold more
 // rows than R; theta and the outputs have R).
-void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const double* a, const double* b,
+void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* X, const double* a, const double* b,
                       const double* theta, int mode, int accumulate, int threads, double* value, double* grad,
                       double* hess, double* rec, double* absu, const double* y,
-                      double* against, const int64_t* rows, int row_major) {
+                      double* against, const int64_t* rows) {
   // Split each replication's pairs into `splits` ranges when there are fewer replications than threads.
   int64_t splits = 1;
   if (R < threads && P >= 8 * kChunk)
@@ -860,9 +859,9 @@ void rr_logistic_eval(int64_t R, int64_t P, int64_t d, const double* Xt, const d
     const int64_t r = it / splits, s = it % splits;
     const int64_t lo = std::min(P, s * span), hi = std::min(P, lo + span);
     Partial local{0.0, std::vector<double>(mode >= 1 ? d : 0, 0.0), std::vector<double>(mode >= 2 ? d * d : 0, 0.0)};
-    const int64_t q = rows ? rows[r] : r;  // the replication's row in Xt, a, b, y
-    pair_range(P, d, Xt + q * d * P, a + q * P, b + q * P, theta + r * d, y ? y + q * P : nullptr, mode,
-               rec != nullptr, lo, hi, local, nullptr, true, row_major != 0);
+    const int64_t q = rows ? rows[r] : r;  // the replication's row in X, a, b, y
+    pair_range(P, d, X + q * P * d, a + q * P, b + q * P, theta + r * d, y ? y + q * P : nullptr, mode,
+               rec != nullptr, lo, hi, local, nullptr, true, true);
     if (splits > 1) {
       parts[it] = std::move(local);
       continue;

@@ -52,7 +52,7 @@ _SOURCE = Path(__file__).with_name("kernels.cpp")
 # 512-bit ones; 512 made the evaluation kernel 1.2-1.3 x faster on an AVX-512 machine (ignored without them).
 _COMPILE = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
 _LINK = ["-shared", "-fopenmp"]
-_VERSION = 28
+_VERSION = 29
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -114,7 +114,7 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.rr_logistic_eval
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr,
-                   ptr, ptr, ptr, ptr, ctypes.c_int]
+                   ptr, ptr, ptr, ptr]
     fn.restype = None
     lib.rr_margins.argtypes = [i64, i64, i64, ptr, ptr, ctypes.c_int, ptr]
     lib.rr_margins.restype = None
@@ -193,28 +193,27 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2,
+def logistic_eval(X: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2,
                   out: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
                   recession: tuple[Tensor, Tensor] | None = None,
-                  against: tuple[Tensor, Tensor] | None = None, rows: Tensor | None = None,
-                  row_major: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(L, grad L, Hessian of L)`` of the module docstring, for ``Xt`` (R, d, P) the transposed
-    features (with ``row_major``: the features as they come, (R, P, d), each block of pairs transposed in the
-    thread's cache), ``a``, ``b`` (R, P) and ``theta`` (R, d), all contiguous float64.
+                  against: tuple[Tensor, Tensor] | None = None, rows: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(L, grad L, Hessian of L)`` of the module docstring, for the features ``X`` (R, P, d; each block of
+    pairs is transposed in its thread's cache, so no transposed copy is needed), ``a``, ``b`` (R, P) and ``theta``
+    (R, d), all contiguous float64.
 
     ``mode`` 0: value only (gradient and Hessian None); 1: and the gradient; 2: and the Hessian. With
     ``out`` the results are added to those tensors (of the same shapes). ``recession = (slope, size)``
     (R,) each, if given, receives (or, with ``out``, adds)
     ``sum_i a_i [u_i]_+ - b_i u_i`` (the recession slope ``lim_t L(t theta) / t``) and ``sum_i |u_i|``;
     ``against = (y, count)``, ``y`` (R, P) and ``count`` (R,), receives the number of pairs with ``y_i u_i < 0``.
-    With ``rows`` (K,) int64, the replications evaluated are those rows of ``Xt``, ``a``, ``b``, ``y`` (no copy);
+    With ``rows`` (K,) int64, the replications evaluated are those rows of ``X``, ``a``, ``b``, ``y`` (no copy);
     ``theta`` and every output then have K rows.
     """
     lib = _require()
-    S, d, P = (Xt.shape[0], Xt.shape[2], Xt.shape[1]) if row_major else Xt.shape
+    S, P, d = X.shape
     f64 = torch.float64
-    _check("logistic_eval", Xt=(Xt, (S, P, d) if row_major else (S, d, P), f64), a=(a, (S, P), f64),
-           b=(b, (S, P), f64))
+    _check("logistic_eval", X=(X, (S, P, d), f64), a=(a, (S, P), f64), b=(b, (S, P), f64))
     R = _selected("logistic_eval", rows, S)
     slope, size = recession if recession is not None else (None, None)
     y, count = against if against is not None else (None, None)
@@ -226,9 +225,9 @@ def logistic_eval(Xt: Tensor, a: Tensor, b: Tensor, theta: Tensor, mode: int = 2
         hess = torch.empty(R, d, d, dtype=torch.float64) if mode >= 2 else None
     else:
         value, grad, hess = out
-    lib.rr_logistic_eval(R, P, d, _ptr(Xt), _ptr(a), _ptr(b), _ptr(theta), mode, int(out is not None),
+    lib.rr_logistic_eval(R, P, d, _ptr(X), _ptr(a), _ptr(b), _ptr(theta), mode, int(out is not None),
                          torch.get_num_threads(), _ptr(value), _ptr(grad), _ptr(hess), _ptr(slope),
-                         _ptr(size), _ptr(y), _ptr(count), _ptr(rows), int(row_major))
+                         _ptr(size), _ptr(y), _ptr(count), _ptr(rows))
     return value, grad, hess
 
 

@@ -19,92 +19,82 @@ from robust_rlhf.theory.losses import Squared
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no compiled kernel: {kernels.unavailable_reason()}")
 
 
-def _reference(Xt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor):
+def _reference(X: torch.Tensor, a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor):
     """The module docstring's sums, written directly (softplus and sigmoid from torch)."""
-    u = torch.einsum("rdp,rd->rp", Xt, theta)
+    u = torch.einsum("rpd,rd->rp", X, theta)
     s = torch.sigmoid(u)
     value = (a * torch.nn.functional.softplus(u, threshold=1000.0) - b * u).sum(1)
-    grad = torch.einsum("rdp,rp->rd", Xt, a * s - b)
-    hess = torch.einsum("rjp,rkp,rp->rjk", Xt, Xt, a * s * (1 - s))
+    grad = torch.einsum("rpd,rp->rd", X, a * s - b)
+    hess = torch.einsum("rpj,rpk,rp->rjk", X, X, a * s * (1 - s))
     return value, grad, hess, u
 
 
 def _inputs(R: int, P: int, d: int, seed: int, scale: float = 1.0, zero_rows: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    Xt = torch.randn(R, d, P, generator=gen, dtype=torch.float64)
+    X = torch.randn(R, P, d, generator=gen, dtype=torch.float64)
     a = torch.rand(R, P, generator=gen, dtype=torch.float64) / P
     a[:zero_rows] = 0.0  # VRPO's labelled pairs at lam = 1: a linear objective
     b = torch.rand(R, P, generator=gen, dtype=torch.float64) / P
     theta = scale * torch.randn(R, d, generator=gen, dtype=torch.float64)
-    return Xt, a, b, theta
+    return X, a, b, theta
 
 
 @given(R=st.integers(1, 5), P=st.integers(1, 700), d=st.integers(1, 17), seed=st.integers(0, 2**16),
        scale=st.sampled_from([0.1, 1.0, 30.0]))
 def test_sums_match_closed_form(R: int, P: int, d: int, seed: int, scale: float) -> None:
     """Any shape (chunk remainders, d not a multiple of the 4-way blocking, one replication split over
-    threads) and margins up to |u| ~ 100, where softplus and sigmoid saturate; the features read as they come
-    (row-major, each block transposed in the cache) give the same sums, bit for bit."""
-    Xt, a, b, theta = _inputs(R, P, d, seed, scale, zero_rows=R // 2)
+    threads) and margins up to |u| ~ 100, where softplus and sigmoid saturate."""
+    X, a, b, theta = _inputs(R, P, d, seed, scale, zero_rows=R // 2)
     rec = (torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=torch.float64))
     y = torch.sign(torch.randn(R, P, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
     against = (y, torch.empty(R, dtype=torch.float64))
-    value, grad, hess = kernels.logistic_eval(Xt, a, b, theta, recession=rec, against=against)
-    ref = _reference(Xt, a, b, theta)
+    value, grad, hess = kernels.logistic_eval(X, a, b, theta, recession=rec, against=against)
+    ref = _reference(X, a, b, theta)
     slope = (a * torch.relu(ref[3]) - b * ref[3]).sum(1)  # lim_t L(t theta) / t
     assert torch.equal(against[1], (y * ref[3] < 0).sum(1).double())
     for got, want in zip((value, grad, hess, *rec), (*ref[:3], slope, ref[3].abs().sum(1))):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13 * (1 + float(want.abs().max())))
     assert torch.equal(hess, hess.transpose(1, 2))
-    rec_rm = (torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=torch.float64))
-    against_rm = (y, torch.empty(R, dtype=torch.float64))
-    rm = kernels.logistic_eval(Xt.transpose(1, 2).contiguous(), a, b, theta, recession=rec_rm, against=against_rm,
-                               row_major=True)
-    for got, want in zip((*rm, *rec_rm, against_rm[1]), (value, grad, hess, *rec, against[1])):
-        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("R, P, d", [(2, 1500, 45), (1, 1031, 64), (2, 700, 200)])
 def test_sums_match_closed_form_at_large_d(R: int, P: int, d: int) -> None:
-    """The larger blocks of pairs from d = 40 (512 pairs against 128 at d = 10), with a partial last block, in
-    both layouts."""
-    Xt, a, b, theta = _inputs(R, P, d, seed=5, scale=0.3, zero_rows=R // 2)
-    rm = kernels.logistic_eval(Xt.transpose(1, 2).contiguous(), a, b, theta, row_major=True)
-    for got, got_rm, want in zip(kernels.logistic_eval(Xt, a, b, theta), rm, _reference(Xt, a, b, theta)[:3]):
+    """The larger blocks of pairs from d = 40 (512 pairs against 128 at d = 10), with a partial last block."""
+    X, a, b, theta = _inputs(R, P, d, seed=5, scale=0.3, zero_rows=R // 2)
+    for got, want in zip(kernels.logistic_eval(X, a, b, theta), _reference(X, a, b, theta)[:3]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13 * (1 + float(want.abs().max())))
-        assert torch.equal(got_rm, got)
 
 
 def test_modes_accumulate_and_thread_split() -> None:
-    Xt, a, b, theta = _inputs(3, 5000, 6, seed=1)
-    value, grad, hess = kernels.logistic_eval(Xt, a, b, theta)
-    v0, g0, h0 = kernels.logistic_eval(Xt, a, b, theta, mode=0)
+    X, a, b, theta = _inputs(3, 5000, 6, seed=1)
+    value, grad, hess = kernels.logistic_eval(X, a, b, theta)
+    v0, g0, h0 = kernels.logistic_eval(X, a, b, theta, mode=0)
     assert g0 is None and h0 is None and torch.equal(v0, value)
-    v1, g1, h1 = kernels.logistic_eval(Xt, a, b, theta, mode=1)
+    v1, g1, h1 = kernels.logistic_eval(X, a, b, theta, mode=1)
     assert h1 is None and torch.equal(g1, grad)
     out = (value.clone(), grad.clone(), hess.clone())
-    kernels.logistic_eval(Xt, a, b, theta, out=out)
+    kernels.logistic_eval(X, a, b, theta, out=out)
     for twice, once in zip(out, (value, grad, hess)):
         torch.testing.assert_close(twice, 2 * once, rtol=1e-15, atol=0)
     # one replication on several threads (pair ranges) and on one: the same sums to rounding
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        serial = kernels.logistic_eval(Xt[:1], a[:1], b[:1], theta[:1])
+        serial = kernels.logistic_eval(X[:1], a[:1], b[:1], theta[:1])
     finally:
         torch.set_num_threads(threads)
-    for s, p in zip(serial, kernels.logistic_eval(Xt[:1], a[:1], b[:1], theta[:1])):
+    for s, p in zip(serial, kernels.logistic_eval(X[:1], a[:1], b[:1], theta[:1])):
         torch.testing.assert_close(s, p, rtol=1e-13, atol=1e-15)
 
 
 def test_bad_arguments_are_named() -> None:
-    Xt, a, b, theta = _inputs(2, 10, 3, seed=0)
+    X, a, b, theta = _inputs(2, 10, 3, seed=0)
     with pytest.raises(ValueError, match="a must be a contiguous float64"):
-        kernels.logistic_eval(Xt, a.float(), b, theta)
+        kernels.logistic_eval(X, a.float(), b, theta)
     with pytest.raises(ValueError, match=r"theta must be .* shape \(2, 3\)"):
-        kernels.logistic_eval(Xt, a, b, theta[:, :2].contiguous())
-    with pytest.raises(ValueError, match="Xt must be"):
-        kernels.logistic_eval(Xt.transpose(1, 2), a, b, theta)
+        kernels.logistic_eval(X, a, b, theta[:, :2].contiguous())
+    with pytest.raises(ValueError, match="X must be"):
+        kernels.logistic_eval(X.transpose(1, 2), a, b, theta)
     phi, target = torch.zeros(4, 3, 2, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"phi must be .* shape \(4, 3, 2\)"):
         kernels.policy_regret(torch.zeros(5, 2, dtype=torch.float64), phi[..., :1], target, tie=0.0)
@@ -390,18 +380,18 @@ def test_spd_factor_matches_lapack(d: int, seed: int) -> None:
 
 def test_rows_select_without_copying() -> None:
     """``rows`` evaluates replications in place: the same sums as on the copied subset, in its order."""
-    Xt, a, b, theta = _inputs(6, 300, 4, seed=5, zero_rows=2)
+    X, a, b, theta = _inputs(6, 300, 4, seed=5, zero_rows=2)
     rows = torch.tensor([4, 1, 1, 0])
     y = torch.sign(torch.randn(6, 300, dtype=torch.float64))
     got_against = (y, torch.empty(4, dtype=torch.float64))
-    got = kernels.logistic_eval(Xt, a, b, theta[rows].contiguous(), rows=rows, against=got_against)
+    got = kernels.logistic_eval(X, a, b, theta[rows].contiguous(), rows=rows, against=got_against)
     want_against = (y[rows].contiguous(), torch.empty(4, dtype=torch.float64))
-    want = kernels.logistic_eval(Xt[rows].contiguous(), a[rows].contiguous(), b[rows].contiguous(),
+    want = kernels.logistic_eval(X[rows].contiguous(), a[rows].contiguous(), b[rows].contiguous(),
                                  theta[rows].contiguous(), against=want_against)
     for g_, w_ in zip((*got, got_against[1]), (*want, want_against[1])):
         assert torch.equal(g_, w_)
     with pytest.raises(ValueError, match=r"rows must lie in \[0, 6\)"):
-        kernels.logistic_eval(Xt, a, b, theta[:1].contiguous(), rows=torch.tensor([6]))
+        kernels.logistic_eval(X, a, b, theta[:1].contiguous(), rows=torch.tensor([6]))
 
 
 def _hand_back(b, lam, theta0, *args):
