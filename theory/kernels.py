@@ -13,8 +13,9 @@ objective has this form (``fitting._kernel_terms``). ``logistic_newton`` runs ``
 on it, one replication per thread, as long as plain Newton steps do (the rest goes back to the Python loop,
 which has the safeguards). ``margins`` and ``cluster_moments`` form the
 cluster sandwich of any loss (``fitting._meat_moments``); ``logistic_cluster_moments`` that of the logistic
-loss in one pass, its coefficients formed from the margins. ``policy_regret`` fuses the rewards, the greedy or KL
-policy and its regret per prompt (``policies.theta_regret``), without the ``(R, P, K)`` tables.
+loss in one pass, its coefficients formed from the margins (one large replication's split over the threads).
+``spd_factor`` tests and inverts the sandwich's small bread matrices. ``policy_regret`` fuses the rewards, the greedy
+or KL policy and its regret per prompt (``policies.theta_regret``), without the ``(R, P, K)`` tables.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``) for this
 machine's processor and cached under ``$ROBUST_RLHF_KERNEL_DIR`` (default
