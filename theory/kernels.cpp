@@ -655,8 +655,8 @@ bool cholesky(const double* A, int64_t d, double* L) {
   return true;
 }
 
-// Whether every entry of the d x d matrix A is finite, by its bits (-ffast-math lets the compiler assume finite
-// values, so std::isfinite and comparisons with NaN may not be evaluated).
+// Whether the n entries of A are finite, read from their bits (-ffast-math lets the compiler assume finite values,
+// so std::isfinite and comparisons with NaN may not be evaluated).
 bool all_finite(const double* A, int64_t n) {
   bool ok = true;
   for (int64_t i = 0; i < n; ++i) {
