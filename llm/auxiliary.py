@@ -62,6 +62,7 @@ __all__ = [
     "cross_fit",
     "cross_fit_scorer",
     "cached_annotate",
+    "rows_hash",
 ]
 
 
@@ -109,13 +110,14 @@ class RewardModelScorer:
 
     Tokenised exactly as ``RewardTrainer`` sees its inputs (``tokenize_example``, no EOS by default); a
     generated text answering a chat prompt is scored as the assistant message it is (``data.as_response``),
-    as the reward model was trained.
+    as the reward model was trained, and an empty one (a draw that ended at once, e.g. DRPO's) as the prompt
+    alone.
     """
 
     model: torch.nn.Module
     tokenizer: Any
     batch_size: int = 16
-    options: TokenizeOptions = TokenizeOptions(add_eos=False)
+    options: TokenizeOptions = TokenizeOptions(add_eos=False, allow_empty=True)
 
     @torch.no_grad()
     def rewards(self, prompts: Sequence[Any], responses: Sequence[Any]) -> torch.Tensor:
@@ -289,7 +291,8 @@ def cross_fit_scorer(
     return FoldScorer([fit(_outside(rows, fold_of, k)) for k in range(folds)], fold_of)
 
 
-def _rows_hash(rows: Sequence[Mapping[str, Any]], key: str) -> str:
+def rows_hash(rows: Sequence[Mapping[str, Any]], key: str) -> str:
+    """A 16-hex-digit hash of ``rows`` (as JSON) and ``key``: the name of a computation on those rows."""
     h = hashlib.sha256(key.encode())
     for r in rows:
         h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
@@ -305,7 +308,7 @@ def cached_annotate(
 ) -> list[dict[str, Any]]:
     """``compute()`` once, stored as ``cache_dir/g_hat-<hash>.jsonl``; later calls with the same rows and
     ``key`` (a description of the source) read the file instead."""
-    path = Path(cache_dir) / f"g_hat-{_rows_hash(rows, key)}.jsonl"
+    path = Path(cache_dir) / f"g_hat-{rows_hash(rows, key)}.jsonl"
     if path.exists():
         cached = read_rows(path)
         if len(cached) == len(rows):

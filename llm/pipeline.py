@@ -13,7 +13,7 @@ r"""One fine-tuning run from its configuration: data -> g_hat -> tokens -> train
 of ``g_source`` (a reward model, a pairwise model or a callable) and scores ``pi_hat`` (``ref_model_name_or_path``,
 default the initial policy) on them live. With ``g_cross_fit_folds: K`` the judge is cross-fitted: ``K`` reward
 models fitted from ``g_model_name_or_path`` on the rows outside each fold of the prompts, a row's draws and pair
-judged by the model of its prompt's fold (``auxiliary.cross_fit_scorer``; refitted when a run resumes).
+judged by the model of its prompt's fold (``auxiliary.cross_fit_scorer``; saved, and loaded when a run resumes).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from .auxiliary import (
     cross_fit,
     cross_fit_scorer,
     load_callable,
+    rows_hash,
 )
 from .config import DataArguments, ModelArguments, PreferenceArguments
 from .data import PreferenceSchema, infer_schema, prepare_rows, rows_to_dataset
@@ -54,7 +55,7 @@ __all__ = ["build_objective", "build_scorer", "prepare_g_hat", "fit_reward_score
 
 #: the training arguments a cross-fitted reward model's fit depends on (part of its g_hat cache key)
 _FIT_SETTINGS = (
-    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
     "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "bf16", "fp16",
 )
 
@@ -79,7 +80,9 @@ def fit_reward_scorer(
     seed: int,
 ) -> RewardModelScorer:
     """A reward model initialised from ``init`` and fitted by the logistic MLE on ``rows``' labelled pairs
-    (its new score head drawn with ``seed``, not with whatever the process drew before)."""
+    (its new score head drawn with ``seed``, not with whatever the process drew before), with ``train_args``'
+    optimiser and epochs; not its ``max_steps``, which caps the run the model serves (resuming that run with more
+    steps keeps its fitted models)."""
     set_seed(seed)
     model = load_reward_model(
         init, tokenizer.pad_token_id, model_args.dtype, model_args.revision, model_args.trust_remote_code
@@ -93,6 +96,7 @@ def fit_reward_scorer(
     )
     args = copy.deepcopy(train_args)
     args.output_dir = output_dir
+    args.max_steps = -1
     args.save_strategy = "no"
     args.report_to = []
     # a fit on the training rows alone: no evaluation set, best-model tracking or upload
@@ -112,17 +116,38 @@ def fit_reward_scorer(
     return RewardModelScorer(trainer.model, tokenizer)
 
 
+def _fit_settings(model_args: ModelArguments, pref: PreferenceArguments, train_args: Any) -> dict[str, Any]:
+    """What a fitted reward model depends on besides its rows, initial model and seed."""
+    return {**{k: getattr(train_args, k, None) for k in _FIT_SETTINGS}, "dtype": model_args.dtype,
+            "dropout": pref.disable_dropout}
+
+
 def _fold_fitter(model_args: ModelArguments, pref: PreferenceArguments, tokenizer: Any, train_args: Any,
-                 prefix: str) -> Callable[[list[dict[str, Any]]], RewardModelScorer]:
+                 prefix: str, keep: bool = False) -> Callable[[list[dict[str, Any]]], RewardModelScorer]:
     """Cross-fitting's ``fit(rows)``: its ``k``-th call fits a reward model from ``g_model_name_or_path`` on
-    ``rows`` (``fit_reward_scorer``, seed ``train_args.seed + k``) in ``output_dir/{prefix}{k}``."""
+    ``rows`` (``fit_reward_scorer``, seed ``train_args.seed + k``) in ``output_dir/{prefix}{k}``. With ``keep`` the
+    fitted model is saved there (``model``, then ``fit.json`` with a hash of its rows and settings), and a call
+    with the same rows and settings (a resumed run) loads it instead of fitting it again."""
     init = _g_model_path(pref)
     calls = itertools.count(1)
+    settings = {**_fit_settings(model_args, pref, train_args), "init": init}
 
     def fit(train_rows: list[dict[str, Any]]) -> RewardModelScorer:
         k = next(calls)
-        return fit_reward_scorer(train_rows, model_args, pref, tokenizer, train_args,
-                                 os.path.join(train_args.output_dir, f"{prefix}{k}"), init, train_args.seed + k)
+        out, seed = Path(train_args.output_dir) / f"{prefix}{k}", train_args.seed + k
+        key = rows_hash(train_rows, json.dumps({**settings, "seed": seed}, sort_keys=True, default=str))
+        record = out / "fit.json"
+        if keep and record.exists() and json.loads(record.read_text()).get("key") == key:
+            model = load_reward_model(str(out / "model"), tokenizer.pad_token_id, model_args.dtype,
+                                      trust_remote_code=model_args.trust_remote_code)
+            return RewardModelScorer(model.to(train_args.device), tokenizer)
+        scorer = fit_reward_scorer(train_rows, model_args, pref, tokenizer, train_args, str(out), init, seed)
+        if keep and train_args.process_index == 0:  # the model first: a record names a complete model
+            scorer.model.save_pretrained(out / "model")
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key}))
+            os.replace(tmp, record)
+        return scorer
 
     return fit
 
@@ -185,9 +210,7 @@ def prepare_g_hat(
             compute = lambda: annotate(rows, schema, scorer)  # noqa: E731
         key = f"{pref.g_source}:{path}:folds={folds}{' by prompt' if folds else ''}:seed={train_args.seed}"
         if folds:  # the fitted reward models depend on how they are trained
-            fitting = {k: getattr(train_args, k, None) for k in _FIT_SETTINGS}
-            key += ":" + json.dumps({**fitting, "dtype": model_args.dtype, "dropout": pref.disable_dropout},
-                                    sort_keys=True, default=str)
+            key += ":" + json.dumps(_fit_settings(model_args, pref, train_args), sort_keys=True, default=str)
     out = cached_annotate(rows, schema, compute, os.path.join(cache_dir, tag), key)
     return out, infer_schema(out[0].keys())
 
@@ -322,7 +345,7 @@ def run_finetune(
             )
         if drpo:
             if pref.g_cross_fit_folds:
-                fit = _fold_fitter(model_args, pref, tokenizer, train_args, "judge_fold")
+                fit = _fold_fitter(model_args, pref, tokenizer, train_args, "judge_fold", keep=True)
                 scorer = cross_fit_scorer(train_rows, pref.g_cross_fit_folds, fit, seed=train_args.seed)
             else:
                 scorer = build_scorer(pref, model_args, train_args)

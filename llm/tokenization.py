@@ -39,13 +39,15 @@ class TokenizeOptions:
 
     ``add_bos``: put the tokenizer's BOS token before the prompt when it is not already there;
     ``add_eos``: end every response with EOS (the policy learns to stop; off for reward models, whose
-    score is read at the last non-padding token).
+    score is read at the last non-padding token); ``allow_empty``: a response may tokenise to no tokens (a
+    generated one that ended at once, which a reward model scores as the prompt alone); otherwise an error.
     """
 
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
     add_bos: bool = True
     add_eos: bool = True
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_length", "max_completion_length"):
@@ -149,7 +151,7 @@ def tokenize_example(
             ids = ids + [eos]
         if options.max_completion_length is not None:
             ids = ids[: options.max_completion_length]
-        if not ids:
+        if not ids and not options.allow_empty:
             raise InputError(f"column {col}: a response tokenises to no tokens")
         out[f"{col}_input_ids"] = ids
     return out

@@ -72,7 +72,9 @@ def test_reward_model_scorer_is_sigmoid_of_reward_difference(tokenizer: Any) -> 
             torch.sigmoid(torch.tensor(r_of(r["prompt"], r["chosen"]) - r_of(r["prompt"], r["rejected"]))).item()
             for r in rows
         ]
+        empty = r_of(prompts[0], "")  # a draw that ended at once: the prompt alone
     assert g == pytest.approx(want, abs=1e-5)
+    assert scorer.rewards(prompts[:1], [""]).tolist() == pytest.approx([empty], abs=1e-5)
     # chat rows go through the chat template
     chat = make_rows(2, n_pairs=1, seed=42, chat=True, preferences=False)
     messages = scorer.rewards([c["prompt"] for c in chat], [c["chosen"] for c in chat])

@@ -243,6 +243,11 @@ def test_finetune_drpo_with_a_cross_fitted_judge(cli: Any, tmp_path: Path, tiny_
     assert trained and all(p not in fitted[k] for k, p in trained)  # each row judged by the model fitted without it
     held = {json.loads(line)["prompt"] for line in held_out.read_text().splitlines()}
     assert {p for _, p in routed} - prompts == held  # the evaluation rows: no fold, the judges' mean
+    # a resumed run loads the saved judges (no new fit) and continues
+    status, out, err = cli("finetune", "--config", str(cfg), "--set", "max_steps=3", "--set", "resume_from_checkpoint=last")
+    assert status == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["global_step"] == 3 and len(fitted) == 2
+    assert all((run / f"judge_fold{k}" / "fit.json").exists() for k in (1, 2))
 
 
 def test_generate_references_cli_resumes(cli: Any, tmp_path: Path, tiny_model_dir: Path) -> None:
