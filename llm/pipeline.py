@@ -135,8 +135,9 @@ def _fold_fitter(model_args: ModelArguments, pref: PreferenceArguments, tokenize
     def fit(train_rows: list[dict[str, Any]]) -> RewardModelScorer:
         k = next(calls)
         out, seed = Path(train_args.output_dir) / f"{prefix}{k}", train_args.seed + k
-        key = rows_hash(train_rows, json.dumps({**settings, "seed": seed}, sort_keys=True, default=str))
         record = out / "fit.json"
+        # the hash of the rows and settings, for keeping only (it reads every row)
+        key = rows_hash(train_rows, json.dumps({**settings, "seed": seed}, sort_keys=True, default=str)) if keep else ""
         if keep and record.exists() and json.loads(record.read_text()).get("key") == key:
             model = load_reward_model(str(out / "model"), tokenizer.pad_token_id, model_args.dtype,
                                       trust_remote_code=model_args.trust_remote_code)
