@@ -3,7 +3,7 @@
 - ``losses``: margin losses, the soft-labelled pair loss and the VR objective (shared with ``llm``);
 - ``data``: what the estimators consume (``PairData``, ``PairPopulation``); ``io``: reading ``.npz`` data;
 - ``fitting``: MLE, VRPO, power-tuned and cross-fitted VRPO on a leading replication axis (``crossfit``:
-  the cross-fitted auxiliary models ``g_hat``);
+  the cross-fitted auxiliary models ``g_hat``, and DRPO's ``g_hat`` and reference model ``pi_hat``);
 - ``asymptotics``: population targets, exact asymptotic covariances and second-order biases;
   ``second_order``: the O(1/n) term of the covariance;
 - ``policies`` and ``bounds``: policies from a reward estimate, regret, predictions and bounds;

@@ -20,6 +20,12 @@ Two symmetries of the data are kept exactly, so that the estimator built on ``g_
   seeded hash of the ranks of each canonical row's ``|f|`` and of its prompt's reference pairs), not
   from their positions, and the learner sees its training rows in an order set by the same keys.
 
+DRPO (``theory.drpo``) needs two models on each row's ``K`` responses: ``g_hat`` on every ordered pair, and a model
+``pi_hat`` of the reference policy that drew the observed pair. ``crossfit_drpo`` learns both with the same folds:
+``g_hat`` as above (the observed pairs are the labelled rows, every ordered pair of a row's responses one of its
+reference pairs), ``pi_hat`` as the conditional logit ``reference_logit`` fitted to the responses drawn on the other
+folds' rows.
+
 Ranks are unchanged by positive rescaling and permutation of the feature coordinates, under which
 tree learners are invariant, so cross-fitted VRPO is equivariant under those maps. Rows identical in
 every feature and in their reference pairs are told apart by their order.
@@ -29,15 +35,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.special import log_softmax
 from scipy.stats import rankdata
 
-from .data import _as_float, _check_labels, _check_ref_row, _finite
+from .data import _as_float, _bounded, _check_labels, _check_ref_row, _finite, check_solver
 from .errors import InputError
 
-__all__ = ["crossfit_predict", "fold_ids", "orientation", "default_learner", "negate"]
+__all__ = ["crossfit_predict", "fold_ids", "orientation", "default_learner", "negate", "reference_logit", "DRPOModels",
+           "crossfit_drpo"]
 
 Swap = Callable[[np.ndarray], np.ndarray]
 
@@ -186,7 +195,13 @@ def crossfit_predict(
     pair features to those of the reversed pairs (``negate`` for feature differences); with it
     ``g_hat(b, a) = 1 - g_hat(a, b)`` exactly (see the module docstring).
     """
-    features, z, features_ref, ref_row = _checked(features, z, features_ref, ref_row, folds, seed)
+    g, g_ref, _ = _crossfit(*_checked(features, z, features_ref, ref_row, folds, seed), folds, seed, learner, swap)
+    return g, g_ref
+
+
+def _crossfit(features: np.ndarray, z: np.ndarray, features_ref: np.ndarray, ref_row: np.ndarray, folds: int,
+              seed: int, learner: Callable[[int], Any], swap: Swap | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``crossfit_predict`` on checked arrays, and the fold of every labelled row."""
     n = features.shape[0]
     both = np.concatenate([features, features_ref])
     sign = orientation(both, swap)
@@ -224,4 +239,169 @@ def crossfit_predict(
         for out, f, mask in ((g, features, held2), (g_ref, features_ref, held2_ref)):
             if mask.any():
                 out[mask] = 0.5 * (prob(f[mask]) + 1.0 - prob(swap(f[mask])))
-    return np.where(sign_lab < 0, 1.0 - g, g), np.where(sign_ref < 0, 1.0 - g_ref, g_ref)
+    return np.where(sign_lab < 0, 1.0 - g, g), np.where(sign_ref < 0, 1.0 - g_ref, g_ref), rows
+
+
+# a fitted reference model whose log-odds between two responses of one prompt exceed this is checked for separation
+_SPREAD_CHECK = 30.0
+
+
+def _drawn(name: str, values: object, n: int, K: int) -> np.ndarray:
+    """Response indices ``(n, m)`` in ``[0, K)``, or an ``InputError`` naming the first bad one."""
+    try:
+        arr = np.asarray(values)
+    except ValueError as exc:  # a ragged list
+        raise InputError(f"{name}: need integer response indices ({exc})") from None
+    if arr.ndim != 2 or arr.shape[0] != n or arr.shape[1] < 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{name}: expected integer indices of shape ({n}, m), m >= 1, got shape {arr.shape} dtype "
+                         f"{arr.dtype}")
+    out = (arr < 0) | (arr >= K)
+    if out.any():
+        i, j = (int(v) for v in np.argwhere(out)[0])
+        raise InputError(f"{name}: row {i}: response index {int(arr[i, j])} outside [0, {K})")
+    return arr.astype(np.int64)
+
+
+def _responses(phi: object) -> np.ndarray:
+    """Features ``(n, K, d)`` of every row's responses, ``n >= 1``, ``K >= 2``."""
+    arr = _as_float("phi", phi, 3)
+    if arr.shape[0] < 1 or arr.shape[1] < 2 or arr.shape[2] < 1:
+        raise InputError(f"phi: expected an (n, K, d) array with n >= 1, K >= 2 responses and d >= 1, got shape "
+                         f"{arr.shape}")
+    _bounded("phi", arr)
+    return arr
+
+
+def _logit_terms(gamma: np.ndarray, phi: np.ndarray, counts: np.ndarray, m: int
+                 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """The conditional logit's mean negative log-likelihood over ``n m`` draws at ``gamma``, its gradient and
+    Hessian, and the log-probabilities ``(n, K)``; ``counts`` (n, K) the draws of each response."""
+    logp = log_softmax(phi @ gamma, axis=1)
+    p = np.exp(logp)
+    mean = np.einsum("ik,ikd->id", p, phi)
+    centred = phi - mean[:, None, :]
+    N = phi.shape[0] * m
+    value = -float((counts * logp).sum()) / N
+    grad = (m * mean - np.einsum("ik,ikd->id", counts, phi)).sum(0) / N
+    hess = m * np.einsum("ik,ikd,ike->de", p, centred, centred) / N
+    return value, grad, hess, logp
+
+
+def _separable(phi: np.ndarray, drawn: np.ndarray) -> bool:
+    """Whether some ``gamma`` ranks every drawn response at least as high as each other response of its prompt,
+    ``gamma . (phi_i(a_ij) - phi_i(b)) >= 0`` for all ``i, j, b``, and strictly for one: then the likelihood
+    increases without bound along ``gamma`` (the linear program maximises the sum over ``|gamma|_inf <= 1``)."""
+    from scipy.optimize import linprog
+
+    n, K, _ = phi.shape
+    rows = np.repeat(np.arange(n), drawn.shape[1])
+    diff = (phi[rows, drawn.ravel()][:, None, :] - phi[rows]).reshape(-1, phi.shape[2])
+    diff = diff[np.abs(diff).sum(1) > 0]
+    if diff.shape[0] == 0:
+        return False
+    res = linprog(-diff.sum(0), A_ub=-diff, b_ub=np.zeros(len(diff)), bounds=(-1, 1), method="highs")
+    return res.status == 0 and -res.fun > 1e-6 * np.abs(diff).sum()
+
+
+def reference_logit(phi: object, drawn: object, *, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray:
+    r"""Maximum likelihood ``gamma`` (d,) of the conditional logit
+    ``pi_gamma(a | x_i) = exp(gamma . phi_i(a)) / sum_b exp(gamma . phi_i(b))`` from the responses ``drawn``
+    (n, m) on each row (features ``phi`` (n, K, d)): Newton on the convex mean negative log-likelihood
+    ``L = (1/nm) sum_ij [log sum_b exp(gamma . phi_i(b)) - gamma . phi_i(a_ij)]``, gradient
+    ``(1/nm) sum_i (m E_gamma phi_i - sum_j phi_i(a_ij))``, Hessian ``(1/n) sum_i Cov_gamma(phi_i)``, with
+    backtracking, until ``|grad| < tol rms(phi)``.
+
+    ``InputError`` where ``gamma`` is not identified (the features' differences between the responses of a prompt
+    span fewer than ``d`` dimensions) or no maximum exists (a direction ranks every drawn response at least as high
+    as the others of its prompt: ``_separable``)."""
+    phi = _responses(phi)
+    n, K, d = phi.shape
+    drawn = _drawn("drawn", drawn, n, K)
+    gtol, max_iter = check_solver(tol, max_iter)
+    gtol *= max(float(np.sqrt(np.mean(phi**2))), 1e-300)
+    spread = phi - phi.mean(1, keepdims=True)
+    rank = int(np.linalg.matrix_rank(spread.reshape(-1, d)))
+    if rank < d:
+        raise InputError(f"phi: the differences between a prompt's responses span {rank} < d = {d} dimensions (a "
+                         "feature constant within every prompt, or a combination of others), so the reference "
+                         "model's gamma is not identified")
+    m = drawn.shape[1]
+    counts = np.zeros((n, K))
+    np.add.at(counts, (np.repeat(np.arange(n), m), drawn.ravel()), 1.0)
+    gamma = np.zeros(d)
+    value, grad, hess, logp = _logit_terms(gamma, phi, counts, m)
+    for _ in range(max_iter):
+        if np.linalg.norm(grad) < gtol:
+            break
+        try:
+            step = -np.linalg.solve(hess, grad)
+        except np.linalg.LinAlgError:  # flat in some direction: only on the way out along a separating one
+            break
+        slope, t = float(grad @ step), 1.0
+        while t > 1e-10:
+            trial = _logit_terms(gamma + t * step, phi, counts, m)
+            if trial[0] <= value + 1e-4 * t * slope + 1e-15 * abs(value):
+                break
+            t *= 0.5
+        else:
+            break
+        gamma = gamma + t * step
+        value, grad, hess, logp = trial
+    converged = np.linalg.norm(grad) < gtol
+    if (not converged or np.ptp(logp, axis=1).max() > _SPREAD_CHECK) and _separable(phi, drawn):
+        raise InputError("drawn: a direction gamma ranks every drawn response at least as high as the other "
+                         "responses of its prompt, so the reference model's likelihood has no maximum (too few "
+                         "rows, or a reference policy that always picks the best response of one feature)")
+    if not converged:
+        raise InputError(f"reference_logit: no convergence in {max_iter} Newton iterations (|grad| = "
+                         f"{np.linalg.norm(grad):.3g}, tolerance {gtol:.3g})")
+    return gamma
+
+
+@dataclass(frozen=True)
+class DRPOModels:
+    """Cross-fitted models of ``crossfit_drpo``: ``g_hat`` (n, K, K), ``pi_hat`` (n, K) and each row's ``fold``
+    (n,); row ``i``'s models were fitted on the rows of the other folds."""
+
+    g_hat: np.ndarray
+    pi_hat: np.ndarray
+    fold: np.ndarray
+
+
+def crossfit_drpo(
+    phi: object,
+    pair: object,
+    z: object,
+    folds: int = 5,
+    seed: int = 0,
+    learner: Callable[[int], Any] = default_learner,
+) -> DRPOModels:
+    r"""DRPO's two models learned from its own rows by ``folds``-fold cross-fitting (``theory.drpo.DRPOData`` takes
+    them): ``g_hat[i, a, b]`` from the classifier ``learner(seed + k)`` on the feature differences
+    ``phi_i(a) - phi_i(b)`` (``crossfit_predict`` with ``negate``: ``g_hat(b, a) = 1 - g_hat(a, b)``, ``1/2`` on
+    the diagonal), and ``pi_hat`` from ``reference_logit`` on the pairs ``(y_i, y'_i)`` drawn on the other folds.
+
+    ``phi`` (n, K, d) every response's features, ``pair`` (n, 2) the observed responses, ``z`` (n,) labels in
+    {0, 1} (``y_i`` won). The folds come from the rows' content (``fold_ids``), so permuting the rows permutes
+    the models. DRPO stays consistent for the oracle when either model is consistent: ``pi_hat`` is when the
+    reference policy is log-linear in ``phi``, whatever the learner."""
+    phi = _responses(phi)
+    n, K, d = phi.shape
+    pair = _drawn("pair", pair, n, K)
+    if pair.shape[1] != 2:
+        raise InputError(f"pair: expected shape ({n}, 2), got {pair.shape}")
+    rows = np.arange(n)
+    features = phi[rows, pair[:, 0]] - phi[rows, pair[:, 1]]
+    every = (phi[:, :, None, :] - phi[:, None, :, :]).reshape(n * K * K, d)
+    feats, labels, refs, ref_row = _checked(features, z, every, np.repeat(rows, K * K), folds, seed)
+    _, g_ref, fold = _crossfit(feats, labels, refs, ref_row, int(folds), int(seed), learner, negate)
+    pi_hat = np.empty((n, K))
+    for k in range(int(folds)):
+        held = fold == k
+        try:
+            gamma = reference_logit(phi[~held], pair[~held])
+        except InputError as exc:
+            raise InputError(f"cross-fitting fold {k}: the reference model on the other {int((~held).sum())} rows: "
+                             f"{exc}") from None
+        pi_hat[held] = np.exp(log_softmax(phi[held] @ gamma, axis=1))
+    return DRPOModels(g_ref.reshape(n, K, K), pi_hat, fold)

@@ -48,8 +48,11 @@ heavy tails that the sandwich does not describe: with both models wrong (``tests
 reversed ``g_hat``, ``pi_hat`` tilted by ``exp(-4 u)``) and ``beta = 0.1``, ``n tr Cov`` over 200 fits was 22.4 at
 n = 1500 and 4.5 at n = 6000 against 2.33 predicted (at ``beta = 0.3``: 0.73 and 0.65 against 0.63).
 
-``g_hat`` and ``pi_hat`` are fixed here (fitted on other data, or known); learning them on the same rows needs
-cross-fitting, as for VRPO.
+``g_hat`` and ``pi_hat`` are fixed here (fitted on other data, or known). ``crossfit.crossfit_drpo`` learns both
+from the rows themselves with K-fold cross-fitting (a classifier for ``g_hat``, the conditional logit
+``crossfit.reference_logit`` for ``pi_hat``); the estimate stays consistent for the oracle when the reference
+policy lies in the logit's class, whatever the classifier. ``fit_drpo``'s sandwich then treats the learned models
+as fixed: it leaves out the variance of estimating them, which vanishes only when both are consistent.
 
 Policies that cannot enumerate their responses (language models) use ``drpo_sampled_loss``: a surrogate on
 ``S`` draws ``a_s ~ pi_theta(.|x_i)`` whose gradient is, in expectation over the draws, exactly ``-grad f_i``
