@@ -22,8 +22,8 @@ Two symmetries of the data are kept exactly, so that the estimator built on ``g_
 
 DRPO (``theory.drpo``) needs two models on each row's ``K`` responses: ``g_hat`` on every ordered pair, and a model
 ``pi_hat`` of the reference policy that drew the observed pair. ``crossfit_drpo`` learns both with the same folds:
-``g_hat`` as above (the observed pairs are the labelled rows, every ordered pair of a row's responses one of its
-reference pairs), ``pi_hat`` as the conditional logit ``reference_logit`` fitted to the responses drawn on the other
+``g_hat`` as above (the observed pairs are the labelled rows, each pair of a row's responses one of its reference
+pairs), ``pi_hat`` as the conditional logit ``reference_logit`` fitted to the responses drawn on the other
 folds' rows.
 
 Ranks are unchanged by positive rescaling and permutation of the feature coordinates, under which
@@ -378,13 +378,15 @@ def crossfit_drpo(
 ) -> DRPOModels:
     r"""DRPO's two models learned from its own rows by ``folds``-fold cross-fitting (``theory.drpo.DRPOData`` takes
     them): ``g_hat[i, a, b]`` from the classifier ``learner(seed + k)`` on the feature differences
-    ``phi_i(a) - phi_i(b)`` (``crossfit_predict`` with ``negate``: ``g_hat(b, a) = 1 - g_hat(a, b)``, ``1/2`` on
-    the diagonal), and ``pi_hat`` from ``reference_logit`` on the pairs ``(y_i, y'_i)`` drawn on the other folds.
+    ``phi_i(a) - phi_i(b)`` (``crossfit_predict`` with ``negate`` on the pairs ``a < b``, each row's reference
+    pairs; ``g_hat(b, a) = 1 - g_hat(a, b)``, ``1/2`` on the diagonal), and ``pi_hat`` from ``reference_logit`` on
+    the pairs ``(y_i, y'_i)`` drawn on the other folds.
 
     ``phi`` (n, K, d) every response's features, ``pair`` (n, 2) the observed responses, ``z`` (n,) labels in
     {0, 1} (``y_i`` won). The folds come from the rows' content (``fold_ids``), so permuting the rows permutes
     the models. DRPO stays consistent for the oracle when either model is consistent: ``pi_hat`` is when the
-    reference policy is log-linear in ``phi``, whatever the learner."""
+    reference policy is log-linear in ``phi``, whatever the learner; ``fit_drpo(..., reference="logit")`` then
+    counts the estimation of ``pi_hat`` in the sandwich."""
     phi = _responses(phi)
     n, K, d = phi.shape
     pair = _drawn("pair", pair, n, K)
@@ -392,9 +394,13 @@ def crossfit_drpo(
         raise InputError(f"pair: expected shape ({n}, 2), got {pair.shape}")
     rows = np.arange(n)
     features = phi[rows, pair[:, 0]] - phi[rows, pair[:, 1]]
-    every = (phi[:, :, None, :] - phi[:, None, :, :]).reshape(n * K * K, d)
-    feats, labels, refs, ref_row = _checked(features, z, every, np.repeat(rows, K * K), folds, seed)
+    a, b = np.triu_indices(K, 1)  # the other orders follow: g_hat(b, a) = 1 - g_hat(a, b), g_hat(a, a) = 1/2
+    upper = (phi[:, a] - phi[:, b]).reshape(n * a.size, d)
+    feats, labels, refs, ref_row = _checked(features, z, upper, np.repeat(rows, a.size), folds, seed)
     _, g_ref, fold = _crossfit(feats, labels, refs, ref_row, int(folds), int(seed), learner, negate)
+    g_hat = np.full((n, K, K), 0.5)
+    g_hat[:, a, b] = g_ref.reshape(n, a.size)
+    g_hat[:, b, a] = 1.0 - g_hat[:, a, b]
     pi_hat = np.empty((n, K))
     for k in range(int(folds)):
         held = fold == k
@@ -404,4 +410,4 @@ def crossfit_drpo(
             raise InputError(f"cross-fitting fold {k}: the reference model on the other {int((~held).sum())} rows: "
                              f"{exc}") from None
         pi_hat[held] = np.exp(log_softmax(phi[held] @ gamma, axis=1))
-    return DRPOModels(g_ref.reshape(n, K, K), pi_hat, fold)
+    return DRPOModels(g_hat, pi_hat, fold)
