@@ -228,9 +228,8 @@ def _mean_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.nd
 def _reference_terms(theta: np.ndarray, data: DRPOData, rep: int, v: np.ndarray, beta: float
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""For ``pi_hat = softmax(gamma . phi)`` (``reference_logit``), per row of replication ``rep`` (pseudo-rewards
-    ``v`` (n, K)): the Jacobian
-    ``J_i = d grad f_i / d gamma`` (n, d, d), the score ``s_i`` of the row's pair under ``pi_hat`` (n, d) and its
-    Fisher information (n, d, d). With ``psi_a = d log pi_hat(a) / d gamma = phi_a - E_pi_hat phi``, ``d w_a / d
+    ``v`` (n, K)): the Jacobian ``J_i = d grad f_i / d gamma`` (n, d, d), the score ``s_i`` of the row's pair under
+    ``pi_hat`` (n, d) and its Fisher information (n, d, d). With ``psi_a = d log pi_hat(a) / d gamma = phi_a - E_pi_hat phi``, ``d w_a / d
     gamma = w_a phi~_a`` and ``d v_a / d gamma = -e/2 [1{a = y} psi_y / pi_hat(y) - 1{a = y'} psi_y' / pi_hat(y')]``,
 
     .. math::
