@@ -42,7 +42,7 @@ import numpy as np
 from scipy.special import log_softmax
 from scipy.stats import rankdata
 
-from .data import _as_float, _bounded, _check_labels, _check_ref_row, _finite, check_solver
+from .data import _as_float, _bounded, _check_indices, _check_labels, _check_ref_row, _finite, check_solver
 from .errors import InputError
 
 __all__ = ["crossfit_predict", "fold_ids", "orientation", "default_learner", "negate", "reference_logit", "DRPOModels",
@@ -246,22 +246,6 @@ def _crossfit(features: np.ndarray, z: np.ndarray, features_ref: np.ndarray, ref
 _SPREAD_CHECK = 30.0
 
 
-def _drawn(name: str, values: object, n: int, K: int) -> np.ndarray:
-    """Response indices ``(n, m)`` in ``[0, K)``, or an ``InputError`` naming the first bad one."""
-    try:
-        arr = np.asarray(values)
-    except ValueError as exc:  # a ragged list
-        raise InputError(f"{name}: need integer response indices ({exc})") from None
-    if arr.ndim != 2 or arr.shape[0] != n or arr.shape[1] < 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(f"{name}: expected integer indices of shape ({n}, m), m >= 1, got shape {arr.shape} dtype "
-                         f"{arr.dtype}")
-    out = (arr < 0) | (arr >= K)
-    if out.any():
-        i, j = (int(v) for v in np.argwhere(out)[0])
-        raise InputError(f"{name}: row {i}: response index {int(arr[i, j])} outside [0, {K})")
-    return arr.astype(np.int64)
-
-
 def _responses(phi: object) -> np.ndarray:
     """Features ``(n, K, d)`` of every row's responses, ``n >= 1``, ``K >= 2``."""
     arr = _as_float("phi", phi, 3)
@@ -290,17 +274,13 @@ def _logit_terms(gamma: np.ndarray, phi: np.ndarray, counts: np.ndarray, m: int
 def _separable(phi: np.ndarray, drawn: np.ndarray) -> bool:
     """Whether some ``gamma`` ranks every drawn response at least as high as each other response of its prompt,
     ``gamma . (phi_i(a_ij) - phi_i(b)) >= 0`` for all ``i, j, b``, and strictly for one: then the likelihood
-    increases without bound along ``gamma`` (the linear program maximises the sum over ``|gamma|_inf <= 1``)."""
-    from scipy.optimize import linprog
+    increases without bound along ``gamma``. The linear program of the logistic MLE's separation
+    (``fitting._separating_direction``) on these differences, each labelled a win."""
+    from .fitting import _separating_direction  # not at import: fitting loads torch and the kernels
 
-    n, K, _ = phi.shape
-    rows = np.repeat(np.arange(n), drawn.shape[1])
+    rows = np.repeat(np.arange(phi.shape[0]), drawn.shape[1])
     diff = (phi[rows, drawn.ravel()][:, None, :] - phi[rows]).reshape(-1, phi.shape[2])
-    diff = diff[np.abs(diff).sum(1) > 0]
-    if diff.shape[0] == 0:
-        return False
-    res = linprog(-diff.sum(0), A_ub=-diff, b_ub=np.zeros(len(diff)), bounds=(-1, 1), method="highs")
-    return res.status == 0 and -res.fun > 1e-6 * np.abs(diff).sum()
+    return _separating_direction(diff, np.ones(diff.shape[0]))
 
 
 def reference_logit(phi: object, drawn: object, *, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray:
@@ -316,7 +296,7 @@ def reference_logit(phi: object, drawn: object, *, tol: float = 1e-10, max_iter:
     as the others of its prompt: ``_separable``)."""
     phi = _responses(phi)
     n, K, d = phi.shape
-    drawn = _drawn("drawn", drawn, n, K)
+    drawn = _check_indices("drawn", drawn, (n, None), K, ("row",))
     gtol, max_iter = check_solver(tol, max_iter)
     gtol *= max(float(np.sqrt(np.mean(phi**2))), 1e-300)
     spread = phi - phi.mean(1, keepdims=True)
@@ -389,9 +369,7 @@ def crossfit_drpo(
     counts the estimation of ``pi_hat`` in the sandwich."""
     phi = _responses(phi)
     n, K, d = phi.shape
-    pair = _drawn("pair", pair, n, K)
-    if pair.shape[1] != 2:
-        raise InputError(f"pair: expected shape ({n}, 2), got {pair.shape}")
+    pair = _check_indices("pair", pair, (n, 2), K, ("row",))
     rows = np.arange(n)
     features = phi[rows, pair[:, 0]] - phi[rows, pair[:, 1]]
     a, b = np.triu_indices(K, 1)  # the other orders follow: g_hat(b, a) = 1 - g_hat(a, b), g_hat(a, a) = 1/2

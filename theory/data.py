@@ -154,6 +154,30 @@ def _check_ref_row(ref_row: object, N: int) -> np.ndarray:
     return rows.astype(np.int64)
 
 
+def _check_indices(name: str, values: object, shape: tuple[int | None, ...], K: int, axes: tuple[str, ...],
+                   lead: bool = False) -> np.ndarray:
+    """Integer response indices in ``[0, K)`` of ``shape`` (None: any size >= 1), as int64, with a leading axis of
+    one added first when ``lead``; else an ``InputError`` naming the first bad index by ``axes`` (the names of all
+    but the last axis)."""
+    try:
+        arr = np.asarray(values)
+    except ValueError as exc:  # a ragged list
+        raise InputError(f"{name}: need integer response indices ({exc})") from None
+    arr = arr[None] if lead else arr
+    fits = arr.ndim == len(shape) and all(s == t if s is not None else t >= 1 for s, t in zip(shape, arr.shape))
+    if not fits or not np.issubdtype(arr.dtype, np.integer):
+        free = None in shape
+        expected = "(" + ", ".join("m" if s is None else str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
+        raise InputError(f"{name}: expected integer indices of shape {expected}{', m >= 1' if free else ''}, got shape "
+                         f"{arr.shape} dtype {arr.dtype}")
+    out = (arr < 0) | (arr >= K)
+    if out.any():
+        where = np.argwhere(out)[0]
+        at = ", ".join(f"{axis} {int(i)}" for axis, i in zip(axes, where[:-1]))
+        raise InputError(f"{name}: {at}: response index {int(arr[tuple(where)])} outside [0, {K})")
+    return arr.astype(np.int64)
+
+
 #: Largest magnitude accepted for features: squares and products of a few thousand such values stay
 #: finite in float64 (about 1.8e308), so the fits' sums of squares cannot overflow. Rescale larger data.
 MAX_FEATURE = 1e100

@@ -73,7 +73,7 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
-from .data import PairPopulation, _as_float, _bounded, as_probabilities, check_solver
+from .data import PairPopulation, _as_float, _bounded, _check_indices, as_probabilities, check_solver
 from .errors import InputError
 from .policies import _check_beta, _check_distribution, _log_ref, win_rate
 
@@ -122,18 +122,7 @@ class DRPOData:
         pi = _distribution("pi_hat", batch("pi_hat", self.pi_hat), (R, n, K))
         z = as_probabilities("z", batch("z", self.z), (R, n))
         g = as_probabilities("g_hat", batch("g_hat", self.g_hat), (R, n, K, K))
-        try:
-            raw = np.asarray(self.pair)
-        except ValueError as exc:
-            raise InputError(f"pair: need integer response indices ({exc})") from None
-        pair = raw[None] if lead else raw
-        if pair.shape != (R, n, 2) or not np.issubdtype(pair.dtype, np.integer):
-            raise InputError(f"pair: expected integer indices of shape {(R, n, 2)}, got shape {pair.shape} dtype "
-                             f"{pair.dtype}")
-        out = (pair < 0) | (pair >= K)
-        if out.any():
-            r, i, j = (int(v) for v in np.argwhere(out)[0])
-            raise InputError(f"pair: replication {r}, row {i}: response index {int(pair[r, i, j])} outside [0, {K})")
+        pair = _check_indices("pair", self.pair, (R, n, 2), K, ("replication", "row"), lead)
         seen = np.take_along_axis(pi, pair, axis=2)
         zero = seen <= 0
         if zero.any():
@@ -141,7 +130,7 @@ class DRPOData:
             raise InputError(f"pi_hat: replication {r}, row {i} gives probability 0 to its observed response "
                              f"{int(pair[r, i, j])}; the importance weight 1/pi_hat is infinite (pi_hat must cover the "
                              "responses the data were drawn from)")
-        for name, arr in (("phi", phi), ("pi_hat", pi), ("pair", pair.astype(np.int64)), ("z", z), ("g_hat", g)):
+        for name, arr in (("phi", phi), ("pi_hat", pi), ("pair", pair), ("z", z), ("g_hat", g)):
             object.__setattr__(self, name, arr)
 
     @property
@@ -225,12 +214,13 @@ def _mean_terms(theta: np.ndarray, phi: np.ndarray, log_pi: np.ndarray, v: np.nd
     return float(f.mean()), grad[0], _curvature(curve, centred)
 
 
-def _reference_terms(theta: np.ndarray, data: DRPOData, rep: int, v: np.ndarray, beta: float
+def _reference_terms(data: DRPOData, rep: int, w: np.ndarray, centred: np.ndarray, curve: np.ndarray, beta: float
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r"""For ``pi_hat = softmax(gamma . phi)`` (``reference_logit``), per row of replication ``rep`` (pseudo-rewards
-    ``v`` (n, K)): the Jacobian ``J_i = d grad f_i / d gamma`` (n, d, d), the score ``s_i`` of the row's pair under
-    ``pi_hat`` (n, d) and its Fisher information (n, d, d). With ``psi_a = d log pi_hat(a) / d gamma = phi_a - E_pi_hat phi``, ``d w_a / d
-    gamma = w_a phi~_a`` and ``d v_a / d gamma = -e/2 [1{a = y} psi_y / pi_hat(y) - 1{a = y'} psi_y' / pi_hat(y')]``,
+    r"""For ``pi_hat = softmax(gamma . phi)`` (``reference_logit``), per row of replication ``rep`` at the point whose
+    ``w``, ``phi~`` and ``curve`` ``_row_terms`` gave: the Jacobian ``J_i = d grad f_i / d gamma`` (n, d, d), the
+    score ``s_i`` of the row's pair under ``pi_hat`` (n, d) and its Fisher information (n, d, d). With
+    ``psi_a = d log pi_hat(a) / d gamma = phi_a - E_pi_hat phi``, ``d w_a / d gamma = w_a phi~_a`` and
+    ``d v_a / d gamma = -e/2 [1{a = y} psi_y / pi_hat(y) - 1{a = y'} psi_y' / pi_hat(y')]``,
 
     .. math::
         \beta J_i = \sum_a w_a (r_a - \bar r) \tilde\phi_a \tilde\phi_a^T
@@ -239,10 +229,8 @@ def _reference_terms(theta: np.ndarray, data: DRPOData, rep: int, v: np.ndarray,
         \qquad s_i = \psi_y + \psi_{y'}, \qquad I_i = 2 \sum_a \hat\pi_a \psi_a \psi_a^T."""
     phi, pi = data.phi[rep], data.pi_hat[rep]
     n = phi.shape[0]
-    _, w, wr, centred, _ = _row_parts(theta, phi, _log_ref(pi)[1], v, beta)
-    rbar = wr.sum(1, keepdims=True)
-    r = v - np.einsum("nkd,d->nk", phi, theta)
-    J = np.einsum("nk,nkd,nke->nde", w * (r - rbar), centred, centred)
+    spread = beta**2 * curve + beta * w  # w (r - rbar), from curve = w [(r - rbar) / beta^2 - 1 / beta]
+    J = np.einsum("nk,nkd,nke->nde", spread, centred, centred)
     psi = phi - np.einsum("nk,nkd->nd", pi, phi)[:, None, :]
     rows = np.arange(n)
     y, yp = data.pair[rep, :, 0], data.pair[rep, :, 1]
@@ -363,7 +351,7 @@ def fit_drpo(data: DRPOData, beta: float, *, tol: float = 1e-9, max_iter: int = 
         if converged[k]:
             Ainv = np.linalg.inv(-_curvature(curve, centred))
             if reference == "logit":
-                J, score, fisher = _reference_terms(theta[k], data, k, v[k], b)
+                J, score, fisher = _reference_terms(data, k, w, centred, curve, b)
                 grad = grad + score @ np.linalg.solve(fisher.mean(0), J.mean(0).T)
             cov[k] = Ainv @ np.cov(grad, rowvar=False, bias=True).reshape(d, d) @ Ainv / n
     return DRPOFit(theta=theta, cov=cov, win_rate=win, objective=obj, converged=converged, n_iter=n_iter, beta=b)

@@ -520,7 +520,8 @@ def test_crossfit_drpo_models_follow_the_rows_when_they_are_permuted() -> None:
 def test_crossfit_drpo_checks_its_inputs() -> None:
     _, data = _drpo_rows(6, 40)
     phi, pair, z = data.phi[0], data.pair[0], data.z[0]
-    with pytest.raises(InputError, match=re.escape("pair: expected shape (40, 2)")):
+    with pytest.raises(InputError, match=re.escape("pair: expected integer indices of shape (40, 2), got shape "
+                                                   "(40, 1)")):
         crossfit.crossfit_drpo(phi, pair[:, :1], z)
     with pytest.raises(InputError, match="labels must be 0 or 1"):
         crossfit.crossfit_drpo(phi, pair, np.full(40, 0.5))
@@ -580,7 +581,9 @@ def test_reference_model_terms_are_the_derivatives_in_gamma() -> None:
 
     def terms(gm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         data = data_at(gm)
-        return drpo._reference_terms(theta, data, 0, drpo.pseudo_rewards(data)[0], beta)
+        _, _, w, centred, curve = drpo._row_terms(theta, phi, np.log(data.pi_hat[0]), drpo.pseudo_rewards(data)[0],
+                                                  beta)
+        return drpo._reference_terms(data, 0, w, centred, curve, beta)
 
     J, score, fisher = terms(gamma)
     h = 1e-6
